@@ -1,0 +1,165 @@
+"""Clocks. Every facade object takes ``clock=``; any object with these methods works:
+
+``monotonic() -> float s``, ``monotonic_ns() -> int ns``, ``sleep(s)``, ``await sleep_async(s)``.
+
+`SystemClock` is the real monotonic clock. `FakeClock` is for tests: time moves only when told,
+so timers, windows, limiters, backoff sleeps and timeouts are tested without sleeping.
+"""
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import math
+import threading
+import time
+from typing import Protocol, runtime_checkable
+
+from ._params import NS, check_float
+
+__all__ = ["Clock", "SystemClock", "FakeClock", "SYSTEM_CLOCK", "resolve_clock"]
+
+
+@runtime_checkable
+class Clock(Protocol):
+    def monotonic(self) -> float: ...
+    def monotonic_ns(self) -> int: ...
+    def sleep(self, seconds: float) -> None: ...
+    async def sleep_async(self, seconds: float) -> None: ...
+
+
+class SystemClock:
+    """The process's monotonic clock (time.monotonic_ns); sleeps for real."""
+
+    monotonic = staticmethod(time.monotonic)
+    monotonic_ns = staticmethod(time.monotonic_ns)
+    sleep = staticmethod(time.sleep)
+
+    @staticmethod
+    async def sleep_async(seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    def __repr__(self) -> str:
+        return "SystemClock()"
+
+
+SYSTEM_CLOCK = SystemClock()
+
+
+def resolve_clock(clock: object) -> Clock:
+    """`clock=` argument -> a clock object (None means the system clock)."""
+    if clock is None:
+        return SYSTEM_CLOCK
+    missing = [m for m in ("monotonic", "monotonic_ns", "sleep", "sleep_async") if not callable(getattr(clock, m, None))]
+    if missing:
+        raise TypeError(f"clock must provide monotonic(), monotonic_ns(), sleep() and sleep_async(); "
+                        f"{clock!r} lacks {', '.join(missing)}")
+    return clock  # type: ignore[return-value]
+
+
+def is_system_clock(clock: object) -> bool:
+    return clock is None or isinstance(clock, SystemClock)
+
+
+class FakeClock:
+    """A clock that moves only when told. Integer nanoseconds inside.
+
+    - ``advance(s)`` moves time forward and wakes async sleepers whose time has come.
+    - ``sleep(s)`` advances at once (a retry with ten backoff sleeps runs instantly).
+    - ``await sleep_async(s)`` waits for the clock to reach now + s. With ``autojump=True`` (the
+      default) the clock jumps to the earliest pending sleeper once the event loop has nothing else
+      to do, so a lone sleeper returns at once, and a call racing a timer behaves as in real time:
+      whichever deadline comes first fires first. With ``autojump=False`` only ``advance()`` wakes it.
+    """
+
+    _IDLE_TICKS = 8   # loop iterations without a new sleeper before an autojump
+
+    def __init__(self, start: float = 0.0, *, autojump: bool = True) -> None:
+        s = check_float("start", start, minimum=0.0)
+        assert s is not None
+        self._ns = round(s * NS)
+        self._lock = threading.Lock()
+        self._sleepers: list[tuple[int, int, asyncio.Future[None], asyncio.AbstractEventLoop]] = []
+        self._seq = itertools.count()
+        self.autojump = bool(autojump)
+        self._jump_token = 0
+
+    def monotonic_ns(self) -> int:
+        return self._ns
+
+    def monotonic(self) -> float:
+        return self._ns / NS
+
+    def advance(self, seconds: float) -> None:
+        """Move time forward by `seconds` (>= 0)."""
+        s = check_float("seconds", seconds, minimum=0.0)
+        assert s is not None
+        self.advance_ns(math.ceil(s * NS))
+
+    def advance_ns(self, ns: int) -> None:
+        if ns < 0:
+            raise ValueError(f"ns must be >= 0, got {ns!r}")
+        with self._lock:
+            self._ns += ns
+            now = self._ns
+            due = []
+            while self._sleepers and self._sleepers[0][0] <= now:
+                due.append(heapq.heappop(self._sleepers))
+        for _, _, fut, loop in due:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_wake, fut)
+
+    def sleep(self, seconds: float) -> None:
+        """Advance by `seconds` and return at once."""
+        self.advance(seconds)
+
+    async def sleep_async(self, seconds: float) -> None:
+        """Wait until the clock reaches now + seconds (see the class docstring)."""
+        s = check_float("seconds", seconds, minimum=float("-inf"))
+        assert s is not None
+        if s <= 0:
+            await asyncio.sleep(0)
+            return
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            deadline = self._ns + math.ceil(s * NS)
+            heapq.heappush(self._sleepers, (deadline, next(self._seq), fut, loop))
+            self._jump_token += 1
+            token = self._jump_token
+        if self.autojump:
+            loop.call_soon(self._idle_tick, loop, token, self._IDLE_TICKS)
+        try:
+            await fut
+        finally:
+            if not fut.done():
+                fut.cancel()
+
+    def _idle_tick(self, loop: asyncio.AbstractEventLoop, token: int, left: int) -> None:
+        if token != self._jump_token:       # a newer sleeper restarted the countdown
+            return
+        if left > 0:
+            loop.call_soon(self._idle_tick, loop, token, left - 1)
+            return
+        with self._lock:
+            while self._sleepers and self._sleepers[0][2].done():   # cancelled sleepers
+                heapq.heappop(self._sleepers)
+            target = self._sleepers[0][0] if self._sleepers else None
+        if target is not None and target > self._ns:
+            self.advance_ns(target - self._ns)
+        elif target is not None:
+            self.advance_ns(0)
+
+    @property
+    def pending_sleepers(self) -> int:
+        """Async sleepers not yet woken (cancelled ones excluded)."""
+        with self._lock:
+            return sum(1 for s in self._sleepers if not s[2].done())
+
+    def __repr__(self) -> str:
+        return f"FakeClock(now={self.monotonic()!r})"
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

@@ -1,0 +1,75 @@
+"""The one error hierarchy of buttress.
+
+Every error is a ButtressError. Rejections (the call was refused before it ran) are `Rejected`
+and carry ``retry_after``: seconds until trying again makes sense, or None when unknown.
+"""
+from __future__ import annotations
+
+__all__ = ["ButtressError", "Rejected", "CircuitOpenError", "RateLimitExceeded", "BulkheadFullError",
+           "Overloaded", "TimeoutExceeded"]
+
+
+class ButtressError(Exception):
+    """Base of every error buttress raises."""
+
+    retry_after: float | None = None
+
+
+class Rejected(ButtressError):
+    """A call refused before it ran. Retry never retries these unless `retry_on` names them."""
+
+    def __init__(self, message: str | None = None, *, retry_after: float | None = None) -> None:
+        self.retry_after = retry_after
+        super().__init__(message if message is not None else self._default_message())
+
+    def _default_message(self) -> str:
+        if self.retry_after is None:
+            return "rejected"
+        return f"rejected; retry after {self.retry_after:.6g}s"
+
+
+class CircuitOpenError(Rejected):
+    """The circuit breaker `name` refused the call; `state` is the breaker's state then."""
+
+    def __init__(self, name: str, state: object, retry_after: float | None = None,
+                 message: str | None = None) -> None:
+        self.name = name
+        self.state = state
+        state_name = getattr(state, "name", state)
+        if message is None:
+            message = f"circuit breaker {name!r} is {state_name}"
+            if retry_after is not None:
+                message += f"; retry after {retry_after:.6g}s"
+        super().__init__(message, retry_after=retry_after)
+
+    def __reduce__(self):  # keep picklable despite the custom signature
+        return (type(self), (self.name, self.state, self.retry_after, str(self)))
+
+
+class RateLimitExceeded(Rejected):
+    """A rate limiter refused the call."""
+
+    def _default_message(self) -> str:
+        return "rate limit exceeded" + ("" if self.retry_after is None else f"; retry after {self.retry_after:.6g}s")
+
+
+class BulkheadFullError(Rejected):
+    """A bulkhead had no permit free (within its max_wait)."""
+
+    def _default_message(self) -> str:
+        return "bulkhead full"
+
+
+class Overloaded(Rejected):
+    """A load shedder shed the call."""
+
+    def _default_message(self) -> str:
+        return "overloaded" + ("" if self.retry_after is None else f"; retry after {self.retry_after:.6g}s")
+
+
+class TimeoutExceeded(ButtressError, TimeoutError):
+    """The call did not finish within its timeout or deadline."""
+
+    def __init__(self, message: str = "timeout exceeded", *, timeout: float | None = None) -> None:
+        self.timeout = timeout
+        super().__init__(message)
