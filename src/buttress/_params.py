@@ -92,3 +92,30 @@ def seconds_to_ns(name: str, seconds: object, *, allow_zero: bool = True) -> int
     s = check_float(name, seconds, minimum=0.0, min_inclusive=allow_zero, maximum=1e9)
     assert s is not None
     return math.ceil(s * NS)
+
+
+def exception_matcher(name: str, spec: object):
+    """`record=`, `ignore=`, `retry_on=`, `on=` ...: an exception class, a tuple/list of them, or a
+    predicate `exc -> bool`. Returns a function `exc -> bool`."""
+    if isinstance(spec, type) and issubclass(spec, BaseException):
+        return lambda exc: isinstance(exc, spec)
+    if isinstance(spec, (tuple, list, frozenset, set)):
+        classes = tuple(spec)
+        for c in classes:
+            if not (isinstance(c, type) and issubclass(c, BaseException)):
+                raise TypeError(f"{name} must be exception classes or a predicate, got {c!r} in {spec!r}")
+        if not classes:
+            return lambda exc: False
+        return lambda exc: isinstance(exc, classes)
+    if callable(spec):
+        return lambda exc: bool(spec(exc))
+    raise TypeError(f"{name} must be an exception class, a tuple of them, or a predicate "
+                    f"callable(exc) -> bool, got {spec!r}")
+
+
+def check_callable(name: str, value: object, allow_none: bool = True):
+    if value is None and allow_none:
+        return None
+    if not callable(value):
+        raise TypeError(f"{name} must be callable{' or None' if allow_none else ''}, got {value!r}")
+    return value
