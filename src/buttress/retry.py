@@ -1,0 +1,381 @@
+"""Retry: backoff with jitter, a deadline across attempts, a shared retry budget, idempotency keys.
+
+What a call through `Retry` does (DESIGN §3 / §3b):
+
+- attempt 1 runs at once; after a failed attempt k the wait is ``backoff.delay(k, previous)``, raised to
+  the exception's ``retry_after`` when it has one (a lower bound), then attempt k + 1 runs;
+- an exception is retried only when it matches `retry_on`; buttress's own rejections (`Rejected`:
+  circuit open, rate limited, bulkhead full, overloaded) only when `retry_on` names their class;
+- it stops at `max_attempts`, when the next wait would reach the deadline (its own `deadline` or any outer
+  one in `buttress._context`), or when the shared `RetryBudget` has no retry left; then the last
+  exception is re-raised as itself with a note of the attempt count (the last result is returned when
+  `retry_on_result` kept matching);
+- every attempt of one call sees the same `current_attempt().idempotency_key`.
+
+The success path is kept lean: one list for the per-call state, one ContextVar set/reset, one clock read,
+one counter bump; everything else lives on the failure path.
+"""
+from __future__ import annotations
+
+import contextvars
+import itertools
+import math
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from . import _context
+from ._base import Policy
+from ._params import NS, check_callable, check_float, check_int, exception_matcher, seconds_to_ns
+from .backoff import Backoff, constant, exponential
+from .clock import resolve_clock
+from .errors import Rejected
+
+__all__ = ["Retry", "RetryBudget", "RetryMetrics", "Attempt", "current_attempt"]
+
+_HAS_NOTES = hasattr(BaseException, "add_note")     # Python 3.11+
+
+# The per-call state is a plain list (cheapest to build on the success path), indexed by these names.
+_NUMBER, _KEY, _START, _RETRY, _ARGS, _KWARGS, _PREV = range(7)
+_CALL: contextvars.ContextVar[list | None] = contextvars.ContextVar("buttress_retry_call", default=None)
+_KEY_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """What a retried call can know about itself: see `current_attempt()`."""
+
+    number: int             # 1 for the first attempt, 2 for the first retry, ...
+    idempotency_key: str    # the same for every attempt of one logical call
+    elapsed: float          # seconds since the logical call started (waits included)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryMetrics:
+    """Snapshot of one `Retry`'s outcomes since it was created."""
+
+    successful_without_retry: int
+    successful_with_retry: int
+    failed_without_retry: int
+    failed_with_retry: int
+
+
+def current_attempt() -> Attempt | None:
+    """The attempt running in this thread / task under the innermost `Retry`, or None outside one."""
+    call = _CALL.get()
+    if call is None:
+        return None
+    retry = call[_RETRY]
+    key = call[_KEY]
+    if key is None:
+        key = retry._make_key(call)
+    return Attempt(call[_NUMBER], key, (retry._now_ns() - call[_START]) / NS)
+
+
+class RetryBudget:
+    """Caps retries at a fraction of recent first attempts, plus a floor (Finagle's RetryBudget).
+
+    Every logical call deposits `ratio` of a retry; every retry withdraws one. A retry is allowed while
+    the balance (``min_per_second * ttl`` retries of reserve, plus deposits, minus withdrawals) holds a
+    whole retry. Deposits and withdrawals expire `ttl` seconds after they were made (kept in ten
+    slices of ttl/10, so an entry lives between 0.9 * ttl and ttl). So over any stretch shorter than
+    `ttl`: retries <= ratio * calls + min_per_second * ttl. Retries still waiting in backoff have
+    already withdrawn. Share one budget between every `Retry` that calls the same dependency.
+    """
+
+    _UNIT = 1000        # a deposit, in integer units (integers: the accounting never drifts)
+    _SLICES = 10
+
+    __slots__ = ("ratio", "min_per_second", "ttl", "_deposit", "_withdraw", "_reserve", "_width_ns",
+                 "_epochs", "_sums", "_lock", "_now_ns")
+
+    def __init__(self, ratio: float = 0.2, min_per_second: float = 10.0, ttl: float = 10.0,
+                 clock: Any = None) -> None:
+        self.ratio = check_float("ratio", ratio, minimum=0.0, maximum=1.0)
+        self.min_per_second = check_float("min_per_second", min_per_second, minimum=0.0, maximum=1e9)
+        ttl_ns = seconds_to_ns("ttl", ttl, allow_zero=False)
+        self.ttl = float(ttl)   # type: ignore[arg-type]
+        self._now_ns = resolve_clock(clock).monotonic_ns
+        assert self.ratio is not None and self.min_per_second is not None
+        # withdrawing costs unit / ratio deposits, rounded up so the budget never allows more than ratio
+        self._deposit = self._UNIT if self.ratio > 0 else 0
+        self._withdraw = math.ceil(self._UNIT / self.ratio) if self.ratio > 0 else self._UNIT
+        self._reserve = math.floor(self.min_per_second * self.ttl * self._withdraw)
+        self._width_ns = -(-ttl_ns // self._SLICES)
+        self._epochs = [-1] * self._SLICES     # slice i holds the net units of time slice _epochs[i]
+        self._sums = [0] * self._SLICES
+        self._lock = threading.Lock()
+
+    def deposit(self) -> None:
+        """Count one logical call (a first attempt)."""
+        if self._deposit:
+            epoch = self._now_ns() // self._width_ns
+            with self._lock:
+                self._sums[self._slot(epoch)] += self._deposit
+
+    def try_withdraw(self) -> bool:
+        """Take one retry from the budget; False (nothing taken) when the budget is empty."""
+        epoch = self._now_ns() // self._width_ns
+        with self._lock:
+            if self._balance_units(epoch) < self._withdraw:
+                return False
+            self._sums[self._slot(epoch)] -= self._withdraw
+            return True
+
+    @property
+    def balance(self) -> int:
+        """Whole retries the budget would allow now."""
+        epoch = self._now_ns() // self._width_ns
+        with self._lock:
+            return max(0, self._balance_units(epoch) // self._withdraw)
+
+    def _slot(self, epoch: int) -> int:
+        # caller holds the lock; slot i can only hold in-window epoch `epoch`, so any other is stale
+        i = epoch % self._SLICES
+        if self._epochs[i] != epoch:
+            self._epochs[i] = epoch
+            self._sums[i] = 0
+        return i
+
+    def _balance_units(self, epoch: int) -> int:
+        oldest = epoch - self._SLICES
+        return self._reserve + sum(s for e, s in zip(self._epochs, self._sums) if e > oldest)
+
+    def __repr__(self) -> str:
+        return (f"RetryBudget(ratio={self.ratio!r}, min_per_second={self.min_per_second!r}, ttl={self.ttl!r}, "
+                f"balance={self.balance})")
+
+
+class Retry(Policy):
+    """Retry a call with backoff; see the module docstring and docs/retry.md.
+
+    Hooks are called positionally: ``on_retry(attempt, exception, delay)`` before each wait (attempt is
+    the number that just failed; exception is None when `retry_on_result` matched) and
+    ``on_give_up(attempt, exception)`` once when a retryable failure cannot be retried any more.
+    ``idempotency_key(*args, **kwargs) -> str`` derives the key from the call's arguments; by default
+    it is a random uuid4 hex, made only when someone reads it.
+    """
+
+    __slots__ = ("max_attempts", "backoff", "deadline", "budget", "_delay", "_retryable", "_result_pred",
+                 "_deadline_ns", "_setup", "_on_retry", "_on_give_up", "_key_fn", "_clock", "_now_ns",
+                 "_ok_first", "_ok_retried", "_failed_first", "_failed_retried")
+
+    def __init__(self, max_attempts: int = 3, backoff: Backoff | Callable[[int], float] | float | None = None,
+                 retry_on: Any = (Exception,), retry_on_result: Callable[[Any], bool] | None = None,
+                 deadline: float | None = None, budget: RetryBudget | None = None,
+                 on_retry: Callable[[int, BaseException | None, float], Any] | None = None,
+                 on_give_up: Callable[[int, BaseException | None], Any] | None = None,
+                 idempotency_key: Callable[..., str] | None = None, clock: Any = None) -> None:
+        self.max_attempts = check_int("max_attempts", max_attempts, minimum=1)
+        self.backoff, self._delay = _check_backoff(backoff)
+        self._retryable = _retry_matcher(retry_on)
+        self._result_pred = check_callable("retry_on_result", retry_on_result)
+        self.deadline = check_float("deadline", deadline, minimum=0.0, min_inclusive=False, maximum=1e9,
+                                    allow_none=True)
+        self._deadline_ns = None if deadline is None else seconds_to_ns("deadline", deadline)
+        if budget is not None and not isinstance(budget, RetryBudget):
+            raise TypeError(f"budget must be a buttress.RetryBudget or None, got {budget!r}")
+        self.budget = budget
+        self._setup = self._deadline_ns is not None or budget is not None
+        self._on_retry = check_callable("on_retry", on_retry)
+        self._on_give_up = check_callable("on_give_up", on_give_up)
+        self._key_fn = check_callable("idempotency_key", idempotency_key)
+        self._clock = resolve_clock(clock)
+        self._now_ns = self._clock.monotonic_ns
+        # itertools.count: next() is one C call, atomic under the GIL (no lock on the success path)
+        self._ok_first, self._ok_retried = itertools.count(), itertools.count()
+        self._failed_first, self._failed_retried = itertools.count(), itertools.count()
+
+    # -- the two entry points: the success path inline, everything else in _after_failure ---------------
+
+    def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        call = [1, None, self._now_ns(), self, args, kwargs, None]
+        token = _CALL.set(call)
+        deadline_token = self._begin(call) if self._setup else None
+        try:
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as e:
+                exc: BaseException | None = e
+                result = None
+            else:
+                if self._result_pred is None or not self._result_pred(result):
+                    next(self._ok_first)
+                    return result
+                exc = None
+            # outside the except block, so later attempts' errors do not chain onto this one
+            sleep = self._clock.sleep
+            pred = self._result_pred
+            while True:
+                delay = self._after_failure(call, exc)
+                if delay is None:
+                    if exc is None:
+                        return result
+                    try:
+                        raise exc
+                    finally:
+                        exc = None      # no frame <-> traceback cycle
+                sleep(delay)
+                call[_NUMBER] += 1
+                try:
+                    result = fn(*args, **kwargs)
+                except Exception as e:
+                    exc = e
+                    continue
+                if pred is None or not pred(result):
+                    next(self._ok_retried)
+                    return result
+                exc = None
+        finally:
+            _CALL.reset(token)
+            if deadline_token is not None:
+                _context.pop_deadline(deadline_token)
+
+    async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        call = [1, None, self._now_ns(), self, args, kwargs, None]
+        token = _CALL.set(call)
+        deadline_token = self._begin(call) if self._setup else None
+        try:
+            try:
+                result = await fn(*args, **kwargs)
+            except Exception as e:
+                exc: BaseException | None = e
+                result = None
+            else:
+                if self._result_pred is None or not self._result_pred(result):
+                    next(self._ok_first)
+                    return result
+                exc = None
+            sleep = self._clock.sleep_async
+            pred = self._result_pred
+            while True:
+                delay = self._after_failure(call, exc)
+                if delay is None:
+                    if exc is None:
+                        return result
+                    try:
+                        raise exc
+                    finally:
+                        exc = None
+                await sleep(delay)
+                call[_NUMBER] += 1
+                try:
+                    result = await fn(*args, **kwargs)
+                except Exception as e:
+                    exc = e
+                    continue
+                if pred is None or not pred(result):
+                    next(self._ok_retried)
+                    return result
+                exc = None
+        finally:
+            _CALL.reset(token)
+            if deadline_token is not None:
+                _context.pop_deadline(deadline_token)
+
+    # -- the failure path ------------------------------------------------------------------------------
+
+    def _begin(self, call: list) -> contextvars.Token | None:
+        """Count the first attempt in the budget; make the deadline visible to the call (remaining())."""
+        if self.budget is not None:
+            self.budget.deposit()
+        if self._deadline_ns is not None:
+            return _context.push_deadline(call[_START] + self._deadline_ns, self._clock)
+        return None
+
+    def _after_failure(self, call: list, exc: BaseException | None) -> float | None:
+        """After a failed attempt (exc, or a result that matched retry_on_result when exc is None):
+        the seconds to wait before the next attempt, or None to stop."""
+        attempt = call[_NUMBER]
+        if exc is not None and not self._retryable(exc):
+            if attempt == 1:            # passes through untouched, as if there were no Retry
+                next(self._failed_first)
+                return None
+            return self._give_up(call, exc, "not retryable", hook=False)
+        if attempt >= self.max_attempts:
+            return self._give_up(call, exc, f"max_attempts={self.max_attempts} reached")
+        try:
+            wait = self._delay(attempt, call[_PREV])
+        except (TypeError, ValueError) as err:     # a user backoff returned garbage: keep the cause
+            raise err from exc
+        call[_PREV] = wait
+        retry_after = getattr(exc, "retry_after", None)
+        if type(retry_after) in (int, float) and math.isfinite(retry_after) and retry_after > wait:
+            wait = float(retry_after)
+        left = _context.remaining_ns()
+        if left is not None and wait * NS >= left:
+            return self._give_up(call, exc, f"the next wait ({wait:.6g}s) would reach the deadline")
+        if self.budget is not None and not self.budget.try_withdraw():
+            return self._give_up(call, exc, "retry budget exhausted")
+        if self._on_retry is not None:
+            self._on_retry(attempt, exc, wait)
+        return wait
+
+    def _give_up(self, call: list, exc: BaseException | None, reason: str, hook: bool = True) -> None:
+        attempt = call[_NUMBER]
+        next(self._failed_retried if attempt > 1 else self._failed_first)
+        if exc is not None and _HAS_NOTES:
+            exc.add_note(f"buttress.Retry: gave up after {attempt} attempt{'s' if attempt > 1 else ''} "
+                         f"({reason})")
+        if hook and self._on_give_up is not None:
+            self._on_give_up(attempt, exc)
+        return None
+
+    def _make_key(self, call: list) -> str:
+        key = uuid.uuid4().hex if self._key_fn is None else self._key_fn(*call[_ARGS], **call[_KWARGS])
+        if not isinstance(key, str):
+            raise TypeError(f"idempotency_key must return a str, got {key!r} ({type(key).__name__})")
+        with _KEY_LOCK:             # two threads of one call reading it first: one key wins for both
+            if call[_KEY] is None:
+                call[_KEY] = key
+            return call[_KEY]
+
+    # -- introspection ---------------------------------------------------------------------------------
+
+    def metrics(self) -> RetryMetrics:
+        return RetryMetrics(_count(self._ok_first), _count(self._ok_retried), _count(self._failed_first),
+                            _count(self._failed_retried))
+
+    def __repr__(self) -> str:
+        return (f"Retry(max_attempts={self.max_attempts}, backoff={self.backoff!r}, deadline={self.deadline!r}, "
+                f"budget={self.budget!r})")
+
+
+def _count(counter: itertools.count) -> int:
+    """How many times next() was called on an itertools.count() (its repr is "count(N)")."""
+    return int(repr(counter)[6:-1])
+
+
+def _check_backoff(backoff: object) -> tuple[object, Callable[[int, float | None], float]]:
+    """-> (the schedule as given, delay(attempt, previous) -> seconds)."""
+    if backoff is None:
+        backoff = exponential()
+    if isinstance(backoff, Backoff):
+        return backoff, backoff.delay
+    if isinstance(backoff, (int, float)) and not isinstance(backoff, bool):
+        fixed = constant(backoff)   # validates: a finite number of seconds >= 0
+        return fixed, fixed.delay
+    if callable(backoff):
+        def delay(attempt: int, previous: float | None) -> float:
+            d = check_float(f"backoff({attempt})", backoff(attempt), minimum=0.0, maximum=1e9)
+            assert d is not None
+            return d
+        return backoff, delay
+    raise TypeError(f"backoff must be a buttress.backoff schedule, a number of seconds, or a "
+                    f"callable(attempt) -> seconds, got {backoff!r}")
+
+
+def _retry_matcher(spec: object) -> Callable[[BaseException], bool]:
+    """retry_on -> exc -> bool, never true for a `Rejected` whose class retry_on does not name."""
+    match = exception_matcher("retry_on", spec)
+    if isinstance(spec, type):
+        spec = (spec,)
+    named = tuple(c for c in spec if issubclass(c, Rejected)) if isinstance(spec, (tuple, list, set, frozenset)) else ()
+
+    def retryable(exc: BaseException) -> bool:
+        if isinstance(exc, Rejected) and not isinstance(exc, named):
+            return False
+        return match(exc)
+
+    return retryable
