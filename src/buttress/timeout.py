@@ -1,0 +1,128 @@
+"""Timeouts with deadline propagation.
+
+A `Timeout` sets the deadline min(outer deadline, now + seconds) for the duration of the call; inner
+timeouts, retry waits and limiter waits see only what remains (`remaining()`).
+
+- ``async def``: the call runs in the caller's task; a timer on the Timeout's clock cancels it at the
+  deadline and the cancellation becomes `TimeoutExceeded` (the design of ``asyncio.timeout``, but on any
+  clock, so a FakeClock drives it in tests).
+- sync functions: the call runs on a worker of a `ThreadPoolBulkhead` and the caller waits for it until
+  the deadline. Python cannot stop a thread: **on timeout the worker thread runs on** until the function
+  returns, and keeps holding its slot in the pool.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from typing import Any, Callable
+
+from ._base import Policy, is_async_callable
+from ._context import pop_deadline, push_deadline, remaining, remaining_ns
+from ._params import NS, seconds_to_ns
+from ._timers import call_later
+from .bulkhead import ThreadPoolBulkhead
+from .clock import resolve_clock
+from .errors import TimeoutExceeded
+
+__all__ = ["Timeout", "remaining", "default_executor"]
+
+_default_lock = threading.Lock()
+_default: ThreadPoolBulkhead | None = None
+
+
+def default_executor() -> ThreadPoolBulkhead:
+    """The pool shared by every Timeout created without `executor=` (64 workers, 1024 queued calls)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = ThreadPoolBulkhead(max_workers=64, queue_size=1024, name="timeout")
+        return _default
+
+
+class Timeout(Policy):
+    """Bound a call to `seconds` (and to any enclosing deadline); raise `TimeoutExceeded` when it is hit.
+
+    `executor` is the `ThreadPoolBulkhead` that runs sync calls (default: a pool shared by all
+    Timeouts; give a dependency that may hang its own pool). `clock` drives the async timer and the
+    deadline arithmetic; a sync caller waits on its worker in real time.
+    """
+
+    def __init__(self, seconds: float, clock: Any = None, executor: ThreadPoolBulkhead | None = None) -> None:
+        self._ns = seconds_to_ns("seconds", seconds, allow_zero=False)
+        self.seconds = float(seconds)
+        self._clock = resolve_clock(clock)
+        if executor is not None and not isinstance(executor, ThreadPoolBulkhead):
+            raise TypeError(f"executor must be a buttress.ThreadPoolBulkhead or None, got {executor!r}")
+        self._executor = executor
+
+    @property
+    def executor(self) -> ThreadPoolBulkhead:
+        return self._executor if self._executor is not None else default_executor()
+
+    def _budget_ns(self) -> tuple[int, bool]:
+        """(ns this call may take, whether an enclosing deadline is what limits it)."""
+        outer = remaining_ns()
+        if outer is not None and outer < self._ns:
+            return outer, True
+        return self._ns, False
+
+    def _error(self, budget_ns: int, by_outer: bool) -> TimeoutExceeded:
+        if by_outer:
+            return TimeoutExceeded(f"deadline exceeded ({max(budget_ns, 0) / NS:.6g}s were left of an "
+                                   f"enclosing deadline; own timeout {self.seconds:.6g}s)",
+                                   timeout=max(budget_ns, 0) / NS)
+        return TimeoutExceeded(f"call timed out after {self.seconds:.6g}s", timeout=self.seconds)
+
+    def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Run the sync `fn` on the executor; raise TimeoutExceeded at the deadline (the thread runs on)."""
+        if is_async_callable(fn):
+            raise TypeError(f"{fn!r} is async: use `await timeout.call_async(...)` or decorate it")
+        budget, by_outer = self._budget_ns()
+        if budget <= 0:
+            raise self._error(budget, by_outer)
+        token = push_deadline(self._clock.monotonic_ns() + budget, self._clock)
+        try:
+            fut = self.executor.submit(fn, *args, **kwargs)     # copies the context: the worker sees the deadline
+        finally:
+            pop_deadline(token)
+        done, _ = concurrent.futures.wait((fut,), budget / NS)
+        if not done:
+            fut.cancel()            # if it is still queued it never runs; if it runs, it runs on
+            raise self._error(budget, by_outer)
+        return fut.result()
+
+    async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Await `fn(*args, **kwargs)` in the caller's task, cancelling it at the deadline."""
+        budget, by_outer = self._budget_ns()
+        if budget <= 0:
+            raise self._error(budget, by_outer)
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("Timeout.call_async must run inside an asyncio task")
+        fired = False
+
+        def fire() -> None:
+            nonlocal fired
+            fired = True
+            task.cancel()
+
+        cancelling = task.cancelling() if hasattr(task, "cancelling") else 0     # 3.11+
+        token = push_deadline(self._clock.monotonic_ns() + budget, self._clock)
+        timer = call_later(self._clock, budget / NS, fire)
+        try:
+            result = await fn(*args, **kwargs)
+        except asyncio.CancelledError:
+            # ours only if our timer fired and nobody else cancelled the task as well
+            if fired and (not hasattr(task, "uncancel") or task.uncancel() <= cancelling):
+                raise self._error(budget, by_outer) from None
+            raise
+        finally:
+            timer.cancel()
+            pop_deadline(token)
+        if fired and hasattr(task, "uncancel"):    # the call swallowed our cancellation: undo it
+            task.uncancel()
+        return result
+
+    def __repr__(self) -> str:
+        return f"Timeout({self.seconds!r})"
