@@ -1,0 +1,227 @@
+"""Pure-Python twin of buttress._core.keyed: the spec and the fallback.
+
+Same table, same hash, same slot choices as the compiled core (see its docstring); here one
+threading.Lock makes every decision atomic.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from array import array
+from operator import index as _index
+from typing import Any, Callable
+
+from ._params import check_int, check_n, emission_interval_ns
+
+__all__ = ["KeyedGCRA", "key_hash", "WINDOW", "MAX_KEYS", "MAX_TAU_NS", "MAX_NOW_NS"]
+
+WINDOW = 32         # slots a key may live in, from its home slot
+_SWEEP = 8          # slots swept for idle keys per new key (idle_ns > 0)
+MAX_KEYS = 1 << 30
+MAX_TAU_NS = 1 << 58
+MAX_NOW_NS = 1 << 58
+
+_M64 = (1 << 64) - 1
+_LOCKED = -1
+_GEN = 15
+_INT64_MAX = (1 << 63) - 1
+
+
+def _fmix64(k: int) -> int:
+    k ^= k >> 33
+    k = (k * 0xff51afd7ed558ccd) & _M64
+    k ^= k >> 33
+    k = (k * 0xc4ceb9fe1a85ec53) & _M64
+    return k ^ (k >> 33)
+
+
+def _fnv1a(data: bytes) -> int:
+    h = 0xcbf29ce484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001b3) & _M64
+    return h
+
+
+def _signed(h: int) -> int:
+    h = h or 1
+    return h - (1 << 64) if h >> 63 else h
+
+
+def _hash_int(k: int) -> int:
+    return _signed(_fmix64((k & _M64) ^ 0x9e3779b97f4a7c15))
+
+
+def _hash(key: object) -> int:
+    """int (int64 range), str (UTF-8) or bytes -> nonzero signed 64-bit hash; str and bytes differ."""
+    if type(key) is not int:
+        if isinstance(key, str):
+            return _signed(_fmix64(_fnv1a(key.encode("utf-8")) ^ 0x5354520000000000))
+        if isinstance(key, bytes):
+            return _signed(_fmix64(_fnv1a(key)))
+        try:
+            key = _index(key)
+        except TypeError:
+            raise TypeError(f"key must be an int, str or bytes, got {key!r} ({type(key).__name__})") from None
+    if not -(1 << 63) <= key < (1 << 63):
+        raise ValueError(f"key must be an int in the int64 range (or a str / bytes), got {key!r}")
+    return _hash_int(key)
+
+
+def key_hash(key: object) -> int:
+    """The table's 64-bit hash of `key` as an unsigned int (same in the compiled core, stable across processes)."""
+    return _hash(key) & _M64
+
+
+class KeyedGCRA:
+    """One GCRA per key in one fixed open-addressing table of 2 * max_keys (hash, tat<<4|gen) slots."""
+
+    def __init__(self, rate: float, capacity: int, max_keys: int, idle_ns: int = 0,
+                 clock_ns: Callable[[], int] | None = None) -> None:
+        r, cap, interval = emission_interval_ns(rate, capacity)
+        if interval * cap > MAX_TAU_NS:
+            raise ValueError(f"capacity / rate must be at most {MAX_TAU_NS / 1e9:.0f} s for a keyed limiter, "
+                             f"got capacity={capacity!r} at rate={rate!r}")
+        mk = check_int("max_keys", max_keys, minimum=1, maximum=MAX_KEYS)
+        idle = check_int("idle_ns", idle_ns, minimum=0, maximum=MAX_NOW_NS)
+        if clock_ns is not None and not callable(clock_ns):
+            raise TypeError(f"clock_ns must be a callable returning int ns or None, got {clock_ns!r}")
+        self.nslots = max(2 * mk, WINDOW)
+        self.max_keys = mk
+        self.rate = r
+        self.capacity = cap
+        self.interval_ns = interval
+        self.idle_ns = idle
+        self._tau = interval * cap
+        self._clock_ns = clock_ns or time.monotonic_ns
+        self._keys = array("q", bytes(8 * self.nslots))
+        self._words = array("q", bytes(8 * self.nslots))
+        self._count = 0
+        self._hand = 0
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of table (the compiled core's layout: 16 per slot)."""
+        return 16 * self.nslots
+
+    def __len__(self) -> int:
+        return self._count
+
+    def _now(self, now: int) -> int:
+        if now < 0:
+            now = self._clock_ns()
+        if now >= MAX_NOW_NS:
+            raise ValueError(f"now must be < {MAX_NOW_NS} ns, got {now}")
+        return now
+
+    def _home(self, h: int) -> int:
+        return (((h & _M64) >> 32) * self.nslots) >> 32
+
+    def _acquire(self, h: int, cost: int, now: int) -> bool:
+        keys, words, nslots = self._keys, self._words, self.nslots
+        empty = victim = -1
+        best_tat = _INT64_MAX
+        evictable = self._tau - self.interval_ns
+        i = self._home(h)
+        for _ in range(WINDOW):
+            k = keys[i]
+            if k == h:
+                w = words[i]
+                tat = max(w >> 4, now)
+                if tat - now > self._tau - cost:
+                    return False
+                words[i] = ((tat + cost) << 4) | (w & _GEN)
+                return True
+            if k == 0:
+                if empty < 0:
+                    empty = i
+            else:
+                tat = words[i] >> 4
+                if tat - now <= evictable and tat < best_tat:
+                    best_tat, victim = tat, i
+            i += 1
+            if i == nslots:
+                i = 0
+        # not in its window: take a slot (the first request of a new key always fits)
+        if empty >= 0 and (victim < 0 or self._count < self.max_keys):
+            slot = empty
+            self._count += 1
+        elif victim >= 0:
+            slot = victim
+        else:
+            return False          # every slot in the window holds a key that is still limited
+        keys[slot] = h
+        words[slot] = ((now + cost) << 4) | ((words[slot] + 1) & _GEN)
+        if self.idle_ns > 0:
+            start, self._hand = self._hand, self._hand + _SWEEP
+            for j in range(_SWEEP):
+                self._expire((start + j) % nslots, now - self.idle_ns)
+        return True
+
+    def _expire(self, i: int, idle_before: int) -> bool:
+        if self._keys[i] == 0 or (self._words[i] >> 4) > idle_before:
+            return False
+        self._keys[i] = 0
+        self._words[i] = (self._words[i] + 1) & _GEN
+        self._count -= 1
+        return True
+
+    def _cost(self, n: Any) -> int:
+        return check_n(n, self.capacity) * self.interval_ns
+
+    def try_acquire(self, key: object, n: int = 1, now: int = -1) -> bool:
+        """Take n tokens from key's bucket if they are available now (a new key starts full)."""
+        h = _hash(key)
+        cost = self._cost(n)
+        now = self._now(now)
+        with self._lock:
+            return self._acquire(h, cost, now)
+
+    def try_acquire_many(self, keys: Any, n: int = 1, now: int = -1) -> Any:
+        """Decide int64 keys in order (a duplicate consumes in turn); returns a numpy bool array."""
+        import numpy
+
+        if keys is None:
+            raise TypeError("keys must be a contiguous int64 array, got None")
+        arr = memoryview(keys)
+        if arr.format not in ("q", "l") or arr.itemsize != 8 or arr.ndim != 1 or not arr.c_contiguous:
+            raise ValueError(f"keys must be a 1-d contiguous int64 array, got format {arr.format!r}, "
+                             f"ndim {arr.ndim}")
+        cost = self._cost(n)
+        now = self._now(now)
+        out = numpy.empty(len(arr), dtype=numpy.bool_)
+        acquire = self._acquire
+        with self._lock:
+            for idx, k in enumerate(arr.tolist()):
+                out[idx] = acquire(_hash_int(k), cost, now)
+        return out
+
+    def wait_ns(self, key: object, n: int = 1, now: int = -1) -> int:
+        """ns until key's bucket has n tokens (0 = now; an unknown key is full); claims nothing."""
+        h = _hash(key)
+        cost = self._cost(n)
+        now = self._now(now)
+        i = self._home(h)
+        for _ in range(WINDOW):
+            if self._keys[i] == h:
+                return max(0, max(self._words[i] >> 4, now) + cost - now - self._tau)
+            i = (i + 1) % self.nslots
+        return 0
+
+    def purge(self, now: int = -1) -> int:
+        """Remove every refilled key idle for at least idle_ns; returns how many were removed."""
+        now = self._now(now)
+        with self._lock:
+            return sum(self._expire(i, now - self.idle_ns) for i in range(self.nslots))
+
+    def reset(self) -> None:
+        """Forget every key."""
+        with self._lock:
+            self._keys = array("q", bytes(8 * self.nslots))
+            self._words = array("q", bytes(8 * self.nslots))
+            self._count = 0
+            self._hand = 0
+
+    def __repr__(self) -> str:
+        return (f"KeyedGCRA(rate={self.rate!r}, capacity={self.capacity!r}, max_keys={self.max_keys!r}, "
+                f"idle_ns={self.idle_ns!r})")
