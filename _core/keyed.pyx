@@ -39,7 +39,7 @@ from buttress._params import emission_interval_ns, check_n, check_int
 cdef extern from "buttress_prefetch.h" nogil:
     void bt_prefetch(const void *p)
 
-__all__ = ["KeyedGCRA", "key_hash", "WINDOW", "MAX_KEYS", "MAX_TAU_NS", "MAX_NOW_NS"]
+__all__ = ["KeyedGCRA", "WINDOW", "MAX_KEYS", "MAX_TAU_NS", "MAX_NOW_NS"]
 
 cdef enum:
     _WINDOW = 32      # slots a key may live in, from its home slot
@@ -109,11 +109,6 @@ cdef int64_t hash_obj(object key) except? 0:
         if overflow == 0:
             return hash_int(v)
     raise ValueError(f"key must be an int in the int64 range (or a str / bytes), got {key!r}")
-
-
-def key_hash(key):
-    """The table's 64-bit hash of `key` as an unsigned int (same in the twin, stable across processes)."""
-    return <uint64_t>hash_obj(key)
 
 
 cdef class KeyedGCRA:
@@ -282,6 +277,10 @@ cdef class KeyedGCRA:
             if i == self.nslots:
                 i = 0
         return -1
+
+    def key_hash(self, key):
+        """The table's 64-bit hash of `key` as an unsigned int (same in the twin, stable across processes)."""
+        return <uint64_t>hash_obj(key)
 
     def try_acquire(self, key, n=1, int64_t now=-1):
         """Take n tokens from key's bucket if they are available now (a new key starts full)."""

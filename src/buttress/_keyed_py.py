@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from ._params import check_int, check_n, emission_interval_ns
 
-__all__ = ["KeyedGCRA", "key_hash", "WINDOW", "MAX_KEYS", "MAX_TAU_NS", "MAX_NOW_NS"]
+__all__ = ["KeyedGCRA", "WINDOW", "MAX_KEYS", "MAX_TAU_NS", "MAX_NOW_NS"]
 
 WINDOW = 32         # slots a key may live in, from its home slot
 _SWEEP = 8          # slots swept for idle keys per new key (idle_ns > 0)
@@ -65,11 +65,6 @@ def _hash(key: object) -> int:
     if not -(1 << 63) <= key < (1 << 63):
         raise ValueError(f"key must be an int in the int64 range (or a str / bytes), got {key!r}")
     return _hash_int(key)
-
-
-def key_hash(key: object) -> int:
-    """The table's 64-bit hash of `key` as an unsigned int (same in the compiled core, stable across processes)."""
-    return _hash(key) & _M64
 
 
 class KeyedGCRA:
@@ -168,6 +163,10 @@ class KeyedGCRA:
 
     def _cost(self, n: Any) -> int:
         return check_n(n, self.capacity) * self.interval_ns
+
+    def key_hash(self, key: object) -> int:
+        """The table's 64-bit hash of `key` as an unsigned int (same in the compiled core, stable across processes)."""
+        return _hash(key) & _M64
 
     def try_acquire(self, key: object, n: int = 1, now: int = -1) -> bool:
         """Take n tokens from key's bucket if they are available now (a new key starts full)."""
