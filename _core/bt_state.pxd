@@ -32,8 +32,12 @@ cdef inline int64_t st_transition(state_t *s, int expect_state, int64_t expect_g
                                   int64_t now) noexcept nogil:
     """Move (expect_state, expect_gen) -> new_state at generation + 1. Returns the new generation,
     or -1 if the word no longer holds (expect_state, expect_gen): exactly one racer wins."""
-    cdef int64_t w, gen = expect_gen + 1
-    # written before the CAS so a reader of generation gen never sees an older timestamp
+    cdef int64_t w = bt_load(&s.word), gen = expect_gen + 1
+    if st_state(w) != expect_state or st_gen(w) != expect_gen:
+        return -1
+    # Written before the CAS, so a reader of generation gen never sees an older timestamp. Only a
+    # racer that saw (expect_state, expect_gen) a moment ago writes it, so a loser's value differs
+    # from the winner's by that moment at most.
     bt_store(&s.since[gen & 1], now)
     while True:
         w = bt_load(&s.word)

@@ -49,7 +49,7 @@ def impl(request: pytest.FixtureRequest) -> Impl:
     return Impl(request.param)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def both() -> tuple[Impl, Impl]:
     """(compiled, twin) for differential tests."""
     if NO_EXT or not _compiled_available():

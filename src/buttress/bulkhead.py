@@ -130,15 +130,20 @@ class Bulkhead(Policy):
     def acquire(self, timeout: float | None = _DEFAULT) -> None:
         """Take a permit, waiting up to `timeout` seconds (default: max_wait; None: no limit).
         Raises BulkheadFullError when none came in time."""
+        timeout = self._timeout(timeout)
         if not self.try_acquire():
-            self._acquire_slow(self._max_wait if timeout is _DEFAULT else
-                               check_float("timeout", timeout, minimum=0.0, allow_none=True))
+            self._acquire_slow(timeout)
 
     async def acquire_async(self, timeout: float | None = _DEFAULT) -> None:
         """Like `acquire`, waiting without blocking the event loop."""
+        timeout = self._timeout(timeout)
         if not self.try_acquire():
-            await self._acquire_slow_async(self._max_wait if timeout is _DEFAULT else
-                                           check_float("timeout", timeout, minimum=0.0, allow_none=True))
+            await self._acquire_slow_async(timeout)
+
+    def _timeout(self, timeout: object) -> float | None:
+        if timeout is _DEFAULT:
+            return self._max_wait
+        return check_float("timeout", timeout, minimum=0.0, maximum=1e9, allow_none=True)
 
     # -- the guarded forms (each inlines `release` to save a call on the hot path) -------------------
 

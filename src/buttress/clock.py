@@ -144,11 +144,15 @@ class FakeClock:
         with self._lock:
             while self._sleepers and self._sleepers[0][2].done():   # cancelled sleepers
                 heapq.heappop(self._sleepers)
-            target = self._sleepers[0][0] if self._sleepers else None
-        if target is not None and target > self._ns:
-            self.advance_ns(target - self._ns)
-        elif target is not None:
-            self.advance_ns(0)
+            if not self._sleepers:
+                return
+            target = self._sleepers[0][0]
+            more = len(self._sleepers) > 1
+            self._jump_token += 1
+            token = self._jump_token
+        self.advance_ns(max(0, target - self._ns))
+        if more:    # the woken sleeper runs first; then the next jump
+            loop.call_soon(self._idle_tick, loop, token, self._IDLE_TICKS)
 
     @property
     def pending_sleepers(self) -> int:

@@ -18,15 +18,16 @@ one counter bump; everything else lives on the failure path.
 from __future__ import annotations
 
 import contextvars
+import functools
 import itertools
 import math
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from . import _context
-from ._base import Policy
+from ._base import Policy, is_async_callable
 from ._params import NS, check_callable, check_float, check_int, exception_matcher, seconds_to_ns
 from .backoff import Backoff, constant, exponential
 from .clock import resolve_clock
@@ -34,12 +35,17 @@ from .errors import Rejected
 
 __all__ = ["Retry", "RetryBudget", "RetryMetrics", "Attempt", "current_attempt"]
 
+F = TypeVar("F", bound=Callable[..., Any])
 _HAS_NOTES = hasattr(BaseException, "add_note")     # Python 3.11+
 
 # The per-call state is a plain list (cheapest to build on the success path), indexed by these names.
 _NUMBER, _KEY, _START, _RETRY, _ARGS, _KWARGS, _PREV = range(7)
-_CALL: contextvars.ContextVar[list | None] = contextvars.ContextVar("buttress_retry_call", default=None)
+_FIRST = object()           # "no attempt made yet" for the retry loops
 _KEY_LOCK = threading.Lock()
+# The running call, per thread and per task. A ContextVar (not a thread-local stack, which would be
+# cheaper) so that work run with a copied context (asyncio tasks, to_thread, a Timeout's worker
+# thread) still sees its call's attempt and idempotency key.
+_CALL: contextvars.ContextVar[list | None] = contextvars.ContextVar("buttress_retry_call", default=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,13 +193,15 @@ class Retry(Policy):
         self._ok_first, self._ok_retried = itertools.count(), itertools.count()
         self._failed_first, self._failed_retried = itertools.count(), itertools.count()
 
-    # -- the two entry points: the success path inline, everything else in _after_failure ---------------
+    # -- the two entry points: the success path inline, the rest in _loop_* and _after_failure ---------
 
     def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        # the decorator's wrapper (__call__) inlines this same success path; keep the two in step
         call = [1, None, self._now_ns(), self, args, kwargs, None]
         token = _CALL.set(call)
-        deadline_token = self._begin(call) if self._setup else None
         try:
+            if self._setup:
+                return self._guarded_sync(call, fn, args, kwargs)
             try:
                 result = fn(*args, **kwargs)
             except Exception as e:
@@ -205,38 +213,16 @@ class Retry(Policy):
                     return result
                 exc = None
             # outside the except block, so later attempts' errors do not chain onto this one
-            sleep = self._clock.sleep
-            pred = self._result_pred
-            while True:
-                delay = self._after_failure(call, exc)
-                if delay is None:
-                    if exc is None:
-                        return result
-                    try:
-                        raise exc
-                    finally:
-                        exc = None      # no frame <-> traceback cycle
-                sleep(delay)
-                call[_NUMBER] += 1
-                try:
-                    result = fn(*args, **kwargs)
-                except Exception as e:
-                    exc = e
-                    continue
-                if pred is None or not pred(result):
-                    next(self._ok_retried)
-                    return result
-                exc = None
+            return self._loop_sync(call, fn, args, kwargs, exc, result)
         finally:
             _CALL.reset(token)
-            if deadline_token is not None:
-                _context.pop_deadline(deadline_token)
 
     async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         call = [1, None, self._now_ns(), self, args, kwargs, None]
         token = _CALL.set(call)
-        deadline_token = self._begin(call) if self._setup else None
         try:
+            if self._setup:
+                return await self._guarded_async(call, fn, args, kwargs)
             try:
                 result = await fn(*args, **kwargs)
             except Exception as e:
@@ -247,9 +233,75 @@ class Retry(Policy):
                     next(self._ok_first)
                     return result
                 exc = None
-            sleep = self._clock.sleep_async
-            pred = self._result_pred
-            while True:
+            return await self._loop_async(call, fn, args, kwargs, exc, result)
+        finally:
+            _CALL.reset(token)
+
+    def __call__(self, fn: F) -> F:
+        """Decorate `fn` (sync, async, methods). For a sync function the wrapper inlines `call()`'s
+        success path: one Python frame fewer, ~150 ns saved per call."""
+        if not callable(fn) or is_async_callable(fn):
+            return super().__call__(fn)
+        retry, now_ns, pred, ok_first, setup = self, self._now_ns, self._result_pred, self._ok_first, self._setup
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            call = [1, None, now_ns(), retry, args, kwargs, None]
+            token = _CALL.set(call)
+            try:
+                if setup:
+                    return retry._guarded_sync(call, fn, args, kwargs)
+                try:
+                    result = fn(*args, **kwargs)
+                except Exception as e:
+                    exc: BaseException | None = e
+                    result = None
+                else:
+                    if pred is None or not pred(result):
+                        next(ok_first)
+                        return result
+                    exc = None
+                return retry._loop_sync(call, fn, args, kwargs, exc, result)
+            finally:
+                _CALL.reset(token)
+
+        return wrapper  # type: ignore[return-value]
+
+    # -- the retry loops: after a failed attempt (exc, or result when exc is None), or from the
+    #    start (exc=_FIRST) when a deadline or budget has to be set up first ------------------------------
+
+    def _loop_sync(self, call: list, fn: Callable[..., Any], args: tuple, kwargs: dict,
+                   exc: Any, result: Any) -> Any:
+        sleep = self._clock.sleep
+        pred = self._result_pred
+        while True:
+            if exc is not _FIRST:
+                delay = self._after_failure(call, exc)
+                if delay is None:
+                    if exc is None:
+                        return result
+                    try:
+                        raise exc
+                    finally:
+                        exc = None      # no frame <-> traceback cycle
+                sleep(delay)
+                call[_NUMBER] += 1
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as e:
+                exc = e
+                continue
+            if pred is None or not pred(result):
+                next(self._ok_first if call[_NUMBER] == 1 else self._ok_retried)
+                return result
+            exc = None
+
+    async def _loop_async(self, call: list, fn: Callable[..., Any], args: tuple, kwargs: dict,
+                          exc: Any, result: Any) -> Any:
+        sleep = self._clock.sleep_async
+        pred = self._result_pred
+        while True:
+            if exc is not _FIRST:
                 delay = self._after_failure(call, exc)
                 if delay is None:
                     if exc is None:
@@ -260,19 +312,31 @@ class Retry(Policy):
                         exc = None
                 await sleep(delay)
                 call[_NUMBER] += 1
-                try:
-                    result = await fn(*args, **kwargs)
-                except Exception as e:
-                    exc = e
-                    continue
-                if pred is None or not pred(result):
-                    next(self._ok_retried)
-                    return result
-                exc = None
+            try:
+                result = await fn(*args, **kwargs)
+            except Exception as e:
+                exc = e
+                continue
+            if pred is None or not pred(result):
+                next(self._ok_first if call[_NUMBER] == 1 else self._ok_retried)
+                return result
+            exc = None
+
+    def _guarded_sync(self, call: list, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        token = self._begin(call)
+        try:
+            return self._loop_sync(call, fn, args, kwargs, _FIRST, None)
         finally:
-            _CALL.reset(token)
-            if deadline_token is not None:
-                _context.pop_deadline(deadline_token)
+            if token is not None:
+                _context.pop_deadline(token)
+
+    async def _guarded_async(self, call: list, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        token = self._begin(call)
+        try:
+            return await self._loop_async(call, fn, args, kwargs, _FIRST, None)
+        finally:
+            if token is not None:
+                _context.pop_deadline(token)
 
     # -- the failure path ------------------------------------------------------------------------------
 

@@ -1,0 +1,50 @@
+"""The compiled core and its twins export the same names and signatures."""
+import inspect
+
+import pytest
+
+from buttress import _impl
+
+EXAMPLES = {
+    "GCRA": dict(rate=10.0, capacity=5),
+    "CountWindow": dict(size=10),
+    "TimeWindow": dict(nbuckets=3, width_ns=1000),
+    "Permits": dict(max_permits=2),
+    "BreakerState": dict(now=0),
+}
+
+
+def _public(obj):
+    return {n for n in dir(obj) if not n.startswith("_")}
+
+
+@pytest.mark.parametrize("name", _impl.CORE_MODULES)
+def test_same_module_exports(both, name):
+    compiled, twin = (getattr(i, name) for i in both)
+    assert sorted(compiled.__all__) == sorted(twin.__all__)
+    for export in compiled.__all__:
+        c, t = getattr(compiled, export), getattr(twin, export)
+        assert type(c) is type(t) or (isinstance(c, type) and isinstance(t, type)), export
+
+
+@pytest.mark.parametrize("name", _impl.CORE_MODULES)
+def test_same_class_api(both, name):
+    compiled, twin = (getattr(i, name) for i in both)
+    for export in compiled.__all__:
+        c_cls, t_cls = getattr(compiled, export), getattr(twin, export)
+        if not isinstance(c_cls, type):
+            assert c_cls == t_cls, export
+            continue
+        kwargs = EXAMPLES[export]
+        c_obj, t_obj = c_cls(**kwargs), t_cls(**kwargs)   # same keyword names accepted
+        assert _public(c_obj) == _public(t_obj), export
+        for attr in _public(c_obj):
+            c_attr, t_attr = getattr(c_obj, attr), getattr(t_obj, attr)
+            assert callable(c_attr) == callable(t_attr), (export, attr)
+            if callable(c_attr):
+                c_sig, t_sig = inspect.signature(c_attr), inspect.signature(t_attr)
+                assert [(p.name, p.default) for p in c_sig.parameters.values()] == \
+                       [(p.name, p.default) for p in t_sig.parameters.values()], (export, attr)
+            else:
+                assert c_attr == t_attr, (export, attr)
+        assert repr(c_obj) == repr(t_obj)

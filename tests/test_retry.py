@@ -1,0 +1,791 @@
+"""buttress.Retry, RetryBudget, current_attempt: DESIGN §3 / §3b Retry, all timing on FakeClock."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import math
+import random
+import sys
+import threading
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import buttress
+from buttress import (BulkheadFullError, ButtressError, CircuitOpenError, FakeClock, Overloaded,
+                      RateLimitExceeded, Rejected, Retry, RetryBudget, current_attempt)
+from buttress import backoff as bo
+from buttress._base import Policy
+from buttress._context import pop_deadline, push_deadline, remaining
+from buttress._params import NS
+from buttress.retry import Attempt, RetryMetrics
+
+from helpers import race
+
+HAS_NOTES = sys.version_info >= (3, 11)
+NO_WAIT = bo.constant(0.0)
+
+
+def flaky(failures: int, exc: type[BaseException] = ConnectionError, result: object = "ok", log=None):
+    """A function failing `failures` times (a new exception each time), then returning `result`."""
+    calls = itertools.count(1)
+
+    def fn(*args, **kwargs):
+        n = next(calls)
+        if log is not None:
+            log.append((n, current_attempt()))
+        if n <= failures:
+            raise exc(f"failure {n}")
+        return result
+
+    fn.calls = calls
+    return fn
+
+
+def calls_made(fn) -> int:
+    return int(repr(fn.calls)[6:-1]) - 1
+
+
+def run(retry: Retry, fn, entry: str, *args, **kwargs):
+    """Call fn through retry by `entry`: "call" (retry.call) or "decorator" (@retry)."""
+    if entry == "call":
+        return retry.call(fn, *args, **kwargs)
+    return retry(fn)(*args, **kwargs)
+
+
+ENTRIES = pytest.mark.parametrize("entry", ["call", "decorator"])
+
+
+# -- attempts, results, errors ---------------------------------------------------------------------------
+
+@ENTRIES
+def test_success_on_the_first_attempt(entry):
+    r = Retry(clock=FakeClock())
+    fn = flaky(0)
+    assert run(r, fn, entry) == "ok"
+    assert calls_made(fn) == 1
+    assert r.metrics() == RetryMetrics(1, 0, 0, 0)
+
+
+@ENTRIES
+def test_retries_until_success_and_sleeps_through_the_clock(entry):
+    clock = FakeClock()
+    r = Retry(max_attempts=5, backoff=bo.exponential(initial=1.0, jitter="none"), clock=clock)
+    fn = flaky(3)
+    assert run(r, fn, entry) == "ok"
+    assert calls_made(fn) == 4
+    assert clock.monotonic() == 1.0 + 2.0 + 4.0
+    assert r.metrics() == RetryMetrics(0, 1, 0, 0)
+
+
+@ENTRIES
+def test_the_last_exception_is_raised_as_itself_with_a_note(entry):
+    raised = []
+
+    def fn():
+        raised.append(ConnectionError(f"failure {len(raised) + 1}"))
+        raise raised[-1]
+
+    r = Retry(max_attempts=3, backoff=NO_WAIT, clock=FakeClock())
+    with pytest.raises(ConnectionError) as info:
+        run(r, fn, entry)
+    assert info.value is raised[-1] and len(raised) == 3
+    assert info.value.__context__ is None and info.value.__cause__ is None     # no chain of attempts
+    if HAS_NOTES:
+        assert info.value.__notes__ == ["buttress.Retry: gave up after 3 attempts (max_attempts=3 reached)"]
+    assert r.metrics() == RetryMetrics(0, 0, 0, 1)
+
+
+def test_max_attempts_one_never_retries():
+    r = Retry(max_attempts=1, clock=FakeClock())
+    fn = flaky(5)
+    with pytest.raises(ConnectionError) as info:
+        r.call(fn)
+    assert calls_made(fn) == 1
+    if HAS_NOTES:
+        assert info.value.__notes__ == ["buttress.Retry: gave up after 1 attempt (max_attempts=1 reached)"]
+    assert r.metrics() == RetryMetrics(0, 0, 1, 0)
+
+
+@ENTRIES
+def test_a_non_retryable_exception_passes_through_untouched(entry):
+    clock = FakeClock()
+    gave_up = []
+    r = Retry(retry_on=(ConnectionError,), clock=clock, on_give_up=lambda *a: gave_up.append(a))
+    fn = flaky(5, exc=KeyError)
+    with pytest.raises(KeyError) as info:
+        run(r, fn, entry)
+    assert calls_made(fn) == 1 and clock.monotonic() == 0.0
+    assert not getattr(info.value, "__notes__", None)
+    assert gave_up == []        # not retryable is not "giving up"
+    assert r.metrics() == RetryMetrics(0, 0, 1, 0)
+
+
+def test_a_non_retryable_exception_after_retries_stops_them():
+    errors = iter([ConnectionError("a"), ValueError("b")])
+
+    def fn():
+        raise next(errors)
+
+    r = Retry(max_attempts=5, retry_on=ConnectionError, backoff=NO_WAIT, clock=FakeClock())
+    with pytest.raises(ValueError) as info:
+        r.call(fn)
+    if HAS_NOTES:
+        assert info.value.__notes__ == ["buttress.Retry: gave up after 2 attempts (not retryable)"]
+    assert r.metrics() == RetryMetrics(0, 0, 0, 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(max_attempts=st.integers(1, 12), failures=st.integers(0, 20),
+       retryable=st.booleans(), jitter=st.sampled_from(bo.JITTERS), seed=st.integers(0, 1000))
+def test_property_attempt_counts(max_attempts, failures, retryable, jitter, seed):
+    """Never more than max_attempts; a non-retryable exception is raised after exactly one attempt."""
+    clock = FakeClock()
+    exc = ConnectionError if retryable else KeyError
+    r = Retry(max_attempts=max_attempts, retry_on=ConnectionError, clock=clock,
+              backoff=bo.exponential(jitter=jitter, rng=random.Random(seed)))
+    fn = flaky(failures, exc=exc)
+    try:
+        assert r.call(fn) == "ok"
+        ok = True
+    except exc:
+        ok = False
+    n = calls_made(fn)
+    assert n <= max_attempts
+    if not retryable and failures:
+        assert n == 1 and not ok and clock.monotonic() == 0.0
+    else:
+        assert n == min(failures + 1, max_attempts)
+        assert ok == (failures < max_attempts)
+
+
+@pytest.mark.parametrize("spec", [ConnectionError, (ConnectionError,), [OSError], lambda e: "retry" in str(e)])
+def test_retry_on_accepts_classes_tuples_lists_and_predicates(spec):
+    r = Retry(retry_on=spec, backoff=NO_WAIT, clock=FakeClock())
+    assert r.call(flaky(2, exc=lambda m: ConnectionError("retry " + m))) == "ok"
+    with pytest.raises(KeyError):
+        r.call(flaky(2, exc=KeyError))
+
+
+def test_keyboard_interrupt_and_cancellation_are_never_retried():
+    r = Retry(retry_on=lambda e: True, backoff=NO_WAIT, clock=FakeClock())
+    fn = flaky(3, exc=KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt):
+        r.call(fn)
+    assert calls_made(fn) == 1
+
+    async def cancelled():
+        raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(r.call_async(cancelled))
+    assert current_attempt() is None
+
+
+# -- buttress's own rejections -----------------------------------------------------------------------------
+
+REJECTIONS = [lambda: RateLimitExceeded(), lambda: BulkheadFullError(), lambda: Overloaded(),
+              lambda: CircuitOpenError("db", "OPEN")]
+
+
+@pytest.mark.parametrize("make", REJECTIONS)
+@pytest.mark.parametrize("retry_on", [(Exception,), (ButtressError,), lambda e: True])
+def test_rejections_are_not_retried_unless_named(make, retry_on):
+    calls = []
+
+    def fn():
+        calls.append(1)
+        raise make()
+
+    with pytest.raises(Rejected):
+        Retry(retry_on=retry_on, backoff=NO_WAIT, clock=FakeClock()).call(fn)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("make", REJECTIONS)
+def test_rejections_are_retried_when_their_class_is_named(make):
+    cls = type(make())
+    for retry_on in (cls, (KeyError, cls), (Rejected,)):
+        r = Retry(retry_on=retry_on, max_attempts=3, backoff=NO_WAIT, clock=FakeClock())
+        fn = flaky(2, exc=lambda m: make())
+        assert r.call(fn) == "ok" and calls_made(fn) == 3
+
+
+def test_naming_one_rejection_does_not_admit_the_others():
+    r = Retry(retry_on=(Exception, RateLimitExceeded), backoff=NO_WAIT, clock=FakeClock())
+    assert r.call(flaky(2, exc=lambda m: RateLimitExceeded())) == "ok"
+    fn = flaky(2, exc=lambda m: BulkheadFullError())
+    with pytest.raises(BulkheadFullError):
+        r.call(fn)
+    assert calls_made(fn) == 1
+
+
+# -- waits: retry_after, deadlines -----------------------------------------------------------------------
+
+class Throttled(Exception):
+    def __init__(self, retry_after):
+        super().__init__("throttled")
+        self.retry_after = retry_after
+
+
+@pytest.mark.parametrize("retry_after, expected", [(5.0, 5.0), (0.01, 1.0), (None, 1.0), (math.nan, 1.0),
+                                                   (-3.0, 1.0), ("7", 1.0), (7, 7.0)])
+def test_retry_after_is_a_lower_bound_on_the_wait(retry_after, expected):
+    clock = FakeClock()
+    waits = []
+    r = Retry(backoff=bo.constant(1.0), clock=clock, on_retry=lambda a, e, d: waits.append(d))
+    assert r.call(flaky(1, exc=lambda m: Throttled(retry_after))) == "ok"
+    assert waits == [expected] and clock.monotonic() == expected
+
+
+def test_rejection_retry_after_is_honoured_when_retried():
+    clock = FakeClock()
+    r = Retry(retry_on=RateLimitExceeded, backoff=bo.constant(0.1), clock=clock)
+    assert r.call(flaky(1, exc=lambda m: RateLimitExceeded(retry_after=2.5))) == "ok"
+    assert clock.monotonic() == 2.5
+
+
+def test_deadline_gives_up_when_the_next_wait_would_reach_it():
+    clock = FakeClock()
+    r = Retry(max_attempts=100, deadline=1.0, backoff=bo.constant(0.4), clock=clock)
+    fn = flaky(100)
+    with pytest.raises(ConnectionError) as info:
+        r.call(fn)
+    assert calls_made(fn) == 3 and clock.monotonic() == pytest.approx(0.8)   # attempts at 0, 0.4, 0.8
+    if HAS_NOTES:
+        assert "would reach the deadline" in info.value.__notes__[0]
+        assert "after 3 attempts" in info.value.__notes__[0]
+
+
+def test_deadline_counts_the_time_attempts_take():
+    clock = FakeClock()
+    starts = []
+
+    def slow():
+        starts.append(clock.monotonic())
+        clock.advance(0.3)
+        raise ConnectionError
+
+    with pytest.raises(ConnectionError):
+        Retry(max_attempts=100, deadline=1.0, backoff=bo.constant(0.4), clock=clock).call(slow)
+    assert starts == pytest.approx([0.0, 0.7])      # 0.7 + 0.3 + 0.4 > 1.0
+
+
+@ENTRIES
+def test_remaining_reports_the_deadline_during_attempts(entry):
+    clock = FakeClock()
+    seen = []
+
+    def fn():
+        seen.append(remaining())
+        if len(seen) < 3:
+            raise ConnectionError
+        return "ok"
+
+    r = Retry(max_attempts=5, deadline=10.0, backoff=bo.constant(1.5), clock=clock)
+    assert remaining() is None
+    assert run(r, fn, entry) == "ok"
+    assert seen == pytest.approx([10.0, 8.5, 7.0])
+    assert remaining() is None          # popped after the call
+
+
+def test_an_outer_deadline_bounds_the_retries():
+    clock = FakeClock()
+    token = push_deadline(2 * NS, clock)      # as an enclosing Timeout(2.0) would
+    try:
+        seen = []
+        fn = flaky(100, log=seen)
+        r = Retry(max_attempts=100, deadline=30.0, backoff=bo.constant(0.5), clock=clock)
+        with pytest.raises(ConnectionError):
+            r.call(lambda: (seen.append(remaining()), fn())[1])
+        assert seen[0] == pytest.approx(2.0)      # the outer deadline is the innermost one
+        assert clock.monotonic() == pytest.approx(1.5)     # attempts at 0, 0.5, 1.0, 1.5; 2.0 would reach it
+        r2 = Retry(max_attempts=100, backoff=bo.constant(0.5), clock=clock)  # no deadline of its own
+        fn2 = flaky(100)
+        with pytest.raises(ConnectionError):
+            r2.call(fn2)
+        assert calls_made(fn2) == 1       # 1.5 + 0.5 reaches the outer deadline at once
+    finally:
+        pop_deadline(token)
+
+
+def test_a_shorter_own_deadline_wins_over_an_outer_one():
+    clock = FakeClock()
+    token = push_deadline(100 * NS, clock)
+    try:
+        assert Retry(deadline=3.0, clock=clock).call(lambda: remaining()) == 3.0
+    finally:
+        pop_deadline(token)
+
+
+@settings(max_examples=80, deadline=None)
+@given(deadline=st.floats(0.01, 20.0), duration=st.floats(0.0, 3.0), max_attempts=st.integers(1, 50),
+       jitter=st.sampled_from(bo.JITTERS), seed=st.integers(0, 1000), asynchronous=st.booleans())
+def test_property_the_deadline_is_never_exceeded(deadline, duration, max_attempts, jitter, seed, asynchronous):
+    """No wait ends at or after the deadline: every retry starts strictly before it."""
+    clock = FakeClock(start=5.0)
+    starts = []
+
+    def attempt():
+        starts.append(clock.monotonic_ns())
+        clock.advance(duration)
+        raise ConnectionError
+
+    async def attempt_async():
+        attempt()
+
+    r = Retry(max_attempts=max_attempts, deadline=deadline, clock=clock,
+              backoff=bo.exponential(initial=0.05, maximum=5.0, jitter=jitter, rng=random.Random(seed)))
+    with pytest.raises(ConnectionError):
+        if asynchronous:
+            asyncio.run(r.call_async(attempt_async))
+        else:
+            r.call(attempt)
+    end = 5 * NS + math.ceil(deadline * NS)
+    assert 1 <= len(starts) <= max_attempts
+    assert all(s < end for s in starts[1:])
+    assert clock.monotonic_ns() <= max(end, starts[-1] + math.ceil(duration * NS))
+
+
+# -- results -----------------------------------------------------------------------------------------------
+
+@ENTRIES
+def test_retry_on_result_returns_the_last_result_when_attempts_run_out(entry):
+    results = iter([None, None, None, "late"])
+    hooks = []
+    r = Retry(max_attempts=3, retry_on_result=lambda v: v is None, backoff=bo.constant(1.0), clock=FakeClock(),
+              on_retry=lambda *a: hooks.append(("retry", *a)), on_give_up=lambda *a: hooks.append(("give_up", *a)))
+    assert run(r, lambda: next(results), entry) is None
+    assert hooks == [("retry", 1, None, 1.0), ("retry", 2, None, 1.0), ("give_up", 3, None)]
+    assert r.metrics() == RetryMetrics(0, 0, 0, 1)
+
+
+def test_retry_on_result_retries_until_a_good_result():
+    results = iter([None, None, 42])
+    r = Retry(max_attempts=5, retry_on_result=lambda v: v is None, backoff=NO_WAIT, clock=FakeClock())
+    assert r.call(lambda: next(results)) == 42
+    assert r.metrics() == RetryMetrics(0, 1, 0, 0)
+
+
+# -- hooks -------------------------------------------------------------------------------------------------
+
+def test_hooks_are_called_positionally():
+    events = []
+
+    def on_retry(attempt, exception, delay, /):
+        events.append(("retry", attempt, str(exception), delay))
+
+    def on_give_up(attempt, exception, /):
+        events.append(("give_up", attempt, str(exception)))
+
+    r = Retry(max_attempts=3, backoff=bo.exponential(initial=1.0, jitter="none"), clock=FakeClock(),
+              on_retry=on_retry, on_give_up=on_give_up)
+    with pytest.raises(ConnectionError):
+        r.call(flaky(10))
+    assert events == [("retry", 1, "failure 1", 1.0), ("retry", 2, "failure 2", 2.0), ("give_up", 3, "failure 3")]
+
+
+def test_a_failing_hook_propagates():
+    def boom(*a):
+        raise RuntimeError("hook")
+
+    with pytest.raises(RuntimeError, match="hook"):
+        Retry(backoff=NO_WAIT, on_retry=boom, clock=FakeClock()).call(flaky(1))
+
+
+# -- backoff forms accepted by Retry -----------------------------------------------------------------------
+
+def test_backoff_may_be_a_callable_or_a_number():
+    clock = FakeClock()
+    Retry(max_attempts=4, backoff=lambda k: k * 0.5, clock=clock).call(flaky(3))
+    assert clock.monotonic() == 0.5 + 1.0 + 1.5
+    clock2 = FakeClock()
+    Retry(max_attempts=4, backoff=0.25, clock=clock2).call(flaky(3))
+    assert clock2.monotonic() == 0.75
+
+
+def test_a_callable_backoff_returning_garbage_names_it_and_keeps_the_cause():
+    with pytest.raises(ValueError, match=r"backoff\(1\)") as info:
+        Retry(backoff=lambda k: -1.0, clock=FakeClock()).call(flaky(1))
+    assert isinstance(info.value.__cause__, ConnectionError)
+
+
+def test_decorrelated_jitter_walks_from_the_previous_delay():
+    waits = []
+    r = Retry(max_attempts=30, clock=FakeClock(), on_retry=lambda a, e, d: waits.append(d),
+              backoff=bo.exponential(initial=0.1, maximum=5.0, jitter="decorrelated", rng=random.Random(3)))
+    with pytest.raises(ConnectionError):
+        r.call(flaky(100))
+    prev = 0.1
+    for w in waits:
+        assert 0.1 <= w <= min(5.0, 3 * prev) + 1e-12
+        prev = w
+    assert len(set(waits)) > 20
+
+
+def test_ten_retries_run_instantly_on_a_fake_clock():
+    clock = FakeClock()
+    r = Retry(max_attempts=11, backoff=bo.constant(60.0), clock=clock)
+    assert r.call(flaky(10)) == "ok"
+    assert clock.monotonic() == 600.0
+
+
+# -- idempotency keys and current_attempt ------------------------------------------------------------------
+
+@ENTRIES
+def test_one_key_for_all_attempts_of_a_call_and_a_new_one_per_call(entry):
+    clock = FakeClock()
+    r = Retry(max_attempts=3, backoff=bo.constant(2.0), clock=clock)
+    logs = [[], []]
+    for log in logs:
+        run(r, flaky(2, log=log), entry)
+    for log in logs:
+        assert [n for n, _ in log] == [a.number for _, a in log] == [1, 2, 3]
+        assert len({a.idempotency_key for _, a in log}) == 1
+        assert isinstance(log[0][1].idempotency_key, str) and log[0][1].idempotency_key
+    assert [a.elapsed for _, a in logs[1]] == [0.0, 2.0, 4.0]
+    assert logs[0][0][1].idempotency_key != logs[1][0][1].idempotency_key
+
+
+def test_current_attempt_is_none_outside_a_retried_call():
+    assert current_attempt() is None
+    Retry(clock=FakeClock()).call(lambda: None)
+    assert current_attempt() is None
+    assert buttress.current_attempt is current_attempt and buttress.Attempt is Attempt
+
+
+def test_a_user_key_function_gets_the_call_arguments_and_runs_only_when_read():
+    made = []
+
+    def key(order_id, *, amount):
+        made.append(order_id)
+        return f"order-{order_id}-{amount}"
+
+    r = Retry(idempotency_key=key, backoff=NO_WAIT, clock=FakeClock())
+
+    @r
+    def pay(order_id, *, amount):
+        a = current_attempt()
+        if a.number < 3:
+            raise ConnectionError
+        return a.idempotency_key
+
+    assert pay(17, amount=5) == "order-17-5"
+    assert made == [17]                         # made once, on first read
+    r.call(lambda order_id, amount: None, 18, amount=1)
+    assert made == [17]                         # nobody read it: never made
+
+
+def test_a_user_key_function_must_return_a_str():
+    r = Retry(idempotency_key=lambda: 42, clock=FakeClock())
+    with pytest.raises(TypeError, match="idempotency_key must return a str, got 42"):
+        r.call(current_attempt)
+
+
+def test_nested_retries_see_their_own_attempt():
+    outer = Retry(max_attempts=2, backoff=NO_WAIT, clock=FakeClock())
+    inner = Retry(max_attempts=3, backoff=NO_WAIT, clock=FakeClock())
+    seen = []
+
+    def body():
+        before = current_attempt()
+        inner.call(flaky(2, log=seen))
+        assert current_attempt() == dataclasses.replace(before, elapsed=current_attempt().elapsed)
+        return before
+
+    outer_attempt = outer.call(body)
+    assert [a.number for _, a in seen] == [1, 2, 3]
+    assert seen[0][1].idempotency_key != outer_attempt.idempotency_key
+
+
+def test_fifty_concurrent_async_calls_keep_their_own_keys_and_counts():
+    clock = FakeClock()
+    r = Retry(max_attempts=4, backoff=bo.exponential(initial=0.5, jitter="full", rng=random.Random(1)), clock=clock)
+    logs: dict[int, list[Attempt]] = {}
+
+    async def fn(i):
+        a = current_attempt()
+        logs.setdefault(i, []).append(a)
+        await clock.sleep_async(0.01 * (i % 7))       # interleave the calls
+        if a.number <= i % 3:
+            raise ConnectionError(i)
+        return i
+
+    async def main():
+        return await asyncio.gather(*(r.call_async(fn, i) for i in range(50)))
+
+    assert asyncio.run(main()) == list(range(50))
+    keys = set()
+    for i, attempts in logs.items():
+        assert [a.number for a in attempts] == list(range(1, i % 3 + 2))
+        assert len({a.idempotency_key for a in attempts}) == 1
+        keys.add(attempts[0].idempotency_key)
+    assert len(keys) == 50
+    m = r.metrics()
+    assert (m.successful_without_retry, m.successful_with_retry) == (17, 33)
+
+
+def test_racing_threads_keep_per_call_state_and_exact_counters(fast_switching):
+    r = Retry(max_attempts=3, backoff=NO_WAIT, clock=FakeClock(), retry_on=ConnectionError)
+    per_thread = 150
+
+    def body(t):
+        keys = []
+        for i in range(per_thread):
+            kind = i % 4     # 0: ok at once, 1: ok after a retry, 2: fails after 3 attempts, 3: not retryable
+            log = []
+            fn = flaky({0: 0, 1: 1, 2: 5, 3: 1}[kind], exc=KeyError if kind == 3 else ConnectionError, log=log)
+            try:
+                r.call(fn)
+            except (ConnectionError, KeyError):
+                pass
+            assert [n for n, _ in log] == [a.number for _, a in log]
+            assert len({a.idempotency_key for _, a in log}) == 1
+            keys.append(log[0][1].idempotency_key)
+        return keys
+
+    results = race(8, body)
+    assert len({k for keys in results for k in keys}) == 8 * per_thread
+    quarter = 8 * per_thread // 4
+    assert r.metrics() == RetryMetrics(quarter, quarter, quarter, quarter)
+
+
+# -- async ---------------------------------------------------------------------------------------------------
+
+def test_async_retries_wait_on_the_clock():
+    clock = FakeClock(autojump=False)
+    r = Retry(max_attempts=3, backoff=bo.constant(5.0), clock=clock)
+    fn = flaky(1)
+
+    async def afn():
+        return fn()
+
+    async def main():
+        task = asyncio.ensure_future(r.call_async(afn))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not task.done() and calls_made(fn) == 1 and clock.pending_sleepers == 1
+        clock.advance(5.0)
+        return await task
+
+    assert asyncio.run(main()) == "ok"
+    assert r.metrics() == RetryMetrics(0, 1, 0, 0)
+
+
+def test_async_decorator_and_methods():
+    r = Retry(backoff=NO_WAIT, clock=FakeClock())
+
+    class Client:
+        def __init__(self):
+            self.n = 0
+
+        @r
+        def get(self, x):
+            """Docstring."""
+            self.n += 1
+            if self.n < 2:
+                raise ConnectionError
+            return x * 2
+
+        @r
+        async def aget(self, x):
+            self.n += 1
+            if self.n < 4:
+                raise ConnectionError
+            return x * 3
+
+    c = Client()
+    assert c.get(2) == 4 and Client.get.__doc__ == "Docstring." and Client.get.__name__ == "get"
+    assert asyncio.run(c.aget(2)) == 6
+    assert asyncio.iscoroutinefunction(Client.aget)
+    assert isinstance(r, Policy)
+
+
+def test_async_exhaustion_raises_the_last_error_with_a_note():
+    async def fail():
+        raise ConnectionError("down")
+
+    with pytest.raises(ConnectionError) as info:
+        asyncio.run(Retry(max_attempts=2, clock=FakeClock()).call_async(fail))
+    if HAS_NOTES:
+        assert info.value.__notes__ == ["buttress.Retry: gave up after 2 attempts (max_attempts=2 reached)"]
+
+
+# -- retry budget --------------------------------------------------------------------------------------------
+
+def test_budget_caps_retries_of_a_thousand_failing_calls():
+    clock = FakeClock()
+    budget = RetryBudget(ratio=0.2, min_per_second=10.0, ttl=10.0, clock=clock)
+    r = Retry(max_attempts=3, backoff=NO_WAIT, budget=budget, clock=clock)
+    attempts = 0
+
+    def fail():
+        nonlocal attempts
+        attempts += 1
+        raise ConnectionError
+
+    for _ in range(1000):
+        with pytest.raises(ConnectionError):
+            r.call(fail)
+    retries = attempts - 1000
+    assert retries <= 0.2 * 1000 + 10.0 * 10.0
+    assert retries == 300 and budget.balance == 0     # the bound is reached exactly, never passed
+
+
+def test_an_empty_budget_raises_the_last_error_at_once():
+    clock = FakeClock()
+    budget = RetryBudget(ratio=0.0, min_per_second=0.1, ttl=10.0, clock=clock)   # one retry in reserve
+    gave_up = []
+    r = Retry(max_attempts=5, backoff=bo.constant(1.0), budget=budget, clock=clock,
+              on_give_up=lambda a, e: gave_up.append(a))
+    fn = flaky(100)
+    with pytest.raises(ConnectionError) as info:
+        r.call(fn)
+    assert calls_made(fn) == 2 and clock.monotonic() == 1.0 and gave_up == [2]
+    if HAS_NOTES:
+        assert info.value.__notes__ == ["buttress.Retry: gave up after 2 attempts (retry budget exhausted)"]
+
+
+def test_the_budget_floor_comes_back_after_ttl():
+    clock = FakeClock()
+    budget = RetryBudget(ratio=0.0, min_per_second=1.0, ttl=5.0, clock=clock)
+    assert budget.balance == 5
+    assert sum(budget.try_withdraw() for _ in range(10)) == 5
+    assert budget.balance == 0
+    clock.advance(4.0)
+    assert budget.balance == 0
+    clock.advance(1.0)
+    assert budget.balance == 5
+
+
+def test_deposits_expire_after_ttl():
+    clock = FakeClock()
+    budget = RetryBudget(ratio=0.5, min_per_second=0.0, ttl=10.0, clock=clock)
+    for _ in range(10):
+        budget.deposit()
+    assert budget.balance == 5
+    clock.advance(9.0)
+    assert budget.balance == 5
+    clock.advance(1.0)
+    assert budget.balance == 0
+
+
+def test_a_budget_is_shared_between_retries():
+    clock = FakeClock()
+    budget = RetryBudget(ratio=0.0, min_per_second=0.3, ttl=10.0, clock=clock)   # three retries
+    a = Retry(max_attempts=10, backoff=NO_WAIT, budget=budget, clock=clock)
+    b = Retry(max_attempts=10, backoff=NO_WAIT, budget=budget, clock=clock)
+    fa, fb = flaky(100), flaky(100)
+    for r, fn in ((a, fa), (b, fb)):
+        with pytest.raises(ConnectionError):
+            r.call(fn)
+    assert calls_made(fa) + calls_made(fb) == 2 + 3
+
+
+def test_retries_waiting_in_backoff_count_against_the_budget():
+    clock = FakeClock(autojump=False)
+    budget = RetryBudget(ratio=0.0, min_per_second=0.5, ttl=10.0, clock=clock)   # five retries
+    r = Retry(max_attempts=2, backoff=bo.constant(1.0), budget=budget, clock=clock)
+
+    async def fail():
+        raise ConnectionError
+
+    async def main():
+        tasks = [asyncio.ensure_future(r.call_async(fail)) for _ in range(10)]
+        for _ in range(30):
+            await asyncio.sleep(0)
+        assert sum(t.done() for t in tasks) == 5          # five gave up at once
+        assert clock.pending_sleepers == 5 and budget.balance == 0
+        clock.advance(1.0)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(main())
+    assert r.metrics() == RetryMetrics(0, 0, 5, 5)
+
+
+def test_budget_accounting_is_exact_under_racing_threads(fast_switching):
+    clock = FakeClock()
+    budget = RetryBudget(ratio=0.2, min_per_second=1.0, ttl=10.0, clock=clock)
+    r = Retry(max_attempts=3, backoff=NO_WAIT, budget=budget, clock=clock)
+    attempts = itertools.count()
+
+    def fail():
+        next(attempts)
+        raise ConnectionError
+
+    def body(_):
+        for _ in range(100):
+            with pytest.raises(ConnectionError):
+                r.call(fail)
+
+    race(8, body)
+    retries = int(repr(attempts)[6:-1]) - 800
+    assert retries <= 0.2 * 800 + 1.0 * 10.0
+    assert retries + budget.balance == 170          # no withdrawal or deposit lost
+
+
+# -- arguments ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, exc, words", [
+    (dict(max_attempts=0), ValueError, ["max_attempts", ">= 1", "0"]),
+    (dict(max_attempts="3"), TypeError, ["max_attempts", "'3'"]),
+    (dict(max_attempts=True), TypeError, ["max_attempts", "True"]),
+    (dict(backoff="fast"), TypeError, ["backoff", "'fast'"]),
+    (dict(backoff=-1.0), ValueError, ["delay", "-1.0"]),
+    (dict(retry_on=5), TypeError, ["retry_on", "5"]),
+    (dict(retry_on=(ValueError, 3)), TypeError, ["retry_on", "3"]),
+    (dict(retry_on_result=1), TypeError, ["retry_on_result", "1"]),
+    (dict(deadline=0), ValueError, ["deadline", "> 0", "0"]),
+    (dict(deadline=-1.0), ValueError, ["deadline", "-1.0"]),
+    (dict(deadline=math.nan), ValueError, ["deadline", "nan"]),
+    (dict(deadline="1"), TypeError, ["deadline", "'1'"]),
+    (dict(budget=object()), TypeError, ["budget", "RetryBudget"]),
+    (dict(on_retry=3), TypeError, ["on_retry", "3"]),
+    (dict(on_give_up="x"), TypeError, ["on_give_up", "'x'"]),
+    (dict(idempotency_key="key"), TypeError, ["idempotency_key", "'key'"]),
+    (dict(clock=object()), TypeError, ["clock", "monotonic"]),
+])
+def test_bad_retry_arguments(kwargs, exc, words):
+    with pytest.raises(exc) as info:
+        Retry(**kwargs)
+    for w in words:
+        assert w in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs, exc, words", [
+    (dict(ratio=-0.1), ValueError, ["ratio", "-0.1"]),
+    (dict(ratio=1.5), ValueError, ["ratio", "<= 1", "1.5"]),
+    (dict(ratio="0.2"), TypeError, ["ratio", "'0.2'"]),
+    (dict(min_per_second=-1), ValueError, ["min_per_second", "-1"]),
+    (dict(min_per_second=math.inf), ValueError, ["min_per_second", "inf"]),
+    (dict(ttl=0), ValueError, ["ttl", "0"]),
+    (dict(ttl=-5), ValueError, ["ttl", "-5"]),
+    (dict(ttl=None), TypeError, ["ttl", "None"]),
+    (dict(clock=42), TypeError, ["clock", "42"]),
+])
+def test_bad_budget_arguments(kwargs, exc, words):
+    with pytest.raises(exc) as info:
+        RetryBudget(**kwargs)
+    for w in words:
+        assert w in str(info.value)
+
+
+def test_decorating_a_non_callable_is_a_type_error():
+    with pytest.raises(TypeError, match="decorates a callable"):
+        Retry()(42)
+
+
+def test_metrics_are_an_immutable_snapshot():
+    r = Retry(clock=FakeClock())
+    m = r.metrics()
+    r.call(lambda: 1)
+    assert m == RetryMetrics(0, 0, 0, 0) and r.metrics().successful_without_retry == 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        m.failed_with_retry = 3     # type: ignore[misc]
+
+
+def test_reprs():
+    assert repr(Retry(clock=FakeClock())).startswith("Retry(max_attempts=3, backoff=exponential(")
+    assert repr(RetryBudget(clock=FakeClock())) == "RetryBudget(ratio=0.2, min_per_second=10.0, ttl=10.0, balance=100)"
