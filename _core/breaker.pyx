@@ -1,0 +1,568 @@
+# cython: language_level=3, freethreading_compatible=True, boundscheck=False, wraparound=False, cdivision=True
+"""The circuit-breaker state machine, lock-free. Twin and spec: buttress/_breaker_py.py.
+
+State, generation and half-open permits live in one atomic word (bt_state.pxd): a transition and the
+issue of a half-open permit are each one CAS, so HALF_OPEN never admits more than half_open_calls and
+results of an older generation are recognised and dropped. Windows are the count / time windows of
+bt_window.pxd. Guarded calls go through a C vectorcall entry (include/buttress_guard.h): no argument
+tuple or dict is built and an exception from the wrapped call passes through without an extra frame.
+
+Under the GIL every step below runs without releasing it, so results are exact; without the GIL each
+decision is still one CAS, and a window reset on a transition can race a record of the new generation
+(documented in docs/circuit-breaker.md).
+"""
+from libc.stdint cimport int64_t
+from libc.stdlib cimport calloc, free
+from cpython.object cimport PyObject, PyTypeObject
+from cpython.ref cimport Py_INCREF, Py_DECREF
+from cpython.time cimport monotonic_ns
+from bt_atomic cimport bt_load, bt_store, bt_fetch_add
+from bt_state cimport (state_t, st_state, st_gen, st_flight, st_transition, st_try_flight, st_return_flight,
+                       ST_CLOSED, ST_OPEN, ST_HALF_OPEN, ST_FORCED_OPEN, ST_DISABLED, ST_METRICS_ONLY)
+from bt_window cimport cw_record, cw_field, cw_empty, tw_add, tw_read, TW_FIELDS
+
+import asyncio
+import logging
+import types
+
+from buttress._breaker_conf import State, breaker_conf, open_duration_ns
+from buttress.errors import CircuitOpenError
+
+__all__ = ["BreakerCore", "Permit", "Guarded", "SUCCESS", "FAILURE", "IGNORED", "CANCELLED"]
+
+log = logging.getLogger("buttress.circuit_breaker")
+
+SUCCESS, FAILURE, IGNORED, CANCELLED = 0, 1, 2, 3
+cdef enum:
+    O_SUCCESS = 0
+    O_FAILURE = 1
+    O_IGNORED = 2
+    O_CANCELLED = 3
+
+cdef tuple _PASS_THROUGH = (asyncio.CancelledError, KeyboardInterrupt, SystemExit, GeneratorExit)
+cdef tuple _STATES = tuple(State)
+
+cdef extern from "Python.h":
+    ctypedef PyObject *(*vectorcallfunc)(PyObject *, PyObject *const *, size_t, PyObject *)
+
+cdef extern from "buttress_guard.h":
+    ctypedef struct bt_guard_ops:
+        int (*enter)(PyObject *owner, int64_t *token, int64_t *start) except -1
+        int (*exit_ok)(PyObject *owner, int64_t token, int64_t start, PyObject *result) except -1
+        void (*exit_err)(PyObject *owner, int64_t token, int64_t start, PyObject *exc)
+    PyObject *bt_guard_vectorcall(PyObject *, PyObject *const *, size_t, PyObject *)
+    int bt_guard_install(PyTypeObject *tp, Py_ssize_t offset) except -1
+
+
+cdef struct cwin_t:          # a count window: ring of outcome codes + one packed counter word
+    int64_t head
+    int64_t packed
+    int64_t size
+    int64_t *slots
+
+
+cdef inline void cwin_reset(cwin_t *w) noexcept nogil:
+    cdef int64_t i
+    for i in range(w.size):
+        bt_store(&w.slots[i], 0)
+    bt_store(&w.head, 0)
+    bt_store(&w.packed, cw_empty())
+
+
+cdef class BreakerCore:
+    cdef state_t st
+    cdef int64_t until[2]            # OPEN generation g may admit again at until[g & 1]
+    cdef int64_t attempt_
+    cdef int64_t not_permitted_
+    cdef int64_t metrics_half        # 1: metrics() reads the half-open window
+    cdef cwin_t closed               # count window (closed state), when not time based
+    cdef int64_t *tw                 # time window words (closed state), when time based
+    cdef cwin_t half                 # half-open count window
+    # configuration
+    cdef readonly object conf
+    cdef readonly str name
+    cdef double fr_threshold, sr_threshold
+    cdef int64_t slow_ns, window_size, minimum_calls, half_calls, half_minimum, half_max_wait_ns
+    cdef bint time_window, timing
+    cdef object record_t, record_fn, ignore_t, ignore_fn, record_result, clock_ns
+    cdef public object hook           # callable(kind, a, b) or None: events are built only when set
+
+    def __init__(self, name="default", failure_rate_threshold=0.5, slow_call_rate_threshold=1.0,
+                 slow_call_duration=60.0, window="count", window_size=100, minimum_calls=100,
+                 open_duration=60.0, half_open_calls=10, half_open_max_wait=None, record=(Exception,),
+                 ignore=(), record_result=None, clock_ns=None):
+        c = breaker_conf(name, failure_rate_threshold, slow_call_rate_threshold, slow_call_duration, window,
+                         window_size, minimum_calls, open_duration, half_open_calls, half_open_max_wait, record,
+                         ignore, record_result, clock_ns)
+        if self.half.slots != NULL:
+            raise RuntimeError("BreakerCore.__init__ called twice")
+        self.conf = c
+        self.name = c.name
+        self.fr_threshold, self.sr_threshold = c.failure_rate_threshold, c.slow_call_rate_threshold
+        self.slow_ns, self.window_size, self.minimum_calls = c.slow_ns, c.window_size, c.minimum_calls
+        self.half_calls, self.half_minimum, self.half_max_wait_ns = c.half_open_calls, c.half_open_minimum, c.half_open_max_wait_ns
+        self.time_window = c.time_window
+        self.timing = c.slow_ns >= 0 or c.time_window
+        self.record_t, self.record_fn, self.ignore_t, self.ignore_fn = c.record_t, c.record_fn, c.ignore_t, c.ignore_fn
+        self.record_result, self.clock_ns = c.record_result, c.clock_ns
+        self.hook = None
+        if self.time_window:
+            self.tw = <int64_t *>calloc(self.window_size * TW_FIELDS, sizeof(int64_t))
+        else:
+            self.closed.size = self.window_size
+            self.closed.slots = <int64_t *>calloc(self.window_size, sizeof(int64_t))
+        self.half.size = self.half_calls
+        self.half.slots = <int64_t *>calloc(self.half_calls, sizeof(int64_t))
+        if self.half.slots == NULL or (self.tw == NULL and self.closed.slots == NULL):
+            raise MemoryError()
+        if not self.time_window:
+            cwin_reset(&self.closed)
+        cwin_reset(&self.half)
+        bt_store(&self.st.word, 0)
+        bt_store(&self.st.since[0], self._now())
+
+    def __dealloc__(self):
+        free(self.closed.slots)
+        free(self.tw)
+        free(self.half.slots)
+
+    cdef inline int64_t _now(self) except? -1:
+        if self.clock_ns is None:
+            return monotonic_ns()
+        return self.clock_ns()
+
+    @property
+    def timing(self):
+        """True when results need a clock reading (slow-call timing or a time window)."""
+        return self.timing
+
+    @property
+    def attempt(self):
+        return bt_load(&self.attempt_)
+
+    # -- transitions ----------------------------------------------------------------------------------
+    cdef int64_t _move(self, int expect, int64_t gen, int new, int64_t now, int64_t attempt) except -2:
+        """(expect, gen) -> new; attempt >= 0 sets the attempt count. Returns the new generation, or -1
+        when another thread moved first (then nothing here happens)."""
+        cdef int64_t ng
+        if now < 0:
+            now = self._now()
+        if new == ST_OPEN:
+            # computed before the CAS (may call user code), stored where readers of generation gen+1 look
+            if st_state(bt_load(&self.st.word)) != expect or st_gen(bt_load(&self.st.word)) != gen:
+                return -1
+            bt_store(&self.until[(gen + 1) & 1], now + open_duration_ns(self.conf, attempt, log))
+        ng = st_transition(&self.st, expect, gen, new, now)
+        if ng < 0:
+            return -1
+        if attempt >= 0:
+            bt_store(&self.attempt_, attempt)
+        if new == ST_CLOSED or new == ST_METRICS_ONLY:
+            self._reset_closed()
+            bt_store(&self.metrics_half, 0)
+        elif new == ST_HALF_OPEN:
+            cwin_reset(&self.half)
+            bt_store(&self.metrics_half, 1)
+        if self.hook is not None:
+            self.hook("state_change", _STATES[expect], _STATES[new])
+        return ng
+
+    cdef void _reset_closed(self) noexcept:
+        cdef int64_t i
+        if self.time_window:
+            for i in range(self.window_size * TW_FIELDS):
+                bt_store(&self.tw[i], 0)
+        else:
+            cwin_reset(&self.closed)
+
+    cdef int _expire_half_open(self, int64_t w, int64_t now) except -1:
+        if (st_state(w) == ST_HALF_OPEN and self.half_max_wait_ns >= 0
+                and now - bt_load(&self.st.since[st_gen(w) & 1]) >= self.half_max_wait_ns):
+            self._move(ST_HALF_OPEN, st_gen(w), ST_OPEN, now, bt_load(&self.attempt_) + 1)
+        return 0
+
+    # -- decisions ------------------------------------------------------------------------------------
+    cdef int64_t _acquire(self, int64_t now) except -2:
+        """now < 0: read the clock only if the state needs it."""
+        cdef int64_t w, g
+        cdef int s
+        while True:
+            w = bt_load(&self.st.word)
+            s = st_state(w)
+            g = st_gen(w)
+            if s == ST_CLOSED or s == ST_METRICS_ONLY or s == ST_DISABLED:
+                return g << 1
+            if now < 0:
+                now = self._now()               # only a non-CLOSED state needs the time
+            if s == ST_OPEN:
+                if now >= bt_load(&self.until[g & 1]):
+                    self._move(ST_OPEN, g, ST_HALF_OPEN, now, -1)
+                    continue
+            elif s == ST_HALF_OPEN:
+                if self.half_max_wait_ns >= 0 and now - bt_load(&self.st.since[g & 1]) >= self.half_max_wait_ns:
+                    self._move(ST_HALF_OPEN, g, ST_OPEN, now, bt_load(&self.attempt_) + 1)
+                    continue
+                if st_try_flight(&self.st, g, self.half_calls):
+                    return g << 1 | 1
+                if st_gen(bt_load(&self.st.word)) != g:
+                    continue                    # moved on while we tried: decide again
+            bt_fetch_add(&self.not_permitted_, 1)
+            if self.hook is not None:
+                self.hook("not_permitted", None, None)
+            return -1
+
+    def acquire(self, int64_t now=-1):
+        """A token (generation << 1 | half-open bit) when the call may go ahead, else -1."""
+        return self._acquire(now if now >= 0 else self._now())
+
+    def rejection(self, int64_t now=-1):
+        """The error for a refused call: retry_after is the time left in OPEN, else None."""
+        cdef int64_t w = bt_load(&self.st.word)
+        if now < 0:
+            now = self._now()
+        cdef int s = st_state(w)
+        cdef int64_t left
+        retry_after = None
+        if s == ST_OPEN:
+            left = bt_load(&self.until[st_gen(w) & 1]) - now
+            retry_after = (left if left > 0 else 0) / 1e9
+        return CircuitOpenError(self.name, _STATES[s], retry_after)
+
+    cdef int _classify(self, exc) except -1:
+        if isinstance(exc, _PASS_THROUGH):
+            return O_CANCELLED
+        try:
+            if (self.ignore_t is not None and isinstance(exc, self.ignore_t)
+                    or self.ignore_fn is not None and self.ignore_fn(exc)):
+                return O_IGNORED
+            if (self.record_t is not None and isinstance(exc, self.record_t)
+                    or self.record_fn is not None and self.record_fn(exc)):
+                return O_FAILURE
+        except Exception:
+            log.exception("circuit breaker %r: record/ignore predicate failed; counting a failure", self.name)
+            return O_FAILURE
+        return O_SUCCESS
+
+    def classify(self, exc):
+        """SUCCESS, FAILURE, IGNORED or CANCELLED for an exception (ignore wins over record)."""
+        return self._classify(exc)
+
+    cdef int _classify_result(self, result) except -1:
+        if self.record_result is None:
+            return O_SUCCESS
+        try:
+            return O_FAILURE if self.record_result(result) else O_SUCCESS
+        except Exception:
+            log.exception("circuit breaker %r: record_result predicate failed; counting a failure", self.name)
+            return O_FAILURE
+
+    def classify_result(self, result):
+        """FAILURE when record_result matches the return value, else SUCCESS."""
+        return self._classify_result(result)
+
+    cdef bint _exceeded(self, int64_t calls, int64_t failures, int64_t slows) except -1:
+        cdef double fr = <double>failures / calls, sr = <double>slows / calls
+        cdef bint hit = False
+        if fr >= self.fr_threshold:
+            hit = True
+            if self.hook is not None:
+                self.hook("failure_rate_exceeded", fr, None)
+        if self.slow_ns >= 0 and sr >= self.sr_threshold:
+            hit = True
+            if self.hook is not None:
+                self.hook("slow_call_rate_exceeded", sr, None)
+        return hit
+
+    cdef int _record(self, int64_t token, int outcome, int64_t start, int64_t now, exc) except -1:
+        cdef int64_t gen = token >> 1, w, p, calls, failures, slows, duration
+        cdef bint failed, slow
+        cdef int s
+        if outcome >= O_IGNORED:
+            if token & 1:
+                st_return_flight(&self.st, gen)
+            if outcome == O_IGNORED and self.hook is not None:
+                self.hook("ignored", exc, None)
+            return 0
+        w = bt_load(&self.st.word)
+        s = st_state(w)
+        if st_gen(w) != gen or s == ST_DISABLED:
+            return 0                                   # stale generation: dropped entirely
+        if self.timing and now < 0:
+            now = self._now()
+        duration = now - start
+        failed = outcome == O_FAILURE
+        slow = self.slow_ns >= 0 and duration > self.slow_ns
+        if self.hook is not None:
+            if failed:
+                self.hook("error", exc, duration)
+            else:
+                self.hook("success", None, duration)
+        if s == ST_HALF_OPEN:
+            cw_record(&self.half.head, &self.half.packed, self.half.slots, self.half.size, failed, slow)
+            p = bt_load(&self.half.packed)
+            calls = cw_field(p, 0)
+            if calls >= self.half_minimum and st_gen(bt_load(&self.st.word)) == gen:
+                if self._exceeded(calls, cw_field(p, 16), cw_field(p, 32)):
+                    self._move(ST_HALF_OPEN, gen, ST_OPEN, now, bt_load(&self.attempt_) + 1)
+                else:
+                    self._move(ST_HALF_OPEN, gen, ST_CLOSED, now, 0)
+        elif s == ST_CLOSED or s == ST_METRICS_ONLY:
+            if self.time_window:
+                self._tw_record(failed, slow, now)
+                calls, failures, slows = self._tw_counts(now)
+            else:
+                cw_record(&self.closed.head, &self.closed.packed, self.closed.slots, self.closed.size, failed, slow)
+                p = bt_load(&self.closed.packed)
+                calls, failures, slows = cw_field(p, 0), cw_field(p, 16), cw_field(p, 32)
+            if calls >= self.minimum_calls and (failed or slow) and s == ST_CLOSED:
+                if self._exceeded(calls, failures, slows):
+                    self._move(ST_CLOSED, gen, ST_OPEN, now, 1)
+            elif calls >= self.minimum_calls and s == ST_METRICS_ONLY:
+                self._exceeded(calls, failures, slows)
+        return 0
+
+    cdef void _tw_record(self, bint failed, bint slow, int64_t now) noexcept:
+        cdef int64_t epoch = now // 1000000000
+        cdef int64_t *b = &self.tw[(epoch % self.window_size) * TW_FIELDS]
+        tw_add(&b[0], epoch)
+        if failed:
+            tw_add(&b[1], epoch)
+        if slow:
+            tw_add(&b[2], epoch)
+
+    cdef (int64_t, int64_t, int64_t) _tw_counts(self, int64_t now) noexcept:
+        cdef int64_t epoch = now // 1000000000, i, c = 0, f = 0, sl = 0
+        for i in range(self.window_size):
+            c += tw_read(&self.tw[i * TW_FIELDS], epoch, self.window_size)
+            f += tw_read(&self.tw[i * TW_FIELDS + 1], epoch, self.window_size)
+            sl += tw_read(&self.tw[i * TW_FIELDS + 2], epoch, self.window_size)
+        return c, f, sl
+
+    def record(self, int64_t token, int outcome, int64_t start, int64_t now=-1, exc=None):
+        """Apply the outcome of a call admitted with `token` at `start` (ns)."""
+        if not 0 <= outcome <= 3:
+            raise ValueError(f"outcome must be SUCCESS, FAILURE, IGNORED or CANCELLED (0-3), got {outcome!r}")
+        self._record(token, outcome, start, now, exc)
+
+    # -- state ----------------------------------------------------------------------------------------
+    def state_now(self, int64_t now=-1):
+        """The state code, after applying half_open_max_wait expiry."""
+        self._expire_half_open(bt_load(&self.st.word), now if now >= 0 else self._now())
+        return st_state(bt_load(&self.st.word))
+
+    def load(self):
+        """(state, generation, half-open permits out)."""
+        cdef int64_t w = bt_load(&self.st.word)
+        return (st_state(w), st_gen(w), st_flight(w))
+
+    def transition_to(self, state, int64_t now=-1):
+        """Move to `state` from any state (a new generation). ValueError for HALF_OPEN outside OPEN and
+        for a move to the current state."""
+        cdef int new = int(State(state))
+        cdef int64_t w, attempt
+        cdef int cur
+        if now < 0:
+            now = self._now()
+        while True:
+            w = bt_load(&self.st.word)
+            cur = st_state(w)
+            if new == cur or (new == ST_HALF_OPEN and cur != ST_OPEN):
+                raise ValueError(f"illegal transition: {State(cur).name} -> {State(new).name}")
+            attempt = bt_load(&self.attempt_) + 1 if new == ST_OPEN else (0 if new == ST_CLOSED else -1)
+            if self._move(cur, st_gen(w), new, now, attempt) >= 0:
+                return
+
+    def reset(self, int64_t now=-1):
+        """CLOSED with an empty window, attempt 0, not_permitted 0 (a new generation)."""
+        cdef int64_t w
+        if now < 0:
+            now = self._now()
+        bt_store(&self.not_permitted_, 0)
+        while True:
+            w = bt_load(&self.st.word)
+            if self._move(st_state(w), st_gen(w), ST_CLOSED, now, 0) >= 0:
+                return
+
+    def metrics(self, int64_t now=-1):
+        """(state, calls, failures, slow_calls, failure_rate, slow_call_rate, not_permitted)."""
+        cdef int64_t p, calls, failures, slows, minimum
+        if now < 0:
+            now = self._now()
+        self._expire_half_open(bt_load(&self.st.word), now)
+        if bt_load(&self.metrics_half):
+            p = bt_load(&self.half.packed)
+            calls, failures, slows = cw_field(p, 0), cw_field(p, 16), cw_field(p, 32)
+            minimum = self.half_minimum
+        elif self.time_window:
+            calls, failures, slows = self._tw_counts(now)
+            minimum = self.minimum_calls
+        else:
+            p = bt_load(&self.closed.packed)
+            calls, failures, slows = cw_field(p, 0), cw_field(p, 16), cw_field(p, 32)
+            minimum = self.minimum_calls
+        ok = calls >= minimum
+        return (st_state(bt_load(&self.st.word)), calls, failures, slows,
+                <double>failures / calls if ok else -1.0, <double>slows / calls if ok else -1.0,
+                bt_load(&self.not_permitted_))
+
+    # -- calling --------------------------------------------------------------------------------------
+    def start(self):
+        """ns timestamp for a call about to start (0 when nothing is timed)."""
+        return self._now() if self.timing else 0
+
+    def enter(self):
+        """(token, start) for a call that may go ahead; raises CircuitOpenError otherwise."""
+        cdef int64_t token, start
+        if _enter(<PyObject *>self, &token, &start) < 0:
+            raise self.rejection()
+        return token, start
+
+    def exit_ok(self, int64_t token, int64_t start, result):
+        self._record(token, self._classify_result(result), start, -1, None)
+
+    def exit_err(self, int64_t token, int64_t start, exc):
+        self._record(token, self._classify(exc), start, -1, exc)
+
+    def try_acquire(self):
+        """Two-step use: a Permit, or None when refused."""
+        cdef int64_t now = self._now()
+        cdef int64_t token = self._acquire(now)
+        if token < 0:
+            return None
+        cdef Permit p = Permit.__new__(Permit)
+        p.core, p.token, p.start = self, token, (now if self.timing else 0)
+        return p
+
+    def guard(self, fn):
+        """A callable running fn under the breaker (vectorcall; binds like a function)."""
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {fn!r}")
+        return _make_guard(self, fn)
+
+    def make_call(self):
+        """The `call(fn, *args, **kwargs)` entry."""
+        return _make_guard(self, None)
+
+
+# -- the vectorcall entry ---------------------------------------------------------------------------------
+cdef int _enter(PyObject *owner, int64_t *token, int64_t *start) except -1:
+    cdef BreakerCore b = <BreakerCore>owner
+    cdef int64_t now = b._now() if b.timing else -1
+    token[0] = b._acquire(now)
+    if token[0] < 0:
+        raise b.rejection(now)
+    start[0] = now if now >= 0 else 0
+    return 0
+
+
+cdef int _exit_ok(PyObject *owner, int64_t token, int64_t start, PyObject *result) except -1:
+    cdef BreakerCore b = <BreakerCore>owner
+    cdef int outcome = O_SUCCESS
+    if b.record_result is not None:
+        outcome = b._classify_result(<object>result)
+    if outcome == O_SUCCESS and b.hook is None and not b.timing:
+        # hot path: a success in CLOSED with nothing timed only needs the window record
+        return b._record(token, O_SUCCESS, 0, -1, None)
+    return b._record(token, outcome, start, -1, None)
+
+
+cdef void _exit_err(PyObject *owner, int64_t token, int64_t start, PyObject *exc) noexcept:
+    cdef BreakerCore b = <BreakerCore>owner
+    try:
+        b._record(token, b._classify(<object>exc), start, -1, <object>exc)
+    except BaseException:
+        log.exception("circuit breaker %r: recording a failure failed", b.name)
+
+
+cdef bt_guard_ops _OPS
+_OPS.enter = _enter
+_OPS.exit_ok = _exit_ok
+_OPS.exit_err = _exit_err
+
+
+cdef class Guarded:
+    """fn under a breaker; with fn None it is `call(fn, *args, **kwargs)`. Binds like a function.
+    Layout: the first fields must match bt_guard_head in include/buttress_guard.h."""
+    cdef vectorcallfunc vectorcall
+    cdef const bt_guard_ops *ops
+    cdef PyObject *owner_ptr
+    cdef PyObject *fn_ptr
+    cdef object owner                 # the owning references (and what the GC sees)
+    cdef object fn
+    cdef dict __dict__                # __name__, __doc__, __wrapped__ ... set by functools.update_wrapper
+
+    def __call__(self, *args, **kwargs):    # only reached by callers that bypass vectorcall
+        fn = self.fn
+        if fn is None:
+            if not args:
+                raise TypeError("call() needs the function to call as its first argument")
+            fn, args = args[0], args[1:]
+        return _slow_call(<BreakerCore>self.owner, fn, args, kwargs)
+
+    def __get__(self, obj, objtype):
+        return self if obj is None else types.MethodType(self, obj)
+
+    @property
+    def __wrapped_core__(self):
+        return self.owner
+
+
+cdef object _slow_call(BreakerCore b, fn, tuple args, dict kwargs):
+    cdef int64_t token, start
+    _enter(<PyObject *>b, &token, &start)
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException as exc:
+        _exit_err(<PyObject *>b, token, start, <PyObject *>exc)
+        raise
+    _exit_ok(<PyObject *>b, token, start, <PyObject *>result)
+    return result
+
+
+cdef Guarded _make_guard(BreakerCore owner, fn):
+    cdef Guarded g = Guarded.__new__(Guarded)
+    g.vectorcall = bt_guard_vectorcall
+    g.ops = &_OPS
+    g.owner = owner
+    g.fn = fn
+    g.owner_ptr = <PyObject *>owner
+    g.fn_ptr = NULL if fn is None else <PyObject *>fn
+    return g
+
+
+def _install():
+    cdef Guarded probe = Guarded.__new__(Guarded)
+    bt_guard_install(<PyTypeObject *>Guarded, <Py_ssize_t>(<char *>&probe.vectorcall - <char *><PyObject *>probe))
+
+_install()
+
+
+cdef class Permit:
+    """One admitted call, reported once: success(result), failure(exc) or release()."""
+    cdef BreakerCore core
+    cdef int64_t token, start
+    cdef int64_t done_
+
+    cdef bint _once(self) noexcept:
+        return bt_fetch_add(&self.done_, 1) == 0
+
+    def success(self, result=None):
+        """Report success (record_result is applied to `result`)."""
+        if self._once():
+            self.core._record(self.token, self.core._classify_result(result), self.start, -1, None)
+
+    def failure(self, exc):
+        """Report an exception (ignore / record / cancellation rules apply)."""
+        if not isinstance(exc, BaseException):
+            raise TypeError(f"exc must be an exception instance, got {exc!r}")
+        if self._once():
+            self.core._record(self.token, self.core._classify(exc), self.start, -1, exc)
+
+    def release(self):
+        """Give the permit back without an outcome."""
+        if self._once():
+            self.core._record(self.token, O_CANCELLED, self.start, -1, None)
+
+    @property
+    def done(self):
+        return bt_load(&self.done_) != 0

@@ -1,0 +1,96 @@
+/* buttress_guard.h -- a vectorcall entry for guarded calls.
+ *
+ * A guard object (a Cython cdef class whose first fields match bt_guard_head) is called through
+ * bt_guard_vectorcall: enter() decides, the wrapped function runs with the caller's arguments
+ * unchanged (no tuple, no dict), exit_ok()/exit_err() record the outcome. An exception raised by
+ * the wrapped function passes through untouched: no extra traceback frame is added.
+ * When the guard has no fn (fn == NULL), the first positional argument is the function: this is
+ * `policy.call(fn, *args, **kwargs)`.
+ */
+#ifndef BUTTRESS_GUARD_H
+#define BUTTRESS_GUARD_H
+#include <Python.h>
+#include <stdint.h>
+
+typedef struct bt_guard_ops {
+    /* 0: go (token/start set); -1: refuse, exception set */
+    int (*enter)(PyObject *owner, int64_t *token, int64_t *start);
+    /* 0: return the result; -1: exception set (the result is dropped) */
+    int (*exit_ok)(PyObject *owner, int64_t token, int64_t start, PyObject *result);
+    /* record an exception; never raises (the original exception is re-raised) */
+    void (*exit_err)(PyObject *owner, int64_t token, int64_t start, PyObject *exc);
+} bt_guard_ops;
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    const bt_guard_ops *ops;
+    PyObject *owner;   /* the pattern object (borrowed from a Cython object field) */
+    PyObject *fn;      /* the wrapped callable, or NULL for call(fn, ...) */
+} bt_guard_head;
+
+#if PY_VERSION_HEX >= 0x030C0000
+#define BT_FETCH(exc) do { exc = PyErr_GetRaisedException(); } while (0)
+#define BT_RESTORE(exc) PyErr_SetRaisedException(exc)
+#else
+#define BT_FETCH(exc) do { PyObject *_t, *_v, *_tb; PyErr_Fetch(&_t, &_v, &_tb); \
+    PyErr_NormalizeException(&_t, &_v, &_tb); \
+    if (_tb != NULL && _v != NULL) PyException_SetTraceback(_v, _tb); \
+    Py_XDECREF(_t); Py_XDECREF(_tb); exc = _v; } while (0)
+#define BT_RESTORE(exc) do { PyObject *_e = (exc); PyObject *_ty = (PyObject *)Py_TYPE(_e); \
+    Py_INCREF(_ty); PyErr_Restore(_ty, _e, PyException_GetTraceback(_e)); } while (0)
+#endif
+
+static PyObject *bt_guard_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    bt_guard_head *g = (bt_guard_head *)self;
+    PyObject *fn = g->fn, *res, *exc;
+    int64_t token, start;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+
+    if (fn == NULL) {   /* call(fn, *args, **kwargs) */
+        if (nargs < 1) {
+            PyErr_SetString(PyExc_TypeError, "call() needs the function to call as its first argument");
+            return NULL;
+        }
+        fn = args[0];
+        args += 1;
+        nargs -= 1;
+        nargsf = (size_t)nargs;   /* args[-1] is our caller's slot: not ours to lend */
+    }
+    if (g->ops->enter(g->owner, &token, &start) < 0)
+        return NULL;
+    Py_INCREF(fn);
+    res = PyObject_Vectorcall(fn, args, nargsf, kwnames);
+    Py_DECREF(fn);
+    if (res == NULL) {
+        BT_FETCH(exc);
+        if (exc == NULL) {   /* NULL without an exception: a broken callable */
+            PyErr_SetString(PyExc_SystemError, "guarded callable returned NULL without an exception");
+            return NULL;
+        }
+        g->ops->exit_err(g->owner, token, start, exc);
+        BT_RESTORE(exc);
+        return NULL;
+    }
+    if (g->ops->exit_ok(g->owner, token, start, res) < 0) {
+        Py_DECREF(res);
+        return NULL;
+    }
+    return res;
+}
+
+/* Make a Cython cdef class callable through bt_guard_vectorcall. */
+static int bt_guard_install(PyTypeObject *tp, Py_ssize_t vectorcall_offset)
+{
+    if (vectorcall_offset != (Py_ssize_t)offsetof(bt_guard_head, vectorcall)) {
+        PyErr_SetString(PyExc_SystemError, "buttress: guard layout does not match bt_guard_head");
+        return -1;
+    }
+    tp->tp_vectorcall_offset = vectorcall_offset;
+    tp->tp_call = PyVectorcall_Call;
+    tp->tp_flags |= Py_TPFLAGS_HAVE_VECTORCALL;
+    PyType_Modified(tp);
+    return 0;
+}
+#endif /* BUTTRESS_GUARD_H */

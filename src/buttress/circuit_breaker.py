@@ -1,0 +1,214 @@
+"""Circuit breaker: a Resilience4j-grade state machine over the lock-free core.
+
+The decision and the bookkeeping live in the core (`buttress._core.breaker`, or its twin); this module
+adds what needs Python: the `clock=` object, listeners, `metrics()` snapshots, the context-manager and
+async forms. A decorated sync function is the core's vectorcall guard itself, so a guarded call
+crosses the C boundary once.
+"""
+from __future__ import annotations
+
+import contextvars
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+from ._base import Policy, is_async_callable
+from ._breaker_conf import State
+from ._impl import core
+from .clock import is_system_clock, resolve_clock
+
+__all__ = ["CircuitBreaker", "State", "Permit", "BreakerEvent", "BreakerMetrics", "EVENTS"]
+
+_core = core("breaker")
+Permit = _core.Permit
+log = logging.getLogger("buttress.circuit_breaker")
+F = TypeVar("F", bound=Callable[..., Any])
+
+EVENTS = frozenset({"state_change", "success", "error", "ignored", "not_permitted", "failure_rate_exceeded",
+                    "slow_call_rate_exceeded"})
+
+# permits held by `with breaker:` blocks, per thread / task: a tuple of (breaker, permit)
+_HELD: contextvars.ContextVar[tuple] = contextvars.ContextVar("buttress_breaker_permits", default=())
+
+
+@dataclass(frozen=True)
+class BreakerMetrics:
+    """A snapshot: the current window's counts and rates (-1.0 below the minimum), refusals since
+    creation or reset(), and the state."""
+    state: State
+    calls: int
+    failures: int
+    slow_calls: int
+    failure_rate: float
+    slow_call_rate: float
+    not_permitted: int
+
+
+@dataclass(frozen=True)
+class BreakerEvent:
+    """What listeners receive. `old`/`new` for state_change, `exception` for error/ignored,
+    `duration` (s) for success/error, `rate` for *_rate_exceeded."""
+    kind: str
+    breaker: str
+    old: State | None = None
+    new: State | None = None
+    exception: BaseException | None = None
+    duration: float | None = None
+    rate: float | None = None
+
+
+class CircuitBreaker(_core.BreakerCore, Policy):
+    """Refuses calls while a dependency is failing; see docs/circuit-breaker.md.
+
+    >>> cb = CircuitBreaker(name="payment", failure_rate_threshold=0.5, window_size=20, minimum_calls=10)
+    >>> @cb
+    ... def charge(): ...
+    """
+
+    def __init__(self, name: str = "default", failure_rate_threshold: float = 0.5,
+                 slow_call_rate_threshold: float = 1.0, slow_call_duration: float | None = 60.0,
+                 window: str = "count", window_size: int = 100, minimum_calls: int = 100,
+                 open_duration: float | Callable[[int], float] = 60.0, half_open_calls: int = 10,
+                 half_open_max_wait: float | None = None, record: Any = (Exception,), ignore: Any = (),
+                 record_result: Callable[[Any], Any] | None = None, clock: Any = None) -> None:
+        clk = resolve_clock(clock)
+        super().__init__(name, failure_rate_threshold, slow_call_rate_threshold, slow_call_duration, window,
+                         window_size, minimum_calls, open_duration, half_open_calls, half_open_max_wait, record,
+                         ignore, record_result, None if is_system_clock(clock) else clk.monotonic_ns)
+        self.clock = clk
+        self._listeners: dict[str, list[Callable[[BreakerEvent], Any]]] = {}
+        # an instance attribute, so `cb.call(fn, ...)` is the vectorcall guard, not a bound method
+        self.call = self.make_call()
+
+    # -- forms ------------------------------------------------------------------------------------------
+    def __call__(self, fn: F) -> F:
+        """Decorate a function, an async function or a method."""
+        if not callable(fn):
+            raise TypeError(f"CircuitBreaker decorates a callable, got {fn!r}")
+        if is_async_callable(fn):
+            enter, exit_ok, exit_err = self.enter, self.exit_ok, self.exit_err
+
+            @functools.wraps(fn)
+            async def guarded(*args: Any, **kwargs: Any) -> Any:
+                token, start = enter()
+                try:
+                    result = await fn(*args, **kwargs)
+                except BaseException as exc:
+                    exit_err(token, start, exc)
+                    raise
+                exit_ok(token, start, result)
+                return result
+
+            return guarded  # type: ignore[return-value]
+        return functools.update_wrapper(self.guard(fn), fn)  # type: ignore[return-value]
+
+    async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Await fn(*args, **kwargs) under the breaker."""
+        token, start = self.enter()
+        try:
+            result = await fn(*args, **kwargs)
+        except BaseException as exc:
+            self.exit_err(token, start, exc)
+            raise
+        self.exit_ok(token, start, result)
+        return result
+
+    def __enter__(self) -> Any:
+        permit = self.try_acquire()
+        if permit is None:
+            raise self.rejection()
+        _HELD.set(_HELD.get() + ((self, permit),))
+        return permit
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        held = _HELD.get()
+        for i in range(len(held) - 1, -1, -1):
+            if held[i][0] is self:
+                permit = held[i][1]
+                _HELD.set(held[:i] + held[i + 1:])
+                break
+        else:
+            raise RuntimeError(f"circuit breaker {self.name!r}: __exit__ without a matching __enter__")
+        if exc is None:
+            permit.success()
+        else:
+            permit.failure(exc)
+        return False
+
+    async def __aenter__(self) -> Any:
+        return self.__enter__()
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        return self.__exit__(exc_type, exc, tb)
+
+    # -- state ------------------------------------------------------------------------------------------
+    @property
+    def state(self) -> State:
+        return State(self.state_now())
+
+    def metrics(self) -> BreakerMetrics:  # type: ignore[override]
+        s, calls, failures, slow, fr, sr, refused = super().metrics()
+        return BreakerMetrics(State(s), calls, failures, slow, fr, sr, refused)
+
+    def force_open(self) -> None:
+        """Refuse every call until another transition."""
+        self._to(State.FORCED_OPEN)
+
+    def disable(self) -> None:
+        """Admit every call and record nothing."""
+        self._to(State.DISABLED)
+
+    def metrics_only(self) -> None:
+        """Admit every call, record it, never transition."""
+        self._to(State.METRICS_ONLY)
+
+    def close(self) -> None:
+        """Move to CLOSED with an empty window (keeps not_permitted; reset() clears it too)."""
+        self._to(State.CLOSED)
+
+    def _to(self, state: State) -> None:
+        if self.state_now() != state:
+            self.transition_to(state)
+
+    # -- events -----------------------------------------------------------------------------------------
+    def on(self, event: str, callback: Callable[[BreakerEvent], Any]) -> Callable[[BreakerEvent], Any]:
+        """Call `callback(event)` on each `event` ("*" for all). Returns the callback, so it can decorate.
+        A listener that raises is logged and never breaks the call."""
+        if event != "*" and event not in EVENTS:
+            raise ValueError(f"event must be one of {sorted(EVENTS)} or '*', got {event!r}")
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, got {callback!r}")
+        self._listeners.setdefault(event, []).append(callback)
+        self.hook = self._dispatch
+        return callback
+
+    def off(self, event: str, callback: Callable[[BreakerEvent], Any]) -> None:
+        """Remove a listener; when none is left, events cost nothing again."""
+        try:
+            self._listeners.get(event, []).remove(callback)
+        except ValueError:
+            raise ValueError(f"callback {callback!r} is not listening to {event!r}") from None
+        if not any(self._listeners.values()):
+            self.hook = None
+
+    def _dispatch(self, kind: str, a: Any, b: Any) -> None:
+        listeners = self._listeners.get(kind, []) + self._listeners.get("*", [])
+        if not listeners:
+            return
+        if kind == "state_change":
+            event = BreakerEvent(kind, self.name, old=a, new=b)
+        elif kind in ("success", "error", "ignored"):
+            event = BreakerEvent(kind, self.name, exception=a, duration=None if b is None else b / 1e9)
+        elif kind.endswith("_rate_exceeded"):
+            event = BreakerEvent(kind, self.name, rate=a)
+        else:
+            event = BreakerEvent(kind, self.name)
+        for callback in listeners:
+            try:
+                callback(event)
+            except Exception:  # noqa: BLE001 - a listener never breaks the call
+                log.exception("circuit breaker %r: %s listener %r failed", self.name, kind, callback)
+
+    def __repr__(self) -> str:
+        return f"<CircuitBreaker {self.name!r} {self.state.name}>"
