@@ -529,7 +529,7 @@ def test_fifty_concurrent_async_calls_keep_their_own_keys_and_counts():
 
 def test_racing_threads_keep_per_call_state_and_exact_counters(fast_switching):
     r = Retry(max_attempts=3, backoff=NO_WAIT, clock=FakeClock(), retry_on=ConnectionError)
-    per_thread = 150
+    per_thread = 152
 
     def body(t):
         keys = []
