@@ -14,6 +14,11 @@ from buttress.bulkhead import BulkheadMetrics
 from helpers import race
 
 
+def run(coro, limit: float = 30.0):
+    """asyncio.run with a hang guard, so that a lost wake-up fails instead of hanging the suite."""
+    return asyncio.run(asyncio.wait_for(coro, limit))
+
+
 def wait_until(pred, what: str, limit: float = 10.0) -> None:
     """Poll a condition another thread brings about (a hang guard, not a timing assertion)."""
     end = time.monotonic() + limit
@@ -203,7 +208,7 @@ def test_async_tasks_cancelled_mid_flight_return_permits():
         m = bh.metrics()
         assert (m.in_use, m.available, m.waiting) == (0, 5, 0)
 
-    asyncio.run(main())
+    run(main())
 
 
 def test_async_cancel_while_running_and_while_waiting():
@@ -229,7 +234,7 @@ def test_async_cancel_while_running_and_while_waiting():
             await t1
         assert bh.in_use == 0
 
-    asyncio.run(main())
+    run(main())
 
 
 def test_async_waiter_cancelled_after_handover_gives_permit_on():
@@ -250,7 +255,7 @@ def test_async_waiter_cancelled_after_handover_gives_permit_on():
         bh.release()
         assert bh.in_use == 0
 
-    asyncio.run(main())
+    run(main())
 
 
 def test_blocking_waiters_are_served_first_come_first_served():
@@ -321,20 +326,29 @@ def test_async_max_wait_on_fake_clock():
         await h
         assert bh.in_use == 0 and bh.metrics().waiting == 0
 
-    asyncio.run(main())
+    run(main())
 
 
 def test_wait_capped_by_enclosing_deadline():
+    from buttress._context import pop_deadline, push_deadline
+
     async def main():
         clock = FakeClock()
         bh = Bulkhead(1, max_wait=None, clock=clock)
         bh.acquire()
-        with pytest.raises(BulkheadFullError):
-            await buttress.Timeout(0.5, clock=clock).call_async(bh.acquire_async)
-        assert clock.monotonic() == 0.5
+        token = push_deadline(clock.monotonic_ns() + 500_000_000, clock)
+        try:
+            with pytest.raises(BulkheadFullError):
+                await bh.acquire_async()        # would wait forever; the deadline ends it at t=0.5
+            assert clock.monotonic() == 0.5
+            with pytest.raises(BulkheadFullError):
+                bh.acquire()                    # deadline passed: a sync wait refuses at once
+        finally:
+            pop_deadline(token)
+        assert bh.metrics().waiting == 0
         bh.release()
 
-    asyncio.run(main())
+    run(main())
 
 
 def test_resize_at_runtime():
@@ -391,7 +405,7 @@ def test_interrupted_blocking_waiter_leaves_queue(monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs, exc, words", [
-    ({"max_concurrent": 0}, ValueError, ["max_concurrent", "0", ">= 1"]),
+    ({"max_concurrent": 0}, ValueError, ["max_concurrent", "0", "between 1"]),
     ({"max_concurrent": 2.5}, TypeError, ["max_concurrent", "2.5", "int"]),
     ({"max_concurrent": True}, TypeError, ["max_concurrent", "True"]),
     ({"max_wait": -1}, ValueError, ["max_wait", "-1", ">= 0"]),
@@ -494,7 +508,7 @@ def test_pool_call_async():
             await tp.call_async(coro)
         tp.shutdown()
 
-    asyncio.run(main())
+    run(main())
 
 
 def test_pool_shutdown():
@@ -514,9 +528,9 @@ def test_pool_shutdown():
 
 
 @pytest.mark.parametrize("kwargs, exc, words", [
-    ({"max_workers": 0}, ValueError, ["max_workers", "0", ">= 1"]),
+    ({"max_workers": 0}, ValueError, ["max_workers", "0", "between 1"]),
     ({"max_workers": "2"}, TypeError, ["max_workers", "'2'", "int"]),
-    ({"queue_size": -1}, ValueError, ["queue_size", "-1", ">= 0"]),
+    ({"queue_size": -1}, ValueError, ["queue_size", "-1", "between 0"]),
     ({"queue_size": 1.0}, TypeError, ["queue_size", "1.0", "int"]),
     ({"name": b"x"}, TypeError, ["name", "str"]),
 ])
