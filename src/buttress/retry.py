@@ -432,14 +432,12 @@ def _check_backoff(backoff: object) -> tuple[object, Callable[[int, float | None
 
 def _retry_matcher(spec: object) -> Callable[[BaseException], bool]:
     """retry_on -> exc -> bool, never true for a `Rejected` whose class retry_on does not name."""
-    match = exception_matcher("retry_on", spec)
+    match = exception_matcher("retry_on", spec)     # validates; the general case
     if isinstance(spec, type):
         spec = (spec,)
-    named = tuple(c for c in spec if issubclass(c, Rejected)) if isinstance(spec, (tuple, list, set, frozenset)) else ()
-
-    def retryable(exc: BaseException) -> bool:
-        if isinstance(exc, Rejected) and not isinstance(exc, named):
-            return False
-        return match(exc)
-
-    return retryable
+    if not isinstance(spec, (tuple, list, set, frozenset)):
+        return lambda exc: not isinstance(exc, Rejected) and match(exc)   # a predicate never sees rejections
+    classes = tuple(spec)
+    named = tuple(c for c in classes if issubclass(c, Rejected))
+    # one function, no nested call: this runs on every failed attempt
+    return lambda exc: isinstance(exc, classes) and (not isinstance(exc, Rejected) or isinstance(exc, named))
