@@ -13,7 +13,7 @@ decision is still one CAS, and a window reset on a transition can race a record 
 """
 from libc.stdint cimport int64_t
 from libc.stdlib cimport calloc, free
-from cpython.object cimport PyObject, PyTypeObject
+from cpython.object cimport PyObject, PyTypeObject, PyObject_TypeCheck
 from cpython.ref cimport Py_INCREF, Py_DECREF
 from cpython.time cimport monotonic_ns
 from bt_atomic cimport bt_load, bt_store, bt_fetch_add
@@ -40,6 +40,14 @@ cdef enum:
     O_CANCELLED = 3
 
 cdef tuple _PASS_THROUGH = (asyncio.CancelledError, KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+cdef inline bint _is_instance(object exc, tuple classes) noexcept:
+    cdef object c
+    for c in classes:
+        if PyObject_TypeCheck(exc, <PyTypeObject *>c):
+            return True
+    return False
 cdef tuple _STATES = tuple(State)
 
 cdef extern from "Python.h":
@@ -75,6 +83,7 @@ cdef class BreakerCore:
     cdef int64_t attempt_
     cdef int64_t not_permitted_
     cdef int64_t metrics_half        # 1: metrics() reads the half-open window
+    cdef int64_t tw_mark             # time window: epoch * 2 + (calls < minimum) at the last evaluation
     cdef cwin_t closed               # count window (closed state), when not time based
     cdef int64_t *tw                 # time window words (closed state), when time based
     cdef cwin_t half                 # half-open count window
@@ -118,6 +127,7 @@ cdef class BreakerCore:
         if not self.time_window:
             cwin_reset(&self.closed)
         cwin_reset(&self.half)
+        bt_store(&self.tw_mark, -1)
         bt_store(&self.st.word, 0)
         bt_store(&self.st.since[0], self._now())
 
@@ -172,6 +182,7 @@ cdef class BreakerCore:
         if self.time_window:
             for i in range(self.window_size * TW_FIELDS):
                 bt_store(&self.tw[i], 0)
+            bt_store(&self.tw_mark, -1)
         else:
             cwin_reset(&self.closed)
 
@@ -229,13 +240,14 @@ cdef class BreakerCore:
         return CircuitOpenError(self.name, _STATES[s], retry_after)
 
     cdef int _classify(self, exc) except -1:
-        if isinstance(exc, _PASS_THROUGH):
+        # PyObject_TypeCheck, not isinstance(): a failed isinstance() also looks up exc.__class__
+        if not PyObject_TypeCheck(exc, <PyTypeObject *>Exception) and _is_instance(exc, _PASS_THROUGH):
             return O_CANCELLED
         try:
-            if (self.ignore_t is not None and isinstance(exc, self.ignore_t)
+            if (self.ignore_t is not None and _is_instance(exc, <tuple>self.ignore_t)
                     or self.ignore_fn is not None and self.ignore_fn(exc)):
                 return O_IGNORED
-            if (self.record_t is not None and isinstance(exc, self.record_t)
+            if (self.record_t is not None and _is_instance(exc, <tuple>self.record_t)
                     or self.record_fn is not None and self.record_fn(exc)):
                 return O_FAILURE
         except Exception:
@@ -274,7 +286,7 @@ cdef class BreakerCore:
         return hit
 
     cdef int _record(self, int64_t token, int outcome, int64_t start, int64_t now, exc) except -1:
-        cdef int64_t gen = token >> 1, w, p, calls, failures, slows, duration
+        cdef int64_t gen = token >> 1, w, p, calls, failures, slows, duration, epoch
         cdef bint failed, slow
         cdef int s
         if outcome >= O_IGNORED:
@@ -309,16 +321,22 @@ cdef class BreakerCore:
         elif s == ST_CLOSED or s == ST_METRICS_ONLY:
             if self.time_window:
                 self._tw_record(failed, slow, now)
-                calls, failures, slows = self._tw_counts(now)
             else:
                 cw_record(&self.closed.head, &self.closed.packed, self.closed.slots, self.closed.size, failed, slow)
+            if self.time_window:
+                epoch = now // 1000000000
+                if not (failed or slow) and bt_load(&self.tw_mark) == epoch * 2:
+                    # a fast success in the same second, with the minimum already reached, can only
+                    # lower the rates: skip summing the buckets
+                    return 0
+                calls, failures, slows = self._tw_counts(now)
+                bt_store(&self.tw_mark, epoch * 2 + (calls < self.minimum_calls))
+            else:
                 p = bt_load(&self.closed.packed)
                 calls, failures, slows = cw_field(p, 0), cw_field(p, 16), cw_field(p, 32)
-            if calls >= self.minimum_calls and (failed or slow) and s == ST_CLOSED:
-                if self._exceeded(calls, failures, slows):
+            if calls >= self.minimum_calls and (s == ST_CLOSED or failed or slow):
+                if self._exceeded(calls, failures, slows) and s == ST_CLOSED:
                     self._move(ST_CLOSED, gen, ST_OPEN, now, 1)
-            elif calls >= self.minimum_calls and s == ST_METRICS_ONLY:
-                self._exceeded(calls, failures, slows)
         return 0
 
     cdef void _tw_record(self, bint failed, bint slow, int64_t now) noexcept:

@@ -185,8 +185,10 @@ class BreakerCore:
             elif s in (_CLOSED, _METRICS_ONLY):
                 self._closed.record(failed, slow, now)
                 calls, failures, slows, _ = self._closed.snapshot(now)
-                if calls >= c.minimum_calls and self._exceeded(calls, failures, slows) and s == _CLOSED:
-                    self._move(_OPEN, now, 1)
+                # METRICS_ONLY reports rates (events) on failures and slow calls; CLOSED decides every time
+                if calls >= c.minimum_calls and (s == _CLOSED or failed or slow):
+                    if self._exceeded(calls, failures, slows) and s == _CLOSED:
+                        self._move(_OPEN, now, 1)
 
     def _exceeded(self, calls: int, failures: int, slows: int) -> bool:
         c = self.conf
