@@ -31,6 +31,12 @@ def _on_matcher(on: object) -> Callable[[BaseException], bool]:
     return exception_matcher("on", on)
 
 
+def _link(exc: BaseException, previous: BaseException, first: BaseException) -> None:
+    """Chain a link's failure to the previous link's (Python would chain it to the original call's)."""
+    if exc.__context__ is first and previous is not first:
+        exc.__context__ = previous
+
+
 class Fallback(Policy):
     """On an exception matching `on`, return a fallback instead.
 
@@ -65,13 +71,14 @@ class Fallback(Policy):
             return await self._recover_async(exc, args, kwargs)
 
     def _recover(self, exc: Exception, args: tuple, kwargs: dict) -> Any:
-        last = len(self._chain) - 1
+        first, last = exc, len(self._chain) - 1
         for i, alt in enumerate(self._chain):
             if not callable(alt):
                 return alt
             try:
                 result = alt(exc, *args, **kwargs)
             except Exception as e:
+                _link(e, exc, first)
                 if i == last or not self._on(e):
                     raise
                 exc = e
@@ -85,7 +92,7 @@ class Fallback(Policy):
         raise AssertionError("unreachable")     # the chain is never empty
 
     async def _recover_async(self, exc: Exception, args: tuple, kwargs: dict) -> Any:
-        last = len(self._chain) - 1
+        first, last = exc, len(self._chain) - 1
         for i, alt in enumerate(self._chain):
             if not callable(alt):
                 return alt
@@ -94,6 +101,7 @@ class Fallback(Policy):
                 if inspect.isawaitable(result):
                     result = await result
             except Exception as e:
+                _link(e, exc, first)
                 if i == last or not self._on(e):
                     raise
                 exc = e
