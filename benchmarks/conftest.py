@@ -35,3 +35,50 @@ def bare_pair(a=bare, b=bare):
     """The floor for two-call cases (acquire + release)."""
     a()
     b()
+
+
+async def bare_async():
+    """The floor for async cases: awaiting a coroutine that returns at once."""
+    return None
+
+
+def bare_raise():
+    raise ValueError("floor")
+
+
+def catching(fn, exc=Exception):
+    """A call that raises, caught: the raise+catch floor when fn is bare_raise."""
+    def run():
+        try:
+            fn()
+        except exc:
+            pass
+    return run
+
+
+AWAITS_PER_ROUND = 1000
+
+
+def awaiting(benchmark, make_awaitable, catch=()):
+    """Benchmark `await make_awaitable()` AWAITS_PER_ROUND times per round inside one running loop;
+    the per-await median is stored in extra_info['ns_per_await']."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+
+    async def batch():
+        for _ in range(AWAITS_PER_ROUND):
+            try:
+                await make_awaitable()
+            except catch:
+                pass
+
+    def run():
+        loop.run_until_complete(batch())
+
+    try:
+        benchmark.pedantic(run, rounds=30, warmup_rounds=2)
+    finally:
+        loop.close()
+    if benchmark.stats is not None:
+        benchmark.extra_info["ns_per_await"] = benchmark.stats.stats.median * 1e9 / AWAITS_PER_ROUND

@@ -1,0 +1,99 @@
+"""Circuit breaker overhead per guarded call, with the floors (bare call, raise+catch, bare await).
+
+python -m pytest benchmarks/test_breaker_bench.py --benchmark-json=out.json && python benchmarks/report.py out.json
+"""
+import pytest
+
+from conftest import awaiting, bare, bare_async, bare_raise, catching, core_module
+
+
+def breaker(kind, **kw):
+    return core_module(kind, "breaker").BreakerCore(name="bench", **kw)
+
+
+# -- floors ---------------------------------------------------------------------------------------------
+def test_floor_bare_call(benchmark):
+    benchmark(bare)
+
+
+def test_floor_raise_catch(benchmark):
+    benchmark(catching(bare_raise))
+
+
+def test_floor_bare_await(benchmark):
+    awaiting(benchmark, bare_async)
+
+
+# -- buttress -------------------------------------------------------------------------------------------
+def test_success_count_window_untimed(benchmark, core_kind):
+    benchmark(breaker(core_kind, slow_call_duration=None).guard(bare))
+
+
+def test_success_count_window_slow_timing(benchmark, core_kind):
+    benchmark(breaker(core_kind).guard(bare))
+
+
+def test_success_time_window(benchmark, core_kind):
+    benchmark(breaker(core_kind, window="time", window_size=10, slow_call_duration=None).guard(bare))
+
+
+def test_success_call_form(benchmark, core_kind):
+    call = breaker(core_kind, slow_call_duration=None).make_call()
+    benchmark(call, bare)
+
+
+def test_failure_raise_catch(benchmark, core_kind):
+    cb = breaker(core_kind, slow_call_duration=None)
+    cb.transition_to(5)        # METRICS_ONLY: records every failure, never opens
+    benchmark(catching(cb.guard(bare_raise)))
+
+
+def test_rejected_open(benchmark, core_kind):
+    cb = breaker(core_kind)
+    cb.transition_to(1)
+    benchmark(catching(cb.guard(bare)))
+
+
+def test_async_success(benchmark):
+    import buttress
+    cb = buttress.CircuitBreaker(slow_call_duration=None)
+    awaiting(benchmark, cb(bare_async))
+
+
+def test_async_failure(benchmark):
+    import buttress
+    cb = buttress.CircuitBreaker(slow_call_duration=None)
+    cb.metrics_only()
+
+    async def araise():
+        raise ValueError
+
+    awaiting(benchmark, cb(araise), catch=ValueError)
+
+
+def test_floor_async_raise_catch(benchmark):
+    async def araise():
+        raise ValueError
+
+    awaiting(benchmark, araise, catch=ValueError)
+
+
+# -- peers (skipped when not installed: pip install ".[bench]") ----------------------------------------
+def test_peer_pybreaker(benchmark):
+    pybreaker = pytest.importorskip("pybreaker")
+    benchmark(pybreaker.CircuitBreaker()(bare))
+
+
+def test_peer_circuitbreaker(benchmark):
+    circuitbreaker = pytest.importorskip("circuitbreaker")
+    benchmark(circuitbreaker.CircuitBreaker()(bare))
+
+
+def test_peer_purgatory_async(benchmark):
+    purgatory = pytest.importorskip("purgatory")
+    awaiting(benchmark, purgatory.AsyncCircuitBreakerFactory()("bench")(bare_async))
+
+
+def test_peer_aiobreaker_async(benchmark):
+    aiobreaker = pytest.importorskip("aiobreaker")
+    awaiting(benchmark, aiobreaker.CircuitBreaker()(bare_async))
