@@ -547,3 +547,32 @@ def test_pool_bad_call_timeout():
         tp.call(lambda: 1, timeout=-1)
     assert tp.metrics().queued == 0 and tp.metrics().running == 0
     tp.shutdown()
+
+
+def test_decorating_async_functions_and_non_callables():
+    bh = Bulkhead(1, max_wait=None)
+
+    @bh
+    async def work(x):
+        """adoc"""
+        assert bh.in_use == 1
+        await asyncio.sleep(0)
+        if x < 0:
+            raise ValueError(x)
+        return x
+
+    async def main():
+        assert work.__doc__ == "adoc"
+        assert await asyncio.gather(work(1), work(2), work(3)) == [1, 2, 3]
+        with pytest.raises(ValueError):
+            await work(-1)
+        t = asyncio.create_task(work(5))
+        await asyncio.sleep(0)
+        t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t
+        assert bh.in_use == 0
+
+    run(main())
+    with pytest.raises(TypeError, match="decorates a callable"):
+        bh(5)

@@ -317,3 +317,16 @@ def test_stale_cache_bad_arguments(kwargs, exc, words):
         StaleCacheFallback(**kwargs)
     for w in words:
         assert w in str(ei.value)
+
+
+def test_decorated_method_and_non_callable():
+    class Svc:
+        @Fallback(lambda exc, self, x: (self.name, x))
+        def get(self, x):
+            raise ConnectionError
+
+        name = "svc"
+
+    assert Svc().get(3) == ("svc", 3)
+    with pytest.raises(TypeError, match="decorates a callable"):
+        Fallback(1)("not callable")

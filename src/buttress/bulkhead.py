@@ -20,6 +20,7 @@ from ._context import remaining
 from ._impl import core
 from ._params import check_float, check_int
 from ._timers import call_later
+from ._wrap import specialize
 from .clock import resolve_clock
 from .errors import BulkheadFullError, TimeoutExceeded
 
@@ -186,6 +187,36 @@ class Bulkhead(Policy):
             self._release_permit()
             if self._waiters:
                 self._drain()
+
+    def __call__(self, fn: Any) -> Any:
+        """Decorate `fn`: the wrapper inlines `call` / `call_async` (one frame less)."""
+        try_acquire, release_permit, waiters = self.try_acquire, self._release_permit, self._waiters
+
+        def make_sync(fn: Callable[..., Any]) -> Callable[..., Any]:
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                if not try_acquire():
+                    self._acquire_slow(self._max_wait)
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    release_permit()
+                    if waiters:
+                        self._drain()
+            return wrapper
+
+        def make_async(fn: Callable[..., Any]) -> Callable[..., Any]:
+            async def wrapper(*args: Any, **kwargs: Any) -> Any:
+                if not try_acquire():
+                    await self._acquire_slow_async(self._max_wait)
+                try:
+                    return await fn(*args, **kwargs)
+                finally:
+                    release_permit()
+                    if waiters:
+                        self._drain()
+            return wrapper
+
+        return specialize(self, fn, make_sync, make_async)
 
     # -- waiting (slow path) ---------------------------------------------------------------------------
     #

@@ -17,6 +17,7 @@ from typing import Any, Callable, NamedTuple
 
 from ._base import Policy
 from ._params import NS, check_callable, check_int, exception_matcher, seconds_to_ns
+from ._wrap import specialize
 from .clock import resolve_clock
 
 __all__ = ["Fallback", "StaleCacheFallback", "Stale", "served_stale"]
@@ -61,6 +62,32 @@ class Fallback(Policy):
             if not self._on(exc):
                 raise
             return self._recover(exc, args, kwargs)
+
+    def __call__(self, fn: Any) -> Any:
+        """Decorate `fn`: the wrapper inlines `call` / `call_async` (one frame less)."""
+        on, recover, recover_async = self._on, self._recover, self._recover_async
+
+        def make_sync(fn: Callable[..., Any]) -> Callable[..., Any]:
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return fn(*args, **kwargs)
+                except Exception as exc:
+                    if not on(exc):
+                        raise
+                    return recover(exc, args, kwargs)
+            return wrapper
+
+        def make_async(fn: Callable[..., Any]) -> Callable[..., Any]:
+            async def wrapper(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return await fn(*args, **kwargs)
+                except Exception as exc:
+                    if not on(exc):
+                        raise
+                    return await recover_async(exc, args, kwargs)
+            return wrapper
+
+        return specialize(self, fn, make_sync, make_async)
 
     async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         try:
