@@ -25,7 +25,7 @@ _LAZY = {
     "Timeout": "timeout", "remaining": "timeout",
     "Fallback": "fallback", "StaleCacheFallback": "fallback",
     "LoadShedder": "shedding", "Priority": "shedding",
-    "Pipeline": "pipeline", "Registry": "registry",
+    "Pipeline": "pipeline", "PipelineOrderWarning": "pipeline", "Registry": "registry",
 }
 _SUBMODULES = {"backoff", "health", "asgi", "chaos", "prometheus", "otel", "clock", "errors", "adaptive"}
 
