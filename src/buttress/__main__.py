@@ -1,0 +1,5 @@
+import sys
+
+from buttress.cli import main
+
+sys.exit(main())
