@@ -88,6 +88,29 @@ def test_a_seeded_rng_reproduces_the_delays(make, jitter):
     assert a != c
 
 
+class Pinned(random.Random):
+    """A generator whose random() returns a chosen value: the jitter's extremes, exactly."""
+
+    def __init__(self, value):
+        super().__init__(0)
+        self.value = value
+
+    def random(self):
+        return self.value
+
+
+TOP = math.nextafter(1.0, 0.0)      # the largest value random() can return
+
+
+@pytest.mark.parametrize("jitter, low, high", [("none", 0.8, 0.8), ("full", 0.0, 0.8), ("equal", 0.4, 0.8),
+                                               ("decorrelated", 0.1, 0.6)])
+def test_jitter_extremes(jitter, low, high):
+    """attempt 4 of exponential(0.1, 2): base 0.8; decorrelated from previous 0.2: [0.1, 0.6]."""
+    at = {r: bo.exponential(initial=0.1, jitter=jitter, rng=Pinned(r)).delay(4, 0.2) for r in (0.0, TOP)}
+    assert at[0.0] == pytest.approx(low) and at[TOP] == pytest.approx(high)
+    assert at[TOP] <= high
+
+
 def test_full_jitter_spreads_over_the_whole_range():
     b = bo.constant(1.0, jitter="full", rng=random.Random(1))
     values = [b.delay(1) for _ in range(2000)]
