@@ -1,0 +1,52 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from buttress.cli import main
+
+
+def test_bench_runs_with_a_tiny_iteration_count(capsys):
+    assert main(["bench", "--min-time", "0.0005", "--repeat", "1", "--no-twins", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "| circuit breaker: success | buttress |" in out
+    assert "bare call" in out and "raise+catch" in out and "bare await" in out
+
+
+def test_bench_json_has_every_field_and_floors(capsys):
+    assert main(["bench", "--json", "--min-time", "0.0005", "--repeat", "1", "--no-twins", "--no-peers",
+                 "--quiet"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {"python", "implementation", "seconds", "skipped", "results"} <= set(data)
+    floors = {r["pattern"] for r in data["results"] if r["who"] == "floor"}
+    assert floors == {"bare call", "raise+catch", "bare await", "async raise+catch"}
+    for r in data["results"]:
+        assert set(r) == {"pattern", "who", "implementation", "floor", "median_ns", "floor_ns", "over_ns", "ratio"}
+        assert r["median_ns"] > 0
+
+
+def test_bench_measures_the_twins_in_a_child_process():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BUTTRESS_")}
+    out = subprocess.run([sys.executable, "-m", "buttress", "bench", "--json", "--min-time", "0.0005",
+                          "--repeat", "1", "--no-peers", "--quiet"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    impls = {r["implementation"] for r in json.loads(out.stdout)["results"] if r["who"] == "buttress"}
+    import buttress
+    assert impls == ({"cython", "python"} if buttress.IMPLEMENTATION == "cython" else {"python"})
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["bench", "--repeat", "0"], "must be >= 1"),
+    (["bench", "--min-time", "-1"], "must be a finite number > 0"),
+    (["bench", "--nope"], "unrecognized arguments: --nope"),
+    (["frobnicate"], "invalid choice"),
+    ([], "required"),
+])
+def test_bad_cli_input_is_one_line_and_exit_2(argv, words):
+    out = subprocess.run([sys.executable, "-m", "buttress", *argv], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    err = out.stderr.strip().splitlines()
+    assert words in err[-1]
