@@ -1,0 +1,345 @@
+"""Health probes with Kubernetes semantics: liveness, readiness and startup.
+
+- **liveness** answers "is this process stuck?"; it never looks at dependencies (no breakers, no
+  readiness checks), so a failing database never gets every pod restarted.
+- **readiness** answers "should traffic come here?". An OPEN / FORCED_OPEN circuit breaker makes it
+  "degraded" (HTTP 200 by default), not "down": a tripped breaker already protects the dependency, and
+  pulling every replica out of the load balancer at once would turn one failing dependency into a
+  full outage. `when_open="down"` opts out per breaker.
+- **startup** gates the other two: until every startup check has passed, liveness and readiness report
+  "starting" (HTTP 503) without running their checks. Once passed, startup stays passed.
+
+Each check is a sync or async callable; it passes when it returns a truthy value within `timeout`
+seconds without raising. `failure_threshold` / `success_threshold` count consecutive results before the
+check's status flips (initially: liveness up, readiness down, startup starting); a result younger
+than `period` seconds is reused instead of running the check again (and is not counted twice).
+
+Async checks are timed on the registry's clock (`buttress.Timeout`, so a FakeClock drives them in
+tests); sync checks run on a small worker pool and are awaited in real time (a thread cannot be
+stopped: a hung sync check keeps its worker, and is reported as failing, without being started again,
+until it returns).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ._base import is_async_callable
+from ._params import NS, check_callable, check_float, check_int, seconds_to_ns
+from .clock import resolve_clock
+
+__all__ = ["HealthRegistry", "HealthReport", "PROBES", "UP", "DEGRADED", "DOWN", "STARTING"]
+
+PROBES = ("liveness", "readiness", "startup")
+UP, DEGRADED, DOWN, STARTING = "up", "degraded", "down", "starting"
+_OPEN_STATES = ("OPEN", "FORCED_OPEN")
+_INITIAL = {"liveness": True, "readiness": False, "startup": None}     # None: no verdict yet
+
+
+class HealthReport(dict):
+    """A probe's result: a dict ``{"probe", "status", "checks": {name: {...}}}`` with `http_status`
+    (200 up, `degraded_http_status` for degraded, 503 down / starting) and `to_json()`."""
+
+    def __init__(self, probe: str, status: str, checks: dict[str, dict[str, Any]], http_status: int) -> None:
+        super().__init__(probe=probe, status=status, checks=checks)
+        self.http_status = http_status
+
+    @property
+    def status(self) -> str:
+        return self["status"]
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self, indent=indent, sort_keys=False, default=str)
+
+
+def _check_probe(probe: object) -> str:
+    if probe not in PROBES:
+        raise ValueError(f"probe must be one of {', '.join(map(repr, PROBES))}, got {probe!r}")
+    return probe  # type: ignore[return-value]
+
+
+def _check_name(name: object) -> str:
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str, got {name!r}")
+    return name
+
+
+@dataclass(eq=False)
+class _Check:
+    probe: str
+    name: str
+    fn: Callable[[], Any]
+    is_async: bool
+    timeout: float
+    period_ns: int
+    failure_threshold: int
+    success_threshold: int
+    critical: bool
+    passing: bool | None = None
+    successes: int = 0          # consecutive
+    failures: int = 0           # consecutive
+    last_ns: int | None = None
+    duration: float | None = None
+    error: str | None = None
+    running: Any = None         # the future of a sync check still running after its timeout
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(self, ok: bool, duration: float, error: str | None, now_ns: int) -> None:
+        with self.lock:
+            self.last_ns, self.duration, self.error = now_ns, duration, error
+            if ok:
+                self.successes, self.failures = self.successes + 1, 0
+                if self.successes >= self.success_threshold:
+                    self.passing = True
+            else:
+                self.failures, self.successes = self.failures + 1, 0
+                if self.failures >= self.failure_threshold:
+                    self.passing = False
+
+    def status(self) -> str:
+        return STARTING if self.passing is None else UP if self.passing else DOWN
+
+    def report(self, cached: bool) -> dict[str, Any]:
+        with self.lock:
+            return {"status": self.status(), "duration": self.duration, "error": self.error,
+                    "consecutive_successes": self.successes, "consecutive_failures": self.failures,
+                    "cached": cached, **({} if self.critical else {"critical": False})}
+
+
+@dataclass(eq=False)
+class _BreakerCheck:
+    breaker: Any
+    when_open: str
+
+    def report(self) -> dict[str, Any]:
+        state = self.breaker.state
+        name = getattr(state, "name", str(state))
+        return {"status": self.when_open if name in _OPEN_STATES else UP, "state": name}
+
+
+class HealthRegistry:
+    """Liveness, readiness and startup checks; ``await check(probe)`` or ``check_sync(probe)``.
+
+    `degraded_http_status` is the HTTP status of a "degraded" report (200: keep serving). `clock`
+    times checks and cache periods (FakeClock in tests).
+    """
+
+    def __init__(self, clock: Any = None, degraded_http_status: int = 200) -> None:
+        self._clock = resolve_clock(clock)
+        self.degraded_http_status = check_int("degraded_http_status", degraded_http_status, minimum=100,
+                                              maximum=599)
+        self._checks: dict[str, dict[str, _Check]] = {p: {} for p in PROBES}
+        self._breakers: dict[str, _BreakerCheck] = {}
+        self._registries: list[tuple[Any, str]] = []
+        self._lock = threading.Lock()
+        self._started = False
+        self._executor: Any = None
+
+    # -- registration ------------------------------------------------------------------------------------
+    def add_liveness(self, name: str, fn: Callable[[], Any], timeout: float = 1.0, period: float = 0.0,
+                     failure_threshold: int = 1, success_threshold: int = 1) -> None:
+        """A check that the process itself works (event loop responsive, no deadlock). Never a dependency."""
+        self._add("liveness", name, fn, timeout, period, failure_threshold, success_threshold, True)
+
+    def add_readiness(self, name: str, fn: Callable[[], Any], timeout: float = 1.0, period: float = 0.0,
+                      failure_threshold: int = 1, success_threshold: int = 1, critical: bool = True) -> None:
+        """A check that this instance can serve. A failing non-`critical` check makes readiness
+        "degraded" instead of "down"."""
+        self._add("readiness", name, fn, timeout, period, failure_threshold, success_threshold, critical)
+
+    def add_startup(self, name: str, fn: Callable[[], Any], timeout: float = 1.0, period: float = 0.0,
+                    failure_threshold: int = 1, success_threshold: int = 1) -> None:
+        """A check that must pass once before liveness and readiness are evaluated. It reports
+        "starting" until it passes, "down" after `failure_threshold` consecutive failures."""
+        self._add("startup", name, fn, timeout, period, failure_threshold, success_threshold, True)
+
+    def _add(self, probe: str, name: str, fn: Callable[[], Any], timeout: float, period: float,
+             failure_threshold: int, success_threshold: int, critical: bool) -> None:
+        _check_name(name)
+        check_callable("fn", fn, allow_none=False)
+        t = check_float("timeout", timeout, minimum=0.0, min_inclusive=False, maximum=1e9)
+        period_ns = seconds_to_ns("period", period)
+        if not isinstance(critical, bool):
+            raise TypeError(f"critical must be a bool, got {critical!r}")
+        check = _Check(probe, name, fn, is_async_callable(fn), t, period_ns,  # type: ignore[arg-type]
+                       check_int("failure_threshold", failure_threshold, minimum=1),
+                       check_int("success_threshold", success_threshold, minimum=1), critical,
+                       passing=_INITIAL[probe])
+        with self._lock:
+            if name in self._checks[probe] or (probe == "readiness" and name in self._breakers):
+                raise ValueError(f"a {probe} check named {name!r} already exists")
+            self._checks[probe] = {**self._checks[probe], name: check}
+            if probe == "startup":
+                self._started = False
+
+    def add_breaker(self, breaker: Any, affects: str = "readiness", when_open: str = DEGRADED,
+                    name: str | None = None) -> None:
+        """Report `breaker` in readiness: OPEN / FORCED_OPEN makes readiness `when_open` ("degraded" or
+        "down"). The check is named "breaker:<breaker.name>" unless `name` is given."""
+        if affects == "liveness":
+            raise ValueError("affects='liveness' is not allowed: liveness never depends on dependencies "
+                             "(a tripped breaker would restart every replica); use 'readiness'")
+        if affects != "readiness":
+            raise ValueError(f"affects must be 'readiness', got {affects!r}")
+        if when_open not in (DEGRADED, DOWN):
+            raise ValueError(f"when_open must be 'degraded' or 'down', got {when_open!r}")
+        if not hasattr(breaker, "state"):
+            raise TypeError(f"breaker must be a buttress.CircuitBreaker (with .state), got {breaker!r}")
+        key = _check_name(name) if name is not None else f"breaker:{breaker.name}"
+        with self._lock:
+            if key in self._breakers or key in self._checks["readiness"]:
+                raise ValueError(f"a readiness check named {key!r} already exists")
+            self._breakers = {**self._breakers, key: _BreakerCheck(breaker, when_open)}
+
+    def add_breakers(self, registry: Any = None, when_open: str = DEGRADED) -> None:
+        """Report every circuit breaker of a `buttress.Registry` (the default registry when None) in
+        readiness, including breakers added to it later."""
+        if registry is None:
+            from .registry import default_registry as registry
+        if when_open not in (DEGRADED, DOWN):
+            raise ValueError(f"when_open must be 'degraded' or 'down', got {when_open!r}")
+        if not callable(getattr(registry, "entries", None)):
+            raise TypeError(f"registry must be a buttress.Registry, got {registry!r}")
+        with self._lock:
+            self._registries = [*self._registries, (registry, when_open)]
+
+    def remove(self, probe: str, name: str) -> None:
+        """Remove a check (or a breaker, from readiness). KeyError if absent."""
+        _check_probe(probe)
+        with self._lock:
+            if probe == "readiness" and name in self._breakers:
+                self._breakers = {k: v for k, v in self._breakers.items() if k != name}
+                return
+            if name not in self._checks[probe]:
+                raise KeyError(f"no {probe} check named {name!r}")
+            self._checks[probe] = {k: v for k, v in self._checks[probe].items() if k != name}
+
+    @property
+    def started(self) -> bool:
+        """True once every startup check has passed (or there are none)."""
+        return self._started or not self._checks["startup"]
+
+    # -- evaluation -------------------------------------------------------------------------------------
+    async def check(self, probe: str) -> HealthReport:
+        """Run (or reuse cached results of) the probe's checks and aggregate them."""
+        _check_probe(probe)
+        if probe == "startup" or not self.started:
+            startup = await self._startup()
+            if probe == "startup":
+                return startup
+            if startup.status != UP:
+                return self._report(probe, STARTING, {})
+        checks = self._checks[probe]
+        results = await asyncio.gather(*(self._run(c) for c in checks.values()))
+        reports = dict(zip(checks, results))
+        if probe == "liveness":
+            return self._report(probe, DOWN if any(r["status"] != UP for r in reports.values()) else UP, reports)
+        status = UP
+        for r in reports.values():
+            if r["status"] != UP:
+                status = DOWN if r.get("critical", True) else _worse(status, DEGRADED)
+        for key, bc in self._breaker_checks().items():
+            r = reports[key] = bc.report()
+            if r["status"] != UP:
+                status = _worse(status, r["status"])
+        return self._report(probe, status, reports)
+
+    def check_sync(self, probe: str) -> HealthReport:
+        """`check` for sync code (runs an event loop); not from inside a running loop."""
+        _check_probe(probe)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self.check(probe))
+        raise RuntimeError("check_sync() called from a running event loop: use `await registry.check(...)`")
+
+    async def _startup(self) -> HealthReport:
+        checks = self._checks["startup"]
+        if self._started or not checks:
+            return self._report("startup", UP, {name: c.report(True) for name, c in checks.items()})
+        results = await asyncio.gather(*(self._run(c) for c in checks.values()))
+        reports = dict(zip(checks, results))
+        statuses = {r["status"] for r in reports.values()}
+        status = DOWN if DOWN in statuses else STARTING if STARTING in statuses else UP
+        if status == UP:
+            with self._lock:
+                if self._checks["startup"] is checks:       # no startup check was added meanwhile
+                    self._started = True
+        return self._report("startup", status, reports)
+
+    def _breaker_checks(self) -> dict[str, _BreakerCheck]:
+        out = dict(self._breakers)
+        for registry, when_open in self._registries:
+            for entry in registry.entries("circuit_breaker"):
+                out.setdefault(f"breaker:{entry.name}", _BreakerCheck(entry.obj, when_open))
+        return out
+
+    def _report(self, probe: str, status: str, checks: dict[str, dict[str, Any]]) -> HealthReport:
+        code = 200 if status == UP else self.degraded_http_status if status == DEGRADED else 503
+        return HealthReport(probe, status, checks, code)
+
+    async def _run(self, c: _Check) -> dict[str, Any]:
+        clock = self._clock
+        start = clock.monotonic_ns()
+        with c.lock:
+            fresh = c.last_ns is not None and c.period_ns and start - c.last_ns < c.period_ns
+        if fresh:
+            return c.report(True)
+        ok, error = await (self._call_async(c) if c.is_async else self._call_sync(c))
+        end = clock.monotonic_ns()
+        c.record(ok, (end - start) / NS, error, end)
+        return c.report(False)
+
+    async def _call_async(self, c: _Check) -> tuple[bool, str | None]:
+        from .errors import TimeoutExceeded
+        from .timeout import Timeout
+        try:
+            result = await Timeout(c.timeout, clock=self._clock).call_async(c.fn)
+        except TimeoutExceeded:
+            return False, f"timed out after {c.timeout:g}s"
+        except Exception as exc:  # noqa: BLE001 - a failing check is a result, not an error
+            return False, _describe(exc)
+        return _verdict(result)
+
+    async def _call_sync(self, c: _Check) -> tuple[bool, str | None]:
+        if c.running is not None and not c.running.done():
+            return False, f"still running after its {c.timeout:g}s timeout (not started again)"
+        fut = self._pool().submit(c.fn)
+        try:
+            result = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), c.timeout)
+        except asyncio.TimeoutError:
+            c.running = fut
+            return False, f"timed out after {c.timeout:g}s"
+        except Exception as exc:  # noqa: BLE001
+            return False, _describe(exc)
+        return _verdict(result)
+
+    def _pool(self) -> Any:
+        with self._lock:
+            if self._executor is None:
+                from .bulkhead import ThreadPoolBulkhead
+                self._executor = ThreadPoolBulkhead(max_workers=8, queue_size=256, name="health")
+            return self._executor
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{p}={len(c)}" for p, c in self._checks.items())
+        return f"HealthRegistry({counts}, breakers={len(self._breaker_checks())})"
+
+
+def _worse(a: str, b: str) -> str:
+    order = (UP, DEGRADED, DOWN)
+    return a if order.index(a) >= order.index(b) else b
+
+
+def _verdict(result: Any) -> tuple[bool, str | None]:
+    if result:
+        return True, None
+    return False, f"check returned {result!r:.200}"
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
