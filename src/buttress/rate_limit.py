@@ -47,10 +47,16 @@ class KeyedMetrics:
 
 
 def _seconds_up(ns: int) -> float:
-    """ns -> float seconds, never below ns (sleeping or advancing by it reaches the instant)."""
+    """ns -> float seconds s with ceil(s * 1e9) == ns where a float allows it (never below ns): clocks
+    turn seconds into ns that way, so sleeping or advancing by s reaches exactly that instant."""
     s = ns / NS
-    if s * NS < ns:
+    while math.ceil(s * NS) < ns:
         s = math.nextafter(s, math.inf)
+    while math.ceil(s * NS) > ns:
+        lower = math.nextafter(s, 0.0)
+        if math.ceil(lower * NS) < ns:
+            break
+        s = lower
     return s
 
 
@@ -328,7 +334,7 @@ class _WindowLimiter(_Limiter):
         self._idx = 0            # current window number (now // window)
         self._prev = 0           # count in window _idx - 1
         self._curr = 0           # count in window _idx
-        self._admitted = self._rejected = 0
+        self._n_admitted = self._n_rejected = 0
 
     def _roll(self, idx: int) -> None:
         if idx > self._idx:
@@ -345,10 +351,10 @@ class _WindowLimiter(_Limiter):
         with self._lock:
             self._roll(idx)
             if not self._fits(n, e):
-                self._rejected += 1
+                self._n_rejected += 1
                 return None
             self._curr += n
-            self._admitted += 1
+            self._n_admitted += 1
             return idx
 
     def _unclaim(self, n: int, receipt: object) -> None:
@@ -364,11 +370,11 @@ class _WindowLimiter(_Limiter):
 
     def metrics(self) -> RateLimitMetrics:
         with self._lock:
-            return RateLimitMetrics(self._admitted, self._rejected)
+            return RateLimitMetrics(self._n_admitted, self._n_rejected)
 
     def reset(self) -> None:
         with self._lock:
-            self._prev = self._curr = self._admitted = self._rejected = 0
+            self._prev = self._curr = self._n_admitted = self._n_rejected = 0
 
     def __repr__(self) -> str:
         name = "" if self.name is None else f", name={self.name!r}"
@@ -445,7 +451,7 @@ class MultiLimiter(_Limiter):
         self._clock = limiters[0]._clock
         self._max_n = min(lim._max_n for lim in limiters)
         self._lock = threading.Lock()
-        self._admitted = self._rejected = 0
+        self._n_admitted = self._n_rejected = 0
 
     def _claim(self, n: int) -> object:
         check_n(n, self._max_n)
@@ -456,11 +462,11 @@ class MultiLimiter(_Limiter):
                 for done, r in reversed(taken):
                     done._unclaim(n, r)
                 with self._lock:
-                    self._rejected += 1
+                    self._n_rejected += 1
                 return None
             taken.append((lim, receipt))
         with self._lock:
-            self._admitted += 1
+            self._n_admitted += 1
         return taken
 
     def _unclaim(self, n: int, receipt: object) -> None:
@@ -478,7 +484,7 @@ class MultiLimiter(_Limiter):
     def metrics(self) -> RateLimitMetrics:
         """This MultiLimiter's own decisions (each inner limiter also counts its part, rolled back or not)."""
         with self._lock:
-            return RateLimitMetrics(self._admitted, self._rejected)
+            return RateLimitMetrics(self._n_admitted, self._n_rejected)
 
     def __repr__(self) -> str:
         return f"MultiLimiter({', '.join(map(repr, self.limiters))})"
