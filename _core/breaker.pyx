@@ -423,6 +423,9 @@ cdef class BreakerCore:
                 <double>failures / calls if ok else -1.0, <double>slows / calls if ok else -1.0,
                 bt_load(&self.not_permitted_))
 
+    def __repr__(self):
+        return f"BreakerCore(name={self.name!r}, state={st_state(bt_load(&self.st.word))})"
+
     # -- calling --------------------------------------------------------------------------------------
     def start(self):
         """ns timestamp for a call about to start (0 when nothing is timed)."""

@@ -254,6 +254,9 @@ class BreakerCore:
             return (self._state, calls, failures, slows, failures / calls if ok else -1.0,
                     slows / calls if ok else -1.0, self._not_permitted)
 
+    def __repr__(self) -> str:
+        return f"BreakerCore(name={self.name!r}, state={self._state})"
+
     # -- calling ------------------------------------------------------------------------------------------
     def start(self) -> int:
         """ns timestamp for a call about to start (0 when nothing is timed)."""
