@@ -1,0 +1,317 @@
+"""Keyed limiter: one GCRA per key in one fixed table. Core tests run on both implementations."""
+import asyncio
+import math
+import random
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from buttress import FakeClock, KeyedLimiter, RateLimitExceeded
+from helpers import race
+
+S = 1_000_000_000
+
+PINNED = {   # stable across processes, versions and implementations: never change these
+    0: 11286133854226296554, 1: 2717770620714153248, -1: 4383717382385014336,
+    "a": 17766150866393525803, b"a": 9413272369427828315, "user-42": 13615356473569294754,
+    "": 1174901268031737411, b"": 17280346270528514342,
+}
+
+
+def test_hash_is_pinned(impl):
+    t = impl.keyed.KeyedGCRA(1.0, 1, 1)
+    for key, h in PINNED.items():
+        assert t.key_hash(key) == h, key
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=st.one_of(st.integers(-(1 << 63), (1 << 63) - 1), st.text(), st.binary()))
+def test_hash_parity_compiled_and_twin(both, key):
+    c, p = (i.keyed.KeyedGCRA(1.0, 1, 1) for i in both)
+    assert c.key_hash(key) == p.key_hash(key)
+
+
+def test_key_types(impl):
+    t = impl.keyed.KeyedGCRA(1.0, 1, 100)
+    assert t.try_acquire(1, 1, 0) and t.try_acquire("1", 1, 0) and t.try_acquire(b"1", 1, 0)   # distinct keys
+    assert not t.try_acquire(1, 1, 0) and not t.try_acquire("1", 1, 0) and not t.try_acquire(b"1", 1, 0)
+
+    class Name(str):
+        pass
+
+    assert t.key_hash(Name("x")) == t.key_hash("x")
+    assert t.key_hash(np.int64(7)) == t.key_hash(7) == t.key_hash(np.uint8(7))
+    assert t.key_hash(True) == t.key_hash(1)
+    with pytest.raises(TypeError, match=r"key must be an int, str or bytes, got 1\.5 \(float\)"):
+        t.try_acquire(1.5)
+    with pytest.raises(TypeError, match="key must be"):
+        t.try_acquire(None)
+    with pytest.raises(ValueError, match="int64 range"):
+        t.try_acquire(1 << 63)
+    with pytest.raises(ValueError, match="int64 range"):
+        t.try_acquire(-(1 << 63) - 1)
+    with pytest.raises(ValueError, match="n must be between 1 and capacity=1, got 2"):
+        t.try_acquire(5, 2)
+
+
+def test_each_key_is_a_gcra(impl):
+    t = impl.keyed.KeyedGCRA(10.0, 3, 100)
+    assert [t.try_acquire("a", 1, 0) for _ in range(4)] == [True] * 3 + [False]
+    assert t.try_acquire("b", 3, 0)                  # a new key starts full, independent of "a"
+    assert t.wait_ns("a", 1, 0) == S // 10
+    assert t.wait_ns("a", 2, 0) == 2 * S // 10
+    assert t.wait_ns("never-seen", 3, 0) == 0
+    assert not t.try_acquire("a", 1, S // 10 - 1)
+    assert t.try_acquire("a", 1, S // 10)
+    assert len(t) == 2
+
+
+def test_try_acquire_many_decides_in_order(impl):
+    t = impl.keyed.KeyedGCRA(1.0, 2, 100)
+    keys = np.array([5, 5, 5, 6, 5, 6, 6, 7], dtype=np.int64)
+    out = t.try_acquire_many(keys, 1, 0)
+    assert out.dtype == np.bool_
+    assert out.tolist() == [True, True, False, True, False, True, False, True]
+    ref = impl.keyed.KeyedGCRA(1.0, 2, 100)
+    assert [ref.try_acquire(int(k), 1, 0) for k in keys] == out.tolist()
+    assert t.try_acquire_many(np.array([], dtype=np.int64), 1, 0).tolist() == []
+    assert t.try_acquire_many(keys, 2, S * 5).tolist() == [True, False, False, True, False, False, False, True]
+
+
+def _random_ops(tables, seed):
+    rnd = random.Random(seed)
+    now = 0
+    for step in range(3000):
+        now += rnd.choice([0, 0, 1, 10**6, 10**8])
+        op = rnd.random()
+        if op < 0.8:
+            key = rnd.choice([rnd.randrange(200), str(rnd.randrange(50)), bytes([rnd.randrange(5)])])
+            n = rnd.randint(1, tables[0].capacity)
+            results = {t.try_acquire(key, n, now) for t in tables}
+        elif op < 0.9:
+            ks = np.array([rnd.randrange(100) for _ in range(rnd.randrange(20))], dtype=np.int64)
+            results = {tuple(t.try_acquire_many(ks, 1, now).tolist()) for t in tables}
+        elif op < 0.98:
+            key = rnd.randrange(200)
+            results = {t.wait_ns(key, 1, now) for t in tables}
+        else:
+            results = {t.purge(now) for t in tables}
+        assert len(results) == 1, (seed, step)
+        assert len({len(t) for t in tables}) == 1
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_compiled_and_twin_make_the_same_decisions(both, seed):
+    rnd = random.Random(seed)
+    cap, mk, idle = rnd.randint(1, 4), rnd.randint(1, 40), rnd.choice([0, 10**8])
+    rate = rnd.choice([1.0, 3.0, 10.0])
+    _random_ops([i.keyed.KeyedGCRA(rate, cap, mk, idle) for i in both], seed)
+
+
+def test_eviction_never_resets_a_limited_key(impl):
+    t = impl.keyed.KeyedGCRA(1.0, 3, 64)
+    now = 5 * S
+    limited = list(range(64))
+    for k in limited:
+        assert t.try_acquire(k, 3, now)              # bucket empty: limited for 1 s
+    waits = {k: t.wait_ns(k, 1, now) for k in limited}
+    flood = t.try_acquire_many(np.arange(1000, 6000, dtype=np.int64), 1, now)
+    assert flood.any()                               # new keys still get room (empty slots)
+    for k in limited:
+        assert t.wait_ns(k, 1, now) == waits[k]      # untouched: still limited, same wait
+        assert not t.try_acquire(k, 1, now)
+    assert len(t) <= t.nslots
+
+
+def test_refilled_keys_are_evicted_first_then_the_least_recently_charged(impl):
+    t = impl.keyed.KeyedGCRA(1.0, 2, 16)             # 32 slots: the whole table is every key's window
+    assert t.nslots == 32
+    for k in range(16):
+        t.try_acquire(k, 1, 0)                       # tat = 1 s
+    assert len(t) == 16
+    now = 10 * S
+    for k in range(4):
+        t.try_acquire(k, 2, now)                     # keys 0-3 limited until 11 s
+    for k in range(4, 16):                           # keys 4-15 charged 1 token at 10.00, 10.01, ...
+        t.try_acquire(k, 1, now + k * S // 100)
+    # key 99 is new and max_keys are live: the victim is key 4 (earliest TAT among admissible keys)
+    now += S // 5
+    assert t.try_acquire(99, 1, now)
+    assert len(t) == 16
+    assert t.wait_ns(4, 2, now) == 0                 # forgotten: a full bucket again
+    for k in range(5, 16):
+        assert t.wait_ns(k, 2, now) > 0              # still remembered
+    for k in range(4):
+        assert not t.try_acquire(k, 1, now)          # limited keys are never evicted
+    # refilled keys go before partly used ones: let 5-15 refill, charge 5 again
+    now = 20 * S
+    t.try_acquire(5, 1, now)
+    assert t.try_acquire(100, 1, now)
+    assert t.wait_ns(5, 2, now) > 0                  # 5 kept (charged), a refilled key made room
+    assert len(t) == 16
+
+
+def test_only_limited_keys_left_the_table_grows_into_empty_slots(impl):
+    t = impl.keyed.KeyedGCRA(1.0, 1, 16)
+    for k in range(16):
+        t.try_acquire(k, 1, 0)                       # all limited
+    assert t.try_acquire(500, 1, 0)                  # no victim: takes an empty slot past max_keys
+    assert len(t) == 17
+    for k in range(16):
+        assert not t.try_acquire(k, 1, 0)
+
+
+def test_a_full_window_of_limited_keys_refuses_new_keys(impl):
+    t = impl.keyed.KeyedGCRA(1.0, 1, 16)             # 32 slots == one window
+    keys = list(range(10_000))
+    admitted = sum(t.try_acquire(k, 1, 0) for k in keys)
+    assert admitted == 32 == len(t)                  # then every slot holds a limited key
+    assert not t.try_acquire("new", 1, 0)            # fail closed rather than forget a limited key
+    assert t.try_acquire("new", 1, S)                # once they refill they are evictable
+
+
+def test_idle_keys_are_swept_and_purged(impl):
+    t = impl.keyed.KeyedGCRA(10.0, 1, 100, idle_ns=S)
+    for k in range(50):
+        t.try_acquire(k, 1, 0)
+    assert len(t) == 50
+    assert t.purge(S // 2) == 0                      # not idle long enough
+    # each new key sweeps a few slots; enough new keys sweep the whole table
+    for k in range(1000, 1100):
+        t.try_acquire(k, 1, 3 * S)
+    assert len(t) == 100                             # the 50 idle keys were swept out
+    assert t.purge(10 * S) == 100 and len(t) == 0
+    t2 = impl.keyed.KeyedGCRA(10.0, 1, 100)
+    for k in range(50):
+        t2.try_acquire(k, 1, 0)
+    assert t2.purge(S // 20) == 0                    # still refilling
+    assert t2.purge(S) == 50 and len(t2) == 0        # idle_ns=0: every refilled key
+    t2.try_acquire(1, 1, S)
+    t2.reset()
+    assert len(t2) == 0 and t2.try_acquire(1, 1, S)
+
+
+def test_purge_counts_exactly(impl):
+    t = impl.keyed.KeyedGCRA(10.0, 30, 100, idle_ns=S)
+    for k in range(30):
+        t.try_acquire(k, k + 1, 0)                   # tat = (k + 1) / 10 s
+    assert t.purge(S + S // 10) == 1                 # only key 0 idle for >= 1 s since its TAT
+    assert t.purge(3 * S) == 19                      # TATs up to 2.0 s
+    assert t.purge(5 * S) == 10
+    assert len(t) == 0
+
+
+def test_memory_bound_with_many_keys(impl):
+    n = 1_000_000 if impl.kind == "cython" else 50_000
+    t = impl.keyed.KeyedGCRA(1.0, 1, n)
+    assert t.nbytes / n <= 32                        # measured from the table itself
+    keys = np.random.default_rng(1).choice(1 << 62, n, replace=False).astype(np.int64)
+    first = t.try_acquire_many(keys, 1, S)
+    assert first.sum() >= n * 0.9999                 # a few keys in crowded windows refused (fail closed)
+    assert len(t) == first.sum()
+    assert not t.try_acquire_many(keys, 1, S).any()  # every tracked key still limited, none forgotten
+    assert t.try_acquire_many(keys, 1, 2 * S).sum() >= n * 0.9999   # refilled
+    assert t.nbytes / n <= 32
+
+
+def test_exact_per_key_under_racing_threads(impl, fast_switching):
+    t = impl.keyed.KeyedGCRA(1e-3, 100, 1000)
+    assert sum(race(8, lambda i: sum(t.try_acquire("hot", 1, 7) for _ in range(1000)))) == 100
+    per_thread = race(8, lambda i: sum(t.try_acquire(k % 50, 1, 7) for k in range(50 * 200)))
+    assert sum(per_thread) == 50 * 100
+    t3 = impl.keyed.KeyedGCRA(1e-3, 25, 1000)
+    keys = np.arange(200, dtype=np.int64).repeat(5)  # 8 threads x 5 = 40 tries per key
+    batches = race(8, lambda i: int(t3.try_acquire_many(keys, 1, 7).sum()))
+    assert sum(batches) == 200 * 25                  # exactly capacity per key
+
+
+def test_core_bad_arguments(impl):
+    K = impl.keyed.KeyedGCRA
+    with pytest.raises(ValueError, match="max_keys must be between 1 and"):
+        K(1.0, 1, 0)
+    with pytest.raises(TypeError, match="max_keys must be an int"):
+        K(1.0, 1, 1.5)
+    with pytest.raises(ValueError, match="idle_ns must be between 0 and"):
+        K(1.0, 1, 1, -1)
+    with pytest.raises(ValueError, match="capacity / rate"):
+        K(1e-9, 1, 1)
+    with pytest.raises(TypeError, match="clock_ns"):
+        K(1.0, 1, 1, 0, 5)
+    t = K(1.0, 1, 1)
+    with pytest.raises(ValueError, match="now must be <"):
+        t.try_acquire(1, 1, 1 << 60)
+    with pytest.raises((TypeError, ValueError)):
+        t.try_acquire_many(np.array([1.0, 2.0]), 1, 0)
+    with pytest.raises((TypeError, ValueError)):
+        t.try_acquire_many([1, 2], 1, 0)
+
+
+# ---------- facade ----------
+
+def test_keyed_limiter_facade():
+    clock = FakeClock(1.0)
+    kl = KeyedLimiter(2.0, max_keys=1000, clock=clock, name="per-ip")
+    assert kl.capacity == 2 and len(kl) == 0
+    assert kl.try_acquire.__self__ is kl._core
+    assert kl.try_acquire("10.0.0.1") and kl.try_acquire("10.0.0.1") and not kl.try_acquire("10.0.0.1")
+    with pytest.raises(RateLimitExceeded, match="10.0.0.1") as info:
+        kl.call("10.0.0.1", lambda: None)
+    ra = info.value.retry_after
+    assert ra == kl.wait_time("10.0.0.1") == pytest.approx(0.5)
+    clock.advance_ns(math.ceil(ra * S) - 1)
+    assert not kl.try_acquire("10.0.0.1")
+    clock.advance_ns(1)
+    assert kl.call("10.0.0.1", lambda x: x + 1, 1) == 2
+
+    async def g():
+        return "ok"
+
+    assert asyncio.run(kl.call_async(b"k", g)) == "ok"
+    m = kl.metrics()
+    assert (m.keys, m.max_keys, m.nbytes, m.bytes_per_key) == (2, 1000, 32_000, 32.0)
+    assert kl.key_hash("a") == PINNED["a"]
+    kl.reset()
+    assert len(kl) == 0
+
+
+def test_keyed_limiter_many_converts_dtypes():
+    kl = KeyedLimiter(1.0, 1, max_keys=100, clock=FakeClock())
+    assert kl.try_acquire_many(np.array([1, 2, 1], dtype=np.int32)).tolist() == [True, True, False]
+    assert kl.try_acquire_many([3, 3]).tolist() == [True, False]
+    assert kl.try_acquire_many(np.arange(10, dtype=np.int64)[::2]).tolist() == [True, False, True, True, True]
+    assert kl.try_acquire_many(np.array([], dtype=np.float64)).tolist() == []
+    with pytest.raises(TypeError, match="dtype float64"):
+        kl.try_acquire_many(np.array([1.0]))
+    with pytest.raises(ValueError, match="fit in int64"):
+        kl.try_acquire_many(np.array([1 << 63], dtype=np.uint64))
+    with pytest.raises(ValueError, match="one-dimensional"):
+        kl.try_acquire_many(np.zeros((2, 2), dtype=np.int64))
+
+
+def test_keyed_limiter_idle_ttl_and_purge():
+    clock = FakeClock()
+    kl = KeyedLimiter(10.0, 1, max_keys=100, idle_ttl=1.0, clock=clock)
+    assert kl.idle_ttl == 1.0
+    for k in range(20):
+        kl.try_acquire(k)
+    clock.advance(0.5)
+    assert kl.purge() == 0
+    clock.advance(1.0)
+    assert kl.purge() == 20 and len(kl) == 0
+
+
+@pytest.mark.parametrize("kwargs, exc, words", [
+    (dict(rate=0), ValueError, ["rate", "0"]),
+    (dict(rate=1.0, capacity=0), ValueError, ["capacity", "0"]),
+    (dict(rate=1.0, max_keys=0), ValueError, ["max_keys", "0"]),
+    (dict(rate=1.0, max_keys="many"), TypeError, ["max_keys", "'many'"]),
+    (dict(rate=1.0, idle_ttl=0), ValueError, ["idle_ttl", "0"]),
+    (dict(rate=1.0, idle_ttl=-1.0), ValueError, ["idle_ttl", "-1.0"]),
+    (dict(rate=1.0, clock="wall"), TypeError, ["clock"]),
+])
+def test_keyed_limiter_bad_arguments(kwargs, exc, words):
+    with pytest.raises(exc) as info:
+        KeyedLimiter(**kwargs)
+    for w in words:
+        assert w in str(info.value)
