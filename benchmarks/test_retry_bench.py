@@ -1,28 +1,21 @@
 """Retry: cost of the success path and of one failed attempt, with their floors in the same run.
 
-python -m pytest benchmarks/test_retry_bench.py --benchmark-columns=median,min,rounds --benchmark-sort=name \
-    --benchmark-json=/tmp/retry.json && python benchmarks/report.py /tmp/retry.json
+python -m pytest benchmarks/test_retry_bench.py --benchmark-json=/tmp/retry.json && python benchmarks/report.py /tmp/retry.json
 
-Floors: a bare call; raise+catch (a call that raises, is caught, then a call that returns: the user
-work of "one failed attempt then success"); 1000 bare awaits inside one event loop run. Cases named
-after a floor are compared with it by report.py. tenacity, backoff and stamina run when installed.
+Floors: a bare call; raise+catch; a bare await (per await, inside one running loop). report.py
+compares success cases with the bare call, "failure" cases with raise+catch, async cases with the
+bare await. A "failure" case is one failed attempt then a successful one (the function raises on every
+other call), so it holds one raise+catch and one bare call of user work. Peers run when installed
+(pip install ".[bench]").
 """
-import asyncio
-
 import pytest
+from conftest import awaiting, bare, bare_async, bare_raise, catching
 
 from buttress import FakeClock, Retry, RetryBudget, SystemClock
 from buttress import backoff as bo
 
-AWAITS = 1000
 
-
-def f():
-    return 1
-
-
-def once_failing():
-    """Raises on every other call: each retried call is one failure, then a success."""
+def fails_every_other_call():
     state = [False]
 
     def fn():
@@ -35,70 +28,6 @@ def once_failing():
     return fn
 
 
-# -- floors ----------------------------------------------------------------------------------------------
-
-def test_floor_bare_call(benchmark):
-    benchmark(f)
-
-
-def test_floor_raise_catch(benchmark):
-    fn = once_failing()
-
-    def raise_catch():
-        try:
-            return fn()
-        except ConnectionError:
-            return fn()
-
-    assert raise_catch() == 1
-    benchmark(raise_catch)
-
-
-async def _bare():
-    return 1
-
-
-def run_awaits(benchmark, coro_fn):
-    """Time AWAITS awaits of coro_fn() inside one run_until_complete of a loop kept open."""
-    async def awaits():
-        for _ in range(AWAITS):
-            await coro_fn()
-
-    loop = asyncio.new_event_loop()
-    try:
-        benchmark(lambda: loop.run_until_complete(awaits()))
-    finally:
-        loop.close()
-
-
-def test_floor_bare_await_x1000(benchmark):
-    run_awaits(benchmark, _bare)
-
-
-# -- buttress --------------------------------------------------------------------------------------------
-
-def test_retry_success_decorated(benchmark):
-    guarded = Retry(max_attempts=3)(f)
-    assert benchmark(guarded) == 1
-
-
-def test_retry_success_call(benchmark):
-    r = Retry(max_attempts=3)
-    assert benchmark(r.call, f) == 1
-
-
-def test_retry_success_with_budget_and_deadline(benchmark):
-    guarded = Retry(max_attempts=3, deadline=10.0, budget=RetryBudget())(f)
-    assert benchmark(guarded) == 1
-
-
-def test_raise_catch_retry_one_failure_fakeclock(benchmark):
-    r = Retry(max_attempts=3, backoff=bo.constant(0.1), clock=FakeClock())
-    guarded = r(once_failing())
-    assert benchmark(guarded) == 1
-    assert r.metrics().successful_with_retry > 0 and r.metrics().successful_without_retry == 0
-
-
 class NoSleepClock(SystemClock):
     """The system clock whose sleep returns at once: Retry's own cost of a failure, sleep excluded."""
 
@@ -107,37 +36,68 @@ class NoSleepClock(SystemClock):
         return None
 
 
-def test_raise_catch_retry_one_failure_nosleep(benchmark):
+# -- floors ----------------------------------------------------------------------------------------------
+
+def test_floor_bare_call(benchmark):
+    benchmark(bare)
+
+
+def test_floor_raise_catch(benchmark):
+    benchmark(catching(bare_raise))
+
+
+def test_floor_bare_await(benchmark):
+    awaiting(benchmark, bare_async)
+
+
+# -- buttress --------------------------------------------------------------------------------------------
+
+def test_success_decorated(benchmark):
+    benchmark(Retry(max_attempts=3)(bare))
+
+
+def test_success_call(benchmark):
+    benchmark(Retry(max_attempts=3).call, bare)
+
+
+def test_success_with_budget_and_deadline(benchmark):
+    benchmark(Retry(max_attempts=3, deadline=10.0, budget=RetryBudget())(bare))
+
+
+def test_one_failure_then_success_fakeclock(benchmark):
+    r = Retry(max_attempts=3, backoff=bo.constant(0.1), clock=FakeClock())
+    assert benchmark(r(fails_every_other_call())) == 1
+    assert r.metrics().successful_with_retry > 0 and r.metrics().successful_without_retry == 0
+
+
+def test_one_failure_then_success_nosleep(benchmark):
     r = Retry(max_attempts=3, backoff=bo.constant(0.1), clock=NoSleepClock())
-    assert benchmark(r(once_failing())) == 1
+    assert benchmark(r(fails_every_other_call())) == 1
 
 
-def test_bare_await_x1000_retry_async_success(benchmark):
-    run_awaits(benchmark, Retry(max_attempts=3)(_bare))
+def test_async_success_decorated(benchmark):
+    awaiting(benchmark, Retry(max_attempts=3)(bare_async))
 
 
-# -- other libraries (success path; tenacity also with one failure, sleeping through a no-op) -------------
+# -- peers (success path; tenacity also with one failure, sleeping through a no-op) ----------------------
 
-def test_tenacity_success(benchmark):
+def test_peer_tenacity_success(benchmark):
     tenacity = pytest.importorskip("tenacity")
-    guarded = tenacity.retry(stop=tenacity.stop_after_attempt(3), wait=tenacity.wait_none())(f)
-    assert benchmark(guarded) == 1
+    benchmark(tenacity.retry(stop=tenacity.stop_after_attempt(3), wait=tenacity.wait_none())(bare))
 
 
-def test_raise_catch_tenacity_one_failure(benchmark):
+def test_peer_tenacity_one_failure_then_success(benchmark):
     tenacity = pytest.importorskip("tenacity")
     guarded = tenacity.retry(stop=tenacity.stop_after_attempt(3), wait=tenacity.wait_none(),
-                             sleep=lambda s: None)(once_failing())
+                             sleep=lambda s: None)(fails_every_other_call())
     assert benchmark(guarded) == 1
 
 
-def test_backoff_success(benchmark):
+def test_peer_backoff_success(benchmark):
     backoff = pytest.importorskip("backoff")
-    guarded = backoff.on_exception(backoff.expo, ConnectionError, max_tries=3)(f)
-    assert benchmark(guarded) == 1
+    benchmark(backoff.on_exception(backoff.expo, ConnectionError, max_tries=3)(bare))
 
 
-def test_stamina_success(benchmark):
+def test_peer_stamina_success(benchmark):
     stamina = pytest.importorskip("stamina")
-    guarded = stamina.retry(on=ConnectionError, attempts=3)(f)
-    assert benchmark(guarded) == 1
+    benchmark(stamina.retry(on=ConnectionError, attempts=3)(bare))

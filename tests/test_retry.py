@@ -56,6 +56,14 @@ def run(retry: Retry, fn, entry: str, *args, **kwargs):
 
 
 ENTRIES = pytest.mark.parametrize("entry", ["call", "decorator"])
+ASYNC_ENTRIES = pytest.mark.parametrize("entry", ["call_async", "decorator"])
+
+
+async def run_async(retry: Retry, fn, entry: str, *args, **kwargs):
+    """Await fn through retry by `entry`: "call_async" or "decorator" (@retry on an async function)."""
+    if entry == "call_async":
+        return await retry.call_async(fn, *args, **kwargs)
+    return await retry(fn)(*args, **kwargs)
 
 
 # -- attempts, results, errors ---------------------------------------------------------------------------
@@ -326,8 +334,9 @@ def test_a_shorter_own_deadline_wins_over_an_outer_one():
 
 @settings(max_examples=80, deadline=None)
 @given(deadline=st.floats(0.01, 20.0), duration=st.floats(0.0, 3.0), max_attempts=st.integers(1, 50),
-       jitter=st.sampled_from(bo.JITTERS), seed=st.integers(0, 1000), asynchronous=st.booleans())
-def test_property_the_deadline_is_never_exceeded(deadline, duration, max_attempts, jitter, seed, asynchronous):
+       jitter=st.sampled_from(bo.JITTERS), seed=st.integers(0, 1000),
+       entry=st.sampled_from(["call", "decorator", "call_async", "async_decorator"]))
+def test_property_the_deadline_is_never_exceeded(deadline, duration, max_attempts, jitter, seed, entry):
     """No wait ends at or after the deadline: every retry starts strictly before it."""
     clock = FakeClock(start=5.0)
     starts = []
@@ -343,10 +352,10 @@ def test_property_the_deadline_is_never_exceeded(deadline, duration, max_attempt
     r = Retry(max_attempts=max_attempts, deadline=deadline, clock=clock,
               backoff=bo.exponential(initial=0.05, maximum=5.0, jitter=jitter, rng=random.Random(seed)))
     with pytest.raises(ConnectionError):
-        if asynchronous:
-            asyncio.run(r.call_async(attempt_async))
+        if entry in ("call", "decorator"):
+            run(r, attempt, entry)
         else:
-            r.call(attempt)
+            asyncio.run(run_async(r, attempt_async, entry.replace("async_", "")))
     end = 5 * NS + math.ceil(deadline * NS)
     assert 1 <= len(starts) <= max_attempts
     assert all(s < end for s in starts[1:])
@@ -504,7 +513,29 @@ def test_nested_retries_see_their_own_attempt():
     assert seen[0][1].idempotency_key != outer_attempt.idempotency_key
 
 
-def test_fifty_concurrent_async_calls_keep_their_own_keys_and_counts():
+@ASYNC_ENTRIES
+def test_async_calls_restore_the_attempt_of_the_caller(entry):
+    outer, inner = Retry(clock=FakeClock()), Retry(clock=FakeClock())
+
+    async def leaf():
+        return current_attempt()
+
+    async def middle():
+        mine = current_attempt()
+        theirs = await run_async(inner, leaf, entry)
+        assert current_attempt().idempotency_key == mine.idempotency_key
+        return mine, theirs
+
+    async def main():
+        mine, theirs = await run_async(outer, middle, entry)
+        assert mine.idempotency_key != theirs.idempotency_key
+        assert current_attempt() is None
+
+    asyncio.run(main())
+
+
+@ASYNC_ENTRIES
+def test_fifty_concurrent_async_calls_keep_their_own_keys_and_counts(entry):
     clock = FakeClock()
     r = Retry(max_attempts=4, backoff=bo.exponential(initial=0.5, jitter="full", rng=random.Random(1)), clock=clock)
     logs: dict[int, list[Attempt]] = {}
@@ -518,7 +549,7 @@ def test_fifty_concurrent_async_calls_keep_their_own_keys_and_counts():
         return i
 
     async def main():
-        return await asyncio.gather(*(r.call_async(fn, i) for i in range(50)))
+        return await asyncio.gather(*(run_async(r, fn, entry, i) for i in range(50)))
 
     assert asyncio.run(main()) == list(range(50))
     keys = set()
@@ -607,12 +638,13 @@ def test_async_decorator_and_methods():
     assert isinstance(r, Policy)
 
 
-def test_async_exhaustion_raises_the_last_error_with_a_note():
+@ASYNC_ENTRIES
+def test_async_exhaustion_raises_the_last_error_with_a_note(entry):
     async def fail():
         raise ConnectionError("down")
 
     with pytest.raises(ConnectionError) as info:
-        asyncio.run(Retry(max_attempts=2, clock=FakeClock()).call_async(fail))
+        asyncio.run(run_async(Retry(max_attempts=2, clock=FakeClock()), fail, entry))
     if HAS_NOTES:
         assert info.value.__notes__ == ["buttress.Retry: gave up after 2 attempts (max_attempts=2 reached)"]
 
@@ -653,16 +685,27 @@ def test_property_budget_never_allows_more_than_its_ratio_plus_floor(ratio, call
 
 
 @pytest.mark.parametrize("via", ["deadline", "budget"])
-def test_counters_with_a_deadline_or_budget(via):
+@pytest.mark.parametrize("entry", ["call", "decorator", "call_async", "async_decorator"])
+def test_counters_with_a_deadline_or_budget(via, entry):
     clock = FakeClock()
     extra = dict(deadline=10.0) if via == "deadline" else dict(budget=RetryBudget(clock=clock))
     r = Retry(backoff=NO_WAIT, retry_on=ConnectionError, clock=clock, **extra)
-    r.call(flaky(0))
-    r.call(flaky(1))
+
+    def go(fn):
+        if entry in ("call", "decorator"):
+            return run(r, fn, entry)
+
+        async def afn():
+            return fn()
+
+        return asyncio.run(run_async(r, afn, entry.replace("async_", "")))
+
+    go(flaky(0))
+    go(flaky(1))
     with pytest.raises(KeyError):
-        r.call(flaky(1, exc=KeyError))
+        go(flaky(1, exc=KeyError))
     with pytest.raises(ConnectionError):
-        r.call(flaky(5))
+        go(flaky(5))
     assert r.metrics() == RetryMetrics(1, 1, 1, 1)
 
 

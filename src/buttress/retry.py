@@ -18,7 +18,6 @@ one counter bump; everything else lives on the failure path.
 from __future__ import annotations
 
 import contextvars
-import functools
 import itertools
 import math
 import threading
@@ -27,8 +26,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 from . import _context
-from ._base import Policy, is_async_callable
+from ._base import Policy
 from ._params import NS, check_callable, check_float, check_int, exception_matcher, seconds_to_ns
+from ._wrap import specialize
 from .backoff import Backoff, constant, exponential
 from .clock import resolve_clock
 from .errors import Rejected
@@ -196,7 +196,6 @@ class Retry(Policy):
     # -- the two entry points: the success path inline, the rest in _loop_* and _after_failure ---------
 
     def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        # the decorator's wrapper (__call__) inlines this same success path; keep the two in step
         call = [1, None, self._now_ns(), self, args, kwargs, None]
         token = _CALL.set(call)
         try:
@@ -238,13 +237,14 @@ class Retry(Policy):
             _CALL.reset(token)
 
     def __call__(self, fn: F) -> F:
-        """Decorate `fn` (sync, async, methods). For a sync function the wrapper inlines `call()`'s
-        success path: one Python frame fewer, ~150 ns saved per call."""
-        if not callable(fn) or is_async_callable(fn):
-            return super().__call__(fn)
+        """Decorate `fn` (sync, async, methods). The wrapper inlines `call()`'s (or `call_async()`'s)
+        success path: one Python frame fewer than `Policy`'s generic wrapper."""
+        return specialize(self, fn, self._sync_wrapper, self._async_wrapper)
+
+    # the two wrappers below repeat call() / call_async() with `self` and `fn` bound; keep them in step
+    def _sync_wrapper(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         retry, now_ns, pred, ok_first, setup = self, self._now_ns, self._result_pred, self._ok_first, self._setup
 
-        @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             call = [1, None, now_ns(), retry, args, kwargs, None]
             token = _CALL.set(call)
@@ -265,7 +265,32 @@ class Retry(Policy):
             finally:
                 _CALL.reset(token)
 
-        return wrapper  # type: ignore[return-value]
+        return wrapper
+
+    def _async_wrapper(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        retry, now_ns, pred, ok_first, setup = self, self._now_ns, self._result_pred, self._ok_first, self._setup
+
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            call = [1, None, now_ns(), retry, args, kwargs, None]
+            token = _CALL.set(call)
+            try:
+                if setup:
+                    return await retry._guarded_async(call, fn, args, kwargs)
+                try:
+                    result = await fn(*args, **kwargs)
+                except Exception as e:
+                    exc: BaseException | None = e
+                    result = None
+                else:
+                    if pred is None or not pred(result):
+                        next(ok_first)
+                        return result
+                    exc = None
+                return await retry._loop_async(call, fn, args, kwargs, exc, result)
+            finally:
+                _CALL.reset(token)
+
+        return wrapper
 
     # -- the retry loops: after a failed attempt (exc, or result when exc is None), or from the
     #    start (exc=_FIRST) when a deadline or budget has to be set up first ------------------------------
