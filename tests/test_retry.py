@@ -239,7 +239,7 @@ class Throttled(Exception):
 
 
 @pytest.mark.parametrize("retry_after, expected", [(5.0, 5.0), (0.01, 1.0), (None, 1.0), (math.nan, 1.0),
-                                                   (-3.0, 1.0), ("7", 1.0), (7, 7.0)])
+                                                   (-3.0, 1.0), ("7", 1.0), (True, 1.0), (7, 7.0)])
 def test_retry_after_is_a_lower_bound_on_the_wait(retry_after, expected):
     clock = FakeClock()
     waits = []

@@ -390,7 +390,8 @@ class Retry(Policy):
             raise err from exc
         call[_PREV] = wait
         retry_after = getattr(exc, "retry_after", None)
-        if type(retry_after) in (int, float) and math.isfinite(retry_after) and retry_after > wait:
+        if (isinstance(retry_after, (int, float)) and not isinstance(retry_after, bool)
+                and math.isfinite(retry_after) and retry_after > wait):
             wait = float(retry_after)
         left = _context.remaining_ns()
         if left is not None and wait * NS >= left:
