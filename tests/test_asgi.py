@@ -246,26 +246,17 @@ def test_load_shedding_releases_on_app_error(client):
 
 def test_load_shedding_with_real_shedder(client):
     shedding = pytest.importorskip("buttress.shedding")
-    shedder = shedding.LoadShedder(max_in_flight=2)           # LOW admitted while in-flight < 1
+    shedder = shedding.LoadShedder(max_in_flight=2, default_priority=shedding.Priority.LOW)
     prio = {"low": shedding.Priority.LOW, "critical": shedding.Priority.CRITICAL}
-
-    class Counting:
-        in_flight = 0
-
-        @contextlib.contextmanager
-        def admit(self, priority):
-            with shedder.admit(priority):
-                Counting.in_flight += 1
-                try:
-                    yield
-                finally:
-                    Counting.in_flight -= 1
-
-    counting = Counting()
-    with serve(LoadSheddingMiddleware(hello, counting, priority=lambda s: prio[by_header(s)])) as url:
-        shed, ok = shed_scenario(client, url, counting, "critical")
-        assert shed.status_code == 503 and int(shed.headers["retry-after"]) >= 1
+    with serve(LoadSheddingMiddleware(hello, shedder, priority=lambda s: prio[by_header(s)])) as url:
+        shed, ok = shed_scenario(client, url, shedder, "critical")      # LOW admitted below 1 in flight
+        assert shed.status_code == 503 and shed.headers["retry-after"] == "1"   # no latency known yet
         assert ok.status_code == 200
+    assert shedder.metrics().shed[shedding.Priority.LOW] == 1
+    with serve(LoadSheddingMiddleware(hello, shedder)) as url:          # None: the shedder's default (LOW)
+        shed, ok = shed_scenario(client, url, shedder, "critical")
+        assert shed.status_code == 503 and ok.status_code == 503      # no header is read: both LOW
+    assert shedder.in_flight == 0
 
 
 def test_load_shedding_bad_arguments():

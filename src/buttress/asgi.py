@@ -156,7 +156,8 @@ class LoadSheddingMiddleware:
     Retry-After (the shedder's `retry_after`, else `retry_after` seconds).
 
     `priority` is a `buttress.Priority` for every request or a callable(scope) -> Priority (e.g. from a
-    header or the path); default MEDIUM. The request holds its slot until the response is sent.
+    header or the path); None uses the shedder's `default_priority` (MEDIUM unless set). The request
+    holds its slot until the response is sent.
     """
 
     def __init__(self, app: ASGIApp, shedder: Any, priority: Any = None, retry_after: int = 1) -> None:
@@ -165,9 +166,7 @@ class LoadSheddingMiddleware:
         if not callable(getattr(shedder, "admit", None)):
             raise TypeError(f"shedder must be a buttress.LoadShedder (with .admit(priority)), got {shedder!r}")
         self.shedder = shedder
-        if priority is None:
-            from .shedding import Priority
-            priority = Priority.MEDIUM
+        # None: the shedder's own default_priority; a Priority: for every request; else callable(scope)
         self.priority = priority if callable(priority) and not isinstance(priority, int) else (lambda scope: priority)
         self.retry_after = check_int("retry_after", retry_after, minimum=1)
 

@@ -24,8 +24,8 @@ __all__ = ["Registry", "Entry", "KINDS", "default_registry"]
 
 log = logging.getLogger("buttress.registry")
 
-# kind -> (module, class) of what the registry builds. "rate_limiter" holds other limiters that were
-# registered (LeakyBucket, window limiters, MultiLimiter); the registry never builds those itself.
+# kind -> (module, class) of what the registry builds. Two kinds are only ever registered, never built:
+# "rate_limiter" (LeakyBucket, window limiters, MultiLimiter) and "thread_pool_bulkhead".
 _BUILT = {
     "circuit_breaker": ("circuit_breaker", "CircuitBreaker"),
     "token_bucket": ("rate_limit", "TokenBucket"),
@@ -34,7 +34,7 @@ _BUILT = {
     "load_shedder": ("shedding", "LoadShedder"),
     "retry": ("retry", "Retry"),
 }
-KINDS = (*_BUILT, "rate_limiter")
+KINDS = (*_BUILT, "rate_limiter", "thread_pool_bulkhead")
 _OTHER_LIMITERS = ("LeakyBucket", "FixedWindowLimiter", "SlidingWindowLimiter", "MultiLimiter")
 
 
@@ -202,6 +202,8 @@ class Registry:
         rate_limit = importlib.import_module("buttress.rate_limit")
         if isinstance(obj, tuple(getattr(rate_limit, n) for n in _OTHER_LIMITERS if hasattr(rate_limit, n))):
             return "rate_limiter"
+        if isinstance(obj, importlib.import_module("buttress.bulkhead").ThreadPoolBulkhead):
+            return "thread_pool_bulkhead"
         raise TypeError(f"cannot tell the kind of {obj!r}: pass kind= (one of {', '.join(KINDS)})")
 
     def get(self, kind: str, name: str, default: Any = None) -> Any:
