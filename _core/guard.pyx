@@ -1,0 +1,125 @@
+# cython: language_level=3, freethreading_compatible=True, boundscheck=False, wraparound=False, cdivision=True
+"""A compiled guard for admit-then-release patterns (bulkhead, rate limiter, load shedder, ...).
+
+`StageGuard(fn, acquire, refuse, release, pending, drain)` is a callable running fn as:
+
+    if not acquire(): refuse()        # refuse raises the rejection, or returns once admitted (a wait)
+    try: return fn(*args, **kwargs)
+    finally:
+        release()                     # optional
+        if pending: drain()           # optional: e.g. hand the permit to a waiter
+
+acquire / release are the compiled core's bound methods, called through vectorcall; the guard itself is
+called through the C vectorcall entry of include/buttress_guard.h: no argument tuple or dict is built
+and an exception from fn passes through without an extra frame. Twin: buttress/_guard_py.py.
+"""
+from libc.stdint cimport int64_t
+from cpython.object cimport PyObject, PyTypeObject, PyObject_Length
+from cpython.exc cimport PyErr_Clear
+
+import logging
+import types
+
+__all__ = ["StageGuard"]
+
+log = logging.getLogger("buttress.guard")
+
+cdef extern from "Python.h":
+    ctypedef PyObject *(*vectorcallfunc)(PyObject *, PyObject *const *, size_t, PyObject *)
+    PyObject *PyObject_CallNoArgs(PyObject *) except NULL
+
+cdef extern from "buttress_guard.h":
+    ctypedef struct bt_guard_ops:
+        int (*enter)(PyObject *owner, int64_t *token, int64_t *start) except -1
+        int (*exit_ok)(PyObject *owner, int64_t token, int64_t start, PyObject *result) except -1
+        void (*exit_err)(PyObject *owner, int64_t token, int64_t start, PyObject *exc)
+    PyObject *bt_guard_vectorcall(PyObject *, PyObject *const *, size_t, PyObject *)
+    int bt_guard_install(PyTypeObject *tp, Py_ssize_t offset) except -1
+
+
+cdef class _Stage:
+    """The admit / release callables of one guard (the guard's `owner`)."""
+    cdef object acquire, refuse, release, pending, drain
+
+
+cdef int _enter(PyObject *owner, int64_t *token, int64_t *start) except -1:
+    cdef _Stage s = <_Stage>owner
+    token[0] = 0
+    start[0] = 0
+    if s.acquire() is not True:
+        s.refuse()                      # raises, or returns once a permit was obtained
+    return 0
+
+
+cdef int _after(_Stage s) except -1:
+    if s.release is not None:
+        s.release()
+    if s.pending is not None and PyObject_Length(s.pending) > 0:
+        s.drain()
+    return 0
+
+
+cdef int _exit_ok(PyObject *owner, int64_t token, int64_t start, PyObject *result) except -1:
+    return _after(<_Stage>owner)
+
+
+cdef void _exit_err(PyObject *owner, int64_t token, int64_t start, PyObject *exc) noexcept:
+    try:
+        _after(<_Stage>owner)
+    except BaseException:
+        log.exception("releasing after a failed call failed")
+
+
+cdef bt_guard_ops _OPS
+_OPS.enter = _enter
+_OPS.exit_ok = _exit_ok
+_OPS.exit_err = _exit_err
+
+
+cdef class StageGuard:
+    """fn guarded by acquire / refuse / release; binds like a function.
+    Layout: the first fields must match bt_guard_head in include/buttress_guard.h."""
+    cdef vectorcallfunc vectorcall
+    cdef const bt_guard_ops *ops
+    cdef PyObject *owner_ptr
+    cdef PyObject *fn_ptr
+    cdef object owner
+    cdef object fn
+    cdef dict __dict__
+
+    def __init__(self, fn, acquire, refuse, release=None, pending=None, drain=None):
+        for name, value in (("fn", fn), ("acquire", acquire), ("refuse", refuse)):
+            if not callable(value):
+                raise TypeError(f"{name} must be callable, got {value!r}")
+        for name, value in (("release", release), ("drain", drain)):
+            if value is not None and not callable(value):
+                raise TypeError(f"{name} must be callable or None, got {value!r}")
+        if (pending is None) != (drain is None):
+            raise TypeError("pending and drain go together: give both or neither")
+        cdef _Stage s = _Stage.__new__(_Stage)
+        s.acquire, s.refuse, s.release, s.pending, s.drain = acquire, refuse, release, pending, drain
+        self.vectorcall = bt_guard_vectorcall
+        self.ops = &_OPS
+        self.owner = s
+        self.fn = fn
+        self.owner_ptr = <PyObject *>s
+        self.fn_ptr = <PyObject *>fn
+
+    def __call__(self, *args, **kwargs):     # only reached by callers that bypass vectorcall
+        cdef _Stage s = <_Stage>self.owner
+        cdef int64_t token, start
+        _enter(<PyObject *>s, &token, &start)
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            _after(s)
+
+    def __get__(self, obj, objtype):
+        return self if obj is None else types.MethodType(self, obj)
+
+
+def _install():
+    cdef StageGuard probe = StageGuard.__new__(StageGuard)
+    bt_guard_install(<PyTypeObject *>StageGuard, <Py_ssize_t>(<char *>&probe.vectorcall - <char *><PyObject *>probe))
+
+_install()

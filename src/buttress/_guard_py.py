@@ -1,0 +1,39 @@
+"""Pure-Python twin of buttress._core.guard: the spec and the fallback."""
+from __future__ import annotations
+
+import types
+from typing import Any, Callable
+
+__all__ = ["StageGuard"]
+
+
+class StageGuard:
+    """fn guarded by acquire / refuse / release (see buttress._core.guard); binds like a function."""
+
+    def __init__(self, fn: Callable[..., Any], acquire: Callable[[], bool], refuse: Callable[[], Any],
+                 release: Callable[[], Any] | None = None, pending: Any = None,
+                 drain: Callable[[], Any] | None = None) -> None:
+        for name, value in (("fn", fn), ("acquire", acquire), ("refuse", refuse)):
+            if not callable(value):
+                raise TypeError(f"{name} must be callable, got {value!r}")
+        for name, value in (("release", release), ("drain", drain)):
+            if value is not None and not callable(value):
+                raise TypeError(f"{name} must be callable or None, got {value!r}")
+        if (pending is None) != (drain is None):
+            raise TypeError("pending and drain go together: give both or neither")
+        self._fn, self._acquire, self._refuse = fn, acquire, refuse
+        self._release, self._pending, self._drain = release, pending, drain
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._acquire() is not True:
+            self._refuse()                  # raises, or returns once admitted
+        try:
+            return self._fn(*args, **kwargs)
+        finally:
+            if self._release is not None:
+                self._release()
+            if self._pending is not None and len(self._pending) > 0:
+                self._drain()               # type: ignore[misc]
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        return self if obj is None else types.MethodType(self, obj)

@@ -1,0 +1,123 @@
+"""The compiled admit/release guard and its twin."""
+import inspect
+import threading
+
+import pytest
+
+from helpers import race
+
+
+class Gate:
+    def __init__(self, permits):
+        self.free, self.log, self.lock = permits, [], threading.Lock()
+        self.waiting = []
+
+    def acquire(self):
+        with self.lock:
+            if self.free > 0:
+                self.free -= 1
+                return True
+            return False
+
+    def refuse(self):
+        self.log.append("refused")
+        raise RuntimeError("full")
+
+    def release(self):
+        with self.lock:
+            self.free += 1
+
+
+def test_admits_calls_and_releases(impl):
+    gate = Gate(1)
+    g = impl.guard.StageGuard(lambda x, y=0: x + y, gate.acquire, gate.refuse, gate.release)
+    assert g(1, y=2) == 3 and gate.free == 1
+
+
+def test_refusal_raises_and_does_not_release(impl):
+    gate = Gate(0)
+    g = impl.guard.StageGuard(lambda: "ran", gate.acquire, gate.refuse, gate.release)
+    with pytest.raises(RuntimeError, match="full"):
+        g()
+    assert gate.free == 0 and gate.log == ["refused"]
+
+
+def test_refuse_may_admit_after_waiting(impl):
+    gate = Gate(0)
+    g = impl.guard.StageGuard(lambda: "ran", gate.acquire, lambda: gate.log.append("waited"), gate.release)
+    assert g() == "ran" and gate.log == ["waited"] and gate.free == 1
+
+
+def test_exception_passes_through_unchanged_and_releases(impl):
+    gate = Gate(1)
+    err = KeyError("k")
+
+    def boom():
+        raise err
+
+    g = impl.guard.StageGuard(boom, gate.acquire, gate.refuse, gate.release)
+    with pytest.raises(KeyError) as info:
+        g()
+    assert info.value is err and gate.free == 1
+    assert info.traceback[-1].name == "boom"
+
+
+def test_drain_runs_only_when_something_is_pending(impl):
+    gate, drained, pending = Gate(1), [], []
+    g = impl.guard.StageGuard(lambda: 1, gate.acquire, gate.refuse, gate.release, pending,
+                              lambda: drained.append(pending.pop()))
+    g()
+    assert drained == []
+    pending.append("waiter")
+    g()
+    assert drained == ["waiter"] and pending == []
+
+
+def test_binds_like_a_function(impl):
+    gate = Gate(5)
+
+    class Service:
+        def work(self, k):
+            return (self, k)
+
+    Service.work = impl.guard.StageGuard(Service.work, gate.acquire, gate.refuse, gate.release)
+    s = Service()
+    assert s.work(3) == (s, 3) and gate.free == 5
+
+
+def test_bad_arguments(impl):
+    with pytest.raises(TypeError, match="acquire must be callable"):
+        impl.guard.StageGuard(print, None, print)
+    with pytest.raises(TypeError, match="release must be callable or None"):
+        impl.guard.StageGuard(print, print, print, 3)
+    with pytest.raises(TypeError, match="pending and drain go together"):
+        impl.guard.StageGuard(print, print, print, None, [], None)
+
+
+def test_racing_threads_never_exceed_the_permits(impl, fast_switching):
+    gate, inside, peak, lock = Gate(3), [0], [0], threading.Lock()
+
+    def body():
+        with lock:
+            inside[0] += 1
+            peak[0] = max(peak[0], inside[0])
+        with lock:
+            inside[0] -= 1
+
+    def refuse():
+        raise RuntimeError("full")
+
+    g = impl.guard.StageGuard(body, gate.acquire, refuse, gate.release)
+
+    def run(i):
+        ok = 0
+        for _ in range(2000):
+            try:
+                g()
+                ok += 1
+            except RuntimeError:
+                pass
+        return ok
+
+    assert sum(race(8, run)) > 0
+    assert peak[0] <= 3 and gate.free == 3
