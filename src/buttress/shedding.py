@@ -1,0 +1,197 @@
+"""Load shedding by priority: when in-flight work nears capacity, refuse the least important first.
+
+LOW, MEDIUM and HIGH are admitted while in-flight is below capacity x their fraction (defaults 0.5,
+0.75, 0.9); CRITICAL is always admitted (and counted). The capacity is `max_in_flight`, or an
+adaptive limiter's current limit (`buttress.adaptive.AIMDLimit` / `Gradient2Limit`), which the
+shedder feeds with each call's latency.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+from dataclasses import dataclass
+from enum import IntEnum
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+from ._base import Policy
+from ._params import NS, check_float, check_int, exception_matcher
+from .clock import resolve_clock
+from .errors import Overloaded, Rejected
+
+__all__ = ["Priority", "LoadShedder", "ShedderMetrics"]
+
+
+class Priority(IntEnum):
+    """CRITICAL > HIGH > MEDIUM > LOW (they compare as ints)."""
+
+    LOW = 0
+    MEDIUM = 1
+    HIGH = 2
+    CRITICAL = 3
+
+
+_DEFAULT_FRACTIONS = {Priority.LOW: 0.5, Priority.MEDIUM: 0.75, Priority.HIGH: 0.9}
+_NOT_AN_OUTCOME = (asyncio.CancelledError, KeyboardInterrupt, SystemExit, GeneratorExit)
+_EWMA = 0.2                      # weight of the newest latency in the retry_after estimate
+
+
+@dataclass(frozen=True)
+class ShedderMetrics:
+    in_flight: int
+    capacity: int
+    admitted: Mapping[Priority, int]
+    shed: Mapping[Priority, int]
+
+
+def _priority(value: object) -> Priority:
+    if isinstance(value, Priority):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and value in Priority._value2member_map_:
+        return Priority(value)
+    raise (TypeError if not isinstance(value, int) or isinstance(value, bool) else ValueError)(
+        f"priority must be a buttress.Priority (LOW, MEDIUM, HIGH, CRITICAL), got {value!r}")
+
+
+class _Admission:
+    """One admitted call: `with` / `async with`; leaving frees its slot and reports its latency."""
+
+    __slots__ = ("_shedder", "_priority", "_start", "_in_flight")
+
+    def __init__(self, shedder: LoadShedder, priority: Priority) -> None:
+        self._shedder = shedder
+        self._priority = priority
+        self._start = -1
+
+    def __enter__(self) -> _Admission:
+        self._in_flight = self._shedder._enter(self._priority)
+        self._start = self._shedder._clock.monotonic_ns()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        self._shedder._exit(self._start, self._in_flight, exc)
+
+    async def __aenter__(self) -> _Admission:
+        return self.__enter__()
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+
+class LoadShedder(Policy):
+    """Admission by `Priority` against a capacity of in-flight calls; `Overloaded` on entering when shed.
+
+    - ``max_in_flight``: the capacity (default 100). With a ``limiter`` the capacity is the limiter's
+      current limit (bounded by ``max_in_flight`` only when given).
+    - ``fractions``: {LOW, MEDIUM, HIGH} -> fraction of capacity under which that priority is
+      admitted; missing entries keep the defaults; they must not decrease with priority.
+    - ``limiter``: an adaptive limit (``on_sample(latency, in_flight, dropped)`` and ``limit``).
+    - ``drop_on``: exceptions that tell the limiter the call was dropped (default TimeoutError and
+      buttress rejections); cancellation is reported to nobody.
+    - ``default_priority``: for the decorator and call() when no ``priority=`` is passed.
+
+    ``Overloaded.retry_after`` is a smoothed recent call latency (when a slot is likely to free up), or
+    None before any call finished.
+    """
+
+    def __init__(self, max_in_flight: int | None = None, fractions: Mapping[Priority, float] | None = None,
+                 limiter: Any = None, clock: Any = None, *, drop_on: Any = (TimeoutError, Rejected),
+                 default_priority: Priority = Priority.MEDIUM, name: str | None = None) -> None:
+        if limiter is not None and not (callable(getattr(limiter, "on_sample", None))
+                                        and hasattr(limiter, "limit")):
+            raise TypeError(f"limiter must provide .limit and .on_sample(latency, in_flight, dropped) "
+                            f"(e.g. buttress.adaptive.AIMDLimit), got {limiter!r}")
+        if max_in_flight is None:
+            self._max = None if limiter is not None else 100
+        else:
+            self._max = check_int("max_in_flight", max_in_flight, minimum=1, maximum=1 << 40)
+        self.fractions = MappingProxyType(self._check_fractions(fractions))
+        self.limiter = limiter
+        self._clock = resolve_clock(clock)
+        self._dropped = exception_matcher("drop_on", drop_on)
+        self.default_priority = _priority(default_priority)
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str or None, got {name!r}")
+        self.name = name
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._latency_ns: float | None = None
+        self._admitted = dict.fromkeys(Priority, 0)
+        self._shed = dict.fromkeys(Priority, 0)
+
+    @staticmethod
+    def _check_fractions(fractions: Mapping[Priority, float] | None) -> dict[Priority, float]:
+        out = dict(_DEFAULT_FRACTIONS)
+        if fractions is None:
+            return out
+        if not isinstance(fractions, Mapping):
+            raise TypeError(f"fractions must be a mapping {{Priority: fraction}}, got {fractions!r}")
+        for key, value in fractions.items():
+            p = _priority(key)
+            if p is Priority.CRITICAL:
+                raise ValueError("fractions must not name CRITICAL: CRITICAL is never shed")
+            f = check_float(f"fractions[{p.name}]", value, minimum=0.0, maximum=1.0, min_inclusive=False)
+            assert f is not None
+            out[p] = f
+        if not out[Priority.LOW] <= out[Priority.MEDIUM] <= out[Priority.HIGH]:
+            raise ValueError(f"fractions must not decrease with priority (LOW <= MEDIUM <= HIGH), got "
+                             f"{ {p.name: f for p, f in out.items()} }")
+        return out
+
+    @property
+    def capacity(self) -> int:
+        """In-flight calls the shedder is sized for now."""
+        if self.limiter is None:
+            return self._max  # type: ignore[return-value]
+        limit = int(self.limiter.limit)
+        return limit if self._max is None else min(limit, self._max)
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def _enter(self, priority: Priority) -> int:
+        bound = math.inf if priority is Priority.CRITICAL else self.capacity * self.fractions[priority]
+        with self._lock:
+            if self._in_flight < bound:
+                self._in_flight += 1
+                self._admitted[priority] += 1
+                return self._in_flight
+            self._shed[priority] += 1
+            latency = self._latency_ns
+        retry_after = None if latency is None else latency / NS
+        what = "load shedder" if self.name is None else f"load shedder {self.name!r}"
+        raise Overloaded(f"{what} shed a {priority.name} call ({self._in_flight} in flight, "
+                         f"capacity {self.capacity})", retry_after=retry_after)
+
+    def _exit(self, start: int, in_flight: int, exc: BaseException | None) -> None:
+        elapsed = self._clock.monotonic_ns() - start
+        with self._lock:
+            self._in_flight -= 1
+            self._latency_ns = elapsed if self._latency_ns is None else \
+                (1 - _EWMA) * self._latency_ns + _EWMA * elapsed
+        if self.limiter is not None and not isinstance(exc, _NOT_AN_OUTCOME):
+            self.limiter.on_sample(elapsed / NS, in_flight, exc is not None and self._dropped(exc))
+
+    def admit(self, priority: Priority | None = None) -> _Admission:
+        """Context manager (`with` or `async with`): raises Overloaded on entering when shed."""
+        return _Admission(self, self.default_priority if priority is None else _priority(priority))
+
+    def call(self, fn: Callable[..., Any], /, *args: Any, priority: Priority | None = None, **kwargs: Any) -> Any:
+        """Run fn(*args, **kwargs) if admitted at `priority` (not passed to fn)."""
+        with self.admit(priority):
+            return fn(*args, **kwargs)
+
+    async def call_async(self, fn: Callable[..., Any], /, *args: Any, priority: Priority | None = None,
+                         **kwargs: Any) -> Any:
+        async with self.admit(priority):
+            return await fn(*args, **kwargs)
+
+    def metrics(self) -> ShedderMetrics:
+        with self._lock:
+            return ShedderMetrics(self._in_flight, self.capacity, MappingProxyType(dict(self._admitted)),
+                                  MappingProxyType(dict(self._shed)))
+
+    def __repr__(self) -> str:
+        return f"LoadShedder(capacity={self.capacity}, in_flight={self._in_flight})"

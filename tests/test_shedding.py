@@ -1,0 +1,220 @@
+"""LoadShedder: priority admission, CRITICAL never shed, exact under races, adaptive capacity, bad input."""
+import asyncio
+import threading
+
+import pytest
+
+from buttress import FakeClock, LoadShedder, Overloaded, Priority
+from buttress.adaptive import AIMDLimit
+from helpers import race
+
+
+def test_priority_order():
+    assert Priority.CRITICAL > Priority.HIGH > Priority.MEDIUM > Priority.LOW
+    assert sorted([Priority.HIGH, Priority.LOW, Priority.CRITICAL, Priority.MEDIUM]) == list(Priority)
+
+
+def _fill(shed, priority, n):
+    held = []
+    for _ in range(n):
+        adm = shed.admit(priority)
+        adm.__enter__()
+        held.append(adm)
+    return held
+
+
+def test_each_priority_admitted_below_its_fraction_of_capacity():
+    shed = LoadShedder(max_in_flight=100)
+    held = _fill(shed, Priority.LOW, 50)                 # LOW: while in_flight < 50
+    with pytest.raises(Overloaded):
+        shed.admit(Priority.LOW).__enter__()
+    held += _fill(shed, Priority.MEDIUM, 25)             # MEDIUM: while < 75
+    with pytest.raises(Overloaded):
+        shed.admit(Priority.MEDIUM).__enter__()
+    held += _fill(shed, Priority.HIGH, 15)               # HIGH: while < 90
+    with pytest.raises(Overloaded):
+        shed.admit(Priority.HIGH).__enter__()
+    held += _fill(shed, Priority.CRITICAL, 500)          # CRITICAL: always, even past capacity
+    assert shed.in_flight == 590
+    m = shed.metrics()
+    assert dict(m.admitted) == {Priority.LOW: 50, Priority.MEDIUM: 25, Priority.HIGH: 15, Priority.CRITICAL: 500}
+    assert dict(m.shed) == {Priority.LOW: 1, Priority.MEDIUM: 1, Priority.HIGH: 1, Priority.CRITICAL: 0}
+    for adm in held:
+        adm.__exit__(None, None, None)
+    assert shed.in_flight == 0
+
+
+def test_shed_order_holds_under_saturation():
+    """With load rising, LOW is refused first, then MEDIUM, then HIGH; CRITICAL never."""
+    shed = LoadShedder(max_in_flight=40, fractions={Priority.LOW: 0.25, Priority.MEDIUM: 0.5, Priority.HIGH: 0.75})
+    held, first_refused = [], {}
+    for step in range(200):
+        for p in Priority:
+            try:
+                adm = shed.admit(p)
+                adm.__enter__()
+                held.append(adm)
+            except Overloaded:
+                first_refused.setdefault(p, step)
+    assert Priority.CRITICAL not in first_refused
+    assert first_refused[Priority.LOW] < first_refused[Priority.MEDIUM] < first_refused[Priority.HIGH]
+    assert shed.metrics().admitted[Priority.CRITICAL] == 200
+
+
+def test_overloaded_on_entering_with_retry_after_from_latency():
+    clock = FakeClock()
+    shed = LoadShedder(max_in_flight=2, clock=clock)
+    with shed.admit(Priority.HIGH):
+        clock.advance(0.2)
+    err = None
+    with shed.admit(Priority.LOW):                      # in_flight 0 < 1
+        try:
+            with shed.admit(Priority.LOW):              # in_flight 1, not < 2 * 0.5
+                pass
+        except Overloaded as exc:
+            err = exc
+    assert err is not None and err.retry_after == pytest.approx(0.2)
+    assert LoadShedder(max_in_flight=1, fractions={Priority.LOW: 0.1}).admit(Priority.LOW).__enter__()
+    fresh = LoadShedder(max_in_flight=1)
+    with fresh.admit(Priority.CRITICAL):
+        with pytest.raises(Overloaded) as info:
+            fresh.call(lambda: None, priority=Priority.HIGH)
+    assert info.value.retry_after is None               # nothing measured yet
+
+
+def test_call_decorator_and_async():
+    shed = LoadShedder(max_in_flight=10)
+
+    @shed
+    def f(x):
+        return shed.in_flight + x
+
+    @shed
+    async def g(x):
+        return shed.in_flight + x
+
+    assert f(1) == 2 and f(1, priority=Priority.LOW) == 2
+    assert asyncio.run(g(10, priority=Priority.CRITICAL)) == 11
+    assert shed.call(lambda a, b: a + b, 1, b=2, priority=Priority.HIGH) == 3
+
+    async def main():
+        async with shed.admit(Priority.LOW):
+            assert shed.in_flight == 1
+        return await shed.call_async(g.__wrapped__, 5, priority=Priority.MEDIUM)
+
+    assert asyncio.run(main()) == 6
+    m = shed.metrics()
+    assert m.admitted[Priority.MEDIUM] == 2 and m.admitted[Priority.LOW] == 2 and m.in_flight == 0
+    with pytest.raises(ZeroDivisionError):
+        shed.call(lambda: 1 / 0)
+    assert shed.in_flight == 0                          # an error frees the slot
+
+
+def test_exact_under_racing_threads(fast_switching):
+    shed = LoadShedder(max_in_flight=40)                # LOW admitted while < 20
+    admitted = []
+    lock = threading.Lock()
+
+    def body(i):
+        got = 0
+        for _ in range(50):
+            try:
+                adm = shed.admit(Priority.LOW)
+                adm.__enter__()
+            except Overloaded:
+                continue
+            with lock:
+                admitted.append(adm)
+            got += 1
+        return got
+
+    assert sum(race(8, body)) == 20                     # nobody leaves: exactly 20 ever get in
+    assert shed.in_flight == 20
+    for adm in admitted:
+        adm.__exit__(None, None, None)
+    assert shed.in_flight == 0
+
+
+def test_exact_under_1000_async_tasks():
+    shed = LoadShedder(max_in_flight=100)               # MEDIUM while < 75
+    release = None
+
+    async def one(p):
+        try:
+            async with shed.admit(p):
+                await release.wait()
+                return True
+        except Overloaded:
+            return False
+
+    async def main():
+        nonlocal release
+        release = asyncio.Event()
+        tasks = [asyncio.ensure_future(one(Priority.MEDIUM)) for _ in range(1000)]
+        tasks += [asyncio.ensure_future(one(Priority.CRITICAL)) for _ in range(10)]
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert shed.in_flight == 85
+        release.set()
+        return await asyncio.gather(*tasks)
+
+    results = asyncio.run(main())
+    assert sum(results[:1000]) == 75 and all(results[1000:])
+    assert shed.in_flight == 0
+
+
+def test_adaptive_limiter_sets_the_capacity_and_gets_samples():
+    clock = FakeClock()
+    limit = AIMDLimit(initial_limit=10, min_limit=2, max_limit=50, timeout=1.0)
+    shed = LoadShedder(limiter=limit, clock=clock)
+    assert shed.capacity == 10
+    held = _fill(shed, Priority.CRITICAL, 6)
+    for adm in held:                                    # +1 for each fast call made while busy (in_flight >= limit / 2)
+        adm.__exit__(None, None, None)
+    assert limit.limit == 12 and shed.capacity == 12
+    with shed.admit(Priority.CRITICAL):
+        clock.advance(2.0)                              # slower than the timeout: x 0.9
+    assert limit.limit == 10
+    with pytest.raises(TimeoutError):
+        with shed.admit(Priority.CRITICAL):
+            raise TimeoutError                          # a drop: x 0.9
+    assert limit.limit == 9
+
+    async def cancelled():
+        async with shed.admit(Priority.CRITICAL):
+            raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(cancelled())
+    assert limit.limit == 9                             # cancellation is no sample
+    assert LoadShedder(max_in_flight=5, limiter=limit).capacity == 5
+
+
+@pytest.mark.parametrize("kwargs, exc, words", [
+    (dict(max_in_flight=0), ValueError, ["max_in_flight", "0"]),
+    (dict(max_in_flight=2.5), TypeError, ["max_in_flight", "2.5"]),
+    (dict(fractions={Priority.LOW: 0}), ValueError, ["fractions[LOW]", "0"]),
+    (dict(fractions={Priority.LOW: 1.5}), ValueError, ["fractions[LOW]", "1.5"]),
+    (dict(fractions={Priority.CRITICAL: 0.5}), ValueError, ["CRITICAL"]),
+    (dict(fractions={Priority.LOW: 0.9, Priority.HIGH: 0.5}), ValueError, ["decrease"]),
+    (dict(fractions={"LOW": 0.5}), TypeError, ["priority", "'LOW'"]),
+    (dict(fractions=[0.5]), TypeError, ["fractions", "mapping"]),
+    (dict(limiter=object()), TypeError, ["limiter", "on_sample"]),
+    (dict(clock=3), TypeError, ["clock"]),
+    (dict(default_priority=7), ValueError, ["priority", "7"]),
+    (dict(drop_on=5), TypeError, ["drop_on"]),
+])
+def test_bad_arguments(kwargs, exc, words):
+    with pytest.raises(exc) as info:
+        LoadShedder(**kwargs)
+    for w in words:
+        assert w in str(info.value)
+
+
+def test_bad_priority_at_admission():
+    shed = LoadShedder()
+    with pytest.raises(ValueError, match="priority must be a buttress.Priority"):
+        shed.admit(9)
+    with pytest.raises(TypeError, match="priority"):
+        shed.admit("HIGH")
+    assert shed.admit(2)._priority is Priority.HIGH
