@@ -13,7 +13,7 @@ from buttress.otel import MeterBridge, instrument  # noqa: E402
 from buttress.registry import Registry  # noqa: E402
 
 
-def setup(call_durations=True):
+def setup(call_durations=True):       # the bridge's default is False; most tests here want the histogram
     reader = InMemoryMetricReader()
     provider = sdk_metrics.MeterProvider(metric_readers=[reader])
     reg = Registry()
@@ -91,6 +91,15 @@ def test_close_stops_reporting_and_unsubscribes():
     assert cb.hook is None
     m = collect(reader)
     assert not m.get("buttress.circuitbreaker.state")
+
+
+def test_no_histogram_by_default():
+    reader = InMemoryMetricReader()
+    reg = Registry()
+    cb = reg.circuit_breaker("x")
+    instrument(reg, meter_provider=sdk_metrics.MeterProvider(metric_readers=[reader]))
+    cb.call(lambda: None)
+    assert cb.hook is None and "buttress.circuitbreaker.calls" not in collect(reader)
 
 
 def test_bad_arguments():

@@ -52,7 +52,7 @@ def test_breaker_metrics_names_and_values():
     clock = FakeClock()
     reg = Registry()
     prom = CollectorRegistry()
-    prom.register(ButtressCollector(reg))
+    prom.register(ButtressCollector(reg, call_durations=True))
     traffic(clock, reg)
     m = scrape(prom)
     assert m[("buttress_circuitbreaker_state", L(name="payment", state="forced_open"))] == 1.0
@@ -170,7 +170,7 @@ def test_follows_breakers_added_later_and_close_unsubscribes():
     clock = FakeClock()
     reg = Registry()
     prom = CollectorRegistry()
-    collector = ButtressCollector(reg)
+    collector = ButtressCollector(reg, call_durations=True)
     prom.register(collector)
     late = reg.circuit_breaker("late", clock=clock)
     late.call(lambda: clock.advance(0.5))
@@ -186,11 +186,14 @@ def test_follows_breakers_added_later_and_close_unsubscribes():
     assert reg.circuit_breaker("after-close").hook is None
 
 
-def test_nothing_subscribed_without_call_durations():
+def test_nothing_subscribed_by_default():
     reg = Registry()
     cb = reg.circuit_breaker("x")
-    ButtressCollector(reg, call_durations=False)
-    assert cb.hook is None
+    prom = CollectorRegistry()
+    prom.register(ButtressCollector(reg))
+    reg.circuit_breaker("y")
+    assert cb.hook is None and reg.circuit_breaker("y").hook is None
+    assert not any(name.startswith("buttress_circuitbreaker_calls_seconds") for name, _ in scrape(prom))
 
 
 def test_register_helper_prefix_and_describe():

@@ -77,6 +77,17 @@ GROUP_KINDS = {
 }
 
 
+def _states() -> list[tuple[Any, str]]:
+    global _STATES
+    if _STATES is None:
+        from .circuit_breaker import State
+        _STATES = [(st, st.name.lower()) for st in State]
+    return _STATES
+
+
+_STATES: list[tuple[Any, str]] | None = None
+
+
 def read(registry: Any, kinds: tuple[str, ...] | None = None) -> Samples:
     """Samples for every family, in FAMILIES order: ``out[i] = [(labels, value), ...]``; only from
     objects of `kinds` when given."""
@@ -96,9 +107,8 @@ def read(registry: Any, kinds: tuple[str, ...] | None = None) -> Samples:
         except Exception:  # noqa: BLE001 - an object without metrics() reports nothing
             continue
         if kind == "circuit_breaker":
-            from .circuit_breaker import State
-            for st in State:
-                add("circuitbreaker", "state", {**n, "state": st.name.lower()}, 1 if m.state == st else 0)
+            for st, label in _states():
+                add("circuitbreaker", "state", {**n, "state": label}, 1 if m.state == st else 0)
             add("circuitbreaker", "failure_rate", n, m.failure_rate)
             add("circuitbreaker", "slow_call_rate", n, m.slow_call_rate)
             add("circuitbreaker", "buffered_calls", {**n, "kind": "successful"}, m.calls - m.failures)

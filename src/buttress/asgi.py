@@ -16,6 +16,9 @@ from __future__ import annotations
 import math
 from typing import Any, Awaitable, Callable
 
+from ._params import NS, check_bool, check_int, emission_interval_ns
+from .errors import Overloaded
+
 __all__ = ["RateLimitMiddleware", "LoadSheddingMiddleware", "HealthEndpoints", "client_ip"]
 
 Scope = dict
@@ -80,7 +83,6 @@ class RateLimitMiddleware:
 
     def __init__(self, app: ASGIApp, limiter: Any, key: Callable[[Scope], Any] | None = None,
                  trusted_proxies: int = 0, policy: str = "default", headers: bool = True) -> None:
-        from ._params import check_bool, check_int
         from .rate_limit import KeyedLimiter, TokenBucket
         self.app = _check_app(app)
         if not isinstance(limiter, (KeyedLimiter, TokenBucket)):
@@ -98,6 +100,8 @@ class RateLimitMiddleware:
         window = max(1, math.ceil(limiter.capacity / limiter.rate))
         # q per w never promises more than the bucket gives: capacity + floor(w * rate) >= q in any w seconds
         self.policy_header = f'"{policy}";q={limiter.capacity};w={window}'.encode()
+        self._interval_ns = emission_interval_ns(limiter.rate, limiter.capacity)[2]
+        self._tau_ns = self._interval_ns * limiter.capacity
 
     def _key(self, scope: Scope) -> Any:
         if self.key is not None:
@@ -109,23 +113,14 @@ class RateLimitMiddleware:
     def _wait(self, key: Any, n: int) -> float:
         return self.limiter.wait_time(key, n) if self.keyed else self.limiter.wait_time(n)
 
-    def _remaining(self, key: Any) -> int:
-        if not self.keyed:
-            return self.limiter.available
-        lo, hi = 0, self.limiter.capacity      # the largest n available now: log2(capacity) probes
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if self._wait(key, mid) == 0.0:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
-
-    def _rate_headers(self, key: Any, remaining: int | None = None) -> list[tuple[bytes, bytes]]:
-        r = self._remaining(key) if remaining is None else remaining
-        t = math.ceil(self._wait(key, self.limiter.capacity))
+    def _rate_headers(self, key: Any, rejected: bool = False) -> list[tuple[bytes, bytes]]:
+        # GCRA: the wait until the bucket is full, F ns, says everything: r = (capacity * I - F) // I
+        # tokens are available now (I = the emission interval), and the quota is whole again in F.
+        full = self._wait(key, self.limiter.capacity)
+        full_ns = math.ceil(full * NS)
+        r = 0 if rejected else max(0, (self._tau_ns - full_ns) // self._interval_ns)
         return [(b"ratelimit-policy", self.policy_header),
-                (b"ratelimit", f'"{self.policy}";r={r};t={t}'.encode())]
+                (b"ratelimit", f'"{self.policy}";r={r};t={math.ceil(full)}'.encode())]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -136,7 +131,7 @@ class RateLimitMiddleware:
         admitted = self.limiter.try_acquire(key) if self.keyed else self.limiter.try_acquire(1)
         if not admitted:
             retry_after = _retry_after(self._wait(key, 1))
-            headers = [(b"retry-after", str(retry_after).encode()), *self._rate_headers(key, 0)]
+            headers = [(b"retry-after", str(retry_after).encode()), *self._rate_headers(key, rejected=True)]
             return await _respond(send, 429, b"rate limit exceeded\n", headers,
                                   head=scope.get("method") == "HEAD")
         if not self.headers:
@@ -161,7 +156,6 @@ class LoadSheddingMiddleware:
     """
 
     def __init__(self, app: ASGIApp, shedder: Any, priority: Any = None, retry_after: int = 1) -> None:
-        from ._params import check_int
         self.app = _check_app(app)
         if not callable(getattr(shedder, "admit", None)):
             raise TypeError(f"shedder must be a buttress.LoadShedder (with .admit(priority)), got {shedder!r}")
@@ -173,7 +167,6 @@ class LoadSheddingMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        from .errors import Overloaded
         admission = self.shedder.admit(self.priority(scope))
         try:
             admission.__enter__()

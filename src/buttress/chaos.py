@@ -11,14 +11,19 @@ from ``random.Random(seed)``, so a seed gives the same sequence of decisions on 
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import threading
 from dataclasses import dataclass
 from random import Random
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
-from ._base import Policy
+from ._base import Policy, is_async_callable
 from ._params import check_bool, check_float
 from .clock import resolve_clock
+from .retry import _count
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 __all__ = ["Chaos", "ChaosMetrics", "InjectedFault"]
 
@@ -95,7 +100,8 @@ class Chaos(Policy):
         self._enabled = check_bool("enabled", enabled)
         self._clock = resolve_clock(clock)
         self._lock = threading.Lock()       # one decision = consecutive draws: keeps a seeded run reproducible
-        self._calls = self._faults = self._latencies = self._results = 0
+        self._calls = itertools.count()     # next() is atomic: the no-injection path takes no lock
+        self._faults = self._latencies = self._results = 0
 
     # -- runtime switches ------------------------------------------------------------------------------
     @property
@@ -146,11 +152,13 @@ class Chaos(Policy):
             self._rng = Random(self.seed)
 
     # -- decisions -------------------------------------------------------------------------------------
-    def _decide(self) -> tuple[float, bool, bool]:
-        """(seconds to wait, raise?, replace the result?) for one call."""
+    def _decide(self) -> tuple[float, bool, bool] | None:
+        """(seconds to wait, raise?, replace the result?) for one call; None when every rate is 0."""
+        next(self._calls)
+        if not (self._latency_rate or self._fault_rate or self._result_rate):
+            return None
         with self._lock:
             rng = self._rng
-            self._calls += 1
             delay = 0.0
             if self._latency_rate and rng.random() < self._latency_rate:
                 lo, hi = self._latency
@@ -178,10 +186,29 @@ class Chaos(Policy):
     def _result(self) -> Any:
         return self.result() if callable(self.result) else self.result
 
+    def __call__(self, fn: F) -> F:
+        """Decorate a function or an async function; while disabled the wrapper only reads a flag."""
+        if not callable(fn):
+            raise TypeError(f"Chaos decorates a callable, got {fn!r}")
+        if is_async_callable(fn):
+            return super().__call__(fn)
+        call = self.call
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if not self._enabled:
+                return fn(*args, **kwargs)
+            return call(fn, *args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
     def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         if not self._enabled:
             return fn(*args, **kwargs)
-        delay, fault, result = self._decide()
+        decision = self._decide()
+        if decision is None:
+            return fn(*args, **kwargs)
+        delay, fault, result = decision
         if delay:
             self._clock.sleep(delay)
         if fault:
@@ -193,7 +220,10 @@ class Chaos(Policy):
     async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         if not self._enabled:
             return await fn(*args, **kwargs)
-        delay, fault, result = self._decide()
+        decision = self._decide()
+        if decision is None:
+            return await fn(*args, **kwargs)
+        delay, fault, result = decision
         if delay:
             await self._clock.sleep_async(delay)
         if fault:
@@ -204,7 +234,7 @@ class Chaos(Policy):
 
     def metrics(self) -> ChaosMetrics:
         with self._lock:
-            return ChaosMetrics(self._calls, self._faults, self._latencies, self._results)
+            return ChaosMetrics(_count(self._calls), self._faults, self._latencies, self._results)
 
     def __repr__(self) -> str:
         return (f"Chaos(fault_rate={self._fault_rate!r}, latency_rate={self._latency_rate!r}, "

@@ -7,10 +7,10 @@
 A custom collector: snapshots (`metrics()`) are read at scrape time, so between scrapes nothing is
 paid. Names mirror Resilience4j's (``resilience4j_circuitbreaker_state`` ->
 ``buttress_circuitbreaker_state``); see docs/observability.md for the full list. The one metric built
-from events is the ``buttress_circuitbreaker_calls_seconds{name,kind}`` histogram: with
-``call_durations=True`` (the default) the collector subscribes to each breaker's success / error /
-ignored events; ``call_durations=False`` leaves the breakers' hot paths untouched, and ``close()``
-unsubscribes.
+from events is the ``buttress_circuitbreaker_calls_seconds{name,kind}`` histogram, built only with
+``call_durations=True``: the collector then subscribes to each breaker's success / error / ignored
+events, which costs about 2 us per guarded call (an event object per call); by default the breakers'
+hot paths are untouched. ``close()`` unsubscribes.
 
 This module imports without prometheus_client; creating a collector needs it.
 """
@@ -47,7 +47,7 @@ class _Histogram:
 class ButtressCollector:
     """A prometheus_client collector over `registry` (the default registry when None)."""
 
-    def __init__(self, registry: Any = None, prefix: str = "buttress", call_durations: bool = True,
+    def __init__(self, registry: Any = None, prefix: str = "buttress", call_durations: bool = False,
                  buckets: Sequence[float] = DEFAULT_BUCKETS) -> None:
         self._core = _require()
         from ._params import check_bool, check_float

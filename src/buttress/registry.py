@@ -129,10 +129,10 @@ class Registry:
         return self._get_or_create("retry", name, options)
 
     def _get_or_create(self, kind: str, name: str, options: dict[str, Any]) -> Any:
-        _check_name(name)
         obj = self._objects[kind].get(name)        # fast path: a dict read, no lock
         if obj is not None and not options:
             return obj
+        _check_name(name)
         with self._lock:
             obj = self._objects[kind].get(name)
             if obj is not None:
