@@ -311,3 +311,20 @@ def test_bad_arguments():
         HealthRegistry(degraded_http_status=42)
     with pytest.raises(TypeError, match="clock must provide"):
         HealthRegistry(clock=object())
+
+
+def test_async_check_failures_are_results():
+    h = HealthRegistry(clock=FakeClock())
+
+    async def raises():
+        raise OSError("disk full")
+
+    async def falsy():
+        return 0
+
+    h.add_readiness("disk", raises)
+    h.add_readiness("queue", falsy)
+    r = h.check_sync("readiness")
+    assert r.status == "down"
+    assert r["checks"]["disk"]["error"] == "OSError: disk full"
+    assert r["checks"]["queue"]["error"] == "check returned 0"

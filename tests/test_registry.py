@@ -1,6 +1,9 @@
 """Registry: get-or-create by name, shared defaults, conflicts, iteration, listeners, races."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from buttress import Bulkhead, CircuitBreaker, FakeClock, KeyedLimiter, Retry, TokenBucket
@@ -170,3 +173,27 @@ def test_default_registry_is_a_registry():
     assert isinstance(default_registry, Registry)
     import buttress
     assert buttress.Registry is Registry
+
+
+def test_imports_without_extras_and_clear_error():
+    """Every operations module imports with no optional extra; using one needs its extra."""
+    code = """
+import sys
+for m in ("prometheus_client", "opentelemetry", "uvicorn", "starlette", "httpx"):
+    sys.modules[m] = None
+import buttress.asgi, buttress.health, buttress.chaos, buttress.registry, buttress.prometheus, buttress.otel
+from buttress.registry import Registry
+try:
+    buttress.prometheus.ButtressCollector(Registry())
+except ImportError as exc:
+    assert "pip install 'buttress[prometheus]'" in str(exc), exc
+else:
+    raise AssertionError("no ImportError")
+try:
+    buttress.otel.instrument(Registry())
+except ImportError as exc:
+    assert "pip install 'buttress[otel]'" in str(exc), exc
+else:
+    raise AssertionError("no ImportError")
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -17,6 +17,7 @@ This module imports without prometheus_client; creating a collector needs it.
 from __future__ import annotations
 
 import bisect
+import re
 import threading
 from typing import Any, Iterator, Sequence
 
@@ -55,7 +56,7 @@ class ButtressCollector:
             from .registry import default_registry as registry
         if not callable(getattr(registry, "entries", None)):
             raise TypeError(f"registry must be a buttress.Registry, got {registry!r}")
-        if not isinstance(prefix, str) or not prefix.replace("_", "a").isalnum() or prefix[0].isdigit():
+        if not isinstance(prefix, str) or not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", prefix):
             raise ValueError(f"prefix must be a metric name prefix ([a-zA-Z_][a-zA-Z0-9_]*), got {prefix!r}")
         bounds = [check_float("buckets", b, minimum=0.0, min_inclusive=False) for b in buckets]
         if not bounds or bounds != sorted(set(bounds)):
