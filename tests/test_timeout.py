@@ -225,6 +225,63 @@ def test_async_timeout_with_system_clock():
     run(main())
 
 
+def test_async_with_block():
+    clock = FakeClock()
+    t = Timeout(1.0, clock=clock)
+    reached = []
+
+    async def main():
+        async with t:
+            assert remaining() == 1.0
+            await clock.sleep_async(0.5)
+        assert remaining() is None
+        with pytest.raises(TimeoutExceeded):
+            async with t:
+                await clock.sleep_async(5.0)
+                reached.append("never")
+        assert clock.monotonic() == 1.5 and reached == []
+        assert cancelling(asyncio.current_task()) == 0
+        assert t._scopes == {}
+
+    run(main())
+
+
+def test_async_with_one_timeout_shared_by_tasks_and_nested():
+    clock = FakeClock()
+    t = Timeout(2.0, clock=clock)
+
+    async def worker(seconds):
+        try:
+            async with t:
+                async with Timeout(10.0, clock=clock):      # inner, longer: bounded by t
+                    await clock.sleep_async(seconds)
+            return "ok", clock.monotonic()
+        except TimeoutExceeded:
+            return "timeout", clock.monotonic()
+
+    async def reentrant():
+        async with t:
+            await clock.sleep_async(1.0)
+            async with t:                                  # the same object, nested: 2 s from now
+                assert remaining() == 1.0                  # ... but never past the outer deadline
+                await clock.sleep_async(0.5)
+        return "ok"
+
+    async def main():
+        results = await asyncio.gather(worker(1.0), worker(3.0), worker(1.5))
+        assert results == [("ok", 1.0), ("timeout", 2.0), ("ok", 1.5)]
+        assert await reentrant() == "ok"
+        assert t._scopes == {}
+
+    run(main())
+
+
+def test_sync_with_is_refused():
+    with pytest.raises(TypeError, match="async with"):
+        with Timeout(1.0):
+            pass
+
+
 # -- sync ---------------------------------------------------------------------------------------------
 
 

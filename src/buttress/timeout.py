@@ -55,6 +55,7 @@ class Timeout(Policy):
         if executor is not None and not isinstance(executor, ThreadPoolBulkhead):
             raise TypeError(f"executor must be a buttress.ThreadPoolBulkhead or None, got {executor!r}")
         self._executor = executor
+        self._scopes: dict[asyncio.Task, list[_AsyncScope]] = {}
 
     @property
     def executor(self) -> ThreadPoolBulkhead:
@@ -94,35 +95,70 @@ class Timeout(Policy):
 
     async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Await `fn(*args, **kwargs)` in the caller's task, cancelling it at the deadline."""
-        budget, by_outer = self._budget_ns()
-        if budget <= 0:
-            raise self._error(budget, by_outer)
-        task = asyncio.current_task()
-        if task is None:
-            raise RuntimeError("Timeout.call_async must run inside an asyncio task")
-        fired = False
-
-        def fire() -> None:
-            nonlocal fired
-            fired = True
-            task.cancel()
-
-        cancelling = task.cancelling() if hasattr(task, "cancelling") else 0     # 3.11+
-        token = push_deadline(self._clock.monotonic_ns() + budget, self._clock)
-        timer = call_later(self._clock, budget / NS, fire)
+        scope = _AsyncScope(self)
         try:
             result = await fn(*args, **kwargs)
-        except asyncio.CancelledError:
-            # ours only if our timer fired and nobody else cancelled the task as well
-            if fired and (not hasattr(task, "uncancel") or task.uncancel() <= cancelling):
-                raise self._error(budget, by_outer) from None
+        except BaseException as exc:
+            scope.exit(exc)
             raise
-        finally:
-            timer.cancel()
-            pop_deadline(token)
-        if fired and hasattr(task, "uncancel"):    # the call swallowed our cancellation: undo it
-            task.uncancel()
+        scope.exit(None)
         return result
+
+    async def __aenter__(self) -> Timeout:
+        """``async with timeout:`` bounds the block like call_async bounds a call."""
+        scope = _AsyncScope(self)
+        self._scopes.setdefault(scope.task, []).append(scope)     # per task: one Timeout serves many
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        task = asyncio.current_task()
+        stack = self._scopes[task]
+        scope = stack.pop()
+        if not stack:
+            del self._scopes[task]
+        scope.exit(exc)
+
+    def __enter__(self) -> None:
+        raise TypeError("a Timeout cannot interrupt a block of sync code: use `async with`, "
+                        "timeout.call(fn, ...) (runs fn on a worker thread) or the decorator")
+
+    def __exit__(self, *exc: object) -> None:   # pragma: no cover - __enter__ always raises
+        pass
 
     def __repr__(self) -> str:
         return f"Timeout({self.seconds!r})"
+
+
+class _AsyncScope:
+    """One timed stretch of a task: pushes the deadline and arms a timer that cancels the task; `exit`
+    disarms them and turns the timer's own cancellation into TimeoutExceeded (as asyncio.timeout does)."""
+
+    __slots__ = ("owner", "task", "budget", "by_outer", "fired", "cancelling", "token", "timer")
+
+    def __init__(self, owner: Timeout) -> None:
+        self.budget, self.by_outer = owner._budget_ns()
+        if self.budget <= 0:
+            raise owner._error(self.budget, self.by_outer)
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("an async Timeout must run inside an asyncio task")
+        self.owner, self.task, self.fired = owner, task, False
+        self.cancelling = task.cancelling() if hasattr(task, "cancelling") else 0     # 3.11+
+        clock = owner._clock
+        self.token = push_deadline(clock.monotonic_ns() + self.budget, clock)
+        self.timer = call_later(clock, self.budget / NS, self._fire)
+
+    def _fire(self) -> None:
+        self.fired = True
+        self.task.cancel()
+
+    def exit(self, exc: BaseException | None) -> None:
+        self.timer.cancel()
+        pop_deadline(self.token)
+        if not self.fired:
+            return
+        # take back our cancel request; the cancellation is ours only if nobody else asked for one too
+        uncancel = getattr(self.task, "uncancel", None)
+        ours = uncancel is None or uncancel() <= self.cancelling
+        if ours and isinstance(exc, asyncio.CancelledError):
+            raise self.owner._error(self.budget, self.by_outer) from None
