@@ -457,6 +457,42 @@ def test_pool_rejects_when_queue_full_and_frees_slots():
     assert (m.running, m.queued) == (0, 0)
 
 
+def test_pool_admission_under_racing_submitters(fast_switching):
+    tp = ThreadPoolBulkhead(max_workers=4, queue_size=6)
+    peak = Peak()
+    counts = [0, 0]
+    clock = threading.Lock()
+    futures = []
+
+    def work(i):
+        peak.enter()
+        time.sleep(0)
+        peak.exit()
+        return i
+
+    def body(t):
+        for j in range(150):
+            try:
+                fut = tp.submit(work, t * 1000 + j)
+            except BulkheadFullError:
+                k = 1
+            else:
+                k = 0
+                with clock:
+                    futures.append((t * 1000 + j, fut))
+            with clock:
+                counts[k] += 1
+
+    race(16, body)
+    assert sum(counts) == 16 * 150
+    assert all(f.result(30) == i for i, f in futures)
+    assert len(futures) == counts[0] and tp.metrics().rejected == counts[1]
+    assert peak.peak <= 4
+    tp.shutdown()
+    m = tp.metrics()
+    assert (m.running, m.queued) == (0, 0)
+
+
 def test_pool_slot_is_free_when_the_caller_hears_the_result():
     tp = ThreadPoolBulkhead(max_workers=1, queue_size=0)
     for i in range(200):
