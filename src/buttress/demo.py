@@ -341,8 +341,11 @@ class Protected:
             buttress.Bulkhead(max_concurrent=16, max_wait=0.05, name="payment"),
             self.breaker,
             buttress.Timeout(0.4))
-        self._inventory = buttress.Pipeline(buttress.Bulkhead(max_concurrent=24, max_wait=0.05, name="inventory"),
-                                            buttress.Timeout(0.25))
+        self._inventory = buttress.Pipeline(       # a stock lookup is a read: safe to try twice
+            buttress.Retry(max_attempts=2, retry_on=(ConnectionError, TimeoutExceeded), backoff=0.01,
+                           on_retry=self._count_retry),
+            buttress.Bulkhead(max_concurrent=24, max_wait=0.05, name="inventory"),
+            buttress.Timeout(0.25))
         self._recommendations = buttress.Pipeline(buttress.Timeout(0.15), fallback=tally.popular)
         self._deadline = {"checkout": buttress.Timeout(2.0), "browse": buttress.Timeout(1.0)}
         self._shedder = buttress.LoadShedder(max_in_flight=40)
