@@ -15,12 +15,13 @@ and an exception from fn passes through without an extra frame. Twin: buttress/_
 """
 from libc.stdint cimport int64_t
 from cpython.object cimport PyObject, PyTypeObject, PyObject_Length
-from cpython.exc cimport PyErr_Clear
+from cpython.pycapsule cimport PyCapsule_GetPointer
+from bt_permits cimport permits_t, permits_try, permits_release
 
 import logging
 import types
 
-__all__ = ["StageGuard"]
+__all__ = ["StageGuard", "StageBase"]
 
 log = logging.getLogger("buttress.guard")
 
@@ -38,25 +39,55 @@ cdef extern from "buttress_guard.h":
 
 
 cdef class _Stage:
-    """The admit / release callables of one guard (the guard's `owner`)."""
+    """The admit / release callables of one guard (the guard's `owner`). When acquire / release are
+    the bound try_acquire / release of a compiled Permits, the permit word is used directly."""
     cdef object acquire, refuse, release, pending, drain
+    cdef permits_t *p
+
+    cdef int setup(self, acquire, refuse, release, pending, drain) except -1:
+        for name, value in (("acquire", acquire), ("refuse", refuse)):
+            if not callable(value):
+                raise TypeError(f"{name} must be callable, got {value!r}")
+        for name, value in (("release", release), ("drain", drain)):
+            if value is not None and not callable(value):
+                raise TypeError(f"{name} must be callable or None, got {value!r}")
+        if (pending is None) != (drain is None):
+            raise TypeError("pending and drain go together: give both or neither")
+        self.acquire, self.refuse, self.release, self.pending, self.drain = acquire, refuse, release, pending, drain
+        holder = getattr(acquire, "__self__", None)
+        if (holder is not None and getattr(acquire, "__name__", "") == "try_acquire"
+                and type(holder).__module__ == "buttress._core.permits"
+                and getattr(release, "__self__", None) is holder and getattr(release, "__name__", "") == "release"):
+            self.p = <permits_t *>PyCapsule_GetPointer(holder._handle(), "buttress.permits_t")
+        return 0
+
+    cdef inline int enter(self) except -1:
+        if self.p != NULL:
+            if not permits_try(self.p, 1):
+                self.refuse()           # raises, or returns once a permit was obtained
+        elif self.acquire() is not True:
+            self.refuse()
+        return 0
+
+    cdef inline int after(self) except -1:
+        if self.p != NULL:
+            if not permits_release(self.p, 1):
+                self.release()          # raises the core's "released but not held" error
+        elif self.release is not None:
+            self.release()
+        if self.pending is not None and PyObject_Length(self.pending) > 0:
+            self.drain()
+        return 0
 
 
 cdef int _enter(PyObject *owner, int64_t *token, int64_t *start) except -1:
-    cdef _Stage s = <_Stage>owner
     token[0] = 0
     start[0] = 0
-    if s.acquire() is not True:
-        s.refuse()                      # raises, or returns once a permit was obtained
-    return 0
+    return (<_Stage>owner).enter()
 
 
 cdef int _after(_Stage s) except -1:
-    if s.release is not None:
-        s.release()
-    if s.pending is not None and PyObject_Length(s.pending) > 0:
-        s.drain()
-    return 0
+    return s.after()
 
 
 cdef int _exit_ok(PyObject *owner, int64_t token, int64_t start, PyObject *result) except -1:
@@ -88,16 +119,10 @@ cdef class StageGuard:
     cdef dict __dict__
 
     def __init__(self, fn, acquire, refuse, release=None, pending=None, drain=None):
-        for name, value in (("fn", fn), ("acquire", acquire), ("refuse", refuse)):
-            if not callable(value):
-                raise TypeError(f"{name} must be callable, got {value!r}")
-        for name, value in (("release", release), ("drain", drain)):
-            if value is not None and not callable(value):
-                raise TypeError(f"{name} must be callable or None, got {value!r}")
-        if (pending is None) != (drain is None):
-            raise TypeError("pending and drain go together: give both or neither")
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {fn!r}")
         cdef _Stage s = _Stage.__new__(_Stage)
-        s.acquire, s.refuse, s.release, s.pending, s.drain = acquire, refuse, release, pending, drain
+        s.setup(acquire, refuse, release, pending, drain)
         self.vectorcall = bt_guard_vectorcall
         self.ops = &_OPS
         self.owner = s
@@ -116,6 +141,41 @@ cdef class StageGuard:
 
     def __get__(self, obj, objtype):
         return self if obj is None else types.MethodType(self, obj)
+
+
+cdef class StageBase:
+    """A compiled `with` / `async with` for admit-then-release patterns: a facade class inherits it and
+    calls `_stage_setup(acquire, refuse, release, pending=None, drain=None)` once (same meaning as
+    StageGuard's arguments). `__enter__` returns self."""
+    cdef _Stage _s
+
+    def _stage_setup(self, acquire, refuse, release=None, pending=None, drain=None):
+        cdef _Stage s = _Stage.__new__(_Stage)
+        s.setup(acquire, refuse, release, pending, drain)
+        self._s = s
+
+    def _stage_guard(self, fn):
+        """A StageGuard for fn with this object's stage."""
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {fn!r}")
+        if self._s is None:
+            raise RuntimeError("_stage_setup() was not called")
+        cdef StageGuard g = StageGuard.__new__(StageGuard)
+        g.vectorcall = bt_guard_vectorcall
+        g.ops = &_OPS
+        g.owner = self._s
+        g.fn = fn
+        g.owner_ptr = <PyObject *>self._s
+        g.fn_ptr = <PyObject *>fn
+        return g
+
+    def __enter__(self):
+        self._s.enter()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self._s.after()
+        return False
 
 
 def _install():

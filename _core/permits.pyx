@@ -4,6 +4,7 @@
 The core answers only: try_acquire says yes or no; waiting for a permit is the facade's business.
 """
 from libc.stdint cimport int64_t
+from cpython.pycapsule cimport PyCapsule_New
 from bt_atomic cimport bt_load, bt_store
 from bt_permits cimport permits_t, permits_try, permits_release
 
@@ -53,6 +54,10 @@ cdef class Permits:
         """Change the maximum. Shrinking never strands holders: they release as usual and
         new permits are issued only once in_use is below the new maximum."""
         bt_store(&self.p.limit, check_int("max_permits", max_permits, minimum=1, maximum=_MAX))
+
+    def _handle(self):
+        """A capsule with the address of the permit word, for compiled guards (keep self alive)."""
+        return PyCapsule_New(&self.p, "buttress.permits_t", NULL)
 
     def __repr__(self):
         return f"Permits(max_permits={self.max_permits}, in_use={self.in_use})"

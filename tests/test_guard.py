@@ -121,3 +121,46 @@ def test_racing_threads_never_exceed_the_permits(impl, fast_switching):
 
     assert sum(race(8, run)) > 0
     assert peak[0] <= 3 and gate.free == 3
+
+
+def test_compiled_permits_are_used_directly(impl):
+    p = impl.permits.Permits(2)
+    g = impl.guard.StageGuard(lambda: p.in_use, p.try_acquire, lambda: (_ for _ in ()).throw(RuntimeError("full")),
+                              p.release)
+    assert g() == 1 and p.in_use == 0
+    p.try_acquire(2)
+    with pytest.raises(RuntimeError, match="full"):
+        g()
+    assert p.in_use == 2
+
+
+def test_stage_base_gives_a_with_block(impl):
+    p = impl.permits.Permits(1)
+
+    def refuse():
+        raise RuntimeError("full")
+
+    class Limited(impl.guard.StageBase):
+        def __init__(self):
+            self._stage_setup(p.try_acquire, refuse, p.release)
+
+    lim = Limited()
+    with lim as got:
+        assert got is lim and p.in_use == 1
+        with pytest.raises(RuntimeError, match="full"):
+            with lim:
+                pass
+    assert p.in_use == 0
+    with pytest.raises(KeyError):
+        with lim:
+            raise KeyError("x")
+    assert p.in_use == 0
+    assert lim._stage_guard(lambda: p.in_use)() == 1
+
+
+def test_stage_base_requires_setup(impl):
+    class Bare(impl.guard.StageBase):
+        pass
+
+    with pytest.raises(RuntimeError, match="_stage_setup"):
+        Bare()._stage_guard(print)

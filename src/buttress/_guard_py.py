@@ -4,7 +4,7 @@ from __future__ import annotations
 import types
 from typing import Any, Callable
 
-__all__ = ["StageGuard"]
+__all__ = ["StageGuard", "StageBase"]
 
 
 class StageGuard:
@@ -37,3 +37,39 @@ class StageGuard:
 
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
         return self if obj is None else types.MethodType(self, obj)
+
+
+class StageBase:
+    """`with` for admit-then-release patterns: a facade class inherits it and calls
+    `_stage_setup(acquire, refuse, release, pending=None, drain=None)` once. `__enter__` returns self."""
+
+    __slots__ = ()
+
+    def _stage_setup(self, acquire: Callable[[], bool], refuse: Callable[[], Any],
+                     release: Callable[[], Any] | None = None, pending: Any = None,
+                     drain: Callable[[], Any] | None = None) -> None:
+        # validates exactly as StageGuard does
+        object.__setattr__(self, "_stage", StageGuard(lambda: None, acquire, refuse, release, pending, drain))
+
+    def _stage_guard(self, fn: Callable[..., Any]) -> StageGuard:
+        """A StageGuard for fn with this object's stage."""
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {fn!r}")
+        st = self.__dict__.get("_stage")
+        if st is None:
+            raise RuntimeError("_stage_setup() was not called")
+        return StageGuard(fn, st._acquire, st._refuse, st._release, st._pending, st._drain)
+
+    def __enter__(self) -> Any:
+        st = self._stage  # type: ignore[attr-defined]
+        if st._acquire() is not True:
+            st._refuse()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        st = self._stage  # type: ignore[attr-defined]
+        if st._release is not None:
+            st._release()
+        if st._pending is not None and len(st._pending) > 0:
+            st._drain()
+        return False
