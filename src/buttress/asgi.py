@@ -91,7 +91,7 @@ class RateLimitMiddleware:
             raise TypeError(f"key must be a callable(scope) -> key or None, got {key!r}")
         if not isinstance(policy, str) or not policy or '"' in policy or "\\" in policy:
             raise ValueError(f"policy must be a non-empty str without quotes or backslashes, got {policy!r}")
-        self.limiter = limiter
+        self.limiter: Any = limiter
         self.keyed = isinstance(limiter, KeyedLimiter)
         self.key = key
         self.trusted_proxies = check_int("trusted_proxies", trusted_proxies, minimum=0, maximum=64)
