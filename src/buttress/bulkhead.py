@@ -27,6 +27,7 @@ from .errors import BulkheadFullError, TimeoutExceeded
 __all__ = ["Bulkhead", "BulkheadMetrics", "ThreadPoolBulkhead", "ThreadPoolMetrics"]
 
 _Permits = core("permits").Permits
+_StageBase = core("guard").StageBase
 _MAX = 1 << 40
 _DEFAULT: Any = object()        # "use max_wait"
 
@@ -91,7 +92,7 @@ def _wake(fut: asyncio.Future) -> None:
         fut.set_result(None)
 
 
-class Bulkhead(Policy):
+class Bulkhead(_StageBase, Policy):
     """At most `max_concurrent` calls at once; others wait up to `max_wait` seconds (first come,
     first served), then get `BulkheadFullError`.
 
@@ -115,6 +116,10 @@ class Bulkhead(Policy):
         # The fast path is the core itself: no Python frame between the caller and the atomic.
         self.try_acquire = self._permits.try_acquire
         self._release_permit = self._permits.release
+        # `with bh:` and `@bh` on sync functions run in the compiled stage (buttress._core.guard): the permit
+        # word is used directly; only waiting (refused) and handing permits to waiters come back to Python.
+        self._stage_setup(self._permits.try_acquire, self._wait_for_permit, self._permits.release,
+                          self._waiters, self._drain)
 
     # -- the two-step API ---------------------------------------------------------------------------
 
@@ -148,15 +153,11 @@ class Bulkhead(Policy):
 
     # -- the guarded forms (each inlines `release` to save a call on the hot path) -------------------
 
-    def __enter__(self) -> Bulkhead:
-        if not self.try_acquire():
-            self._acquire_slow(self._max_wait)
-        return self
+    # __enter__ / __exit__ come from the compiled stage base: try the permit word, wait (Python) only
+    # when refused; release, then hand the permit to a waiter (Python) only when one is queued.
 
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._release_permit()
-        if self._waiters:
-            self._drain()
+    def _wait_for_permit(self) -> None:
+        self._acquire_slow(self._max_wait)
 
     async def __aenter__(self) -> Bulkhead:
         if not self.try_acquire():
@@ -193,16 +194,7 @@ class Bulkhead(Policy):
         try_acquire, release_permit, waiters = self.try_acquire, self._release_permit, self._waiters
 
         def make_sync(fn: Callable[..., Any]) -> Callable[..., Any]:
-            def wrapper(*args: Any, **kwargs: Any) -> Any:
-                if not try_acquire():
-                    self._acquire_slow(self._max_wait)
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    release_permit()
-                    if waiters:
-                        self._drain()
-            return wrapper
+            return self._stage_guard(fn)        # compiled: the whole guard is one vectorcall
 
         def make_async(fn: Callable[..., Any]) -> Callable[..., Any]:
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
