@@ -46,7 +46,7 @@ class ShedderMetrics:
 
 
 def _priority(value: object) -> Priority:
-    if isinstance(value, Priority):
+    if type(value) is Priority:
         return value
     if isinstance(value, int) and not isinstance(value, bool) and value in Priority._value2member_map_:
         return Priority(value)
@@ -117,8 +117,9 @@ class LoadShedder(Policy):
         self._lock = threading.Lock()
         self._in_flight = 0
         self._latency_ns: float | None = None
-        self._admitted = dict.fromkeys(Priority, 0)
-        self._shed = dict.fromkeys(Priority, 0)
+        self._admitted = [0] * len(Priority)         # indexed by priority
+        self._shed = [0] * len(Priority)
+        self._bounds = None if self._max is None else [self._max * f for _, f in sorted(self.fractions.items())]
 
     @staticmethod
     def _check_fractions(fractions: Mapping[Priority, float] | None) -> dict[Priority, float]:
@@ -152,7 +153,12 @@ class LoadShedder(Policy):
         return self._in_flight
 
     def _enter(self, priority: Priority) -> int:
-        bound = math.inf if priority is Priority.CRITICAL else self.capacity * self.fractions[priority]
+        if priority is Priority.CRITICAL:
+            bound = math.inf
+        elif self.limiter is None:
+            bound = self._bounds[priority]
+        else:
+            bound = self.capacity * self.fractions[priority]
         with self._lock:
             if self._in_flight < bound:
                 self._in_flight += 1
@@ -169,8 +175,8 @@ class LoadShedder(Policy):
         elapsed = self._clock.monotonic_ns() - start
         with self._lock:
             self._in_flight -= 1
-            self._latency_ns = elapsed if self._latency_ns is None else \
-                (1 - _EWMA) * self._latency_ns + _EWMA * elapsed
+            latency = self._latency_ns
+            self._latency_ns = elapsed if latency is None else latency + _EWMA * (elapsed - latency)
         if self.limiter is not None and not isinstance(exc, _NOT_AN_OUTCOME):
             self.limiter.on_sample(elapsed / NS, in_flight, exc is not None and self._dropped(exc))
 
@@ -190,8 +196,9 @@ class LoadShedder(Policy):
 
     def metrics(self) -> ShedderMetrics:
         with self._lock:
-            return ShedderMetrics(self._in_flight, self.capacity, MappingProxyType(dict(self._admitted)),
-                                  MappingProxyType(dict(self._shed)))
+            admitted = MappingProxyType(dict(zip(Priority, self._admitted)))
+            shed = MappingProxyType(dict(zip(Priority, self._shed)))
+            return ShedderMetrics(self._in_flight, self.capacity, admitted, shed)
 
     def __repr__(self) -> str:
         return f"LoadShedder(capacity={self.capacity}, in_flight={self._in_flight})"
