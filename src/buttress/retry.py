@@ -94,7 +94,7 @@ class RetryBudget:
     _SLICES = 10
 
     __slots__ = ("ratio", "min_per_second", "ttl", "_deposit", "_withdraw", "_reserve", "_width_ns",
-                 "_epochs", "_sums", "_lock", "_now_ns")
+                 "_slots", "_lock", "_now_ns")
 
     def __init__(self, ratio: float = 0.2, min_per_second: float = 10.0, ttl: float = 10.0,
                  clock: Any = None) -> None:
@@ -109,16 +109,22 @@ class RetryBudget:
         self._withdraw = math.ceil(self._UNIT / self.ratio) if self.ratio > 0 else self._UNIT
         self._reserve = math.floor(self.min_per_second * self.ttl * self._withdraw)
         self._width_ns = -(-ttl_ns // self._SLICES)
-        self._epochs = [-1] * self._SLICES     # slice i holds the net units of time slice _epochs[i]
-        self._sums = [0] * self._SLICES
+        # slot i: [time slice, deposits made in it (an itertools.count), units withdrawn in it]
+        self._slots = [[-1, itertools.count(), 0] for _ in range(self._SLICES)]
         self._lock = threading.Lock()
 
     def deposit(self) -> None:
-        """Count one logical call (a first attempt)."""
+        """Count one logical call (a first attempt). Runs on every call's success path, so no lock:
+        one next() on the slice's counter, atomic under the GIL. (A thread stalled for a whole `ttl`
+        between reading a slot and counting into it may count into an expired slice: a lost deposit,
+        which only makes the budget stricter.)"""
         if self._deposit:
             epoch = self._now_ns() // self._width_ns
-            with self._lock:
-                self._sums[self._slot(epoch)] += self._deposit
+            slot = self._slots[epoch % self._SLICES]
+            if slot[0] != epoch:
+                with self._lock:
+                    slot = self._slot(epoch)
+            next(slot[1])
 
     def try_withdraw(self) -> bool:
         """Take one retry from the budget; False (nothing taken) when the budget is empty."""
@@ -126,7 +132,7 @@ class RetryBudget:
         with self._lock:
             if self._balance_units(epoch) < self._withdraw:
                 return False
-            self._sums[self._slot(epoch)] -= self._withdraw
+            self._slot(epoch)[2] += self._withdraw
             return True
 
     @property
@@ -136,17 +142,22 @@ class RetryBudget:
         with self._lock:
             return max(0, self._balance_units(epoch) // self._withdraw)
 
-    def _slot(self, epoch: int) -> int:
-        # caller holds the lock; slot i can only hold in-window epoch `epoch`, so any other is stale
+    def _slot(self, epoch: int) -> list:
+        # caller holds the lock; slot i can only hold in-window slice `epoch`, so any other is stale
+        # and is replaced (not reset in place: a deposit racing on the stale one cannot leak into it)
         i = epoch % self._SLICES
-        if self._epochs[i] != epoch:
-            self._epochs[i] = epoch
-            self._sums[i] = 0
-        return i
+        slot = self._slots[i]
+        if slot[0] != epoch:
+            slot = self._slots[i] = [epoch, itertools.count(), 0]
+        return slot
 
     def _balance_units(self, epoch: int) -> int:
         oldest = epoch - self._SLICES
-        return self._reserve + sum(s for e, s in zip(self._epochs, self._sums) if e > oldest)
+        units = self._reserve
+        for e, deposits, withdrawn in self._slots:
+            if e > oldest:
+                units += _count(deposits) * self._deposit - withdrawn
+        return units
 
     def __repr__(self) -> str:
         return (f"RetryBudget(ratio={self.ratio!r}, min_per_second={self.min_per_second!r}, ttl={self.ttl!r}, "
@@ -200,7 +211,7 @@ class Retry(Policy):
         token = _CALL.set(call)
         try:
             if self._setup:
-                return self._guarded_sync(call, fn, args, kwargs)
+                return self._loop_sync(call, fn, args, kwargs, _FIRST, None)
             try:
                 result = fn(*args, **kwargs)
             except Exception as e:
@@ -221,7 +232,7 @@ class Retry(Policy):
         token = _CALL.set(call)
         try:
             if self._setup:
-                return await self._guarded_async(call, fn, args, kwargs)
+                return await self._loop_async(call, fn, args, kwargs, _FIRST, None)
             try:
                 result = await fn(*args, **kwargs)
             except Exception as e:
@@ -250,7 +261,7 @@ class Retry(Policy):
             token = _CALL.set(call)
             try:
                 if setup:
-                    return retry._guarded_sync(call, fn, args, kwargs)
+                    return retry._loop_sync(call, fn, args, kwargs, _FIRST, None)
                 try:
                     result = fn(*args, **kwargs)
                 except Exception as e:
@@ -275,7 +286,7 @@ class Retry(Policy):
             token = _CALL.set(call)
             try:
                 if setup:
-                    return await retry._guarded_async(call, fn, args, kwargs)
+                    return await retry._loop_async(call, fn, args, kwargs, _FIRST, None)
                 try:
                     result = await fn(*args, **kwargs)
                 except Exception as e:
@@ -292,73 +303,67 @@ class Retry(Policy):
 
         return wrapper
 
-    # -- the retry loops: after a failed attempt (exc, or result when exc is None), or from the
-    #    start (exc=_FIRST) when a deadline or budget has to be set up first ------------------------------
+    # -- the retry loops: after a failed attempt (exc, or result when exc is None), or from the start
+    #    (exc=_FIRST) when a deadline or budget has to be set up first (and the deadline popped after) ---
 
     def _loop_sync(self, call: list, fn: Callable[..., Any], args: tuple, kwargs: dict,
                    exc: Any, result: Any) -> Any:
-        sleep = self._clock.sleep
-        pred = self._result_pred
-        while True:
-            if exc is not _FIRST:
-                delay = self._after_failure(call, exc)
-                if delay is None:
-                    if exc is None:
-                        return result
-                    try:
-                        raise exc
-                    finally:
-                        exc = None      # no frame <-> traceback cycle
-                sleep(delay)
-                call[_NUMBER] += 1
-            try:
-                result = fn(*args, **kwargs)
-            except Exception as e:
-                exc = e
-                continue
-            if pred is None or not pred(result):
-                next(self._ok_first if call[_NUMBER] == 1 else self._ok_retried)
-                return result
-            exc = None
-
-    async def _loop_async(self, call: list, fn: Callable[..., Any], args: tuple, kwargs: dict,
-                          exc: Any, result: Any) -> Any:
-        sleep = self._clock.sleep_async
-        pred = self._result_pred
-        while True:
-            if exc is not _FIRST:
-                delay = self._after_failure(call, exc)
-                if delay is None:
-                    if exc is None:
-                        return result
-                    try:
-                        raise exc
-                    finally:
-                        exc = None
-                await sleep(delay)
-                call[_NUMBER] += 1
-            try:
-                result = await fn(*args, **kwargs)
-            except Exception as e:
-                exc = e
-                continue
-            if pred is None or not pred(result):
-                next(self._ok_first if call[_NUMBER] == 1 else self._ok_retried)
-                return result
-            exc = None
-
-    def _guarded_sync(self, call: list, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        token = self._begin(call)
+        token = self._begin(call) if exc is _FIRST else None
         try:
-            return self._loop_sync(call, fn, args, kwargs, _FIRST, None)
+            sleep = self._clock.sleep
+            pred = self._result_pred
+            while True:
+                if exc is not _FIRST:
+                    delay = self._after_failure(call, exc)
+                    if delay is None:
+                        if exc is None:
+                            return result
+                        try:
+                            raise exc
+                        finally:
+                            exc = None      # no frame <-> traceback cycle
+                    sleep(delay)
+                    call[_NUMBER] += 1
+                try:
+                    result = fn(*args, **kwargs)
+                except Exception as e:
+                    exc = e
+                    continue
+                if pred is None or not pred(result):
+                    next(self._ok_first if call[_NUMBER] == 1 else self._ok_retried)
+                    return result
+                exc = None
         finally:
             if token is not None:
                 _context.pop_deadline(token)
 
-    async def _guarded_async(self, call: list, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        token = self._begin(call)
+    async def _loop_async(self, call: list, fn: Callable[..., Any], args: tuple, kwargs: dict,
+                          exc: Any, result: Any) -> Any:
+        token = self._begin(call) if exc is _FIRST else None
         try:
-            return await self._loop_async(call, fn, args, kwargs, _FIRST, None)
+            sleep = self._clock.sleep_async
+            pred = self._result_pred
+            while True:
+                if exc is not _FIRST:
+                    delay = self._after_failure(call, exc)
+                    if delay is None:
+                        if exc is None:
+                            return result
+                        try:
+                            raise exc
+                        finally:
+                            exc = None
+                    await sleep(delay)
+                    call[_NUMBER] += 1
+                try:
+                    result = await fn(*args, **kwargs)
+                except Exception as e:
+                    exc = e
+                    continue
+                if pred is None or not pred(result):
+                    next(self._ok_first if call[_NUMBER] == 1 else self._ok_retried)
+                    return result
+                exc = None
         finally:
             if token is not None:
                 _context.pop_deadline(token)
