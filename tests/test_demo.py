@@ -77,7 +77,7 @@ def test_demo_json_via_subprocess():
 
 @pytest.mark.slow
 def test_protected_beats_naive(capsys):
-    assert main(["demo", "--duration", "6", "--clients", "40", "--seed", "1", "--json", "--quiet"]) == 0
+    assert main(["demo", "--duration", "5", "--clients", "40", "--seed", "1", "--json", "--quiet"]) == 0
     data = json.loads(capsys.readouterr().out)
     naive, protected = data["runs"]["naive"], data["runs"]["protected"]
     assert protected["failed"] < naive["failed"] or protected["latency_ms"]["p99"] < naive["latency_ms"]["p99"]
