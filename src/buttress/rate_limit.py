@@ -372,7 +372,8 @@ class _WindowLimiter(_Limiter):
         raise NotImplementedError
 
     def _claim(self, n: int) -> object:
-        check_n(n, self.limit)
+        if type(n) is not int or not 1 <= n <= self.limit:
+            check_n(n, self.limit)
         idx, e = divmod(self._clock.monotonic_ns(), self._w)
         with self._lock:
             self._roll(idx)
