@@ -20,8 +20,9 @@ from bt_permits cimport permits_t, permits_try, permits_release
 
 import logging
 import types
+from contextvars import ContextVar
 
-__all__ = ["StageGuard", "StageBase"]
+__all__ = ["StageGuard", "StageBase", "AttemptGuard"]
 
 log = logging.getLogger("buttress.guard")
 
@@ -178,8 +179,63 @@ cdef class StageBase:
         return False
 
 
+cdef extern from "buttress_attempt.h":
+    PyObject *bt_attempt_vectorcall(PyObject *, PyObject *const *, size_t, PyObject *)
+
+
+cdef class AttemptGuard:
+    """The first attempt of a retried call, compiled (see include/buttress_attempt.h): sets the state list
+    [1, None, clock_ns(), owner, None, None, None] in `var`, calls fn, advances `counter` on success; on
+    an Exception hands over to on_failure(state, fn, args, kwargs, exc, None). Binds like a function.
+    Layout: the first fields must match bt_attempt_head."""
+    cdef vectorcallfunc vectorcall
+    cdef PyObject *fn_p
+    cdef PyObject *owner_p
+    cdef PyObject *var_p
+    cdef PyObject *counter_p
+    cdef PyObject *on_failure_p
+    cdef PyObject *clock_p
+    cdef object fn, owner, var, counter, on_failure, clock_ns
+    cdef dict __dict__
+
+    def __init__(self, fn, owner, var, counter, on_failure, clock_ns):
+        for name, value in (("fn", fn), ("on_failure", on_failure), ("clock_ns", clock_ns)):
+            if not callable(value):
+                raise TypeError(f"{name} must be callable, got {value!r}")
+        if type(var) is not ContextVar:
+            raise TypeError(f"var must be a contextvars.ContextVar, got {var!r}")
+        if not hasattr(counter, "__next__"):
+            raise TypeError(f"counter must be an iterator (itertools.count), got {counter!r}")
+        self.fn, self.owner, self.var, self.counter, self.on_failure, self.clock_ns = (
+            fn, owner, var, counter, on_failure, clock_ns)
+        self.fn_p, self.owner_p, self.var_p = <PyObject *>fn, <PyObject *>owner, <PyObject *>var
+        self.counter_p, self.on_failure_p, self.clock_p = <PyObject *>counter, <PyObject *>on_failure, <PyObject *>clock_ns
+        self.vectorcall = bt_attempt_vectorcall
+
+    def __call__(self, *args, **kwargs):     # only reached by callers that bypass vectorcall
+        state = [1, None, self.clock_ns(), self.owner, None, None, None]
+        token = self.var.set(state)
+        try:
+            try:
+                result = self.fn(*args, **kwargs)
+            except Exception as e:
+                exc = e
+            else:
+                next(self.counter)
+                return result
+            state[4], state[5] = args, kwargs
+            return self.on_failure(state, self.fn, args, kwargs, exc, None)
+        finally:
+            self.var.reset(token)
+
+    def __get__(self, obj, objtype):
+        return self if obj is None else types.MethodType(self, obj)
+
+
 def _install():
     cdef StageGuard probe = StageGuard.__new__(StageGuard)
     bt_guard_install(<PyTypeObject *>StageGuard, <Py_ssize_t>(<char *>&probe.vectorcall - <char *><PyObject *>probe))
+    cdef AttemptGuard probe2 = AttemptGuard.__new__(AttemptGuard)
+    bt_guard_install(<PyTypeObject *>AttemptGuard, <Py_ssize_t>(<char *>&probe2.vectorcall - <char *><PyObject *>probe2))
 
 _install()

@@ -164,3 +164,82 @@ def test_stage_base_requires_setup(impl):
 
     with pytest.raises(RuntimeError, match="_stage_setup"):
         Bare()._stage_guard(print)
+
+
+# -- AttemptGuard: the first attempt of a retried call ------------------------------------------------
+
+import contextvars  # noqa: E402
+import itertools  # noqa: E402
+
+_STATE = contextvars.ContextVar("test_attempt_state", default=None)
+
+
+def _attempt(impl, fn, on_failure=None):
+    counter = itertools.count()
+    seen = []
+
+    def fail_over(state, fn_, args, kwargs, exc, result):
+        seen.append((list(state), fn_, args, kwargs, exc, result, _STATE.get() is state))
+        return "recovered"
+
+    g = impl.guard.AttemptGuard(fn, "owner", _STATE, counter, on_failure or fail_over, lambda: 42)
+    return g, counter, seen
+
+
+def test_attempt_success_sets_state_and_counts(impl):
+    inside = []
+    g, counter, seen = _attempt(impl, lambda x, y=1: inside.append(list(_STATE.get())) or x + y)
+    assert g(1, y=2) == 3
+    assert inside == [[1, None, 42, "owner", None, None, None]]
+    assert _STATE.get() is None and next(counter) == 1 and seen == []
+
+
+def test_attempt_failure_hands_over_with_args_and_state_set(impl):
+    err = ConnectionError("down")
+
+    def boom(a, b, *, c):
+        raise err
+
+    g, counter, seen = _attempt(impl, boom)
+    assert g(1, 2, c=3) == "recovered"
+    state, fn, args, kwargs, exc, result, var_set = seen[0]
+    assert state == [1, None, 42, "owner", (1, 2), {"c": 3}, None]
+    assert (fn, args, kwargs, exc, result, var_set) == (boom, (1, 2), {"c": 3}, err, None, True)
+    assert exc.__context__ is None and _STATE.get() is None and next(counter) == 0
+
+
+def test_attempt_base_exceptions_pass_through(impl):
+    def interrupted():
+        raise KeyboardInterrupt()
+
+    g, counter, seen = _attempt(impl, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        g()
+    assert seen == [] and _STATE.get() is None
+
+
+def test_attempt_on_failure_may_raise(impl):
+    def boom():
+        raise ValueError("first")
+
+    def give_up(state, fn, args, kwargs, exc, result):
+        raise exc
+
+    g, counter, seen = _attempt(impl, boom, give_up)
+    with pytest.raises(ValueError, match="first"):
+        g()
+    assert _STATE.get() is None
+
+
+def test_attempt_binds_and_validates(impl):
+    class S:
+        pass
+
+    S.m = impl.guard.AttemptGuard(lambda self, k: (self, k), None, _STATE, itertools.count(),
+                                  lambda *a: None, lambda: 0)
+    s = S()
+    assert s.m(5) == (s, 5)
+    with pytest.raises(TypeError, match="var must be a contextvars.ContextVar"):
+        impl.guard.AttemptGuard(print, None, "var", itertools.count(), print, print)
+    with pytest.raises(TypeError, match="counter must be an iterator"):
+        impl.guard.AttemptGuard(print, None, _STATE, 3, print, print)

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import types
+from contextvars import ContextVar
 from typing import Any, Callable
 
-__all__ = ["StageGuard", "StageBase"]
+__all__ = ["StageGuard", "StageBase", "AttemptGuard"]
 
 
 class StageGuard:
@@ -73,3 +74,41 @@ class StageBase:
         if st._pending is not None and len(st._pending) > 0:
             st._drain()
         return False
+
+
+class AttemptGuard:
+    """The first attempt of a retried call: sets the state list [1, None, clock_ns(), owner, None, None,
+    None] in `var`, calls fn, advances `counter` on success; on an Exception hands over to
+    on_failure(state, fn, args, kwargs, exc, None). Binds like a function."""
+
+    def __init__(self, fn: Callable[..., Any], owner: Any, var: ContextVar, counter: Any,
+                 on_failure: Callable[..., Any], clock_ns: Callable[[], int]) -> None:
+        for name, value in (("fn", fn), ("on_failure", on_failure), ("clock_ns", clock_ns)):
+            if not callable(value):
+                raise TypeError(f"{name} must be callable, got {value!r}")
+        if type(var) is not ContextVar:
+            raise TypeError(f"var must be a contextvars.ContextVar, got {var!r}")
+        if not hasattr(counter, "__next__"):
+            raise TypeError(f"counter must be an iterator (itertools.count), got {counter!r}")
+        self._fn, self._owner, self._var, self._counter = fn, owner, var, counter
+        self._on_failure, self._clock_ns = on_failure, clock_ns
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        state = [1, None, self._clock_ns(), self._owner, None, None, None]
+        token = self._var.set(state)
+        try:
+            try:
+                result = self._fn(*args, **kwargs)
+            except Exception as e:
+                exc = e
+            else:
+                next(self._counter)
+                return result
+            # outside the except block, so later attempts' errors do not chain onto this one
+            state[4], state[5] = args, kwargs
+            return self._on_failure(state, self._fn, args, kwargs, exc, None)
+        finally:
+            self._var.reset(token)
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        return self if obj is None else types.MethodType(self, obj)
