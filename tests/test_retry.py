@@ -7,7 +7,6 @@ import itertools
 import math
 import random
 import sys
-import threading
 
 import pytest
 from hypothesis import given, settings

@@ -13,7 +13,6 @@ Pass ``rng=random.Random(seed)`` for reproducible delays; without it the module-
 """
 from __future__ import annotations
 
-import math
 import random
 from typing import Callable, Iterator
 
