@@ -490,6 +490,15 @@ def test_a_user_key_function_gets_the_call_arguments_and_runs_only_when_read():
     assert made == [17]                         # nobody read it: never made
 
 
+def test_a_key_function_without_parameters_is_called_without_the_arguments():
+    keys = iter(["k1", "k2"])
+    r = Retry(idempotency_key=lambda: next(keys), backoff=NO_WAIT, clock=FakeClock())
+    log = []
+    r.call(flaky(1, log=log), "some", arg=1)
+    assert [a.idempotency_key for _, a in log] == ["k1", "k1"]
+    assert r.call(lambda x: current_attempt().idempotency_key, 5) == "k2"
+
+
 def test_a_user_key_function_must_return_a_str():
     r = Retry(idempotency_key=lambda: 42, clock=FakeClock())
     with pytest.raises(TypeError, match="idempotency_key must return a str, got 42"):

@@ -18,6 +18,7 @@ one counter bump; everything else lives on the failure path.
 from __future__ import annotations
 
 import contextvars
+import inspect
 import itertools
 import math
 import threading
@@ -170,8 +171,9 @@ class Retry(Policy):
     Hooks are called positionally: ``on_retry(attempt, exception, delay)`` before each wait (attempt is
     the number that just failed; exception is None when `retry_on_result` matched) and
     ``on_give_up(attempt, exception)`` once when a retryable failure cannot be retried any more.
-    ``idempotency_key(*args, **kwargs) -> str`` derives the key from the call's arguments; by default
-    it is a random uuid4 hex, made only when someone reads it.
+    ``idempotency_key(*args, **kwargs) -> str`` derives the key from the call's arguments (a callable
+    with no parameters is called without them); by default it is a random uuid4 hex. Either way it is
+    made only when someone reads it.
     """
 
     __slots__ = ("max_attempts", "backoff", "deadline", "budget", "_delay", "_retryable", "_result_pred",
@@ -197,7 +199,7 @@ class Retry(Policy):
         self._setup = self._deadline_ns is not None or budget is not None
         self._on_retry = check_callable("on_retry", on_retry)
         self._on_give_up = check_callable("on_give_up", on_give_up)
-        self._key_fn = check_callable("idempotency_key", idempotency_key)
+        self._key_fn = _key_function(check_callable("idempotency_key", idempotency_key))
         self._clock = resolve_clock(clock)
         self._now_ns = self._clock.monotonic_ns
         # itertools.count: next() is one C call, atomic under the GIL (no lock on the success path)
@@ -418,7 +420,7 @@ class Retry(Policy):
         return None
 
     def _make_key(self, call: list) -> str:
-        key = uuid.uuid4().hex if self._key_fn is None else self._key_fn(*call[_ARGS], **call[_KWARGS])
+        key = self._key_fn(*call[_ARGS], **call[_KWARGS])
         if not isinstance(key, str):
             raise TypeError(f"idempotency_key must return a str, got {key!r} ({type(key).__name__})")
         with _KEY_LOCK:             # two threads of one call reading it first: one key wins for both
@@ -440,6 +442,18 @@ class Retry(Policy):
 def _count(counter: itertools.count) -> int:
     """How many times next() was called on an itertools.count() (its repr is "count(N)")."""
     return int(repr(counter)[6:-1])
+
+
+def _key_function(fn: Callable[..., str] | None) -> Callable[..., str]:
+    """idempotency_key -> key(*args, **kwargs): a callable taking no parameters is called without the
+    call's arguments (``lambda: f"req-{uuid4()}"``), any other with them (``lambda order_id: ...``)."""
+    if fn is None:
+        return lambda *args, **kwargs: uuid.uuid4().hex
+    try:
+        takes_none = not inspect.signature(fn).parameters
+    except (TypeError, ValueError):         # no introspectable signature: pass the arguments
+        takes_none = False
+    return (lambda *args, **kwargs: fn()) if takes_none else fn
 
 
 def _check_backoff(backoff: object) -> tuple[object, Callable[[int, float | None], float]]:
