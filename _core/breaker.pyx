@@ -293,7 +293,9 @@ cdef class BreakerCore:
             if token & 1:
                 st_return_flight(&self.st, gen)
             if outcome == O_IGNORED and self.hook is not None:
-                self.hook("ignored", exc, None)
+                if self.timing and now < 0:
+                    now = self._now()
+                self.hook("ignored", exc, (now - start) if self.timing else None)
             return 0
         w = bt_load(&self.st.word)
         s = st_state(w)

@@ -7,13 +7,34 @@ probes over a lock-free Cython core. ``buttress.IMPLEMENTATION`` says whether th
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._impl import IMPLEMENTATION
 from ._version import __version__
 from .clock import FakeClock, SystemClock
 from .errors import (BulkheadFullError, ButtressError, CircuitOpenError, Overloaded, RateLimitExceeded,
                      Rejected, TimeoutExceeded)
+
+if TYPE_CHECKING:  # what the lazy __getattr__ returns, for type checkers ("X as X": explicitly re-exported)
+    from . import (adaptive as adaptive, asgi as asgi, backoff as backoff, bulkhead as bulkhead, chaos as chaos,
+                   circuit_breaker as circuit_breaker, clock as clock, errors as errors, fallback as fallback,
+                   health as health, otel as otel, pipeline as pipeline, prometheus as prometheus,
+                   rate_limit as rate_limit, registry as registry, retry as retry, shedding as shedding,
+                   timeout as timeout)
+    from .bulkhead import Bulkhead as Bulkhead, ThreadPoolBulkhead as ThreadPoolBulkhead
+    from .chaos import Chaos as Chaos
+    from .circuit_breaker import CircuitBreaker as CircuitBreaker, Permit as Permit, State as State
+    from .fallback import (Fallback as Fallback, served_stale as served_stale, Stale as Stale,
+                           StaleCacheFallback as StaleCacheFallback)
+    from .pipeline import Pipeline as Pipeline, PipelineOrderWarning as PipelineOrderWarning
+    from .rate_limit import (FixedWindowLimiter as FixedWindowLimiter, KeyedLimiter as KeyedLimiter,
+                             LeakyBucket as LeakyBucket, MultiLimiter as MultiLimiter,
+                             SlidingWindowLimiter as SlidingWindowLimiter, TokenBucket as TokenBucket)
+    from .registry import Registry as Registry
+    from .retry import (Attempt as Attempt, current_attempt as current_attempt, Retry as Retry,
+                        RetryBudget as RetryBudget)
+    from .shedding import LoadShedder as LoadShedder, Priority as Priority
+    from .timeout import remaining as remaining, Timeout as Timeout
 
 # Patterns are imported on first use: `import buttress` stays cheap and each pattern is one module.
 _LAZY = {
@@ -23,11 +44,13 @@ _LAZY = {
     "FixedWindowLimiter": "rate_limit", "SlidingWindowLimiter": "rate_limit", "MultiLimiter": "rate_limit",
     "Bulkhead": "bulkhead", "ThreadPoolBulkhead": "bulkhead",
     "Timeout": "timeout", "remaining": "timeout",
-    "Fallback": "fallback", "StaleCacheFallback": "fallback",
+    "Fallback": "fallback", "StaleCacheFallback": "fallback", "served_stale": "fallback", "Stale": "fallback",
+    "Chaos": "chaos",
     "LoadShedder": "shedding", "Priority": "shedding",
     "Pipeline": "pipeline", "PipelineOrderWarning": "pipeline", "Registry": "registry",
 }
-_SUBMODULES = {"backoff", "health", "asgi", "chaos", "prometheus", "otel", "clock", "errors", "adaptive"}
+_SUBMODULES = {"backoff", "health", "asgi", "chaos", "prometheus", "otel", "clock", "errors", "adaptive", "registry",
+               "pipeline", "shedding", "circuit_breaker", "retry", "bulkhead", "timeout", "fallback", "rate_limit"}
 
 __all__ = ["IMPLEMENTATION", "__version__", "FakeClock", "SystemClock", "ButtressError", "Rejected",
            "CircuitOpenError", "RateLimitExceeded", "BulkheadFullError", "Overloaded", "TimeoutExceeded",

@@ -160,7 +160,7 @@ class BreakerCore:
                 if half and self._state == _HALF_OPEN and self._gen == gen and self._flight > 0:
                     self._flight -= 1
             if outcome == IGNORED and self.hook is not None:
-                self.hook("ignored", exc, None)
+                self.hook("ignored", exc, (self._now(now) - start) if self.timing else None)
             return
         now = self._now(now)
         duration = now - start

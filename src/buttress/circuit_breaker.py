@@ -45,7 +45,7 @@ class BreakerMetrics:
     not_permitted: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BreakerEvent:
     """What listeners receive. `old`/`new` for state_change, `exception` for error/ignored,
     `duration` (s) for success/error, `rate` for *_rate_exceeded."""
