@@ -32,6 +32,7 @@ from ._params import NS, check_callable, check_float, check_int, exception_match
 from ._wrap import specialize
 from .backoff import Backoff, constant, exponential
 from .clock import resolve_clock
+from ._impl import core
 from .errors import Rejected
 
 __all__ = ["Retry", "RetryBudget", "RetryMetrics", "Attempt", "current_attempt"]
@@ -47,6 +48,7 @@ _KEY_LOCK = threading.Lock()
 # cheaper) so that work run with a copied context (asyncio tasks, to_thread, a Timeout's worker
 # thread) still sees its call's attempt and idempotency key.
 _CALL: contextvars.ContextVar[list | None] = contextvars.ContextVar("buttress_retry_call", default=None)
+_AttemptGuard = core("guard").AttemptGuard
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +259,10 @@ class Retry(Policy):
     # the two wrappers below repeat call() / call_async() with `self` and `fn` bound; keep them in step
     def _sync_wrapper(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         retry, now_ns, pred, ok_first, setup = self, self._now_ns, self._result_pred, self._ok_first, self._setup
+        if not setup and pred is None and self._key_fn is None:
+            # the common case: the first attempt runs in the compiled guard (one vectorcall, the state
+            # set in _CALL from C); a failure hands over to the same _loop_sync as below
+            return _AttemptGuard(fn, self, _CALL, ok_first, self._loop_sync, now_ns)
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             call = [1, None, now_ns(), retry, args, kwargs, None]
