@@ -1,4 +1,7 @@
+"""Type stub for buttress._core.keyed (twin: buttress._keyed_py)."""
 from typing import Any, Callable
+
+__all__ = ["KeyedGCRA", "WINDOW", "MAX_KEYS", "MAX_TAU_NS", "MAX_NOW_NS"]
 
 WINDOW: int
 MAX_KEYS: int
@@ -6,14 +9,20 @@ MAX_TAU_NS: int
 MAX_NOW_NS: int
 
 class KeyedGCRA:
-    rate: float
-    capacity: int
-    interval_ns: int
-    max_keys: int
-    nslots: int
-    idle_ns: int
     def __init__(self, rate: float, capacity: int, max_keys: int, idle_ns: int = 0,
                  clock_ns: Callable[[], int] | None = None) -> None: ...
+    @property
+    def rate(self) -> float: ...
+    @property
+    def capacity(self) -> int: ...
+    @property
+    def interval_ns(self) -> int: ...
+    @property
+    def max_keys(self) -> int: ...
+    @property
+    def nslots(self) -> int: ...
+    @property
+    def idle_ns(self) -> int: ...
     @property
     def nbytes(self) -> int: ...
     def __len__(self) -> int: ...
