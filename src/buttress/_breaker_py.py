@@ -334,6 +334,9 @@ class Permit:
 class Guarded:
     """fn under a breaker; with fn None it is `call(fn, *args, **kwargs)`. Binds like a function."""
 
+    # slots: functools.wraps copies the wrapped callable's __dict__ into ours; slots always win over it
+    __slots__ = ("_core", "_fn", "__dict__")
+
     def __init__(self, core: BreakerCore, fn: Callable[..., Any] | None) -> None:
         self._core, self._fn = core, fn
 

@@ -11,6 +11,9 @@ __all__ = ["StageGuard", "StageBase", "AttemptGuard"]
 class StageGuard:
     """fn guarded by acquire / refuse / release (see buttress._core.guard); binds like a function."""
 
+    # slots: functools.wraps copies the wrapped callable's __dict__ into ours; slots always win over it
+    __slots__ = ("_fn", "_acquire", "_refuse", "_release", "_pending", "_drain", "__dict__")
+
     def __init__(self, fn: Callable[..., Any], acquire: Callable[[], bool], refuse: Callable[[], Any],
                  release: Callable[[], Any] | None = None, pending: Any = None,
                  drain: Callable[[], Any] | None = None) -> None:
@@ -80,6 +83,8 @@ class AttemptGuard:
     """The first attempt of a retried call: sets the state list [1, None, clock_ns(), owner, None, None,
     None] in `var`, calls fn, advances `counter` on success; on an Exception hands over to
     on_failure(state, fn, args, kwargs, exc, None). Binds like a function."""
+
+    __slots__ = ("_fn", "_owner", "_var", "_counter", "_on_failure", "_clock_ns", "__dict__")
 
     def __init__(self, fn: Callable[..., Any], owner: Any, var: ContextVar, counter: Any,
                  on_failure: Callable[..., Any], clock_ns: Callable[[], int]) -> None:

@@ -179,7 +179,7 @@ class Retry(Policy):
     """
 
     __slots__ = ("max_attempts", "backoff", "deadline", "budget", "_delay", "_retryable", "_result_pred",
-                 "_deadline_ns", "_setup", "_on_retry", "_on_give_up", "_key_fn", "_clock", "_now_ns",
+                 "_deadline_ns", "_setup", "_on_retry", "_on_give_up", "_key_fn", "_key_from_args", "_clock", "_now_ns",
                  "_ok_first", "_ok_retried", "_failed_first", "_failed_retried")
 
     def __init__(self, max_attempts: int = 3, backoff: Backoff | Callable[[int], float] | float | None = None,
@@ -202,6 +202,7 @@ class Retry(Policy):
         self._on_retry = check_callable("on_retry", on_retry)
         self._on_give_up = check_callable("on_give_up", on_give_up)
         self._key_fn = _key_function(check_callable("idempotency_key", idempotency_key))
+        self._key_from_args = idempotency_key is not None     # the default key ignores the arguments
         self._clock = resolve_clock(clock)
         self._now_ns = self._clock.monotonic_ns
         # itertools.count: next() is one C call, atomic under the GIL (no lock on the success path)
@@ -259,7 +260,7 @@ class Retry(Policy):
     # the two wrappers below repeat call() / call_async() with `self` and `fn` bound; keep them in step
     def _sync_wrapper(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         retry, now_ns, pred, ok_first, setup = self, self._now_ns, self._result_pred, self._ok_first, self._setup
-        if not setup and pred is None and self._key_fn is None:
+        if not setup and pred is None and not self._key_from_args:
             # the common case: the first attempt runs in the compiled guard (one vectorcall, the state
             # set in _CALL from C); a failure hands over to the same _loop_sync as below
             return _AttemptGuard(fn, self, _CALL, ok_first, self._loop_sync, now_ns)
@@ -426,7 +427,8 @@ class Retry(Policy):
         return None
 
     def _make_key(self, call: list) -> str:
-        key = self._key_fn(*call[_ARGS], **call[_KWARGS])
+        # the compiled first attempt fills in args / kwargs only on failure (the default key ignores them)
+        key = self._key_fn(*(call[_ARGS] or ()), **(call[_KWARGS] or {}))
         if not isinstance(key, str):
             raise TypeError(f"idempotency_key must return a str, got {key!r} ({type(key).__name__})")
         with _KEY_LOCK:             # two threads of one call reading it first: one key wins for both
