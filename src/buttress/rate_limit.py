@@ -20,6 +20,8 @@ from ._params import MAX_RATE, NS, check_float, check_int, check_n, seconds_to_n
 from .clock import is_system_clock, resolve_clock
 from .errors import RateLimitExceeded
 
+_StageGuard = core("guard").StageGuard
+
 __all__ = ["TokenBucket", "LeakyBucket", "FixedWindowLimiter", "SlidingWindowLimiter", "MultiLimiter",
            "KeyedLimiter", "RateLimitMetrics", "KeyedMetrics"]
 
@@ -128,13 +130,11 @@ class _Limiter(Policy):
 
             return async_wrapper
 
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if not try_acquire():
-                raise rejected(wait_ns(1))
-            return fn(*args, **kwargs)
+        def refuse() -> None:
+            raise rejected(wait_ns(1))
 
-        return wrapper
+        # compiled: the admission check and the call are one vectorcall (buttress._core.guard)
+        return functools.wraps(fn)(_StageGuard(fn, try_acquire, refuse))
 
     def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Call fn if one unit is available now, else raise RateLimitExceeded."""
