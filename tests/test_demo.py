@@ -102,6 +102,9 @@ def test_same_seed_same_schedule():
 class Draws(random.Random):
     """random() returns the given fault draws in turn; uniform() the shortest latency."""
 
+    def __new__(cls, draws):   # Python 3.10's Random.__new__ would seed itself with `draws` (a list)
+        return super().__new__(cls)
+
     def __init__(self, draws):
         super().__init__(0)
         self.draws = list(draws)
@@ -147,7 +150,7 @@ def test_abandoned_request_runs_on_server_side():
     async def scenario():
         gateway = demo.PaymentGateway(1, lambda: 0.0, (100.0, 200.0))
         gateway.rng = Draws([0.5])
-        with pytest.raises(TimeoutError):
+        with pytest.raises(asyncio.TimeoutError):   # not the builtin TimeoutError before 3.11
             await asyncio.wait_for(gateway.charge("1"), 0.001)
         await asyncio.sleep(0.1)        # the 30 ms charge finishes without its client
         return gateway

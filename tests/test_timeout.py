@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 
 import pytest
@@ -179,6 +180,8 @@ def test_external_cancellation_is_not_a_timeout():
     run(main())
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="Python 3.10's asyncio cannot tell a second cancel() "
+                    "from the timer's own (Task.uncancel/cancelling are 3.11+): the race reads as a timeout there")
 def test_cancel_racing_the_timer_stays_a_cancellation():
     clock = FakeClock(autojump=False)
 
