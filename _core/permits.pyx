@@ -6,7 +6,7 @@ The core answers only: try_acquire says yes or no; waiting for a permit is the f
 from libc.stdint cimport int64_t
 from cpython.pycapsule cimport PyCapsule_New
 from bt_atomic cimport bt_load, bt_store
-from bt_permits cimport permits_t, permits_try, permits_release
+from bt_permits cimport permits_t, permits_try, permits_try_limit, permits_release
 
 from buttress._params import check_int
 
@@ -31,6 +31,13 @@ cdef class Permits:
         if n < 1:
             self._bad(n, "acquire")
         return permits_try(&self.p, n)
+
+    def try_acquire_within(self, int64_t limit, int64_t n=1):
+        """Take n permits if in_use + n <= min(limit, max_permits): a caller-chosen share of the maximum."""
+        if n < 1:
+            self._bad(n, "acquire")
+        cdef int64_t m = bt_load(&self.p.limit)
+        return permits_try_limit(&self.p, n, limit if limit < m else m)
 
     def release(self, int64_t n=1):
         """Return n permits; ValueError (nothing changed) if fewer are held."""

@@ -68,3 +68,18 @@ def test_never_above_max_and_all_returned(impl, fast_switching, limit):
     assert inside[1] <= limit
     assert sum(got) > 0
     assert p.in_use == 0 and p.available == limit
+
+
+def test_try_acquire_within_a_share(impl):
+    p = impl.permits.Permits(10)
+    assert [p.try_acquire_within(3) for _ in range(4)] == [True, True, True, False]
+    assert p.try_acquire_within(100, 7) and not p.try_acquire_within(100)     # capped by max_permits
+    assert p.in_use == 10
+    with pytest.raises(ValueError, match="n must be"):
+        p.try_acquire_within(5, 0)
+
+
+def test_try_acquire_within_is_exact_under_threads(impl, fast_switching):
+    p = impl.permits.Permits(1000)
+    got = race(8, lambda i: sum(p.try_acquire_within(37) for _ in range(500)))
+    assert sum(got) == 37 and p.in_use == 37

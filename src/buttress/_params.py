@@ -119,3 +119,9 @@ def check_callable(name: str, value: object, allow_none: bool = True):
     if not callable(value):
         raise TypeError(f"{name} must be callable{' or None' if allow_none else ''}, got {value!r}")
     return value
+
+
+def count_of(counter: object) -> int:
+    """How many times next() was called on an itertools.count() (its repr is "count(N)"): lock-free
+    counters for hot paths, read back here."""
+    return int(repr(counter)[6:-1])

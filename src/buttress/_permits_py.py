@@ -27,6 +27,15 @@ class Permits:
             self._in_use += n
             return True
 
+    def try_acquire_within(self, limit: int, n: int = 1) -> bool:
+        """Take n permits if in_use + n <= min(limit, max_permits): a caller-chosen share of the maximum."""
+        check_int("n", n, minimum=1, maximum=_MAX)
+        with self._lock:
+            if self._in_use + n > min(limit, self._limit):
+                return False
+            self._in_use += n
+            return True
+
     def release(self, n: int = 1) -> None:
         """Return n permits; ValueError (nothing changed) if fewer are held."""
         check_int("n", n, minimum=1, maximum=_MAX)

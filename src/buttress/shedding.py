@@ -8,15 +8,16 @@ shedder feeds with each call's latency.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
-import threading
 from dataclasses import dataclass
 from enum import IntEnum
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 from ._base import Policy
-from ._params import NS, check_float, check_int, exception_matcher
+from ._impl import core
+from ._params import NS, check_float, check_int, count_of, exception_matcher
 from .clock import resolve_clock
 from .errors import Overloaded, Rejected
 
@@ -34,6 +35,8 @@ class Priority(IntEnum):
 
 _DEFAULT_FRACTIONS = {Priority.LOW: 0.5, Priority.MEDIUM: 0.75, Priority.HIGH: 0.9}
 _NOT_AN_OUTCOME = (asyncio.CancelledError, KeyboardInterrupt, SystemExit, GeneratorExit)
+_Permits = core("permits").Permits
+_UNBOUNDED = 1 << 40
 _EWMA = 0.2                      # weight of the newest latency in the retry_after estimate
 
 
@@ -114,12 +117,13 @@ class LoadShedder(Policy):
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str or None, got {name!r}")
         self.name = name
-        self._lock = threading.Lock()
-        self._in_flight = 0
-        self._latency_ns: float | None = None
-        self._admitted = [0] * len(Priority)         # indexed by priority
-        self._shed = [0] * len(Priority)
-        self._bounds = None if self._max is None else [self._max * f for _, f in sorted(self.fractions.items())]
+        # in-flight calls: one lock-free core word; a priority is admitted while in_flight < its bound,
+        # i.e. while in_flight + 1 <= ceil(bound) (CRITICAL: always)
+        self._flight = _Permits(_UNBOUNDED)
+        self._latency_ns: float | None = None      # EWMA; racing updates may lose one sample, never corrupt
+        self._admitted = [itertools.count() for _ in Priority]       # next() is atomic under the GIL
+        self._shed = [itertools.count() for _ in Priority]
+        self._limits = None if self._max is None else self._limits_for(self._max)
 
     @staticmethod
     def _check_fractions(fractions: Mapping[Priority, float] | None) -> dict[Priority, float]:
@@ -150,33 +154,29 @@ class LoadShedder(Policy):
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        return self._flight.in_use
+
+    def _limits_for(self, capacity: int) -> list[int]:
+        """Per priority: the in-flight count (this call included) up to which it is admitted."""
+        return [_UNBOUNDED if p is Priority.CRITICAL else math.ceil(capacity * self.fractions[p]) for p in Priority]
 
     def _enter(self, priority: Priority) -> int:
-        if priority is Priority.CRITICAL:
-            bound = math.inf
-        elif self.limiter is None:
-            bound = self._bounds[priority]
-        else:
-            bound = self.capacity * self.fractions[priority]
-        with self._lock:
-            if self._in_flight < bound:
-                self._in_flight += 1
-                self._admitted[priority] += 1
-                return self._in_flight
-            self._shed[priority] += 1
-            latency = self._latency_ns
+        limits = self._limits if self.limiter is None else self._limits_for(self.capacity)
+        if self._flight.try_acquire_within(limits[priority]):
+            next(self._admitted[priority])
+            return self._flight.in_use
+        next(self._shed[priority])
+        latency = self._latency_ns
         retry_after = None if latency is None else latency / NS
         what = "load shedder" if self.name is None else f"load shedder {self.name!r}"
-        raise Overloaded(f"{what} shed a {priority.name} call ({self._in_flight} in flight, "
+        raise Overloaded(f"{what} shed a {priority.name} call ({self._flight.in_use} in flight, "
                          f"capacity {self.capacity})", retry_after=retry_after)
 
     def _exit(self, start: int, in_flight: int, exc: BaseException | None) -> None:
         elapsed = self._clock.monotonic_ns() - start
-        with self._lock:
-            self._in_flight -= 1
-            latency = self._latency_ns
-            self._latency_ns = elapsed if latency is None else latency + _EWMA * (elapsed - latency)
+        self._flight.release()
+        latency = self._latency_ns
+        self._latency_ns = elapsed if latency is None else latency + _EWMA * (elapsed - latency)
         if self.limiter is not None and not isinstance(exc, _NOT_AN_OUTCOME):
             self.limiter.on_sample(elapsed / NS, in_flight, exc is not None and self._dropped(exc))
 
@@ -195,10 +195,9 @@ class LoadShedder(Policy):
             return await fn(*args, **kwargs)
 
     def metrics(self) -> ShedderMetrics:
-        with self._lock:
-            admitted = MappingProxyType(dict(zip(Priority, self._admitted)))
-            shed = MappingProxyType(dict(zip(Priority, self._shed)))
-            return ShedderMetrics(self._in_flight, self.capacity, admitted, shed)
+        admitted = MappingProxyType({p: count_of(c) for p, c in zip(Priority, self._admitted)})
+        shed = MappingProxyType({p: count_of(c) for p, c in zip(Priority, self._shed)})
+        return ShedderMetrics(self._flight.in_use, self.capacity, admitted, shed)
 
     def __repr__(self) -> str:
-        return f"LoadShedder(capacity={self.capacity}, in_flight={self._in_flight})"
+        return f"LoadShedder(capacity={self.capacity}, in_flight={self._flight.in_use})"
