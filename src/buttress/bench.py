@@ -19,7 +19,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
-FLOORS = {"call": "bare call", "raise": "raise+catch", "await": "bare await", "araise": "async raise+catch"}
+FLOORS = {"call": "bare call", "pair": "two bare calls in a function", "lambda": "a lambda calling a bare call",
+          "raise": "raise+catch", "await": "bare await", "araise": "async raise+catch"}
 
 
 @dataclass
@@ -115,8 +116,15 @@ def _acatching(fn: Callable[[], Any]) -> Callable[[], Any]:
     return run
 
 
+def _bare_pair(a: Callable[[], Any] = _bare, b: Callable[[], Any] = _bare) -> None:
+    a()
+    b()
+
+
 def floor_cases() -> list[Case]:
     return [Case(FLOORS["call"], "floor", "call", lambda: _bare),
+            Case(FLOORS["pair"], "floor", "pair", lambda: _bare_pair),
+            Case(FLOORS["lambda"], "floor", "lambda", lambda: (lambda: _bare())),
             Case(FLOORS["raise"], "floor", "raise", lambda: _catching(_raise)),
             Case(FLOORS["await"], "floor", "await", lambda: _abare, True),
             Case(FLOORS["araise"], "floor", "araise", lambda: _acatching(_araise), True)]
@@ -196,7 +204,28 @@ def buttress_cases() -> list[Case]:
                               buttress.Bulkhead(max_concurrent=10), buttress.TokenBucket(rate=1e9, capacity=10**9))
         return p(_bare)
 
+    from buttress._impl import core
+
+    def permits_pair() -> Callable[[], Any]:
+        p = core("permits").Permits(10)
+        acq, rel = p.try_acquire, p.release
+
+        def pair() -> None:
+            acq()
+            rel()
+        return pair
+
+    def window_record(kind: str) -> Callable[[], Any]:
+        w = core("window").CountWindow(100) if kind == "count" else core("window").TimeWindow(10)
+        record = w.record
+        return lambda: record(False)
+
     return [
+        Case("core: GCRA try_acquire", "buttress", "call",
+             lambda: core("gcra").GCRA(rate=1e9, capacity=10**9).try_acquire),
+        Case("core: permits try_acquire + release pair", "buttress", "pair", permits_pair),
+        Case("core: count window record", "buttress", "lambda", lambda: window_record("count")),
+        Case("core: time window record", "buttress", "lambda", lambda: window_record("time")),
         Case("circuit breaker: success", "buttress", "call",
              lambda: buttress.CircuitBreaker(name="bench", slow_call_duration=None)(_bare)),
         Case("circuit breaker: success, slow-call timing", "buttress", "call",
