@@ -43,7 +43,7 @@ for v in $versions; do
         continue
     fi
     mkdir -p "$run"
-    cp -r "$tree/tests" "$tree/pyproject.toml" "$run/"
+    cp -r "$tree/tests" "$tree/pyproject.toml" "$tree/README.md" "$run/"
     for mode in $modes; do
         case $mode in
             compiled) env=(BUTTRESS_REQUIRE_EXTENSIONS=1) ;;

