@@ -211,15 +211,19 @@ cdef class KeyedGCRA:
                             return 1
                     break
                 w = bt_load(&s[i].word)
-                if w != LOCKED:
-                    if k == 0:
-                        if empty < 0:
-                            empty = i
-                    else:
-                        tat = w >> 4
-                        if tat - now <= evictable and tat < best_tat:
-                            best_tat = tat
-                            victim = i
+                if w == LOCKED:
+                    # a slot being filled, perhaps with h by another thread: skipping it would let this
+                    # thread place h in a second slot (two buckets for one key). Look again once it lands.
+                    retry = True
+                    break
+                if k == 0:
+                    if empty < 0:
+                        empty = i
+                else:
+                    tat = w >> 4
+                    if tat - now <= evictable and tat < best_tat:
+                        best_tat = tat
+                        victim = i
                 i += 1
                 if i == self.nslots:
                     i = 0
