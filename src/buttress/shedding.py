@@ -99,7 +99,7 @@ class LoadShedder(Policy):
     """
 
     def __init__(self, max_in_flight: int | None = None, fractions: Mapping[Priority, float] | None = None,
-                 limiter: Any = None, clock: Any = None, *, drop_on: Any = (TimeoutError, Rejected),
+                 limiter: Any = None, clock: Any = None, *, drop_on: Any = (TimeoutError, asyncio.TimeoutError, Rejected),
                  default_priority: Priority = Priority.MEDIUM, name: str | None = None) -> None:
         if limiter is not None and not (callable(getattr(limiter, "on_sample", None))
                                         and hasattr(limiter, "limit")):
