@@ -630,7 +630,8 @@ def test_closed_breaker_counts_exactly_under_threads(fast_switching):
 # -- bad arguments ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, exc, match", [
-    (dict(name=""), TypeError, "name must be a non-empty str"),
+    (dict(name=""), ValueError, "name must be a non-empty str, got ''"),
+    (dict(name=3), TypeError, "name must be a non-empty str, got 3"),
     (dict(failure_rate_threshold=0), ValueError, "failure_rate_threshold must be a finite number > 0 and <= 1, got 0"),
     (dict(failure_rate_threshold=1.5), ValueError, "failure_rate_threshold.*got 1.5"),
     (dict(slow_call_rate_threshold=float("nan")), ValueError, "slow_call_rate_threshold.*nan"),

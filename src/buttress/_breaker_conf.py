@@ -60,8 +60,10 @@ def breaker_conf(name: object = "default", failure_rate_threshold: object = 0.5,
                  open_duration: object = 60.0, half_open_calls: object = 10, half_open_max_wait: object = None,
                  record: object = (Exception,), ignore: object = (), record_result: object = None,
                  clock_ns: object = None) -> BreakerConf:
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"name must be a non-empty str, got {name!r}")
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a non-empty str, got {name!r} ({type(name).__name__})")
+    if not name:
+        raise ValueError(f"name must be a non-empty str, got {name!r}")
     fr = check_float("failure_rate_threshold", failure_rate_threshold, minimum=0.0, min_inclusive=False, maximum=1.0)
     sr = check_float("slow_call_rate_threshold", slow_call_rate_threshold, minimum=0.0, min_inclusive=False,
                      maximum=1.0)

@@ -547,7 +547,10 @@ class KeyedLimiter:
     def try_acquire_many(self, keys: Any, n: int = 1) -> Any:
         """Decide a numpy array of int ids in order in one call (a duplicate consumes in turn);
         returns a numpy bool array. Integer arrays of other dtypes are converted to int64."""
-        import numpy as np
+        try:
+            import numpy as np
+        except ImportError:
+            raise ImportError('KeyedLimiter.try_acquire_many needs numpy: pip install "buttress[numpy]"') from None
 
         arr = np.asarray(keys)
         if arr.ndim != 1:

@@ -101,6 +101,7 @@ class RetryBudget:
 
     def __init__(self, ratio: float = 0.2, min_per_second: float = 10.0, ttl: float = 10.0,
                  clock: Any = None) -> None:
+        # [0, 1]: 0 is a budget of the floor alone (min_per_second * ttl), documented in docs/retry.md
         self.ratio = check_float("ratio", ratio, minimum=0.0, maximum=1.0)
         self.min_per_second = check_float("min_per_second", min_per_second, minimum=0.0, maximum=1e9)
         ttl_ns = seconds_to_ns("ttl", ttl, allow_zero=False)
