@@ -1,12 +1,16 @@
 # cython: language_level=3, freethreading_compatible=True, boundscheck=False, wraparound=False, cdivision=True
-"""GCRA rate limiter core: one int64 theoretical-arrival-time word, one CAS per decision.
+"""GCRA rate limiter core: one int64 theoretical-arrival-time word, one CAS per decision (bt_gcra.pxd),
+plus two atomic decision counters, so the facade (buttress.TokenBucket) can hand out this object's bound
+`try_acquire` as its own hot path and still report admitted / rejected.
 
 Every method takes `now` in int ns; a negative `now` (the default) reads the clock: the C monotonic
 clock (same as time.monotonic_ns()), or `clock_ns()` when one was given.
 """
 from libc.stdint cimport int64_t, INT64_MAX
 from cpython.time cimport monotonic_ns
-from bt_gcra cimport gcra_t, gcra_init, gcra_claim, gcra_wait, gcra_available, gcra_refund, gcra_init
+from cpython.long cimport PyLong_AsLongLongAndOverflow
+from bt_gcra cimport gcra_t, gcra_init, gcra_claim, gcra_wait, gcra_available, gcra_refund
+from bt_atomic cimport bt_load, bt_store, bt_fetch_add
 
 from buttress._params import emission_interval_ns, check_n
 
@@ -15,6 +19,8 @@ __all__ = ["GCRA"]
 
 cdef class GCRA:
     cdef gcra_t g
+    cdef int64_t admitted_     # decisions that claimed tokens (atomic)
+    cdef int64_t rejected_     # decisions refused (atomic)
     cdef readonly int64_t capacity
     cdef readonly double rate
     cdef readonly int64_t interval_ns
@@ -38,27 +44,28 @@ cdef class GCRA:
         return self._clock_ns()
 
     cdef inline int64_t _n(self, object n) except -1:
-        # exact ints take the fast path; anything else (float, bool, huge) gets check_n's message
-        cdef int64_t v
-        if type(n) is not int:
-            check_n(n, self.capacity)
-        try:
-            v = n
-        except OverflowError:
-            check_n(n, self.capacity)
-        if v < 1 or v > self.capacity:
-            check_n(v, self.capacity)
-        return v
+        cdef int overflow = 0
+        cdef long long v
+        if type(n) is int:
+            v = PyLong_AsLongLongAndOverflow(n, &overflow)
+            if overflow == 0 and 1 <= v <= self.capacity:
+                return v
+        return check_n(n, self.capacity)
 
-    def try_acquire(self, object n=1, int64_t now=-1):
+    cdef inline int64_t _claim(self, int64_t n, int64_t now, int64_t max_wait) noexcept nogil:
+        cdef int64_t w = gcra_claim(&self.g, n, now, max_wait)
+        bt_fetch_add(&self.admitted_ if w >= 0 else &self.rejected_, 1)
+        return w
+
+    def try_acquire(self, n=1, int64_t now=-1):
         """Take n tokens if they are available now."""
-        return gcra_claim(&self.g, self._n(n), self._now(now), 0) == 0
+        return self._claim(self._n(n), self._now(now), 0) == 0
 
-    def reserve(self, object n=1, int64_t now=-1, int64_t max_wait_ns=INT64_MAX):
+    def reserve(self, n=1, int64_t now=-1, int64_t max_wait_ns=INT64_MAX):
         """Claim n tokens now if the wait is <= max_wait_ns; return that wait in ns, or -1 (nothing claimed)."""
-        return gcra_claim(&self.g, self._n(n), self._now(now), max_wait_ns)
+        return self._claim(self._n(n), self._now(now), max_wait_ns)
 
-    def wait_ns(self, object n=1, int64_t now=-1):
+    def wait_ns(self, n=1, int64_t now=-1):
         """ns until n tokens would be available (0 = now); claims nothing."""
         return gcra_wait(&self.g, self._n(n), self._now(now))
 
@@ -66,13 +73,19 @@ cdef class GCRA:
         """Whole tokens available at now."""
         return gcra_available(&self.g, self._now(now))
 
-    def refund(self, object n=1):
+    def refund(self, n=1):
         """Give back n tokens claimed earlier and not used."""
         gcra_refund(&self.g, self._n(n))
 
+    def counts(self):
+        """(admitted, rejected) decisions since creation or reset()."""
+        return bt_load(&self.admitted_), bt_load(&self.rejected_)
+
     def reset(self):
-        """Full bucket."""
+        """Full bucket, counters back to zero."""
         gcra_init(&self.g, self.g.interval, self.capacity)
+        bt_store(&self.admitted_, 0)
+        bt_store(&self.rejected_, 0)
 
     def __repr__(self):
         return f"GCRA(rate={self.rate!r}, capacity={self.capacity!r})"

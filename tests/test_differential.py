@@ -28,6 +28,7 @@ def test_gcra(both, rate, capacity, ops):
         else:
             r = [g.refund(n) for g in (c, t)]
         assert r[0] == r[1], (op, n, now)
+    assert c.counts() == t.counts()
 
 
 @settings(max_examples=150, deadline=None)

@@ -13,7 +13,6 @@ EXAMPLES = {
     "BreakerState": dict(now=0),
     "BreakerCore": dict(name="parity"),
     "KeyedGCRA": dict(rate=10.0, capacity=5, max_keys=100),
-    "Bucket": dict(rate=10.0, capacity=5),
 }
 
 

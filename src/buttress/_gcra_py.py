@@ -27,6 +27,7 @@ class GCRA:
         self._tau = interval * cap
         self._clock_ns = clock_ns or time.monotonic_ns
         self._tat = 0
+        self._admitted = self._rejected = 0      # decisions, for metrics
         self._lock = threading.Lock()
 
     def _now(self, now: int) -> int:
@@ -44,8 +45,10 @@ class GCRA:
             new_tat = max(self._tat, now) + n * self.interval_ns
             wait = max(0, new_tat - now - self._tau)
             if wait > max_wait_ns:
+                self._rejected += 1
                 return -1
             self._tat = new_tat
+            self._admitted += 1
             return wait
 
     def wait_ns(self, n: int = 1, now: int = -1) -> int:
@@ -65,10 +68,15 @@ class GCRA:
         with self._lock:
             self._tat -= n * self.interval_ns
 
+    def counts(self) -> tuple[int, int]:
+        """(admitted, rejected) decisions since creation or reset()."""
+        return self._admitted, self._rejected
+
     def reset(self) -> None:
-        """Full bucket."""
+        """Full bucket, counters back to zero."""
         with self._lock:
             self._tat = 0
+            self._admitted = self._rejected = 0
 
     def __repr__(self) -> str:
         return f"GCRA(rate={self.rate!r}, capacity={self.capacity!r})"

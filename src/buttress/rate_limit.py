@@ -189,7 +189,7 @@ class TokenBucket(_Limiter):
     def __init__(self, rate: float, capacity: int | None = None, clock: Any = None, name: str | None = None) -> None:
         capacity = _default_capacity(rate, capacity)
         self._clock = resolve_clock(clock)
-        self._core = core("bucket").Bucket(rate, capacity, _clock_ns(clock))
+        self._core = core("gcra").GCRA(rate, capacity, _clock_ns(clock))
         self.name = _check_name(name)
         self.rate: float = self._core.rate
         self.capacity: int = self._core.capacity
@@ -282,7 +282,7 @@ class LeakyBucket(_Limiter):
 
     def __init__(self, rate: float, queue_size: int, clock: Any = None, name: str | None = None) -> None:
         self._clock = resolve_clock(clock)
-        self._core = core("bucket").Bucket(rate, 1, _clock_ns(clock))
+        self._core = core("gcra").GCRA(rate, 1, _clock_ns(clock))
         self.queue_size = check_int("queue_size", queue_size, minimum=0, maximum=1 << 40)
         self.name = _check_name(name)
         self.rate: float = self._core.rate
