@@ -154,12 +154,13 @@ cdef class BreakerCore:
     cdef int64_t _move(self, int expect, int64_t gen, int new, int64_t now, int64_t attempt) except -2:
         """(expect, gen) -> new; attempt >= 0 sets the attempt count. Returns the new generation, or -1
         when another thread moved first (then nothing here happens)."""
-        cdef int64_t ng
+        cdef int64_t ng, w
         if now < 0:
             now = self._now()
         if new == ST_OPEN:
             # computed before the CAS (may call user code), stored where readers of generation gen+1 look
-            if st_state(bt_load(&self.st.word)) != expect or st_gen(bt_load(&self.st.word)) != gen:
+            w = bt_load(&self.st.word)
+            if st_state(w) != expect or st_gen(w) != gen:
                 return -1
             bt_store(&self.until[(gen + 1) & 1], now + open_duration_ns(self.conf, attempt, log))
         ng = st_transition(&self.st, expect, gen, new, now)
@@ -336,7 +337,10 @@ cdef class BreakerCore:
             else:
                 p = bt_load(&self.closed.packed)
                 calls, failures, slows = cw_field(p, 0), cw_field(p, 16), cw_field(p, 32)
-            if calls >= self.minimum_calls and (s == ST_CLOSED or failed or slow):
+            # a fast success can only lower the rates, unless it is the call that reaches the minimum
+            # (a time window's minimum can be reached again as buckets expire: it was summed above)
+            if calls >= self.minimum_calls and (failed or slow or s == ST_CLOSED and
+                                                 (self.time_window or calls == self.minimum_calls)):
                 if self._exceeded(calls, failures, slows) and s == ST_CLOSED:
                     self._move(ST_CLOSED, gen, ST_OPEN, now, 1)
         return 0
@@ -436,8 +440,7 @@ cdef class BreakerCore:
     def enter(self):
         """(token, start) for a call that may go ahead; raises CircuitOpenError otherwise."""
         cdef int64_t token, start
-        if _enter(<PyObject *>self, &token, &start) < 0:
-            raise self.rejection()
+        _enter(<PyObject *>self, &token, &start)       # raises CircuitOpenError when refused
         return token, start
 
     def exit_ok(self, int64_t token, int64_t start, result):
@@ -483,9 +486,6 @@ cdef int _exit_ok(PyObject *owner, int64_t token, int64_t start, PyObject *resul
     cdef int outcome = O_SUCCESS
     if b.record_result is not None:
         outcome = b._classify_result(<object>result)
-    if outcome == O_SUCCESS and b.hook is None and not b.timing:
-        # hot path: a success in CLOSED with nothing timed only needs the window record
-        return b._record(token, O_SUCCESS, 0, -1, None)
     return b._record(token, outcome, start, -1, None)
 
 

@@ -87,17 +87,13 @@ cdef int _enter(PyObject *owner, int64_t *token, int64_t *start) except -1:
     return (<_Stage>owner).enter()
 
 
-cdef int _after(_Stage s) except -1:
-    return s.after()
-
-
 cdef int _exit_ok(PyObject *owner, int64_t token, int64_t start, PyObject *result) except -1:
-    return _after(<_Stage>owner)
+    return (<_Stage>owner).after()
 
 
 cdef void _exit_err(PyObject *owner, int64_t token, int64_t start, PyObject *exc) noexcept:
     try:
-        _after(<_Stage>owner)
+        (<_Stage>owner).after()
     except BaseException:
         log.exception("releasing after a failed call failed")
 
@@ -138,7 +134,7 @@ cdef class StageGuard:
         try:
             return self.fn(*args, **kwargs)
         finally:
-            _after(s)
+            s.after()
 
     def __get__(self, obj, objtype):
         return self if obj is None else types.MethodType(self, obj)

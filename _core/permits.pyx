@@ -22,27 +22,27 @@ cdef class Permits:
         bt_store(&self.p.limit, check_int("max_permits", max_permits, minimum=1, maximum=_MAX))
         bt_store(&self.p.in_use, 0)
 
-    cdef int _bad(self, n, what) except -1:
+    cdef int _bad(self, n) except -1:
         check_int("n", n, minimum=1, maximum=_MAX)
         raise ValueError(f"n={n} permits released but only {bt_load(&self.p.in_use)} are held")
 
     def try_acquire(self, int64_t n=1):
         """Take n permits if in_use + n <= max_permits."""
         if n < 1:
-            self._bad(n, "acquire")
+            self._bad(n)
         return permits_try(&self.p, n)
 
     def try_acquire_within(self, int64_t limit, int64_t n=1):
         """Take n permits if in_use + n <= min(limit, max_permits): a caller-chosen share of the maximum."""
         if n < 1:
-            self._bad(n, "acquire")
+            self._bad(n)
         cdef int64_t m = bt_load(&self.p.limit)
         return permits_try_limit(&self.p, n, limit if limit < m else m)
 
     def release(self, int64_t n=1):
         """Return n permits; ValueError (nothing changed) if fewer are held."""
         if n < 1 or not permits_release(&self.p, n):
-            self._bad(n, "release")
+            self._bad(n)
 
     @property
     def in_use(self):

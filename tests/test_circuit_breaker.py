@@ -340,7 +340,6 @@ def test_reset_restores_closed_attempt_and_counters():
     clock.advance(1)
     fail(cb)
     assert cb.attempt == 2
-    cb.call  # noqa: B018
     with pytest.raises(CircuitOpenError):
         cb.call(ok)
     cb.reset()

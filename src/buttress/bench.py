@@ -383,14 +383,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import buttress
-    quiet = args.quiet or not sys.stderr.isatty() and args.json
-
     def progress(msg: str) -> None:
         if not args.quiet:
             sys.stderr.write(f"\r\x1b[2Kbench {msg}" if sys.stderr.isatty() else f"bench {msg}\n")
             sys.stderr.flush()
 
-    del quiet
     cases = floor_cases() + buttress_cases() + ([] if args.no_peers else peer_cases())
     t0 = time.monotonic()
     results, skipped = run_cases(cases, buttress.IMPLEMENTATION, args.min_time, args.repeat, progress)

@@ -130,7 +130,7 @@ class Pipeline(Policy):
             wrapped = stage(wrapped)
         if is_async_callable(fn) and not is_async_callable(wrapped):   # keep it awaitable-looking
             return Policy.__call__(self, fn)
-        return functools.update_wrapper(wrapped, fn) if wrapped is not fn else wrapped  # type: ignore[return-value]
+        return wrapped  # type: ignore[return-value]   # each stage's decorator kept fn's metadata
 
     def __repr__(self) -> str:
         inner = ", ".join(repr(s) for s in self.strategies)
