@@ -1,4 +1,4 @@
-"""Type stub for buttress._core.breaker (twin: buttress._breaker_py)."""
+"""Type stub for buttress._core.breaker (twin: buttress._twin.breaker)."""
 from typing import Any, Callable
 
 from buttress._breaker_conf import BreakerConf

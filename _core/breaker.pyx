@@ -1,5 +1,5 @@
 # cython: language_level=3, freethreading_compatible=True, boundscheck=False, wraparound=False, cdivision=True
-"""The circuit-breaker state machine, lock-free. Twin and spec: buttress/_breaker_py.py.
+"""The circuit-breaker state machine, lock-free. Twin and spec: buttress/_twin/breaker.py.
 
 State, generation and half-open permits live in one atomic word (bt_state.pxd): a transition and the
 issue of a half-open permit are each one CAS, so HALF_OPEN never admits more than half_open_calls and

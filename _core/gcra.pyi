@@ -1,4 +1,4 @@
-"""Type stub for buttress._core.gcra (twin: buttress._gcra_py)."""
+"""Type stub for buttress._core.gcra (twin: buttress._twin.gcra)."""
 from typing import Callable
 
 __all__ = ["GCRA"]

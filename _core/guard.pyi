@@ -1,4 +1,4 @@
-"""Type stub for buttress._core.guard (twin: buttress._guard_py)."""
+"""Type stub for buttress._core.guard (twin: buttress._twin.guard)."""
 from contextvars import ContextVar
 from typing import Any, Callable
 

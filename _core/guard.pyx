@@ -11,7 +11,7 @@
 
 acquire / release are the compiled core's bound methods, called through vectorcall; the guard itself is
 called through the C vectorcall entry of include/buttress_guard.h: no argument tuple or dict is built
-and an exception from fn passes through without an extra frame. Twin: buttress/_guard_py.py.
+and an exception from fn passes through without an extra frame. Twin: buttress/_twin/guard.py.
 """
 from libc.stdint cimport int64_t
 from cpython.object cimport PyObject, PyTypeObject, PyObject_Length

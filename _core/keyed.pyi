@@ -1,4 +1,4 @@
-"""Type stub for buttress._core.keyed (twin: buttress._keyed_py)."""
+"""Type stub for buttress._core.keyed (twin: buttress._twin.keyed)."""
 from typing import Any, Callable
 
 __all__ = ["KeyedGCRA", "WINDOW", "MAX_KEYS", "MAX_TAU_NS", "MAX_NOW_NS"]

@@ -1,4 +1,4 @@
-"""Type stub for buttress._core.permits (twin: buttress._permits_py)."""
+"""Type stub for buttress._core.permits (twin: buttress._twin.permits)."""
 
 __all__ = ["Permits"]
 

@@ -1,4 +1,4 @@
-"""Type stub for buttress._core.state (twin: buttress._state_py)."""
+"""Type stub for buttress._core.state (twin: buttress._twin.state)."""
 
 __all__ = ["BreakerState", "MAX_HALF_OPEN"]
 

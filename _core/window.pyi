@@ -1,4 +1,4 @@
-"""Type stub for buttress._core.window (twin: buttress._window_py)."""
+"""Type stub for buttress._core.window (twin: buttress._twin.window)."""
 from typing import Callable
 
 __all__ = ["CountWindow", "TimeWindow", "COUNT_WINDOW_MAX"]

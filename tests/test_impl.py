@@ -48,7 +48,7 @@ def test_require_fails_loudly_when_the_core_is_missing(tmp_path):
 
 def test_core_returns_the_chosen_module():
     mod = _impl.core("gcra")
-    expected = "buttress._core.gcra" if buttress.IMPLEMENTATION == "cython" else "buttress._gcra_py"
+    expected = "buttress._core.gcra" if buttress.IMPLEMENTATION == "cython" else "buttress._twin.gcra"
     assert mod.__name__ == expected
 
 

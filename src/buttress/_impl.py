@@ -5,7 +5,7 @@
 - Otherwise the compiled core is used when it imports, the twins when it does not.
 
 Facade modules never import ``buttress._core`` themselves; they call ``core("gcra")`` and get
-either ``buttress._core.gcra`` or ``buttress._gcra_py``, which export the same names.
+either ``buttress._core.gcra`` or ``buttress._twin.gcra``, which export the same names.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _flag(name: str) -> bool:
 
 def twin(name: str) -> ModuleType:
     """The pure-Python twin of core module `name`."""
-    return importlib.import_module(f"buttress._{name}_py")
+    return importlib.import_module(f"buttress._twin.{name}")
 
 
 def compiled(name: str) -> ModuleType:

@@ -6,7 +6,7 @@ import time
 from collections import deque
 from typing import Callable
 
-from ._params import check_int
+from .._params import check_int
 
 __all__ = ["CountWindow", "TimeWindow", "COUNT_WINDOW_MAX"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import threading
 import time
 
-from ._params import check_int
+from .._params import check_int
 
 __all__ = ["BreakerState", "MAX_HALF_OPEN"]
 

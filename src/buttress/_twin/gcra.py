@@ -5,7 +5,7 @@ import threading
 import time
 from typing import Callable
 
-from ._params import check_n, emission_interval_ns
+from .._params import check_n, emission_interval_ns
 
 __all__ = ["GCRA"]
 

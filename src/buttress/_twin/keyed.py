@@ -11,7 +11,7 @@ from array import array
 from operator import index as _index
 from typing import Any, Callable
 
-from ._params import check_int, check_n, emission_interval_ns
+from .._params import check_int, check_n, emission_interval_ns
 
 __all__ = ["KeyedGCRA", "WINDOW", "MAX_KEYS", "MAX_TAU_NS", "MAX_NOW_NS"]
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import threading
 
-from ._params import check_int
+from .._params import check_int
 
 __all__ = ["Permits"]
 

@@ -13,8 +13,8 @@ import time
 import types
 from typing import Any, Callable
 
-from ._breaker_conf import State, breaker_conf, open_duration_ns
-from .errors import CircuitOpenError
+from .._breaker_conf import State, breaker_conf, open_duration_ns
+from ..errors import CircuitOpenError
 
 __all__ = ["BreakerCore", "Permit", "Guarded", "SUCCESS", "FAILURE", "IGNORED", "CANCELLED"]
 
@@ -30,7 +30,7 @@ class _Window:
     """Counts of the last `size` outcomes (count window) or of `size` one-second buckets."""
 
     def __init__(self, size: int, time_based: bool) -> None:
-        from ._window_py import CountWindow, TimeWindow
+        from .window import CountWindow, TimeWindow
         self.w = TimeWindow(size) if time_based else CountWindow(size)
         self.time_based = time_based
 
