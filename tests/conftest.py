@@ -1,6 +1,7 @@
 """Every core test runs against both implementations through the `impl` fixture."""
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 from types import ModuleType
@@ -66,6 +67,20 @@ def fast_switching():
         yield
     finally:
         sys.setswitchinterval(old)
+
+
+# A hang (a spin with the GIL held, a lost wake-up) must end the run with every thread's stack, not stall
+# CI until its time limit: any single test that runs longer than this dumps tracebacks and exits.
+HANG_TIMEOUT = float(os.environ.get("BUTTRESS_TEST_HANG_TIMEOUT", "300"))
+
+
+@pytest.fixture(autouse=True)
+def _hang_guard():
+    faulthandler.dump_traceback_later(HANG_TIMEOUT, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -74,8 +74,13 @@ class FakeClock:
 
     _IDLE_TICKS = 8   # loop iterations without a new sleeper before an autojump
 
+    # any int64 ns reading is a valid clock (DESIGN §3c): negative, epoch-sized and near int64 max
+    # starts are allowed so that users' tests can reach them; time never moves past int64 max
+    _MAX_NS = 2**63 - 1
+    _MAX_S = 9_223_372_036.0      # int64 max ns in whole seconds, rounded down
+
     def __init__(self, start: float = 0.0, *, autojump: bool = True) -> None:
-        s = check_float("start", start, minimum=0.0)
+        s = check_float("start", start, minimum=-self._MAX_S, maximum=self._MAX_S)
         assert s is not None
         self._ns = round(s * NS)
         self._lock = threading.Lock()
@@ -100,6 +105,9 @@ class FakeClock:
         if ns < 0:
             raise ValueError(f"ns must be >= 0, got {ns!r}")
         with self._lock:
+            if ns > self._MAX_NS - self._ns:
+                raise ValueError(f"advancing by {ns!r} ns would move the clock past int64 max ns "
+                                 f"({self._MAX_NS}); it reads {self._ns}")
             self._ns += ns
             now = self._ns
             due = []
