@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Memory check of the compiled core: valgrind memcheck (PYTHONMALLOC=malloc, so every Python object is a
+# malloc block valgrind can see) over the crash probe (uninitialised objects, any now=) and the core
+# tests against the compiled implementation. Any invalid read / write / jump is an error (exit 1);
+# leaks are not reported (CPython keeps interned objects for the life of the process).
+#
+#   scripts/valgrind.sh                 # probe + core tests, compiled core of the current environment
+#   scripts/valgrind.sh tests/test_x.py # other pytest args instead of the core tests
+# Needs `valgrind` (apt-get install valgrind) and the compiled core built (pip install -e .). ~5-10 min.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+log=$(mktemp /tmp/buttress-valgrind.XXXXXX)
+vg=(valgrind --tool=memcheck --error-exitcode=99 --leak-check=no --track-origins=no --num-callers=30
+    --log-file="$log.%p")
+export PYTHONMALLOC=malloc BUTTRESS_REQUIRE_EXTENSIONS=1
+status=0
+for what in uninit now; do
+    for m in gcra window permits state breaker guard keyed; do
+        [ $what = now ] && case $m in permits|guard) continue ;; esac
+        echo "== valgrind: crash probe $what $m"
+        "${vg[@]}" "$PY" tests/crash_probe.py $what cython $m > /dev/null || status=1
+    done
+done
+if [ $# -eq 0 ]; then
+    set -- -k "cython or both" tests/test_gcra.py tests/test_window.py tests/test_permits.py tests/test_state.py \
+        tests/test_keyed.py tests/test_differential.py tests/test_differential_domain.py
+fi
+echo "== valgrind: pytest $*"
+HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-} "${vg[@]}" "$PY" -m pytest -q -p no:cacheprovider "$@" || status=1
+errors=$(cat "$log".* | grep -E "ERROR SUMMARY: [1-9]|Invalid (read|write)|uninitialised|Jump to" | sort | uniq -c || true)
+if [ -n "$errors" ]; then
+    echo "valgrind: errors found (logs: $log.*):"; echo "$errors"
+    grep -l -E "ERROR SUMMARY: [1-9]" "$log".* | head -n 3 | xargs -r -n1 sed -n '1,80p'
+    exit 1
+fi
+rm -f "$log" "$log".*
+[ $status = 0 ] && echo "valgrind: clean" || { echo "valgrind: a run failed (see above)"; exit 1; }
