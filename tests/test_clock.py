@@ -17,9 +17,20 @@ def test_fake_clock_moves_only_when_told():
 
 
 def test_fake_clock_bad_args():
-    with pytest.raises(ValueError, match="start must be a finite number >= 0, got -1"):
-        buttress.FakeClock(-1)
+    assert buttress.FakeClock(-1).monotonic_ns() == -1_000_000_000     # any int64 ns reading (§3c)
+    for start in (1e300, 10**400, -1e300, float("nan")):                # past int64 ns: named, no OverflowError
+        with pytest.raises(ValueError, match="start must be a finite number"):
+            buttress.FakeClock(start)
+    with pytest.raises(TypeError, match="start must be a number"):
+        buttress.FakeClock(True)
     c = buttress.FakeClock()
+    for seconds in (1e300, 10**400, float("inf")):
+        with pytest.raises(ValueError, match="seconds must be a finite number >= 0 and <= 1e"):
+            c.advance(seconds)
+    big = buttress.FakeClock(9.2e9)
+    with pytest.raises(ValueError, match="seconds=1000000000.0 would move the clock past int64"):
+        big.advance(1e9)
+    assert big.monotonic() == 9.2e9                                     # nothing moved
     with pytest.raises(ValueError, match="seconds must be"):
         c.advance(-0.1)
     with pytest.raises(TypeError, match="seconds must be a number"):

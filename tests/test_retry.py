@@ -816,7 +816,12 @@ def test_budget_accounting_is_exact_under_racing_threads(fast_switching):
     (dict(max_attempts="3"), TypeError, ["max_attempts", "'3'"]),
     (dict(max_attempts=True), TypeError, ["max_attempts", "True"]),
     (dict(backoff="fast"), TypeError, ["backoff", "'fast'"]),
-    (dict(backoff=-1.0), ValueError, ["delay", "-1.0"]),
+    (dict(backoff=-1.0), ValueError, ["backoff must be", "-1.0"]),      # named as given, not "delay"
+    (dict(backoff=-1), ValueError, ["backoff must be", ">= 0", "-1"]),
+    (dict(backoff=10**400), ValueError, ["backoff must be", "401 digits"]),
+    (dict(backoff=True), TypeError, ["backoff", "True"]),
+    (dict(deadline=10**400), ValueError, ["deadline must be", "401 digits"]),
+    (dict(retry_on=KeyboardInterrupt), ValueError, ["retry_on", "KeyboardInterrupt", "Exception"]),
     (dict(retry_on=5), TypeError, ["retry_on", "5"]),
     (dict(retry_on=(ValueError, 3)), TypeError, ["retry_on", "3"]),
     (dict(retry_on_result=1), TypeError, ["retry_on_result", "1"]),

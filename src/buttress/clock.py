@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Protocol, runtime_checkable
 
-from ._params import NS, check_float
+from ._params import MAX_SECONDS, NS, check_float, check_int, check_seconds, show
 
 __all__ = ["Clock", "SystemClock", "FakeClock", "SYSTEM_CLOCK", "resolve_clock"]
 
@@ -97,13 +97,16 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         """Move time forward by `seconds` (>= 0)."""
-        s = check_float("seconds", seconds, minimum=0.0)
+        s = check_seconds("seconds", seconds)
         assert s is not None
-        self.advance_ns(math.ceil(s * NS))
+        ns = math.ceil(s * NS)
+        if ns > self._MAX_NS - self._ns:
+            raise ValueError(f"seconds={show(seconds)} would move the clock past int64 max ns ({self._MAX_NS}); "
+                             f"it reads {self._ns} ns")
+        self.advance_ns(ns)
 
     def advance_ns(self, ns: int) -> None:
-        if ns < 0:
-            raise ValueError(f"ns must be >= 0, got {ns!r}")
+        ns = check_int("ns", ns, minimum=0)
         with self._lock:
             if ns > self._MAX_NS - self._ns:
                 raise ValueError(f"advancing by {ns!r} ns would move the clock past int64 max ns "
@@ -123,7 +126,7 @@ class FakeClock:
 
     async def sleep_async(self, seconds: float) -> None:
         """Wait until the clock reaches now + seconds (see the class docstring)."""
-        s = check_float("seconds", seconds, minimum=float("-inf"))
+        s = check_float("seconds", seconds, maximum=MAX_SECONDS)    # <= 0 returns at once, like asyncio.sleep
         assert s is not None
         if s <= 0:
             await asyncio.sleep(0)

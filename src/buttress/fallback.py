@@ -12,11 +12,12 @@ from __future__ import annotations
 import collections
 import contextvars
 import inspect
+import math
 import threading
 from typing import Any, Callable, NamedTuple
 
 from ._base import Policy
-from ._params import NS, check_callable, check_int, exception_matcher, seconds_to_ns
+from ._params import NS, check_callable, check_int, check_seconds, exception_matcher
 from ._wrap import specialize
 from .clock import resolve_clock
 
@@ -177,8 +178,10 @@ class StaleCacheFallback(Policy):
     def __init__(self, max_age: float, on: Any = (Exception,), key: Callable[..., Any] | None = None,
                  clock: Any = None, max_entries: int = 1024,
                  on_stale: Callable[[Stale], object] | None = None) -> None:
-        self._max_age_ns = seconds_to_ns("max_age", max_age, allow_zero=False)
-        self.max_age = float(max_age)
+        age = check_seconds("max_age", max_age, allow_zero=False)
+        assert age is not None
+        self.max_age = age
+        self._max_age_ns = math.ceil(age * NS)
         self._on = _on_matcher(on)
         self._key = check_callable("key", key)
         self._clock = resolve_clock(clock)

@@ -21,14 +21,18 @@ import contextvars
 import inspect
 import itertools
 import math
+import numbers
 import threading
 import uuid
+from decimal import Decimal
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Callable, TypeVar
 
 from . import _context
 from ._base import Policy
-from ._params import NS, count_of, check_callable, check_float, check_int, exception_matcher, seconds_to_ns
+from ._params import (MAX_SECONDS, NS, check_callable, check_float, check_int, check_real, check_seconds, count_of,
+                      exception_matcher)
 from ._wrap import specialize
 from .backoff import Backoff, constant, exponential
 from .clock import resolve_clock
@@ -104,14 +108,15 @@ class RetryBudget:
         # [0, 1]: 0 is a budget of the floor alone (min_per_second * ttl), documented in docs/retry.md
         self.ratio = check_float("ratio", ratio, minimum=0.0, maximum=1.0)
         self.min_per_second = check_float("min_per_second", min_per_second, minimum=0.0, maximum=1e9)
-        ttl_ns = seconds_to_ns("ttl", ttl, allow_zero=False)
-        self.ttl = float(ttl)   # type: ignore[arg-type]
+        self.ttl = check_seconds("ttl", ttl, allow_zero=False)
+        ttl_ns = math.ceil(self.ttl * NS)     # type: ignore[operator]
         self._now_ns = resolve_clock(clock).monotonic_ns
         assert self.ratio is not None and self.min_per_second is not None
-        # withdrawing costs unit / ratio deposits, rounded up so the budget never allows more than ratio
+        # withdrawing costs unit / ratio deposits, rounded up so the budget never allows more than ratio;
+        # exact integer arithmetic (Fractions): a subnormal ratio (5e-324) is a huge withdrawal, not inf
         self._deposit = self._UNIT if self.ratio > 0 else 0
-        self._withdraw = math.ceil(self._UNIT / self.ratio) if self.ratio > 0 else self._UNIT
-        self._reserve = math.floor(self.min_per_second * self.ttl * self._withdraw)
+        self._withdraw = math.ceil(Fraction(self._UNIT) / Fraction(self.ratio)) if self.ratio > 0 else self._UNIT
+        self._reserve = math.floor(Fraction(self.min_per_second * self.ttl) * self._withdraw)
         self._width_ns = -(-ttl_ns // self._SLICES)
         # slot i: [time slice, deposits made in it (an itertools.count), units withdrawn in it]
         self._slots = [[-1, itertools.count(), 0] for _ in range(self._SLICES)]
@@ -193,9 +198,8 @@ class Retry(Policy):
         self.backoff, self._delay = _check_backoff(backoff)
         self._retryable = _retry_matcher(retry_on)
         self._result_pred = check_callable("retry_on_result", retry_on_result)
-        self.deadline = check_float("deadline", deadline, minimum=0.0, min_inclusive=False, maximum=1e9,
-                                    allow_none=True)
-        self._deadline_ns = None if deadline is None else seconds_to_ns("deadline", deadline)
+        self.deadline = check_seconds("deadline", deadline, allow_none=True, allow_zero=False)
+        self._deadline_ns = None if self.deadline is None else math.ceil(self.deadline * NS)
         if budget is not None and not isinstance(budget, RetryBudget):
             raise TypeError(f"budget must be a buttress.RetryBudget or None, got {budget!r}")
         self.budget = budget
@@ -404,10 +408,9 @@ class Retry(Policy):
         except (TypeError, ValueError) as err:     # a user backoff returned garbage: keep the cause
             raise err from exc
         call[_PREV] = wait
-        retry_after = getattr(exc, "retry_after", None)
-        if (isinstance(retry_after, (int, float)) and not isinstance(retry_after, bool)
-                and math.isfinite(retry_after) and retry_after > wait):
-            wait = float(retry_after)
+        retry_after = _retry_after(exc)
+        if retry_after is not None and retry_after > wait:
+            wait = retry_after
         left = _context.remaining_ns()
         if left is not None and wait * NS >= left:
             return self._give_up(call, exc, f"the next wait ({wait:.6g}s) would reach the deadline")
@@ -463,14 +466,30 @@ def _key_function(fn: Callable[..., str] | None) -> Callable[..., str]:
     return (lambda *args, **kwargs: fn()) if takes_none else fn
 
 
+def _retry_after(exc: BaseException | None) -> float | None:
+    """An exception's `retry_after` as seconds in [0, 1e9] (larger values are capped: a wait that long
+    is a wait for ever), or None when it has none that is a real number."""
+    value = getattr(exc, "retry_after", None)
+    if value is None:
+        return None
+    try:
+        s = check_real("retry_after", value)
+    except TypeError:
+        return None
+    if s is None or not s >= 0.0:        # NaN, negative
+        return None
+    return min(s, MAX_SECONDS)
+
+
 def _check_backoff(backoff: object) -> tuple[object, Callable[[int, float | None], float]]:
     """-> (the schedule as given, delay(attempt, previous) -> seconds)."""
     if backoff is None:
         backoff = exponential()
     if isinstance(backoff, Backoff):
         return backoff, backoff.delay
-    if isinstance(backoff, (int, float)) and not isinstance(backoff, bool):
-        fixed = constant(backoff)   # validates: a finite number of seconds >= 0
+    if isinstance(backoff, (numbers.Real, Decimal)) or isinstance(backoff, bool):
+        # any real number of seconds (int, float, Fraction, numpy scalar), named as the user named it
+        fixed = constant(check_seconds("backoff", backoff))  # type: ignore[arg-type]
         return fixed, fixed.delay
     if callable(backoff):
         def delay(attempt: int, previous: float | None) -> float:

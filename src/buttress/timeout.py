@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
 import threading
 from typing import Any, Callable
 
 from ._base import Policy, is_async_callable
 from ._context import pop_deadline, push_deadline, remaining, remaining_ns
-from ._params import NS, seconds_to_ns
+from ._params import NS, check_seconds
 from ._timers import call_later
 from .bulkhead import ThreadPoolBulkhead
 from .clock import resolve_clock
@@ -49,8 +50,10 @@ class Timeout(Policy):
     """
 
     def __init__(self, seconds: float, clock: Any = None, executor: ThreadPoolBulkhead | None = None) -> None:
-        self._ns = seconds_to_ns("seconds", seconds, allow_zero=False)
-        self.seconds = float(seconds)
+        s = check_seconds("seconds", seconds, allow_zero=False)
+        assert s is not None
+        self.seconds = s
+        self._ns = math.ceil(s * NS)
         self._clock = resolve_clock(clock)
         if executor is not None and not isinstance(executor, ThreadPoolBulkhead):
             raise TypeError(f"executor must be a buttress.ThreadPoolBulkhead or None, got {executor!r}")

@@ -1,0 +1,97 @@
+"""One validation layer (buttress._params, DESIGN §3c): every public numeric parameter takes any real
+number (int, float, Fraction, numpy scalar) in its range; bool, NaN, inf, huge ints and non-numbers are a
+ValueError / TypeError naming the parameter, the value and what is allowed, never an OverflowError."""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+import buttress
+from buttress import FakeClock, Retry, RetryBudget, Timeout, TokenBucket
+
+
+# -- the cases of issue 13 ------------------------------------------------------------------------------
+
+def test_a_huge_int_timeout_is_a_value_error_naming_seconds():
+    with pytest.raises(ValueError, match=r"seconds must be a finite number > 0 and <= 1e\+09, got an int of about "
+                                         r"401 digits \(~1e400\)"):
+        Timeout(10**400)
+
+
+def test_a_huge_int_beyond_the_int_str_limit_is_described_not_printed():
+    with pytest.raises(ValueError, match="about 5001 digits"):
+        Timeout(10**5000)       # its repr would raise "Exceeds the limit (4300 digits)"
+
+
+def test_a_subnormal_budget_ratio_works_like_almost_zero():
+    clock = FakeClock()
+    budget = RetryBudget(ratio=5e-324, min_per_second=0.3, ttl=10.0, clock=clock)
+    assert budget.balance == 3              # the floor alone
+    for _ in range(1000):
+        budget.deposit()
+    assert budget.balance == 3
+    assert budget.try_withdraw() and budget.balance == 2
+
+
+def test_a_fake_clock_beyond_int64_ns_is_a_value_error():
+    with pytest.raises(ValueError, match="start must be a finite number"):
+        FakeClock(start=1e300)
+
+
+def test_a_rate_too_low_for_int64_blames_rate_first():
+    with pytest.raises(ValueError) as info:
+        TokenBucket(rate=1e-12)             # capacity defaults from the rate: the user never passed it
+    assert str(info.value).startswith("rate must be >= 2.17e-10 per second"), info.value
+    assert "got 1e-12" in str(info.value)
+    with pytest.raises(ValueError) as info:
+        TokenBucket(rate=1e-9, capacity=10**9)
+    assert str(info.value).startswith("rate=1e-09 is too low for capacity=1000000000"), info.value
+    assert "lower capacity to <= 4" in str(info.value)
+
+
+@pytest.mark.parametrize("backoff", [-1, -0.5, Fraction(-1, 2), np.float64(-1)])
+def test_a_negative_backoff_names_backoff(backoff):
+    with pytest.raises(ValueError, match="^backoff must be a finite number >= 0"):
+        Retry(backoff=backoff)
+
+
+@pytest.mark.parametrize("seconds, expected", [(np.int64(1), 1.0), (Fraction(1, 2), 0.5), (np.float32(0.25), 0.25),
+                                               (np.uint8(2), 2.0), (-0.0, 0.0)])
+def test_any_real_number_of_seconds_is_a_backoff(seconds, expected):
+    r = Retry(backoff=seconds)
+    assert r.backoff.delay(1) == expected and r.backoff.delay(5) == expected
+    assert math.copysign(1.0, r.backoff.delay(1)) == 1.0        # -0.0 reads as 0.0
+
+
+@pytest.mark.parametrize("value", [np.int64(3), Fraction(3, 1), np.float64(3.0), 3])
+def test_any_real_number_is_a_timeout(value):
+    assert Timeout(value).seconds == 3.0 and type(Timeout(value).seconds) is float
+
+
+def test_a_huge_retry_after_on_an_exception_is_capped_not_an_overflow():
+    clock = FakeClock()
+    waits = []
+
+    class Busy(Exception):
+        retry_after = 10**400
+
+    def fail():
+        raise Busy()
+
+    r = Retry(max_attempts=2, backoff=0, clock=clock, on_retry=lambda a, e, d: waits.append(d))
+    with pytest.raises(Busy):
+        r.call(fail)
+    assert waits == [1e9]
+
+
+def test_messages_never_leak_overflow_error_from_the_shared_helpers():
+    from buttress._params import check_float, check_int, check_seconds, emission_interval_ns, seconds_to_ns
+    for call in (lambda: check_float("x", 10**400), lambda: check_float("x", Fraction(10**400, 3)),
+                 lambda: check_seconds("x", -10**400), lambda: seconds_to_ns("x", 10**400),
+                 lambda: emission_interval_ns(10**400, 1), lambda: emission_interval_ns(1.0, 10**400),
+                 lambda: check_int("x", 10**400), lambda: check_int("x", -10**400, minimum=None)):
+        with pytest.raises(ValueError, match="^x must be|^rate must be|^capacity must be"):
+            call()
