@@ -95,3 +95,74 @@ def test_messages_never_leak_overflow_error_from_the_shared_helpers():
                  lambda: check_int("x", 10**400), lambda: check_int("x", -10**400, minimum=None)):
         with pytest.raises(ValueError, match="^x must be|^rate must be|^capacity must be"):
             call()
+
+
+# -- exception specs: one parser (buttress._spec) --------------------------------------------------------
+
+class Halt(BaseException):
+    """A custom BaseException (as gevent / trio cancellation use)."""
+
+
+def _constructors():
+    from buttress import CircuitBreaker, Fallback, Retry
+    from buttress.fallback import StaleCacheFallback
+    return [
+        ("retry_on", lambda spec: Retry(retry_on=spec)),
+        ("on", lambda spec: Fallback(0, on=spec)),
+        ("on", lambda spec: StaleCacheFallback(1.0, on=spec)),
+        ("record", lambda spec: CircuitBreaker(name="spec", record=spec)),
+        ("ignore", lambda spec: CircuitBreaker(name="spec", ignore=spec)),
+    ]
+
+
+@pytest.mark.parametrize("spec", [KeyboardInterrupt, SystemExit, GeneratorExit, Halt, BaseException,
+                                  (ValueError, KeyboardInterrupt), [Halt]])
+@pytest.mark.parametrize("i", range(5))
+def test_naming_a_class_that_is_not_an_exception_is_a_value_error(spec, i):
+    name, make = _constructors()[i]
+    with pytest.raises(ValueError, match=f"^{name} must name Exception subclasses, got "):
+        make(spec)
+
+
+@pytest.mark.parametrize("pred", [lambda: True, lambda a, b: True, lambda *, exc: True])
+@pytest.mark.parametrize("i", range(5))
+def test_a_predicate_of_the_wrong_arity_is_a_type_error_at_construction(pred, i):
+    name, make = _constructors()[i]
+    with pytest.raises(TypeError, match=f"^{name} must accept 1 positional argument"):
+        make(pred)
+
+
+@pytest.mark.parametrize("i", range(5))
+def test_an_async_predicate_is_refused(i):
+    async def pred(exc):
+        return True
+
+    name, make = _constructors()[i]
+    with pytest.raises(TypeError, match=f"^{name} must be a plain function.*pred is an async def function"):
+        make(pred)
+
+
+@pytest.mark.parametrize("pred", [lambda e: True, lambda e, extra=1: True, lambda *a: True, callable])
+def test_predicates_that_take_one_argument_are_accepted(pred):
+    for _, make in _constructors():
+        make(pred)
+
+
+def test_the_parser_returns_classes_or_a_predicate():
+    from buttress._spec import ExceptionSpec, parse_exceptions
+
+    def pred(e):
+        return True
+
+    assert parse_exceptions("x", ValueError) == ExceptionSpec((ValueError,), None)
+    assert parse_exceptions("x", [ValueError, OSError]) == ExceptionSpec((ValueError, OSError), None)
+    assert parse_exceptions("x", ()) == ExceptionSpec((), None)
+    assert parse_exceptions("x", pred) == ExceptionSpec((), pred)
+    assert parse_exceptions("x", (ValueError,)).as_pair() == ((ValueError,), None)
+    assert parse_exceptions("x", ()).as_pair() == (None, None)
+    m = parse_exceptions("x", lambda e: True).matcher()
+    assert m(ValueError()) and not m(Halt()) and not m(KeyboardInterrupt())     # predicates never see them
+    with pytest.raises(TypeError, match=r"^x must be exception classes or a predicate, got 3 in \(<class"):
+        parse_exceptions("x", (ValueError, 3))
+    with pytest.raises(TypeError, match=r"^x must be an exception class, a tuple of them, or a predicate"):
+        parse_exceptions("x", "ValueError")

@@ -17,7 +17,8 @@ import threading
 from typing import Any, Callable, NamedTuple
 
 from ._base import Policy
-from ._params import NS, check_callable, check_int, check_seconds, exception_matcher
+from ._params import NS, check_callable, check_int, check_seconds
+from ._spec import parse_exceptions
 from ._wrap import specialize
 from .clock import resolve_clock
 
@@ -25,12 +26,9 @@ __all__ = ["Fallback", "StaleCacheFallback", "Stale", "served_stale"]
 
 
 def _on_matcher(on: object) -> Callable[[BaseException], bool]:
-    classes = (on,) if isinstance(on, type) else on if isinstance(on, (tuple, list, set, frozenset)) else ()
-    for c in classes:
-        if isinstance(c, type) and issubclass(c, BaseException) and not issubclass(c, Exception):
-            raise ValueError(f"on must name Exception subclasses, got {c.__name__} in {on!r}: a fallback never "
-                             "catches KeyboardInterrupt, SystemExit, GeneratorExit or CancelledError")
-    return exception_matcher("on", on)
+    # buttress._spec: Exception classes or a one-argument predicate; naming KeyboardInterrupt & co is a
+    # ValueError (a fallback never catches what is not an Exception)
+    return parse_exceptions("on", on).matcher()
 
 
 def _link(exc: BaseException, previous: BaseException, first: BaseException) -> None:

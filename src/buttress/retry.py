@@ -31,8 +31,8 @@ from typing import Any, Callable, TypeVar
 
 from . import _context
 from ._base import Policy
-from ._params import (MAX_SECONDS, NS, check_callable, check_float, check_int, check_real, check_seconds, count_of,
-                      exception_matcher)
+from ._params import MAX_SECONDS, NS, check_callable, check_float, check_int, check_real, check_seconds, count_of
+from ._spec import parse_exceptions
 from ._wrap import specialize
 from .backoff import Backoff, constant, exponential
 from .clock import resolve_clock
@@ -502,13 +502,13 @@ def _check_backoff(backoff: object) -> tuple[object, Callable[[int, float | None
 
 
 def _retry_matcher(spec: object) -> Callable[[BaseException], bool]:
-    """retry_on -> exc -> bool, never true for a `Rejected` whose class retry_on does not name."""
-    match = exception_matcher("retry_on", spec)     # validates; the general case
-    if isinstance(spec, type):
-        spec = (spec,)
-    if not isinstance(spec, (tuple, list, set, frozenset)):
-        return lambda exc: not isinstance(exc, Rejected) and match(exc)   # a predicate never sees rejections
-    classes = tuple(spec)
+    """retry_on -> exc -> bool (buttress._spec: Exception classes or a one-argument predicate), never true
+    for a `Rejected` whose class retry_on does not name (a predicate names none: it never sees one)."""
+    parsed = parse_exceptions("retry_on", spec)
+    pred = parsed.predicate
+    if pred is not None:
+        return lambda exc: not isinstance(exc, Rejected) and isinstance(exc, Exception) and bool(pred(exc))
+    classes = parsed.classes
     named = tuple(c for c in classes if issubclass(c, Rejected))
     # one function, no nested call: this runs on every failed attempt
     return lambda exc: isinstance(exc, classes) and (not isinstance(exc, Rejected) or isinstance(exc, named))
