@@ -26,6 +26,9 @@ __all__ = ["StageGuard", "StageBase", "AttemptGuard"]
 
 log = logging.getLogger("buttress.guard")
 
+cimport cython
+from bt_atomic cimport bt_load, bt_cas, bt_fetch_add
+
 cdef extern from "Python.h":
     ctypedef PyObject *(*vectorcallfunc)(PyObject *, PyObject *const *, size_t, PyObject *)
     PyObject *PyObject_CallNoArgs(PyObject *) except NULL
@@ -37,13 +40,30 @@ cdef extern from "buttress_guard.h":
         void (*exit_err)(PyObject *owner, int64_t token, int64_t start, PyObject *exc)
     PyObject *bt_guard_vectorcall(PyObject *, PyObject *const *, size_t, PyObject *)
     int bt_guard_install(PyTypeObject *tp, Py_ssize_t offset) except -1
+    bint bt_held_enter(int64_t id) noexcept nogil
+    bint bt_held_exit(int64_t id) noexcept nogil
+    int64_t bt_held_count(int64_t id) noexcept nogil
+
+from buttress._core.permits import Permits as _Permits
+
+cdef int64_t _next_id = 0          # stage ids: never 0, never reused (bt_fetch_add)
 
 
+cdef object _not_initialised(obj, what="its __init__ was not called"):
+    return RuntimeError(f"{type(obj).__name__} is not initialised: {what} "
+                        f"(a subclass must call super().__init__())")
+
+
+@cython.final
+@cython.internal
 cdef class _Stage:
     """The admit / release callables of one guard (the guard's `owner`). When acquire / release are
-    the bound try_acquire / release of a compiled Permits, the permit word is used directly."""
-    cdef object acquire, refuse, release, pending, drain
+    the bound try_acquire / release of a compiled Permits, the permit word is used directly.
+    Internal (not reachable from Python), built only by setup()."""
+    cdef object acquire, refuse, release, pending, drain, holder
     cdef permits_t *p
+    cdef int64_t id             # key of this stage in the per-thread `with` records
+    cdef int64_t floating       # `with` acquisitions not recorded per thread (a thread's table was full)
 
     cdef int setup(self, acquire, refuse, release, pending, drain) except -1:
         for name, value in (("acquire", acquire), ("refuse", refuse)):
@@ -56,10 +76,11 @@ cdef class _Stage:
             raise TypeError("pending and drain go together: give both or neither")
         self.acquire, self.refuse, self.release, self.pending, self.drain = acquire, refuse, release, pending, drain
         holder = getattr(acquire, "__self__", None)
-        if (holder is not None and getattr(acquire, "__name__", "") == "try_acquire"
-                and type(holder).__module__ == "buttress._core.permits"
+        if (type(holder) is _Permits and getattr(acquire, "__name__", "") == "try_acquire"
                 and getattr(release, "__self__", None) is holder and getattr(release, "__name__", "") == "release"):
             self.p = <permits_t *>PyCapsule_GetPointer(holder._handle(), "buttress.permits_t")
+            self.holder = holder        # keeps the permit word alive
+        self.id = bt_fetch_add(&_next_id, 1) + 1
         return 0
 
     cdef inline int enter(self) except -1:
@@ -79,6 +100,15 @@ cdef class _Stage:
         if self.pending is not None and PyObject_Length(self.pending) > 0:
             self.drain()
         return 0
+
+    cdef inline bint take_floating(self) noexcept nogil:
+        cdef int64_t cur
+        while True:
+            cur = bt_load(&self.floating)
+            if cur <= 0:
+                return False
+            if bt_cas(&self.floating, cur, cur - 1):
+                return True
 
 
 cdef int _enter(PyObject *owner, int64_t *token, int64_t *start) except -1:
@@ -104,9 +134,11 @@ _OPS.exit_ok = _exit_ok
 _OPS.exit_err = _exit_err
 
 
+@cython.no_gc_clear     # owner_ptr / fn_ptr borrow owner / fn: the GC must never clear them under a caller
 cdef class StageGuard:
     """fn guarded by acquire / refuse / release; binds like a function.
-    Layout: the first fields must match bt_guard_head in include/buttress_guard.h."""
+    Layout: the first fields must match bt_guard_head in include/buttress_guard.h.
+    Not initialised (owner_ptr NULL): every call raises RuntimeError. Initialised once."""
     cdef vectorcallfunc vectorcall
     cdef const bt_guard_ops *ops
     cdef PyObject *owner_ptr
@@ -115,19 +147,21 @@ cdef class StageGuard:
     cdef object fn
     cdef dict __dict__
 
+    def __cinit__(self):
+        self.vectorcall = bt_guard_vectorcall     # checks owner_ptr: an uninitialised guard says so
+
     def __init__(self, fn, acquire, refuse, release=None, pending=None, drain=None):
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {fn!r}")
         cdef _Stage s = _Stage.__new__(_Stage)
         s.setup(acquire, refuse, release, pending, drain)
-        self.vectorcall = bt_guard_vectorcall
-        self.ops = &_OPS
-        self.owner = s
-        self.fn = fn
-        self.owner_ptr = <PyObject *>s
-        self.fn_ptr = <PyObject *>fn
+        if self.owner_ptr != NULL:      # a running call borrows owner and fn: they never change
+            raise RuntimeError(f"{type(self).__name__} is already initialised")
+        _bind(self, s, fn)
 
     def __call__(self, *args, **kwargs):     # only reached by callers that bypass vectorcall
+        if self.owner_ptr == NULL:
+            raise _not_initialised(self)
         cdef _Stage s = <_Stage>self.owner
         cdef int64_t token, start
         _enter(<PyObject *>s, &token, &start)
@@ -140,15 +174,30 @@ cdef class StageGuard:
         return self if obj is None else types.MethodType(self, obj)
 
 
+cdef inline void _bind(StageGuard g, _Stage s, fn) noexcept:
+    g.owner = s
+    g.fn = fn
+    g.fn_ptr = <PyObject *>fn
+    g.ops = &_OPS
+    g.owner_ptr = <PyObject *>s      # last: a non-NULL owner_ptr means "ready"
+
+
 cdef class StageBase:
     """A compiled `with` / `async with` for admit-then-release patterns: a facade class inherits it and
     calls `_stage_setup(acquire, refuse, release, pending=None, drain=None)` once (same meaning as
-    StageGuard's arguments). `__enter__` returns self."""
+    StageGuard's arguments). `__enter__` returns self.
+
+    One object serves many callers at once, so `__exit__` cannot be told which acquisition it ends: each
+    `__enter__` records the acquisition for the calling thread (a small per-thread table, no lock, no
+    allocation) and `__exit__` consumes one record of the calling thread. An `__exit__` that finds none
+    -- a second exit of the same acquisition -- is a no-op: it never releases another caller's permit."""
     cdef _Stage _s
 
     def _stage_setup(self, acquire, refuse, release=None, pending=None, drain=None):
         cdef _Stage s = _Stage.__new__(_Stage)
         s.setup(acquire, refuse, release, pending, drain)
+        if self._s is not None:         # holders of the first stage could never give their permits back
+            raise RuntimeError(f"{type(self).__name__} is already initialised: _stage_setup() was called before")
         self._s = s
 
     def _stage_guard(self, fn):
@@ -156,34 +205,47 @@ cdef class StageBase:
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {fn!r}")
         if self._s is None:
-            raise RuntimeError("_stage_setup() was not called")
+            raise _not_initialised(self, "_stage_setup() was not called")
         cdef StageGuard g = StageGuard.__new__(StageGuard)
-        g.vectorcall = bt_guard_vectorcall
-        g.ops = &_OPS
-        g.owner = self._s
-        g.fn = fn
-        g.owner_ptr = <PyObject *>self._s
-        g.fn_ptr = <PyObject *>fn
+        _bind(g, self._s, fn)
         return g
 
     def __enter__(self):
-        self._s.enter()
+        cdef _Stage s = self._s
+        if s is None:
+            raise _not_initialised(self, "_stage_setup() was not called")
+        s.enter()
+        if not bt_held_enter(s.id):
+            bt_fetch_add(&s.floating, 1)
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        self._s.after()
+        cdef _Stage s = self._s
+        if s is None:
+            raise _not_initialised(self, "_stage_setup() was not called")
+        if bt_held_exit(s.id) or s.take_floating():
+            s.after()
         return False
+
+    def _stage_held(self):
+        """How many `with` acquisitions of this object the calling thread has recorded."""
+        cdef _Stage s = self._s
+        if s is None:
+            raise _not_initialised(self, "_stage_setup() was not called")
+        return bt_held_count(s.id)
 
 
 cdef extern from "buttress_attempt.h":
     PyObject *bt_attempt_vectorcall(PyObject *, PyObject *const *, size_t, PyObject *)
 
 
+@cython.no_gc_clear     # the *_p fields borrow the object fields: the GC must never clear them under a caller
 cdef class AttemptGuard:
     """The first attempt of a retried call, compiled (see include/buttress_attempt.h): sets the state list
     [1, None, clock_ns(), owner, None, None, None] in `var`, calls fn, advances `counter` on success; on
     an Exception hands over to on_failure(state, fn, args, kwargs, exc, None). Binds like a function.
-    Layout: the first fields must match bt_attempt_head."""
+    Layout: the first fields must match bt_attempt_head. Not initialised (fn_p NULL): every call raises
+    RuntimeError. Initialised once."""
     cdef vectorcallfunc vectorcall
     cdef PyObject *fn_p
     cdef PyObject *owner_p
@@ -194,6 +256,9 @@ cdef class AttemptGuard:
     cdef object fn, owner, var, counter, on_failure, clock_ns
     cdef dict __dict__
 
+    def __cinit__(self):
+        self.vectorcall = bt_attempt_vectorcall   # checks the fields: an uninitialised guard says so
+
     def __init__(self, fn, owner, var, counter, on_failure, clock_ns):
         for name, value in (("fn", fn), ("on_failure", on_failure), ("clock_ns", clock_ns)):
             if not callable(value):
@@ -202,13 +267,16 @@ cdef class AttemptGuard:
             raise TypeError(f"var must be a contextvars.ContextVar, got {var!r}")
         if not hasattr(counter, "__next__"):
             raise TypeError(f"counter must be an iterator (itertools.count), got {counter!r}")
+        if self.fn_p != NULL:           # a running call borrows the fields: they never change
+            raise RuntimeError(f"{type(self).__name__} is already initialised")
         self.fn, self.owner, self.var, self.counter, self.on_failure, self.clock_ns = (
             fn, owner, var, counter, on_failure, clock_ns)
         self.fn_p, self.owner_p, self.var_p = <PyObject *>fn, <PyObject *>owner, <PyObject *>var
         self.counter_p, self.on_failure_p, self.clock_p = <PyObject *>counter, <PyObject *>on_failure, <PyObject *>clock_ns
-        self.vectorcall = bt_attempt_vectorcall
 
     def __call__(self, *args, **kwargs):     # only reached by callers that bypass vectorcall
+        if self.fn_p == NULL:
+            raise _not_initialised(self)
         state = [1, None, self.clock_ns(), self.owner, None, None, None]
         token = self.var.set(state)
         try:

@@ -243,3 +243,93 @@ def test_attempt_binds_and_validates(impl):
         impl.guard.AttemptGuard(print, None, "var", itertools.count(), print, print)
     with pytest.raises(TypeError, match="counter must be an iterator"):
         impl.guard.AttemptGuard(print, None, _STATE, 3, print, print)
+
+
+# -- uninitialised objects: a clear RuntimeError, never a crash (compiled and twin alike) -------------
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+
+_NOT_INIT = "{} is not initialised: {} (a subclass must call super().__init__())"
+
+
+def _run_isolated(impl, body):
+    """Run body in a fresh interpreter (a crash there fails this test instead of killing the run)."""
+    code = textwrap.dedent(f"""
+        import importlib
+        guard = importlib.import_module("buttress.{'_core' if impl.kind == 'cython' else '_twin'}.guard")
+        permits = importlib.import_module("buttress.{'_core' if impl.kind == 'cython' else '_twin'}.permits")
+    """) + textwrap.dedent(body)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+    return proc.stdout
+
+
+@pytest.mark.parametrize("case", [
+    "guard.StageGuard.__new__(guard.StageGuard)()",
+    "guard.StageGuard.__new__(guard.StageGuard).__call__()",
+    "guard.AttemptGuard.__new__(guard.AttemptGuard)(1, k=2)",
+    "guard.AttemptGuard.__new__(guard.AttemptGuard).__call__()",
+    "type('S', (guard.StageGuard,), {'__init__': lambda self: None})()()",
+    "type('S', (guard.AttemptGuard,), {'__init__': lambda self: None})()()",
+    "guard.StageBase().__enter__()",
+    "guard.StageBase().__exit__(None, None, None)",
+    "guard.StageBase()._stage_guard(print)",
+    "type('B', (guard.StageBase,), {'__init__': lambda self: None})().__enter__()",
+    "m = type('S', (guard.StageGuard,), {'__init__': lambda self: None})(); "
+    "import types; types.MethodType(m, 1)()",
+])
+def test_uninitialised_guards_raise_runtime_error(impl, case):
+    out = _run_isolated(impl, f"""
+        try:
+            {case}
+        except RuntimeError as exc:
+            print(repr(exc))
+        else:
+            print("no error")
+    """)
+    name = "S" if "'S'" in case else "B" if "'B'" in case else case.split("(")[0].split(".")[1]
+    what = "_stage_setup() was not called" if "StageBase" in case else "its __init__ was not called"
+    assert out.strip() == repr(RuntimeError(_NOT_INIT.format(name, what)))
+
+
+def test_guards_initialise_once(impl):
+    gate = Gate(1)
+    g = impl.guard.StageGuard(lambda: 1, gate.acquire, gate.refuse, gate.release)
+    with pytest.raises(RuntimeError, match="^StageGuard is already initialised$"):
+        g.__init__(lambda: 2, gate.acquire, gate.refuse, gate.release)
+    assert g() == 1
+    a = impl.guard.AttemptGuard(lambda: 1, None, _STATE, itertools.count(), print, lambda: 0)
+    with pytest.raises(RuntimeError, match="^AttemptGuard is already initialised$"):
+        a.__init__(lambda: 2, None, _STATE, itertools.count(), print, lambda: 0)
+    assert a() == 1
+
+    class Limited(impl.guard.StageBase):
+        pass
+
+    lim = Limited()
+    lim._stage_setup(gate.acquire, gate.refuse, gate.release)
+    with pytest.raises(RuntimeError, match="^Limited is already initialised: _stage_setup"):
+        lim._stage_setup(gate.acquire, gate.refuse, gate.release)
+
+
+def test_reinit_during_a_call_cannot_free_what_the_call_uses(impl):
+    # the C entry borrows owner and fn for the length of the call: re-initialising inside the call used to
+    # free them under it
+    gate = Gate(1)
+    box = []
+
+    def fn():
+        with pytest.raises(RuntimeError, match="already initialised"):
+            box[0].__init__(lambda: None, gate.acquire, gate.refuse, gate.release)
+        return "ok"
+
+    box.append(impl.guard.StageGuard(fn, gate.acquire, gate.refuse, gate.release))
+    assert box[0]() == "ok" and gate.free == 1
+
+
+def test_an_uninitialised_permits_is_refused_as_a_stage(impl):
+    p = impl.permits.Permits.__new__(impl.permits.Permits)
+    with pytest.raises(RuntimeError, match="Permits is not initialised"):
+        impl.guard.StageGuard(print, p.try_acquire, print, p.release)()

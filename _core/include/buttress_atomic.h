@@ -25,6 +25,21 @@ static __inline int64_t bt_fetch_add(int64_t *p, int64_t d) {
 static __inline int64_t bt_exchange(int64_t *p, int64_t v) {
     return _InterlockedExchange64((volatile __int64 *)p, v);
 }
+/* A full (sequentially consistent) fence: orders every earlier load/store before every later one.
+ * Needed for store-then-load handshakes (Dekker): "release a permit, then look for waiters" against
+ * "queue as a waiter, then look for a permit" -- without it, both sides can miss each other. */
+static __inline void bt_fence_seq_cst(void) {
+#if defined(_M_ARM64)
+    __dmb(_ARM64_BARRIER_ISH);
+#elif defined(_M_ARM)
+    __dmb(_ARM_BARRIER_ISH);
+#else
+    _mm_mfence();
+#endif
+}
+/* The same fence directly after a bt_cas / bt_fetch_add / bt_exchange: the _Interlocked* intrinsics are
+ * full barriers on every MSVC target, so only the compiler needs telling. */
+static __inline void bt_fence_after_rmw(void) { _ReadWriteBarrier(); }
 #else
 static inline int64_t bt_load(int64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline void bt_store(int64_t *p, int64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
@@ -38,6 +53,14 @@ static inline int64_t bt_fetch_add(int64_t *p, int64_t d) {
 static inline int64_t bt_exchange(int64_t *p, int64_t v) {
     return __atomic_exchange_n(p, v, __ATOMIC_ACQ_REL);
 }
+static inline void bt_fence_seq_cst(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+/* The same fence directly after a bt_cas / bt_fetch_add / bt_exchange: on x86 a locked read-modify-write
+ * is already a full barrier (as Linux's smp_mb__after_atomic), elsewhere (AArch64, ...) a real fence. */
+#if defined(__x86_64__) || defined(__i386__)
+static inline void bt_fence_after_rmw(void) { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
+#else
+static inline void bt_fence_after_rmw(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+#endif
 #endif
 
 #endif /* BUTTRESS_ATOMIC_H */

@@ -10,7 +10,7 @@
 #ifndef BUTTRESS_ATTEMPT_H
 #define BUTTRESS_ATTEMPT_H
 #include <Python.h>
-#include "buttress_guard.h"   /* BT_FETCH / BT_RESTORE */
+#include "buttress_guard.h"   /* BT_FETCH / BT_RESTORE, bt_not_initialised */
 
 typedef struct {
     PyObject_HEAD
@@ -56,6 +56,9 @@ static PyObject *bt_attempt_vectorcall(PyObject *self, PyObject *const *args, si
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     PyObject *now, *state, *token, *res, *exc, *targs, *tkwargs = NULL, *tmp;
 
+    if (g->fn == NULL || g->owner == NULL || g->var == NULL || g->counter == NULL || g->on_failure == NULL
+            || g->clock_ns == NULL)
+        return bt_not_initialised(self);      /* __init__ never ran: nothing to call */
     now = PyObject_CallNoArgs(g->clock_ns);
     if (now == NULL)
         return NULL;

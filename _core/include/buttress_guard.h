@@ -11,6 +11,7 @@
 #define BUTTRESS_GUARD_H
 #include <Python.h>
 #include <stdint.h>
+#include <string.h>
 
 typedef struct bt_guard_ops {
     /* 0: go (token/start set); -1: refuse, exception set */
@@ -41,12 +42,25 @@ typedef struct {
     Py_INCREF(_ty); PyErr_Restore(_ty, _e, PyException_GetTraceback(_e)); } while (0)
 #endif
 
+/* The error for an object whose __init__ never ran (T.__new__(T), a subclass skipping super().__init__()):
+ * "<Type> is not initialised: ...", the short type name as type(obj).__name__ gives it. */
+static inline PyObject *bt_not_initialised(PyObject *self)
+{
+    const char *name = Py_TYPE(self)->tp_name, *dot = strrchr(name, '.');
+    PyErr_Format(PyExc_RuntimeError, "%s is not initialised: its __init__ was not called "
+                 "(a subclass must call super().__init__())", dot != NULL ? dot + 1 : name);
+    return NULL;
+}
+
 static PyObject *bt_guard_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     bt_guard_head *g = (bt_guard_head *)self;
     PyObject *fn = g->fn, *res, *exc;
     int64_t token, start;
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+
+    if (g->owner == NULL || g->ops == NULL)   /* never initialised: no owner to ask */
+        return bt_not_initialised(self);
 
     if (fn == NULL) {   /* call(fn, *args, **kwargs) */
         if (nargs < 1) {
@@ -78,6 +92,74 @@ static PyObject *bt_guard_vectorcall(PyObject *self, PyObject *const *args, size
         return NULL;
     }
     return res;
+}
+
+/* Per-thread records of `with` acquisitions (StageBase): which stage ids this thread holds, how many times.
+ * A `with` block's __enter__ and __exit__ run in one thread, so __exit__ consumes this thread's record;
+ * an __exit__ that finds none (a second exit of the same acquisition) is a no-op instead of releasing
+ * another caller's permit. The table is small and fixed (no allocation, nothing to free at thread
+ * exit): a thread holding more than BT_HELD_SLOTS different stages at once records the extra ones as
+ * "floating" on the stage itself (any exit without a record may take a floating one). */
+#define BT_HELD_SLOTS 8
+typedef struct {
+    int64_t id[BT_HELD_SLOTS];      /* stage ids are never 0 and never reused */
+    int64_t count[BT_HELD_SLOTS];
+} bt_held_t;
+
+static inline bt_held_t *bt_held_table(void)
+{
+#if defined(_MSC_VER) && !defined(__clang__)
+    static __declspec(thread) bt_held_t table;
+#else
+    static __thread bt_held_t table;
+#endif
+    return &table;
+}
+
+/* 1: recorded for this thread; 0: table full (the caller counts it as floating). */
+static inline int bt_held_enter(int64_t id)
+{
+    bt_held_t *h = bt_held_table();
+    int i, free_slot = -1;
+    for (i = 0; i < BT_HELD_SLOTS; i++) {
+        if (h->id[i] == id) {
+            h->count[i]++;
+            return 1;
+        }
+        if (free_slot < 0 && h->count[i] == 0)
+            free_slot = i;
+    }
+    if (free_slot < 0)
+        return 0;
+    h->id[free_slot] = id;
+    h->count[free_slot] = 1;
+    return 1;
+}
+
+/* 1: a record of this thread was consumed; 0: this thread holds none. */
+static inline int bt_held_exit(int64_t id)
+{
+    bt_held_t *h = bt_held_table();
+    int i;
+    for (i = 0; i < BT_HELD_SLOTS; i++) {
+        if (h->id[i] == id && h->count[i] > 0) {
+            if (--h->count[i] == 0)
+                h->id[i] = 0;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* How many `with` acquisitions of stage `id` this thread holds (for tests and metrics). */
+static inline int64_t bt_held_count(int64_t id)
+{
+    bt_held_t *h = bt_held_table();
+    int i;
+    for (i = 0; i < BT_HELD_SLOTS; i++)
+        if (h->id[i] == id)
+            return h->count[i];
+    return 0;
 }
 
 /* Make a Cython cdef class callable through bt_guard_vectorcall. */

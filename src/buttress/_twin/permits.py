@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from .._params import check_int
 
@@ -10,18 +11,44 @@ __all__ = ["Permits"]
 _MAX = 1 << 40
 
 
+def _uninit(obj: object) -> RuntimeError:
+    return RuntimeError(f"{type(obj).__name__} is not initialised: its __init__ was not called "
+                        f"(a subclass must call super().__init__())")
+
+
 class Permits:
-    """A permit counter: permits in use against a resizable maximum."""
+    """A permit counter: permits in use against a resizable maximum.
+
+    n is an int in [1, 2**40]; a release of more than is held is refused (in_use never goes below 0, so
+    available never rises above max_permits). An object whose __init__ never ran (``Permits.__new__``,
+    a subclass that skips ``super().__init__()``) has max_permits 0 and raises RuntimeError.
+    Waking waiters (the facade's "release, then look for waiters" against "queue, then look for a
+    permit"): both the release and a refused try take `_lock`, which orders them like the compiled
+    core's fences do.
+    """
+
+    _limit = 0                      # class defaults: what an uninitialised object reads
+    _in_use = 0
+    _lock: Any = None
 
     def __init__(self, max_permits: int) -> None:
-        self._limit = check_int("max_permits", max_permits, minimum=1, maximum=_MAX)
-        self._in_use = 0
+        limit = check_int("max_permits", max_permits, minimum=1, maximum=_MAX)
+        if self._lock is not None:
+            raise RuntimeError(f"{type(self).__name__} is already initialised")
         self._lock = threading.Lock()
+        self._in_use = 0
+        self._limit = limit
+
+    def _locked(self) -> Any:
+        lock = self._lock
+        if lock is None:
+            raise _uninit(self)
+        return lock
 
     def try_acquire(self, n: int = 1) -> bool:
         """Take n permits if in_use + n <= max_permits."""
-        check_int("n", n, minimum=1, maximum=_MAX)
-        with self._lock:
+        n = check_int("n", n, minimum=1, maximum=_MAX)
+        with self._locked():
             if self._in_use + n > self._limit:
                 return False
             self._in_use += n
@@ -29,8 +56,9 @@ class Permits:
 
     def try_acquire_within(self, limit: int, n: int = 1) -> bool:
         """Take n permits if in_use + n <= min(limit, max_permits): a caller-chosen share of the maximum."""
-        check_int("n", n, minimum=1, maximum=_MAX)
-        with self._lock:
+        n = check_int("n", n, minimum=1, maximum=_MAX)
+        limit = check_int("limit", limit, minimum=None)
+        with self._locked():
             if self._in_use + n > min(limit, self._limit):
                 return False
             self._in_use += n
@@ -38,8 +66,8 @@ class Permits:
 
     def release(self, n: int = 1) -> None:
         """Return n permits; ValueError (nothing changed) if fewer are held."""
-        check_int("n", n, minimum=1, maximum=_MAX)
-        with self._lock:
+        n = check_int("n", n, minimum=1, maximum=_MAX)
+        with self._locked():
             if self._in_use < n:
                 raise ValueError(f"n={n} permits released but only {self._in_use} are held")
             self._in_use -= n
@@ -59,7 +87,9 @@ class Permits:
     def resize(self, max_permits: int) -> None:
         """Change the maximum. Shrinking never strands holders: they release as usual and
         new permits are issued only once in_use is below the new maximum."""
-        self._limit = check_int("max_permits", max_permits, minimum=1, maximum=_MAX)
+        limit = check_int("max_permits", max_permits, minimum=1, maximum=_MAX)
+        with self._locked():
+            self._limit = limit
 
     def __repr__(self) -> str:
-        return f"Permits(max_permits={self.max_permits}, in_use={self.in_use})"
+        return f"{type(self).__name__}(max_permits={self.max_permits}, in_use={self.in_use})"
