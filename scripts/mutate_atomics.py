@@ -21,9 +21,10 @@ PLAIN = {
 
 
 def mutate(text: str) -> str:
-    head, sep, gcc = text.partition("#else")
-    if not sep:
-        raise SystemExit("mutate_atomics: no GCC/Clang branch (#else) found")
+    at = text.find("static inline int64_t bt_load(")
+    if at < 0:
+        raise SystemExit("mutate_atomics: no GCC/Clang bt_load found")
+    head, sep, gcc = text[:at], "", text[at:]
     done = set()
     for name, body in PLAIN.items():
         # `static inline <type> name(<args>) { ... }` up to the brace that closes the function
@@ -35,7 +36,7 @@ def mutate(text: str) -> str:
     if missing:
         raise SystemExit(f"mutate_atomics: did not find {sorted(missing)}")
     # fences (if any) become no-ops too
-    gcc = re.sub(r"__atomic_thread_fence\([^)]*\)", "((void)0)", gcc)
+    gcc = re.sub(r"__atomic_(thread|signal)_fence\([^)]*\)", "((void)0)", gcc)
     if "__atomic_" in gcc:
         left = sorted(set(re.findall(r"__atomic_\w+", gcc)))
         raise SystemExit(f"mutate_atomics: atomics left after mutation: {left}")
