@@ -612,3 +612,106 @@ def test_decorating_async_functions_and_non_callables():
     run(main())
     with pytest.raises(TypeError, match="decorates a callable"):
         bh(5)
+
+
+# -- one acquisition, one release (a second exit is a no-op) -----------------------------------------
+
+
+def test_second_exit_frees_no_other_callers_permit():
+    bh = Bulkhead(2)
+    entered, leave = threading.Event(), threading.Event()
+
+    def holder():
+        with bh:
+            entered.set()
+            leave.wait(30)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert entered.wait(30)
+    with bh:
+        pass
+    bh.__exit__(None, None, None)           # used to free the holder's permit
+    assert bh.in_use == 1
+    assert bh.try_acquire() and not bh.try_acquire()     # never past the limit
+    bh.release()
+    leave.set()
+    t.join(30)
+    assert bh.in_use == 0 and bh.available == 2
+
+
+def test_release_with_nothing_held_is_a_value_error_and_changes_nothing():
+    bh = Bulkhead(2)
+    with pytest.raises(ValueError, match="released but only 0 are held"):
+        bh.release()
+    assert (bh.in_use, bh.available) == (0, 2)
+
+
+def test_async_second_exit_frees_no_other_tasks_permit():
+    async def main():
+        bh = Bulkhead(2, max_wait=None)
+        entered, leave = asyncio.Event(), asyncio.Event()
+
+        async def holder():
+            async with bh:
+                entered.set()
+                await leave.wait()
+
+        t = asyncio.create_task(holder())
+        await entered.wait()
+        async with bh:
+            pass
+        await bh.__aexit__(None, None, None)    # used to free the holder's permit
+        assert bh.in_use == 1
+        assert bh.try_acquire() and not bh.try_acquire()
+        bh.release()
+        leave.set()
+        await t
+        assert bh.in_use == 0 and bh.available == 2
+
+    run(main())
+
+
+def test_async_nested_and_exit_stacks_release_each_acquisition_once():
+    import contextlib
+
+    async def main():
+        bh = Bulkhead(3, max_wait=None)
+        async with bh:
+            async with bh:
+                assert bh.in_use == 2
+            assert bh.in_use == 1
+        assert bh.in_use == 0
+        async with contextlib.AsyncExitStack() as stack:     # enter and exit from contextlib's frames
+            await stack.enter_async_context(bh)
+            await stack.enter_async_context(bh)
+            assert bh.in_use == 2
+        assert bh.in_use == 0
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(bh)
+            assert bh.in_use == 1
+        assert bh.in_use == 0
+
+    run(main())
+
+
+def test_async_generator_closed_in_another_task_returns_its_permit():
+    async def main():
+        bh = Bulkhead(1, max_wait=None)
+
+        async def stream():
+            async with bh:
+                yield 1
+                yield 2
+
+        async def consume_one():
+            agen = stream()
+            assert await agen.__anext__() == 1
+            return agen
+
+        agen = await asyncio.create_task(consume_one())
+        assert bh.in_use == 1
+        await asyncio.create_task(agen.aclose())             # finalised by another task
+        assert bh.in_use == 0 and bh._async_held == {}
+
+    run(main())

@@ -333,3 +333,108 @@ def test_an_uninitialised_permits_is_refused_as_a_stage(impl):
     p = impl.permits.Permits.__new__(impl.permits.Permits)
     with pytest.raises(RuntimeError, match="Permits is not initialised"):
         impl.guard.StageGuard(print, p.try_acquire, print, p.release)()
+
+
+# -- one acquisition, one release: `with` records per thread ------------------------------------------
+
+
+def _limited(impl, permits):
+    def refuse():
+        raise RuntimeError("full")
+
+    class Limited(impl.guard.StageBase):
+        def __init__(self):
+            self._stage_setup(permits.try_acquire, refuse, permits.release)
+
+    return Limited()
+
+
+def test_second_exit_is_a_no_op_and_frees_no_other_holder(impl):
+    p = impl.permits.Permits(2)
+    lim = _limited(impl, p)
+    entered, leave = threading.Event(), threading.Event()
+
+    def other():
+        with lim:
+            entered.set()
+            leave.wait(30)
+
+    t = threading.Thread(target=other)
+    t.start()
+    assert entered.wait(30)
+    with lim:
+        assert lim._stage_held() == 1
+    assert lim.__exit__(None, None, None) is False      # a second exit: used to free the other's permit
+    assert p.in_use == 1 and lim._stage_held() == 0
+    with lim:
+        with pytest.raises(RuntimeError, match="full"):  # still exactly 2 at once
+            with lim:
+                pass
+    leave.set()
+    t.join(30)
+    assert p.in_use == 0
+    lim.__exit__(None, None, None)                       # nothing held at all: still a no-op
+    assert p.in_use == 0
+
+
+def test_nested_enters_in_one_thread_each_release_once(impl):
+    p = impl.permits.Permits(3)
+    lim = _limited(impl, p)
+    lim.__enter__()
+    lim.__enter__()
+    assert p.in_use == 2 and lim._stage_held() == 2
+    for _ in range(4):
+        lim.__exit__(None, None, None)
+    assert p.in_use == 0 and lim._stage_held() == 0
+
+
+def test_more_stages_than_the_per_thread_table_still_release_exactly(impl):
+    ps = [impl.permits.Permits(1) for _ in range(12)]      # the table holds 8: 4 are "floating"
+    lims = [_limited(impl, p) for p in ps]
+    for lim in lims:
+        lim.__enter__()
+    assert all(p.in_use == 1 for p in ps)
+    for lim in lims:
+        lim.__exit__(None, None, None)
+        lim.__exit__(None, None, None)                     # second exits: no-ops
+    assert all(p.in_use == 0 for p in ps)
+    for lim in lims:                                       # and the table is clean afterwards
+        with lim:
+            pass
+    assert all(p.in_use == 0 for p in ps)
+
+
+def test_refused_enter_records_nothing(impl):
+    p = impl.permits.Permits(1)
+    lim = _limited(impl, p)
+    p.try_acquire()
+    with pytest.raises(RuntimeError, match="full"):
+        lim.__enter__()
+    assert lim._stage_held() == 0
+    lim.__exit__(None, None, None)                         # not ours: the outside holder keeps it
+    assert p.in_use == 1
+
+
+def test_double_exits_racing_threads_never_exceed_the_limit(impl, fast_switching):
+    p = impl.permits.Permits(3)
+    lim = _limited(impl, p)
+    inside, peak, lock = [0], [0], threading.Lock()
+
+    def run(i):
+        ok = 0
+        for _ in range(500):
+            try:
+                with lim:
+                    with lock:
+                        inside[0] += 1
+                        peak[0] = max(peak[0], inside[0])
+                    with lock:
+                        inside[0] -= 1
+                ok += 1
+            except RuntimeError:
+                pass
+            lim.__exit__(None, None, None)                 # a buggy caller exits twice
+        return ok
+
+    assert sum(race(8, run)) > 0
+    assert peak[0] <= 3 and p.in_use == 0

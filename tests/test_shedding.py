@@ -218,3 +218,99 @@ def test_bad_priority_at_admission():
     with pytest.raises(TypeError, match="priority"):
         shed.admit("HIGH")
     assert shed.admit(2)._priority is Priority.HIGH
+
+
+def test_admission_exits_once_and_cannot_be_entered_twice():
+    from buttress import LoadShedder, Priority
+    shed = LoadShedder(max_in_flight=10)
+    other = shed.admit(Priority.CRITICAL)
+    other.__enter__()
+    adm = shed.admit(Priority.CRITICAL)
+    with adm:
+        assert shed.in_flight == 2
+        with pytest.raises(RuntimeError, match="already entered"):
+            adm.__enter__()
+        assert shed.in_flight == 2
+    adm.__exit__(None, None, None)          # a second exit: used to free `other`'s slot
+    assert shed.in_flight == 1
+    with adm:                               # entered again after its exit: admits anew
+        assert shed.in_flight == 2
+    other.__exit__(None, None, None)
+    assert shed.in_flight == 0
+    shed.admit().__exit__(None, None, None)  # never entered: nothing to free
+    assert shed.in_flight == 0
+
+
+def test_admission_async_second_exit_is_a_no_op():
+    import asyncio
+    from buttress import LoadShedder
+
+    async def main():
+        shed = LoadShedder(max_in_flight=10)
+        adm = shed.admit()
+        async with adm:
+            assert shed.in_flight == 1
+        await adm.__aexit__(None, None, None)
+        assert shed.in_flight == 0
+
+    asyncio.run(main())
+
+
+def test_a_failing_clock_gives_the_slot_back():
+    from buttress import LoadShedder
+
+    class Clock:
+        fail = False
+
+        def monotonic(self):
+            return 0.0
+
+        def monotonic_ns(self):
+            if self.fail:
+                raise OSError("clock")
+            return 0
+
+        def sleep(self, s):
+            pass
+
+        async def sleep_async(self, s):
+            pass
+
+    clock = Clock()
+    shed = LoadShedder(max_in_flight=10, clock=clock)
+    adm = shed.admit()
+    clock.fail = True
+    with pytest.raises(OSError):
+        adm.__enter__()
+    assert shed.in_flight == 0
+    clock.fail = False
+    adm.__enter__()
+    clock.fail = True
+    with pytest.raises(OSError):
+        adm.__exit__(None, None, None)
+    assert shed.in_flight == 0
+
+
+def test_double_exits_racing_threads_never_exceed_capacity(fast_switching):
+    import threading
+    from buttress import LoadShedder, Overloaded, Priority
+    from helpers import race
+    shed = LoadShedder(max_in_flight=4, fractions={Priority.LOW: 1.0, Priority.MEDIUM: 1.0, Priority.HIGH: 1.0})
+    lock, inside, peak = threading.Lock(), [0], [0]
+
+    def body(i):
+        for _ in range(300):
+            adm = shed.admit(Priority.LOW)
+            try:
+                with adm:
+                    with lock:
+                        inside[0] += 1
+                        peak[0] = max(peak[0], inside[0])
+                    with lock:
+                        inside[0] -= 1
+            except Overloaded:
+                pass
+            adm.__exit__(None, None, None)
+
+    race(8, body)
+    assert peak[0] <= 4 and shed.in_flight == 0

@@ -1,8 +1,14 @@
 """Bulkheads: cap how many calls run at once, so one slow dependency cannot take every worker.
 
 `Bulkhead` is a permit counter (the lock-free core `Permits`) with a first-come-first-served waiter
-queue for callers that may wait. `ThreadPoolBulkhead` runs calls on its own bounded pool of worker
-threads with a bounded queue, so a hung dependency occupies only its own pool.
+queue for callers that may wait. `ThreadPoolBulkhead` runs calls on its own
+`concurrent.futures.ThreadPoolExecutor` behind a bounded admission, so a hung dependency occupies only
+its own pool.
+
+One acquisition, one release: a `Bulkhead` serves many callers at once, so `with bh:` records each
+acquisition for the thread that entered (in the compiled stage, `buttress._core.guard.StageBase`) and
+`async with bh:` for the task and frame that entered; an exit that finds no record of its own -- the
+second exit of one acquisition -- is a no-op, never the release of another caller's permit.
 """
 from __future__ import annotations
 
@@ -11,7 +17,8 @@ import asyncio
 import collections
 import concurrent.futures
 import contextvars
-import queue
+import itertools
+import sys
 import threading
 from typing import Any, Callable, NamedTuple
 
@@ -92,6 +99,13 @@ def _wake(fut: asyncio.Future) -> None:
         fut.set_result(None)
 
 
+def _current_task() -> asyncio.Task | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:        # no running loop (a coroutine driven by hand)
+        return None
+
+
 class Bulkhead(_StageBase, Policy):
     """At most `max_concurrent` calls at once; others wait up to `max_wait` seconds (first come,
     first served), then get `BulkheadFullError`.
@@ -112,6 +126,7 @@ class Bulkhead(_StageBase, Policy):
         self._clock = resolve_clock(clock)
         self._lock = threading.Lock()
         self._waiters: collections.deque[_Waiter] = collections.deque()
+        self._async_held: dict[tuple[Any, int], int] = {}     # (task, frame id) -> `async with` held
         self._rejected = 0
         # The fast path is the core itself: no Python frame between the caller and the atomic.
         self.try_acquire = self._permits.try_acquire
@@ -159,12 +174,39 @@ class Bulkhead(_StageBase, Policy):
     def _wait_for_permit(self) -> None:
         self._acquire_slow(self._max_wait)
 
+    # `async with` records each acquisition under (task, frame of the `async with`), so that a second
+    # __aexit__ of one acquisition is a no-op. An exit finds its record by task and frame; failing that
+    # by frame alone (an async generator finalised in another task), then by task alone (AsyncExitStack
+    # enters and exits from frames of its own); with none left, the exit releases nothing.
+
     async def __aenter__(self) -> Bulkhead:
+        key = (_current_task(), id(sys._getframe(1)))
         if not self.try_acquire():
             await self._acquire_slow_async(self._max_wait)
+        try:
+            with self._lock:
+                held = self._async_held
+                held[key] = held.get(key, 0) + 1
+        except BaseException:
+            self.release()
+            raise
         return self
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        task, frame = _current_task(), id(sys._getframe(1))
+        with self._lock:
+            held = self._async_held
+            key = (task, frame)
+            if key not in held:
+                key = next((k for k in held if k[1] == frame), None) or next(
+                    (k for k in held if k[0] is task), None)   # type: ignore[assignment]
+                if key is None:
+                    return          # a second exit of one acquisition: nothing of ours to release
+            n = held[key]
+            if n == 1:
+                del held[key]
+            else:
+                held[key] = n - 1
         self._release_permit()
         if self._waiters:
             self._drain()
@@ -232,9 +274,15 @@ class Bulkhead(_StageBase, Policy):
                 return
             waiters.popleft()
             w.granted = True
-            if not w.wake():
-                w.granted = False
-                self._release_permit()
+            try:
+                woken = w.wake()
+            except BaseException:
+                woken = False
+                raise
+            finally:
+                if not woken:           # nobody will take it: the permit goes back, never lost
+                    w.granted = False
+                    self._release_permit()
 
     def _reject(self) -> BulkheadFullError:
         with self._lock:
@@ -263,15 +311,18 @@ class Bulkhead(_StageBase, Policy):
         if timeout is not None and timeout <= 0:
             raise self._reject()
         w = _Waiter()
-        self._enqueue(w)
+        # Everything from queueing to settling is inside the try: an exception at any step (an interrupt
+        # while queueing, waiting or settling) leaves the queue and gives back a permit handed over.
         try:
+            self._enqueue(w)
             if not w.granted:
                 w.lock.acquire(timeout=-1 if timeout is None else timeout)  # type: ignore[union-attr]
+            got = self._settle(w)
         except BaseException:
             if self._settle(w):     # a permit handed over while we were interrupted: give it back
                 self.release()
             raise
-        if not self._settle(w):
+        if not got:
             raise self._reject()
 
     async def _acquire_slow_async(self, timeout: float | None) -> None:
@@ -279,19 +330,22 @@ class Bulkhead(_StageBase, Policy):
         if timeout is not None and timeout <= 0:
             raise self._reject()
         w = _Waiter(asyncio.get_running_loop())
-        self._enqueue(w)
-        timer = None if timeout is None or w.granted else call_later(self._clock, timeout, lambda: _wake(w.fut))
+        timer = None
         try:
+            self._enqueue(w)
             if not w.granted:
+                if timeout is not None:
+                    timer = call_later(self._clock, timeout, lambda: _wake(w.fut))  # type: ignore[arg-type]
                 await w.fut  # type: ignore[misc]
-        except BaseException:
-            if self._settle(w):
+            got = self._settle(w)
+        except BaseException:       # cancelled (or anything else) while queued or waiting
+            if self._settle(w):     # a permit handed over meanwhile: pass it on, never swallow it
                 self.release()
             raise
         finally:
             if timer is not None:
                 timer.cancel()
-        if not self._settle(w):
+        if not got:
             raise self._reject()
 
     # -- configuration and metrics ---------------------------------------------------------------------
@@ -340,13 +394,38 @@ class ThreadPoolMetrics(NamedTuple):
     rejected: int           # BulkheadFullError raised since creation
 
 
+class _Slot:
+    """One accepted call's admission permit, given back exactly once: by the call when it finishes
+    (before its future is resolved, so the caller can submit again at once), by the future's done
+    callback when it was cancelled before running, or by `submit` when the pool refused the call."""
+
+    __slots__ = ("_held", "_permits")
+
+    def __init__(self, permits: Any) -> None:
+        self._held = [True]
+        self._permits = permits
+
+    def free(self) -> None:
+        try:
+            self._held.pop()        # atomic: of racing callers, exactly one gets it
+        except IndexError:
+            return
+        self._permits.release()
+
+    def free_if_cancelled(self, fut: concurrent.futures.Future) -> None:
+        if fut.cancelled():         # never ran: the call cannot give it back itself
+            self.free()
+
+
 class ThreadPoolBulkhead(Policy):
     """Runs calls on its own pool of `max_workers` threads with room for `queue_size` waiting calls;
     a call submitted when the queue is full is rejected with `BulkheadFullError`.
 
-    Give each dependency its own pool: a hung dependency then holds only its own threads. Workers are
-    daemon threads started on demand, so a call that never returns cannot keep the process alive.
-    The caller's contextvars (deadline, current attempt, ...) are copied into the worker.
+    The pool is a `concurrent.futures.ThreadPoolExecutor` (its shutdown, cancellation and
+    submit-during-shutdown rules); in front of it one lock-free permit counter admits at most
+    `max_workers + queue_size` calls at once. Give each dependency its own pool: a hung dependency then
+    holds only its own threads. The caller's contextvars (deadline, current attempt, ...) are copied
+    into the worker.
     """
 
     def __init__(self, max_workers: int = 10, queue_size: int = 100, name: str | None = None) -> None:
@@ -355,13 +434,19 @@ class ThreadPoolBulkhead(Policy):
         self.name = _check_name(name)
         # accepted = running + queued, bounded by workers + queue: one lock-free counter decides admission
         self._accepted = _Permits(self._max_workers + self._queue_size)
-        self._running = _Permits(self._max_workers)
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._idle = threading.Semaphore(0)
-        self._threads: list[threading.Thread] = []
+        self._running = _Permits(_MAX)
         self._lock = threading.Lock()
         self._rejected = 0
-        self._shutdown = False
+        self._prefix = "buttress-pool" if self.name is None else f"buttress-{self.name}"
+        self._thread_ids = itertools.count()
+        self._workers: set[int] = set()
+        self._pool = concurrent.futures.ThreadPoolExecutor(self._max_workers, thread_name_prefix=self._prefix,
+                                                           initializer=self._started)
+
+    def _started(self) -> None:
+        t = threading.current_thread()
+        t.name = f"{self._prefix}-{next(self._thread_ids)}"
+        self._workers.add(t.ident)  # type: ignore[arg-type]
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         """Queue `fn(*args, **kwargs)`; returns its Future. Raises BulkheadFullError when the queue is
@@ -372,58 +457,27 @@ class ThreadPoolBulkhead(Policy):
             label = "thread pool bulkhead" if self.name is None else f"thread pool bulkhead {self.name!r}"
             raise BulkheadFullError(f"{label} is full ({self._max_workers} workers busy, "
                                     f"{self._queue_size} calls queued)")
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        fut.add_done_callback(self._on_done)
-        with self._lock:    # a call queued after shutdown's sentinels would never run
-            if self._shutdown:
-                self._accepted.release()
-                raise RuntimeError(f"{self!r} is shut down")
-            self._queue.put((fut, contextvars.copy_context(), fn, args, kwargs))
-        if not self._idle.acquire(blocking=False):
-            self._spawn()
+        slot = _Slot(self._accepted)
+        try:
+            fut = self._pool.submit(self._run, slot, contextvars.copy_context(), fn, args, kwargs)
+        except RuntimeError as exc:     # shut down (the executor checks under its lock, as it starts workers)
+            slot.free()
+            raise RuntimeError(f"{self!r} is shut down: {exc}") from None
+        except BaseException:
+            slot.free()
+            raise
+        fut.add_done_callback(slot.free_if_cancelled)
         return fut
 
-    def _on_done(self, fut: concurrent.futures.Future) -> None:
-        if fut.cancelled():         # cancelled while queued: it never ran, so its permit is still held
-            self._accepted.release()
-
-    def _spawn(self) -> None:
-        with self._lock:
-            if self._shutdown or len(self._threads) >= self._max_workers:
-                return
-            prefix = "buttress-pool" if self.name is None else f"buttress-{self.name}"
-            t = threading.Thread(target=self._work, name=f"{prefix}-{len(self._threads)}", daemon=True)
-            self._threads.append(t)
-        t.start()
-
-    def _work(self) -> None:
-        get = self._queue.get
-        while True:
-            item = get()
-            if item is None:
-                return
-            self._run(*item)
-            item = None                 # hold no reference to the call while idle
-            self._idle.release()
-
-    def _run(self, fut: concurrent.futures.Future, ctx: contextvars.Context, fn: Callable[..., Any],
-             args: tuple, kwargs: dict) -> None:
-        if not fut.set_running_or_notify_cancel():
-            return                      # cancelled while queued; _on_done returned its slot
-        self._running.try_acquire()     # always succeeds: at most max_workers threads run calls
+    def _run(self, slot: _Slot, ctx: contextvars.Context, fn: Callable[..., Any], args: tuple,
+             kwargs: dict) -> Any:
+        self._running.try_acquire()
         try:
-            result = ctx.run(fn, *args, **kwargs)
-        except BaseException as exc:  # noqa: BLE001 - delivered through the future
-            self._finish()
-            fut.set_exception(exc)
-        else:
-            self._finish()
-            fut.set_result(result)
-
-    def _finish(self) -> None:
-        # free the slot before the caller hears the result, so it can submit again at once
-        self._running.release()
-        self._accepted.release()
+            return ctx.run(fn, *args, **kwargs)
+        finally:
+            # free the slot before the caller hears the result, so it can submit again at once
+            self._running.release()
+            slot.free()
 
     def call(self, fn: Callable[..., Any], /, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         """Run `fn` on the pool and wait for its result up to `timeout` seconds (capped by the innermost
@@ -443,25 +497,13 @@ class ThreadPoolBulkhead(Policy):
         return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop accepting calls. Queued calls still run unless `cancel_futures`; `wait` joins the workers
-        (which waits for running calls, however long they take)."""
-        with self._lock:
-            self._shutdown = True
-            threads = list(self._threads)
-        if cancel_futures:
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not None:
-                    item[0].cancel()
-        for _ in threads:
-            self._queue.put(None)
-        if wait:
-            for t in threads:
-                if t is not threading.current_thread():
-                    t.join()
+        """Stop accepting calls. Queued calls still run unless `cancel_futures` (their futures are
+        cancelled and their slots freed); `wait` joins the workers (which waits for running calls, however
+        long they take). A call submitted while this runs is either accepted before it (and runs) or
+        refused with RuntimeError: never left pending."""
+        if threading.get_ident() in self._workers:
+            wait = False                # a worker cannot join itself
+        self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
 
     def __enter__(self) -> ThreadPoolBulkhead:
         return self

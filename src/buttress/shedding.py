@@ -58,21 +58,47 @@ def _priority(value: object) -> Priority:
 
 
 class _Admission:
-    """One admitted call: `with` / `async with`; leaving frees its slot and reports its latency."""
+    """One admitted call: `with` / `async with`; leaving frees its slot and reports its latency.
 
-    __slots__ = ("_shedder", "_priority", "_start", "_in_flight")
+    One acquisition at a time: entering an admission that is held raises RuntimeError (take one
+    `admit()` per call), and a second exit of one entry is a no-op (it never frees another call's
+    slot). Entered again after its exit, it admits anew."""
+
+    __slots__ = ("_shedder", "_priority", "_start", "_in_flight", "_held")
 
     def __init__(self, shedder: LoadShedder, priority: Priority) -> None:
         self._shedder = shedder
         self._priority = priority
         self._start = -1
+        self._in_flight = 0
+        self._held: list[bool] = []     # [True] while entered; append / pop are atomic, also without the GIL
 
     def __enter__(self) -> _Admission:
-        self._in_flight = self._shedder._enter(self._priority)
-        self._start = self._shedder._clock.monotonic_ns()
+        held = self._held
+        held.append(True)
+        if len(held) != 1:              # entered already (here or in another thread)
+            held.pop()
+            raise RuntimeError("this admission is already entered: use one shedder.admit() per call")
+        shedder = self._shedder
+        try:
+            in_flight = shedder._enter(self._priority)      # Overloaded when shed
+        except BaseException:
+            held.pop()
+            raise
+        try:
+            self._start = shedder._clock.monotonic_ns()
+        except BaseException:           # a clock that fails: the slot taken goes back
+            held.pop()
+            shedder._flight.release()
+            raise
+        self._in_flight = in_flight
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        try:
+            self._held.pop()
+        except IndexError:
+            return                      # not entered, or exited already: nothing of ours to free
         self._shedder._exit(self._start, self._in_flight, exc)
 
     async def __aenter__(self) -> _Admission:
@@ -173,8 +199,10 @@ class LoadShedder(Policy):
                          f"capacity {self.capacity})", retry_after=retry_after)
 
     def _exit(self, start: int, in_flight: int, exc: BaseException | None) -> None:
-        elapsed = self._clock.monotonic_ns() - start
-        self._flight.release()
+        try:
+            elapsed = self._clock.monotonic_ns() - start
+        finally:
+            self._flight.release()      # whatever the clock does, the slot goes back exactly once
         latency = self._latency_ns
         self._latency_ns = elapsed if latency is None else latency + _EWMA * (elapsed - latency)
         if self.limiter is not None and not isinstance(exc, _NOT_AN_OUTCOME):
