@@ -252,7 +252,8 @@ def check_function(name: str, value: object, *, nargs: int | None = None, min_ar
     if value is None and allow_none:
         return None
     if not callable(value):
-        raise TypeError(f"{name} must be {role or 'callable'}{' or None' if allow_none else ''}, got {show(value)}")
+        raise TypeError(f"{name} must be callable{' (called as ' + role + ')' if role else ''}"
+                        f"{' or None' if allow_none else ''}, got {show(value)}")
     kind = callable_kind(value)
     if kind not in kinds:
         allowed = " or ".join(_KIND_TEXT[k] for k in kinds)

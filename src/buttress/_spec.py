@@ -13,7 +13,8 @@ None for classes). The rules live here and nowhere else (DESIGN §3c):
   predicate (its coroutine would always be truthy), a generator function, or one of the wrong arity is a
   TypeError naming the parameter, at construction rather than in the middle of a failing call;
 - the matcher (`ExceptionSpec.matcher()`) never matches anything that is not an `Exception` (a
-  BaseExceptionGroup holding a non-Exception is not one), so a predicate is never even shown one.
+  BaseExceptionGroup holding a non-Exception is not one), so a predicate is never even shown one; nor a
+  `UsageError` (buttress refusing a wrong use, e.g. a sync form given an async function).
 """
 from __future__ import annotations
 
@@ -21,7 +22,13 @@ from typing import Any, Callable, NamedTuple
 
 from ._params import check_function, show
 
-__all__ = ["ExceptionSpec", "parse_exceptions", "is_outcome"]
+__all__ = ["ExceptionSpec", "parse_exceptions", "is_outcome", "UsageError"]
+
+
+class UsageError(TypeError):
+    """A TypeError buttress raises when a pattern is used wrongly (a sync form given an async function,
+    a generator given to Retry, ...). It is a programming error, not an outcome of the dependency: no
+    matcher matches it, so it is never retried, never answered by a fallback."""
 
 _SEQUENCES = (tuple, list, set, frozenset)
 
@@ -43,11 +50,11 @@ class ExceptionSpec(NamedTuple):
         """exc -> bool; False for anything that is not an Exception."""
         predicate, classes = self.predicate, self.classes
         if predicate is not None:
-            return lambda exc: isinstance(exc, Exception) and bool(predicate(exc))
+            return lambda exc: isinstance(exc, Exception) and type(exc) is not UsageError and bool(predicate(exc))
         if not classes:
             return lambda exc: False
         # only Exception subclasses are in `classes`, so isinstance alone keeps BaseExceptions out
-        return lambda exc: isinstance(exc, classes)
+        return lambda exc: isinstance(exc, classes) and type(exc) is not UsageError
 
     def names(self, cls: type) -> bool:
         """Whether the spec names `cls` (or a base class of it) explicitly (predicates name nothing)."""

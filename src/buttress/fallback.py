@@ -13,16 +13,19 @@ import collections
 import contextvars
 import inspect
 import math
+from inspect import isawaitable
 import threading
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, TypeVar
 
 from ._base import Policy
-from ._params import NS, check_callable, check_int, check_seconds
+from ._params import ASYNC, NS, SYNC, check_function, check_int, check_seconds
 from ._spec import parse_exceptions
-from ._wrap import specialize
+from ._wrap import CORO, LAZY_TYPES, check_decoratable, refuse_sync_result, specialize, sync_in_async
 from .clock import resolve_clock
 
 __all__ = ["Fallback", "StaleCacheFallback", "Stale", "served_stale"]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _on_matcher(on: object) -> Callable[[BaseException], bool]:
@@ -51,29 +54,41 @@ class Fallback(Policy):
         chain = tuple(fallback) if isinstance(fallback, list) else (fallback,)
         if not chain:
             raise ValueError("fallback must be a value, a callable or a non-empty list of them, got []")
+        for i, alt in enumerate(chain):
+            if callable(alt):       # called as alt(exc, *args, **kwargs): checked now, not mid-failure
+                check_function("fallback" if len(chain) == 1 and not isinstance(fallback, list) else f"fallback[{i}]",
+                               alt, min_args=1, kinds=(SYNC, ASYNC), role="fn(exception, *args, **kwargs)")
         self._chain = chain
         self._on = _on_matcher(on)
 
     def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
         except Exception as exc:
             if not self._on(exc):
                 raise
             return self._recover(exc, args, kwargs)
+        if type(result) in LAZY_TYPES or hasattr(type(result), "__await__"):
+            refuse_sync_result(self, fn, result)
+        return result
 
     def __call__(self, fn: Any) -> Any:
         """Decorate `fn`: the wrapper inlines `call` / `call_async` (one frame less)."""
         on, recover, recover_async = self._on, self._recover, self._recover_async
+        check_decoratable(self, fn)     # a generator function: TypeError now (a stream cannot be replaced)
+        policy = self
 
         def make_sync(fn: Callable[..., Any]) -> Callable[..., Any]:
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 try:
-                    return fn(*args, **kwargs)
+                    result = fn(*args, **kwargs)
                 except Exception as exc:
                     if not on(exc):
                         raise
                     return recover(exc, args, kwargs)
+                if type(result) in LAZY_TYPES or hasattr(type(result), "__await__"):
+                    refuse_sync_result(policy, fn, result)
+                return result
             return wrapper
 
         def make_async(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -90,7 +105,10 @@ class Fallback(Policy):
 
     async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         try:
-            return await fn(*args, **kwargs)
+            aw = fn(*args, **kwargs)
+            if type(aw) is not CORO and not isawaitable(aw):
+                raise sync_in_async(self, fn, aw)
+            return await aw
         except Exception as exc:
             if not self._on(exc):
                 raise
@@ -181,10 +199,10 @@ class StaleCacheFallback(Policy):
         self.max_age = age
         self._max_age_ns = math.ceil(age * NS)
         self._on = _on_matcher(on)
-        self._key = check_callable("key", key)
+        self._key = check_function("key", key, role="key(*args, **kwargs) -> hashable")
         self._clock = resolve_clock(clock)
         self.max_entries = check_int("max_entries", max_entries, minimum=1)
-        self._on_stale = check_callable("on_stale", on_stale)
+        self._on_stale = check_function("on_stale", on_stale, nargs=1, role="on_stale(stale)")
         self._cache: collections.OrderedDict[Any, tuple[Any, int]] = collections.OrderedDict()
         self._lock = threading.Lock()
 
@@ -231,19 +249,30 @@ class StaleCacheFallback(Policy):
             if not self._on(exc):
                 raise
             return self._serve(k, exc)
+        if type(result) in LAZY_TYPES or hasattr(type(result), "__await__"):
+            refuse_sync_result(self, fn, result)
         self._store(k, result)
         return result
 
     async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         k = self._key_of(args, kwargs)
         try:
-            result = await fn(*args, **kwargs)
+            aw = fn(*args, **kwargs)
+            if type(aw) is not CORO and not isawaitable(aw):
+                raise sync_in_async(self, fn, aw)
+            result = await aw
         except Exception as exc:
             if not self._on(exc):
                 raise
             return self._serve(k, exc)
         self._store(k, result)
         return result
+
+    def __call__(self, fn: F) -> F:
+        """Decorate `fn` (sync, async, methods); a generator function is a TypeError (a stream cannot
+        be cached or replayed)."""
+        check_decoratable(self, fn)
+        return Policy.__call__(self, fn)
 
     def clear(self) -> None:
         """Forget every remembered result."""

@@ -14,10 +14,14 @@ an inner Timeout no shorter than an outer one, or the same object twice.
 from __future__ import annotations
 
 import functools
+from inspect import isawaitable
 import warnings
 from typing import Any, Callable, TypeVar
 
 from ._base import Policy, is_async_callable
+from ._params import ASYNC, ASYNC_GENERATOR, GENERATOR, callable_kind, describe
+from ._spec import UsageError
+from ._wrap import ASYNC_KINDS, CORO, LAZY_TYPES, by_reference, refuse_sync_result, sync_in_async
 from ._breaker_conf import State
 from .errors import BulkheadFullError, CircuitOpenError, Overloaded, RateLimitExceeded
 
@@ -105,13 +109,45 @@ class Pipeline(Policy):
     def _chain(self, fn: Callable[..., Any], cache: dict, attr: str) -> Callable[..., Any]:
         chain = cache.get(fn)
         if chain is None:
-            chain = fn
+            chain = self._innermost(fn, attr)
             for stage in reversed(self._stages):
                 chain = functools.partial(getattr(stage, attr), chain)
             if len(cache) >= _CHAIN_CACHE:
                 cache.clear()
             cache[fn] = chain
         return chain
+
+    def _innermost(self, fn: Callable[..., Any], attr: str) -> Callable[..., Any]:
+        """Checked once per function (the chain is cached): a sync call of an async function is refused
+        before any stage runs; a function that is not a coroutine function gets its result checked
+        innermost (an awaitable in a sync call, a non-awaitable in an async one), so no stage ever
+        records an un-awaited coroutine as a success."""
+        if not callable(fn):
+            raise TypeError(f"Pipeline.{attr}: fn must be callable, got {fn!r}")
+        kind = callable_kind(fn)
+        pipeline = self
+        if attr == "call":
+            if kind in ASYNC_KINDS:
+                raise UsageError(f"Pipeline.call: {describe(fn)} is {'an async def' if kind == ASYNC else 'an async generator'} "
+                                 "function: use `await pipeline.call_async(fn, ...)` or decorate it")
+            if kind == GENERATOR:
+                return fn       # the stages decide: Timeout guards the iteration, Retry / Fallback refuse it
+
+            def checked(*args: Any, **kwargs: Any) -> Any:
+                result = fn(*args, **kwargs)
+                if type(result) in LAZY_TYPES or hasattr(type(result), "__await__"):
+                    refuse_sync_result(pipeline, fn, result, generators=False)
+                return result
+            return checked
+        if kind in (ASYNC, ASYNC_GENERATOR):
+            return fn
+
+        async def checked_async(*args: Any, **kwargs: Any) -> Any:
+            aw = fn(*args, **kwargs)
+            if type(aw) is not CORO and not isawaitable(aw):
+                raise sync_in_async(pipeline, fn, aw)
+            return await aw
+        return checked_async
 
     def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Run fn(*args, **kwargs) through every stage."""
@@ -130,7 +166,9 @@ class Pipeline(Policy):
             wrapped = stage(wrapped)
         if is_async_callable(fn) and not is_async_callable(wrapped):   # keep it awaitable-looking
             return Policy.__call__(self, fn)
-        return wrapped  # type: ignore[return-value]   # each stage's decorator kept fn's metadata
+        # each stage's decorator kept fn's metadata; whatever object the outermost wrapper is, the
+        # decorated function pickles by reference
+        return by_reference(wrapped)  # type: ignore[return-value]
 
     def __repr__(self) -> str:
         inner = ", ".join(repr(s) for s in self.strategies)

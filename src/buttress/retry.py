@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextvars
 import inspect
 import itertools
+from inspect import isawaitable
 import math
 import numbers
 import threading
@@ -32,8 +33,8 @@ from typing import Any, Callable, TypeVar
 from . import _context
 from ._base import Policy
 from ._params import MAX_SECONDS, NS, check_callable, check_float, check_int, check_real, check_seconds, count_of
-from ._spec import parse_exceptions
-from ._wrap import specialize
+from ._spec import UsageError, parse_exceptions
+from ._wrap import CORO, LAZY_TYPES, check_decoratable, refuse_sync_result, specialize, sync_in_async
 from .backoff import Backoff, constant, exponential
 from .clock import resolve_clock
 from ._impl import core
@@ -228,6 +229,8 @@ class Retry(Policy):
                 exc: BaseException | None = e
                 result = None
             else:
+                if type(result) in LAZY_TYPES or hasattr(type(result), "__await__"):
+                    refuse_sync_result(self, fn, result)
                 if self._result_pred is None or not self._result_pred(result):
                     next(self._ok_first)
                     return result
@@ -244,7 +247,10 @@ class Retry(Policy):
             if self._setup:
                 return await self._loop_async(call, fn, args, kwargs, _FIRST, None)
             try:
-                result = await fn(*args, **kwargs)
+                aw = fn(*args, **kwargs)
+                if type(aw) is not CORO and not isawaitable(aw):
+                    raise sync_in_async(self, fn, aw)
+                result = await aw
             except Exception as e:
                 exc: BaseException | None = e
                 result = None
@@ -260,6 +266,7 @@ class Retry(Policy):
     def __call__(self, fn: F) -> F:
         """Decorate `fn` (sync, async, methods). The wrapper inlines `call()`'s (or `call_async()`'s)
         success path: one Python frame fewer than `Policy`'s generic wrapper."""
+        check_decoratable(self, fn)     # a generator function cannot be retried: TypeError now
         return specialize(self, fn, self._sync_wrapper, self._async_wrapper)
 
     # the two wrappers below repeat call() / call_async() with `self` and `fn` bound; keep them in step
@@ -282,6 +289,8 @@ class Retry(Policy):
                     exc: BaseException | None = e
                     result = None
                 else:
+                    if type(result) in LAZY_TYPES or hasattr(type(result), "__await__"):
+                        refuse_sync_result(retry, fn, result)
                     if pred is None or not pred(result):
                         next(ok_first)
                         return result
@@ -302,7 +311,10 @@ class Retry(Policy):
                 if setup:
                     return await retry._loop_async(call, fn, args, kwargs, _FIRST, None)
                 try:
-                    result = await fn(*args, **kwargs)
+                    aw = fn(*args, **kwargs)
+                    if type(aw) is not CORO and not isawaitable(aw):
+                        raise sync_in_async(self, fn, aw)
+                    result = await aw
                 except Exception as e:
                     exc: BaseException | None = e
                     result = None
@@ -343,6 +355,8 @@ class Retry(Policy):
                 except Exception as e:
                     exc = e
                     continue
+                if type(result) in LAZY_TYPES or hasattr(type(result), "__await__"):
+                    refuse_sync_result(self, fn, result)
                 if pred is None or not pred(result):
                     next(self._ok_first if call[_NUMBER] == 1 else self._ok_retried)
                     return result
@@ -370,7 +384,10 @@ class Retry(Policy):
                     await sleep(delay)
                     call[_NUMBER] += 1
                 try:
-                    result = await fn(*args, **kwargs)
+                    aw = fn(*args, **kwargs)
+                    if type(aw) is not CORO and not isawaitable(aw):
+                        raise sync_in_async(self, fn, aw)
+                    result = await aw
                 except Exception as e:
                     exc = e
                     continue
@@ -507,8 +524,10 @@ def _retry_matcher(spec: object) -> Callable[[BaseException], bool]:
     parsed = parse_exceptions("retry_on", spec)
     pred = parsed.predicate
     if pred is not None:
-        return lambda exc: not isinstance(exc, Rejected) and isinstance(exc, Exception) and bool(pred(exc))
+        return lambda exc: (not isinstance(exc, Rejected) and isinstance(exc, Exception)
+                            and type(exc) is not UsageError and bool(pred(exc)))
     classes = parsed.classes
     named = tuple(c for c in classes if issubclass(c, Rejected))
     # one function, no nested call: this runs on every failed attempt
-    return lambda exc: isinstance(exc, classes) and (not isinstance(exc, Rejected) or isinstance(exc, named))
+    return lambda exc: (isinstance(exc, classes) and (not isinstance(exc, Rejected) or isinstance(exc, named))
+                        and type(exc) is not UsageError)

@@ -15,18 +15,24 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import math
+import types
+from inspect import isawaitable
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
-from ._base import Policy, is_async_callable
+from ._base import Policy
 from ._context import pop_deadline, push_deadline, remaining, remaining_ns
-from ._params import NS, check_seconds
+from ._params import ASYNC, ASYNC_GENERATOR, GENERATOR, NS, callable_kind, check_seconds, describe
+from ._spec import UsageError
 from ._timers import call_later
+from ._wrap import ASYNC_KINDS, CORO, LAZY_TYPES, check_decoratable, refuse_sync_result, sync_in_async, wraps
 from .bulkhead import ThreadPoolBulkhead
 from .clock import resolve_clock
 from .errors import TimeoutExceeded
 
 __all__ = ["Timeout", "remaining", "default_executor"]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 _default_lock = threading.Lock()
 _default: ThreadPoolBulkhead | None = None
@@ -79,13 +85,19 @@ class Timeout(Policy):
         return TimeoutExceeded(f"call timed out after {self.seconds:.6g}s", timeout=self.seconds)
 
     def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        """Run the sync `fn` on the executor; raise TimeoutExceeded at the deadline (the thread runs on)."""
-        if is_async_callable(fn):
-            raise TypeError(f"{fn!r} is async: use `await timeout.call_async(...)` or decorate it")
+        """Run the sync `fn` on the executor; raise TimeoutExceeded at the deadline (the thread runs on).
+        For a generator function, return its generator guarded over the whole iteration (`iterate`)."""
+        kind = callable_kind(fn)
+        if kind in ASYNC_KINDS:
+            raise UsageError(f"Timeout.call: {describe(fn)} is {'an async def' if kind == ASYNC else 'an async generator'} "
+                             "function: use `await timeout.call_async(fn, ...)` or decorate it")
+        if kind == GENERATOR:
+            return self.iterate(fn, *args, **kwargs)
         budget, by_outer = self._budget_ns()
         if budget <= 0:
             raise self._error(budget, by_outer)
-        token = push_deadline(self._clock.monotonic_ns() + budget, self._clock)
+        deadline = self._clock.monotonic_ns() + budget
+        token = push_deadline(deadline, self._clock)
         try:
             fut = self.executor.submit(fn, *args, **kwargs)     # copies the context: the worker sees the deadline
         finally:
@@ -94,18 +106,129 @@ class Timeout(Policy):
         if not done:
             fut.cancel()            # if it is still queued it never runs; if it runs, it runs on
             raise self._error(budget, by_outer)
-        return fut.result()
+        result = fut.result()
+        if type(result) in LAZY_TYPES or hasattr(type(result), "__await__"):
+            if type(result) is types.GeneratorType:     # a stream (from a wrapped generator function):
+                return self._iterate(result, deadline, budget, by_outer)    # the deadline covers it
+            refuse_sync_result(self, fn, result, generators=False)
+        return result
 
     async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        """Await `fn(*args, **kwargs)` in the caller's task, cancelling it at the deadline."""
-        scope = _AsyncScope(self)
+        """Await `fn(*args, **kwargs)` in the caller's task, cancelling it at the deadline. For an async
+        generator function, return its generator guarded over the whole iteration (`iterate_async`)."""
+        aw = fn(*args, **kwargs)
+        if type(aw) is not CORO:
+            if type(aw) is types.AsyncGeneratorType:
+                budget, by_outer = self._budget_ns()
+                return self._iterate_async(aw, self._clock.monotonic_ns() + budget, budget, by_outer)
+            if not isawaitable(aw):
+                raise sync_in_async(self, fn, aw)
         try:
-            result = await fn(*args, **kwargs)
+            scope = _AsyncScope(self)
+        except BaseException:
+            if type(aw) is CORO:
+                aw.close()      # never started: no "never awaited" warning
+            raise
+        try:
+            result = await aw
         except BaseException as exc:
             scope.exit(exc)
             raise
         scope.exit(None)
         return result
+
+    def __call__(self, fn: F) -> F:
+        """Decorate `fn`: sync functions run on the executor, async ones in the caller's task, and
+        generator / async generator functions are guarded over their whole iteration."""
+        kind = check_decoratable(self, fn, generators=True)
+        if kind == GENERATOR:
+            iterate = self.iterate
+
+            def gen_wrapper(*args: Any, **kwargs: Any) -> Any:
+                return (yield from iterate(fn, *args, **kwargs))
+
+            return wraps(fn)(gen_wrapper)  # type: ignore[no-any-return]
+        if kind == ASYNC_GENERATOR:
+            iterate_async = self.iterate_async
+
+            async def agen_wrapper(*args: Any, **kwargs: Any) -> Any:
+                agen = iterate_async(fn, *args, **kwargs)
+                try:
+                    value = None
+                    while True:
+                        try:
+                            item = await agen.asend(value)
+                        except StopAsyncIteration:
+                            return
+                        value = yield item
+                finally:
+                    await agen.aclose()
+
+            return wraps(fn)(agen_wrapper)  # type: ignore[no-any-return]
+        return Policy.__call__(self, fn)
+
+    # -- generators: the timeout covers the whole iteration ------------------------------------------------
+
+    def iterate(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Iterate the generator `fn(*args, **kwargs)` under one deadline (now + seconds, or an
+        enclosing deadline if sooner) that covers the whole iteration, consumer time included.
+
+        A sync generator runs in its consumer's thread and cannot be interrupted: the deadline is checked
+        before each step (``next`` / ``send``) and after it (a step that finished past the deadline
+        does not hand out its item), and during each step `remaining()` reports the time left, so the
+        generator can bound its own blocking calls with it. A step that blocks for ever blocks for ever.
+        On timeout the generator is closed (its ``finally`` blocks run) and TimeoutExceeded is raised."""
+        budget, by_outer = self._budget_ns()
+        clock = self._clock
+        deadline = clock.monotonic_ns() + budget
+        return self._iterate(fn(*args, **kwargs), deadline, budget, by_outer)
+
+    def _iterate(self, gen: Any, deadline: int, budget: int, by_outer: bool) -> Any:
+        clock = self._clock
+        try:
+            value = None
+            while True:
+                if clock.monotonic_ns() >= deadline:
+                    raise self._error(budget, by_outer)
+                token = push_deadline(deadline, clock)
+                try:
+                    item = gen.send(value)
+                except StopIteration as stop:
+                    return stop.value
+                finally:
+                    pop_deadline(token)
+                if clock.monotonic_ns() > deadline:
+                    raise self._error(budget, by_outer)
+                value = yield item
+        finally:
+            gen.close()
+
+    def iterate_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Iterate the async generator `fn(*args, **kwargs)` under one deadline that covers the whole
+        iteration: each step (``__anext__`` / ``asend``) runs with what remains of it and is cancelled at
+        the deadline (then TimeoutExceeded; the generator's ``finally`` blocks run). Time the consumer
+        spends between steps counts too: the next step gets only what is left."""
+        budget, by_outer = self._budget_ns()
+        deadline = self._clock.monotonic_ns() + budget
+        return self._iterate_async(fn(*args, **kwargs), deadline, budget, by_outer)
+
+    async def _iterate_async(self, agen: Any, deadline: int, budget: int, by_outer: bool) -> Any:
+        try:
+            value = None
+            while True:
+                scope = _AsyncScope(self, deadline, budget, by_outer)
+                try:
+                    item = await agen.asend(value)
+                except StopAsyncIteration:
+                    scope.exit(None)
+                    return
+                except BaseException as exc:
+                    scope.exit(exc)
+                    raise
+                scope.exit(None)
+                value = yield item
+        finally:
+            await agen.aclose()
 
     async def __aenter__(self) -> Timeout:
         """``async with timeout:`` bounds the block like call_async bounds a call."""
@@ -136,10 +259,17 @@ class _AsyncScope:
     """One timed stretch of a task: pushes the deadline and arms a timer that cancels the task; `exit`
     disarms them and turns the timer's own cancellation into TimeoutExceeded (as asyncio.timeout does)."""
 
-    __slots__ = ("owner", "task", "budget", "by_outer", "fired", "cancelling", "token", "timer")
+    __slots__ = ("owner", "task", "budget", "total", "by_outer", "fired", "cancelling", "token", "timer")
 
-    def __init__(self, owner: Timeout) -> None:
-        self.budget, self.by_outer = owner._budget_ns()
+    def __init__(self, owner: Timeout, deadline: int | None = None, total: int = 0, by_outer: bool = False) -> None:
+        if deadline is None:
+            self.budget, self.by_outer = owner._budget_ns()
+        else:       # one step of an iteration: what is left of the iteration's deadline
+            left = deadline - owner._clock.monotonic_ns()
+            if left <= 0:
+                raise owner._error(total, by_outer)
+            self.budget, self.by_outer = left, by_outer
+        self.total = total if deadline is not None else self.budget
         if self.budget <= 0:
             raise owner._error(self.budget, self.by_outer)
         task = asyncio.current_task()
@@ -164,4 +294,4 @@ class _AsyncScope:
         uncancel = getattr(self.task, "uncancel", None)
         ours = uncancel is None or uncancel() <= self.cancelling
         if ours and isinstance(exc, asyncio.CancelledError):
-            raise self.owner._error(self.budget, self.by_outer) from None
+            raise self.owner._error(self.total, self.by_outer) from None
