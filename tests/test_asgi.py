@@ -78,7 +78,7 @@ def test_keyed_rate_limit_429_retry_after_and_draft_headers(client):
         rs = [client.get(url + "/a") for _ in range(3)]
         assert [r.status_code for r in rs] == [200, 200, 200]
         assert rs[0].text == "hello /a" and rs[0].headers["x-app"] == "1"
-        assert rs[0].headers["ratelimit-policy"] == '"default";q=3;w=6'
+        assert rs[0].headers["ratelimit-policy"] == '"default";q=3;w=6;burst=3'
         # r: what is left after this request; t: seconds until the bucket is full again (ceil)
         assert [r.headers["ratelimit"] for r in rs] == ['"default";r=2;t=2', '"default";r=1;t=4',
                                                         '"default";r=0;t=6']
@@ -86,7 +86,7 @@ def test_keyed_rate_limit_429_retry_after_and_draft_headers(client):
         assert r.status_code == 429 and r.text == "rate limit exceeded\n"
         assert r.headers["retry-after"] == "2"
         assert r.headers["ratelimit"] == '"default";r=0;t=6'
-        assert r.headers["ratelimit-policy"] == '"default";q=3;w=6'
+        assert r.headers["ratelimit-policy"] == '"default";q=3;w=6;burst=3'
         assert "x-app" not in r.headers
         clock.advance(1.5)                                    # 0.5 s short of the next token
         r = client.get(url + "/a")
@@ -104,7 +104,7 @@ def test_retry_after_is_whole_seconds_at_least_one(client):
         assert r1.status_code == 200 and "ratelimit" not in r1.headers     # headers=False
         r = client.get(url + "/")
         assert r.status_code == 429 and r.headers["retry-after"] == "1"    # 1 ms -> 1 s
-        assert r.headers["ratelimit-policy"] == '"default";q=1;w=1'
+        assert r.headers["ratelimit-policy"] == '"default";q=1000;w=1;burst=1'   # sustained 1000/s, 1 at once
 
 
 def test_x_forwarded_for_only_as_far_as_trusted_proxies(client):
@@ -112,7 +112,7 @@ def test_x_forwarded_for_only_as_far_as_trusted_proxies(client):
 
     def app_for(trusted):
         return RateLimitMiddleware(hello, KeyedLimiter(rate=1.0, capacity=1, max_keys=64, clock=clock),
-                                   trusted_proxies=trusted)
+                                   trusted_proxies=trusted, proxy_networks=["127.0.0.1"] if trusted else None)
 
     with serve(app_for(0)) as url:                            # header ignored: every request is 127.0.0.1
         assert client.get(url, headers={"X-Forwarded-For": "1.1.1.1"}).status_code == 200
@@ -130,10 +130,15 @@ def test_client_ip_unit():
     scope = {"client": ("10.0.0.9", 5000),
              "headers": [(b"x-forwarded-for", b"6.6.6.6, 1.1.1.1"), (b"X-Forwarded-For", b"10.0.0.2")]}
     assert client_ip(scope, 0) == "10.0.0.9"
-    assert client_ip(scope, 1) == "10.0.0.2"
-    assert client_ip(scope, 2) == "1.1.1.1"
-    assert client_ip(scope, 3) == "6.6.6.6"
-    assert client_ip(scope, 4) == "10.0.0.9"                  # fewer entries than hops: the peer
+    # "*": every peer and entry is a proxy, so N counts entries from the right (header lines in order)
+    assert client_ip(scope, 1, proxy_networks="*") == "10.0.0.2"
+    assert client_ip(scope, 2, proxy_networks="*") == "1.1.1.1"
+    assert client_ip(scope, 3, proxy_networks="*") == "6.6.6.6"
+    assert client_ip(scope, 4, proxy_networks="*") == "6.6.6.6"       # fewer entries: the outermost one
+    # listed networks: the walk steps over listed proxies and stops at the first other address
+    assert client_ip(scope, 1, proxy_networks=["10.0.0.0/8"]) == "10.0.0.2"
+    assert client_ip(scope, 3, proxy_networks=["10.0.0.0/8"]) == "1.1.1.1"
+    assert client_ip(scope, 3, proxy_networks=["192.168.0.0/16"]) == "10.0.0.9"   # the peer is no proxy
     assert client_ip({"headers": []}, 0) is None
 
 
