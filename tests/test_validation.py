@@ -166,3 +166,128 @@ def test_the_parser_returns_classes_or_a_predicate():
         parse_exceptions("x", (ValueError, 3))
     with pytest.raises(TypeError, match=r"^x must be an exception class, a tuple of them, or a predicate"):
         parse_exceptions("x", "ValueError")
+
+
+# -- callables: kind and arity checked when given --------------------------------------------------------
+
+async def _async_hook(*args):
+    return None
+
+
+def _gen_fn():
+    yield True
+
+
+async def _agen_fn():
+    yield True
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(on_retry=lambda attempt, exc: None), "on_retry must accept 3 positional arguments"),
+    (dict(on_retry=_async_hook), "on_retry must be a plain function called as on_retry(attempt, exception, delay)"),
+    (dict(on_give_up=lambda attempt: None), "on_give_up must accept 2 positional arguments"),
+    (dict(on_give_up=_gen_fn), "on_give_up must be a plain function"),
+    (dict(retry_on_result=lambda: True), "retry_on_result must accept 1 positional argument"),
+    (dict(retry_on_result=_async_hook), "retry_on_result must be a plain function"),
+    (dict(backoff=lambda: 1.0), "backoff must accept 1 positional argument"),
+    (dict(backoff=_async_hook), "backoff must be a plain function"),
+    (dict(idempotency_key=_async_hook), "idempotency_key must be a plain function"),
+])
+def test_retry_callables_are_checked_at_construction(kwargs, words):
+    with pytest.raises(TypeError, match=f"^{words}".replace("(", r"\(").replace(")", r"\)")):
+        Retry(**kwargs)
+
+
+def test_a_retry_on_predicate_of_the_wrong_arity_no_longer_replaces_the_users_exception():
+    with pytest.raises(TypeError, match="retry_on must accept 1 positional argument"):
+        Retry(retry_on=lambda: True)        # was: accepted, then a TypeError replaced the call's exception
+
+
+def test_a_hook_returning_a_coroutine_is_refused_not_left_unawaited():
+    import gc
+    import warnings
+
+    async def notify(*args):
+        return None
+
+    r = Retry(max_attempts=2, backoff=0, clock=FakeClock(), on_retry=lambda a, e, d: notify(a, e, d))
+
+    def fail():
+        raise ConnectionError("down")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(TypeError, match="<lambda> is async"):
+            r.call(fail)
+        gc.collect()
+    assert not [w for w in caught if "never awaited" in str(w.message)]
+
+
+@pytest.mark.parametrize("fallback, words", [
+    (lambda: 1, "fallback must accept at least 1 positional argument"),
+    ([1, lambda: 2], r"fallback\[1\] must accept at least 1 positional argument"),
+    (_gen_fn, "fallback must be a plain function or an async def function"),
+    (_agen_fn, "fallback must be a plain function or an async def function"),
+])
+def test_fallback_callables_are_checked_at_construction(fallback, words):
+    with pytest.raises(TypeError, match=f"^{words}"):
+        buttress.Fallback(fallback)
+
+
+def test_fallback_callables_that_take_the_exception_are_accepted():
+    buttress.Fallback(lambda exc: 1)
+    buttress.Fallback(lambda exc, *args, **kwargs: 1)
+    buttress.Fallback(_async_hook)
+    buttress.Fallback([lambda exc, x: x, print])        # print: no arity to check, accepted
+
+
+def test_stale_cache_callables_are_checked_at_construction():
+    from buttress.fallback import StaleCacheFallback
+    with pytest.raises(TypeError, match="^on_stale must accept 1 positional argument"):
+        StaleCacheFallback(1.0, on_stale=lambda: None)
+    with pytest.raises(TypeError, match="^key must be a plain function"):
+        StaleCacheFallback(1.0, key=_async_hook)
+
+
+@pytest.mark.parametrize("fn, words", [
+    (_gen_fn, "fn must be a plain function or an async def function.*_gen_fn is a generator function"),
+    (_agen_fn, "fn must be a plain function or an async def function.*_agen_fn is an async generator function"),
+    (lambda db: True, "fn must accept 0 positional arguments"),
+])
+def test_health_checks_are_checked_at_registration(fn, words):
+    from buttress.health import HealthRegistry
+    h = HealthRegistry()
+    for add in (h.add_liveness, h.add_readiness, h.add_startup):
+        with pytest.raises(TypeError, match=f"^{words}"):
+            add("check", fn)
+
+
+def test_a_sync_health_check_returning_a_coroutine_is_awaited_not_reported_up():
+    from buttress.health import HealthRegistry
+
+    async def ping():
+        return False
+
+    h = HealthRegistry(clock=FakeClock())
+    h.add_readiness("db", lambda: ping())
+    report = h.check_sync("readiness")
+    assert report.status == "down" and report["checks"]["db"]["error"] == "check returned False"
+
+
+def test_adaptive_callables_are_checked_at_construction():
+    from buttress.adaptive import AdaptiveThrottle, Gradient2Limit
+    with pytest.raises(TypeError, match="^rng must accept 0 positional arguments"):
+        AdaptiveThrottle(rng=lambda x: 0.5)
+    with pytest.raises(TypeError, match="^queue_size must accept 1 positional argument"):
+        Gradient2Limit(queue_size=lambda: 4)
+
+
+def test_listeners_must_be_plain_functions_of_the_event():
+    from buttress._observe import check_listener
+    with pytest.raises(TypeError, match=r"^callback must be a plain function called as callback\(event\); "
+                                        r"_async_hook is an async def function"):
+        check_listener("callback", _async_hook)
+    with pytest.raises(TypeError, match="^callback must accept 1 positional argument"):
+        check_listener("callback", lambda: None)
+    f = lambda event: None  # noqa: E731
+    assert check_listener("callback", f) is f

@@ -12,7 +12,19 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable, NamedTuple
 
-__all__ = ["Family", "FAMILIES", "GROUP_KINDS", "read", "CallTimer", "CALLS_HELP", "KIND_OF_EVENT", "DEFAULT_BUCKETS"]
+from ._params import check_function
+
+__all__ = ["Family", "FAMILIES", "GROUP_KINDS", "read", "CallTimer", "CALLS_HELP", "KIND_OF_EVENT", "DEFAULT_BUCKETS",
+           "check_listener"]
+
+
+def check_listener(name: str, callback: Any, role: str = "callback(event)") -> Any:
+    """An event listener (``cb.on(event, callback)``, ``registry.on_add(callback)``): a plain function that
+    takes the event. Listeners are called synchronously, inside the call that produced the event and
+    possibly in a thread with no event loop, so an ``async def`` listener (whose coroutine would never be
+    awaited) or a generator function is refused with a TypeError; to do async work, schedule it from a
+    plain listener (``loop.call_soon_threadsafe``)."""
+    return check_function(name, callback, nargs=1, allow_none=False, role=role)
 
 
 class Family(NamedTuple):

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from ._base import Policy
 from ._impl import core
-from ._params import NS, check_callable, check_float, check_int, exception_matcher, seconds_to_ns
+from ._params import NS, check_float, check_function, check_int, exception_matcher, seconds_to_ns
 from .clock import is_system_clock, resolve_clock
 from .errors import Overloaded
 
@@ -112,7 +112,8 @@ class Gradient2Limit:
         self.smoothing, self.rtt_tolerance = s, tol
         self.long_window = check_int("long_window", long_window, minimum=1, maximum=1 << 30)
         if callable(queue_size):
-            self._queue: Callable[[int], int] = queue_size
+            self._queue: Callable[[int], int] = check_function("queue_size", queue_size, nargs=1, allow_none=False,
+                                                               role="queue_size(limit) -> int")
         else:
             q = check_int("queue_size", queue_size, minimum=0, maximum=_MAX_LIMIT)
             self._queue = lambda limit: q
@@ -186,7 +187,7 @@ class AdaptiveThrottle(Policy):
         self._counts = core("window").TimeWindow(self._NBUCKETS, width,
                                                  None if is_system_clock(clock) else self._clock.monotonic_ns)
         self._rejected = exception_matcher("reject_on", reject_on)
-        self._rng = check_callable("rng", rng) or random.random
+        self._rng = check_function("rng", rng, nargs=0, role="rng() -> float in [0, 1)") or random.random
 
     def _state(self) -> tuple[int, int, float]:
         requests, not_accepted, _, _ = self._counts.snapshot()

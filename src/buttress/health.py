@@ -22,13 +22,13 @@ until it returns).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ._base import is_async_callable
-from ._params import NS, check_callable, check_float, check_int, seconds_to_ns
+from ._params import ASYNC, NS, SYNC, callable_kind, check_function, check_int, check_seconds, seconds_to_ns
 from .clock import resolve_clock
 
 __all__ = ["HealthRegistry", "HealthReport", "PROBES", "UP", "DEGRADED", "DOWN", "STARTING"]
@@ -159,12 +159,14 @@ class HealthRegistry:
     def _add(self, probe: str, name: str, fn: Callable[[], Any], timeout: float, period: float,
              failure_threshold: int, success_threshold: int, critical: bool) -> None:
         _check_name(name)
-        check_callable("fn", fn, allow_none=False)
-        t = check_float("timeout", timeout, minimum=0.0, min_inclusive=False, maximum=1e9)
+        # called with no arguments, a plain or an async def function: a generator function would hand back
+        # a (truthy) generator and always report "up", so it is refused here
+        check_function("fn", fn, nargs=0, allow_none=False, kinds=(SYNC, ASYNC), role="fn() -> truthy when healthy")
+        t = check_seconds("timeout", timeout, allow_zero=False)
         period_ns = seconds_to_ns("period", period)
         if not isinstance(critical, bool):
             raise TypeError(f"critical must be a bool, got {critical!r}")
-        check = _Check(probe, name, fn, is_async_callable(fn), t, period_ns,  # type: ignore[arg-type]
+        check = _Check(probe, name, fn, callable_kind(fn) == ASYNC, t, period_ns,  # type: ignore[arg-type]
                        check_int("failure_threshold", failure_threshold, minimum=1),
                        check_int("success_threshold", success_threshold, minimum=1), critical,
                        passing=_INITIAL[probe])
@@ -312,6 +314,22 @@ class HealthRegistry:
             result = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), c.timeout)
         except asyncio.TimeoutError:
             c.running = fut
+            return False, f"timed out after {c.timeout:g}s"
+        except Exception as exc:  # noqa: BLE001
+            return False, _describe(exc)
+        if inspect.isawaitable(result):     # a sync callable that returns a coroutine: await it, timed
+            return await self._await_result(c, result)
+        return _verdict(result)
+
+    async def _await_result(self, c: _Check, awaitable: Any) -> tuple[bool, str | None]:
+        from .errors import TimeoutExceeded
+        from .timeout import Timeout
+
+        async def wait() -> Any:
+            return await awaitable
+        try:
+            result = await Timeout(c.timeout, clock=self._clock).call_async(wait)
+        except TimeoutExceeded:
             return False, f"timed out after {c.timeout:g}s"
         except Exception as exc:  # noqa: BLE001
             return False, _describe(exc)

@@ -32,7 +32,7 @@ from typing import Any, Callable, TypeVar
 
 from . import _context
 from ._base import Policy
-from ._params import MAX_SECONDS, NS, check_callable, check_float, check_int, check_real, check_seconds, count_of
+from ._params import MAX_SECONDS, NS, check_float, check_function, check_int, check_real, check_seconds, count_of
 from ._spec import UsageError, parse_exceptions
 from ._wrap import CORO, LAZY_TYPES, check_decoratable, refuse_sync_result, specialize, sync_in_async
 from .backoff import Backoff, constant, exponential
@@ -198,16 +198,19 @@ class Retry(Policy):
         self.max_attempts = check_int("max_attempts", max_attempts, minimum=1)
         self.backoff, self._delay = _check_backoff(backoff)
         self._retryable = _retry_matcher(retry_on)
-        self._result_pred = check_callable("retry_on_result", retry_on_result)
+        self._result_pred = check_function("retry_on_result", retry_on_result, nargs=1,
+                                           role="a predicate retry_on_result(result) -> bool")
         self.deadline = check_seconds("deadline", deadline, allow_none=True, allow_zero=False)
         self._deadline_ns = None if self.deadline is None else math.ceil(self.deadline * NS)
         if budget is not None and not isinstance(budget, RetryBudget):
             raise TypeError(f"budget must be a buttress.RetryBudget or None, got {budget!r}")
         self.budget = budget
         self._setup = self._deadline_ns is not None or budget is not None
-        self._on_retry = check_callable("on_retry", on_retry)
-        self._on_give_up = check_callable("on_give_up", on_give_up)
-        self._key_fn = _key_function(check_callable("idempotency_key", idempotency_key))
+        # hooks are called synchronously from sync and async calls alike: an async hook would never run
+        self._on_retry = check_function("on_retry", on_retry, nargs=3, role="on_retry(attempt, exception, delay)")
+        self._on_give_up = check_function("on_give_up", on_give_up, nargs=2, role="on_give_up(attempt, exception)")
+        self._key_fn = _key_function(check_function("idempotency_key", idempotency_key,
+                                                    role="idempotency_key(*args, **kwargs) -> str"))
         self._key_from_args = idempotency_key is not None     # the default key ignores the arguments
         self._clock = resolve_clock(clock)
         self._now_ns = self._clock.monotonic_ns
@@ -434,7 +437,7 @@ class Retry(Policy):
         if self.budget is not None and not self.budget.try_withdraw():
             return self._give_up(call, exc, "retry budget exhausted")
         if self._on_retry is not None:
-            self._on_retry(attempt, exc, wait)
+            _hook_result(self, self._on_retry, self._on_retry(attempt, exc, wait))
         return wait
 
     def _give_up(self, call: list, exc: BaseException | None, reason: str, hook: bool = True) -> None:
@@ -444,7 +447,7 @@ class Retry(Policy):
             exc.add_note(f"buttress.Retry: gave up after {attempt} attempt{'s' if attempt > 1 else ''} "
                          f"({reason})")
         if hook and self._on_give_up is not None:
-            self._on_give_up(attempt, exc)
+            _hook_result(self, self._on_give_up, self._on_give_up(attempt, exc))
         return None
 
     def _make_key(self, call: list) -> str:
@@ -483,6 +486,13 @@ def _key_function(fn: Callable[..., str] | None) -> Callable[..., str]:
     return (lambda *args, **kwargs: fn()) if takes_none else fn
 
 
+def _hook_result(retry: Retry, hook: Any, result: object) -> None:
+    """A hook that returned an awaitable was an async function in disguise (a lambda returning a
+    coroutine): it would never run. Close it and say so."""
+    if result is not None and (type(result) in LAZY_TYPES or hasattr(type(result), "__await__")):
+        refuse_sync_result(retry, hook, result, generators=False)
+
+
 def _retry_after(exc: BaseException | None) -> float | None:
     """An exception's `retry_after` as seconds in [0, 1e9] (larger values are capped: a wait that long
     is a wait for ever), or None when it has none that is a real number."""
@@ -509,6 +519,8 @@ def _check_backoff(backoff: object) -> tuple[object, Callable[[int, float | None
         fixed = constant(check_seconds("backoff", backoff))  # type: ignore[arg-type]
         return fixed, fixed.delay
     if callable(backoff):
+        check_function("backoff", backoff, nargs=1, allow_none=False, role="backoff(attempt) -> seconds")
+
         def delay(attempt: int, previous: float | None) -> float:
             d = check_float(f"backoff({attempt})", backoff(attempt), minimum=0.0, maximum=1e9)
             assert d is not None
