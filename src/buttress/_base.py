@@ -10,7 +10,7 @@ from typing import Any, Callable, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-__all__ = ["Policy", "is_async_callable"]
+__all__ = ["Policy", "NoCopy", "refuse_copy", "is_async_callable"]
 
 
 def is_async_callable(fn: object) -> bool:
@@ -19,8 +19,37 @@ def is_async_callable(fn: object) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
 
 
-class Policy:
-    """Base of the pattern objects: `@policy` decorates sync and async callables."""
+def refuse_copy(obj: object) -> TypeError:
+    """The TypeError of pickling or copying a pattern object (DESIGN §3c): its state (counters, windows,
+    permits, waiters, timers) lives in this process, and a copy would silently split it in two."""
+    cls = type(obj).__name__
+    return TypeError(f"{cls} objects cannot be pickled or copied: a copy would split its state (counters, "
+                     f"windows, permits) in two. Share the {cls} object itself, or share state between "
+                     "processes with store= (a buttress store); a decorated module-level function pickles "
+                     "by reference")
+
+
+class NoCopy:
+    """Mixin: pickling, copy.copy and copy.deepcopy raise `refuse_copy`'s TypeError."""
+
+    __slots__ = ()
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise refuse_copy(self)
+
+    def __reduce__(self) -> Any:
+        raise refuse_copy(self)
+
+    def __copy__(self) -> Any:
+        raise refuse_copy(self)
+
+    def __deepcopy__(self, memo: Any) -> Any:
+        raise refuse_copy(self)
+
+
+class Policy(NoCopy):
+    """Base of the pattern objects: `@policy` decorates sync and async callables. Pattern objects
+    refuse pickling and copying (`NoCopy`); the functions they decorate pickle by reference."""
 
     __slots__ = ()
 

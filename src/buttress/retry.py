@@ -31,7 +31,7 @@ from fractions import Fraction
 from typing import Any, Callable, TypeVar
 
 from . import _context
-from ._base import Policy
+from ._base import NoCopy, Policy
 from ._params import MAX_SECONDS, NS, check_float, check_function, check_int, check_real, check_seconds, count_of
 from ._spec import UsageError, parse_exceptions
 from ._wrap import CORO, LAZY_TYPES, check_decoratable, refuse_sync_result, specialize, sync_in_async
@@ -87,7 +87,7 @@ def current_attempt() -> Attempt | None:
     return Attempt(call[_NUMBER], key, (retry._now_ns() - call[_START]) / NS)
 
 
-class RetryBudget:
+class RetryBudget(NoCopy):
     """Caps retries at a fraction of recent first attempts, plus a floor (Finagle's RetryBudget).
 
     Every logical call deposits `ratio` of a retry; every retry withdraws one. A retry is allowed while
