@@ -291,3 +291,16 @@ def test_listeners_must_be_plain_functions_of_the_event():
         check_listener("callback", lambda: None)
     f = lambda event: None  # noqa: E731
     assert check_listener("callback", f) is f
+
+
+# -- the package's namespace ------------------------------------------------------------------------------
+
+def test_dir_lists_only_the_public_api():
+    names = dir(buttress)
+    for private in ("Any", "annotations", "importlib", "TYPE_CHECKING", "_LAZY", "_impl"):
+        assert private not in names
+    assert set(buttress.__all__) <= set(names)
+    assert {"Retry", "CircuitBreaker", "FakeClock", "backoff", "health", "IMPLEMENTATION", "__version__"} <= set(names)
+    assert all(not n.startswith("_") or n == "__version__" for n in names), names
+    for name in names:
+        getattr(buttress, name)         # every listed name resolves

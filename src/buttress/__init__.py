@@ -4,10 +4,10 @@ Circuit breakers, retries, bulkheads, timeouts, fallbacks, rate limiters, load s
 probes over a lock-free Cython core. ``buttress.IMPLEMENTATION`` says whether the compiled core
 ("cython") or its pure-Python twins ("python") are in use.
 """
-from __future__ import annotations
-
-import importlib
-from typing import TYPE_CHECKING, Any
+# No `from __future__ import annotations` and private aliases only: every global of this module that is
+# not public is underscored, and __dir__ lists the public API alone (no Any, annotations, importlib...).
+import importlib as _importlib
+import typing as _typing
 
 from ._impl import IMPLEMENTATION
 from ._version import __version__
@@ -15,7 +15,7 @@ from .clock import FakeClock, SystemClock
 from .errors import (BulkheadFullError, ButtressError, CircuitOpenError, Overloaded, RateLimitExceeded,
                      Rejected, TimeoutExceeded)
 
-if TYPE_CHECKING:  # what the lazy __getattr__ returns, for type checkers ("X as X": explicitly re-exported)
+if _typing.TYPE_CHECKING:  # what the lazy __getattr__ returns, for type checkers ("X as X": explicitly re-exported)
     from . import (adaptive as adaptive, asgi as asgi, backoff as backoff, bulkhead as bulkhead, chaos as chaos,
                    circuit_breaker as circuit_breaker, clock as clock, errors as errors, fallback as fallback,
                    health as health, otel as otel, pipeline as pipeline, prometheus as prometheus,
@@ -57,16 +57,17 @@ __all__ = ["IMPLEMENTATION", "__version__", "FakeClock", "SystemClock", "Buttres
            *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> "_typing.Any":
     module = _LAZY.get(name)
     if module is not None:
-        value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+        value = getattr(_importlib.import_module(f"{__name__}.{module}"), name)
         globals()[name] = value
         return value
     if name in _SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")
+        return _importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'buttress' has no attribute {name!r}")
 
 
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY) | _SUBMODULES)
+def __dir__() -> "list[str]":
+    """The public API only: the names of __all__ and the public submodules."""
+    return sorted(set(__all__) | _SUBMODULES)
