@@ -8,6 +8,7 @@ probes over a lock-free Cython core. ``buttress.IMPLEMENTATION`` says whether th
 # not public is underscored, and __dir__ lists the public API alone (no Any, annotations, importlib...).
 import importlib as _importlib
 import typing as _typing
+from typing import TYPE_CHECKING
 
 from ._impl import IMPLEMENTATION
 from ._version import __version__
@@ -15,7 +16,7 @@ from .clock import FakeClock, SystemClock
 from .errors import (BulkheadFullError, ButtressError, CircuitOpenError, Overloaded, RateLimitExceeded,
                      Rejected, TimeoutExceeded)
 
-if _typing.TYPE_CHECKING:  # what the lazy __getattr__ returns, for type checkers ("X as X": explicitly re-exported)
+if TYPE_CHECKING:  # what the lazy __getattr__ returns, for type checkers ("X as X": explicitly re-exported)
     from . import (adaptive as adaptive, asgi as asgi, backoff as backoff, bulkhead as bulkhead, chaos as chaos,
                    circuit_breaker as circuit_breaker, clock as clock, errors as errors, fallback as fallback,
                    health as health, otel as otel, pipeline as pipeline, prometheus as prometheus,
@@ -35,6 +36,7 @@ if _typing.TYPE_CHECKING:  # what the lazy __getattr__ returns, for type checker
                         RetryBudget as RetryBudget)
     from .shedding import LoadShedder as LoadShedder, Priority as Priority
     from .timeout import remaining as remaining, Timeout as Timeout
+del TYPE_CHECKING
 
 # Patterns are imported on first use: `import buttress` stays cheap and each pattern is one module.
 _LAZY = {
