@@ -451,7 +451,7 @@ def test_bad_arguments_name_the_parameter(kwargs, exc, words):
 def test_percentile_strings_and_pickling():
     assert Hedge("p99.9").metrics().delay == 0.05
     assert Hedge(0).metrics().delay == 0.0
-    with pytest.raises(TypeError, match="pickled"):
+    with pytest.raises(TypeError, match="Hedge objects cannot be pickled"):
         pickle.dumps(Hedge(0.1))
 
 

@@ -344,15 +344,6 @@ class Hedge(Policy):
     def __repr__(self) -> str:
         return f"Hedge(delay={self.delay!r}, max_hedges={self.max_hedges}, budget={self.budget!r})"
 
-    def __reduce__(self) -> Any:
-        raise TypeError("Hedge objects cannot be pickled or copied; create one per process")
-
-    def __copy__(self) -> Any:
-        raise TypeError("Hedge objects cannot be pickled or copied; create one per process")
-
-    def __deepcopy__(self, memo: Any) -> Any:
-        raise TypeError("Hedge objects cannot be pickled or copied; create one per process")
-
 
 def _as_coroutine(hedge: Hedge, fn: Any, aw: Any) -> Any:
     """An awaitable that is not a coroutine (a Future, an object with __await__) driven as one; anything
