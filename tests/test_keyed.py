@@ -2,6 +2,9 @@
 import asyncio
 import math
 import random
+import subprocess
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -239,8 +242,10 @@ def test_core_bad_arguments(impl):
     with pytest.raises(TypeError, match="clock_ns"):
         K(1.0, 1, 1, 0, 5)
     t = K(1.0, 1, 1)
-    with pytest.raises(ValueError, match="now must be <"):
-        t.try_acquire(1, 1, 1 << 60)
+    with pytest.raises(ValueError, match=r"now must be an int in the int64 range"):
+        t.try_acquire(1, 1, 1 << 63)
+    with pytest.raises(TypeError, match=r"now must be an int \(ns\), got 1\.5 \(float\)"):
+        t.try_acquire(1, 1, 1.5)
     with pytest.raises((TypeError, ValueError)):
         t.try_acquire_many(np.array([1.0, 2.0]), 1, 0)
     with pytest.raises((TypeError, ValueError)):
@@ -315,3 +320,215 @@ def test_keyed_limiter_bad_arguments(kwargs, exc, words):
         KeyedLimiter(**kwargs)
     for w in words:
         assert w in str(info.value)
+
+
+# ---------- issue 12: uninitialised objects, the int64 clock domain, one key = one slot ----------
+
+INT64_MAX = 2**63 - 1
+INT64_MIN = -(2**63)
+UNINIT = "{} is not initialised: its __init__ never ran (a subclass must call super().__init__())"
+
+
+class ManualClock:
+    """A clock= object whose reading (any int ns, negative included) the test sets."""
+
+    def __init__(self, ns=0):
+        self.ns = ns
+
+    def monotonic_ns(self):
+        return self.ns
+
+    def monotonic(self):
+        return self.ns / S
+
+    def sleep(self, seconds):
+        self.ns += math.ceil(seconds * S)
+
+    async def sleep_async(self, seconds):
+        self.sleep(seconds)
+
+
+def test_uninitialised_keyed_table_raises_a_clear_runtime_error(impl):
+    cls = impl.keyed.KeyedGCRA
+    for t in (cls.__new__(cls), type("Forgetful", (cls,), {"__init__": lambda self, *a, **k: None})()):
+        calls = [lambda: t.try_acquire("k"), lambda: t.try_acquire(1, 1, 0), lambda: t.try_acquire(None),
+                 lambda: t.try_acquire_many(np.arange(3, dtype=np.int64)), lambda: t.try_acquire_many(None),
+                 lambda: t.wait_ns("k"), lambda: t.purge(0), lambda: t.reset(), lambda: len(t),
+                 lambda: t.key_hash("k"), lambda: t.rate, lambda: t.capacity, lambda: t.interval_ns,
+                 lambda: t.max_keys, lambda: t.nslots, lambda: t.idle_ns, lambda: t.nbytes]
+        for call in calls:
+            with pytest.raises(RuntimeError) as info:
+                call()
+            assert str(info.value) == UNINIT.format(type(t).__name__)
+        assert "not initialised" in repr(t)
+    t = cls(1.0, 1, 10)
+    with pytest.raises(RuntimeError, match="KeyedGCRA is already initialised"):
+        t.__init__(1.0, 1, 10)
+    import copy
+    with pytest.raises(TypeError, match="cannot pickle or copy KeyedGCRA objects"):
+        copy.copy(t)
+
+
+@pytest.mark.parametrize("start", [-5 * S, -1, 0, 1_700_000_000 * S, INT64_MAX - 10 * S, INT64_MIN + 1, INT64_MAX])
+def test_keyed_any_int64_clock_reading(impl, start):
+    t = [start]
+    k = impl.keyed.KeyedGCRA(10.0, 5, 100, 0, lambda: t[0])
+    for key in ("client", 7, b"x"):
+        assert [k.try_acquire(key) for _ in range(6)] == [True] * 5 + [False]
+        assert k.wait_ns(key) == S // 10
+    assert k.try_acquire_many(np.array([1, 1, 1, 1, 1, 1], dtype=np.int64)).tolist() == [True] * 5 + [False]
+    if start <= INT64_MAX - S:
+        t[0] = start + S // 10
+        assert k.try_acquire("client") and not k.try_acquire("client")
+        t[0] = start + S
+        assert k.wait_ns("client", 5) == 0
+        assert k.purge() == 4 and len(k) == 0
+
+
+def test_keyed_limiter_on_an_epoch_clock():
+    # issue 12: raised "ValueError: now must be < 288230376151711744 ns"
+    kl = KeyedLimiter(10.0, 5, max_keys=100, clock=FakeClock(start=1.7e9))
+    assert [kl.try_acquire("client") for _ in range(6)] == [True] * 5 + [False]
+    clock = ManualClock(-5 * S)
+    kl = KeyedLimiter(10.0, 5, max_keys=100, clock=clock)
+    assert [kl.try_acquire("client") for _ in range(6)] == [True] * 5 + [False]
+    assert kl.wait_time("client") == pytest.approx(0.1)
+    clock.ns += S // 10
+    assert kl.try_acquire("client")
+
+
+def test_keyed_now_far_from_the_base_saturates(impl):
+    k = impl.keyed.KeyedGCRA(10.0, 5, 100, 0, lambda: 0)
+    assert sum(k.try_acquire("a", 1, INT64_MAX) for _ in range(10)) == 5
+    assert sum(k.try_acquire("a", 1, INT64_MAX - S) for _ in range(10)) == 0    # ~292 years on: same instant
+    assert sum(k.try_acquire("b", 1, INT64_MIN) for _ in range(10)) == 5
+    assert k.wait_ns("a", 1, INT64_MIN) > 0
+
+
+_LOCKED_HANG = r"""
+import sys
+from buttress import _impl
+mod = _impl.compiled("keyed") if sys.argv[1] == "cython" else _impl.twin("keyed")
+t = [0]
+k = mod.KeyedGCRA(10.0, 5, 100, 0, lambda: t[0])
+for _ in range(7):                       # 7 insert / expire cycles: the slot's generation reaches 14
+    t[0] = 0
+    k.try_acquire("client")
+    t[0] = 10**10
+    k.purge()
+t[0] = -1 - 10**8                        # insert with generation 15 and TAT -1: the word was -1 == LOCKED
+print(k.try_acquire("client"), k.try_acquire("client"), flush=True)
+"""
+
+
+def test_a_negative_clock_never_writes_the_locked_sentinel(impl):
+    # issue 12: the next try_acquire spun for ever with the GIL held (Ctrl-C did not help): run it apart
+    out = subprocess.run([sys.executable, "-c", _LOCKED_HANG, impl.kind], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True"]
+
+
+@pytest.mark.parametrize("bad, exc", [(2**63, ValueError), (-(2**63) - 1, ValueError), (2**300, ValueError),
+                                      (1.5, TypeError), (False, TypeError)])
+def test_keyed_bad_now_is_a_clean_error(impl, bad, exc):
+    k = impl.keyed.KeyedGCRA(10.0, 5, 100)
+    for call in (lambda: k.try_acquire("a", 1, bad), lambda: k.wait_ns("a", 1, bad), lambda: k.purge(bad),
+                 lambda: k.try_acquire_many(np.arange(2, dtype=np.int64), 1, bad)):
+        with pytest.raises(exc, match="now must be an int"):
+            call()
+    assert len(k) == 0
+
+
+def _full_table_race(impl, rounds, per_round):
+    """8 threads insert the same brand-new keys (each thread in its own random order) into a table
+    whose max_keys are all live and refilled: the eviction path. n = capacity, so the first request of a
+    key takes its whole bucket and each key is admitted exactly once, unless it got two slots. Even
+    threads decide in batches (try_acquire_many, without the GIL), odd ones key by key."""
+    mk = 512
+    t = impl.keyed.KeyedGCRA(1.0, 5, mk)
+    assert t.try_acquire_many(np.arange(-mk, 0, dtype=np.int64), 1, 0).all()
+    orders = [np.random.default_rng(i).permutation(per_round) for i in range(8)]
+    state = {"round": -1}
+    admitted = np.zeros((rounds, per_round), dtype=np.int64)
+    lock = threading.Lock()
+
+    def next_round():
+        state["round"] += 1
+
+    barrier = threading.Barrier(8, action=next_round)
+
+    def body(i):
+        for _ in range(rounds):
+            barrier.wait()
+            r = state["round"]
+            keys = (orders[i] + (r + 1) * per_round).astype(np.int64)
+            now = (r + 1) * 100 * S                  # every key inserted before is refilled: evictable
+            if i % 2 == 0:
+                got = t.try_acquire_many(keys, 5, now)
+            else:
+                got = np.array([t.try_acquire(int(k), 5, now) for k in keys])
+            with lock:
+                admitted[r, orders[i]] += got
+        return None
+
+    race(8, body)
+    return admitted
+
+
+def test_one_new_key_on_a_full_table_never_gets_two_slots(impl, fast_switching):
+    # issue 12: 7 admitted (capacity 5) in 1 of 1000 runs, GIL build included (try_acquire_many drops it)
+    rounds = 100 if impl.kind == "cython" else 20
+    admitted = _full_table_race(impl, rounds, 128)
+    assert admitted.max() == 1                       # never two buckets for one key
+    assert admitted.sum() == admitted.size           # and every key got its one bucket
+
+
+def test_one_new_key_at_the_max_keys_edge_never_gets_two_slots(impl, fast_switching):
+    # issue 12's case: the table one key short of max_keys, 8 threads on one new key (capacity 5): the
+    # first inserter takes an empty slot, a slower one saw the count reach max_keys and evicted instead
+    rounds = 4000 if impl.kind == "cython" else 300
+    t = impl.keyed.KeyedGCRA(1.0, 5, 16)           # 32 slots: one window
+    state = {"round": -1}
+    admitted = [0] * rounds
+    lock = threading.Lock()
+    fill = np.arange(-15, 0, dtype=np.int64)
+
+    def next_round():
+        state["round"] += 1
+        t.reset()
+        t.try_acquire_many(fill, 1, 0)               # 15 of 16 live, all refilled by the round's now
+
+    barrier = threading.Barrier(8, action=next_round)
+    many = np.zeros(2, dtype=np.int64)
+
+    def body(i):
+        for _ in range(rounds):
+            barrier.wait()
+            r = state["round"]
+            if i % 2 == 0:
+                got = int(t.try_acquire_many(many + r, 1, 100 * S).sum())
+            else:
+                got = t.try_acquire(r, 1, 100 * S) + t.try_acquire(r, 1, 100 * S)
+            with lock:
+                admitted[r] += got
+
+    race(8, body)
+    assert admitted == [5] * rounds
+
+
+def test_reset_is_per_slot_atomic_under_racing_inserts(impl, fast_switching):
+    t = impl.keyed.KeyedGCRA(1.0, 1, 64)
+
+    def body(i):
+        if i == 0:
+            for _ in range(50):
+                t.reset()
+        else:
+            for k in range(2000):
+                t.try_acquire(i * 10_000 + k % 200, 1, 0)
+
+    race(8, body)
+    live = len(t)
+    assert 0 <= live <= t.nslots
+    assert t.purge(10 * S) == live and len(t) == 0   # the count matches the keys really in the table

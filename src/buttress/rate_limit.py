@@ -63,6 +63,14 @@ def _seconds_up(ns: int) -> float:
     return s
 
 
+def _beyond_horizon(name: str | None, wait_ns: int) -> RateLimitExceeded:
+    """A wait the core refused to represent (its arrival time would pass ~146 years from its base)."""
+    retry_after = _seconds_up(max(wait_ns, 1))
+    what = "rate limit" if name is None else f"rate limit {name!r}"
+    return RateLimitExceeded(f"{what} exceeded: waiting {retry_after:.6g}s would push the limiter past the "
+                             f"time it can represent; nothing was claimed", retry_after=retry_after)
+
+
 def _budget_ns(timeout: object) -> int:
     """How long an acquire may wait: `timeout` (None = no limit), never past the context deadline."""
     budget = _INT64_MAX if timeout is None else seconds_to_ns("timeout", timeout)
@@ -204,48 +212,49 @@ class TokenBucket(_Limiter):
     def _wait_ns(self, n: int) -> int:
         return self._core.wait_ns(n)
 
+    def _claim_for_wait(self, n: int, timeout: float | None) -> tuple[int, int]:
+        """Claim n tokens for a caller that may wait: (wait ns, receipt), or raise RateLimitExceeded at
+        once (nothing claimed) when the wait would exceed the budget or cannot be represented."""
+        c = self._core
+        budget = _INT64_MAX if timeout is None and _DEADLINE.get() is None else _budget_ns(timeout)
+        wait, receipt = c.claim(n, None, budget)
+        if wait < 0:
+            need = c.wait_ns(n)
+            if need <= budget:             # refused although within budget: past the core's time horizon
+                raise _beyond_horizon(self.name, need)
+            raise self._rejected(need - budget)
+        return wait, receipt
+
     def acquire(self, n: int = 1, timeout: float | None = None) -> None:
         """Take n tokens, sleeping (clock.sleep) until they are usable; RateLimitExceeded at once,
         without sleeping, when the wait would exceed `timeout` (None = no limit) or the context deadline."""
-        c = self._core
-        if timeout is None and _DEADLINE.get() is None:
-            wait = c.reserve(n)
-        else:
-            budget = _budget_ns(timeout)
-            wait = c.reserve(n, -1, budget)
-            if wait < 0:
-                raise self._rejected(c.wait_ns(n) - budget)
+        wait, receipt = self._claim_for_wait(n, timeout)
         if wait:
             try:
                 self._clock.sleep(_seconds_up(wait))
             except BaseException:
-                c.refund(n)            # interrupted: the tokens were never used
+                self._core.refund(receipt)   # interrupted: given back unless a later claim built on it
                 raise
 
     async def acquire_async(self, n: int = 1, timeout: float | None = None) -> None:
-        """Like acquire, awaiting clock.sleep_async; a cancelled wait gives its tokens back."""
-        c = self._core
-        if timeout is None and _DEADLINE.get() is None:
-            wait = c.reserve(n)
-        else:
-            budget = _budget_ns(timeout)
-            wait = c.reserve(n, -1, budget)
-            if wait < 0:
-                raise self._rejected(c.wait_ns(n) - budget)
+        """Like acquire, awaiting clock.sleep_async; a cancelled wait gives its tokens back when no later
+        reservation has built on them (otherwise giving them back would let two waiters through where
+        one fits)."""
+        wait, receipt = self._claim_for_wait(n, timeout)
         if wait:
             try:
                 await self._clock.sleep_async(_seconds_up(wait))
             except BaseException:
-                c.refund(n)
+                self._core.refund(receipt)
                 raise
 
     def reserve(self, n: int = 1) -> float:
-        """Claim n tokens now; returns the seconds to wait before using them (0.0 = now)."""
-        return _seconds_up(self._core.reserve(n))
-
-    def refund(self, n: int = 1) -> None:
-        """Give back n tokens claimed and not used."""
-        self._core.refund(n)
+        """Claim n tokens now; returns the seconds to wait before using them (0.0 = now).
+        RateLimitExceeded (nothing claimed) when that wait is past what the limiter can represent."""
+        wait = self._core.reserve(n)
+        if wait < 0:
+            raise _beyond_horizon(self.name, self._core.wait_ns(n))
+        return _seconds_up(wait)
 
     @property
     def available(self) -> int:
@@ -260,10 +269,11 @@ class TokenBucket(_Limiter):
         self._core.reset()
 
     def _claim(self, n: int) -> object:
-        return True if self._core.try_acquire(n) else None
+        wait, receipt = self._core.claim(n, None, 0)
+        return receipt if wait == 0 else None
 
     def _unclaim(self, n: int, receipt: object) -> None:
-        self._core.refund(n)
+        self._core.refund(receipt)          # only if no later claim built on it
 
     def __repr__(self) -> str:
         name = "" if self.name is None else f", name={self.name!r}"
@@ -276,8 +286,9 @@ class LeakyBucket(_Limiter):
     A capacity-1 GCRA whose slots are claimed with reserve(): the k-th caller in line waits
     about k / rate. When `queue_size` callers are already waiting, the next is rejected at once
     with RateLimitExceeded (the wait it would get is > queue_size / rate: one CAS decides it, no
-    queue object). A cancelled or interrupted waiter's slot is not reused (refunding it could put two
-    admissions closer than 1 / rate).
+    queue object). A cancelled or interrupted waiter gives its slot back only when it is the last in
+    line (no later caller has queued behind it); otherwise the slot stays unused, so two admissions are
+    never closer than 1 / rate.
     """
 
     def __init__(self, rate: float, queue_size: int, clock: Any = None, name: str | None = None) -> None:
@@ -302,26 +313,37 @@ class LeakyBucket(_Limiter):
         w = self._core.wait_ns(1)
         return max(0, -(-w // self._core.interval_ns) - 1)
 
-    def _reserve(self, timeout: float | None) -> int:
+    def _reserve(self, timeout: float | None) -> tuple[int, int]:
         budget = min(self._queue_ns, _budget_ns(timeout))
-        wait = self._core.reserve(1, -1, budget)
+        wait, receipt = self._core.claim(1, None, budget)
         if wait < 0:
-            raise self._rejected(self._core.wait_ns(1) - budget)
-        return wait
+            need = self._core.wait_ns(1)
+            if need <= budget:
+                raise _beyond_horizon(self.name, need)
+            raise self._rejected(need - budget)
+        return wait, receipt
 
     def acquire(self, n: int = 1, timeout: float | None = None) -> None:
         """Wait for the next slot; RateLimitExceeded at once when the queue is full or the wait would
         exceed `timeout` (or the context deadline). n must be 1."""
         check_n(n, 1)
-        wait = self._reserve(timeout)
+        wait, receipt = self._reserve(timeout)
         if wait:
-            self._clock.sleep(_seconds_up(wait))
+            try:
+                self._clock.sleep(_seconds_up(wait))
+            except BaseException:
+                self._core.refund(receipt)   # only the last slot in line is given back
+                raise
 
     async def acquire_async(self, n: int = 1, timeout: float | None = None) -> None:
         check_n(n, 1)
-        wait = self._reserve(timeout)
+        wait, receipt = self._reserve(timeout)
         if wait:
-            await self._clock.sleep_async(_seconds_up(wait))
+            try:
+                await self._clock.sleep_async(_seconds_up(wait))
+            except BaseException:
+                self._core.refund(receipt)
+                raise
 
     __call__ = Policy.__call__     # as a decorator a leaky bucket waits for the slot: through call()
 
@@ -347,7 +369,11 @@ class LeakyBucket(_Limiter):
 
 class _WindowLimiter(_Limiter):
     """At most `limit` per window of `window` seconds; windows are aligned to the clock's multiples
-    of `window` (like `limits`). Exact under threads: one lock per limiter (not a hot path)."""
+    of `window` (like `limits`). Exact under threads: one lock per limiter (not a hot path).
+
+    The clock is read inside the lock, and time never runs backwards inside the limiter (the latest
+    reading wins), so a thread that read the clock and was pre-empted cannot decide with a stale time
+    after another thread decided with a later one."""
 
     def __init__(self, limit: int, window: float, clock: Any = None, name: str | None = None) -> None:
         self.limit = check_int("limit", limit, minimum=1, maximum=1 << 40)
@@ -357,10 +383,21 @@ class _WindowLimiter(_Limiter):
         self.name = _check_name(name)
         self._max_n = self.limit
         self._lock = threading.Lock()
+        self._last: int | None = None   # latest clock reading used (monotone max)
+        self._gen = 0            # bumped by reset(): receipts of older claims are void
         self._idx = 0            # current window number (now // window)
         self._prev = 0           # count in window _idx - 1
         self._curr = 0           # count in window _idx
         self._n_admitted = self._n_rejected = 0
+
+    def _time(self) -> tuple[int, int]:
+        """(window number, ns into it) for now; call with the lock held."""
+        t = self._clock.monotonic_ns()
+        if self._last is not None and t < self._last:
+            t = self._last
+        else:
+            self._last = t
+        return divmod(t, self._w)
 
     def _roll(self, idx: int) -> None:
         if idx > self._idx:
@@ -374,22 +411,34 @@ class _WindowLimiter(_Limiter):
     def _claim(self, n: int) -> object:
         if type(n) is not int or not 1 <= n <= self.limit:
             check_n(n, self.limit)
-        idx, e = divmod(self._clock.monotonic_ns(), self._w)
         with self._lock:
+            idx, e = self._time()
             self._roll(idx)
             if not self._fits(n, e):
                 self._n_rejected += 1
                 return None
             self._curr += n
             self._n_admitted += 1
-            return idx
+            return (self._gen, idx)
 
     def _unclaim(self, n: int, receipt: object) -> None:
+        gen, idx = receipt  # type: ignore[misc]
         with self._lock:
-            if receipt == self._idx:
+            if gen != self._gen:
+                return                   # counted before reset(): nothing of it is left to give back
+            if idx == self._idx:
                 self._curr -= n
-            elif receipt == self._idx - 1:
+            elif idx == self._idx - 1:
                 self._prev -= n
+
+    def _counts(self, n: int) -> tuple[int, int, int]:
+        """(prev, curr, e) as the next decision would see them, without changing anything."""
+        check_n(n, self.limit)
+        with self._lock:
+            idx, e = self._time()
+            if idx == self._idx:
+                return self._prev, self._curr, e
+            return (self._curr if idx == self._idx + 1 else 0), 0, e
 
     def try_acquire(self, n: int = 1) -> bool:
         """Count n in this window if the limit allows it now."""
@@ -401,6 +450,7 @@ class _WindowLimiter(_Limiter):
 
     def reset(self) -> None:
         with self._lock:
+            self._gen += 1
             self._prev = self._curr = self._n_admitted = self._n_rejected = 0
 
     def __repr__(self) -> str:
@@ -416,10 +466,7 @@ class FixedWindowLimiter(_WindowLimiter):
         return self._curr + n <= self.limit
 
     def _wait_ns(self, n: int) -> int:
-        check_n(n, self.limit)
-        idx, e = divmod(self._clock.monotonic_ns(), self._w)
-        with self._lock:
-            curr = self._curr if idx == self._idx else 0
+        _, curr, e = self._counts(n)
         return 0 if curr + n <= self.limit else self._w - e
 
 
@@ -442,13 +489,7 @@ class SlidingWindowLimiter(_WindowLimiter):
         return self._prev * (self._w - e) + (self._curr + n) * self._w <= self.limit * self._w
 
     def _wait_ns(self, n: int) -> int:
-        check_n(n, self.limit)
-        idx, e = divmod(self._clock.monotonic_ns(), self._w)
-        with self._lock:
-            if idx == self._idx:
-                prev, curr = self._prev, self._curr
-            else:
-                prev, curr = (self._curr if idx == self._idx + 1 else 0), 0
+        prev, curr, e = self._counts(n)
         first = self._first_fit(prev, curr, n)
         if first is not None:
             return max(0, first - e)
@@ -473,6 +514,10 @@ class MultiLimiter(_Limiter):
             if not isinstance(lim, (TokenBucket, _WindowLimiter, MultiLimiter)):
                 raise TypeError(f"limiters must be TokenBucket, FixedWindowLimiter, SlidingWindowLimiter or "
                                 f"MultiLimiter objects, got {lim!r}")
+        clocks = {0 if is_system_clock(lim._clock) else id(lim._clock) for lim in limiters}
+        if len(clocks) > 1:
+            raise ValueError(f"limiters must share one clock (their decisions are compared in time), got "
+                             f"{', '.join(repr(lim._clock) for lim in limiters)}")
         self.limiters = tuple(limiters)
         self.name = _check_name(name)
         self._clock = limiters[0]._clock

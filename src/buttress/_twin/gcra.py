@@ -3,80 +3,178 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from operator import index as _index
+from typing import Any, Callable
 
 from .._params import check_n, emission_interval_ns
 
 __all__ = ["GCRA"]
 
+_INT64_MIN = -(1 << 63)
 _INT64_MAX = (1 << 63) - 1
+# time relative to the base (a clock reading taken at creation), saturated: see _core/bt_gcra.pxd
+REL_MIN = -(1 << 61)
+REL_MAX = (1 << 61) - 1
+TAT_MAX = (1 << 61) + (1 << 62) - 1
+
+_N_MASK = (1 << 63) - 1
+_UNINIT = "{} is not initialised: its __init__ never ran (a subclass must call super().__init__())"
 
 
-class GCRA:
+def _show(v: object) -> str:
+    if type(v) is int and v.bit_length() > 256:
+        return f"an int of {v.bit_length()} bits"
+    return repr(v)
+
+
+def as_i64(v: Any, name: str) -> int:
+    """An int in the int64 range, else TypeError / ValueError naming `name` (never OverflowError)."""
+    if type(v) is not int:
+        if isinstance(v, bool) or not hasattr(type(v), "__index__"):
+            raise TypeError(f"{name} must be an int (ns), got {v!r} ({type(v).__name__})")
+        v = _index(v)
+    if not _INT64_MIN <= v <= _INT64_MAX:
+        raise ValueError(f"{name} must be an int in the int64 range [-2**63, 2**63 - 1], got {_show(v)}")
+    return v
+
+
+def rel_time(now: int, base: int, lo: int, hi: int) -> int:
+    """now - base clamped to [lo, hi] (what the compiled core computes without overflowing)."""
+    return min(hi, max(lo, now - base))
+
+
+class _Uninit:
+    """Attribute lookups that fail on an object whose __init__ never ran raise the compiled core's
+    RuntimeError (a subclass that forgot super().__init__() gets the same answer in both)."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or "_lock" in self.__dict__:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        raise RuntimeError(_UNINIT.format(type(self).__name__))
+
+    def __reduce__(self) -> Any:
+        raise TypeError(f"cannot pickle or copy {type(self).__name__} objects (they hold live limiter state)")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return self.__reduce__()
+
+
+class GCRA(_Uninit):
     """GCRA: a bucket of `capacity` tokens refilled at `rate` per second, kept as one
     "theoretical arrival time" (TAT). A request for n tokens at `now` is admitted when
     max(TAT, now) + n * interval - now <= capacity * interval."""
 
     def __init__(self, rate: float, capacity: int, clock_ns: Callable[[], int] | None = None) -> None:
+        if "_lock" in self.__dict__:
+            raise RuntimeError(f"{type(self).__name__} is already initialised; create a new one instead")
         r, cap, interval = emission_interval_ns(rate, capacity)
         if clock_ns is not None and not callable(clock_ns):
             raise TypeError(f"clock_ns must be a callable returning int ns or None, got {clock_ns!r}")
+        self._base = time.monotonic_ns() if clock_ns is None else as_i64(clock_ns(), "clock_ns()")
         self.rate = r
         self.capacity = cap
         self.interval_ns = interval
         self._tau = interval * cap
-        self._clock_ns = clock_ns or time.monotonic_ns
-        self._tat = 0
+        self._clock_ns = clock_ns
+        self._tat = REL_MIN                      # the distant past: full at any (clamped) now
         self._admitted = self._rejected = 0      # decisions, for metrics
         self._lock = threading.Lock()
 
-    def _now(self, now: int) -> int:
-        return now if now >= 0 else self._clock_ns()
+    def _rel(self, now: Any) -> int:
+        """`now` (or a clock reading) -> time relative to the base, saturated."""
+        if now is None:
+            clock = self._clock_ns
+            now = time.monotonic_ns() if clock is None else as_i64(clock(), "clock_ns()")
+        else:
+            now = as_i64(now, "now")
+        return rel_time(now, self._base, REL_MIN, REL_MAX)
 
-    def try_acquire(self, n: int = 1, now: int = -1) -> bool:
-        """Take n tokens if they are available now."""
-        return self.reserve(n, now, 0) == 0
+    @staticmethod
+    def _max_wait(max_wait_ns: Any) -> int:
+        if max_wait_ns is None:
+            return _INT64_MAX
+        m = as_i64(max_wait_ns, "max_wait_ns")
+        if m < 0:
+            raise ValueError(f"max_wait_ns must be >= 0 (or None for no limit), got {max_wait_ns!r}")
+        return m
 
-    def reserve(self, n: int = 1, now: int = -1, max_wait_ns: int = _INT64_MAX) -> int:
-        """Claim n tokens now if the wait is <= max_wait_ns; return that wait in ns, or -1 (nothing claimed)."""
-        check_n(n, self.capacity)
-        now = self._now(now)
+    def _claim(self, n: int, now: Any, max_wait: int) -> tuple[int, int]:
+        cost = n * self.interval_ns
         with self._lock:
-            new_tat = max(self._tat, now) + n * self.interval_ns
-            wait = max(0, new_tat - now - self._tau)
-            if wait > max_wait_ns:
+            t = self._rel(now)           # read inside the decision: never older than the state it changes
+            b = max(self._tat, t)
+            new_tat = b + cost
+            wait = max(0, new_tat - t - self._tau)
+            if new_tat > TAT_MAX or wait > max_wait:
                 self._rejected += 1
-                return -1
+                return -1, 0
             self._tat = new_tat
             self._admitted += 1
-            return wait
+            return wait, new_tat
 
-    def wait_ns(self, n: int = 1, now: int = -1) -> int:
+    def try_acquire(self, n: int = 1, now: int | None = None) -> bool:
+        """Take n tokens if they are available now."""
+        return self._claim(check_n(n, self.capacity), now, 0)[0] == 0
+
+    def reserve(self, n: int = 1, now: int | None = None, max_wait_ns: int | None = None) -> int:
+        """Claim n tokens now if the wait is <= max_wait_ns (None: any representable wait); return that
+        wait in ns, or -1 (nothing claimed)."""
+        k = check_n(n, self.capacity)
+        return self._claim(k, now, self._max_wait(max_wait_ns))[0]
+
+    def claim(self, n: int = 1, now: int | None = None, max_wait_ns: int | None = None) -> tuple[int, int]:
+        """reserve() that also returns a receipt for refund(): (wait_ns, receipt), or (-1, 0) when
+        refused (nothing claimed). The receipt is an int: the claim's end (its new theoretical arrival
+        time, absolute ns) times 2**63, plus n."""
+        k = check_n(n, self.capacity)
+        wait, end = self._claim(k, now, self._max_wait(max_wait_ns))
+        if wait < 0:
+            return -1, 0
+        return wait, ((end + self._base) << 63) + k
+
+    def wait_ns(self, n: int = 1, now: int | None = None) -> int:
         """ns until n tokens would be available (0 = now); claims nothing."""
-        check_n(n, self.capacity)
-        now = self._now(now)
-        return max(0, max(self._tat, now) + n * self.interval_ns - now - self._tau)
+        k = check_n(n, self.capacity)
+        t = self._rel(now)
+        return max(0, max(0, self._tat - t) - (self._tau - k * self.interval_ns))
 
-    def available(self, now: int = -1) -> int:
+    def available(self, now: int | None = None) -> int:
         """Whole tokens available at now."""
-        now = self._now(now)
-        return (self._tau - max(0, self._tat - now)) // self.interval_ns
+        self._lock
+        ahead = max(0, self._tat - self._rel(now))
+        return 0 if ahead >= self._tau else (self._tau - ahead) // self.interval_ns
 
-    def refund(self, n: int = 1) -> None:
-        """Give back n tokens claimed earlier and not used."""
-        check_n(n, self.capacity)
+    def refund(self, receipt: int) -> bool:
+        """Give back the tokens of the claim that returned `receipt`, only if no later claim has built on
+        it (one CAS); returns whether they were given back. Never more than that claim took; use each
+        receipt once."""
+        self._lock
+        if type(receipt) is not int:
+            if isinstance(receipt, bool) or not hasattr(type(receipt), "__index__"):
+                raise TypeError(f"receipt must be an int, got {receipt!r} ({type(receipt).__name__})")
+            receipt = _index(receipt)
+        k = receipt & _N_MASK
+        end = (receipt >> 63) - self._base
+        if not (1 <= k <= self.capacity and REL_MIN + k * self.interval_ns <= end <= TAT_MAX):
+            raise ValueError(f"receipt must be a receipt returned by claim(), got {_show(receipt)}")
         with self._lock:
-            self._tat -= n * self.interval_ns
+            if self._tat != end:
+                return False
+            self._tat = end - k * self.interval_ns
+            return True
 
     def counts(self) -> tuple[int, int]:
         """(admitted, rejected) decisions since creation or reset()."""
+        self._lock
         return self._admitted, self._rejected
 
     def reset(self) -> None:
         """Full bucket, counters back to zero."""
         with self._lock:
-            self._tat = 0
+            self._tat = REL_MIN
             self._admitted = self._rejected = 0
 
     def __repr__(self) -> str:
+        if "_lock" not in self.__dict__:
+            return f"<{type(self).__name__} (not initialised)>"
         return f"GCRA(rate={self.rate!r}, capacity={self.capacity!r})"

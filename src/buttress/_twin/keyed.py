@@ -12,14 +12,17 @@ from operator import index as _index
 from typing import Any, Callable
 
 from .._params import check_int, check_n, emission_interval_ns
+from .gcra import _show, _Uninit, as_i64, rel_time
 
 __all__ = ["KeyedGCRA", "WINDOW", "MAX_KEYS", "MAX_TAU_NS", "MAX_NOW_NS"]
 
 WINDOW = 32         # slots a key may live in, from its home slot
 _SWEEP = 8          # slots swept for idle keys per new key (idle_ns > 0)
 MAX_KEYS = 1 << 30
-MAX_TAU_NS = 1 << 58
-MAX_NOW_NS = 1 << 58
+MAX_TAU_NS = 1 << 58          # capacity / rate at most ~9 years
+MAX_NOW_NS = 1 << 58          # the largest idle_ns (any int64 clock reading is valid)
+_K_REL_MIN = -(1 << 59) + 1   # time relative to the base, saturated: see _core/keyed.pyx
+_K_TAT_MAX = (1 << 59) - 1
 
 _M64 = (1 << 64) - 1
 _LOCKED = -1
@@ -63,15 +66,17 @@ def _hash(key: object) -> int:
         except TypeError:
             raise TypeError(f"key must be an int, str or bytes, got {key!r} ({type(key).__name__})") from None
     if not -(1 << 63) <= key < (1 << 63):
-        raise ValueError(f"key must be an int in the int64 range (or a str / bytes), got {key!r}")
+        raise ValueError(f"key must be an int in the int64 range (or a str / bytes), got {_show(key)}")
     return _hash_int(key)
 
 
-class KeyedGCRA:
+class KeyedGCRA(_Uninit):
     """One GCRA per key in one fixed open-addressing table of 2 * max_keys (hash, tat<<4|gen) slots."""
 
     def __init__(self, rate: float, capacity: int, max_keys: int, idle_ns: int = 0,
                  clock_ns: Callable[[], int] | None = None) -> None:
+        if "_lock" in self.__dict__:
+            raise RuntimeError(f"{type(self).__name__} is already initialised; create a new one instead")
         r, cap, interval = emission_interval_ns(rate, capacity)
         if interval * cap > MAX_TAU_NS:
             raise ValueError(f"capacity / rate must be at most {MAX_TAU_NS / 1e9:.0f} s for a keyed limiter, "
@@ -80,6 +85,7 @@ class KeyedGCRA:
         idle = check_int("idle_ns", idle_ns, minimum=0, maximum=MAX_NOW_NS)
         if clock_ns is not None and not callable(clock_ns):
             raise TypeError(f"clock_ns must be a callable returning int ns or None, got {clock_ns!r}")
+        self._base = time.monotonic_ns() if clock_ns is None else as_i64(clock_ns(), "clock_ns()")
         self.nslots = max(2 * mk, WINDOW)
         self.max_keys = mk
         self.rate = r
@@ -87,7 +93,8 @@ class KeyedGCRA:
         self.interval_ns = interval
         self.idle_ns = idle
         self._tau = interval * cap
-        self._clock_ns = clock_ns or time.monotonic_ns
+        self._rel_max = _K_TAT_MAX - self._tau
+        self._clock_ns = clock_ns
         self._keys = array("q", bytes(8 * self.nslots))
         self._words = array("q", bytes(8 * self.nslots))
         self._count = 0
@@ -102,12 +109,14 @@ class KeyedGCRA:
     def __len__(self) -> int:
         return self._count
 
-    def _now(self, now: int) -> int:
-        if now < 0:
-            now = self._clock_ns()
-        if now >= MAX_NOW_NS:
-            raise ValueError(f"now must be < {MAX_NOW_NS} ns, got {now}")
-        return now
+    def _rel(self, now: Any) -> int:
+        """`now` (or a clock reading) -> time relative to the base, saturated."""
+        if now is None:
+            clock = self._clock_ns
+            now = time.monotonic_ns() if clock is None else as_i64(clock(), "clock_ns()")
+        else:
+            now = as_i64(now, "now")
+        return rel_time(now, self._base, _K_REL_MIN, self._rel_max)
 
     def _home(self, h: int) -> int:
         return (((h & _M64) >> 32) * self.nslots) >> 32
@@ -166,61 +175,74 @@ class KeyedGCRA:
 
     def key_hash(self, key: object) -> int:
         """The table's 64-bit hash of `key` as an unsigned int (same in the compiled core, stable across processes)."""
+        self._lock
         return _hash(key) & _M64
 
-    def try_acquire(self, key: object, n: int = 1, now: int = -1) -> bool:
+    def try_acquire(self, key: object, n: int = 1, now: int | None = None) -> bool:
         """Take n tokens from key's bucket if they are available now (a new key starts full)."""
+        self._lock
         h = _hash(key)
         cost = self._cost(n)
-        now = self._now(now)
         with self._lock:
-            return self._acquire(h, cost, now)
+            return self._acquire(h, cost, self._rel(now))   # the clock is read inside the decision
 
-    def try_acquire_many(self, keys: Any, n: int = 1, now: int = -1) -> Any:
+    def try_acquire_many(self, keys: Any, n: int = 1, now: int | None = None) -> Any:
         """Decide int64 keys in order (a duplicate consumes in turn); returns a numpy bool array."""
+        self._lock
+        arr = _as_keys(keys)
         import numpy
 
-        if keys is None:
-            raise TypeError("keys must be a contiguous int64 array, got None")
-        arr = memoryview(keys)
-        if arr.format not in ("q", "l") or arr.itemsize != 8 or arr.ndim != 1 or not arr.c_contiguous:
-            raise ValueError(f"keys must be a 1-d contiguous int64 array, got format {arr.format!r}, "
-                             f"ndim {arr.ndim}")
         cost = self._cost(n)
-        now = self._now(now)
         out = numpy.empty(len(arr), dtype=numpy.bool_)
         acquire = self._acquire
         with self._lock:
+            t = self._rel(now)
             for idx, k in enumerate(arr.tolist()):
-                out[idx] = acquire(_hash_int(k), cost, now)
+                out[idx] = acquire(_hash_int(k), cost, t)
         return out
 
-    def wait_ns(self, key: object, n: int = 1, now: int = -1) -> int:
+    def wait_ns(self, key: object, n: int = 1, now: int | None = None) -> int:
         """ns until key's bucket has n tokens (0 = now; an unknown key is full); claims nothing."""
+        self._lock
         h = _hash(key)
         cost = self._cost(n)
-        now = self._now(now)
+        t = self._rel(now)
         i = self._home(h)
         for _ in range(WINDOW):
             if self._keys[i] == h:
-                return max(0, max(self._words[i] >> 4, now) + cost - now - self._tau)
+                return max(0, max(self._words[i] >> 4, t) + cost - t - self._tau)
             i = (i + 1) % self.nslots
         return 0
 
-    def purge(self, now: int = -1) -> int:
+    def purge(self, now: int | None = None) -> int:
         """Remove every refilled key idle for at least idle_ns; returns how many were removed."""
-        now = self._now(now)
+        self._lock
+        t = self._rel(now)
         with self._lock:
-            return sum(self._expire(i, now - self.idle_ns) for i in range(self.nslots))
+            return sum(self._expire(i, t - self.idle_ns) for i in range(self.nslots))
 
     def reset(self) -> None:
         """Forget every key."""
         with self._lock:
-            self._keys = array("q", bytes(8 * self.nslots))
-            self._words = array("q", bytes(8 * self.nslots))
-            self._count = 0
+            for i in range(self.nslots):
+                self._expire(i, _INT64_MAX)
             self._hand = 0
 
     def __repr__(self) -> str:
+        if "_lock" not in self.__dict__:
+            return f"<{type(self).__name__} (not initialised)>"
         return (f"KeyedGCRA(rate={self.rate!r}, capacity={self.capacity!r}, max_keys={self.max_keys!r}, "
                 f"idle_ns={self.idle_ns!r})")
+
+
+def _as_keys(keys: Any) -> memoryview:
+    """keys -> a 1-d C-contiguous int64 buffer (the compiled core's checks and messages)."""
+    if keys is None:
+        raise TypeError("keys must be a contiguous int64 array, got None")
+    try:
+        mv = memoryview(keys)
+    except TypeError:
+        raise TypeError(f"keys must be a contiguous int64 array, got {type(keys).__name__}") from None
+    if mv.format not in ("q", "l", "=q", "<q", "@q") or mv.itemsize != 8 or mv.ndim != 1 or not mv.c_contiguous:
+        raise ValueError(f"keys must be a 1-d contiguous int64 array, got format {mv.format!r}, ndim {mv.ndim}")
+    return mv.cast("B").cast("q") if mv.format != "q" else mv
