@@ -12,6 +12,10 @@ from events is the ``buttress_circuitbreaker_calls_seconds{name,kind}`` histogra
 events, which costs about 2 us per guarded call (an event object per call); by default the breakers'
 hot paths are untouched. ``close()`` unsubscribes.
 
+Labels are object names and fixed kinds only, never a key, path or header value, so hostile
+traffic cannot grow the number of series; an HTTP `RateLimitMiddleware` given ``name=`` is
+exported as a rate limiter (its admitted requests and 429s).
+
 This module imports without prometheus_client; creating a collector needs it.
 """
 from __future__ import annotations
