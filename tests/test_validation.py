@@ -4,6 +4,7 @@ ValueError / TypeError naming the parameter, the value and what is allowed, neve
 from __future__ import annotations
 
 import math
+import os
 from fractions import Fraction
 
 import numpy as np
@@ -304,3 +305,221 @@ def test_dir_lists_only_the_public_api():
     assert all(not n.startswith("_") or n == "__version__" for n in names), names
     for name in names:
         getattr(buttress, name)         # every listed name resolves
+
+
+# -- every public numeric parameter: a result or a ValueError / TypeError naming it ------------------------
+#
+# CASES: (case id, parameter name, factory(value)). The same table drives the Hypothesis property (in this
+# process's implementation) and the compiled-vs-twin comparison (one child process per implementation).
+
+def _cases():
+    from buttress import (Bulkhead, CircuitBreaker, FixedWindowLimiter, KeyedLimiter, LeakyBucket, LoadShedder,
+                          SlidingWindowLimiter, StaleCacheFallback, ThreadPoolBulkhead)
+    from buttress import backoff as bo
+    from buttress.adaptive import AdaptiveThrottle, AIMDLimit, Gradient2Limit
+    from buttress.chaos import Chaos
+    from buttress.health import HealthRegistry
+
+    def on(factory, param, **fixed):
+        return lambda v: factory(**fixed, **{param: v})
+
+    def ready(param):
+        def make(v):
+            HealthRegistry().add_readiness("c", lambda: True, **{param: v})
+        return make
+
+    rows = []
+    for p in ("failure_rate_threshold", "slow_call_rate_threshold", "slow_call_duration", "window_size",
+              "minimum_calls", "open_duration", "half_open_calls", "half_open_max_wait"):
+        rows.append((f"CircuitBreaker.{p}", p, on(CircuitBreaker, p, name="p")))
+    rows.append(("CircuitBreaker[time].window_size", "window_size", on(CircuitBreaker, "window_size", name="p",
+                                                                                window="time")))
+    rows += [
+        ("TokenBucket.rate", "rate", on(TokenBucket, "rate")),
+        ("TokenBucket.capacity", "capacity", on(TokenBucket, "capacity", rate=10.0)),
+        ("TokenBucket.try_acquire.n", "n", lambda v: TokenBucket(rate=10.0, capacity=5).try_acquire(v)),
+        ("TokenBucket.wait_time.n", "n", lambda v: TokenBucket(rate=10.0, capacity=5).wait_time(v)),
+        ("TokenBucket.acquire.timeout", "timeout", lambda v: TokenBucket(rate=10.0, capacity=5).acquire(1, timeout=v)),
+        ("LeakyBucket.rate", "rate", on(LeakyBucket, "rate", queue_size=5)),
+        ("LeakyBucket.queue_size", "queue_size", on(LeakyBucket, "queue_size", rate=10.0)),
+        ("KeyedLimiter.rate", "rate", on(KeyedLimiter, "rate", max_keys=16)),
+        ("KeyedLimiter.capacity", "capacity", on(KeyedLimiter, "capacity", rate=10.0, max_keys=16)),
+        ("KeyedLimiter.max_keys", "max_keys", on(KeyedLimiter, "max_keys", rate=10.0)),
+        ("KeyedLimiter.idle_ttl", "idle_ttl", on(KeyedLimiter, "idle_ttl", rate=10.0, max_keys=16)),
+        ("FixedWindowLimiter.limit", "limit", on(FixedWindowLimiter, "limit", window=1.0)),
+        ("FixedWindowLimiter.window", "window", on(FixedWindowLimiter, "window", limit=5)),
+        ("SlidingWindowLimiter.limit", "limit", on(SlidingWindowLimiter, "limit", window=1.0)),
+        ("SlidingWindowLimiter.window", "window", on(SlidingWindowLimiter, "window", limit=5)),
+        ("Bulkhead.max_concurrent", "max_concurrent", on(Bulkhead, "max_concurrent")),
+        ("Bulkhead.max_wait", "max_wait", on(Bulkhead, "max_wait")),
+        ("Bulkhead.acquire.timeout", "timeout", lambda v: Bulkhead(max_concurrent=1).acquire(timeout=v)),
+        ("ThreadPoolBulkhead.max_workers", "max_workers", on(ThreadPoolBulkhead, "max_workers")),
+        ("ThreadPoolBulkhead.queue_size", "queue_size", on(ThreadPoolBulkhead, "queue_size")),
+        ("LoadShedder.max_in_flight", "max_in_flight", on(LoadShedder, "max_in_flight")),
+        ("Retry.max_attempts", "max_attempts", on(Retry, "max_attempts")),
+        ("Retry.backoff", "backoff", on(Retry, "backoff")),
+        ("Retry.deadline", "deadline", on(Retry, "deadline")),
+        ("RetryBudget.ratio", "ratio", on(RetryBudget, "ratio")),
+        ("RetryBudget.min_per_second", "min_per_second", on(RetryBudget, "min_per_second")),
+        ("RetryBudget.ttl", "ttl", on(RetryBudget, "ttl")),
+        ("Timeout.seconds", "seconds", on(Timeout, "seconds")),
+        ("StaleCacheFallback.max_age", "max_age", on(StaleCacheFallback, "max_age")),
+        ("StaleCacheFallback.max_entries", "max_entries", on(StaleCacheFallback, "max_entries", max_age=1.0)),
+        ("FakeClock.start", "start", on(FakeClock, "start")),
+        ("FakeClock.advance.seconds", "seconds", lambda v: FakeClock().advance(v)),
+        ("exponential.initial", "initial", on(bo.exponential, "initial", maximum=1e9)),
+        ("exponential.multiplier", "multiplier", on(bo.exponential, "multiplier")),
+        ("exponential.maximum", "maximum", on(bo.exponential, "maximum", initial=0.0)),
+        ("constant.delay", "delay", on(bo.constant, "delay")),
+        ("linear.initial", "initial", on(bo.linear, "initial", maximum=1e9)),
+        ("linear.increment", "increment", on(bo.linear, "increment")),
+        ("linear.maximum", "maximum", on(bo.linear, "maximum", initial=0.0)),
+        ("Backoff.delay.attempt", "attempt", lambda v: bo.exponential().delay(v)),
+        ("AIMDLimit.initial_limit", "initial_limit", on(AIMDLimit, "initial_limit")),
+        ("AIMDLimit.min_limit", "min_limit", lambda v: AIMDLimit(min_limit=v, initial_limit=v, max_limit=2**30)),
+        ("AIMDLimit.max_limit", "max_limit", on(AIMDLimit, "max_limit", initial_limit=1)),
+        ("AIMDLimit.backoff_ratio", "backoff_ratio", on(AIMDLimit, "backoff_ratio")),
+        ("AIMDLimit.timeout", "timeout", on(AIMDLimit, "timeout")),
+        ("AIMDLimit.on_sample.latency", "latency", lambda v: AIMDLimit().on_sample(v, 1)),
+        ("AIMDLimit.on_sample.in_flight", "in_flight", lambda v: AIMDLimit().on_sample(0.1, v)),
+        ("Gradient2Limit.smoothing", "smoothing", on(Gradient2Limit, "smoothing")),
+        ("Gradient2Limit.rtt_tolerance", "rtt_tolerance", on(Gradient2Limit, "rtt_tolerance")),
+        ("Gradient2Limit.long_window", "long_window", on(Gradient2Limit, "long_window")),
+        ("Gradient2Limit.queue_size", "queue_size", on(Gradient2Limit, "queue_size")),
+        ("AdaptiveThrottle.k", "k", on(AdaptiveThrottle, "k")),
+        ("AdaptiveThrottle.window", "window", on(AdaptiveThrottle, "window")),
+        ("HealthRegistry.degraded_http_status", "degraded_http_status", on(HealthRegistry, "degraded_http_status")),
+        ("add_readiness.timeout", "timeout", ready("timeout")),
+        ("add_readiness.period", "period", ready("period")),
+        ("add_readiness.failure_threshold", "failure_threshold", ready("failure_threshold")),
+        ("add_readiness.success_threshold", "success_threshold", ready("success_threshold")),
+        ("Chaos.fault_rate", "fault_rate", on(Chaos, "fault_rate")),
+        ("Chaos.latency_rate", "latency_rate", on(Chaos, "latency_rate")),
+        ("Chaos.latency", "latency", on(Chaos, "latency")),
+        ("Chaos.result_rate", "result_rate", on(Chaos, "result_rate")),
+    ]
+    return rows
+
+
+CASES = {case: (param, make) for case, param, make in _cases()}
+
+# parameters that size an allocation: valid values above this are skipped (a table of 2**30 keys is a
+# result, but one of 16 GiB)
+_SIZING = {"KeyedLimiter.max_keys", "ThreadPoolBulkhead.max_workers", "Gradient2Limit.long_window"}
+
+# case id -> why it still fails: validation that sits in a file this layer does not own (listed in the
+# issue-13 report with the change needed)
+KNOWN: dict[str, str] = {
+    "CircuitBreaker.half_open_calls": "_breaker_conf.py accepts half_open_calls up to 0xFFFFF; the twin's CountWindow "
+                                      "(_twin/breaker.py -> _twin/window.py) refuses > 30000 naming 'size', the "
+                                      "compiled core accepts it",
+    "KeyedLimiter.idle_ttl": "rate_limit.py checks idle_ttl up to 1e9 s, then the core (_core/keyed.pyx, "
+                             "_twin/keyed.py) refuses more than 2**58 ns naming 'idle_ns'",
+}
+
+
+def _outcome(case, value):
+    """("ok",) or (exception type name, message)."""
+    param, make = CASES[case]
+    try:
+        make(value)
+    except (ValueError, TypeError) as exc:
+        return type(exc).__name__, str(exc)
+    except Exception as exc:  # noqa: BLE001 - reported by the test
+        return type(exc).__name__, str(exc)
+    return ("ok",)
+
+
+def _bad_values():
+    """The fixed set of awkward values compared between compiled and twin (as (label, value))."""
+    return [("huge", 10**400), ("-huge", -10**400), ("2**63", 2**63), ("2**64", 2**64), ("-1", -1), ("0", 0),
+            ("-0.0", -0.0), ("subnormal", 5e-324), ("1e300", 1e300), ("1e-12", 1e-12), ("nan", math.nan),
+            ("inf", math.inf), ("-inf", -math.inf), ("True", True), ("str", "1"), ("None", None),
+            ("third", Fraction(1, 3)), ("np.int64", np.int64(-5)), ("np.nan", np.float64("nan")),
+            ("np.uint64max", np.uint64(2**64 - 1)), ("np.bool", np.bool_(True)), ("3", 3), ("0.5", 0.5),
+            ("30001", 30001), ("2**20", 2**20), ("2**31", 2**31), ("3e8", 3e8), ("1e9", 1e9)]
+
+
+def _all_outcomes():
+    return {f"{case}={label}": list(_outcome(case, value)) for case in CASES for label, value in _bad_values()
+            if not (case in _SIZING and isinstance(value, int) and 4096 < value <= 2**40)}
+
+
+def _run_child(no_extensions: bool) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = {**os.environ, "BUTTRESS_NO_EXTENSIONS": "1" if no_extensions else "0", "BUTTRESS_REQUIRE_EXTENSIONS": "0"}
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import test_validation as t; "
+            "import buttress; print(json.dumps([buttress.IMPLEMENTATION, t._all_outcomes()]))")
+    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    impl, outcomes = json.loads(out.stdout.strip().splitlines()[-1])
+    assert impl == ("python" if no_extensions else "cython")
+    return outcomes
+
+
+@pytest.fixture(scope="module")
+def outcomes_of_both(both):
+    return _run_child(False), _run_child(True)
+
+
+def _params(cases):
+    return [pytest.param(c, marks=pytest.mark.xfail(strict=False, reason=KNOWN[c])) if c in KNOWN else c for c in cases]
+
+
+@pytest.mark.parametrize("case", _params(CASES))
+def test_compiled_and_twin_give_the_same_answer_to_every_bad_input(case, outcomes_of_both):
+    compiled, twin = outcomes_of_both
+    assert compiled.keys() == twin.keys()
+    keys = [k for k in compiled if k.rsplit("=", 1)[0] == case]
+    assert keys
+    diff = {k: (compiled[k], twin[k]) for k in keys if compiled[k] != twin[k]}
+    assert not diff, f"compiled vs twin differ: {diff}"
+
+
+@pytest.mark.parametrize("case", _params(CASES))
+def test_no_bad_input_leaks_anything_but_value_or_type_error_naming_the_parameter(case):
+    param, _ = CASES[case]
+    bad = {}
+    for label, value in _bad_values():
+        if case in _SIZING and isinstance(value, int) and 4096 < value <= 2**40:
+            continue
+        outcome = _outcome(case, value)
+        if outcome[0] != "ok" and (outcome[0] not in ("ValueError", "TypeError") or param not in outcome[1]):
+            bad[label] = outcome
+    assert not bad, bad
+
+
+# the Hypothesis property: any value of any public numeric parameter
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_NUMPY = st.one_of(st.integers(-2**63, 2**63 - 1).map(np.int64), st.integers(0, 2**64 - 1).map(np.uint64),
+                   st.floats(allow_nan=True, allow_infinity=True).map(np.float64),
+                   st.floats(width=32).map(np.float32), st.booleans().map(np.bool_))
+ANY_VALUE = st.one_of(
+    st.integers(), st.integers(min_value=2**62, max_value=2**70), st.integers(min_value=-2**70, max_value=-2**62),
+    st.sampled_from([10**400, -10**400, 2**63, 2**63 - 1, 2**64, -0.0, 5e-324, 1e300, -1e300, 1e-12]),
+    st.floats(allow_nan=True, allow_infinity=True), st.floats(min_value=0.0, max_value=2.0),
+    st.booleans(), st.fractions(), st.fractions(max_denominator=10**6).map(lambda f: f * 10**400),
+    _NUMPY, st.text(max_size=5), st.none())
+
+
+@pytest.mark.parametrize("case", _params(CASES))
+@settings(max_examples=int(os.environ.get("BUTTRESS_PROPERTY_EXAMPLES", "40")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(value=ANY_VALUE)
+def test_any_value_of_any_public_numeric_parameter_gives_a_result_or_names_the_parameter(case, value):
+    param = CASES[case][0]
+    if case in _SIZING and isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 4096 < value <= 2**40:
+        return
+    outcome = _outcome(case, value)
+    if outcome[0] == "ok":
+        return
+    assert outcome[0] in ("ValueError", "TypeError"), f"{case}({value!r}) leaked {outcome}"
+    assert param in outcome[1], f"{case}({value!r}): the message does not name {param!r}: {outcome[1]}"
