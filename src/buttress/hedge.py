@@ -153,15 +153,20 @@ class Hedge(Policy):
     `budget`: a `RetryBudget` shared with retries (every call deposits, every hedge withdraws; a call
     under a Retry holding the same budget does not deposit twice). `idempotency_key`: as for Retry.
     `executor`: the `ThreadPoolBulkhead` sync attempts run on (default: a pool shared by sync Hedges).
+    `on_discard(result)`: called with the result of a losing attempt that still returned after the call
+    had its answer (a sync loser running on, an async one finishing in the same loop turn), e.g. to
+    close a response; its errors are swallowed.
     """
 
     __slots__ = ("delay", "max_hedges", "budget", "initial_delay", "min_samples", "_delay_ns", "_hist",
-                 "_key_fn", "_executor", "_clock", "_now_ns", "_started", "_won", "_cancelled", "_denied")
+                 "_key_fn", "_executor", "_clock", "_now_ns", "_started", "_won", "_cancelled", "_denied",
+                 "_on_discard")
 
     def __init__(self, delay: float | str = 0.05, max_hedges: int = 1, budget: RetryBudget | None = None, *,
                  initial_delay: float = 0.05, min_samples: int = 100,
                  idempotency_key: Callable[..., str] | None = None,
-                 executor: ThreadPoolBulkhead | None = None, clock: Any = None) -> None:
+                 executor: ThreadPoolBulkhead | None = None, on_discard: Callable[[Any], Any] | None = None,
+                 clock: Any = None) -> None:
         fixed, q = _parse_delay(delay)
         self.delay = delay
         self.max_hedges = check_int("max_hedges", max_hedges, minimum=1, maximum=100)
@@ -179,6 +184,7 @@ class Hedge(Policy):
         if executor is not None and not isinstance(executor, ThreadPoolBulkhead):
             raise TypeError(f"executor must be a buttress.ThreadPoolBulkhead or None, got {show(executor)}")
         self._executor = executor
+        self._on_discard = check_function("on_discard", on_discard, nargs=1, role="on_discard(result)")
         self._clock = resolve_clock(clock)
         self._now_ns = self._clock.monotonic_ns
         self._started, self._won = itertools.count(), itertools.count()
@@ -203,6 +209,13 @@ class Hedge(Policy):
             return call
         key = call[_KEY] if call[_KEY] is not None else self._make_key(call)
         return [number, key, call[_START], self, call[_ARGS], call[_KWARGS], None]
+
+    def _discard(self, result: Any) -> None:
+        if self._on_discard is not None:
+            try:
+                self._on_discard(result)
+            except Exception:  # noqa: BLE001 - a loser's cleanup must not fail the winner's call
+                pass
 
     def _deposit(self, outer: list | None) -> None:
         budget = self.budget
@@ -317,7 +330,8 @@ class Hedge(Policy):
                 if race.done:
                     return race.outcome()
                 return await race.primary_failed(exc)
-            if race.done:                        # a hedge won; the primary swallowed its cancellation
+            if race.done:                        # a hedge won; the primary still returned
+                self._discard(result)
                 return race.outcome()
             race.primary_won()
             return result
@@ -448,7 +462,11 @@ class _AsyncRace:
         _BACKGROUND.discard(task)
         self.inflight -= 1
         exc = None if task.cancelled() else task.exception()    # always retrieved: no "never retrieved" log
-        if self.done or task.cancelled():
+        if task.cancelled():
+            return
+        if self.done:
+            if exc is None:
+                self.hedge._discard(task.result()[0])
             return
         hedge = self.hedge
         if exc is None:
@@ -633,8 +651,10 @@ class _SyncRace:
         hedge = self.hedge
         with self.cond:
             self.running.discard(number)
-            if self.done:
-                return                      # a loser that ran on
+            if self.done:                   # a loser that ran on
+                if exc is None:
+                    hedge._discard(result)
+                return
             if exc is None:
                 if hedge._hist is not None:
                     hedge._hist.record(latency)
