@@ -11,7 +11,7 @@ import os
 import sys
 
 COMMANDS = {
-    "demo": ("buttress.demo", "run the fault-tolerant checkout under injected faults, naive vs protected"),
+    "demo": ("buttress.demo", "a shop's checkout under open-loop load and seeded faults, naive vs protected"),
     "bench": ("buttress.bench", "measure the overhead per call of every pattern against the floors and peers"),
 }
 
@@ -42,9 +42,10 @@ def positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import IMPLEMENTATION, __version__
     parser = _Parser(prog="python -m buttress", description="buttress: fault tolerance for latency-sensitive Python")
+    parser.add_argument("--version", action="version", version=f"buttress {__version__} ({IMPLEMENTATION} core)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         try:
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:        # `python -m buttress`: say what there is to run
+        parser.print_help()
+        return 0
     if getattr(args, "_broken", None):
         parser.exit(2, f"{parser.prog}: error: {args._broken}\n")
     try:

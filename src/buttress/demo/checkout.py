@@ -1,0 +1,493 @@
+"""The checkout, its open-loop load, and the two ways of calling the dependencies (naive and protected).
+
+One seeded Poisson schedule of arrivals (`arrivals`) is replayed by both runs: checkout k arrives at its
+scheduled second whether or not the shop is keeping up (users do not wait for each other). The shop
+serves at most `workers` checkouts at once; the others wait in line for a worker, as requests queue in a
+real server's backlog, so a slow run piles up (the line grows, and so does the time to an answer) without
+running the machine out of memory. A checkout's latency runs from its scheduled arrival to its answer.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from .. import backoff
+from ..bulkhead import Bulkhead
+from ..circuit_breaker import CircuitBreaker
+from ..errors import BulkheadFullError, CircuitOpenError, Overloaded, RateLimitExceeded, Rejected, TimeoutExceeded
+from ..fallback import Fallback
+from ..pipeline import Pipeline
+from ..retry import Retry, RetryBudget
+from ..shedding import LoadShedder, Priority
+from ..timeout import Timeout
+from .deps import POPULAR, ConnectionLost, Dependencies, DependencyError, Faults, Unavailable
+
+NAIVE_TIMEOUT = 5.0     # what the naive shop waits for any dependency (seconds)
+FAST = 0.1              # a refusal answered within this many seconds of arrival is "rejected fast"
+
+
+
+def header_retry_after(seconds: float | None) -> int:
+    """The Retry-After the shop sends for a refusal: whole seconds (as HTTP has it), at least 1; 1 when the
+    refusal carried no estimate."""
+    return 1 if seconds is None else max(1, math.ceil(seconds))
+TICK = 0.1              # how often a run samples the shop's line (and checks for a fatal error)
+
+# what a dependency call can fail with in either transport; anything else is a bug and stops the demo
+EXPECTED = (DependencyError, TimeoutError, asyncio.TimeoutError)
+
+COMPLETED, FAILED, REJECTED = "completed", "failed_after_wait", "rejected_fast"
+
+
+# -- the arrival schedule ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Arrival:
+    at: float       # seconds since the start of the run
+    order: str
+    item: str
+
+
+def arrivals(seed: int, rate: float, duration: float) -> list[Arrival]:
+    """A Poisson process of `rate` checkouts per second over `duration` seconds, from the seed alone."""
+    rng = random.Random(f"{seed}:arrivals")
+    out: list[Arrival] = []
+    t = rng.expovariate(rate)
+    while t < duration:
+        out.append(Arrival(round(t, 6), f"{len(out) + 1:05d}", f"item-{rng.randrange(100)}"))
+        t += rng.expovariate(rate)
+    return out
+
+
+def digest(schedule: list[Arrival]) -> str:
+    """A fingerprint of an arrival schedule (what a run replayed), to show that both runs saw the same."""
+    h = hashlib.sha256()
+    for a in schedule:
+        h.update(f"{a.at:.6f} {a.order} {a.item}\n".encode())
+    return h.hexdigest()[:16]
+
+
+# -- clients: how the shop reaches its dependencies --------------------------------------------------------
+
+class Client(Protocol):
+    async def stock(self, order: str, item: str) -> bool: ...
+    async def charge(self, order: str, idempotency_key: str | None) -> str: ...
+    async def recommendations(self, order: str, item: str) -> list[str]: ...
+
+
+class InProcessClient:
+    """Calls the simulated services directly (``--transport inprocess``)."""
+
+    def __init__(self, deps: Dependencies) -> None:
+        self.deps = deps
+
+    async def stock(self, order: str, item: str) -> bool:
+        return await self.deps.inventory.stock(order, item)
+
+    async def charge(self, order: str, idempotency_key: str | None) -> str:
+        return await self.deps.payment.charge(order, idempotency_key)
+
+    async def recommendations(self, order: str, item: str) -> list[str]:
+        return await self.deps.recommendations.for_item(order, item)
+
+
+class GuardedClient:
+    """An in-process client whose every call runs through the protected run's per-dependency pipeline
+    (over HTTP the same pipelines sit in the transport instead, see `buttress.demo.http`)."""
+
+    def __init__(self, inner: Client, policies: Policies) -> None:
+        self.inner, self.p = inner, policies
+
+    async def stock(self, order: str, item: str) -> bool:
+        return await self.p.inventory.call_async(self.inner.stock, order, item)
+
+    async def charge(self, order: str, idempotency_key: str | None) -> str:
+        return await self.p.payment.call_async(self.inner.charge, order, idempotency_key)
+
+    async def recommendations(self, order: str, item: str) -> list[str]:
+        return await self.p.recommendations.call_async(self.inner.recommendations, order, item)
+
+
+# -- what a run counts -------------------------------------------------------------------------------------
+
+@dataclass
+class Tally:
+    answers: list = field(default_factory=list)     # (arrival, answered at s, outcome, reason, retry_after, tries)
+    line: list = field(default_factory=list)        # (t, in progress, waiting for a worker)
+    dispatched: list = field(default_factory=list)  # the arrivals this run replayed, in order
+    retries: int = 0
+    refusals: list = field(default_factory=list)    # every fast refusal: (t, Retry-After sent, order, by)
+    fallbacks: int = 0
+    transitions: list = field(default_factory=list)  # (t, old, new) of the protected payment breaker
+    in_progress: int = 0
+    waiting: int = 0
+    end_line: tuple[int, int] = (0, 0)  # (in progress, waiting for a worker) when the run stopped
+    in_line: set = field(default_factory=set)       # orders waiting for a worker
+    unfinished_in_line: int = 0     # unfinished checkouts that were still waiting for a worker at the end
+    after_user_left: collections.Counter = field(default_factory=collections.Counter)  # outcome -> count
+
+    def popular(self, *_: Any) -> list[str]:
+        """The fallback for recommendations (both runs serve it when the engine fails)."""
+        self.fallbacks += 1
+        return list(POPULAR)
+
+    def count_retry(self, *_: Any) -> None:
+        self.retries += 1
+
+    def counts(self) -> collections.Counter:
+        return collections.Counter(a[2] for a in self.answers)
+
+
+def _reason(exc: BaseException | None) -> str | None:
+    if exc is None:
+        return None
+    for cls, name in ((CircuitOpenError, "breaker"), (BulkheadFullError, "bulkhead"), (Overloaded, "shedder"),
+                      (RateLimitExceeded, "limiter"), (Rejected, "rejected"), (TimeoutError, "timeout"),
+                      (asyncio.TimeoutError, "timeout"), (Unavailable, "503"), (ConnectionLost, "connection lost")):
+        if isinstance(exc, cls):
+            return name
+    return "error"
+
+
+# -- the two ways of calling the dependencies --------------------------------------------------------------
+
+class Naive:
+    """What code without a resilience library usually does: plain awaits with a long timeout on every
+    call; the payment is tried once more on any failure (as a user pressing "Pay" again would), without an
+    idempotency key; a failed recommendation is replaced by the popular items, after waiting for it."""
+    name = "naive"
+
+    def __init__(self, client: Client, tally: Tally) -> None:
+        self.client, self.tally = client, tally
+
+    async def checkout(self, a: Arrival) -> None:
+        await asyncio.wait_for(self.client.stock(a.order, a.item), NAIVE_TIMEOUT)
+        try:
+            await asyncio.wait_for(self.client.charge(a.order, None), NAIVE_TIMEOUT)
+        except EXPECTED:
+            self.tally.retries += 1
+            await asyncio.wait_for(self.client.charge(a.order, None), NAIVE_TIMEOUT)
+        try:
+            await asyncio.wait_for(self.client.recommendations(a.order, a.item), NAIVE_TIMEOUT)
+        except EXPECTED:
+            self.tally.popular()
+
+
+class Policies:
+    """The protected run's buttress objects (one set per run); docs/demo.md says why each is there.
+
+    `retryable`: the exceptions a dependency call fails with in this transport (in process: the
+    services' own errors; over HTTP: httpx's transport errors and 5xx answers)."""
+
+    def __init__(self, seed: int, retryable: tuple[type[BaseException], ...], tally: Tally,
+                 elapsed: Callable[[], float]) -> None:
+        self.breaker = CircuitBreaker(name="payment", failure_rate_threshold=0.5, window_size=20,
+                                      minimum_calls=10, open_duration=1.0, half_open_calls=3)
+        self.breaker.on("state_change", lambda ev: tally.transitions.append(
+            (round(elapsed(), 2), ev.old.name, ev.new.name)))
+        self.payment = Pipeline(           # outermost first; each attempt gets its own 0.4 s
+            Retry(max_attempts=3, retry_on=(*retryable, TimeoutExceeded),
+                  backoff=backoff.exponential(initial=0.05, maximum=0.4, rng=random.Random(f"{seed}:backoff")),
+                  budget=RetryBudget(ratio=0.2, min_per_second=5.0, ttl=5.0), on_retry=tally.count_retry),
+            Bulkhead(max_concurrent=16, max_wait=0.05, name="payment"),
+            self.breaker,
+            Timeout(0.4))
+        self.inventory = Pipeline(         # a stock lookup is a read: safe to try twice
+            Retry(max_attempts=2, retry_on=(*retryable, TimeoutExceeded), backoff=0.01, on_retry=tally.count_retry),
+            Bulkhead(max_concurrent=24, max_wait=0.05, name="inventory"),
+            Timeout(0.25))
+        self.recommendations = Pipeline(Timeout(0.15))
+        self.fallback = Fallback(tally.popular, on=(*retryable, *EXPECTED))
+        self.deadline = Timeout(2.0)
+        self.shedder = LoadShedder(max_in_flight=40)
+
+
+class Protected:
+    """The same checkout through buttress: a load shedder admits it, a 2 s deadline bounds it, each
+    dependency call runs through its pipeline (`Policies`), and the order id is the payment's
+    idempotency key, so a retried charge is never charged twice."""
+    name = "protected"
+
+    def __init__(self, client: Client, policies: Policies) -> None:
+        self.client, self.p = client, policies
+
+    async def checkout(self, a: Arrival) -> None:
+        async with self.p.shedder.admit(Priority.HIGH):
+            await self.p.deadline.call_async(self._flow, a)
+
+    async def _flow(self, a: Arrival) -> None:
+        await self.client.stock(a.order, a.item)
+        await self.client.charge(a.order, f"order-{a.order}")
+        await self.p.fallback.call_async(self.client.recommendations, a.order, a.item)
+
+
+# -- one run -----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int
+    rate: float             # checkouts per second (Poisson)
+    duration: float         # seconds of arrivals
+    drain: float            # seconds the run goes on after the last arrival, for the answers still due
+    patience: float         # seconds a user waits for an answer, then leaves (the shop is not told)
+    workers: int            # checkouts the shop serves at once; the others wait in line
+
+
+class Session(Protocol):
+    """One run's dependencies, as a transport provides them (`InProcess`, `buttress.demo.http.Http`)."""
+    t0: float
+    retryable: tuple[type[BaseException], ...]
+
+    def client(self, policies: Policies | None) -> Client: ...
+    async def end(self) -> dict[str, int]: ...
+
+
+class InProcess:
+    """``--transport inprocess``: the simulated services are objects in this process."""
+    name = "inprocess"
+    detail = "simulated services called in this process"
+
+    async def __aenter__(self) -> InProcess:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        pass
+
+    async def begin(self, faults: Faults) -> InProcessSession:
+        return InProcessSession(faults)
+
+
+class InProcessSession:
+    retryable = (DependencyError,)
+
+    def __init__(self, faults: Faults) -> None:
+        self.t0 = time.monotonic()
+        self.deps = Dependencies.start(faults, lambda: time.monotonic() - self.t0)
+
+    def client(self, policies: Policies | None) -> Client:
+        plain = InProcessClient(self.deps)
+        return plain if policies is None else GuardedClient(plain, policies)
+
+    async def end(self) -> dict[str, int]:
+        await self.deps.close()
+        return self.deps.stats()
+
+
+async def run(kind: str, schedule: list[Arrival], backend: Any, faults: Faults, cfg: RunConfig,
+              progress: Callable[[str, float, Tally], None] | None = None) -> dict[str, Any]:
+    """Replay `schedule` against fresh dependencies; return the raw record of the run.
+
+    An exception other than a dependency failure or a buttress rejection in any checkout stops the run at
+    once and is re-raised (with a note saying where it happened)."""
+    loop = asyncio.get_running_loop()
+    session = await backend.begin(faults)
+    t0 = session.t0
+    tally = Tally()
+    if kind == "naive":
+        calls: Naive | Protected = Naive(session.client(None), tally)
+    else:
+        policies = Policies(cfg.seed, session.retryable, tally, lambda: time.monotonic() - t0)
+        calls = Protected(session.client(policies), policies)
+    fatal: asyncio.Future = loop.create_future()
+    slots = asyncio.Semaphore(cfg.workers)
+    tasks: set[asyncio.Task] = set()
+    waiting_user: dict[str, asyncio.TimerHandle] = {}     # order -> the moment its user gives up
+
+    def give_up(a: Arrival) -> None:
+        """The user waited `patience` seconds without an answer and left; the shop is not told."""
+        del waiting_user[a.order]
+        tally.answers.append((a, a.at + cfg.patience, FAILED, "user gave up", None, 0))
+
+    async def attempt(a: Arrival) -> tuple[str, BaseException | None] | None:
+        """One try of a checkout: wait in line for a worker, run it; None after a fatal error."""
+        tally.waiting += 1
+        tally.in_line.add(a.order)
+        entered = False
+        try:
+            await slots.acquire()
+            tally.in_line.discard(a.order)
+            tally.waiting -= 1
+            entered = True
+            tally.in_progress += 1
+            try:
+                await calls.checkout(a)
+                return COMPLETED, None
+            except Rejected as e:
+                return REJECTED, e
+            except EXPECTED as e:
+                return FAILED, e
+            except Exception as e:      # a bug, not a simulated fault: stop the demo with it
+                if not fatal.done():
+                    fatal.set_result((a, e))
+                return None
+        finally:
+            if entered:
+                tally.in_progress -= 1
+                slots.release()
+            else:
+                tally.in_line.discard(a.order)
+                tally.waiting -= 1
+
+    async def one(a: Arrival) -> None:
+        """A user's checkout: tried until answered, or given up on after `patience` seconds. A fast refusal
+        says when to try again (Retry-After, whole seconds); the user does, if that is within their patience."""
+        waiting_user[a.order] = loop.call_at(t0 + a.at + cfg.patience, give_up, a)
+        tries = 0
+        while True:
+            tries += 1
+            began = time.monotonic() - t0
+            result = await attempt(a)
+            if result is None:
+                return
+            outcome, exc = result
+            answered = time.monotonic() - t0
+            if a.order not in waiting_user:     # too late: the user had left (the work was done for nobody)
+                tally.after_user_left[outcome] += 1
+                return
+            retry_after = None
+            if outcome == REJECTED:
+                if answered - began > FAST:
+                    outcome = FAILED            # refused, but only after a wait: not "fast"
+                else:
+                    retry_after = header_retry_after(getattr(exc, "retry_after", None))
+                    tally.refusals.append((answered, retry_after, a.order, _reason(exc)))
+                    if answered + retry_after < a.at + cfg.patience:     # the user tries again, as told
+                        await asyncio.sleep(retry_after)
+                        continue
+            waiting_user.pop(a.order).cancel()
+            reason = _reason(exc)
+            if outcome == FAILED and isinstance(exc, Rejected):
+                reason = f"{reason} (refused after a wait)"
+            tally.answers.append((a, answered, outcome, reason, retry_after, tries))
+            return
+
+    async def dispatch() -> None:
+        for a in schedule:
+            delay = t0 + a.at - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tally.dispatched.append(a)
+            task = loop.create_task(one(a))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    dispatcher = loop.create_task(dispatch())
+    end = t0 + cfg.duration + cfg.drain
+    try:
+        while True:
+            now = time.monotonic()
+            tally.line.append((round(now - t0, 3), tally.in_progress, tally.waiting))
+            if progress is not None:
+                progress(kind, now - t0, tally)
+            if fatal.done() or now >= end or (dispatcher.done() and not tasks):
+                break
+            await asyncio.wait({fatal, dispatcher} if not dispatcher.done() else {fatal},
+                               timeout=min(TICK, end - now), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        tally.end_line = (tally.in_progress, tally.waiting)
+        tally.unfinished_in_line = len(waiting_user.keys() & tally.in_line)
+        for user in waiting_user.values():      # users still waiting for an answer: unfinished
+            user.cancel()
+        waiting_user.clear()
+        dispatcher.cancel()
+        for task in list(tasks):    # the shop's work still going on is stopped
+            task.cancel()
+        await asyncio.gather(dispatcher, *tasks, return_exceptions=True)
+        stats = await session.end()
+    if not dispatcher.cancelled() and dispatcher.exception() is not None:
+        raise dispatcher.exception()    # type: ignore[misc]
+    if fatal.done():
+        a, exc = fatal.result()
+        if hasattr(exc, "add_note"):
+            exc.add_note(f"buttress demo: raised in the {kind} run by the checkout of order {a.order} "
+                         f"(arrived at {a.at:.2f} s); the demo stopped")
+        raise exc
+    return {"kind": kind, "tally": tally, "stats": stats, "ended": time.monotonic() - t0}
+
+
+# -- the numbers of a run ----------------------------------------------------------------------------------
+
+def _pct(ordered: list[float], q: float) -> float | None:
+    """Nearest-rank percentile, in ms."""
+    return round(ordered[max(0, math.ceil(q * len(ordered)) - 1)] * 1e3, 1) if ordered else None
+
+
+def latency(seconds: list[float]) -> dict[str, float | None]:
+    ordered = sorted(seconds)
+    return {"p50": _pct(ordered, 0.50), "p95": _pct(ordered, 0.95), "p99": _pct(ordered, 0.99)}
+
+
+def summarize(record: dict[str, Any], schedule: list[Arrival], cfg: RunConfig) -> dict[str, Any]:
+    """The JSON record of one run: every number the table and the plot show, and the per-second series."""
+    tally: Tally = record["tally"]
+    counts = tally.counts()
+    n = len(schedule)
+    waits = {o: [ans - a.at for a, ans, oc, *_ in tally.answers if oc == o] for o in (COMPLETED, FAILED, REJECTED)}
+    rejected = [x for x in tally.answers if x[2] == REJECTED]
+    span = cfg.duration + cfg.drain
+    seconds = math.ceil(span)
+    per_second: dict[int, list] = collections.defaultdict(list)
+    for a, ans, outcome, *_ in tally.answers:
+        per_second[min(int(ans), seconds - 1)].append((ans - a.at, outcome))
+    arrived = collections.Counter(int(a.at) for a in schedule)
+    refused = collections.Counter(min(int(x[0]), seconds - 1) for x in tally.refusals)
+    line: dict[int, tuple[int, int]] = {}
+    for t, busy, waiting in tally.line:
+        s = min(int(t), seconds - 1)
+        old = line.get(s, (0, 0))
+        line[s] = (max(old[0], busy + waiting), max(old[1], waiting))
+    series = []
+    for t in range(seconds):
+        rows = per_second.get(t, [])
+        series.append({
+            "t": t, "arrivals": arrived.get(t, 0),
+            "completed": sum(o == COMPLETED for _, o in rows),
+            "failed_after_wait": sum(o == FAILED for _, o in rows),
+            "rejected_fast": sum(o == REJECTED for _, o in rows),
+            "fast_refusals": refused.get(t, 0),
+            "p99_ms": _pct(sorted(x for x, _ in rows), 0.99),
+            "in_shop": line.get(t, (0, 0))[0], "waiting_for_worker": line.get(t, (0, 0))[1]})
+    answered = len(tally.answers)
+    peak = max(tally.line, key=lambda x: x[1] + x[2]) if tally.line else (0.0, 0, 0)
+    return {
+        "arrivals": n,
+        "arrivals_sha256": digest(tally.dispatched),
+        "completed": counts[COMPLETED],
+        "failed_after_wait": counts[FAILED],
+        "rejected_fast": counts[REJECTED],
+        "unfinished": n - answered,
+        "goodput_per_s": round(counts[COMPLETED] / cfg.duration, 1),
+        "latency_ms": latency([ans - a.at for a, ans, *_ in tally.answers]),
+        "completed_latency_ms": latency(waits[COMPLETED]),
+        "failed_wait_ms": latency(waits[FAILED]),
+        "rejected_latency_ms": latency(waits[REJECTED]),
+        "rejected_by": dict(collections.Counter(x[3] for x in rejected)),
+        "rejected_late": sum(1 for x in tally.answers if x[2] == FAILED and "refused" in (x[3] or "")),
+        "fast_refusals": len(tally.refusals),
+        "fast_refusals_by_retry_after_s": {str(k): v for k, v in sorted(collections.Counter(
+            x[1] for x in tally.refusals).items())},
+        "fast_refusals_by": dict(collections.Counter(x[3] for x in tally.refusals)),
+        "completed_after_retry_after": sum(1 for x in tally.answers if x[2] == COMPLETED and x[5] > 1),
+        "users_told_to_retry": len({x[2] for x in tally.refusals}),
+        "failed_by": dict(collections.Counter(x[3] for x in tally.answers if x[2] == FAILED)),
+        "unfinished_waiting_for_worker": tally.unfinished_in_line,
+        "answered_after_user_left": dict(tally.after_user_left),
+        "charged_without_confirmation": len(set(record["stats"]["charged_orders"]) - {
+            a.order for a, _, outcome, *_ in tally.answers if outcome == COMPLETED}),
+        "peak_in_shop": {"at": peak[0], "in_progress": peak[1], "waiting_for_worker": peak[2]},
+        "double_charges": record["stats"]["double_charges"],
+        "charged_orders": len(record["stats"]["charged_orders"]),
+        "deduplicated_charges": record["stats"]["deduplicated_charges"],
+        "payment_requests": record["stats"]["payment_requests"],
+        "retries": tally.retries,
+        "fallbacks": tally.fallbacks,
+        "breaker_transitions": [{"at": t, "old": o, "new": nw} for t, o, nw in tally.transitions],
+        "ran_s": round(record["ended"], 2),
+        "series": series,
+    }
