@@ -461,3 +461,21 @@ def test_exported_and_usable_as_a_pipeline_stage():
     pipe = Pipeline(buttress.Timeout(10.0, clock=clock), h)
     assert run(pipe.call_async(script(clock, [(1.0, "slow"), (0.01, "fast")], log))) == "fast"
     assert h.metrics().hedges_won == 1
+
+
+def test_sync_loser_result_goes_to_on_discard():
+    clock, log, discarded = FakeClock(), [], []
+    release, finished = threading.Event(), threading.Event()
+    pool = ThreadPoolBulkhead(max_workers=4, queue_size=4)
+    h = Hedge(0.05, clock=clock, executor=pool, on_discard=discarded.append)
+    fn = h(sync_script(clock, [(1.0, "slow"), (0, "fast")], log, {1: release, ("done", 1): finished}))
+    assert fn() == "fast"
+    assert discarded == []
+    release.set()
+    assert finished.wait(WAIT)
+    for _ in range(30_000):     # the loser reports just after its finally block
+        if discarded:
+            break
+        threading.Event().wait(0.001)
+    assert discarded == ["slow"]
+    pool.shutdown()

@@ -441,3 +441,12 @@ def test_module_imports_without_httpx():
     assert out.returncode == 0, out.stderr
     assert "ImportError" in out.stdout and "buttress[httpx]" in out.stdout
 
+
+
+def test_body_already_in_memory_is_a_success_at_once():
+    transport = ResilientTransport(httpx.MockTransport(lambda request: httpx.Response(200, content=b"ok")),
+                                   clock=FakeClock())
+    with httpx.Client(transport=transport) as c:
+        assert c.get("http://h/x").text == "ok"
+        m = transport.pipeline_for("http://h:80").breaker.metrics()
+    assert (m.calls, m.failures) == (1, 0)

@@ -31,6 +31,7 @@ from typing import Any, Callable, NamedTuple
 
 from . import _context
 from ._params import MAX_SECONDS, NS, check_bool, check_int, check_seconds, show
+from .clock import SYSTEM_CLOCK
 from .errors import RateLimitExceeded, TimeoutExceeded
 
 try:
@@ -241,6 +242,7 @@ class _Base:
         self._key_header = idempotency_header
         self._clock = resolve_clock(clock) if clock is not None else None
         self._pipelines: dict[str, HostPipeline] = {}
+        self._by_origin: dict[tuple, HostPipeline] = {}
         self._lock = threading.Lock()
 
     def pipeline_for(self, host: str) -> HostPipeline:
@@ -268,23 +270,36 @@ class _Base:
         return Hedge(h, clock=self._clock, on_discard=_close_response)
 
     def _host(self, request: Any) -> str:
+        """The pipeline key of a request: "scheme://host:port", or "*" with per_host=False."""
         if not self._per_host:
             return "*"
         url = request.url
         return f"{url.scheme}://{url.host}:{url.port or (443 if url.scheme == 'https' else 80)}"
 
+    def _pipeline_of(self, request: Any) -> HostPipeline:
+        if not self._per_host:
+            return self.pipeline_for("*")
+        url = request.url
+        key = (url.raw_scheme, url.raw_host, url.port)      # cheaper than formatting the name
+        pipe = self._by_origin.get(key)
+        if pipe is None:
+            pipe = self._by_origin[key] = self.pipeline_for(self._host(request))
+        return pipe
+
     def _plan(self, request: Any) -> tuple[HostPipeline, bool, Any]:
         """(pipeline, whether the request may be retried, the hedge to use or None)."""
-        pipe = self.pipeline_for(self._host(request))
+        pipe = self._pipeline_of(request)
         method = request.method
+        if method in IDEMPOTENT_METHODS:        # no header lookups on the common path (they are slow)
+            may_retry = _replayable(request)
+            return pipe, may_retry, pipe.hedge if method in HEDGE_METHODS else None
         header = self._key_header
-        keyed = header is not None and header in request.headers or "idempotency-key" in request.headers
-        wants_key = header is not None and method not in IDEMPOTENT_METHODS and header not in request.headers
-        may_retry = (method in IDEMPOTENT_METHODS or keyed or wants_key) and _replayable(request)
-        hedge = pipe.hedge if method in HEDGE_METHODS else None
-        if wants_key:
+        headers = request.headers
+        keyed = "idempotency-key" in headers or header is not None and header in headers
+        if header is not None and header not in headers:
             request.extensions = {**request.extensions, "buttress_set_key": header}
-        return pipe, may_retry, hedge
+            keyed = True
+        return pipe, keyed and _replayable(request), None
 
     def _before_attempt(self, pipe: HostPipeline, request: Any) -> Any:
         """Checks and settings of one attempt; returns the breaker permit (or None)."""
@@ -311,7 +326,10 @@ class _Base:
         if left is not None:
             s = left / NS
             old = ext.get("timeout") or {}
-            timeouts = {k: s if old.get(k) is None else min(old[k], s) for k in _TIMEOUT_KEYS}
+            timeouts = {}
+            for k in _TIMEOUT_KEYS:
+                v = old.get(k)
+                timeouts[k] = s if v is None or v > s else v
             request.extensions = {**ext, "timeout": timeouts}
         return permit
 
@@ -360,7 +378,6 @@ def _outcome(result: Any) -> Any:
 def _deadline(pipe: HostPipeline, clock: Any) -> Any:
     if pipe._timeout_ns is None:
         return None
-    from .clock import SYSTEM_CLOCK
     c = clock if clock is not None else SYSTEM_CLOCK
     return _context.push_deadline(c.monotonic_ns() + pipe._timeout_ns, c)
 
@@ -466,7 +483,10 @@ class ResilientTransport(_Base, _SyncBase):
                 response.close()
             raise RetryableResponse(response, parse_retry_after(response.headers.get("retry-after")))
         if permit is not None and response.status_code < 500:
-            response.stream = _GuardedStream(response.stream, permit)
+            if hasattr(response, "_content"):       # the body is already in memory: nothing left to fail
+                permit.success()
+            else:
+                response.stream = _GuardedStream(response.stream, permit)
         return response
 
     def close(self) -> None:
@@ -524,7 +544,10 @@ class AsyncResilientTransport(_Base, _AsyncBase):
                 await response.aclose()
             raise RetryableResponse(response, parse_retry_after(response.headers.get("retry-after")))
         if permit is not None and response.status_code < 500:
-            response.stream = _AsyncGuardedStream(response.stream, permit)
+            if hasattr(response, "_content"):       # the body is already in memory: nothing left to fail
+                permit.success()
+            else:
+                response.stream = _AsyncGuardedStream(response.stream, permit)
         return response
 
     async def aclose(self) -> None:
