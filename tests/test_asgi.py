@@ -40,7 +40,9 @@ GATE = threading.Event()
 @contextlib.contextmanager
 def serve(app):
     """Run `app` on uvicorn in a thread on a free loopback port; yield its base URL; stop it."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets' connections; without it a
+    # response's head and body wait for the client's delayed ACK (~40 ms a keep-alive request)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
