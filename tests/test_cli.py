@@ -44,10 +44,30 @@ def test_bench_measures_the_twins_in_a_child_process():
     (["bench", "--min-time", "-1"], "must be a finite number > 0"),
     (["bench", "--nope"], "unrecognized arguments: --nope"),
     (["frobnicate"], "invalid choice"),
-    ([], "required"),
+    (["demo", "--transport", "carrier-pigeon"], "invalid choice"),
+    (["demo", "--patience", "0"], "must be a finite number > 0"),
+    (["demo", "--drain", "-1"], "must be a finite number >= 0"),
+    (["demo", "--workers", "0"], "must be >= 1"),
+    (["demo", "--rate", "abc"], "expected a number"),
+    (["demo", "--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_bad_cli_input_is_one_line_and_exit_2(argv, words):
     out = subprocess.run([sys.executable, "-m", "buttress", *argv], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     err = out.stderr.strip().splitlines()
     assert words in err[-1]
+
+
+def test_no_command_prints_the_usage_and_the_commands():
+    out = subprocess.run([sys.executable, "-m", "buttress"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stderr == ""
+    assert out.stdout.startswith("usage: python -m buttress")
+    assert "demo" in out.stdout and "bench" in out.stdout and "--version" in out.stdout
+
+
+def test_version(capsys):
+    import buttress
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"buttress {buttress.__version__} ({buttress.IMPLEMENTATION} core)"
