@@ -187,7 +187,7 @@ class ClientIP:
         client = scope.get("client")
         if client:
             host = client[0]
-            key, trusted = self._parse(host) if isinstance(host, str) and len(host) <= _MAX_ADDRESS else (None, False)
+            key, trusted = self._parse(host) if type(host) is str and len(host) <= _MAX_ADDRESS else (None, False)
             if key is None:                  # not an IP address: the server's word, as it is
                 key = str(host) if host else None
                 trusted = self._any
@@ -337,8 +337,9 @@ class RateLimitMiddleware:
     # -- the key ---------------------------------------------------------------------------------------
     def _default_key(self, scope: Scope) -> Any:
         ip = self.client_ip(scope)
-        if ip is not None:
-            return ip
+        return self._no_peer_key() if ip is None else ip
+
+    def _no_peer_key(self) -> Any:
         self._once.warning("no_peer", "buttress.asgi.RateLimitMiddleware: a request without a client address "
                            "(a UNIX socket?); no_peer=%r: %s. Pass no_peer='shared' or 'open', trusted_proxies "
                            "with proxy_networks=['unix'] behind a proxy, or key=.", self.no_peer,
@@ -368,7 +369,9 @@ class RateLimitMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if self.key is None:
-            key = self._default_key(scope)
+            key = self.client_ip(scope)
+            if key is None:
+                key = self._no_peer_key()
         else:
             try:
                 key = self.key(scope)
