@@ -291,6 +291,8 @@ def test_client_ip_bad_arguments():
         ClientIP(1, 10)
     with pytest.raises(ValueError, match="proxy_networks must name at least one"):
         ClientIP(1, [])
+    with pytest.raises(ValueError, match=r"proxy_networks=\['10.0.0.0/8'\] needs trusted_proxies >= 1"):
+        ClientIP(0, ["10.0.0.0/8"])
     with pytest.raises(ValueError, match="ipv6_prefix must be between 1 and 128, got 129"):
         ClientIP(0, None, ipv6_prefix=129)
     with pytest.raises(ValueError, match="ipv4_prefix must be between 1 and 32, got 0"):

@@ -158,6 +158,9 @@ class ClientIP:
             raise ValueError(f"trusted_proxies={self.trusted_proxies} needs proxy_networks: the addresses or "
                              f"networks of those proxies (e.g. ['10.0.0.0/8'], 'unix' for a UNIX socket, '*' "
                              f"for any peer), so that a client connecting directly cannot choose its key")
+        if proxy_networks is not None and not self.trusted_proxies:
+            raise ValueError(f"proxy_networks={show(proxy_networks)} needs trusted_proxies >= 1 (how many proxies "
+                             f"append to X-Forwarded-For); with trusted_proxies=0 the header is never read")
         self.proxy_networks: tuple[Any, ...] = (*nets, *(("unix",) if self._unix else ()),
                                                 *(("*",) if self._any else ()))
         self._nets4 = tuple(n for n in nets if n.version == 4)
