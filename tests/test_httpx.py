@@ -1,4 +1,4 @@
-"""buttress.httpx end to end: a real uvicorn server on a loopback port (an ASGI app written here that can
+"""buttress.httpx end to end: a real uvicorn server (a child process) on a loopback port (an ASGI app written here that can
 answer 503 + Retry-After, 500, slowly, break a body mid-stream), a raw socket server that drops every
 connection, and real httpx clients. Every rule is checked by counting what the servers received.
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import email.utils
+import json
+import os
 import socket
 import subprocess
 import sys
@@ -33,14 +35,20 @@ _LOCK = threading.Lock()
 _HITS: collections.Counter = collections.Counter()
 
 
+_BASE: list[str] = []        # the server's URL, for hits() / keys()
+
+
+def _received() -> list:
+    return httpx.get(_BASE[0] + "/_received", timeout=10.0).json()
+
+
 def hits(path):
-    with _LOCK:
-        return sum(1 for _, p, _ in RECEIVED if p == path)
+    """How many requests for `path` the server received (since the test began)."""
+    return sum(1 for _, p, _ in _received() if p == path)
 
 
 def keys(path):
-    with _LOCK:
-        return [h.get("idempotency-key") for _, p, h in RECEIVED if p == path]
+    return [h.get("idempotency-key") for _, p, h in _received() if p == path]
 
 
 async def app(scope, receive, send):
@@ -54,6 +62,16 @@ async def app(scope, receive, send):
         if not msg.get("more_body"):
             break
     path = scope["path"]
+    if path in ("/_received", "/_reset"):     # the test's view of what was received
+        with _LOCK:
+            body = json.dumps(RECEIVED).encode()
+            if path == "/_reset":
+                RECEIVED.clear()
+                _HITS.clear()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+        return
     headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
     with _LOCK:
         RECEIVED.append((scope["method"], path, headers))
@@ -80,38 +98,45 @@ async def app(scope, receive, send):
         raise RuntimeError("the server breaks off the body")
     if "ra" in query:
         extra.append((b"retry-after", query["ra"].encode()))
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"text/plain"), *extra]})
+    await send({"type": "http.response.start", "status": status,   # content-length: one write, no chunking
+                "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode()), *extra]})
     await send({"type": "http.response.body", "body": body})
 
 
 @pytest.fixture(scope="module")
 def server():
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="critical", lifespan="off", access_log=False,
-                            timeout_graceful_shutdown=1)
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
-    sock.close()
+    """uvicorn serving `app` in a child process on a free loopback port (in a thread of this process
+    every sync round trip costs ~40 ms here); what it received is read back over HTTP."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-c", "import uvicorn, test_httpx as t; uvicorn.run(t.app, "
+                             f"host='127.0.0.1', port={port}, log_level='critical', access_log=False, "
+                             "lifespan='off', timeout_graceful_shutdown=1)"], env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(base + "/_received", timeout=1.0)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, "uvicorn did not start"
+                time.sleep(0.05)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 @pytest.fixture
-def url(server, request):
-    """A path prefix unique to the test, so counts never mix between tests."""
-    with _LOCK:
-        RECEIVED.clear()
-        _HITS.clear()
+def url(server):
+    """The server, with its record of received requests emptied for this test."""
+    httpx.get(server + "/_reset", timeout=10.0)
+    _BASE[:] = [server]
     return server
 
 
@@ -295,45 +320,55 @@ def test_slow_server_times_out_within_the_total_timeout(url):
 
 def test_breaker_counts_5xx_never_4xx_and_rejects_with_retry_after(url):
     clock = FakeClock()
-    with client(clock=clock) as c:
-        for _ in range(30):
-            assert c.get(f"{url}/status/404").status_code == 404
-        pipe = c._transport.pipeline_for(c._transport._host(c.build_request("GET", url)))
-        assert pipe.breaker.metrics().failures == 0
-        # window 100, rate 50 %: after 30 answers (4xx: successes) the 30th consecutive 5xx opens it
-        for _ in range(30):
-            assert c.post(f"{url}/status/500").status_code == 500
-        with pytest.raises(CircuitOpenError) as info:
-            c.get(f"{url}/ok")
+
+    async def main():
+        async with aclient(clock=clock) as c:
+            for _ in range(30):
+                assert (await c.get(f"{url}/status/404")).status_code == 404
+            pipe = c._transport.pipeline_for(c._transport._host(c.build_request("GET", url)))
+            assert pipe.breaker.metrics().failures == 0
+            # window 100, rate 50 %: after 30 answers (4xx: successes) the 30th consecutive 5xx opens it
+            for _ in range(30):
+                assert (await c.post(f"{url}/status/500")).status_code == 500
+            with pytest.raises(CircuitOpenError) as info:
+                await c.get(f"{url}/ok")
+            return info.value
+    err = asyncio.run(main())
     assert hits("/status/500") == 30 and hits("/ok") == 0
-    assert info.value.retry_after == pytest.approx(30.0)
+    assert err.retry_after == pytest.approx(30.0)
 
 
 def test_breaker_opens_after_at_most_100_consecutive_5xx_from_any_history(url):
     clock = FakeClock()
-    with client(pipeline_factory=lambda host: default_pipeline(host, rate=None, clock=clock)) as c:
-        for _ in range(200):
-            c.get(f"{url}/status/404")
-        for _ in range(100):
-            try:
-                c.post(f"{url}/status/500")
-            except CircuitOpenError:
-                break
-        with pytest.raises(CircuitOpenError):
-            c.post(f"{url}/status/500")
+
+    async def main():
+        async with aclient(pipeline_factory=lambda host: default_pipeline(host, rate=None, clock=clock)) as c:
+            for _ in range(100):        # a window of 100 successes: the worst history
+                await c.get(f"{url}/status/404")
+            for _ in range(100):
+                try:
+                    await c.post(f"{url}/status/500")
+                except CircuitOpenError:
+                    break
+            with pytest.raises(CircuitOpenError):
+                await c.post(f"{url}/status/500")
+    asyncio.run(main())
     assert hits("/status/500") <= 100
 
 
 def test_breakers_are_per_host(url):
     clock = FakeClock()
     other = url.replace("127.0.0.1", "localhost")
-    with client(clock=clock) as c:
-        for _ in range(20):         # minimum_calls 20: 20 consecutive 5xx from a fresh start open it
-            c.post(f"{url}/status/500")
-        with pytest.raises(CircuitOpenError):
-            c.get(f"{url}/ok")
-        assert c.get(f"{other}/ok").status_code == 200
-    assert hits("/ok") == 1
+
+    async def main():
+        async with aclient(clock=clock) as c:
+            for _ in range(20):         # minimum_calls 20: 20 consecutive 5xx from a fresh start open it
+                await c.post(f"{url}/status/500")
+            with pytest.raises(CircuitOpenError):
+                await c.get(f"{url}/ok")
+            assert (await c.get(f"{other}/ok")).status_code == 200
+    asyncio.run(main())
+    assert hits("/ok") == 1 and hits("/status/500") == 20
 
 
 def test_mid_stream_failure_is_a_breaker_failure(url):
