@@ -251,6 +251,7 @@ cdef class SharedPermits:
     cdef int64_t nslots_
     cdef object locker_
     cdef object on_refused_
+    cdef object __weakref__
 
     def __init__(self, words, slot, nslots, max_permits, locker=None, on_refused=None):
         cdef int64_t ns = check_int("nslots", nslots, minimum=1, maximum=MAX_SLOTS)
@@ -330,12 +331,14 @@ cdef class SharedPermits:
         raise ValueError(f"n={n} permits released but this process holds only "
                          f"{bt_load(sp_h(w, bt_load(&self.slot_))) & CNT}")
 
-    def reclaim(self, slot):
+    def reclaim(self, slot, dead=True):
         """Give back every permit lease slot `slot` holds and return how many. The caller makes sure the
-        slot's process is dead (or is this process, closing its lease): the store does, under its lock."""
+        slot's process is dead (`dead`; its intent word is then reset for the slot's next owner) or is
+        this process closing its lease (dead=False: its threads are serialised as for any op). The store
+        does it under its directory lock, so two reclaimers never work on one slot."""
         cdef int64_t *w = self._words()
         cdef int64_t s = check_int("slot", slot, minimum=1, maximum=self.nslots_)
-        cdef int64_t r = sp_reclaim(w, self.nslots_, s, s == bt_load(&self.slot_))
+        cdef int64_t r = sp_reclaim(w, self.nslots_, s, not dead)
         if r < 0:
             raise _corrupt("an op could not be completed")
         return r

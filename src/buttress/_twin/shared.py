@@ -287,13 +287,15 @@ class SharedPermits:
             held = w[HEADER_WORDS + SLOT_WORDS * (self._slot - 1)] & _CNT
         raise ValueError(f"n={n} permits released but this process holds only {held}")
 
-    def reclaim(self, slot: int) -> int:
+    def reclaim(self, slot: int, dead: bool = True) -> int:
         """Give back every permit lease slot `slot` holds and return how many. The caller makes sure the
-        slot's process is dead (or is this process, closing its lease): the store does, under its lock."""
+        slot's process is dead (`dead`; its intent word is then reset for the slot's next owner) or is
+        this process closing its lease (dead=False: its threads are serialised as for any op). The store
+        does it under its directory lock, so two reclaimers never work on one slot."""
         w = self._words()
         slot = check_int("slot", slot, minimum=1, maximum=self._nslots)
         with self._lock, self._locker:
-            return _reclaim(w, self._nslots, slot, slot == self._slot)
+            return _reclaim(w, self._nslots, slot, not dead)
 
     def held_by(self, slot: int) -> int:
         """Permits lease slot `slot` holds."""
