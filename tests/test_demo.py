@@ -11,7 +11,7 @@ from buttress.cli import main
 from buttress.demo import checkout, deps
 from buttress.demo.checkout import arrivals, header_retry_after
 
-SHORT = ["--duration", "3", "--drain", "1.5", "--patience", "2", "--rate", "50", "--seed", "1"]
+SHORT = ["--duration", "3", "--patience", "4", "--rate", "50", "--seed", "1"]
 COUNTS = ("completed", "failed_after_wait", "rejected_fast", "unfinished")
 
 
@@ -43,7 +43,7 @@ def test_every_arrival_is_counted_once(short_demo):
         assert sum(run[k] for k in COUNTS) == run["arrivals"], name
         assert all(run[k] >= 0 for k in COUNTS)
         series = run["series"]      # every answer falls in exactly one second of the run
-        assert [s["t"] for s in series] == list(range(len(series))) and len(series) == 5
+        assert [s["t"] for s in series] == list(range(len(series))) and len(series) == 7     # 3 s + 4 s
         for k in ("completed", "failed_after_wait", "rejected_fast"):
             assert sum(s[k] for s in series) == run[k], (name, k)
         assert sum(s["arrivals"] for s in series) == run["arrivals"]
@@ -55,6 +55,7 @@ def test_protected_never_double_charges_and_has_the_lower_p99(short_demo):
     naive, protected = data["runs"]["naive"], data["runs"]["protected"]
     assert protected["double_charges"] == 0
     assert naive["rejected_fast"] == naive["fast_refusals"] == 0        # nothing in the naive shop refuses
+    assert naive["unfinished"] == protected["unfinished"] == 0     # the run waits the users' patience out
     assert protected["latency_ms"]["p99"] < naive["latency_ms"]["p99"]
     assert any(m["new"] == "OPEN" for m in protected["breaker_transitions"])     # the payment outage was seen
 

@@ -44,8 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds of arrivals in each run (default: 10)")
     parser.add_argument("--rate", type=positive_float, default=50.0, metavar="PER_SECOND",
                         help="checkouts users attempt per second, on average (default: 50)")
-    parser.add_argument("--drain", type=non_negative_float, default=3.0, metavar="SECONDS",
-                        help="seconds a run waits for answers after the last arrival (default: 3)")
+    parser.add_argument("--drain", type=non_negative_float, default=None, metavar="SECONDS",
+                        help="seconds a run waits for answers after the last arrival (default: the patience, "
+                             "so that every user has an answer or has given up)")
     parser.add_argument("--patience", type=positive_float, default=5.0, metavar="SECONDS",
                         help="seconds a user waits for an answer before giving up; the shop is not told "
                              "and carries on (default: 5)")
@@ -98,6 +99,8 @@ async def demo(args: argparse.Namespace, progress: _Progress | None = None) -> d
     from . import checkout
     from .deps import Faults
 
+    if args.drain is None:
+        args.drain = args.patience
     cfg = checkout.RunConfig(seed=args.seed, rate=args.rate, duration=args.duration, drain=args.drain,
                              patience=args.patience, workers=args.workers)
     schedule = checkout.arrivals(args.seed, args.rate, args.duration)

@@ -82,7 +82,7 @@ def draw(result: dict[str, Any], path: str) -> None:
         "completed checkouts per second (goodput), and users attempting per second",
         "checkouts that failed after the user waited (an error, or the user gave up after 5 s), per second",
         "fast refusals per second: told within 100 ms to try again in N s (Retry-After); users do, within 5 s",
-        "p99 latency of the answers given in that second: arrival to answer, seconds (log scale)",
+        "p99 latency of the checkouts that arrived in that second: arrival to final answer, s (log scale)",
         "checkouts in the shop at once (the pile-up): in progress + waiting for a worker",
     ]
     for ax, title in zip(axes, titles):

@@ -33,8 +33,8 @@ def render(result: dict[str, Any]) -> str:
         f"{result['duration_s']:g} s, seed {result['seed']}),",
         "sent twice to a shop that calls three dependencies: once naively, once through buttress; "
         "same faults both times.",
-        f"transport: {result['transport']} ({result['transport_detail']}); {result['implementation']} core; "
-        f"the shop serves {result['workers']} checkouts at once, the rest wait in line",
+        f"transport: {result['transport']} ({result['transport_detail']}); {result['implementation']} core",
+        f"shop: serves {result['workers']} checkouts at once, the others wait in line for a worker",
         f"users: each waits up to {result['patience_s']:g} s for an answer, then gives up (the shop is not told "
         "and carries on);",
         "       told to try again in N s (Retry-After), a user does, if that is still within those "
@@ -69,28 +69,31 @@ def render(result: dict[str, Any]) -> str:
         ("completed", "paid, and the user saw the confirmation page"),
         ("failed after waiting", f"an error, or the user gave up: after {_secs(naive['failed_wait_ms']['p50'])} "
                                  f"(median) naive, {_secs(prot['failed_wait_ms']['p50'])} protected"),
-        ("", f"naive: {_by(naive['failed_by'])}; protected: {_by(prot['failed_by'])}"),
-        ("rejected fast", f"told within {FAST * 1e3:.0f} ms to try again later (Retry-After), and left: the "
-                          "next try would have come after their patience ran out"),
-        ("", f"protected: {prot['fast_refusals']} fast refusals in all ({_by(prot['fast_refusals_by'])}); "
-             f"{prot['users_told_to_retry']} users were told to try again, {prot['completed_after_retry_after']} "
-             "of them completed when they did"),
+        ("", f"naive: {_by(naive['failed_by'])}"),
+        ("", f"protected: {_by(prot['failed_by'])}"),
+        ("rejected fast", f"told within {FAST * 1e3:.0f} ms to try again (Retry-After), and left: trying "
+                          "again would have passed their patience"),
+        ("", f"protected: {prot['fast_refusals']} fast refusals ({_by(prot['fast_refusals_by'])}) to "
+             f"{prot['users_told_to_retry']} users; {prot['completed_after_retry_after']} of them completed on a later try"),
         ("unfinished", f"the user was still waiting when the run stopped, {result['drain_s']:g} s after the last "
                        f"arrival ({naive['unfinished_waiting_for_worker']} of naive's still in line for a worker)"),
         ("goodput", f"completed checkouts per second of arrivals (users attempted {n / result['duration_s']:.1f}/s)"),
-        ("latency", "from arrival to answer (completed, failed or rejected); unfinished ones have no answer"),
-        ("double charges", "orders charged twice: naive tries a failed charge again blindly; protected sends "
-                           "the order id as Idempotency-Key"),
+        ("latency", f"from arrival to the final answer; a user who gave up counts with {result['patience_s']:g} s, "
+                    "an unfinished one not at all"),
+        ("double charges", "orders charged twice: naive tries a failed charge again blindly; protected "
+                           "sends the order id"),
+        ("", "as Idempotency-Key, and the gateway charges a key once"),
         ("no confirmation", "the card was charged, but the user saw an error or had given up"),
     ]
     wl = max(len(k) for k, _ in explain)
     lines = head + table + [""] + [f"{k.ljust(wl)}  {v}" for k, v in explain] + [""]
     for name, run in runs.items():
         p = run["peak_in_shop"]
-        lines.append(f"{name}: at most {p['in_progress'] + p['waiting_for_worker']:,} checkouts in the shop at once "
-                     f"({p['in_progress']} in progress, {p['waiting_for_worker']} waiting for a worker, at "
-                     f"{p['at']:.1f} s); {run['payment_requests']:,} charge requests, {run['retries']} retries")
+        lines.append(f"{name}: up to {p['in_progress'] + p['waiting_for_worker']:,} checkouts in the shop "
+                     f"({p['in_progress']} in progress, {p['waiting_for_worker']} in line) at {p['at']:.1f} s; "
+                     f"{run['payment_requests']:,} charge requests, {run['retries']} retries")
     moves = prot["breaker_transitions"]
     if moves:
-        lines.append("protected payment breaker: " + ", ".join(f"{m['at']:g} s {m['old']}->{m['new']}" for m in moves))
+        lines.append("protected payment breaker (CLOSED at first): " + ", ".join(f"{m['new']} at {m['at']:g} s"
+                                                                               for m in moves))
     return "\n".join(lines)
