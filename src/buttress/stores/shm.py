@@ -402,7 +402,7 @@ class _Segment:
             size = self.rd(H_SIZE)
             if empty < 0 or offset + need > size:
                 used = offset - self.rd(H_HEAPSTART)
-                suggest = _pow2(2 * (size + need))
+                suggest = _pow2(2 * (offset + need))
                 what = (f"its directory holds {cap} objects" if empty < 0 else
                         f"{kind} {name!r} needs {need} bytes but {max(0, size - offset)} of {size} are free")
                 raise ValueError(f"{self.url} is full: {what} ({used} bytes of objects). Pass a larger size= "
