@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from fractions import Fraction
 
 import numpy as np
@@ -328,6 +329,13 @@ def _cases():
             HealthRegistry().add_readiness("c", lambda: True, **{param: v})
         return make
 
+    def pool_call(v):
+        pool = ThreadPoolBulkhead(max_workers=1, queue_size=1)
+        try:
+            return pool.call(time.sleep, 0.002, timeout=v)     # still running when the caller starts waiting
+        finally:
+            pool.shutdown(wait=True)
+
     rows = []
     for p in ("failure_rate_threshold", "slow_call_rate_threshold", "slow_call_duration", "window_size",
               "minimum_calls", "open_duration", "half_open_calls", "half_open_max_wait"):
@@ -355,6 +363,7 @@ def _cases():
         ("Bulkhead.acquire.timeout", "timeout", lambda v: Bulkhead(max_concurrent=1).acquire(timeout=v)),
         ("ThreadPoolBulkhead.max_workers", "max_workers", on(ThreadPoolBulkhead, "max_workers")),
         ("ThreadPoolBulkhead.queue_size", "queue_size", on(ThreadPoolBulkhead, "queue_size")),
+        ("ThreadPoolBulkhead.call.timeout", "timeout", pool_call),
         ("LoadShedder.max_in_flight", "max_in_flight", on(LoadShedder, "max_in_flight")),
         ("Retry.max_attempts", "max_attempts", on(Retry, "max_attempts")),
         ("Retry.backoff", "backoff", on(Retry, "backoff")),
@@ -415,6 +424,8 @@ KNOWN: dict[str, str] = {
                                       "compiled core accepts it",
     "KeyedLimiter.idle_ttl": "rate_limit.py checks idle_ttl up to 1e9 s, then the core (_core/keyed.pyx, "
                              "_twin/keyed.py) refuses more than 2**58 ns naming 'idle_ns'",
+    "ThreadPoolBulkhead.call.timeout": "bulkhead.py ThreadPoolBulkhead.call checks timeout with no maximum: 1e300 "
+                                       "leaks OverflowError from concurrent.futures.wait",
 }
 
 
