@@ -19,14 +19,15 @@ from .errors import (BulkheadFullError, ButtressError, CircuitOpenError, Overloa
 if TYPE_CHECKING:  # what the lazy __getattr__ returns, for type checkers ("X as X": explicitly re-exported)
     from . import (adaptive as adaptive, asgi as asgi, backoff as backoff, bulkhead as bulkhead, chaos as chaos,
                    circuit_breaker as circuit_breaker, clock as clock, errors as errors, fallback as fallback,
-                   health as health, otel as otel, pipeline as pipeline, prometheus as prometheus,
-                   rate_limit as rate_limit, registry as registry, retry as retry, shedding as shedding,
-                   timeout as timeout)
+                   health as health, hedge as hedge, httpx as httpx, otel as otel, pipeline as pipeline,
+                   prometheus as prometheus, rate_limit as rate_limit, registry as registry, retry as retry,
+                   shedding as shedding, timeout as timeout)
     from .bulkhead import Bulkhead as Bulkhead, ThreadPoolBulkhead as ThreadPoolBulkhead
     from .chaos import Chaos as Chaos
     from .circuit_breaker import CircuitBreaker as CircuitBreaker, Permit as Permit, State as State
     from .fallback import (Fallback as Fallback, served_stale as served_stale, Stale as Stale,
                            StaleCacheFallback as StaleCacheFallback)
+    from .hedge import Hedge as Hedge, HedgeMetrics as HedgeMetrics
     from .pipeline import Pipeline as Pipeline, PipelineOrderWarning as PipelineOrderWarning
     from .rate_limit import (FixedWindowLimiter as FixedWindowLimiter, KeyedLimiter as KeyedLimiter,
                              LeakyBucket as LeakyBucket, MultiLimiter as MultiLimiter,
@@ -47,12 +48,12 @@ _LAZY = {
     "Bulkhead": "bulkhead", "ThreadPoolBulkhead": "bulkhead",
     "Timeout": "timeout", "remaining": "timeout",
     "Fallback": "fallback", "StaleCacheFallback": "fallback", "served_stale": "fallback", "Stale": "fallback",
-    "Chaos": "chaos",
+    "Chaos": "chaos", "Hedge": "hedge", "HedgeMetrics": "hedge",
     "LoadShedder": "shedding", "Priority": "shedding",
     "Pipeline": "pipeline", "PipelineOrderWarning": "pipeline", "Registry": "registry",
 }
 _SUBMODULES = {"backoff", "health", "asgi", "chaos", "prometheus", "otel", "clock", "errors", "adaptive", "registry",
-               "pipeline", "shedding", "circuit_breaker", "retry", "bulkhead", "timeout", "fallback", "rate_limit"}
+               "pipeline", "shedding", "circuit_breaker", "retry", "bulkhead", "timeout", "fallback", "rate_limit", "hedge", "httpx"}
 
 __all__ = ["IMPLEMENTATION", "__version__", "FakeClock", "SystemClock", "ButtressError", "Rejected",
            "CircuitOpenError", "RateLimitExceeded", "BulkheadFullError", "Overloaded", "TimeoutExceeded",
