@@ -3,26 +3,33 @@
 
 State, generation and half-open permits live in one atomic word (bt_state.pxd): a transition and the
 issue of a half-open permit are each one CAS, so HALF_OPEN never admits more than half_open_calls and
-results of an older generation are recognised and dropped. Windows are the count / time windows of
-bt_window.pxd. Guarded calls go through a C vectorcall entry (include/buttress_guard.h): no argument
-tuple or dict is built and an exception from the wrapped call passes through without an extra frame.
+results of an older generation are recognised and dropped. A transition is claim / prepare / publish:
+the winner prepares the new generation (its open deadline and start, stamped with the generation, its
+windows cleared) before anyone can see it, so a probe of the new generation can never be wiped and a
+deadline can never land in a later generation. Each window is entered under a guard carrying its
+generation's tag (bt_window.pxd), so a result of an older generation is never counted, with or without
+the GIL. Guarded calls go through a C vectorcall entry (include/buttress_guard.h): no argument tuple or
+dict is built and an exception from the wrapped call passes through without an extra frame.
 
-Under the GIL every step below runs without releasing it, so results are exact; without the GIL each
-decision is still one CAS, and a window reset on a transition can race a record of the new generation
-(documented in docs/circuit-breaker.md).
+Times are int ns: any int64 reading is valid (None reads the clock); deadlines and durations saturate.
 """
-from libc.stdint cimport int64_t
+cimport cython
+from libc.stdint cimport int64_t, intptr_t
 from libc.stdlib cimport calloc, free
 from cpython.object cimport PyObject, PyTypeObject, PyObject_TypeCheck
-from cpython.ref cimport Py_INCREF, Py_DECREF
+from cpython.ref cimport Py_XINCREF, Py_XDECREF
 from cpython.time cimport monotonic_ns
-from bt_atomic cimport bt_load, bt_store, bt_fetch_add
-from bt_state cimport (state_t, st_state, st_gen, st_flight, st_transition, st_try_flight, st_return_flight,
+from bt_atomic cimport bt_load, bt_store, bt_fetch_add, bt_exchange
+from bt_state cimport (state_t, stamp_t, st_state, st_prep, st_gen, st_flight, st_claim, st_publish,
+                       st_stamp_write, st_stamp_read, st_try_flight, st_return_flight,
                        ST_CLOSED, ST_OPEN, ST_HALF_OPEN, ST_FORCED_OPEN, ST_DISABLED, ST_METRICS_ONLY)
-from bt_window cimport cw_record, cw_field, cw_empty, tw_add, tw_read, TW_FIELDS
+from bt_window cimport (cw_record, cw_field, cw_empty, tw_add, tw_read, tw_epoch, tw_cbits, TW_FIELDS,
+                        bt_floormod, bt_sat_add, bt_sat_sub, wg_enter, wg_exit, wg_close, wg_open)
+from bt_gcra cimport bt_as_i64
 
 import asyncio
 import logging
+import threading
 import types
 
 from buttress._breaker_conf import State, breaker_conf, open_duration_ns
@@ -40,6 +47,8 @@ cdef enum:
     O_CANCELLED = 3
 
 cdef tuple _PASS_THROUGH = (asyncio.CancelledError, KeyboardInterrupt, SystemExit, GeneratorExit)
+cdef str _UNINIT = "{} is not initialised: its __init__ never ran (a subclass must call super().__init__())"
+cdef object _HOOK_LOCK = threading.Lock()     # serialises hook assignments (rare); reads are lock-free
 
 
 cdef inline bint _is_instance(object exc, tuple classes) noexcept:
@@ -61,6 +70,29 @@ cdef extern from "buttress_guard.h":
     PyObject *bt_guard_vectorcall(PyObject *, PyObject *const *, size_t, PyObject *)
     int bt_guard_install(PyTypeObject *tp, Py_ssize_t offset) except -1
 
+cdef extern from *:
+    """
+    /* Permit and Guarded are made by the breaker only: calling the type (or T.__new__(T)) is a TypeError.
+       The module makes its own instances through the static tp_new function, which this does not touch. */
+    static PyObject *bt_permit_refuse(PyTypeObject *tp, PyObject *a, PyObject *k) {
+        PyErr_SetString(PyExc_TypeError,
+            "Permit cannot be created directly; get one from CircuitBreaker.try_acquire()");
+        return NULL;
+    }
+    static PyObject *bt_guarded_refuse(PyTypeObject *tp, PyObject *a, PyObject *k) {
+        PyErr_SetString(PyExc_TypeError,
+            "Guarded cannot be created directly; get one from CircuitBreaker.guard(fn) or by decorating a function");
+        return NULL;
+    }
+    static void bt_refuse_new(PyTypeObject *permit, PyTypeObject *guarded) {
+        permit->tp_new = bt_permit_refuse;
+        guarded->tp_new = bt_guarded_refuse;
+        PyType_Modified(permit);
+        PyType_Modified(guarded);
+    }
+    """
+    void bt_refuse_new(PyTypeObject *permit, PyTypeObject *guarded)
+
 
 cdef struct cwin_t:          # a count window: ring of outcome codes + one packed counter word
     int64_t head
@@ -77,44 +109,53 @@ cdef inline void cwin_reset(cwin_t *w) noexcept nogil:
     bt_store(&w.packed, cw_empty())
 
 
+@cython.auto_pickle(False)
 cdef class BreakerCore:
     cdef state_t st
-    cdef int64_t until[2]            # OPEN generation g may admit again at until[g & 1]
+    cdef stamp_t until[2]            # OPEN generation g may admit again at until[g & 1] (stamped g)
     cdef int64_t attempt_
     cdef int64_t not_permitted_
     cdef int64_t metrics_half        # 1: metrics() reads the half-open window
     cdef int64_t tw_mark             # time window: epoch * 2 + (calls < minimum) at the last evaluation
+    cdef int64_t closed_guard        # window guards (bt_window.pxd): tag = the generation recording
+    cdef int64_t half_guard
     cdef cwin_t closed               # count window (closed state), when not time based
     cdef int64_t *tw                 # time window words (closed state), when time based
+    cdef int64_t tw_base             # 0: 1 s buckets give every int64 reading its exact epoch
+    cdef int tw_bits
     cdef cwin_t half                 # half-open count window
+    cdef int64_t hook_               # borrowed PyObject * of the listener hook (0: none); owned below
+    cdef object hook_owner
+    cdef list hook_retired           # earlier hooks stay alive: a lock-free reader may still hold one
+    cdef int64_t ready_              # 1 once __init__ completed
     # configuration
-    cdef readonly object conf
-    cdef readonly str name
+    cdef object conf_
+    cdef str name_
     cdef double fr_threshold, sr_threshold
     cdef int64_t slow_ns, window_size, minimum_calls, half_calls, half_minimum, half_max_wait_ns
-    cdef bint time_window, timing
+    cdef bint time_window, timing_
     cdef object record_t, record_fn, ignore_t, ignore_fn, record_result, clock_ns
-    cdef public object hook           # callable(kind, a, b) or None: events are built only when set
 
     def __init__(self, name="default", failure_rate_threshold=0.5, slow_call_rate_threshold=1.0,
                  slow_call_duration=60.0, window="count", window_size=100, minimum_calls=100,
                  open_duration=60.0, half_open_calls=10, half_open_max_wait=None, record=(Exception,),
                  ignore=(), record_result=None, clock_ns=None):
+        if bt_load(&self.ready_) or self.half.slots != NULL:
+            raise RuntimeError(f"{type(self).__name__} is already initialised; create a new one instead")
         c = breaker_conf(name, failure_rate_threshold, slow_call_rate_threshold, slow_call_duration, window,
                          window_size, minimum_calls, open_duration, half_open_calls, half_open_max_wait, record,
                          ignore, record_result, clock_ns)
-        if self.half.slots != NULL:
-            raise RuntimeError("BreakerCore.__init__ called twice")
-        self.conf = c
-        self.name = c.name
+        self.conf_ = c
+        self.name_ = c.name
         self.fr_threshold, self.sr_threshold = c.failure_rate_threshold, c.slow_call_rate_threshold
         self.slow_ns, self.window_size, self.minimum_calls = c.slow_ns, c.window_size, c.minimum_calls
         self.half_calls, self.half_minimum, self.half_max_wait_ns = c.half_open_calls, c.half_open_minimum, c.half_open_max_wait_ns
         self.time_window = c.time_window
-        self.timing = c.slow_ns >= 0 or c.time_window
+        self.timing_ = c.slow_ns >= 0 or c.time_window
         self.record_t, self.record_fn, self.ignore_t, self.ignore_fn = c.record_t, c.record_fn, c.ignore_t, c.ignore_fn
         self.record_result, self.clock_ns = c.record_result, c.clock_ns
-        self.hook = None
+        self.hook_retired = []
+        cdef int64_t now = self._now()
         if self.time_window:
             self.tw = <int64_t *>calloc(self.window_size * TW_FIELDS, sizeof(int64_t))
         else:
@@ -128,57 +169,118 @@ cdef class BreakerCore:
             cwin_reset(&self.closed)
         cwin_reset(&self.half)
         bt_store(&self.tw_mark, -1)
+        self.tw_base, self.tw_bits = 0, tw_cbits(1000000000)
         bt_store(&self.st.word, 0)
-        bt_store(&self.st.since[0], self._now())
+        st_stamp_write(&self.st.since[1], -1, 0)
+        st_stamp_write(&self.st.since[0], 0, now)
+        st_stamp_write(&self.until[0], -1, 0)
+        st_stamp_write(&self.until[1], -1, 0)
+        wg_open(&self.closed_guard, 0)          # CLOSED generation 0 records into the closed window
+        wg_close(&self.half_guard)
+        bt_store(&self.ready_, 1)
 
     def __dealloc__(self):
         free(self.closed.slots)
         free(self.tw)
         free(self.half.slots)
 
+    cdef inline int _ready(self) except -1:
+        if not bt_load(&self.ready_):
+            raise RuntimeError(_UNINIT.format(type(self).__name__))
+        return 0
+
     cdef inline int64_t _now(self) except? -1:
         if self.clock_ns is None:
             return monotonic_ns()
-        return self.clock_ns()
+        return bt_as_i64(self.clock_ns(), "clock_ns()")
+
+    cdef inline int64_t _now_arg(self, object now) except? -1:
+        if now is None:
+            return self._now()
+        return bt_as_i64(now, "now")
+
+    # -- the listener hook: one atomic load into a local, never a check and a second read ----------------
+    cdef inline object _hook(self):
+        cdef PyObject *h = <PyObject *><intptr_t>bt_load(&self.hook_)
+        if h == NULL:
+            return None
+        return <object>h
+
+    @property
+    def hook(self):
+        """callable(kind, a, b) or None: events are built only when set."""
+        self._ready()
+        return self._hook()
+
+    @hook.setter
+    def hook(self, value):
+        self._ready()
+        if value is not None and not callable(value):
+            raise TypeError(f"hook must be a callable(kind, a, b) or None, got {value!r}")
+        with _HOOK_LOCK:
+            old = self.hook_owner
+            if old is not None and old is not value:
+                self.hook_retired.append(old)
+            self.hook_owner = value
+            bt_store(&self.hook_, 0 if value is None else <int64_t><intptr_t><PyObject *>value)
+
+    @property
+    def conf(self):
+        self._ready()
+        return self.conf_
+
+    @property
+    def name(self):
+        self._ready()
+        return self.name_
 
     @property
     def timing(self):
         """True when results need a clock reading (slow-call timing or a time window)."""
-        return self.timing
+        self._ready()
+        return self.timing_
 
     @property
     def attempt(self):
+        self._ready()
         return bt_load(&self.attempt_)
 
     # -- transitions ----------------------------------------------------------------------------------
     cdef int64_t _move(self, int expect, int64_t gen, int new, int64_t now, int64_t attempt) except -2:
         """(expect, gen) -> new; attempt >= 0 sets the attempt count. Returns the new generation, or -1
-        when another thread moved first (then nothing here happens)."""
-        cdef int64_t ng, w
-        if now < 0:
-            now = self._now()
+        when another thread moved first (then nothing here happens). Claim, prepare, publish: whatever
+        generation gen + 1 needs is in place before the state word shows it."""
+        cdef int64_t ng = gen + 1, w, open_ns = 0
         if new == ST_OPEN:
-            # computed before the CAS (may call user code), stored where readers of generation gen+1 look
             w = bt_load(&self.st.word)
-            if st_state(w) != expect or st_gen(w) != gen:
+            if st_state(w) != expect or st_gen(w) != gen or st_prep(w):
                 return -1
-            bt_store(&self.until[(gen + 1) & 1], now + open_duration_ns(self.conf, attempt, log))
-        ng = st_transition(&self.st, expect, gen, new, now)
-        if ng < 0:
+            open_ns = open_duration_ns(self.conf_, attempt, log)    # user code: before the claim
+        if not st_claim(&self.st, expect, gen):
             return -1
+        # prepare: no Python from here to the publish, nothing can fail
+        st_stamp_write(&self.st.since[ng & 1], ng, now)
+        if new == ST_OPEN:
+            st_stamp_write(&self.until[ng & 1], ng, bt_sat_add(now, open_ns))
         if attempt >= 0:
             bt_store(&self.attempt_, attempt)
+        wg_close(&self.closed_guard)           # older generations record nothing from here on
+        wg_close(&self.half_guard)
         if new == ST_CLOSED or new == ST_METRICS_ONLY:
             self._reset_closed()
             bt_store(&self.metrics_half, 0)
+            wg_open(&self.closed_guard, ng)
         elif new == ST_HALF_OPEN:
             cwin_reset(&self.half)
             bt_store(&self.metrics_half, 1)
-        if self.hook is not None:
-            self.hook("state_change", _STATES[expect], _STATES[new])
+            wg_open(&self.half_guard, ng)
+        st_publish(&self.st, new, ng)
+        h = self._hook()
+        if h is not None:
+            h("state_change", _STATES[expect], _STATES[new])
         return ng
 
-    cdef void _reset_closed(self) noexcept:
+    cdef void _reset_closed(self) noexcept nogil:
         cdef int64_t i
         if self.time_window:
             for i in range(self.window_size * TW_FIELDS):
@@ -187,16 +289,18 @@ cdef class BreakerCore:
         else:
             cwin_reset(&self.closed)
 
-    cdef int _expire_half_open(self, int64_t w, int64_t now) except -1:
-        if (st_state(w) == ST_HALF_OPEN and self.half_max_wait_ns >= 0
-                and now - bt_load(&self.st.since[st_gen(w) & 1]) >= self.half_max_wait_ns):
+    cdef int _expire_half_open(self, int64_t now) except -1:
+        cdef int64_t w = bt_load(&self.st.word), t
+        if (st_state(w) == ST_HALF_OPEN and not st_prep(w) and self.half_max_wait_ns >= 0
+                and st_stamp_read(&self.st.since[st_gen(w) & 1], st_gen(w), &t)
+                and bt_sat_sub(now, t) >= self.half_max_wait_ns):
             self._move(ST_HALF_OPEN, st_gen(w), ST_OPEN, now, bt_load(&self.attempt_) + 1)
         return 0
 
     # -- decisions ------------------------------------------------------------------------------------
-    cdef int64_t _acquire(self, int64_t now) except -2:
-        """now < 0: read the clock only if the state needs it."""
-        cdef int64_t w, g
+    cdef int64_t _acquire(self, int64_t now, bint have_now) except -2:
+        """A token, or -1. Without have_now the clock is read only if the state needs it."""
+        cdef int64_t w, g, t
         cdef int s
         while True:
             w = bt_load(&self.st.word)
@@ -204,41 +308,55 @@ cdef class BreakerCore:
             g = st_gen(w)
             if s == ST_CLOSED or s == ST_METRICS_ONLY or s == ST_DISABLED:
                 return g << 1
-            if now < 0:
+            if not have_now:
                 now = self._now()               # only a non-CLOSED state needs the time
-            if s == ST_OPEN:
-                if now >= bt_load(&self.until[g & 1]):
+                have_now = True
+            if st_prep(w):
+                pass                            # a transition is being prepared: refuse as its old state
+            elif s == ST_OPEN:
+                if not st_stamp_read(&self.until[g & 1], g, &t):
+                    continue                    # the word moved on while we read: decide again
+                if now >= t:
                     self._move(ST_OPEN, g, ST_HALF_OPEN, now, -1)
                     continue
             elif s == ST_HALF_OPEN:
-                if self.half_max_wait_ns >= 0 and now - bt_load(&self.st.since[g & 1]) >= self.half_max_wait_ns:
-                    self._move(ST_HALF_OPEN, g, ST_OPEN, now, bt_load(&self.attempt_) + 1)
-                    continue
+                if self.half_max_wait_ns >= 0:
+                    if not st_stamp_read(&self.st.since[g & 1], g, &t):
+                        continue
+                    if bt_sat_sub(now, t) >= self.half_max_wait_ns:
+                        self._move(ST_HALF_OPEN, g, ST_OPEN, now, bt_load(&self.attempt_) + 1)
+                        continue
                 if st_try_flight(&self.st, g, self.half_calls):
                     return g << 1 | 1
                 if st_gen(bt_load(&self.st.word)) != g:
                     continue                    # moved on while we tried: decide again
             bt_fetch_add(&self.not_permitted_, 1)
-            if self.hook is not None:
-                self.hook("not_permitted", None, None)
+            h = self._hook()
+            if h is not None:
+                h("not_permitted", None, None)
             return -1
 
-    def acquire(self, int64_t now=-1):
+    def acquire(self, now=None):
         """A token (generation << 1 | half-open bit) when the call may go ahead, else -1."""
-        return self._acquire(now if now >= 0 else self._now())
+        self._ready()
+        return self._acquire(self._now_arg(now), True)
 
-    def rejection(self, int64_t now=-1):
+    cdef object _rejection(self, int64_t now):
+        cdef int64_t w, t
+        cdef int s
+        while True:
+            w = bt_load(&self.st.word)
+            s = st_state(w)
+            if s != ST_OPEN:
+                return CircuitOpenError(self.name_, _STATES[s], None)
+            if st_stamp_read(&self.until[st_gen(w) & 1], st_gen(w), &t):
+                t = bt_sat_sub(t, now)
+                return CircuitOpenError(self.name_, _STATES[s], (t if t > 0 else 0) / 1e9)
+
+    def rejection(self, now=None):
         """The error for a refused call: retry_after is the time left in OPEN, else None."""
-        cdef int64_t w = bt_load(&self.st.word)
-        if now < 0:
-            now = self._now()
-        cdef int s = st_state(w)
-        cdef int64_t left
-        retry_after = None
-        if s == ST_OPEN:
-            left = bt_load(&self.until[st_gen(w) & 1]) - now
-            retry_after = (left if left > 0 else 0) / 1e9
-        return CircuitOpenError(self.name, _STATES[s], retry_after)
+        self._ready()
+        return self._rejection(self._now_arg(now))
 
     cdef int _classify(self, exc) except -1:
         # PyObject_TypeCheck, not isinstance(): a failed isinstance() also looks up exc.__class__
@@ -252,12 +370,13 @@ cdef class BreakerCore:
                     or self.record_fn is not None and self.record_fn(exc)):
                 return O_FAILURE
         except Exception:
-            log.exception("circuit breaker %r: record/ignore predicate failed; counting a failure", self.name)
+            log.exception("circuit breaker %r: record/ignore predicate failed; counting a failure", self.name_)
             return O_FAILURE
         return O_SUCCESS
 
     def classify(self, exc):
         """SUCCESS, FAILURE, IGNORED or CANCELLED for an exception (ignore wins over record)."""
+        self._ready()
         return self._classify(exc)
 
     cdef int _classify_result(self, result) except -1:
@@ -266,218 +385,263 @@ cdef class BreakerCore:
         try:
             return O_FAILURE if self.record_result(result) else O_SUCCESS
         except Exception:
-            log.exception("circuit breaker %r: record_result predicate failed; counting a failure", self.name)
+            log.exception("circuit breaker %r: record_result predicate failed; counting a failure", self.name_)
             return O_FAILURE
 
     def classify_result(self, result):
         """FAILURE when record_result matches the return value, else SUCCESS."""
+        self._ready()
         return self._classify_result(result)
 
     cdef bint _exceeded(self, int64_t calls, int64_t failures, int64_t slows) except -1:
         cdef double fr = <double>failures / calls, sr = <double>slows / calls
         cdef bint hit = False
+        h = self._hook()
         if fr >= self.fr_threshold:
             hit = True
-            if self.hook is not None:
-                self.hook("failure_rate_exceeded", fr, None)
+            if h is not None:
+                h("failure_rate_exceeded", fr, None)
         if self.slow_ns >= 0 and sr >= self.sr_threshold:
             hit = True
-            if self.hook is not None:
-                self.hook("slow_call_rate_exceeded", sr, None)
+            if h is not None:
+                h("slow_call_rate_exceeded", sr, None)
         return hit
 
-    cdef int _record(self, int64_t token, int outcome, int64_t start, int64_t now, exc) except -1:
-        cdef int64_t gen = token >> 1, w, p, calls, failures, slows, duration, epoch
-        cdef bint failed, slow
+    cdef int _record(self, int64_t token, int outcome, int64_t start, int64_t now, bint have_now, exc) except -1:
+        """The clock is read first (it may be Python), the record itself is conditional on the token's
+        generation (the window guard), hooks and the verdict come after."""
+        cdef int64_t gen = token >> 1, w, p, calls, failures, slows, duration = 0, epoch
+        cdef bint failed, slow, counted
         cdef int s
         if outcome >= O_IGNORED:
             if token & 1:
                 st_return_flight(&self.st, gen)
-            if outcome == O_IGNORED and self.hook is not None:
-                if self.timing and now < 0:
-                    now = self._now()
-                self.hook("ignored", exc, (now - start) if self.timing else None)
+            if outcome == O_IGNORED:
+                h = self._hook()
+                if h is not None:
+                    if self.timing_ and not have_now:
+                        now = self._now()
+                    h("ignored", exc, bt_sat_sub(now, start) if self.timing_ else None)
             return 0
-        w = bt_load(&self.st.word)
-        s = st_state(w)
-        if st_gen(w) != gen or s == ST_DISABLED:
-            return 0                                   # stale generation: dropped entirely
-        if self.timing and now < 0:
-            now = self._now()
-        duration = now - start
+        if self.timing_:
+            if not have_now:
+                now = self._now()
+                have_now = True
+            duration = bt_sat_sub(now, start)
         failed = outcome == O_FAILURE
         slow = self.slow_ns >= 0 and duration > self.slow_ns
-        if self.hook is not None:
-            if failed:
-                self.hook("error", exc, duration)
-            else:
-                self.hook("success", None, duration)
-        if s == ST_HALF_OPEN:
+        if token & 1:                                  # a half-open probe
+            if not wg_enter(&self.half_guard, gen):
+                return 0                               # stale generation: dropped entirely
             cw_record(&self.half.head, &self.half.packed, self.half.slots, self.half.size, failed, slow)
             p = bt_load(&self.half.packed)
+            wg_exit(&self.half_guard)
+            self._outcome_hook(failed, exc, duration)
             calls = cw_field(p, 0)
-            if calls >= self.half_minimum and st_gen(bt_load(&self.st.word)) == gen:
+            if calls >= self.half_minimum:
+                if not have_now:
+                    now = self._now()                  # the verdict needs the time (its deadline)
                 if self._exceeded(calls, cw_field(p, 16), cw_field(p, 32)):
                     self._move(ST_HALF_OPEN, gen, ST_OPEN, now, bt_load(&self.attempt_) + 1)
                 else:
                     self._move(ST_HALF_OPEN, gen, ST_CLOSED, now, 0)
-        elif s == ST_CLOSED or s == ST_METRICS_ONLY:
-            if self.time_window:
-                self._tw_record(failed, slow, now)
-            else:
-                cw_record(&self.closed.head, &self.closed.packed, self.closed.slots, self.closed.size, failed, slow)
-            if self.time_window:
-                epoch = now // 1000000000
-                if not (failed or slow) and bt_load(&self.tw_mark) == epoch * 2:
-                    # a fast success in the same second, with the minimum already reached, can only
-                    # lower the rates: skip summing the buckets
-                    return 0
-                calls, failures, slows = self._tw_counts(now)
-                bt_store(&self.tw_mark, epoch * 2 + (calls < self.minimum_calls))
-            else:
-                p = bt_load(&self.closed.packed)
-                calls, failures, slows = cw_field(p, 0), cw_field(p, 16), cw_field(p, 32)
-            # a fast success can only lower the rates, unless it is the call that reaches the minimum
-            # (a time window's minimum can be reached again as buckets expire: it was summed above)
-            if calls >= self.minimum_calls and (failed or slow or s == ST_CLOSED and
-                                                 (self.time_window or calls == self.minimum_calls)):
-                if self._exceeded(calls, failures, slows) and s == ST_CLOSED:
-                    self._move(ST_CLOSED, gen, ST_OPEN, now, 1)
+            return 0
+        if not wg_enter(&self.closed_guard, gen):
+            return 0                                   # stale generation, DISABLED, OPEN...: dropped
+        if self.time_window:
+            epoch = self._tw_record(failed, slow, now)
+        else:
+            cw_record(&self.closed.head, &self.closed.packed, self.closed.slots, self.closed.size, failed, slow)
+            p = bt_load(&self.closed.packed)
+        wg_exit(&self.closed_guard)
+        self._outcome_hook(failed, exc, duration)
+        w = bt_load(&self.st.word)
+        if st_gen(w) != gen:
+            return 0
+        s = st_state(w)
+        if self.time_window:
+            if not (failed or slow) and bt_load(&self.tw_mark) == epoch * 2:
+                # a fast success in the same second, with the minimum already reached, can only
+                # lower the rates: skip summing the buckets
+                return 0
+            calls, failures, slows = self._tw_counts(now)
+            bt_store(&self.tw_mark, epoch * 2 + (calls < self.minimum_calls))
+        else:
+            calls, failures, slows = cw_field(p, 0), cw_field(p, 16), cw_field(p, 32)
+        # a fast success can only lower the rates, unless it is the call that reaches the minimum
+        # (a time window's minimum can be reached again as buckets expire: it was summed above)
+        if calls >= self.minimum_calls and (failed or slow or s == ST_CLOSED and
+                                             (self.time_window or calls == self.minimum_calls)):
+            if self._exceeded(calls, failures, slows) and s == ST_CLOSED:
+                if not have_now:
+                    now = self._now()
+                self._move(ST_CLOSED, gen, ST_OPEN, now, 1)
         return 0
 
-    cdef void _tw_record(self, bint failed, bint slow, int64_t now) noexcept:
-        cdef int64_t epoch = now // 1000000000
-        cdef int64_t *b = &self.tw[(epoch % self.window_size) * TW_FIELDS]
-        tw_add(&b[0], epoch)
-        if failed:
-            tw_add(&b[1], epoch)
-        if slow:
-            tw_add(&b[2], epoch)
+    cdef int _outcome_hook(self, bint failed, exc, int64_t duration) except -1:
+        h = self._hook()
+        if h is not None:
+            if failed:
+                h("error", exc, duration if self.timing_ else None)
+            else:
+                h("success", None, duration if self.timing_ else None)
+        return 0
 
-    cdef (int64_t, int64_t, int64_t) _tw_counts(self, int64_t now) noexcept:
-        cdef int64_t epoch = now // 1000000000, i, c = 0, f = 0, sl = 0
+    cdef int64_t _tw_record(self, bint failed, bint slow, int64_t now) noexcept nogil:
+        cdef int64_t epoch = tw_epoch(now, 1000000000, &self.tw_base, self.tw_bits)   # exact: base 0
+        cdef int64_t *b = &self.tw[bt_floormod(epoch, self.window_size) * TW_FIELDS]
+        epoch = tw_add(&b[0], epoch, self.tw_bits)
+        if failed:
+            tw_add(&b[1], epoch, self.tw_bits)
+        if slow:
+            tw_add(&b[2], epoch, self.tw_bits)
+        return epoch
+
+    cdef (int64_t, int64_t, int64_t) _tw_counts(self, int64_t now) noexcept nogil:
+        cdef int64_t epoch = tw_epoch(now, 1000000000, &self.tw_base, self.tw_bits), i, c = 0, f = 0, sl = 0
         for i in range(self.window_size):
-            c += tw_read(&self.tw[i * TW_FIELDS], epoch, self.window_size)
-            f += tw_read(&self.tw[i * TW_FIELDS + 1], epoch, self.window_size)
-            sl += tw_read(&self.tw[i * TW_FIELDS + 2], epoch, self.window_size)
+            c += tw_read(&self.tw[i * TW_FIELDS], epoch, self.window_size, self.tw_bits)
+            f += tw_read(&self.tw[i * TW_FIELDS + 1], epoch, self.window_size, self.tw_bits)
+            sl += tw_read(&self.tw[i * TW_FIELDS + 2], epoch, self.window_size, self.tw_bits)
         return c, f, sl
 
-    def record(self, int64_t token, int outcome, int64_t start, int64_t now=-1, exc=None):
+    def record(self, token, outcome, start, now=None, exc=None):
         """Apply the outcome of a call admitted with `token` at `start` (ns)."""
-        if not 0 <= outcome <= 3:
+        self._ready()
+        cdef int64_t tok = bt_as_i64(token, "token"), st = bt_as_i64(start, "start")
+        if type(outcome) is not int or not 0 <= outcome <= 3:
             raise ValueError(f"outcome must be SUCCESS, FAILURE, IGNORED or CANCELLED (0-3), got {outcome!r}")
-        self._record(token, outcome, start, now, exc)
+        if now is None:
+            self._record(tok, outcome, st, 0, False, exc)
+        else:
+            self._record(tok, outcome, st, bt_as_i64(now, "now"), True, exc)
 
     # -- state ----------------------------------------------------------------------------------------
-    def state_now(self, int64_t now=-1):
+    def state_now(self, now=None):
         """The state code, after applying half_open_max_wait expiry."""
-        self._expire_half_open(bt_load(&self.st.word), now if now >= 0 else self._now())
+        self._ready()
+        self._expire_half_open(self._now_arg(now))
         return st_state(bt_load(&self.st.word))
 
     def load(self):
         """(state, generation, half-open permits out)."""
+        self._ready()
         cdef int64_t w = bt_load(&self.st.word)
         return (st_state(w), st_gen(w), st_flight(w))
 
-    def transition_to(self, state, int64_t now=-1):
+    def transition_to(self, state, now=None):
         """Move to `state` from any state (a new generation). ValueError for HALF_OPEN outside OPEN and
         for a move to the current state."""
+        self._ready()
         cdef int new = int(State(state))
-        cdef int64_t w, attempt
+        cdef int64_t w, attempt, t = self._now_arg(now)
         cdef int cur
-        if now < 0:
-            now = self._now()
         while True:
             w = bt_load(&self.st.word)
+            if st_prep(w):
+                continue                        # another transition is being prepared (no GIL): wait
             cur = st_state(w)
             if new == cur or (new == ST_HALF_OPEN and cur != ST_OPEN):
                 raise ValueError(f"illegal transition: {State(cur).name} -> {State(new).name}")
             attempt = bt_load(&self.attempt_) + 1 if new == ST_OPEN else (0 if new == ST_CLOSED else -1)
-            if self._move(cur, st_gen(w), new, now, attempt) >= 0:
+            if self._move(cur, st_gen(w), new, t, attempt) >= 0:
                 return
 
-    def reset(self, int64_t now=-1):
+    def reset(self, now=None):
         """CLOSED with an empty window, attempt 0, not_permitted 0 (a new generation)."""
-        cdef int64_t w
-        if now < 0:
-            now = self._now()
+        self._ready()
+        cdef int64_t w, t = self._now_arg(now)
         bt_store(&self.not_permitted_, 0)
         while True:
             w = bt_load(&self.st.word)
-            if self._move(st_state(w), st_gen(w), ST_CLOSED, now, 0) >= 0:
+            if st_prep(w):
+                continue
+            if self._move(st_state(w), st_gen(w), ST_CLOSED, t, 0) >= 0:
                 return
 
-    def metrics(self, int64_t now=-1):
+    def metrics(self, now=None):
         """(state, calls, failures, slow_calls, failure_rate, slow_call_rate, not_permitted)."""
-        cdef int64_t p, calls, failures, slows, minimum
-        if now < 0:
-            now = self._now()
-        self._expire_half_open(bt_load(&self.st.word), now)
+        self._ready()
+        cdef int64_t p, calls, failures, slows, minimum, t = self._now_arg(now)
+        self._expire_half_open(t)
         if bt_load(&self.metrics_half):
             p = bt_load(&self.half.packed)
             calls, failures, slows = cw_field(p, 0), cw_field(p, 16), cw_field(p, 32)
             minimum = self.half_minimum
         elif self.time_window:
-            calls, failures, slows = self._tw_counts(now)
+            calls, failures, slows = self._tw_counts(t)
             minimum = self.minimum_calls
         else:
             p = bt_load(&self.closed.packed)
             calls, failures, slows = cw_field(p, 0), cw_field(p, 16), cw_field(p, 32)
             minimum = self.minimum_calls
-        ok = calls >= minimum
+        ok = calls >= minimum and calls > 0
         return (st_state(bt_load(&self.st.word)), calls, failures, slows,
                 <double>failures / calls if ok else -1.0, <double>slows / calls if ok else -1.0,
                 bt_load(&self.not_permitted_))
 
     def __repr__(self):
-        return f"BreakerCore(name={self.name!r}, state={st_state(bt_load(&self.st.word))})"
+        if not bt_load(&self.ready_):
+            return f"<{type(self).__name__} (not initialised)>"
+        return f"BreakerCore(name={self.name_!r}, state={st_state(bt_load(&self.st.word))})"
 
     # -- calling --------------------------------------------------------------------------------------
     def start(self):
         """ns timestamp for a call about to start (0 when nothing is timed)."""
-        return self._now() if self.timing else 0
+        self._ready()
+        return self._now() if self.timing_ else 0
 
     def enter(self):
         """(token, start) for a call that may go ahead; raises CircuitOpenError otherwise."""
+        self._ready()
         cdef int64_t token, start
         _enter(<PyObject *>self, &token, &start)       # raises CircuitOpenError when refused
         return token, start
 
-    def exit_ok(self, int64_t token, int64_t start, result):
-        self._record(token, self._classify_result(result), start, -1, None)
+    def exit_ok(self, token, start, result):
+        self._ready()
+        self._record(bt_as_i64(token, "token"), self._classify_result(result), bt_as_i64(start, "start"), 0,
+                     False, None)
 
-    def exit_err(self, int64_t token, int64_t start, exc):
-        self._record(token, self._classify(exc), start, -1, exc)
+    def exit_err(self, token, start, exc):
+        self._ready()
+        self._record(bt_as_i64(token, "token"), self._classify(exc), bt_as_i64(start, "start"), 0, False, exc)
 
     def try_acquire(self):
         """Two-step use: a Permit, or None when refused."""
+        self._ready()
         cdef int64_t now = self._now()
-        cdef int64_t token = self._acquire(now)
+        cdef int64_t token = self._acquire(now, True)
         if token < 0:
             return None
         cdef Permit p = Permit.__new__(Permit)
-        p.core, p.token, p.start = self, token, (now if self.timing else 0)
+        p.core, p.token, p.start = self, token, (now if self.timing_ else 0)
         return p
 
     def guard(self, fn):
         """A callable running fn under the breaker (vectorcall; binds like a function)."""
+        self._ready()
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {fn!r}")
         return _make_guard(self, fn)
 
     def make_call(self):
         """The `call(fn, *args, **kwargs)` entry."""
+        self._ready()
         return _make_guard(self, None)
 
 
 # -- the vectorcall entry ---------------------------------------------------------------------------------
 cdef int _enter(PyObject *owner, int64_t *token, int64_t *start) except -1:
     cdef BreakerCore b = <BreakerCore>owner
-    cdef int64_t now = b._now() if b.timing else -1
-    token[0] = b._acquire(now)
+    cdef int64_t now = 0
+    cdef bint timed = b.timing_
+    if timed:
+        now = b._now()
+    token[0] = b._acquire(now, timed)
     if token[0] < 0:
-        raise b.rejection(now)
-    start[0] = now if now >= 0 else 0
+        raise b._rejection(now if timed else b._now())
+    start[0] = now
     return 0
 
 
@@ -486,15 +650,15 @@ cdef int _exit_ok(PyObject *owner, int64_t token, int64_t start, PyObject *resul
     cdef int outcome = O_SUCCESS
     if b.record_result is not None:
         outcome = b._classify_result(<object>result)
-    return b._record(token, outcome, start, -1, None)
+    return b._record(token, outcome, start, 0, False, None)
 
 
 cdef void _exit_err(PyObject *owner, int64_t token, int64_t start, PyObject *exc) noexcept:
     cdef BreakerCore b = <BreakerCore>owner
     try:
-        b._record(token, b._classify(<object>exc), start, -1, <object>exc)
+        b._record(token, b._classify(<object>exc), start, 0, False, <object>exc)
     except BaseException:
-        log.exception("circuit breaker %r: recording a failure failed", b.name)
+        log.exception("circuit breaker %r: recording a failure failed", b.name_)
 
 
 cdef bt_guard_ops _OPS
@@ -503,9 +667,12 @@ _OPS.exit_ok = _exit_ok
 _OPS.exit_err = _exit_err
 
 
+@cython.final
+@cython.auto_pickle(False)
 cdef class Guarded:
     """fn under a breaker; with fn None it is `call(fn, *args, **kwargs)`. Binds like a function.
-    Layout: the first fields must match bt_guard_head in include/buttress_guard.h."""
+    Made only by CircuitBreaker.guard() / make_call() (calling the type is a TypeError), so it always
+    has its core. Layout: the first fields must match bt_guard_head in include/buttress_guard.h."""
     cdef vectorcallfunc vectorcall
     cdef const bt_guard_ops *ops
     cdef PyObject *owner_ptr
@@ -560,32 +727,45 @@ def _install():
 _install()
 
 
+@cython.final
+@cython.no_gc_clear                  # the finalizer needs `core` even when the permit dies in a cycle
+@cython.auto_pickle(False)
 cdef class Permit:
-    """One admitted call, reported once: success(result), failure(exc) or release()."""
+    """One admitted call, reported once: success(result), failure(exc) or release(). Made only by
+    CircuitBreaker.try_acquire() (calling the type is a TypeError). A permit dropped without a report is
+    released when it is collected, so a half-open permit can never be lost."""
     cdef BreakerCore core
     cdef int64_t token, start
     cdef int64_t done_
 
-    cdef bint _once(self) noexcept:
+    cdef inline bint _once(self) noexcept:
         return bt_fetch_add(&self.done_, 1) == 0
 
     def success(self, result=None):
         """Report success (record_result is applied to `result`)."""
         if self._once():
-            self.core._record(self.token, self.core._classify_result(result), self.start, -1, None)
+            self.core._record(self.token, self.core._classify_result(result), self.start, 0, False, None)
 
     def failure(self, exc):
         """Report an exception (ignore / record / cancellation rules apply)."""
         if not isinstance(exc, BaseException):
             raise TypeError(f"exc must be an exception instance, got {exc!r}")
         if self._once():
-            self.core._record(self.token, self.core._classify(exc), self.start, -1, exc)
+            self.core._record(self.token, self.core._classify(exc), self.start, 0, False, exc)
 
     def release(self):
         """Give the permit back without an outcome."""
         if self._once():
-            self.core._record(self.token, O_CANCELLED, self.start, -1, None)
+            self.core._record(self.token, O_CANCELLED, self.start, 0, False, None)
 
     @property
     def done(self):
         return bt_load(&self.done_) != 0
+
+    def __dealloc__(self):
+        # never reported: return it (only a half-open permit holds anything; no Python runs here)
+        if self.core is not None and (self.token & 1) and self._once():
+            st_return_flight(&self.core.st, self.token >> 1)
+
+
+bt_refuse_new(<PyTypeObject *>Permit, <PyTypeObject *>Guarded)

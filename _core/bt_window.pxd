@@ -6,9 +6,23 @@
 # once concurrent records land, and a snapshot is one atomic load. The bias (2**15) keeps a field
 # that is transiently negative under lapping writers from borrowing from its neighbour.
 #
-# Time window: N buckets of W ns; each counter is one word packing (epoch:32, count:32), so resetting
-# a stale bucket and counting into it is the same compare-and-swap: no count is lost at a boundary.
-from libc.stdint cimport int64_t, uint64_t
+# Time window: N buckets of W ns; each counter is one word packing (epoch, count), so resetting a stale
+# bucket and counting into it is the same compare-and-swap: no count is lost at a boundary.
+#
+# Why a relative, saturating epoch and not (epoch:32, count:32) modulo 2**32: a modular epoch compares
+# "older / newer" by the sign of a 32-bit difference, so a bucket idle for 2**31 widths (36 min at 1 us,
+# 25 days at 60 ms) looked newer than the present and swallowed new records. The epoch field now holds
+# floor(now / width) - base, clamped, and comparisons are plain integer comparisons: exact, never
+# modular; out of range it saturates (DESIGN 3c: saturate, never wrap). The other choice, a full 64-bit
+# epoch beside each count, needs a two-word CAS or a reset that can lose a concurrent count. Field
+# widths depend on the bucket width (see tw_cbits below).
+#
+# Window guard (the breaker's windows): one word (tag:43 | writers in flight:20). A record enters only
+# while the window carries its generation's tag, so a result of an older generation can never land in
+# the window of a newer one; a transition closes the guard (waits for the few atomics of writers already
+# inside), clears the window, and opens it with the new generation's tag before publishing the state.
+cimport cython
+from libc.stdint cimport int64_t, uint64_t, INT64_MAX, INT64_MIN
 from bt_atomic cimport bt_load, bt_cas, bt_fetch_add, bt_exchange, bt_store
 
 cdef enum:
@@ -46,36 +60,158 @@ cdef inline int64_t cw_field(int64_t packed, int shift) noexcept nogil:
     cdef int64_t v = <int64_t>(((<uint64_t>packed) >> shift) & 0xFFFF) - CW_BIAS
     return v if v > 0 else 0
 
+# ---- integer helpers correct over the whole int64 domain (C `/` and `%` truncate toward zero) ----
+
+@cython.cdivision(True)
+cdef inline int64_t bt_floordiv(int64_t a, int64_t d) noexcept nogil:
+    """floor(a / d) for d > 0 (never overflows)."""
+    cdef int64_t q = a / d
+    if (a % d) < 0:
+        q -= 1
+    return q
+
+
+@cython.cdivision(True)
+cdef inline int64_t bt_floormod(int64_t a, int64_t d) noexcept nogil:
+    """a mod d in [0, d) for d > 0."""
+    cdef int64_t r = a % d
+    if r < 0:
+        r += d
+    return r
+
+
+cdef inline int64_t bt_sat_add(int64_t a, int64_t b) noexcept nogil:
+    """a + b saturated to the int64 range."""
+    if b > 0 and a > INT64_MAX - b:
+        return INT64_MAX
+    if b < 0 and a < INT64_MIN - b:
+        return INT64_MIN
+    return a + b
+
+
+cdef inline int64_t bt_sat_sub(int64_t a, int64_t b) noexcept nogil:
+    """a - b saturated to the int64 range."""
+    if b < 0 and a > INT64_MAX + b:
+        return INT64_MAX
+    if b > 0 and a < INT64_MIN + b:
+        return INT64_MIN
+    return a - b
+
+
+# ---- time window words ----
+#
+# A word is (epoch:64-K | count:K); K = clamp(bit_length(width_ns), 16, 28): narrow buckets hold few
+# records and get a wide epoch field. Epochs are relative to a base epoch, biased to be unsigned,
+# compared exactly, and clamped (saturated) to +-(2**(63-K) - 1) around the base: 2**62 ns (146 years)
+# either side for every width >= 2**15 ns (39 hours at width 1 ns). The base is 0 for width >= 2**28 ns
+# (every int64 reading then has its exact epoch: the breaker's 1 s buckets), otherwise the epoch of the
+# first reading the window sees (so explicit `now=` values and the clock give the same answers).
+
 cdef enum:
     TW_FIELDS = 4        # calls, failures, slow, failed-and-slow
 
-cdef inline int64_t tw_pack(int64_t epoch, int64_t count) noexcept nogil:
-    return <int64_t>(((<uint64_t>epoch & 0xFFFFFFFFULL) << 32) | (<uint64_t>count & 0xFFFFFFFFULL))
+cdef extern from *:
+    """
+    #define BT_TW_EXACT_WIDTH ((int64_t)(1LL << 28))
+    #define BT_TW_NO_BASE INT64_MIN
+    """
+    const int64_t TW_EXACT_WIDTH "BT_TW_EXACT_WIDTH"
+    const int64_t TW_NO_BASE "BT_TW_NO_BASE"
 
-cdef inline void tw_add(int64_t *word, int64_t epoch) noexcept nogil:
-    """Count one into a bucket word at epoch, resetting it first when it holds an older epoch."""
-    cdef int64_t old, new, count
-    cdef uint64_t diff
+
+cdef inline int tw_cbits(int64_t width) noexcept nogil:
+    """K, the count bits of a word for buckets `width` ns wide."""
+    cdef int k = 0
+    while k < 63 and (width >> k) != 0:
+        k += 1
+    return 16 if k < 16 else (28 if k > 28 else k)
+
+
+cdef inline int64_t tw_epoch(int64_t now, int64_t width, int64_t *base, int cbits) noexcept nogil:
+    """The epoch of now relative to *base (set from this reading when still TW_NO_BASE), clamped."""
+    cdef int64_t q = bt_floordiv(now, width), b = bt_load(base), emax
+    if b == TW_NO_BASE:
+        bt_cas(base, TW_NO_BASE, q)
+        b = bt_load(base)
+    q = bt_sat_sub(q, b)
+    emax = ((<int64_t>1) << (63 - cbits)) - 1
+    if q > emax:
+        return emax
+    if q < -emax:
+        return -emax
+    return q
+
+
+cdef inline int64_t tw_add(int64_t *word, int64_t epoch, int cbits) noexcept nogil:
+    """Count one into a bucket word at epoch (relative, clamped), resetting it first when it holds an
+    older epoch; a late writer (the word holds a newer epoch) counts into the newer one. Returns the
+    epoch counted into. The count saturates at 2**K - 1."""
+    cdef int64_t old, new, count, cmax = ((<int64_t>1) << cbits) - 1
+    cdef uint64_t u = <uint64_t>(epoch + ((<int64_t>1) << (63 - cbits))), uo
     while True:
         old = bt_load(word)
-        diff = ((<uint64_t>epoch) - ((<uint64_t>old) >> 32)) & 0xFFFFFFFFULL
-        count = old & 0xFFFFFFFFLL
-        if count == 0:
-            new = tw_pack(epoch, 1)     # an empty word: whatever epoch it holds, claim it
-        elif diff == 0 or diff >= 0x80000000ULL:
-            # current epoch, or a newer one (a late writer): count into it, saturating
-            if count == 0xFFFFFFFFLL:
-                return
+        count = old & cmax
+        uo = (<uint64_t>old) >> cbits
+        if count == 0 or uo < u:
+            new = <int64_t>((u << cbits) | 1)        # empty or older: reset and count, one CAS
+            uo = u
+        elif count == cmax:
+            return <int64_t>uo - ((<int64_t>1) << (63 - cbits))
+        else:
             new = old + 1
-        else:                           # an older epoch: reset and count, one CAS
-            new = tw_pack(epoch, 1)
         if bt_cas(word, old, new):
-            return
+            return <int64_t>uo - ((<int64_t>1) << (63 - cbits))
 
-cdef inline int64_t tw_read(int64_t *word, int64_t epoch, int64_t nbuckets) noexcept nogil:
+
+cdef inline int64_t tw_read(int64_t *word, int64_t epoch, int64_t nbuckets, int cbits) noexcept nogil:
     """The count of a bucket word if its epoch lies in (epoch - nbuckets, epoch], else 0."""
     cdef int64_t w = bt_load(word)
-    cdef uint64_t diff = ((<uint64_t>epoch) - ((<uint64_t>w) >> 32)) & 0xFFFFFFFFULL
-    if diff < <uint64_t>nbuckets:
-        return w & 0xFFFFFFFFLL
+    cdef int64_t count = w & (((<int64_t>1) << cbits) - 1)
+    cdef uint64_t u = <uint64_t>(epoch + ((<int64_t>1) << (63 - cbits))), uo = (<uint64_t>w) >> cbits
+    if count != 0 and uo <= u and uo + <uint64_t>nbuckets > u:
+        return count
     return 0
+
+
+# ---- window guard: (tag:43 | writers in flight:20) ----
+
+cdef enum:
+    WG_SHIFT = 20
+
+cdef extern from *:
+    """
+    #define BT_WG_WRITERS ((int64_t)0xFFFFF)
+    #define BT_WG_CLOSED ((int64_t)((1LL << 43) - 1))
+    """
+    const int64_t WG_WRITERS "BT_WG_WRITERS"
+    const int64_t WG_CLOSED "BT_WG_CLOSED"
+
+
+cdef inline bint wg_enter(int64_t *g, int64_t tag) noexcept nogil:
+    """Enter the window if it carries `tag`; False (nothing entered) otherwise."""
+    cdef int64_t w
+    while True:
+        w = bt_load(g)
+        if (w >> WG_SHIFT) != tag or (w & WG_WRITERS) == WG_WRITERS:
+            return False
+        if bt_cas(g, w, w + 1):
+            return True
+
+
+cdef inline void wg_exit(int64_t *g) noexcept nogil:
+    bt_fetch_add(g, -1)
+
+
+cdef inline void wg_close(int64_t *g) noexcept nogil:
+    """Refuse new writers, then wait for those inside (a few atomics each, no Python, no waiting)."""
+    cdef int64_t w
+    while True:
+        w = bt_load(g)
+        if (w & WG_WRITERS) != 0:
+            continue
+        if bt_cas(g, w, WG_CLOSED << WG_SHIFT):
+            return
+
+
+cdef inline void wg_open(int64_t *g, int64_t tag) noexcept nogil:
+    bt_store(g, tag << WG_SHIFT)

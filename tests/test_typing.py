@@ -221,8 +221,6 @@ def test_public_api_sample_runs():
 
 
 STUBTEST_ALLOWLIST = """
-# CountWindow / TimeWindow take their arguments in __cinit__; the stub keeps the twin's __init__
-buttress\\._core\\.window\\.(CountWindow|TimeWindow)\\.__init__
 # pickling helpers Cython adds to classes without __init__
 buttress\\._core\\..*\\.__(reduce|setstate)_cython__
 # introspection hook of the compiled guard (the twin has none)

@@ -8,9 +8,11 @@ from typing import Any, Callable
 
 from ._params import NS, check_float, check_int, exception_matcher
 
-__all__ = ["State", "BreakerConf", "breaker_conf", "open_duration_ns", "COUNT_WINDOW_MAX"]
+__all__ = ["State", "BreakerConf", "breaker_conf", "open_duration_ns", "COUNT_WINDOW_MAX", "HALF_OPEN_MAX"]
 
 COUNT_WINDOW_MAX = 30000      # the compiled count window packs counts in 16-bit fields
+# the half-open verdict is a count window of half_open_calls: the same 16-bit fields bound it
+HALF_OPEN_MAX = COUNT_WINDOW_MAX
 
 
 class State(enum.IntEnum):
@@ -21,6 +23,13 @@ class State(enum.IntEnum):
     FORCED_OPEN = 3
     DISABLED = 4
     METRICS_ONLY = 5
+
+    # str() and f-strings give the name on every Python (3.11 changed IntEnum's to the number)
+    def __str__(self) -> str:
+        return self.name
+
+    def __format__(self, spec: str) -> str:
+        return format(self.name, spec)
 
 
 @dataclass(frozen=True)
@@ -84,7 +93,7 @@ def breaker_conf(name: object = "default", failure_rate_threshold: object = 0.5,
     else:
         od = check_float("open_duration", open_duration, minimum=0.0, maximum=1e9)
         open_ns, open_fn = math.ceil(od * NS), None  # type: ignore[operator]
-    half = check_int("half_open_calls", half_open_calls, minimum=1, maximum=0xFFFFF)
+    half = check_int("half_open_calls", half_open_calls, minimum=1, maximum=HALF_OPEN_MAX)
     if half_open_max_wait is None:
         hmw = -1
     else:

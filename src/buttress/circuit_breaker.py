@@ -78,6 +78,8 @@ class CircuitBreaker(_core.BreakerCore, Policy):
                          ignore, record_result, None if is_system_clock(clock) else clk.monotonic_ns)
         self.clock = clk
         self._listeners: dict[str, list[Callable[[BreakerEvent], Any]]] = {}
+        # one bound method for the life of the breaker: the core's hook only ever holds this or None
+        self._dispatch_hook = self._dispatch
         # an instance attribute, so `cb.call(fn, ...)` is the vectorcall guard, not a bound method
         self.call = self.make_call()
 
@@ -180,7 +182,7 @@ class CircuitBreaker(_core.BreakerCore, Policy):
         if not callable(callback):
             raise TypeError(f"callback must be callable, got {callback!r}")
         self._listeners.setdefault(event, []).append(callback)
-        self.hook = self._dispatch
+        self.hook = self._dispatch_hook
         return callback
 
     def off(self, event: str, callback: Callable[[BreakerEvent], Any]) -> None:
@@ -211,4 +213,7 @@ class CircuitBreaker(_core.BreakerCore, Policy):
                 log.exception("circuit breaker %r: %s listener %r failed", self.name, kind, callback)
 
     def __repr__(self) -> str:
-        return f"<CircuitBreaker {self.name!r} {self.state.name}>"
+        try:
+            return f"<CircuitBreaker {self.name!r} {self.state.name}>"
+        except RuntimeError:           # __init__ never ran (a subclass that forgot super().__init__())
+            return f"<{type(self).__name__} (not initialised)>"

@@ -2,7 +2,8 @@
 
 The core decides and records; it never sleeps. `acquire()` returns a token (generation << 1 |
 half-open bit) or -1; `record(token, outcome, start)` applies a result. Results whose generation
-has passed are dropped. Events go to `hook(kind, a, b)` only when a hook is set.
+has passed are dropped. Events go to `hook(kind, a, b)` only when a hook is set. Times are int ns:
+any int64 (None reads the clock); deadlines and durations saturate to the int64 range.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from typing import Any, Callable
 
 from .._breaker_conf import State, breaker_conf, open_duration_ns
 from ..errors import CircuitOpenError
+from .gcra import as_i64
+from .state import Uninit
 
 __all__ = ["BreakerCore", "Permit", "Guarded", "SUCCESS", "FAILURE", "IGNORED", "CANCELLED"]
 
@@ -26,12 +29,28 @@ _PASS_THROUGH = (asyncio.CancelledError, KeyboardInterrupt, SystemExit, Generato
 _CLOSED, _OPEN, _HALF_OPEN, _FORCED_OPEN, _DISABLED, _METRICS_ONLY = range(6)
 
 
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+_PERMIT_NEW = "Permit cannot be created directly; get one from CircuitBreaker.try_acquire()"
+_GUARDED_NEW = ("Guarded cannot be created directly; get one from CircuitBreaker.guard(fn) or by decorating "
+                "a function")
+
+
+def _sat(v: int) -> int:
+    """v clamped to the int64 range (what the compiled core's saturating arithmetic gives)."""
+    return _INT64_MAX if v > _INT64_MAX else _INT64_MIN if v < _INT64_MIN else v
+
+
+def _zero() -> int:
+    return 0
+
+
 class _Window:
     """Counts of the last `size` outcomes (count window) or of `size` one-second buckets."""
 
     def __init__(self, size: int, time_based: bool) -> None:
         from .window import CountWindow, TimeWindow
-        self.w = TimeWindow(size) if time_based else CountWindow(size)
+        # 1 s buckets: every int64 reading has an exact epoch (no base, no saturation)
+        self.w = TimeWindow(size, 1_000_000_000, _zero) if time_based else CountWindow(size)
         self.time_based = time_based
 
     def record(self, failed: bool, slow: bool, now: int) -> None:
@@ -44,21 +63,22 @@ class _Window:
         return self.w.snapshot(now) if self.time_based else self.w.snapshot()
 
 
-class BreakerCore:
+class BreakerCore(Uninit):
     def __init__(self, name: str = "default", failure_rate_threshold: float = 0.5,
                  slow_call_rate_threshold: float = 1.0, slow_call_duration: float | None = 60.0,
                  window: str = "count", window_size: int = 100, minimum_calls: int = 100,
                  open_duration: Any = 60.0, half_open_calls: int = 10, half_open_max_wait: float | None = None,
                  record: Any = (Exception,), ignore: Any = (), record_result: Any = None,
                  clock_ns: Callable[[], int] | None = None) -> None:
-        c = self.conf = breaker_conf(name, failure_rate_threshold, slow_call_rate_threshold, slow_call_duration,
-                                     window, window_size, minimum_calls, open_duration, half_open_calls,
-                                     half_open_max_wait, record, ignore, record_result, clock_ns)
-        self.name = c.name
-        self._clock_ns = c.clock_ns or time.monotonic_ns
-        self._lock = threading.RLock()
+        self._init_once()
+        c = breaker_conf(name, failure_rate_threshold, slow_call_rate_threshold, slow_call_duration,
+                         window, window_size, minimum_calls, open_duration, half_open_calls,
+                         half_open_max_wait, record, ignore, record_result, clock_ns)
+        self._conf = c
+        self._name = c.name
+        self._clock_ns = c.clock_ns
         self._state, self._gen = _CLOSED, 0
-        self._since = self._now(-1)
+        self._since = self._now(None)
         self._until = 0              # OPEN: when it may admit again
         self._flight = 0             # half-open permits out
         self._attempt = 0
@@ -66,42 +86,69 @@ class BreakerCore:
         self._half = _Window(c.half_open_calls, False)
         self._metrics_half = False   # metrics() reads the half-open window (after it tripped the breaker)
         self._not_permitted = 0
-        self.hook: Callable[[str, Any, Any], None] | None = None
+        self._hook: Callable[[str, Any, Any], None] | None = None
+        self._lock = threading.RLock()
 
-    def _now(self, now: int) -> int:
-        return now if now >= 0 else self._clock_ns()
+    def _now(self, now: Any) -> int:
+        if now is not None:
+            return as_i64(now, "now")
+        clock = self._clock_ns
+        return time.monotonic_ns() if clock is None else as_i64(clock(), "clock_ns()")
+
+    @property
+    def hook(self) -> Callable[[str, Any, Any], None] | None:
+        """callable(kind, a, b) or None: events are built only when set."""
+        return self._hook
+
+    @hook.setter
+    def hook(self, value: Callable[[str, Any, Any], None] | None) -> None:
+        self._lock
+        if value is not None and not callable(value):
+            raise TypeError(f"hook must be a callable(kind, a, b) or None, got {value!r}")
+        self._hook = value
+
+    @property
+    def conf(self) -> Any:
+        return self._conf
+
+    @property
+    def name(self) -> str:
+        return self._name
 
     @property
     def timing(self) -> bool:
         """True when results need a clock reading (slow-call timing or a time window)."""
-        return self.conf.slow_ns >= 0 or self.conf.time_window
+        return self._conf.slow_ns >= 0 or self._conf.time_window
 
     # -- transitions (caller holds the lock) ------------------------------------------------------------
     def _move(self, new: int, now: int, attempt: int | None = None) -> None:
         old = self._state
         if new == _OPEN:
             assert attempt is not None
-            self._until = now + open_duration_ns(self.conf, attempt, log)
+            self._until = _sat(now + open_duration_ns(self._conf, attempt, log))
         self._state, self._gen, self._since, self._flight = new, self._gen + 1, now, 0
         if attempt is not None:
             self._attempt = attempt
         if new in (_CLOSED, _METRICS_ONLY):
-            self._closed = _Window(self.conf.window_size, self.conf.time_window)
+            self._closed = _Window(self._conf.window_size, self._conf.time_window)
             self._metrics_half = False
         elif new == _HALF_OPEN:
-            self._half = _Window(self.conf.half_open_calls, False)
+            self._half = _Window(self._conf.half_open_calls, False)
             self._metrics_half = True
-        if self.hook is not None:
-            self.hook("state_change", State(old), State(new))
+        h = self._hook
+        if h is not None:
+            h("state_change", State(old), State(new))
 
     def _expire_half_open(self, now: int) -> None:
-        c = self.conf
-        if self._state == _HALF_OPEN and c.half_open_max_wait_ns >= 0 and now - self._since >= c.half_open_max_wait_ns:
+        c = self._conf
+        if (self._state == _HALF_OPEN and c.half_open_max_wait_ns >= 0
+                and _sat(now - self._since) >= c.half_open_max_wait_ns):
             self._move(_OPEN, now, self._attempt + 1)
 
     # -- decisions ----------------------------------------------------------------------------------------
-    def acquire(self, now: int = -1) -> int:
+    def acquire(self, now: int | None = None) -> int:
         """A token (generation << 1 | half-open bit) when the call may go ahead, else -1."""
+        self._lock
         now = self._now(now)
         with self._lock:
             if self._state == _OPEN and now >= self._until:
@@ -110,25 +157,28 @@ class BreakerCore:
             s = self._state
             if s in (_CLOSED, _METRICS_ONLY, _DISABLED):
                 return self._gen << 1
-            if s == _HALF_OPEN and self._flight < self.conf.half_open_calls:
+            if s == _HALF_OPEN and self._flight < self._conf.half_open_calls:
                 self._flight += 1
                 return self._gen << 1 | 1
             self._not_permitted += 1
-        if self.hook is not None:
-            self.hook("not_permitted", None, None)
+        h = self._hook
+        if h is not None:
+            h("not_permitted", None, None)
         return -1
 
-    def rejection(self, now: int = -1) -> CircuitOpenError:
+    def rejection(self, now: int | None = None) -> CircuitOpenError:
         """The error for a refused call: retry_after is the time left in OPEN, else None."""
+        self._lock
         now = self._now(now)
-        s = self._state
-        retry_after = max(0, self._until - now) / 1e9 if s == _OPEN else None
-        return CircuitOpenError(self.name, State(s), retry_after)
+        with self._lock:
+            s = self._state
+            retry_after = max(0, _sat(self._until - now)) / 1e9 if s == _OPEN else None
+        return CircuitOpenError(self._name, State(s), retry_after)
 
     def classify(self, exc: BaseException) -> int:
         """SUCCESS, FAILURE, IGNORED or CANCELLED for an exception (ignore wins over record)."""
-        c = self.conf
-        if isinstance(exc, _PASS_THROUGH):
+        c = self._conf
+        if not isinstance(exc, Exception) and isinstance(exc, _PASS_THROUGH):
             return CANCELLED
         try:
             if c.ignore_t is not None and isinstance(exc, c.ignore_t) or c.ignore_fn is not None and c.ignore_fn(exc):
@@ -136,77 +186,99 @@ class BreakerCore:
             if c.record_t is not None and isinstance(exc, c.record_t) or c.record_fn is not None and c.record_fn(exc):
                 return FAILURE
         except Exception:  # noqa: BLE001 - a broken predicate must not break the call
-            log.exception("circuit breaker %r: record/ignore predicate failed; counting a failure", self.name)
+            log.exception("circuit breaker %r: record/ignore predicate failed; counting a failure", self._name)
             return FAILURE
         return SUCCESS
 
     def classify_result(self, result: Any) -> int:
         """FAILURE when record_result matches the return value, else SUCCESS."""
-        pred = self.conf.record_result
+        pred = self._conf.record_result
         if pred is None:
             return SUCCESS
         try:
             return FAILURE if pred(result) else SUCCESS
         except Exception:  # noqa: BLE001
-            log.exception("circuit breaker %r: record_result predicate failed; counting a failure", self.name)
+            log.exception("circuit breaker %r: record_result predicate failed; counting a failure", self._name)
             return FAILURE
 
-    def record(self, token: int, outcome: int, start: int, now: int = -1, exc: Any = None) -> None:
+    def record(self, token: int, outcome: int, start: int, now: int | None = None, exc: Any = None) -> None:
         """Apply the outcome of a call admitted with `token` at `start` (ns)."""
-        c = self.conf
+        self._lock
+        token, start = as_i64(token, "token"), as_i64(start, "start")
+        if type(outcome) is not int or not 0 <= outcome <= 3:
+            raise ValueError(f"outcome must be SUCCESS, FAILURE, IGNORED or CANCELLED (0-3), got {outcome!r}")
+        self._record(token, outcome, start, now, exc)
+
+    def _record(self, token: int, outcome: int, start: int, now: Any, exc: Any) -> None:
+        # the clock first (it may be any Python), then the record (under the lock, only if the token's
+        # generation is current), then the hooks and the verdict
+        c = self._conf
         gen, half = token >> 1, token & 1
+        timing = self.timing
         if outcome >= IGNORED:
             with self._lock:
                 if half and self._state == _HALF_OPEN and self._gen == gen and self._flight > 0:
                     self._flight -= 1
-            if outcome == IGNORED and self.hook is not None:
-                self.hook("ignored", exc, (self._now(now) - start) if self.timing else None)
+            h = self._hook
+            if outcome == IGNORED and h is not None:
+                h("ignored", exc, _sat(self._now(now) - start) if timing else None)
             return
-        now = self._now(now)
-        duration = now - start
+        duration = 0
+        if timing:
+            now = self._now(now)
+            duration = _sat(now - start)
+        elif now is not None:
+            now = as_i64(now, "now")
         failed, slow = outcome == FAILURE, c.slow_ns >= 0 and duration > c.slow_ns
         with self._lock:
             s = self._state
-            if self._gen != gen or s == _DISABLED:
+            if self._gen != gen or s == _DISABLED or (s == _HALF_OPEN) != bool(half) or s not in (
+                    _CLOSED, _METRICS_ONLY, _HALF_OPEN):
                 return                                      # stale generation: dropped entirely
-            if self.hook is not None:
-                if failed:
-                    self.hook("error", exc, duration)
-                else:
-                    self.hook("success", None, duration)
-            if s == _HALF_OPEN:
-                self._half.record(failed, slow, now)
-                calls, failures, slows, _ = self._half.snapshot(now)
-                if calls >= c.half_open_minimum:
-                    if self._exceeded(calls, failures, slows):
-                        self._move(_OPEN, now, self._attempt + 1)
-                    else:
-                        self._move(_CLOSED, now, 0)
-            elif s in (_CLOSED, _METRICS_ONLY):
-                self._closed.record(failed, slow, now)
-                calls, failures, slows, _ = self._closed.snapshot(now)
-                # METRICS_ONLY reports rates (events) on failures and slow calls; CLOSED decides every time
-                if calls >= c.minimum_calls and (s == _CLOSED or failed or slow):
-                    if self._exceeded(calls, failures, slows) and s == _CLOSED:
+            w = self._half if s == _HALF_OPEN else self._closed
+            w.record(failed, slow, 0 if now is None else now)
+            calls, failures, slows, _ = w.snapshot(0 if now is None else now)
+        h = self._hook
+        if h is not None:
+            h("error" if failed else "success", exc if failed else None, duration if timing else None)
+        if s == _HALF_OPEN:
+            if calls >= c.half_open_minimum:
+                exceeded = self._exceeded(calls, failures, slows)
+                now = self._now(now)                        # the verdict needs the time (its deadline)
+                with self._lock:
+                    if self._state == _HALF_OPEN and self._gen == gen:
+                        if exceeded:
+                            self._move(_OPEN, now, self._attempt + 1)
+                        else:
+                            self._move(_CLOSED, now, 0)
+            return
+        # METRICS_ONLY reports rates (events) on failures and slow calls; CLOSED decides every time
+        if calls >= c.minimum_calls and (s == _CLOSED or failed or slow):
+            if self._exceeded(calls, failures, slows) and s == _CLOSED:
+                now = self._now(now)
+                with self._lock:
+                    if self._state == _CLOSED and self._gen == gen:
                         self._move(_OPEN, now, 1)
 
     def _exceeded(self, calls: int, failures: int, slows: int) -> bool:
-        c = self.conf
+        c = self._conf
         fr, sr = failures / calls, slows / calls
         hit = False
+        h = self._hook
         if fr >= c.failure_rate_threshold:
             hit = True
-            if self.hook is not None:
-                self.hook("failure_rate_exceeded", fr, None)
+            if h is not None:
+                h("failure_rate_exceeded", fr, None)
         if c.slow_ns >= 0 and sr >= c.slow_call_rate_threshold:
             hit = True
-            if self.hook is not None:
-                self.hook("slow_call_rate_exceeded", sr, None)
+            if h is not None:
+                h("slow_call_rate_exceeded", sr, None)
         return hit
 
     # -- state --------------------------------------------------------------------------------------------
-    def state_now(self, now: int = -1) -> int:
+    def state_now(self, now: int | None = None) -> int:
         """The state code, after applying half_open_max_wait expiry."""
+        self._lock
         now = self._now(now)
         with self._lock:
             self._expire_half_open(now)
@@ -221,86 +293,113 @@ class BreakerCore:
     def attempt(self) -> int:
         return self._attempt
 
-    def transition_to(self, state: int, now: int = -1) -> None:
+    def transition_to(self, state: int, now: int | None = None) -> None:
         """Move to `state` from any state (a new generation). ValueError for HALF_OPEN outside OPEN and
         for a move to the current state."""
-        now = self._now(now)
+        self._lock
         state = int(State(state))
+        now = self._now(now)
         with self._lock:
             cur = self._state
             if state == cur or (state == _HALF_OPEN and cur != _OPEN):
                 raise ValueError(f"illegal transition: {State(cur).name} -> {State(state).name}")
             self._move(state, now, self._attempt + 1 if state == _OPEN else (0 if state == _CLOSED else None))
 
-    def reset(self, now: int = -1) -> None:
+    def reset(self, now: int | None = None) -> None:
         """CLOSED with an empty window, attempt 0, not_permitted 0 (a new generation)."""
+        self._lock
         now = self._now(now)
         with self._lock:
             self._not_permitted = 0
             self._move(_CLOSED, now, 0)
 
-    def metrics(self, now: int = -1) -> tuple:
+    def metrics(self, now: int | None = None) -> tuple:
         """(state, calls, failures, slow_calls, failure_rate, slow_call_rate, not_permitted)."""
+        self._lock
         now = self._now(now)
         with self._lock:
             self._expire_half_open(now)
             if self._metrics_half:
                 calls, failures, slows, _ = self._half.snapshot(now)
-                minimum = self.conf.half_open_minimum
+                minimum = self._conf.half_open_minimum
             else:
                 calls, failures, slows, _ = self._closed.snapshot(now)
-                minimum = self.conf.minimum_calls
-            ok = calls >= minimum
+                minimum = self._conf.minimum_calls
+            ok = calls >= minimum and calls > 0
             return (self._state, calls, failures, slows, failures / calls if ok else -1.0,
                     slows / calls if ok else -1.0, self._not_permitted)
 
     def __repr__(self) -> str:
-        return f"BreakerCore(name={self.name!r}, state={self._state})"
+        if "_lock" not in self.__dict__:
+            return f"<{type(self).__name__} (not initialised)>"
+        return f"BreakerCore(name={self._name!r}, state={self._state})"
 
     # -- calling ------------------------------------------------------------------------------------------
     def start(self) -> int:
         """ns timestamp for a call about to start (0 when nothing is timed)."""
-        return self._clock_ns() if self.timing else 0
+        self._lock
+        return self._now(None) if self.timing else 0
 
     def enter(self) -> tuple[int, int]:
         """(token, start) for a call that may go ahead; raises CircuitOpenError otherwise."""
-        now = self._clock_ns()
+        self._lock
+        now = self._now(None)
         token = self.acquire(now)
         if token < 0:
             raise self.rejection(now)
         return token, (now if self.timing else 0)
 
     def exit_ok(self, token: int, start: int, result: Any) -> None:
-        self.record(token, self.classify_result(result), start)
+        self._lock
+        token, start = as_i64(token, "token"), as_i64(start, "start")
+        self._record(token, self.classify_result(result), start, None, None)
 
     def exit_err(self, token: int, start: int, exc: BaseException) -> None:
-        self.record(token, self.classify(exc), start, exc=exc)
+        self._lock
+        token, start = as_i64(token, "token"), as_i64(start, "start")
+        self._record(token, self.classify(exc), start, None, exc)
 
     def try_acquire(self) -> "Permit | None":
         """Two-step use: a Permit, or None when refused."""
-        now = self._clock_ns()
+        self._lock
+        now = self._now(None)
         token = self.acquire(now)
         if token < 0:
             return None
-        return Permit(self, token, now if self.timing else 0)
+        return Permit._make(self, token, now if self.timing else 0)
 
     def guard(self, fn: Callable[..., Any]) -> "Guarded":
         """A callable running fn under the breaker."""
-        return Guarded(self, fn)
+        self._lock
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {fn!r}")
+        return Guarded._make(self, fn)
 
     def make_call(self) -> "Guarded":
         """The `call(fn, *args, **kwargs)` entry."""
-        return Guarded(self, None)
+        self._lock
+        return Guarded._make(self, None)
 
 
 class Permit:
-    """One admitted call, reported once: success(result), failure(exc) or release()."""
+    """One admitted call, reported once: success(result), failure(exc) or release(). Made only by
+    CircuitBreaker.try_acquire() (calling the type is a TypeError). A permit dropped without a report is
+    released when it is collected, so a half-open permit can never be lost."""
 
     __slots__ = ("_core", "_token", "_start", "_done", "_lock")
 
-    def __init__(self, core: BreakerCore, token: int, start: int) -> None:
-        self._core, self._token, self._start, self._done = core, token, start, False
-        self._lock = threading.Lock()
+    def __new__(cls, *args: Any, **kwargs: Any) -> "Permit":
+        raise TypeError(_PERMIT_NEW)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        raise TypeError("type 'buttress._core.breaker.Permit' is not an acceptable base type")
+
+    @classmethod
+    def _make(cls, core: BreakerCore, token: int, start: int) -> "Permit":
+        p = object.__new__(cls)
+        p._core, p._token, p._start, p._done = core, token, start, False
+        p._lock = threading.Lock()
+        return p
 
     def _once(self) -> bool:
         with self._lock:
@@ -312,33 +411,51 @@ class Permit:
     def success(self, result: Any = None) -> None:
         """Report success (record_result is applied to `result`)."""
         if self._once():
-            self._core.exit_ok(self._token, self._start, result)
+            self._core._record(self._token, self._core.classify_result(result), self._start, None, None)
 
     def failure(self, exc: BaseException) -> None:
         """Report an exception (ignore / record / cancellation rules apply)."""
         if not isinstance(exc, BaseException):
             raise TypeError(f"exc must be an exception instance, got {exc!r}")
         if self._once():
-            self._core.exit_err(self._token, self._start, exc)
+            self._core._record(self._token, self._core.classify(exc), self._start, None, exc)
 
     def release(self) -> None:
         """Give the permit back without an outcome."""
         if self._once():
-            self._core.record(self._token, CANCELLED, self._start)
+            self._core._record(self._token, CANCELLED, self._start, None, None)
 
     @property
     def done(self) -> bool:
         return self._done
 
+    def __del__(self) -> None:
+        # never reported: return it (only a half-open permit holds anything)
+        try:
+            if self._token & 1 and self._once():
+                self._core._record(self._token, CANCELLED, self._start, None, None)
+        except AttributeError:       # never made by _make
+            pass
+
 
 class Guarded:
-    """fn under a breaker; with fn None it is `call(fn, *args, **kwargs)`. Binds like a function."""
+    """fn under a breaker; with fn None it is `call(fn, *args, **kwargs)`. Binds like a function.
+    Made only by CircuitBreaker.guard() / make_call() (calling the type is a TypeError)."""
 
     # slots: functools.wraps copies the wrapped callable's __dict__ into ours; slots always win over it
     __slots__ = ("_core", "_fn", "__dict__")
 
-    def __init__(self, core: BreakerCore, fn: Callable[..., Any] | None) -> None:
-        self._core, self._fn = core, fn
+    def __new__(cls, *args: Any, **kwargs: Any) -> "Guarded":
+        raise TypeError(_GUARDED_NEW)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        raise TypeError("type 'buttress._core.breaker.Guarded' is not an acceptable base type")
+
+    @classmethod
+    def _make(cls, core: BreakerCore, fn: Callable[..., Any] | None) -> "Guarded":
+        g = object.__new__(cls)
+        g._core, g._fn = core, fn
+        return g
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         fn = self._fn
