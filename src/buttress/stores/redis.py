@@ -634,6 +634,8 @@ class RedisStore(Store):
     def _exec(self, parts: list[bytes], op: str) -> list[Any] | None:
         """Send `parts` (packed commands) in one round trip through the store's breaker; the replies, or
         None when the store is down (the error is recorded; the caller applies the policy)."""
+        if self._sync_pool is None:
+            self._pool()                             # TypeError: a sync call on an asyncio-only store
         if self._down_until and time.monotonic_ns() < self._down_until:
             self._n_fallbacks += 1
             return None
