@@ -231,8 +231,9 @@ def test_sigkill_a_holder_and_a_survivor_takes_every_permit_back(name: str, kind
         raise res
     refused, elapsed, held, in_use, reclaimed = res
     assert (held, in_use, reclaimed) == (3, 3, 3), "all 3 permits, exactly"
-    # reclaim is tried on a refusal at most once per RECLAIM_INTERVAL: well within the 1 s promise
-    assert refused * shm_mod.RECLAIM_INTERVAL / 5 <= 1.0 and shm_mod.RECLAIM_INTERVAL <= 0.1
+    # the very first refused try looked at the lease table and took them back (a refused process scans
+    # at most once per RECLAIM_INTERVAL, well within the 1 s promise)
+    assert refused == 0 and shm_mod.RECLAIM_INTERVAL <= 0.1
     SharedMemoryStore(name, implementation=kind).unlink()
 
 
