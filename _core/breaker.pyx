@@ -87,6 +87,10 @@ cdef extern from *:
     static void bt_refuse_new(PyTypeObject *permit, PyTypeObject *guarded) {
         permit->tp_new = bt_permit_refuse;
         guarded->tp_new = bt_guarded_refuse;
+    #if PY_VERSION_HEX >= 0x03090000
+        permit->tp_vectorcall = NULL;        /* a fast constructor entry would bypass tp_new */
+        guarded->tp_vectorcall = NULL;
+    #endif
         PyType_Modified(permit);
         PyType_Modified(guarded);
     }

@@ -121,11 +121,16 @@ class BreakerCore(Uninit):
         return self._conf.slow_ns >= 0 or self._conf.time_window
 
     # -- transitions (caller holds the lock) ------------------------------------------------------------
-    def _move(self, new: int, now: int, attempt: int | None = None) -> None:
-        old = self._state
+    def _move(self, new: int, now: int, attempt: int | None = None) -> bool:
+        """Start the next generation in `new`; False (nothing changed) when the open_duration callable
+        (user code, which may switch threads or re-enter) saw the state move on meanwhile."""
+        old, gen = self._state, self._gen
         if new == _OPEN:
             assert attempt is not None
-            self._until = _sat(now + open_duration_ns(self._conf, attempt, log))
+            until = _sat(now + open_duration_ns(self._conf, attempt, log))
+            if (self._state, self._gen) != (old, gen):
+                return False
+            self._until = until
         self._state, self._gen, self._since, self._flight = new, self._gen + 1, now, 0
         if attempt is not None:
             self._attempt = attempt
@@ -138,6 +143,7 @@ class BreakerCore(Uninit):
         h = self._hook
         if h is not None:
             h("state_change", State(old), State(new))
+        return True
 
     def _expire_half_open(self, now: int) -> None:
         c = self._conf
@@ -300,10 +306,12 @@ class BreakerCore(Uninit):
         state = int(State(state))
         now = self._now(now)
         with self._lock:
-            cur = self._state
-            if state == cur or (state == _HALF_OPEN and cur != _OPEN):
-                raise ValueError(f"illegal transition: {State(cur).name} -> {State(state).name}")
-            self._move(state, now, self._attempt + 1 if state == _OPEN else (0 if state == _CLOSED else None))
+            while True:
+                cur = self._state
+                if state == cur or (state == _HALF_OPEN and cur != _OPEN):
+                    raise ValueError(f"illegal transition: {State(cur).name} -> {State(state).name}")
+                if self._move(state, now, self._attempt + 1 if state == _OPEN else (0 if state == _CLOSED else None)):
+                    return
 
     def reset(self, now: int | None = None) -> None:
         """CLOSED with an empty window, attempt 0, not_permitted 0 (a new generation)."""
