@@ -71,14 +71,26 @@ class GCRA(_Uninit):
         if clock_ns is not None and not callable(clock_ns):
             raise TypeError(f"clock_ns must be a callable returning int ns or None, got {clock_ns!r}")
         self._base = time.monotonic_ns() if clock_ns is None else as_i64(clock_ns(), "clock_ns()")
-        self.rate = r
-        self.capacity = cap
-        self.interval_ns = interval
+        self._rate = r
+        self._capacity = cap
+        self._interval = interval
         self._tau = interval * cap
         self._clock_ns = clock_ns
         self._tat = REL_MIN                      # the distant past: full at any (clamped) now
         self._admitted = self._rejected = 0      # decisions, for metrics
         self._lock = threading.Lock()
+
+    @property
+    def rate(self) -> float:
+        return self._rate
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def interval_ns(self) -> int:
+        return self._interval
 
     def _rel(self, now: Any) -> int:
         """`now` (or a clock reading) -> time relative to the base, saturated."""
@@ -99,7 +111,7 @@ class GCRA(_Uninit):
         return m
 
     def _claim(self, n: int, now: Any, max_wait: int) -> tuple[int, int]:
-        cost = n * self.interval_ns
+        cost = n * self._interval
         with self._lock:
             t = self._rel(now)           # read inside the decision: never older than the state it changes
             b = max(self._tat, t)
@@ -114,19 +126,19 @@ class GCRA(_Uninit):
 
     def try_acquire(self, n: int = 1, now: int | None = None) -> bool:
         """Take n tokens if they are available now."""
-        return self._claim(check_n(n, self.capacity), now, 0)[0] == 0
+        return self._claim(check_n(n, self._capacity), now, 0)[0] == 0
 
     def reserve(self, n: int = 1, now: int | None = None, max_wait_ns: int | None = None) -> int:
         """Claim n tokens now if the wait is <= max_wait_ns (None: any representable wait); return that
         wait in ns, or -1 (nothing claimed)."""
-        k = check_n(n, self.capacity)
+        k = check_n(n, self._capacity)
         return self._claim(k, now, self._max_wait(max_wait_ns))[0]
 
     def claim(self, n: int = 1, now: int | None = None, max_wait_ns: int | None = None) -> tuple[int, int]:
         """reserve() that also returns a receipt for refund(): (wait_ns, receipt), or (-1, 0) when
         refused (nothing claimed). The receipt is an int: the claim's end (its new theoretical arrival
         time, absolute ns) times 2**63, plus n."""
-        k = check_n(n, self.capacity)
+        k = check_n(n, self._capacity)
         wait, end = self._claim(k, now, self._max_wait(max_wait_ns))
         if wait < 0:
             return -1, 0
@@ -134,15 +146,15 @@ class GCRA(_Uninit):
 
     def wait_ns(self, n: int = 1, now: int | None = None) -> int:
         """ns until n tokens would be available (0 = now); claims nothing."""
-        k = check_n(n, self.capacity)
+        k = check_n(n, self._capacity)
         t = self._rel(now)
-        return max(0, max(0, self._tat - t) - (self._tau - k * self.interval_ns))
+        return max(0, max(0, self._tat - t) - (self._tau - k * self._interval))
 
     def available(self, now: int | None = None) -> int:
         """Whole tokens available at now."""
         self._lock
         ahead = max(0, self._tat - self._rel(now))
-        return 0 if ahead >= self._tau else (self._tau - ahead) // self.interval_ns
+        return 0 if ahead >= self._tau else (self._tau - ahead) // self._interval
 
     def refund(self, receipt: int) -> bool:
         """Give back the tokens of the claim that returned `receipt`, only if no later claim has built on
@@ -155,12 +167,12 @@ class GCRA(_Uninit):
             receipt = _index(receipt)
         k = receipt & _N_MASK
         end = (receipt >> 63) - self._base
-        if not (1 <= k <= self.capacity and REL_MIN + k * self.interval_ns <= end <= TAT_MAX):
+        if not (1 <= k <= self._capacity and REL_MIN + k * self._interval <= end <= TAT_MAX):
             raise ValueError(f"receipt must be a receipt returned by claim(), got {_show(receipt)}")
         with self._lock:
             if self._tat != end:
                 return False
-            self._tat = end - k * self.interval_ns
+            self._tat = end - k * self._interval
             return True
 
     def counts(self) -> tuple[int, int]:

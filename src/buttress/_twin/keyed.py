@@ -86,25 +86,32 @@ class KeyedGCRA(_Uninit):
         if clock_ns is not None and not callable(clock_ns):
             raise TypeError(f"clock_ns must be a callable returning int ns or None, got {clock_ns!r}")
         self._base = time.monotonic_ns() if clock_ns is None else as_i64(clock_ns(), "clock_ns()")
-        self.nslots = max(2 * mk, WINDOW)
-        self.max_keys = mk
-        self.rate = r
-        self.capacity = cap
-        self.interval_ns = interval
-        self.idle_ns = idle
+        self._nslots = max(2 * mk, WINDOW)
+        self._max_keys = mk
+        self._rate = r
+        self._capacity = cap
+        self._interval = interval
+        self._idle = idle
         self._tau = interval * cap
         self._rel_max = _K_TAT_MAX - self._tau
         self._clock_ns = clock_ns
-        self._keys = array("q", bytes(8 * self.nslots))
-        self._words = array("q", bytes(8 * self.nslots))
+        self._keys = array("q", bytes(8 * self._nslots))
+        self._words = array("q", bytes(8 * self._nslots))
         self._count = 0
         self._hand = 0
         self._lock = threading.Lock()
 
+    rate = property(lambda self: self._rate)
+    capacity = property(lambda self: self._capacity)
+    interval_ns = property(lambda self: self._interval)
+    max_keys = property(lambda self: self._max_keys)
+    nslots = property(lambda self: self._nslots)
+    idle_ns = property(lambda self: self._idle)
+
     @property
     def nbytes(self) -> int:
         """Bytes of table (the compiled core's layout: 16 per slot)."""
-        return 16 * self.nslots
+        return 16 * self._nslots
 
     def __len__(self) -> int:
         return self._count
@@ -119,13 +126,13 @@ class KeyedGCRA(_Uninit):
         return rel_time(now, self._base, _K_REL_MIN, self._rel_max)
 
     def _home(self, h: int) -> int:
-        return (((h & _M64) >> 32) * self.nslots) >> 32
+        return (((h & _M64) >> 32) * self._nslots) >> 32
 
     def _acquire(self, h: int, cost: int, now: int) -> bool:
-        keys, words, nslots = self._keys, self._words, self.nslots
+        keys, words, nslots = self._keys, self._words, self._nslots
         empty = victim = -1
         best_tat = _INT64_MAX
-        evictable = self._tau - self.interval_ns
+        evictable = self._tau - self._interval
         i = self._home(h)
         for _ in range(WINDOW):
             k = keys[i]
@@ -147,7 +154,7 @@ class KeyedGCRA(_Uninit):
             if i == nslots:
                 i = 0
         # not in its window: take a slot (the first request of a new key always fits)
-        if empty >= 0 and (victim < 0 or self._count < self.max_keys):
+        if empty >= 0 and (victim < 0 or self._count < self._max_keys):
             slot = empty
             self._count += 1
         elif victim >= 0:
@@ -156,10 +163,10 @@ class KeyedGCRA(_Uninit):
             return False          # every slot in the window holds a key that is still limited
         keys[slot] = h
         words[slot] = ((now + cost) << 4) | ((words[slot] + 1) & _GEN)
-        if self.idle_ns > 0:
+        if self._idle > 0:
             start, self._hand = self._hand, self._hand + _SWEEP
             for j in range(_SWEEP):
-                self._expire((start + j) % nslots, now - self.idle_ns)
+                self._expire((start + j) % nslots, now - self._idle)
         return True
 
     def _expire(self, i: int, idle_before: int) -> bool:
@@ -171,7 +178,7 @@ class KeyedGCRA(_Uninit):
         return True
 
     def _cost(self, n: Any) -> int:
-        return check_n(n, self.capacity) * self.interval_ns
+        return check_n(n, self._capacity) * self._interval
 
     def key_hash(self, key: object) -> int:
         """The table's 64-bit hash of `key` as an unsigned int (same in the compiled core, stable across processes)."""
@@ -211,7 +218,7 @@ class KeyedGCRA(_Uninit):
         for _ in range(WINDOW):
             if self._keys[i] == h:
                 return max(0, max(self._words[i] >> 4, t) + cost - t - self._tau)
-            i = (i + 1) % self.nslots
+            i = (i + 1) % self._nslots
         return 0
 
     def purge(self, now: int | None = None) -> int:
@@ -219,20 +226,20 @@ class KeyedGCRA(_Uninit):
         self._lock
         t = self._rel(now)
         with self._lock:
-            return sum(self._expire(i, t - self.idle_ns) for i in range(self.nslots))
+            return sum(self._expire(i, t - self._idle) for i in range(self._nslots))
 
     def reset(self) -> None:
         """Forget every key."""
         with self._lock:
-            for i in range(self.nslots):
+            for i in range(self._nslots):
                 self._expire(i, _INT64_MAX)
             self._hand = 0
 
     def __repr__(self) -> str:
         if "_lock" not in self.__dict__:
             return f"<{type(self).__name__} (not initialised)>"
-        return (f"KeyedGCRA(rate={self.rate!r}, capacity={self.capacity!r}, max_keys={self.max_keys!r}, "
-                f"idle_ns={self.idle_ns!r})")
+        return (f"KeyedGCRA(rate={self._rate!r}, capacity={self._capacity!r}, max_keys={self._max_keys!r}, "
+                f"idle_ns={self._idle!r})")
 
 
 def _as_keys(keys: Any) -> memoryview:
