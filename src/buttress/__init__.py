@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # what the lazy __getattr__ returns, for type checkers ("X as
                    circuit_breaker as circuit_breaker, clock as clock, errors as errors, fallback as fallback,
                    health as health, hedge as hedge, httpx as httpx, otel as otel, pipeline as pipeline,
                    prometheus as prometheus, rate_limit as rate_limit, registry as registry, retry as retry,
-                   shedding as shedding, timeout as timeout)
+                   shedding as shedding, stores as stores, timeout as timeout)
     from .bulkhead import Bulkhead as Bulkhead, ThreadPoolBulkhead as ThreadPoolBulkhead
     from .chaos import Chaos as Chaos
     from .circuit_breaker import CircuitBreaker as CircuitBreaker, Permit as Permit, State as State
@@ -36,6 +36,9 @@ if TYPE_CHECKING:  # what the lazy __getattr__ returns, for type checkers ("X as
     from .retry import (Attempt as Attempt, current_attempt as current_attempt, Retry as Retry,
                         RetryBudget as RetryBudget)
     from .shedding import LoadShedder as LoadShedder, Priority as Priority
+    from .stores import store_from_url as store_from_url
+    from .stores.redis import RedisStore as RedisStore
+    from .stores.shm import SharedMemoryStore as SharedMemoryStore
     from .timeout import remaining as remaining, Timeout as Timeout
 del TYPE_CHECKING
 
@@ -49,11 +52,12 @@ _LAZY = {
     "Timeout": "timeout", "remaining": "timeout",
     "Fallback": "fallback", "StaleCacheFallback": "fallback", "served_stale": "fallback", "Stale": "fallback",
     "Chaos": "chaos", "Hedge": "hedge", "HedgeMetrics": "hedge",
+    "SharedMemoryStore": "stores", "RedisStore": "stores", "store_from_url": "stores",
     "LoadShedder": "shedding", "Priority": "shedding",
     "Pipeline": "pipeline", "PipelineOrderWarning": "pipeline", "Registry": "registry",
 }
 _SUBMODULES = {"backoff", "health", "asgi", "chaos", "prometheus", "otel", "clock", "errors", "adaptive", "registry",
-               "pipeline", "shedding", "circuit_breaker", "retry", "bulkhead", "timeout", "fallback", "rate_limit", "hedge", "httpx"}
+               "pipeline", "shedding", "circuit_breaker", "retry", "bulkhead", "timeout", "fallback", "rate_limit", "hedge", "httpx", "stores"}
 
 __all__ = ["IMPLEMENTATION", "__version__", "FakeClock", "SystemClock", "ButtressError", "Rejected",
            "CircuitOpenError", "RateLimitExceeded", "BulkheadFullError", "Overloaded", "TimeoutExceeded",

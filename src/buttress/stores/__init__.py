@@ -3,7 +3,7 @@
 - ``memory://`` (:class:`MemoryStore`): this process. The default (``store=None``).
 - ``shm://NAME`` (:class:`SharedMemoryStore`): one POSIX shared-memory segment per store, shared by every
   process of the host that opens NAME. A decision is the same lock-free CAS on a word in the segment.
-- ``redis://`` / ``rediss://`` / ``valkey://`` / ``valkeys://``: cluster-wide (issue 15; not built yet).
+- ``redis://`` / ``rediss://`` / ``valkey://`` / ``valkeys://``: cluster-wide (:class:`RedisStore`, redis-py; ``pip install "buttress[redis]"``).
 
 Objects with the same ``(kind, name)`` in the same store share one state. A *word store* (memory, shm)
 hands out int64 words: ``bind(kind, name, settings, nwords)`` finds or creates the object's words in the
@@ -19,7 +19,7 @@ import threading
 from typing import Any, Callable, Mapping, NamedTuple
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-__all__ = ["Store", "WordStore", "Binding", "store_from_url", "canonical_settings", "check_name",
+__all__ = ["Store", "WordStore", "Binding", "store_from_url", "canonical_settings", "check_name", "RedisStore",
            "MemoryStore", "SharedMemoryStore"]
 
 # a name (of a store or of an object in it): printable, no control characters, bounded
@@ -178,7 +178,7 @@ _memory_stores: dict[str, Any] = {}
 
 def store_from_url(url: object) -> Store:
     """A store from its URL: ``memory://`` (or ``memory://NAME``: a process-wide store of that name),
-    ``shm://NAME`` (optionally ``?size=BYTES&slots=N``), later ``redis://`` and friends."""
+    ``shm://NAME`` (optionally ``?size=BYTES&slots=N``), ``redis://`` / ``rediss://`` / ``valkey://`` / ``valkeys://``."""
     if isinstance(url, Store):
         return url
     if not isinstance(url, str):
@@ -208,11 +208,8 @@ def store_from_url(url: object) -> Store:
             raise ValueError(f"store URL {url!r} names no segment: use shm://NAME")
         return SharedMemoryStore(name, **kwargs)
     if scheme in ("redis", "rediss", "valkey", "valkeys"):
-        try:
-            from . import redis as _redis  # type: ignore[attr-defined]
-        except ImportError as exc:
-            raise ValueError(f"store URL {url!r}: the Redis store is not available in this build ({exc})") from exc
-        return _redis.RedisStore.from_url(url)   # type: ignore[no-any-return]
+        from .redis import RedisStore
+        return RedisStore.from_url(url)
     raise ValueError(f"store URL {url!r}: unknown scheme {parts.scheme!r} "
                      f"(allowed: memory://, shm://NAME, redis://, rediss://, valkey://, valkeys://)")
 
@@ -224,4 +221,7 @@ def __getattr__(name: str) -> Any:
     if name == "SharedMemoryStore":
         from .shm import SharedMemoryStore
         return SharedMemoryStore
+    if name == "RedisStore":
+        from .redis import RedisStore
+        return RedisStore
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
