@@ -438,3 +438,12 @@ def test_double_exits_racing_threads_never_exceed_the_limit(impl, fast_switching
 
     assert sum(race(8, run)) > 0
     assert peak[0] <= 3 and p.in_use == 0
+
+
+def test_get_with_neither_instance_nor_owner_is_refused_alike(impl):
+    gate = Gate(1)
+    for g in (impl.guard.StageGuard(print, gate.acquire, gate.refuse),
+              impl.guard.AttemptGuard(print, None, _STATE, itertools.count(), print, lambda: 0)):
+        with pytest.raises(TypeError, match=r"^__get__\(None, None\) is invalid$"):
+            g.__get__(None)
+        assert g.__get__(None, type(g)) is g

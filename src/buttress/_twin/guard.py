@@ -128,6 +128,8 @@ class StageGuard:
             stage.after()
 
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        if obj is None and objtype is None:     # as the compiled slot (and a function) says
+            raise TypeError("__get__(None, None) is invalid")
         return self if obj is None else types.MethodType(self, obj)
 
 
@@ -231,4 +233,6 @@ class AttemptGuard:
             self._var.reset(token)
 
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        if obj is None and objtype is None:     # as the compiled slot (and a function) says
+            raise TypeError("__get__(None, None) is invalid")
         return self if obj is None else types.MethodType(self, obj)
