@@ -5,7 +5,9 @@ plus two atomic decision counters, so the facade (buttress.TokenBucket) can hand
 
 Every method takes `now` in int ns (any int64; None, the default, reads the clock: the C monotonic
 clock, same as time.monotonic_ns(), or `clock_ns()` when one was given). Time is kept relative to a
-base read from that clock at creation and saturates ~73 years either side of it (DESIGN §3c).
+base and saturates ~73 years either side of it (DESIGN §3c): the base is `clock_ns()` read at creation
+(any int64 reading: negative, epoch-based, near the int64 ends), or 0 for the C monotonic clock, whose
+readings are uptime; 0 also makes answers to explicit `now=` the same here and in the twin.
 """
 cimport cython
 from libc.stdint cimport int64_t, INT64_MAX
@@ -50,7 +52,7 @@ cdef class GCRA:
         r, cap, interval = emission_interval_ns(rate, capacity)
         if clock_ns is not None and not callable(clock_ns):
             raise TypeError(f"clock_ns must be a callable returning int ns or None, got {clock_ns!r}")
-        cdef int64_t base = monotonic_ns() if clock_ns is None else bt_as_i64(clock_ns(), "clock_ns()")
+        cdef int64_t base = 0 if clock_ns is None else bt_as_i64(clock_ns(), "clock_ns()")   # see the module doc
         self.rate_ = r
         self._clock_ns = clock_ns
         gcra_init(&self.g, interval, cap, base)

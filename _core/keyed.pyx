@@ -6,8 +6,8 @@ is 32 bytes per key and never grows. The word packs the key's theoretical arriva
 4-bit slot generation: word = tat << 4 | gen. A key lives in the WINDOW slots after its home slot
 (home = fastrange of the hash's top 32 bits); lookups scan that window.
 
-Time (DESIGN §3c): any int64 clock reading is valid. TATs are kept relative to a base read from the
-clock at creation, and `now` saturates at [REL_MIN, 2**59 - 1 - tau] relative to it (about 18 years
+Time (DESIGN §3c): any int64 clock reading is valid. TATs are kept relative to a base: clock_ns() read
+at creation (0 for the C monotonic clock, whose readings are uptime), and `now` saturates at [REL_MIN, 2**59 - 1 - tau] relative to it (about 18 years
 either side for a bucket of seconds), so `tat << 4` always fits and never wraps. LOCKED is INT64_MIN,
 a word no slot can hold (every stored TAT is > -2**59).
 
@@ -158,7 +158,7 @@ cdef class KeyedGCRA:
         idle = check_int("idle_ns", idle_ns, minimum=0, maximum=MAX_NOW_NS)
         if clock_ns is not None and not callable(clock_ns):
             raise TypeError(f"clock_ns must be a callable returning int ns or None, got {clock_ns!r}")
-        cdef int64_t base = monotonic_ns() if clock_ns is None else bt_as_i64(clock_ns(), "clock_ns()")
+        cdef int64_t base = 0 if clock_ns is None else bt_as_i64(clock_ns(), "clock_ns()")   # as in gcra
         cdef int64_t nslots = max(2 * mk, _WINDOW)
         cdef kslot *slots = <kslot *>PyMem_Calloc(nslots, sizeof(kslot))
         if slots == NULL:

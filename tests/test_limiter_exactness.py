@@ -131,6 +131,17 @@ def test_window_time_never_runs_backwards_inside_the_limiter():
     assert sw.wait_time() == pytest.approx(1.5)      # from 10.0 s: half of the next window must pass
 
 
+@pytest.mark.parametrize("cls", [FixedWindowLimiter, SlidingWindowLimiter])
+@pytest.mark.parametrize("start", [-5 * S, -(2**63), 1_700_000_000 * S, 2**63 - 1 - 3 * S])
+def test_windows_on_any_int64_clock(cls, start):
+    # a clock below zero: the first window number was compared with 0 and never rolled forward
+    clock = StallingClock(start)
+    w = cls(3, 1.0, clock=clock)
+    assert [w.try_acquire() for _ in range(5)] == [True] * 3 + [False] * 2
+    clock.ns += 2 * S
+    assert w.try_acquire(3) and not w.try_acquire()
+
+
 # ---------- refunds: a cancelled reservation gives back only what nobody built on ----------
 
 def _waiters_scenario(make, cancel):

@@ -26,6 +26,7 @@ __all__ = ["TokenBucket", "LeakyBucket", "FixedWindowLimiter", "SlidingWindowLim
            "KeyedLimiter", "RateLimitMetrics", "KeyedMetrics"]
 
 _INT64_MAX = (1 << 63) - 1
+_NO_WINDOW = -(1 << 64) - 2      # below any int64 clock reading // window (negative readings included)
 
 
 @dataclass(frozen=True)
@@ -385,7 +386,7 @@ class _WindowLimiter(_Limiter):
         self._lock = threading.Lock()
         self._last: int | None = None   # latest clock reading used (monotone max)
         self._gen = 0            # bumped by reset(): receipts of older claims are void
-        self._idx = 0            # current window number (now // window)
+        self._idx = _NO_WINDOW   # current window number (now // window); below any real one at first
         self._prev = 0           # count in window _idx - 1
         self._curr = 0           # count in window _idx
         self._n_admitted = self._n_rejected = 0

@@ -70,7 +70,7 @@ class GCRA(_Uninit):
         r, cap, interval = emission_interval_ns(rate, capacity)
         if clock_ns is not None and not callable(clock_ns):
             raise TypeError(f"clock_ns must be a callable returning int ns or None, got {clock_ns!r}")
-        self._base = time.monotonic_ns() if clock_ns is None else as_i64(clock_ns(), "clock_ns()")
+        self._base = 0 if clock_ns is None else as_i64(clock_ns(), "clock_ns()")   # see the compiled module doc
         self._rate = r
         self._capacity = cap
         self._interval = interval

@@ -85,7 +85,7 @@ class KeyedGCRA(_Uninit):
         idle = check_int("idle_ns", idle_ns, minimum=0, maximum=MAX_NOW_NS)
         if clock_ns is not None and not callable(clock_ns):
             raise TypeError(f"clock_ns must be a callable returning int ns or None, got {clock_ns!r}")
-        self._base = time.monotonic_ns() if clock_ns is None else as_i64(clock_ns(), "clock_ns()")
+        self._base = 0 if clock_ns is None else as_i64(clock_ns(), "clock_ns()")
         self._nslots = max(2 * mk, WINDOW)
         self._max_keys = mk
         self._rate = r
