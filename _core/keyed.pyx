@@ -252,7 +252,7 @@ cdef class KeyedGCRA:
         cdef int64_t i, j, k, w, tat, best_tat, empty, victim, w_empty, w_victim, home, w_home, slot, w_slot
         cdef int64_t limit = self.tau - cost     # charge fits when max(tat, now) - now <= limit
         cdef int64_t evictable = self.tau - self.interval
-        cdef bint retry, found
+        cdef bint retry, found, busy
         while True:
             # 1. lock-free lookup: a known key is decided by one CAS on its word
             retry = False
@@ -290,6 +290,7 @@ cdef class KeyedGCRA:
             w_empty = 0
             w_victim = 0
             best_tat = INT64_MAX
+            busy = False
             i = home
             for j in range(_WINDOW):
                 # the word first, then the key: a later CAS on that word then proves the key unchanged
@@ -298,7 +299,9 @@ cdef class KeyedGCRA:
                 if k == h:
                     found = True  # inserted meanwhile (or being moved out): decide on it in step 1
                     break
-                if w != LOCKED:   # a locked slot is changing hands, and never to h (we hold h's home)
+                if w == LOCKED:   # changing hands (never to h: we hold h's home); maybe free in a moment
+                    busy = True
+                else:
                     if k == 0:
                         if empty < 0:
                             empty = i
@@ -324,6 +327,8 @@ cdef class KeyedGCRA:
                 w_slot = w_victim
             else:
                 bt_store(&s[home].word, w_home)
+                if busy:
+                    continue      # a slot was changing hands: look again rather than refuse
                 return 0          # every slot in the window holds a key that is still limited
             if slot != home and not bt_cas(&s[slot].word, w_slot, LOCKED):
                 bt_store(&s[home].word, w_home)   # the slot changed: let go of everything, start over
