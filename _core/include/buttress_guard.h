@@ -13,6 +13,12 @@
 #include <stdint.h>
 #include <string.h>
 
+#if defined(_MSC_VER) && !defined(__clang__)
+#define BT_GUARD_INLINE __inline
+#else
+#define BT_GUARD_INLINE inline
+#endif
+
 typedef struct bt_guard_ops {
     /* 0: go (token/start set); -1: refuse, exception set */
     int (*enter)(PyObject *owner, int64_t *token, int64_t *start);
@@ -44,7 +50,7 @@ typedef struct {
 
 /* The error for an object whose __init__ never ran (T.__new__(T), a subclass skipping super().__init__()):
  * "<Type> is not initialised: ...", the short type name as type(obj).__name__ gives it. */
-static inline PyObject *bt_not_initialised(PyObject *self)
+static BT_GUARD_INLINE PyObject *bt_not_initialised(PyObject *self)
 {
     const char *name = Py_TYPE(self)->tp_name, *dot = strrchr(name, '.');
     PyErr_Format(PyExc_RuntimeError, "%s is not initialised: its __init__ was not called "
@@ -106,7 +112,7 @@ typedef struct {
     int64_t count[BT_HELD_SLOTS];
 } bt_held_t;
 
-static inline bt_held_t *bt_held_table(void)
+static BT_GUARD_INLINE bt_held_t *bt_held_table(void)
 {
 #if defined(_MSC_VER) && !defined(__clang__)
     static __declspec(thread) bt_held_t table;
@@ -117,7 +123,7 @@ static inline bt_held_t *bt_held_table(void)
 }
 
 /* 1: recorded for this thread; 0: table full (the caller counts it as floating). */
-static inline int bt_held_enter(int64_t id)
+static BT_GUARD_INLINE int bt_held_enter(int64_t id)
 {
     bt_held_t *h = bt_held_table();
     int i, free_slot = -1;
@@ -137,7 +143,7 @@ static inline int bt_held_enter(int64_t id)
 }
 
 /* 1: a record of this thread was consumed; 0: this thread holds none. */
-static inline int bt_held_exit(int64_t id)
+static BT_GUARD_INLINE int bt_held_exit(int64_t id)
 {
     bt_held_t *h = bt_held_table();
     int i;
@@ -152,7 +158,7 @@ static inline int bt_held_exit(int64_t id)
 }
 
 /* How many `with` acquisitions of stage `id` this thread holds (for tests and metrics). */
-static inline int64_t bt_held_count(int64_t id)
+static BT_GUARD_INLINE int64_t bt_held_count(int64_t id)
 {
     bt_held_t *h = bt_held_table();
     int i;
