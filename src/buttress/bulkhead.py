@@ -482,7 +482,7 @@ class ThreadPoolBulkhead(Policy):
     def call(self, fn: Callable[..., Any], /, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         """Run `fn` on the pool and wait for its result up to `timeout` seconds (capped by the innermost
         deadline), else raise TimeoutExceeded; the call itself runs on in its worker."""
-        limit = _wait_budget(check_float("timeout", timeout, minimum=0.0, allow_none=True))
+        limit = _wait_budget(check_float("timeout", timeout, minimum=0.0, maximum=1e9, allow_none=True))
         fut = self.submit(fn, *args, **kwargs)
         done, _ = concurrent.futures.wait((fut,), limit)
         if not done:
