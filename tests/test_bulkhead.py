@@ -581,6 +581,8 @@ def test_pool_bad_call_timeout():
     tp = ThreadPoolBulkhead(1, 0)
     with pytest.raises(ValueError, match="timeout"):
         tp.call(lambda: 1, timeout=-1)
+    with pytest.raises(ValueError, match="timeout"):
+        tp.call(lambda: 1, timeout=1e300)       # used to leak OverflowError from concurrent.futures.wait
     assert tp.metrics().queued == 0 and tp.metrics().running == 0
     tp.shutdown()
 
