@@ -286,7 +286,8 @@ def test_health_endpoints_through_uvicorn(client):
     cb = CircuitBreaker(name="payment", clock=clock)
     health.add_breaker(cb)
     limiter = KeyedLimiter(rate=1.0, capacity=1, max_keys=8, clock=clock)
-    app = HealthEndpoints(RateLimitMiddleware(hello, limiter), health)
+    # details=True: the whole report (opt-in; the default body is the status alone, see test_health_edge)
+    app = HealthEndpoints(RateLimitMiddleware(hello, limiter), health, details=True)
     with serve(app) as url:
         for path in ("/livez", "/readyz", "/startupz"):
             r = client.get(url + path)
@@ -316,7 +317,7 @@ def test_health_endpoints_standalone_and_custom_paths(client):
     with serve(HealthEndpoints(None, health, livez="/healthz", startupz=None)) as url:
         assert client.get(url + "/healthz").status_code == 200
         r = client.get(url + "/readyz")
-        assert r.status_code == 503 and r.json()["checks"]["db"]["error"] == "check returned False"
+        assert r.status_code == 503 and r.json() == {"status": "down"}          # the status alone by default
         assert client.get(url + "/startupz").status_code == 404
         assert client.get(url + "/livez").status_code == 404
 
@@ -326,4 +327,6 @@ def test_health_endpoints_bad_arguments():
         HealthEndpoints(None, object())
     with pytest.raises(ValueError, match="the path for readiness must be a str starting with '/'"):
         HealthEndpoints(None, HealthRegistry(), readyz="readyz")
+    with pytest.raises(TypeError, match=r"details must be a bool or a callable\(scope\) -> bool .*got 'yes'"):
+        HealthEndpoints(None, HealthRegistry(), details="yes")
 

@@ -18,6 +18,7 @@ and only as far as `trusted_proxies` entries from the right. See docs/asgi.md, "
 from __future__ import annotations
 
 import functools
+import inspect
 import ipaddress
 import itertools
 import logging
@@ -482,18 +483,30 @@ class LoadSheddingMiddleware:
 # -- health endpoints ----------------------------------------------------------------------------------
 
 class HealthEndpoints:
-    """Serve a `buttress.health.HealthRegistry` as JSON on GET/HEAD `livez`, `readyz` and `startupz`
-    (set one to None to not serve it); every other request goes to `app` (404 when `app` is None).
+    """Serve a `buttress.health.HealthRegistry` on GET/HEAD `livez`, `readyz` and `startupz` (set one to
+    None to not serve it); every other request goes to `app` (404 when `app` is None).
 
-    Put it outermost, so probes are never rate limited or shed.
+    The body is ``{"status": "up"}`` (the status alone: no check names, errors, durations, counts or
+    breaker names) unless `details` allows the whole report: True for every request, or a
+    callable(scope) -> bool (or an awaitable bool), e.g. an authenticated operator; an authoriser that
+    raises allows nothing. Kubernetes reads only the status code. A probe that fails inside the
+    registry answers 503, never 500.
+
+    Put it outermost, so probes are never rate limited or shed, and keep its paths unreachable from
+    outside (see docs/health.md, "Deploying safely").
     """
 
     def __init__(self, app: ASGIApp | None, health: Any, livez: str | None = "/livez",
-                 readyz: str | None = "/readyz", startupz: str | None = "/startupz") -> None:
+                 readyz: str | None = "/readyz", startupz: str | None = "/startupz", *,
+                 details: bool | Callable[[Scope], Any] = False) -> None:
         self.app = _check_app(app, allow_none=True)
         if not callable(getattr(health, "check", None)):
             raise TypeError(f"health must be a buttress.health.HealthRegistry, got {health!r}")
+        if not isinstance(details, bool) and not callable(details):
+            raise TypeError(f"details must be a bool or a callable(scope) -> bool (an authoriser), "
+                            f"got {show(details)}")
         self.health = health
+        self.details = details
         self.routes: dict[str, str] = {}
         for probe, path in (("liveness", livez), ("readiness", readyz), ("startup", startupz)):
             if path is None:
@@ -501,6 +514,7 @@ class HealthEndpoints:
             if not isinstance(path, str) or not path.startswith("/"):
                 raise ValueError(f"the path for {probe} must be a str starting with '/' or None, got {path!r}")
             self.routes[path] = probe
+        self._once = _Once()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -510,21 +524,46 @@ class HealthEndpoints:
         if self.app is not None:
             return await self.app(scope, receive, send)
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await _serve_lifespan(receive, send)
         elif scope["type"] == "http":
             await _respond(send, 404, b"not found\n", [])
+
+    async def _allowed(self, scope: Scope) -> bool:
+        details = self.details
+        if details is True or details is False:
+            return details
+        try:
+            allowed = details(scope)
+            if inspect.isawaitable(allowed):
+                allowed = await allowed
+            return allowed is True or bool(allowed)
+        except Exception as exc:  # noqa: BLE001 - a failing authoriser shows nothing, never a 500
+            self._once.warning("details", "buttress.asgi.HealthEndpoints: the details authoriser failed (%s); "
+                               "such probes get the status only", type(exc).__name__, exc_info=exc)
+            return False
 
     async def _serve(self, probe: str, scope: Scope, send: Send) -> None:
         method = scope.get("method", "GET")
         if method not in ("GET", "HEAD"):
             return await _respond(send, 405, b"method not allowed\n", [(b"allow", b"GET, HEAD")])
-        report = await self.health.check(probe)
-        body = report.to_json().encode()
-        await _respond(send, report.http_status, body, [(b"cache-control", b"no-store")],
+        try:
+            report = await self.health.check(probe)
+            status, show_all = report.http_status, await self._allowed(scope)
+            body = report.to_json(details=show_all).encode()
+        except Exception as exc:  # noqa: BLE001 - a probe that cannot be answered is "down", not a 500
+            self._once.warning("check", "buttress.asgi.HealthEndpoints: the %s probe failed (%s); answered 503",
+                               probe, type(exc).__name__, exc_info=exc)
+            status, body = 503, b'{"status": "down"}'
+        await _respond(send, status, body, [(b"cache-control", b"no-store")],
                        content_type=b"application/json", head=method == "HEAD")
+
+
+async def _serve_lifespan(receive: Receive, send: Send) -> None:
+    """Answer the lifespan protocol for an app that has none (startup and shutdown complete at once)."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -14,6 +14,18 @@ seconds without raising. `failure_threshold` / `success_threshold` count consecu
 check's status flips (initially: liveness up, readiness down, startup starting); a result younger
 than `period` seconds is reused instead of running the check again (and is not counted twice).
 
+One run at a time per check (single flight): probes that arrive while a check runs wait for that run
+and share its result, whatever `period` is (also across event loops and threads), so a flood of probes
+costs one check per period (or per run), never one per probe. A check that cannot be started (the
+worker pool of sync checks is full) answers its last result, or "down" when it has none: never an error.
+
+`draining = True` (set by `buttress.lifecycle` on shutdown) makes readiness "draining" (HTTP 503) at
+once, without running checks; liveness is not affected (a draining process must not be restarted).
+
+Reports carry details (errors, durations, counts) for in-process use; `buttress.asgi.HealthEndpoints`
+publishes only the status unless details are allowed. A falsy return value is never published with
+its repr(): only its type is named (it may be an object holding secrets).
+
 Async checks are timed on the registry's clock (`buttress.Timeout`, so a FakeClock drives them in
 tests); sync checks run on a small worker pool and are awaited in real time (a thread cannot be
 stopped: a hung sync check keeps its worker, and is reported as failing, without being started again,
@@ -22,6 +34,7 @@ until it returns).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import json
 import threading
@@ -31,10 +44,10 @@ from typing import Any, Callable
 from ._params import ASYNC, NS, SYNC, callable_kind, check_function, check_int, check_seconds, seconds_to_ns
 from .clock import resolve_clock
 
-__all__ = ["HealthRegistry", "HealthReport", "PROBES", "UP", "DEGRADED", "DOWN", "STARTING"]
+__all__ = ["HealthRegistry", "HealthReport", "PROBES", "UP", "DEGRADED", "DOWN", "STARTING", "DRAINING"]
 
 PROBES = ("liveness", "readiness", "startup")
-UP, DEGRADED, DOWN, STARTING = "up", "degraded", "down", "starting"
+UP, DEGRADED, DOWN, STARTING, DRAINING = "up", "degraded", "down", "starting", "draining"
 _OPEN_STATES = ("OPEN", "FORCED_OPEN")
 _INITIAL = {"liveness": True, "readiness": False, "startup": None}     # None: no verdict yet
 
@@ -51,8 +64,13 @@ class HealthReport(dict):
     def status(self) -> str:
         return self["status"]
 
-    def to_json(self, indent: int | None = None) -> str:
-        return json.dumps(self, indent=indent, sort_keys=False, default=str)
+    def public(self) -> dict[str, Any]:
+        """What may be shown to anyone: the status alone (no check names, errors, durations, counts)."""
+        return {"status": self["status"]}
+
+    def to_json(self, indent: int | None = None, details: bool = True) -> str:
+        """The report as JSON; ``details=False``: `public()` only."""
+        return json.dumps(self if details else self.public(), indent=indent, sort_keys=False, default=str)
 
 
 def _check_probe(probe: object) -> str:
@@ -85,6 +103,7 @@ class _Check:
     duration: float | None = None
     error: str | None = None
     running: Any = None         # the future of a sync check still running after its timeout
+    flight: Any = None          # the _Flight of the run in progress (single flight), None when idle
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def record(self, ok: bool, duration: float, error: str | None, now_ns: int) -> None:
@@ -107,6 +126,28 @@ class _Check:
             return {"status": self.status(), "duration": self.duration, "error": self.error,
                     "consecutive_successes": self.successes, "consecutive_failures": self.failures,
                     "cached": cached, **({} if self.critical else {"critical": False})}
+
+    def not_run(self, why: str) -> dict[str, Any]:
+        """The answer of a run that could not take place: the last result (not counted again), or
+        "down" when there is none. Nothing is recorded."""
+        report = self.report(True)
+        if self.last_ns is None:
+            report.update(status=DOWN, error=why, cached=False)
+        return report
+
+
+class _Flight:
+    """One run of a check that every concurrent probe shares: `future` (a concurrent.futures.Future,
+    so probes on other event loops and threads can wait for it) and the loop that runs it."""
+
+    __slots__ = ("future", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+        self.loop = loop
+
+
+_NOT_RUN = object()
 
 
 @dataclass(eq=False)
@@ -136,7 +177,9 @@ class HealthRegistry:
         self._registries: list[tuple[Any, str]] = []
         self._lock = threading.Lock()
         self._started = False
+        self._draining = False
         self._executor: Any = None
+        self._tasks: set[asyncio.Task] = set()      # runs in progress (strong references)
 
     # -- registration ------------------------------------------------------------------------------------
     def add_liveness(self, name: str, fn: Callable[[], Any], timeout: float = 1.0, period: float = 0.0,
@@ -224,10 +267,25 @@ class HealthRegistry:
         """True once every startup check has passed (or there are none)."""
         return self._started or not self._checks["startup"]
 
+    @property
+    def draining(self) -> bool:
+        """True while the process is shutting down: readiness answers "draining" (503) without running
+        its checks, so load balancers stop sending traffic; liveness and startup are not affected.
+        `buttress.lifecycle` sets it; set it back to False to serve again."""
+        return self._draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"draining must be a bool, got {value!r}")
+        self._draining = value
+
     # -- evaluation -------------------------------------------------------------------------------------
     async def check(self, probe: str) -> HealthReport:
         """Run (or reuse cached results of) the probe's checks and aggregate them."""
         _check_probe(probe)
+        if probe == "readiness" and self._draining:
+            return self._report(probe, DRAINING, {})
         if probe == "startup" or not self.started:
             startup = await self._startup()
             if probe == "startup":
@@ -280,20 +338,52 @@ class HealthRegistry:
         return out
 
     def _report(self, probe: str, status: str, checks: dict[str, dict[str, Any]]) -> HealthReport:
-        code = 200 if status == UP else self.degraded_http_status if status == DEGRADED else 503
+        code = 200 if status == UP else self.degraded_http_status if status == DEGRADED else 503   # down,
+        # starting, draining
         return HealthReport(probe, status, checks, code)
 
     async def _run(self, c: _Check) -> dict[str, Any]:
-        clock = self._clock
-        start = clock.monotonic_ns()
+        """The check's result: cached when younger than `period`, else the run in progress (joined), else a
+        new run. The run is a task of its own, so a probe that goes away (a client disconnecting) does not
+        abandon the probes that share it."""
+        loop = asyncio.get_running_loop()
+        start = self._clock.monotonic_ns()
         with c.lock:
             fresh = c.last_ns is not None and c.period_ns and start - c.last_ns < c.period_ns
+            flight = None if fresh else c.flight
+            if flight is not None and flight.loop.is_closed():  # its loop was closed under it: abandoned
+                flight = None
+            lead = not fresh and flight is None
+            if lead:
+                flight = c.flight = _Flight(loop)
         if fresh:
             return c.report(True)
-        ok, error = await (self._call_async(c) if c.is_async else self._call_sync(c))
-        end = clock.monotonic_ns()
-        c.record(ok, (end - start) / NS, error, end)
-        return c.report(False)
+        assert flight is not None
+        if lead:
+            task = loop.create_task(self._execute(c, flight, start))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return dict(await _wait(flight.future))
+
+    async def _execute(self, c: _Check, flight: _Flight, start: int) -> None:
+        result: dict[str, Any] | None = None
+        try:
+            outcome = await (self._call_async(c) if c.is_async else self._call_sync(c))
+            if outcome is _NOT_RUN:
+                result = c.not_run("not run: the health check pool is full")
+            else:
+                ok, error = outcome
+                end = self._clock.monotonic_ns()
+                c.record(ok, (end - start) / NS, error, end)
+                result = c.report(False)
+        finally:
+            if result is None:      # cancelled (its event loop is closing) or a clock that failed
+                result = c.not_run("not run: the probe was cancelled")
+            with c.lock:
+                if c.flight is flight:
+                    c.flight = None
+            if not flight.future.done():
+                flight.future.set_result(result)
 
     async def _call_async(self, c: _Check) -> tuple[bool, str | None]:
         from .errors import TimeoutExceeded
@@ -306,10 +396,14 @@ class HealthRegistry:
             return False, _describe(exc)
         return _verdict(result)
 
-    async def _call_sync(self, c: _Check) -> tuple[bool, str | None]:
+    async def _call_sync(self, c: _Check) -> Any:
+        from .errors import BulkheadFullError
         if c.running is not None and not c.running.done():
             return False, f"still running after its {c.timeout:g}s timeout (not started again)"
-        fut = self._pool().submit(c.fn)
+        try:
+            fut = self._pool().submit(c.fn)
+        except (BulkheadFullError, RuntimeError):       # full (hung checks), or shut down
+            return _NOT_RUN
         try:
             result = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), c.timeout)
         except asyncio.TimeoutError:
@@ -352,10 +446,37 @@ def _worse(a: str, b: str) -> str:
     return a if order.index(a) >= order.index(b) else b
 
 
+async def _wait(future: concurrent.futures.Future) -> Any:
+    """Await a concurrent.futures.Future from any event loop. Cancelling the waiter leaves the future
+    alone (asyncio.wrap_future would cancel it, and with it every other probe sharing the run)."""
+    if not future.done():
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+
+        def wake(_: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(_settle, waiter)
+            except RuntimeError:        # the waiter's loop is closed: nobody is waiting any more
+                pass
+
+        future.add_done_callback(wake)
+        await waiter
+    return future.result()
+
+
+def _settle(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 def _verdict(result: Any) -> tuple[bool, str | None]:
+    """A falsy value is named by its type, never by its repr (an object may hold a password or a
+    host name); False and None are their own description."""
     if result:
         return True, None
-    return False, f"check returned {result!r:.200}"
+    if result is None or result is False:
+        return False, f"check returned {result}"
+    return False, f"check returned a falsy {type(result).__name__}"
 
 
 def _describe(exc: BaseException) -> str:
