@@ -8,8 +8,17 @@ the winner prepares the new generation (its open deadline and start, stamped wit
 windows cleared) before anyone can see it, so a probe of the new generation can never be wiped and a
 deadline can never land in a later generation. Each window is entered under a guard carrying its
 generation's tag (bt_window.pxd), so a result of an older generation is never counted, with or without
-the GIL. Guarded calls go through a C vectorcall entry (include/buttress_guard.h): no argument tuple or
-dict is built and an exception from the wrapped call passes through without an extra frame.
+the GIL. Guarded calls go through a C vectorcall entry (bt_breaker_vectorcall below, the shape of
+include/buttress_guard.h's): no argument tuple or dict is built and an exception from the wrapped call
+passes through without an extra frame. A result whose type has an await slot, or is a generator or an
+async generator, takes the slow path (`settle`): refused (an awaitable: use call_async) or guarded over
+its whole iteration (a stream); for every other result that test is two pointer loads.
+
+Outcomes (DESIGN §3c): anything not an Exception, and a UsageError, is no outcome (the permit is
+returned); buttress's own rejections (Rejected, from inner stages) are ignored unless `record` names
+their class. The classic breaker (failure_threshold > 0) keeps one word of consecutive failures in CLOSED
+(a success stores 0 into it, a failure fetch-adds 1: the failure whose fetch-add makes the run
+failure_threshold long opens the breaker) and counts half-open results in the half-open count window.
 
 Times are int ns: any int64 reading is valid (None reads the clock); deadlines and durations saturate.
 """
@@ -23,17 +32,20 @@ from bt_atomic cimport bt_load, bt_store, bt_fetch_add, bt_exchange
 from bt_state cimport (state_t, stamp_t, st_state, st_prep, st_gen, st_flight, st_claim, st_publish,
                        st_stamp_write, st_stamp_read, st_try_flight, st_return_flight,
                        ST_CLOSED, ST_OPEN, ST_HALF_OPEN, ST_FORCED_OPEN, ST_DISABLED, ST_METRICS_ONLY)
-from bt_window cimport (cw_record, cw_field, cw_empty, tw_add, tw_read, tw_epoch, tw_cbits, TW_FIELDS,
+from bt_window cimport (cw_record, cw_field, cw_empty, tw_add, tw_read_bucket, tw_epoch, tw_cbits, TW_FIELDS,
                         bt_floormod, bt_sat_add, bt_sat_sub, wg_enter, wg_exit, wg_close, wg_open)
 from bt_gcra cimport bt_as_i64
 
-import asyncio
+import inspect
 import logging
 import threading
 import types
 
-from buttress._breaker_conf import State, breaker_conf, open_duration_ns
-from buttress.errors import CircuitOpenError
+from buttress._breaker_conf import DEFAULTS, State, breaker_conf, guard_astream, guard_stream, open_duration_ns
+from buttress._params import describe
+from buttress._spec import UsageError
+from buttress._wrap import refuse_sync_result, sync_in_async
+from buttress.errors import CircuitOpenError, Rejected
 
 __all__ = ["BreakerCore", "Permit", "Guarded", "SUCCESS", "FAILURE", "IGNORED", "CANCELLED"]
 
@@ -46,7 +58,11 @@ cdef enum:
     O_IGNORED = 2
     O_CANCELLED = 3
 
-cdef tuple _PASS_THROUGH = (asyncio.CancelledError, KeyboardInterrupt, SystemExit, GeneratorExit)
+cdef str _SYNC_STREAM = ("{cls}.call_async: {fn} is a generator function, not async: use the sync form (call, "
+                         "or the decorator), which guards its whole iteration")
+cdef object _D_FR = DEFAULTS["failure_rate_threshold"], _D_SR = DEFAULTS["slow_call_rate_threshold"]
+cdef object _D_SD = DEFAULTS["slow_call_duration"], _D_W = DEFAULTS["window"], _D_WS = DEFAULTS["window_size"]
+cdef object _D_MC = DEFAULTS["minimum_calls"], _D_OD = DEFAULTS["open_duration"], _D_HC = DEFAULTS["half_open_calls"]
 cdef str _UNINIT = "{} is not initialised: its __init__ never ran (a subclass must call super().__init__())"
 cdef object _HOOK_LOCK = threading.Lock()     # serialises hook assignments (rare); reads are lock-free
 
@@ -58,17 +74,89 @@ cdef inline bint _is_instance(object exc, tuple classes) noexcept:
             return True
     return False
 cdef tuple _STATES = tuple(State)
+cdef int _CO_ITERABLE_COROUTINE = inspect.CO_ITERABLE_COROUTINE
 
 cdef extern from "Python.h":
     ctypedef PyObject *(*vectorcallfunc)(PyObject *, PyObject *const *, size_t, PyObject *)
 
 cdef extern from "buttress_guard.h":
-    ctypedef struct bt_guard_ops:
+    int bt_guard_install(PyTypeObject *tp, Py_ssize_t offset) except -1
+
+cdef extern from *:
+    """
+    /* The breaker's guard: buttress_guard.h's vectorcall entry plus one test of the result. A result of a
+       type with an await slot (a coroutine, a future, anything with __await__), a generator or an async
+       generator goes to settle(): an awaitable in a sync form is refused (the permit is returned), a
+       stream is handed back guarded over its whole iteration. Every other result costs two loads. */
+    typedef struct bt_breaker_ops {
+        int (*enter)(PyObject *owner, int64_t *token, int64_t *start);
+        int (*exit_ok)(PyObject *owner, int64_t token, int64_t start, PyObject *result);
+        void (*exit_err)(PyObject *owner, int64_t token, int64_t start, PyObject *exc);
+        PyObject *(*settle)(PyObject *owner, PyObject *fn, int64_t token, int64_t start, PyObject *result);
+    } bt_breaker_ops;
+
+    static inline int bt_lazy_type(PyTypeObject *tp) {
+        PyAsyncMethods *am = tp->tp_as_async;
+        return am != NULL && (am->am_await != NULL || tp == &PyGen_Type || tp == &PyAsyncGen_Type);
+    }
+
+    static PyObject *bt_breaker_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+    {
+        bt_guard_head *g = (bt_guard_head *)self;
+        const bt_breaker_ops *ops = (const bt_breaker_ops *)g->ops;
+        PyObject *fn = g->fn, *res, *exc;
+        int64_t token, start;
+        Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+
+        if (g->owner == NULL || ops == NULL)
+            return bt_not_initialised(self);
+        if (fn == NULL) {   /* call(fn, *args, **kwargs) */
+            if (nargs < 1) {
+                PyErr_SetString(PyExc_TypeError, "call() needs the function to call as its first argument");
+                return NULL;
+            }
+            fn = args[0];
+            args += 1;
+            nargs -= 1;
+            nargsf = (size_t)nargs;   /* args[-1] is our caller's slot: not ours to lend */
+        }
+        if (ops->enter(g->owner, &token, &start) < 0)
+            return NULL;
+        Py_INCREF(fn);
+        res = PyObject_Vectorcall(fn, args, nargsf, kwnames);
+        if (res == NULL) {
+            Py_DECREF(fn);
+            BT_FETCH(exc);
+            if (exc == NULL) {
+                PyErr_SetString(PyExc_SystemError, "guarded callable returned NULL without an exception");
+                return NULL;
+            }
+            ops->exit_err(g->owner, token, start, exc);
+            BT_RESTORE(exc);
+            return NULL;
+        }
+        if (bt_lazy_type(Py_TYPE(res))) {
+            PyObject *out = ops->settle(g->owner, fn, token, start, res);
+            Py_DECREF(res);
+            Py_DECREF(fn);
+            return out;
+        }
+        Py_DECREF(fn);
+        if (ops->exit_ok(g->owner, token, start, res) < 0) {
+            Py_DECREF(res);
+            return NULL;
+        }
+        return res;
+    }
+    """
+    ctypedef struct bt_breaker_ops:
         int (*enter)(PyObject *owner, int64_t *token, int64_t *start) except -1
         int (*exit_ok)(PyObject *owner, int64_t token, int64_t start, PyObject *result) except -1
         void (*exit_err)(PyObject *owner, int64_t token, int64_t start, PyObject *exc)
-    PyObject *bt_guard_vectorcall(PyObject *, PyObject *const *, size_t, PyObject *)
-    int bt_guard_install(PyTypeObject *tp, Py_ssize_t offset) except -1
+        object (*settle)(PyObject *owner, PyObject *fn, int64_t token, int64_t start, PyObject *result)
+    PyObject *bt_breaker_vectorcall(PyObject *, PyObject *const *, size_t, PyObject *)
+    bint bt_lazy_type(PyTypeObject *tp) noexcept
+    PyTypeObject *Py_TYPE(object o) noexcept
 
 cdef extern from *:
     """
@@ -132,23 +220,26 @@ cdef class BreakerCore:
     cdef object hook_owner
     cdef list hook_retired           # earlier hooks stay alive: a lock-free reader may still hold one
     cdef int64_t ready_              # 1 once __init__ completed
+    cdef int64_t cons_               # classic: consecutive failures recorded in CLOSED / METRICS_ONLY
     # configuration
     cdef object conf_
     cdef str name_
     cdef double fr_threshold, sr_threshold
     cdef int64_t slow_ns, window_size, minimum_calls, half_calls, half_minimum, half_max_wait_ns
-    cdef bint time_window, timing_
-    cdef object record_t, record_fn, ignore_t, ignore_fn, record_result, clock_ns
+    cdef bint time_window, timing_, classic_
+    cdef int64_t fail_th, succ_th    # classic: failure_threshold, success_threshold
+    cdef object record_t, record_fn, ignore_t, ignore_fn, record_result, clock_ns, record_rejected
 
-    def __init__(self, name="default", failure_rate_threshold=0.5, slow_call_rate_threshold=1.0,
-                 slow_call_duration=60.0, window="count", window_size=100, minimum_calls=100,
-                 open_duration=60.0, half_open_calls=10, half_open_max_wait=None, record=(Exception,),
-                 ignore=(), record_result=None, clock_ns=None):
+    def __init__(self, name="default", failure_rate_threshold=_D_FR, slow_call_rate_threshold=_D_SR,
+                 slow_call_duration=_D_SD, window=_D_W, window_size=_D_WS, minimum_calls=_D_MC,
+                 open_duration=_D_OD, half_open_calls=_D_HC, half_open_max_wait=None, record=(Exception,),
+                 ignore=(), record_result=None, clock_ns=None, failure_threshold=None, success_threshold=None,
+                 timeout=None):
         if bt_load(&self.ready_) or self.half.slots != NULL:
             raise RuntimeError(f"{type(self).__name__} is already initialised; create a new one instead")
         c = breaker_conf(name, failure_rate_threshold, slow_call_rate_threshold, slow_call_duration, window,
                          window_size, minimum_calls, open_duration, half_open_calls, half_open_max_wait, record,
-                         ignore, record_result, clock_ns)
+                         ignore, record_result, clock_ns, failure_threshold, success_threshold, timeout)
         self.conf_ = c
         self.name_ = c.name
         self.fr_threshold, self.sr_threshold = c.failure_rate_threshold, c.slow_call_rate_threshold
@@ -158,6 +249,8 @@ cdef class BreakerCore:
         self.timing_ = c.slow_ns >= 0 or c.time_window
         self.record_t, self.record_fn, self.ignore_t, self.ignore_fn = c.record_t, c.record_fn, c.ignore_t, c.ignore_fn
         self.record_result, self.clock_ns = c.record_result, c.clock_ns
+        self.record_rejected = c.record_rejected
+        self.classic_, self.fail_th, self.succ_th = c.classic, c.failure_threshold, c.success_threshold
         self.hook_retired = []
         cdef int64_t now = self._now()
         if self.time_window:
@@ -280,18 +373,28 @@ cdef class BreakerCore:
             wg_open(&self.half_guard, ng)
         st_publish(&self.st, new, ng)
         h = self._hook()
-        if h is not None:
+        if h is not None and expect != new:     # a manual restart of the same state is no change
             h("state_change", _STATES[expect], _STATES[new])
         return ng
 
     cdef void _reset_closed(self) noexcept nogil:
         cdef int64_t i
+        bt_store(&self.cons_, 0)
         if self.time_window:
             for i in range(self.window_size * TW_FIELDS):
                 bt_store(&self.tw[i], 0)
             bt_store(&self.tw_mark, -1)
         else:
             cwin_reset(&self.closed)
+
+    cdef int _current(self, int64_t now) except -1:
+        """What a state read applies (DESIGN §3c): OPEN whose open_duration has passed enters HALF_OPEN
+        now (as a call would), and HALF_OPEN past half_open_max_wait re-opens."""
+        cdef int64_t w = bt_load(&self.st.word), t
+        if (st_state(w) == ST_OPEN and not st_prep(w) and st_stamp_read(&self.until[st_gen(w) & 1], st_gen(w), &t)
+                and now >= t):
+            self._move(ST_OPEN, st_gen(w), ST_HALF_OPEN, now, -1)
+        return self._expire_half_open(now)
 
     cdef int _expire_half_open(self, int64_t now) except -1:
         cdef int64_t w = bt_load(&self.st.word), t
@@ -364,8 +467,12 @@ cdef class BreakerCore:
 
     cdef int _classify(self, exc) except -1:
         # PyObject_TypeCheck, not isinstance(): a failed isinstance() also looks up exc.__class__
-        if not PyObject_TypeCheck(exc, <PyTypeObject *>Exception) and _is_instance(exc, _PASS_THROUGH):
-            return O_CANCELLED
+        if (not PyObject_TypeCheck(exc, <PyTypeObject *>Exception)
+                or PyObject_TypeCheck(exc, <PyTypeObject *>UsageError)):
+            return O_CANCELLED              # no outcome: not an Exception, or buttress refusing a wrong use
+        if PyObject_TypeCheck(exc, <PyTypeObject *>Rejected) and (
+                self.record_rejected is None or not _is_instance(exc, <tuple>self.record_rejected)):
+            return O_IGNORED                # buttress's own rejection (an inner stage): never a failure
         try:
             if (self.ignore_t is not None and _is_instance(exc, <tuple>self.ignore_t)
                     or self.ignore_fn is not None and self.ignore_fn(exc)):
@@ -433,6 +540,8 @@ cdef class BreakerCore:
                 have_now = True
             duration = bt_sat_sub(now, start)
         failed = outcome == O_FAILURE
+        if self.classic_:
+            return self._record_classic(token, failed, now, have_now, exc)
         slow = self.slow_ns >= 0 and duration > self.slow_ns
         if token & 1:                                  # a half-open probe
             if not wg_enter(&self.half_guard, gen):
@@ -482,6 +591,46 @@ cdef class BreakerCore:
                 self._move(ST_CLOSED, gen, ST_OPEN, now, 1)
         return 0
 
+    cdef int _record_classic(self, int64_t token, bint failed, int64_t now, bint have_now, exc) except -1:
+        """CLOSED: a failure fetch-adds one to the run of consecutive failures, a success stores 0 (or
+        finds it 0 already: then it is ordered before any failure that follows); the failure whose
+        fetch-add returns failure_threshold - 1 (or more) opens the breaker. HALF_OPEN: the half-open
+        count window; one failure re-opens, success_threshold successes (and no failure) close."""
+        cdef int64_t gen = token >> 1, p, run = 0
+        if token & 1:
+            if not wg_enter(&self.half_guard, gen):
+                return 0                               # stale generation: dropped entirely
+            cw_record(&self.half.head, &self.half.packed, self.half.slots, self.half.size, failed, False)
+            p = bt_load(&self.half.packed)
+            wg_exit(&self.half_guard)
+            self._outcome_hook(failed, exc, 0)
+            if failed or (cw_field(p, 16) == 0 and cw_field(p, 0) >= self.succ_th):
+                if not have_now:
+                    now = self._now()                  # the verdict needs the time (its deadline)
+                if failed:
+                    self._move(ST_HALF_OPEN, gen, ST_OPEN, now, bt_load(&self.attempt_) + 1)
+                else:
+                    self._move(ST_HALF_OPEN, gen, ST_CLOSED, now, 0)
+            return 0
+        if not failed and bt_load(&self.cons_) == 0:
+            # nothing to reset: this success is ordered before any failure that follows
+            if self._hook() is not None and st_gen(bt_load(&self.st.word)) == gen:
+                self._outcome_hook(False, None, 0)
+            return 0
+        if not wg_enter(&self.closed_guard, gen):
+            return 0                                   # stale generation, DISABLED, OPEN...: dropped
+        if failed:
+            run = bt_fetch_add(&self.cons_, 1) + 1
+        else:
+            bt_store(&self.cons_, 0)
+        wg_exit(&self.closed_guard)
+        self._outcome_hook(failed, exc, 0)
+        if failed and run >= self.fail_th and st_state(bt_load(&self.st.word)) == ST_CLOSED:
+            if not have_now:
+                now = self._now()
+            self._move(ST_CLOSED, gen, ST_OPEN, now, 1)
+        return 0
+
     cdef int _outcome_hook(self, bint failed, exc, int64_t duration) except -1:
         h = self._hook()
         if h is not None:
@@ -502,12 +651,12 @@ cdef class BreakerCore:
         return epoch
 
     cdef (int64_t, int64_t, int64_t) _tw_counts(self, int64_t now) noexcept nogil:
-        cdef int64_t epoch = tw_epoch(now, 1000000000, &self.tw_base, self.tw_bits), i, c = 0, f = 0, sl = 0
+        cdef int64_t epoch = tw_epoch(now, 1000000000, &self.tw_base, self.tw_bits), i
+        cdef int64_t t[3]
+        t[0] = t[1] = t[2] = 0
         for i in range(self.window_size):
-            c += tw_read(&self.tw[i * TW_FIELDS], epoch, self.window_size, self.tw_bits)
-            f += tw_read(&self.tw[i * TW_FIELDS + 1], epoch, self.window_size, self.tw_bits)
-            sl += tw_read(&self.tw[i * TW_FIELDS + 2], epoch, self.window_size, self.tw_bits)
-        return c, f, sl
+            tw_read_bucket(&self.tw[i * TW_FIELDS], 3, epoch, self.window_size, self.tw_bits, t)
+        return t[0], t[1], t[2]
 
     def record(self, token, outcome, start, now=None, exc=None):
         """Apply the outcome of a call admitted with `token` at `start` (ns)."""
@@ -522,9 +671,10 @@ cdef class BreakerCore:
 
     # -- state ----------------------------------------------------------------------------------------
     def state_now(self, now=None):
-        """The state code, after applying half_open_max_wait expiry."""
+        """The state code now: an OPEN breaker whose open_duration has passed enters HALF_OPEN at this
+        read, a HALF_OPEN one past half_open_max_wait re-opens."""
         self._ready()
-        self._expire_half_open(self._now_arg(now))
+        self._current(self._now_arg(now))
         return st_state(bt_load(&self.st.word))
 
     def load(self):
@@ -563,15 +713,35 @@ cdef class BreakerCore:
             if self._move(st_state(w), st_gen(w), ST_CLOSED, t, 0) >= 0:
                 return
 
+    def restart(self, state, now=None):
+        """Enter the manual state `state` (CLOSED, FORCED_OPEN, DISABLED or METRICS_ONLY) from any state,
+        the same one included: always a new generation (results of older permits are dropped); CLOSED
+        and METRICS_ONLY start an empty window; CLOSED sets the attempt count back to 0."""
+        self._ready()
+        cdef int new = int(State(state))
+        if new == ST_OPEN or new == ST_HALF_OPEN:
+            raise ValueError(f"restart() enters a manual state (CLOSED, FORCED_OPEN, DISABLED, METRICS_ONLY), "
+                             f"got {State(new).name}")
+        cdef int64_t w, t = self._now_arg(now)
+        while True:
+            w = bt_load(&self.st.word)
+            if st_prep(w):
+                continue
+            if self._move(st_state(w), st_gen(w), new, t, 0 if new == ST_CLOSED else -1) >= 0:
+                return
+
     def metrics(self, now=None):
         """(state, calls, failures, slow_calls, failure_rate, slow_call_rate, not_permitted)."""
         self._ready()
         cdef int64_t p, calls, failures, slows, minimum, t = self._now_arg(now)
-        self._expire_half_open(t)
+        self._current(t)
         if bt_load(&self.metrics_half):
             p = bt_load(&self.half.packed)
             calls, failures, slows = cw_field(p, 0), cw_field(p, 16), cw_field(p, 32)
             minimum = self.half_minimum
+        elif self.classic_:                    # the run of consecutive failures; no rates
+            calls = bt_load(&self.cons_)
+            return (st_state(bt_load(&self.st.word)), calls, calls, 0, -1.0, -1.0, bt_load(&self.not_permitted_))
         elif self.time_window:
             calls, failures, slows = self._tw_counts(t)
             minimum = self.minimum_calls
@@ -634,6 +804,38 @@ cdef class BreakerCore:
         self._ready()
         return _make_guard(self, None)
 
+    def settle(self, token, start, fn, result, want_async=False):
+        """A call of `fn` admitted with (token, start) returned `result`, which is not a plain value for
+        its form (a sync form: an awaitable, a generator or an async generator; an async form: anything
+        not awaitable). Returns what the caller gets: a generator or async generator guarded over its
+        whole iteration (the permit is held until it finishes or is closed), or a plain value (recorded
+        as a success). Raises UsageError after returning the permit (and closing a coroutine) when a sync
+        form got an awaitable or an async form got a sync result."""
+        self._ready()
+        return self._settle(fn, bt_as_i64(token, "token"), bt_as_i64(start, "start"), result, bool(want_async))
+
+    cdef object _settle(self, fn, int64_t token, int64_t start, result, bint want_async):
+        cdef type kind = type(result)
+        cdef Permit p
+        if kind is types.AsyncGeneratorType or (kind is types.GeneratorType and not want_async
+                                                 and not (result.gi_code.co_flags & _CO_ITERABLE_COROUTINE)):
+            p = Permit.__new__(Permit)
+            p.core, p.token, p.start = self, token, start
+            return (guard_astream if kind is types.AsyncGeneratorType else guard_stream)(p, result)
+        if want_async:
+            if kind is types.CoroutineType or inspect.isawaitable(result):
+                return result                               # the caller awaits it and reports
+            self._record(token, O_CANCELLED, start, 0, False, None)
+            if kind is types.GeneratorType:
+                result.close()
+                raise UsageError(_SYNC_STREAM.format(cls=type(self).__name__, fn=describe(fn)))
+            raise sync_in_async(self, fn, result)
+        if inspect.isawaitable(result):
+            self._record(token, O_CANCELLED, start, 0, False, None)
+            refuse_sync_result(self, fn, result, generators=False)
+        self._record(token, self._classify_result(result), start, 0, False, None)
+        return result
+
 
 # -- the vectorcall entry ---------------------------------------------------------------------------------
 cdef int _enter(PyObject *owner, int64_t *token, int64_t *start) except -1:
@@ -665,10 +867,15 @@ cdef void _exit_err(PyObject *owner, int64_t token, int64_t start, PyObject *exc
         log.exception("circuit breaker %r: recording a failure failed", b.name_)
 
 
-cdef bt_guard_ops _OPS
+cdef object _settle_op(PyObject *owner, PyObject *fn, int64_t token, int64_t start, PyObject *result):
+    return (<BreakerCore>owner)._settle(<object>fn, token, start, <object>result, False)
+
+
+cdef bt_breaker_ops _OPS
 _OPS.enter = _enter
 _OPS.exit_ok = _exit_ok
 _OPS.exit_err = _exit_err
+_OPS.settle = _settle_op
 
 
 @cython.final
@@ -678,7 +885,7 @@ cdef class Guarded:
     Made only by CircuitBreaker.guard() / make_call() (calling the type is a TypeError), so it always
     has its core. Layout: the first fields must match bt_guard_head in include/buttress_guard.h."""
     cdef vectorcallfunc vectorcall
-    cdef const bt_guard_ops *ops
+    cdef const bt_breaker_ops *ops
     cdef PyObject *owner_ptr
     cdef PyObject *fn_ptr
     cdef object owner                 # the owning references (and what the GC sees)
@@ -709,13 +916,15 @@ cdef object _slow_call(BreakerCore b, fn, tuple args, dict kwargs):
     except BaseException as exc:
         _exit_err(<PyObject *>b, token, start, <PyObject *>exc)
         raise
+    if bt_lazy_type(Py_TYPE(result)):
+        return b._settle(fn, token, start, result, False)
     _exit_ok(<PyObject *>b, token, start, <PyObject *>result)
     return result
 
 
 cdef Guarded _make_guard(BreakerCore owner, fn):
     cdef Guarded g = Guarded.__new__(Guarded)
-    g.vectorcall = bt_guard_vectorcall
+    g.vectorcall = bt_breaker_vectorcall
     g.ops = &_OPS
     g.owner = owner
     g.fn = fn
@@ -765,6 +974,11 @@ cdef class Permit:
     @property
     def done(self):
         return bt_load(&self.done_) != 0
+
+    def _stream_success(self):
+        # a guarded stream finished: a success (record_result is not applied to a stream)
+        if self._once():
+            self.core._record(self.token, O_SUCCESS, self.start, 0, False, None)
 
     def __dealloc__(self):
         # never reported: return it (only a half-open permit holds anything; no Python runs here)

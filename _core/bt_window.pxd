@@ -173,6 +173,25 @@ cdef inline int64_t tw_read(int64_t *word, int64_t epoch, int64_t nbuckets, int 
     return 0
 
 
+cdef inline void tw_read_bucket(int64_t *b, int nfields, int64_t epoch, int64_t nbuckets, int cbits,
+                                int64_t *out) noexcept nogil:
+    """Add one bucket's counts (nfields words, the calls word first) to out[0 .. nfields) if the bucket's
+    epoch lies in (epoch - nbuckets, epoch]. The calls word holds the bucket's epoch: another field counts
+    only while it holds that same epoch (a field no record touched since the bucket moved on still holds
+    an older epoch's count, which a reader whose clock went back would otherwise see)."""
+    cdef int64_t w0 = bt_load(&b[0]), w, cmask = ((<int64_t>1) << cbits) - 1
+    cdef int64_t count = w0 & cmask
+    cdef uint64_t u = <uint64_t>(epoch + ((<int64_t>1) << (63 - cbits))), uo = (<uint64_t>w0) >> cbits
+    cdef int j
+    if count == 0 or not (uo <= u and uo + <uint64_t>nbuckets > u):
+        return
+    out[0] += count
+    for j in range(1, nfields):
+        w = bt_load(&b[j])
+        if ((<uint64_t>w) >> cbits) == uo:
+            out[j] += w & cmask
+
+
 # ---- window guard: (tag:43 | writers in flight:20) ----
 
 cdef enum:

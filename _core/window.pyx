@@ -12,7 +12,7 @@ from libc.stdint cimport int64_t
 from libc.stdlib cimport calloc, free
 from cpython.time cimport monotonic_ns
 from bt_atomic cimport bt_load, bt_store
-from bt_window cimport (cw_record, cw_field, cw_empty, CW_MAX_SIZE, tw_add, tw_read, tw_epoch,
+from bt_window cimport (cw_record, cw_field, cw_empty, CW_MAX_SIZE, tw_add, tw_read_bucket, tw_epoch,
                         tw_cbits, bt_floormod, TW_FIELDS, TW_EXACT_WIDTH, TW_NO_BASE)
 from bt_gcra cimport bt_as_i64
 
@@ -159,12 +159,11 @@ cdef class TimeWindow:
         """(calls, failures, slow, failed_slow) in the buckets of (now - N*width, now]."""
         self._ready()
         cdef int64_t epoch = self._epoch(now)
-        cdef int64_t i, j
+        cdef int64_t i
         cdef int64_t t[4]
         t[0] = t[1] = t[2] = t[3] = 0
         for i in range(self.nbuckets_):
-            for j in range(TW_FIELDS):
-                t[j] += tw_read(&self.words[i * TW_FIELDS + j], epoch, self.nbuckets_, self.cbits)
+            tw_read_bucket(&self.words[i * TW_FIELDS], TW_FIELDS, epoch, self.nbuckets_, self.cbits, t)
         return (t[0], t[1], t[2], t[3])
 
     def reset(self):

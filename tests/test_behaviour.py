@@ -442,8 +442,7 @@ def test_a_decorated_module_level_function_pickles_by_reference(fn):
 
 
 @pytest.mark.parametrize("fn", [
-    pytest.param(broken, marks=pytest.mark.xfail(strict=False, reason="circuit_breaker.py decorates with "
-                                                 "functools.update_wrapper, not buttress._wrap.wraps")),
+    broken,
     pytest.param(limited, marks=pytest.mark.xfail(strict=False, reason="rate_limit.py decorates with "
                                                   "functools.wraps, not buttress._wrap.wraps")),
 ], ids=["CircuitBreaker", "TokenBucket"])

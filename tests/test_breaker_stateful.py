@@ -76,6 +76,9 @@ class Model:
                 self.move(State.OPEN, now, 1)
 
     def metrics(self, now):
+        # a state read is current (DESIGN §3c): OPEN past its open_duration reads (and enters) HALF_OPEN
+        if self.state == State.OPEN and now >= self.until:
+            self.move(State.HALF_OPEN, now)
         self.expire(now)
         outcomes, minimum = (self.half, min(MINIMUM, HALF)) if self.show_half else (self.window, MINIMUM)
         n, f, s = len(outcomes), sum(x for x, _ in outcomes), sum(y for _, y in outcomes)
@@ -152,9 +155,13 @@ class BreakerMachine(RuleBasedStateMachine):
 
     @rule()
     def force_open(self):
-        if self.model.state != State.FORCED_OPEN:
-            self.cb.force_open()
-            self.model.move(State.FORCED_OPEN, self.now())
+        self.cb.force_open()            # a new generation even when already FORCED_OPEN
+        self.model.move(State.FORCED_OPEN, self.now())
+
+    @rule()
+    def metrics_only(self):
+        self.cb.metrics_only()          # a new generation and a fresh window, from any state
+        self.model.move(State.METRICS_ONLY, self.now())
 
     @rule()
     def reset(self):

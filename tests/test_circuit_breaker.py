@@ -645,7 +645,7 @@ def test_closed_breaker_counts_exactly_under_threads(fast_switching):
     (dict(half_open_max_wait=float("inf")), ValueError, "half_open_max_wait must be a finite number"),
     (dict(record=[ValueError, 3]), TypeError, "record must be exception classes or a predicate"),
     (dict(ignore="KeyError"), TypeError, "ignore must be an exception class"),
-    (dict(record_result=5), TypeError, "record_result must be a predicate"),
+    (dict(record_result=5), TypeError, "record_result must be callable .*got 5"),
     (dict(clock=object()), TypeError, "clock must provide monotonic"),
 ])
 def test_bad_arguments(kwargs, exc, match):

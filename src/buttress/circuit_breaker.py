@@ -4,18 +4,25 @@ The decision and the bookkeeping live in the core (`buttress._core.breaker`, or 
 adds what needs Python: the `clock=` object, listeners, `metrics()` snapshots, the context-manager and
 async forms. A decorated sync function is the core's vectorcall guard itself, so a guarded call
 crosses the C boundary once.
+
+Two breakers share the core, its state word and every form: the rate breaker (Resilience4j: failure and
+slow-call rates over a sliding window) and the classic breaker (`failure_threshold=N`: N consecutive
+failures open it, `success_threshold=M` consecutive half-open successes close it).
 """
 from __future__ import annotations
 
 import contextvars
-import functools
 import logging
 from dataclasses import dataclass
+from inspect import isawaitable
 from typing import Any, Callable, TypeVar
 
-from ._base import Policy, is_async_callable
-from ._breaker_conf import State
+from ._base import Policy
+from ._breaker_conf import DEFAULTS, State
 from ._impl import core
+from ._observe import check_listener
+from ._params import ASYNC
+from ._wrap import CORO, check_decoratable, wraps
 from .clock import is_system_clock, resolve_clock
 
 __all__ = ["CircuitBreaker", "State", "Permit", "BreakerEvent", "BreakerMetrics", "EVENTS"]
@@ -66,16 +73,20 @@ class CircuitBreaker(_core.BreakerCore, Policy):
     ... def charge(): ...
     """
 
-    def __init__(self, name: str = "default", failure_rate_threshold: float = 0.5,
-                 slow_call_rate_threshold: float = 1.0, slow_call_duration: float | None = 60.0,
-                 window: str = "count", window_size: int = 100, minimum_calls: int = 100,
-                 open_duration: float | Callable[[int], float] = 60.0, half_open_calls: int = 10,
-                 half_open_max_wait: float | None = None, record: Any = (Exception,), ignore: Any = (),
-                 record_result: Callable[[Any], Any] | None = None, clock: Any = None) -> None:
+    def __init__(self, name: str = "default", failure_rate_threshold: float = DEFAULTS["failure_rate_threshold"],
+                 slow_call_rate_threshold: float = DEFAULTS["slow_call_rate_threshold"],
+                 slow_call_duration: float | None = DEFAULTS["slow_call_duration"], window: str = DEFAULTS["window"],
+                 window_size: int = DEFAULTS["window_size"], minimum_calls: int = DEFAULTS["minimum_calls"],
+                 open_duration: float | Callable[[int], float] = DEFAULTS["open_duration"],
+                 half_open_calls: int = DEFAULTS["half_open_calls"], half_open_max_wait: float | None = None,
+                 record: Any = (Exception,), ignore: Any = (), record_result: Callable[[Any], Any] | None = None,
+                 clock: Any = None, *, failure_threshold: int | None = None, success_threshold: int | None = None,
+                 timeout: float | Callable[[int], float] | None = None) -> None:
         clk = resolve_clock(clock)
         super().__init__(name, failure_rate_threshold, slow_call_rate_threshold, slow_call_duration, window,
                          window_size, minimum_calls, open_duration, half_open_calls, half_open_max_wait, record,
-                         ignore, record_result, None if is_system_clock(clock) else clk.monotonic_ns)
+                         ignore, record_result, None if is_system_clock(clock) else clk.monotonic_ns,
+                         failure_threshold, success_threshold, timeout)
         self.clock = clk
         self._listeners: dict[str, list[Callable[[BreakerEvent], Any]]] = {}
         # one bound method for the life of the breaker: the core's hook only ever holds this or None
@@ -85,31 +96,39 @@ class CircuitBreaker(_core.BreakerCore, Policy):
 
     # -- forms ------------------------------------------------------------------------------------------
     def __call__(self, fn: F) -> F:
-        """Decorate a function, an async function or a method."""
-        if not callable(fn):
-            raise TypeError(f"CircuitBreaker decorates a callable, got {fn!r}")
-        if is_async_callable(fn):
-            enter, exit_ok, exit_err = self.enter, self.exit_ok, self.exit_err
+        """Decorate a function, an async function, a method, or a generator / async generator function
+        (guarded over its whole iteration). The wrapper pickles by reference."""
+        if check_decoratable(self, fn, generators=True) == ASYNC:
+            enter, exit_ok, exit_err, settle = self.enter, self.exit_ok, self.exit_err, self.settle
 
-            @functools.wraps(fn)
             async def guarded(*args: Any, **kwargs: Any) -> Any:
                 token, start = enter()
                 try:
-                    result = await fn(*args, **kwargs)
+                    aw = fn(*args, **kwargs)
+                    if type(aw) is not CORO and not isawaitable(aw):
+                        return settle(token, start, fn, aw, True)    # UsageError, permit returned
+                    result = await aw
                 except BaseException as exc:
                     exit_err(token, start, exc)
                     raise
                 exit_ok(token, start, result)
                 return result
 
-            return guarded  # type: ignore[return-value]
-        return functools.update_wrapper(self.guard(fn), fn)  # type: ignore[return-value]
+            return wraps(fn)(guarded)  # type: ignore[no-any-return]
+        # sync functions, and (generator / async generator) functions whose stream the guard holds the
+        # permit over: the core's guard itself (the compiled one is a C vectorcall entry)
+        return wraps(fn)(self.guard(fn))  # type: ignore[no-any-return]
 
     async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        """Await fn(*args, **kwargs) under the breaker."""
+        """Await fn(*args, **kwargs) under the breaker. For an async generator function, returns its
+        generator guarded over the whole iteration. A sync function is a TypeError (use call())."""
         token, start = self.enter()
         try:
-            result = await fn(*args, **kwargs)
+            aw = fn(*args, **kwargs)
+            if type(aw) is not CORO and not isawaitable(aw):
+                # an async generator: guarded over its iteration; anything else: UsageError, permit returned
+                return self.settle(token, start, fn, aw, True)
+            result = await aw
         except BaseException as exc:
             self.exit_err(token, start, exc)
             raise
@@ -153,25 +172,24 @@ class CircuitBreaker(_core.BreakerCore, Policy):
         s, calls, failures, slow, fr, sr, refused = super().metrics()
         return BreakerMetrics(State(s), calls, failures, slow, fr, sr, refused)
 
+    # Each manual move starts a new generation, also from the state it enters (results of permits
+    # issued before it are dropped); state_change fires only on a real change (DESIGN §3c).
     def force_open(self) -> None:
-        """Refuse every call until another transition."""
-        self._to(State.FORCED_OPEN)
+        """Refuse every call until another transition (keeps the window, for metrics())."""
+        self.restart(State.FORCED_OPEN)
 
     def disable(self) -> None:
-        """Admit every call and record nothing."""
-        self._to(State.DISABLED)
+        """Admit every call and record nothing (keeps the window, for metrics())."""
+        self.restart(State.DISABLED)
 
     def metrics_only(self) -> None:
-        """Admit every call, record it, never transition."""
-        self._to(State.METRICS_ONLY)
+        """Admit every call, record it into a fresh window, never transition."""
+        self.restart(State.METRICS_ONLY)
 
     def close(self) -> None:
-        """Move to CLOSED with an empty window (keeps not_permitted; reset() clears it too)."""
-        self._to(State.CLOSED)
-
-    def _to(self, state: State) -> None:
-        if self.state_now() != state:
-            self.transition_to(state)
+        """Move to CLOSED with an empty window, attempt 1 next time (keeps not_permitted; reset() clears
+        it too)."""
+        self.restart(State.CLOSED)
 
     # -- events -----------------------------------------------------------------------------------------
     def on(self, event: str, callback: Callable[[BreakerEvent], Any]) -> Callable[[BreakerEvent], Any]:
@@ -179,8 +197,7 @@ class CircuitBreaker(_core.BreakerCore, Policy):
         A listener that raises is logged and never breaks the call."""
         if event != "*" and event not in EVENTS:
             raise ValueError(f"event must be one of {sorted(EVENTS)} or '*', got {event!r}")
-        if not callable(callback):
-            raise TypeError(f"callback must be callable, got {callback!r}")
+        check_listener("callback", callback)
         self._listeners.setdefault(event, []).append(callback)
         self.hook = self._dispatch_hook
         return callback

@@ -4,18 +4,26 @@ The core decides and records; it never sleeps. `acquire()` returns a token (gene
 half-open bit) or -1; `record(token, outcome, start)` applies a result. Results whose generation
 has passed are dropped. Events go to `hook(kind, a, b)` only when a hook is set. Times are int ns:
 any int64 (None reads the clock); deadlines and durations saturate to the int64 range.
+
+Outcomes (DESIGN §3c): anything that is not an Exception, and a UsageError (buttress refusing a wrong
+use), is no outcome (the permit is returned); buttress's own rejections (`Rejected`, from inner stages)
+are ignored unless `record` names their class. The classic breaker (failure_threshold > 0) counts
+consecutive failures in CLOSED and consecutive successes in HALF_OPEN instead of rates.
 """
 from __future__ import annotations
 
-import asyncio
+import inspect
 import logging
 import threading
 import time
 import types
 from typing import Any, Callable
 
-from .._breaker_conf import State, breaker_conf, open_duration_ns
-from ..errors import CircuitOpenError
+from .._breaker_conf import DEFAULTS, State, breaker_conf, guard_astream, guard_stream, open_duration_ns
+from .._params import describe
+from .._spec import UsageError
+from .._wrap import lazy_result, refuse_sync_result, sync_in_async
+from ..errors import CircuitOpenError, Rejected
 from .gcra import as_i64
 from .state import Uninit
 
@@ -24,11 +32,11 @@ __all__ = ["BreakerCore", "Permit", "Guarded", "SUCCESS", "FAILURE", "IGNORED", 
 log = logging.getLogger("buttress.circuit_breaker")
 
 SUCCESS, FAILURE, IGNORED, CANCELLED = 0, 1, 2, 3
-# neither success nor failure: the permit is returned
-_PASS_THROUGH = (asyncio.CancelledError, KeyboardInterrupt, SystemExit, GeneratorExit)
 _CLOSED, _OPEN, _HALF_OPEN, _FORCED_OPEN, _DISABLED, _METRICS_ONLY = range(6)
 
 
+_SYNC_STREAM = ("{cls}.call_async: {fn} is a generator function, not async: use the sync form (call, or the "
+                "decorator), which guards its whole iteration")
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _PERMIT_NEW = "Permit cannot be created directly; get one from CircuitBreaker.try_acquire()"
 _GUARDED_NEW = ("Guarded cannot be created directly; get one from CircuitBreaker.guard(fn) or by decorating "
@@ -38,6 +46,11 @@ _GUARDED_NEW = ("Guarded cannot be created directly; get one from CircuitBreaker
 def _sat(v: int) -> int:
     """v clamped to the int64 range (what the compiled core's saturating arithmetic gives)."""
     return _INT64_MAX if v > _INT64_MAX else _INT64_MIN if v < _INT64_MIN else v
+
+
+def _is_coroutine_gen(gen: Any) -> bool:
+    """A generator-based coroutine (@types.coroutine): awaitable, not a stream."""
+    return bool(gen.gi_code.co_flags & inspect.CO_ITERABLE_COROUTINE)
 
 
 def _zero() -> int:
@@ -63,17 +76,24 @@ class _Window:
         return self.w.snapshot(now) if self.time_based else self.w.snapshot()
 
 
+_D = DEFAULTS
+
+
 class BreakerCore(Uninit):
-    def __init__(self, name: str = "default", failure_rate_threshold: float = 0.5,
-                 slow_call_rate_threshold: float = 1.0, slow_call_duration: float | None = 60.0,
-                 window: str = "count", window_size: int = 100, minimum_calls: int = 100,
-                 open_duration: Any = 60.0, half_open_calls: int = 10, half_open_max_wait: float | None = None,
-                 record: Any = (Exception,), ignore: Any = (), record_result: Any = None,
-                 clock_ns: Callable[[], int] | None = None) -> None:
+    def __init__(self, name: str = "default", failure_rate_threshold: float = _D["failure_rate_threshold"],
+                 slow_call_rate_threshold: float = _D["slow_call_rate_threshold"],
+                 slow_call_duration: float | None = _D["slow_call_duration"], window: str = _D["window"],
+                 window_size: int = _D["window_size"], minimum_calls: int = _D["minimum_calls"],
+                 open_duration: Any = _D["open_duration"], half_open_calls: int = _D["half_open_calls"],
+                 half_open_max_wait: float | None = None, record: Any = (Exception,), ignore: Any = (),
+                 record_result: Any = None, clock_ns: Callable[[], int] | None = None,
+                 failure_threshold: int | None = None, success_threshold: int | None = None,
+                 timeout: float | None = None) -> None:
         self._init_once()
         c = breaker_conf(name, failure_rate_threshold, slow_call_rate_threshold, slow_call_duration,
                          window, window_size, minimum_calls, open_duration, half_open_calls,
-                         half_open_max_wait, record, ignore, record_result, clock_ns)
+                         half_open_max_wait, record, ignore, record_result, clock_ns, failure_threshold,
+                         success_threshold, timeout)
         self._conf = c
         self._name = c.name
         self._clock_ns = c.clock_ns
@@ -83,6 +103,7 @@ class BreakerCore(Uninit):
         self._flight = 0             # half-open permits out
         self._attempt = 0
         self._closed = _Window(c.window_size, c.time_window)
+        self._cons = 0               # classic: consecutive failures recorded in CLOSED / METRICS_ONLY
         self._half = _Window(c.half_open_calls, False)
         self._metrics_half = False   # metrics() reads the half-open window (after it tripped the breaker)
         self._not_permitted = 0
@@ -136,14 +157,22 @@ class BreakerCore(Uninit):
             self._attempt = attempt
         if new in (_CLOSED, _METRICS_ONLY):
             self._closed = _Window(self._conf.window_size, self._conf.time_window)
+            self._cons = 0
             self._metrics_half = False
         elif new == _HALF_OPEN:
             self._half = _Window(self._conf.half_open_calls, False)
             self._metrics_half = True
         h = self._hook
-        if h is not None:
+        if h is not None and old != new:            # a manual restart of the same state is no change
             h("state_change", State(old), State(new))
         return True
+
+    def _current(self, now: int) -> None:
+        """What a state read applies (DESIGN §3c): OPEN whose open_duration has passed enters HALF_OPEN
+        now (as a call would), and HALF_OPEN past half_open_max_wait re-opens."""
+        if self._state == _OPEN and now >= self._until:
+            self._move(_HALF_OPEN, now)
+        self._expire_half_open(now)
 
     def _expire_half_open(self, now: int) -> None:
         c = self._conf
@@ -182,10 +211,14 @@ class BreakerCore(Uninit):
         return CircuitOpenError(self._name, State(s), retry_after)
 
     def classify(self, exc: BaseException) -> int:
-        """SUCCESS, FAILURE, IGNORED or CANCELLED for an exception (ignore wins over record)."""
+        """SUCCESS, FAILURE, IGNORED or CANCELLED for an exception (ignore wins over record). Anything
+        not an Exception, and a UsageError, is CANCELLED (no outcome); a Rejected (buttress's own refusal,
+        from an inner stage) is IGNORED unless `record` names its class."""
         c = self._conf
-        if not isinstance(exc, Exception) and isinstance(exc, _PASS_THROUGH):
+        if not isinstance(exc, Exception) or isinstance(exc, UsageError):
             return CANCELLED
+        if isinstance(exc, Rejected) and (c.record_rejected is None or not isinstance(exc, c.record_rejected)):
+            return IGNORED
         try:
             if c.ignore_t is not None and isinstance(exc, c.ignore_t) or c.ignore_fn is not None and c.ignore_fn(exc):
                 return IGNORED
@@ -236,6 +269,9 @@ class BreakerCore(Uninit):
         elif now is not None:
             now = as_i64(now, "now")
         failed, slow = outcome == FAILURE, c.slow_ns >= 0 and duration > c.slow_ns
+        if c.classic:
+            self._record_classic(gen, half, failed, exc, now, duration if timing else None)
+            return
         with self._lock:
             s = self._state
             if self._gen != gen or s == _DISABLED or (s == _HALF_OPEN) != bool(half) or s not in (
@@ -266,6 +302,41 @@ class BreakerCore(Uninit):
                     if self._state == _CLOSED and self._gen == gen:
                         self._move(_OPEN, now, 1)
 
+    def _record_classic(self, gen: int, half: int, failed: bool, exc: Any, now: Any, duration: Any) -> None:
+        """CLOSED: a failure adds one to the run of consecutive failures, a success ends it; the
+        failure that makes the run failure_threshold long opens the breaker. HALF_OPEN: one failure
+        re-opens, success_threshold successes close."""
+        c = self._conf
+        with self._lock:
+            s = self._state
+            if self._gen != gen or (s == _HALF_OPEN) != bool(half) or s not in (_CLOSED, _METRICS_ONLY, _HALF_OPEN):
+                return                                      # stale generation: dropped entirely
+            if s == _HALF_OPEN:
+                self._half.record(failed, False, 0)
+                calls, failures, _, _ = self._half.snapshot(0)
+            elif failed:
+                self._cons += 1
+                run = self._cons
+            else:
+                self._cons = 0
+        h = self._hook
+        if h is not None:
+            h("error" if failed else "success", exc if failed else None, duration)
+        if s == _HALF_OPEN:
+            if failed or (failures == 0 and calls >= c.success_threshold):
+                now = self._now(now)
+                with self._lock:
+                    if self._state == _HALF_OPEN and self._gen == gen:
+                        if failed:
+                            self._move(_OPEN, now, self._attempt + 1)
+                        else:
+                            self._move(_CLOSED, now, 0)
+        elif failed and run >= c.failure_threshold and s == _CLOSED:
+            now = self._now(now)
+            with self._lock:
+                if self._state == _CLOSED and self._gen == gen:
+                    self._move(_OPEN, now, 1)
+
     def _exceeded(self, calls: int, failures: int, slows: int) -> bool:
         c = self._conf
         fr, sr = failures / calls, slows / calls
@@ -283,11 +354,12 @@ class BreakerCore(Uninit):
 
     # -- state --------------------------------------------------------------------------------------------
     def state_now(self, now: int | None = None) -> int:
-        """The state code, after applying half_open_max_wait expiry."""
+        """The state code now: an OPEN breaker whose open_duration has passed enters HALF_OPEN at this
+        read, a HALF_OPEN one past half_open_max_wait re-opens."""
         self._lock
         now = self._now(now)
         with self._lock:
-            self._expire_half_open(now)
+            self._current(now)
             return self._state
 
     def load(self) -> tuple[int, int, int]:
@@ -321,15 +393,30 @@ class BreakerCore(Uninit):
             self._not_permitted = 0
             self._move(_CLOSED, now, 0)
 
+    def restart(self, state: int, now: int | None = None) -> None:
+        """Enter the manual state `state` (CLOSED, FORCED_OPEN, DISABLED or METRICS_ONLY) from any state,
+        the same one included: always a new generation (results of older permits are dropped); CLOSED
+        and METRICS_ONLY start an empty window; CLOSED sets the attempt count back to 0."""
+        self._lock
+        state = int(State(state))
+        if state in (_OPEN, _HALF_OPEN):
+            raise ValueError(f"restart() enters a manual state (CLOSED, FORCED_OPEN, DISABLED, METRICS_ONLY), "
+                             f"got {State(state).name}")
+        now = self._now(now)
+        with self._lock:
+            self._move(state, now, 0 if state == _CLOSED else None)
+
     def metrics(self, now: int | None = None) -> tuple:
         """(state, calls, failures, slow_calls, failure_rate, slow_call_rate, not_permitted)."""
         self._lock
         now = self._now(now)
         with self._lock:
-            self._expire_half_open(now)
+            self._current(now)
             if self._metrics_half:
                 calls, failures, slows, _ = self._half.snapshot(now)
                 minimum = self._conf.half_open_minimum
+            elif self._conf.classic:                        # the run of consecutive failures; no rates
+                return (self._state, self._cons, self._cons, 0, -1.0, -1.0, self._not_permitted)
             else:
                 calls, failures, slows, _ = self._closed.snapshot(now)
                 minimum = self._conf.minimum_calls
@@ -388,6 +475,34 @@ class BreakerCore(Uninit):
         self._lock
         return Guarded._make(self, None)
 
+    def settle(self, token: int, start: int, fn: Any, result: Any, want_async: bool = False) -> Any:
+        """A call of `fn` admitted with (token, start) returned `result`, which is not a plain value for
+        its form (a sync form: an awaitable, a generator or an async generator; an async form: anything
+        not awaitable). Returns what the caller gets: a generator or async generator guarded over its
+        whole iteration (the permit is held until it finishes or is closed), or a plain value (recorded
+        as a success). Raises UsageError after returning the permit (and closing a coroutine) when a sync
+        form got an awaitable or an async form got a sync result."""
+        self._lock
+        token, start = as_i64(token, "token"), as_i64(start, "start")
+        kind = type(result)
+        if kind is types.AsyncGeneratorType or (kind is types.GeneratorType and not want_async
+                                                 and not _is_coroutine_gen(result)):
+            p = Permit._make(self, token, start)
+            return (guard_astream if kind is types.AsyncGeneratorType else guard_stream)(p, result)
+        if want_async:
+            if kind is types.CoroutineType or inspect.isawaitable(result):
+                return result                               # the caller awaits it and reports
+            self._record(token, CANCELLED, start, None, None)
+            if kind is types.GeneratorType:
+                result.close()
+                raise UsageError(_SYNC_STREAM.format(cls=type(self).__name__, fn=describe(fn)))
+            raise sync_in_async(self, fn, result)
+        if inspect.isawaitable(result):
+            self._record(token, CANCELLED, start, None, None)
+            refuse_sync_result(self, fn, result, generators=False)
+        self._record(token, self.classify_result(result), start, None, None)
+        return result
+
 
 class Permit:
     """One admitted call, reported once: success(result), failure(exc) or release(). Made only by
@@ -437,6 +552,11 @@ class Permit:
     def done(self) -> bool:
         return self._done
 
+    def _stream_success(self) -> None:
+        # a guarded stream finished: a success (record_result is not applied to a stream)
+        if self._once():
+            self._core._record(self._token, SUCCESS, self._start, None, None)
+
     def __del__(self) -> None:
         # never reported: return it (only a half-open permit holds anything)
         try:
@@ -478,6 +598,8 @@ class Guarded:
         except BaseException as exc:
             core.exit_err(token, start, exc)
             raise
+        if lazy_result(result):             # an awaitable (refused) or a stream (guarded over its iteration)
+            return core.settle(token, start, fn, result)
         core.exit_ok(token, start, result)
         return result
 
