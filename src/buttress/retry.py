@@ -31,8 +31,9 @@ from fractions import Fraction
 from typing import Any, Callable, TypeVar
 
 from . import _context
-from ._base import NoCopy, Policy
-from ._params import MAX_SECONDS, NS, check_float, check_function, check_int, check_real, check_seconds, count_of
+from ._base import NoCopy, Policy, is_async_callable
+from ._params import (MAX_SECONDS, NS, check_float, check_function, check_int, check_real, check_seconds, count_of,
+                      describe, show)
 from ._spec import UsageError, parse_exceptions
 from ._wrap import CORO, LAZY_TYPES, check_decoratable, refuse_sync_result, specialize, sync_in_async
 from .backoff import Backoff, constant, exponential
@@ -40,7 +41,7 @@ from .clock import resolve_clock
 from ._impl import core
 from .errors import Rejected
 
-__all__ = ["Retry", "RetryBudget", "RetryMetrics", "Attempt", "current_attempt"]
+__all__ = ["Retry", "RetryBudget", "RetryMetrics", "Attempt", "current_attempt", "retry_call", "retry_call_async"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 _HAS_NOTES = hasattr(BaseException, "add_note")     # Python 3.11+
@@ -337,6 +338,8 @@ class Retry(Policy):
 
     def _loop_sync(self, call: list, fn: Callable[..., Any], args: tuple, kwargs: dict,
                    exc: Any, result: Any) -> Any:
+        if not callable(fn):        # checked here, off the success path: a call of it failed, never retry that
+            raise _not_callable(self, fn)
         token = self._begin(call) if exc is _FIRST else None
         try:
             sleep = self._clock.sleep
@@ -370,6 +373,8 @@ class Retry(Policy):
 
     async def _loop_async(self, call: list, fn: Callable[..., Any], args: tuple, kwargs: dict,
                           exc: Any, result: Any) -> Any:
+        if not callable(fn):
+            raise _not_callable(self, fn)
         token = self._begin(call) if exc is _FIRST else None
         try:
             sleep = self._clock.sleep_async
@@ -474,6 +479,133 @@ class Retry(Policy):
 _count = count_of      # kept under this name: buttress._observe reads counters with it
 
 
+# -- retry_call: the textbook form (DESIGN §6) ----------------------------------------------------------------
+
+# Retry objects built by retry_call, by configuration: building one checks every argument (~14 us, ten
+# times a retried call's own cost), so equal configurations share one. Bounded; cleared when full.
+_CALL_RETRIES: dict[tuple, Retry] = {}
+_CALL_RETRIES_MAX = 256
+
+
+def _typed(value: object) -> object:
+    """A cache-key part that keeps values apart that compare equal across types (1, 1.0, True)."""
+    if isinstance(value, tuple):
+        return tuple(_typed(v) for v in value)
+    return (type(value), value)
+
+
+def _call_retry(max_attempts: object, base_delay: object, max_delay: object, jitter: object, retry_on: object,
+                retry_on_result: object, deadline: object, budget: object, on_retry: object, on_give_up: object,
+                clock: object) -> Retry:
+    from .clock import resolve_clock as _resolve        # the testing switch decides what None means now
+    clk = _resolve(clock)
+    key: tuple | None = tuple(_typed(v) for v in (max_attempts, base_delay, max_delay, jitter, retry_on,
+                                                   retry_on_result, deadline, budget, on_retry, on_give_up))
+    key = (*key, id(clk))       # type: ignore[misc]
+    try:
+        retry = _CALL_RETRIES.get(key)      # type: ignore[arg-type]
+    except TypeError:           # something unhashable (a list of classes): build one for this call
+        retry, key = None, None
+    if retry is not None and retry._clock is clk:
+        return retry
+    # named as retry_call names them (exponential() would say initial / maximum)
+    base = check_seconds("base_delay", base_delay)
+    cap = check_seconds("max_delay", max_delay)
+    assert base is not None and cap is not None
+    if cap < base:
+        raise ValueError(f"max_delay must be >= base_delay={show(base_delay)}, got {show(max_delay)}")
+    retry = Retry(max_attempts=max_attempts,  # type: ignore[arg-type]
+                  backoff=exponential(initial=base, multiplier=2.0, maximum=cap, jitter=jitter),  # type: ignore[arg-type]
+                  retry_on=retry_on, retry_on_result=retry_on_result,  # type: ignore[arg-type]
+                  deadline=deadline, budget=budget, on_retry=on_retry, on_give_up=on_give_up,  # type: ignore[arg-type]
+                  clock=clk)
+    if key is not None:
+        if len(_CALL_RETRIES) >= _CALL_RETRIES_MAX:
+            _CALL_RETRIES.clear()
+        _CALL_RETRIES[key] = retry
+    return retry
+
+
+def _given_key(idempotency_key: object, args: tuple, kwargs: dict) -> str | None:
+    """retry_call's idempotency_key -> the key every attempt sees (None: Retry's lazy random key)."""
+    if idempotency_key is None:
+        return None
+    if isinstance(idempotency_key, str):
+        key = idempotency_key
+    elif callable(idempotency_key):
+        check_function("idempotency_key", idempotency_key, role="idempotency_key(*args, **kwargs) -> str")
+        key = _key_function(idempotency_key)(*args, **kwargs)   # type: ignore[arg-type]
+        if not isinstance(key, str):
+            raise TypeError(f"idempotency_key must return a str, got {show(key)} ({type(key).__name__})")
+    else:
+        raise TypeError(f"idempotency_key must be a str, a callable of the call's arguments returning a str, "
+                        f"or None, got {show(idempotency_key)} ({type(idempotency_key).__name__})")
+    if not key:
+        raise ValueError("idempotency_key must be a non-empty str (an empty key would make every call the same "
+                         "request to the server), got ''")
+    return key
+
+
+def retry_call(fn: Callable[..., Any], /, *args: Any, max_attempts: int = 3, base_delay: float = 1.0,
+               max_delay: float = 32.0, jitter: str = "full", idempotency_key: str | Callable[..., str] | None = None,
+               retry_on: Any = (Exception,), retry_on_result: Callable[[Any], bool] | None = None,
+               deadline: float | None = None, budget: RetryBudget | None = None,
+               on_retry: Callable[[int, BaseException | None, float], Any] | None = None,
+               on_give_up: Callable[[int, BaseException | None], Any] | None = None, clock: Any = None,
+               **kwargs: Any) -> Any:
+    """Call ``fn(*args, **kwargs)`` and retry it: the textbook form of `Retry` (DESIGN §6).
+
+    The wait after attempt k is ``min(max_delay, base_delay * 2 ** (k - 1))`` scaled by `jitter` ("full":
+    uniform in [0, d]; "equal", "decorrelated", "none"). `retry_on` defaults to ``(Exception,)``, as
+    `Retry`'s does (buttress's own rejections are still never retried unless named). A non-None
+    `idempotency_key` (a str, or a callable given the call's arguments, called once before the first
+    attempt) is what ``current_attempt().idempotency_key`` returns in every attempt; by default each call
+    gets a random one. `deadline`, `budget`, `on_retry`, `on_give_up`, `retry_on_result` and `clock` are
+    `Retry`'s. The last exception is re-raised as itself, with the attempt count as a note.
+
+    These keyword names belong to retry_call: to pass an argument of the same name to `fn`, bind it first
+    (``retry_call(functools.partial(fn, max_attempts=5))``). An ``async def`` function is a TypeError:
+    use ``await retry_call_async(fn, ...)``.
+    """
+    if is_async_callable(fn):
+        raise TypeError(f"retry_call: {describe(fn)} is async, so retry_call would return its coroutine "
+                        f"un-awaited and retry nothing: use `await buttress.retry_call_async(fn, ...)`")
+    retry = _call_retry(max_attempts, base_delay, max_delay, jitter, retry_on, retry_on_result, deadline, budget,
+                        on_retry, on_give_up, clock)
+    key = _given_key(idempotency_key, args, kwargs)
+    if key is None:
+        return retry.call(fn, *args, **kwargs)
+    call = [1, key, retry._now_ns(), retry, args, kwargs, None]
+    token = _CALL.set(call)
+    try:
+        return retry._loop_sync(call, fn, args, kwargs, _FIRST, None)
+    finally:
+        _CALL.reset(token)
+
+
+async def retry_call_async(fn: Callable[..., Any], /, *args: Any, max_attempts: int = 3, base_delay: float = 1.0,
+                           max_delay: float = 32.0, jitter: str = "full",
+                           idempotency_key: str | Callable[..., str] | None = None, retry_on: Any = (Exception,),
+                           retry_on_result: Callable[[Any], bool] | None = None, deadline: float | None = None,
+                           budget: RetryBudget | None = None,
+                           on_retry: Callable[[int, BaseException | None, float], Any] | None = None,
+                           on_give_up: Callable[[int, BaseException | None], Any] | None = None, clock: Any = None,
+                           **kwargs: Any) -> Any:
+    """`retry_call` for async functions: ``await retry_call_async(fetch, url, max_attempts=5)``. Waits
+    sleep on ``clock.sleep_async``; a sync function is a TypeError (use `retry_call`)."""
+    retry = _call_retry(max_attempts, base_delay, max_delay, jitter, retry_on, retry_on_result, deadline, budget,
+                        on_retry, on_give_up, clock)
+    key = _given_key(idempotency_key, args, kwargs)
+    if key is None:
+        return await retry.call_async(fn, *args, **kwargs)
+    call = [1, key, retry._now_ns(), retry, args, kwargs, None]
+    token = _CALL.set(call)
+    try:
+        return await retry._loop_async(call, fn, args, kwargs, _FIRST, None)
+    finally:
+        _CALL.reset(token)
+
+
 def _key_function(fn: Callable[..., str] | None) -> Callable[..., str]:
     """idempotency_key -> key(*args, **kwargs): a callable taking no parameters is called without the
     call's arguments (``lambda: f"req-{uuid4()}"``), any other with them (``lambda order_id: ...``)."""
@@ -484,6 +616,10 @@ def _key_function(fn: Callable[..., str] | None) -> Callable[..., str]:
     except (TypeError, ValueError):         # no introspectable signature: pass the arguments
         takes_none = False
     return (lambda *args, **kwargs: fn()) if takes_none else fn
+
+
+def _not_callable(retry: Retry, fn: object) -> TypeError:
+    return TypeError(f"{type(retry).__name__}.call: fn must be callable, got {show(fn)} ({type(fn).__name__})")
 
 
 def _hook_result(retry: Retry, hook: Any, result: object) -> None:
