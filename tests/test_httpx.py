@@ -54,7 +54,9 @@ def keys(path):
 async def app(scope, receive, send):
     """/status/<code>?ra=<Retry-After>  answers <code>;  /flaky/<n>/<code>  answers <code> to the first n
     requests of that path, then 200;  /slow/<ms>  answers after ms;  /slowfirst/<ms>  the first request
-    of the path after ms, the others at once;  /break  sends half a body then fails;  /ok  200."""
+    of the path after ms, the others at once;  /break  sends half a body then fails;  /breakfirst/<n>
+    does that to the first n requests of the path (headers, 1000 of 2000 bytes), then sends all 2000;
+    /ok  200."""
     if scope["type"] != "http":
         return
     while True:             # drain the request body
@@ -91,11 +93,13 @@ async def app(scope, receive, send):
         if n == 1:
             await asyncio.sleep(int(parts[1]) / 1000)
         body = f"attempt {n}".encode()
-    elif parts[0] == "break":
+    elif parts[0] == "break" or parts[0] == "breakfirst" and n <= int(parts[1]):
         await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-length", b"100000")]})
+                    "headers": [(b"content-length", b"100000" if parts[0] == "break" else b"2000")]})
         await send({"type": "http.response.body", "body": b"x" * 1000, "more_body": True})
         raise RuntimeError("the server breaks off the body")
+    elif parts[0] == "breakfirst":
+        body = b"y" * 2000
     if "ra" in query:
         extra.append((b"retry-after", query["ra"].encode()))
     await send({"type": "http.response.start", "status": status,   # content-length: one write, no chunking
@@ -372,7 +376,7 @@ def test_breakers_are_per_host(url):
 
 
 def test_mid_stream_failure_is_a_breaker_failure(url):
-    with client(clock=FakeClock()) as c:
+    with client(clock=FakeClock(), buffer_limit=0) as c:      # every body streamed to the caller
         host = c._transport._host(c.build_request("GET", url))
         with c.stream("GET", f"{url}/ok") as r:
             assert r.read() == b"ok"
@@ -387,7 +391,7 @@ def test_mid_stream_failure_is_a_breaker_failure(url):
 
 def test_async_mid_stream_failure_is_a_breaker_failure(url):
     async def main():
-        async with aclient(clock=FakeClock()) as c:
+        async with aclient(clock=FakeClock(), buffer_limit=1000) as c:    # /break's 100000 bytes: streamed
             host = c._transport._host(c.build_request("GET", url))
             with pytest.raises(httpx.RemoteProtocolError):
                 async with c.stream("GET", f"{url}/break") as r:
@@ -396,6 +400,49 @@ def test_async_mid_stream_failure_is_a_breaker_failure(url):
             return c._transport.pipeline_for(host).breaker.metrics()
     m = asyncio.run(main())
     assert (m.calls, m.failures) == (1, 1)
+
+
+def test_reply_that_breaks_off_is_retried_for_get_and_keyed_post(url):
+    """Headers, then the connection drops in the body: for a retryable request that is a connection
+    error like any other (retried, a breaker failure), not an error the caller meets after the retries."""
+    with client(clock=FakeClock()) as c:
+        host = c._transport._host(c.build_request("GET", url))
+        r = c.get(f"{url}/breakfirst/2")
+        assert r.status_code == 200 and r.content == b"y" * 2000
+        assert hits("/breakfirst/2") == 3
+        m = c._transport.pipeline_for(host).breaker.metrics()
+        assert (m.calls, m.failures) == (3, 2)
+        with c.stream("GET", f"{url}/breakfirst/1") as r:       # streamed by the caller: read already
+            assert r.read() == b"y" * 2000
+        assert hits("/breakfirst/1") == 2
+        r = c.post(f"{url}/breakfirst/1/post", content=b"pay", headers={"Idempotency-Key": "order-7"})
+        assert r.content == b"y" * 2000
+    assert keys("/breakfirst/1/post") == ["order-7", "order-7"]
+
+
+def test_async_reply_that_breaks_off_is_retried_with_the_same_key(url):
+    async def main():
+        async with aclient(clock=FakeClock(), idempotency_header="Idempotency-Key") as c:
+            r = await c.post(f"{url}/breakfirst/2", content=b"pay")
+            return r.status_code, len(r.content)
+    assert asyncio.run(main()) == (200, 2000)
+    ks = keys("/breakfirst/2")
+    assert len(ks) == 3 and ks[0] and len(set(ks)) == 1
+
+
+def test_reply_that_breaks_off_is_not_retried_unkeyed_post_or_over_buffer_limit(url):
+    with client(clock=FakeClock()) as c:
+        with pytest.raises(httpx.RemoteProtocolError):      # a POST without a key: never sent twice
+            c.post(f"{url}/breakfirst/5", content=b"pay")
+        assert hits("/breakfirst/5") == 1
+    with client(clock=FakeClock(), buffer_limit=1999) as c:
+        with pytest.raises(httpx.RemoteProtocolError):      # 2000 bytes > the limit: streamed, not retried
+            c.get(f"{url}/breakfirst/5")
+        assert hits("/breakfirst/5") == 2
+    with pytest.raises(ValueError, match="buffer_limit"):
+        ResilientTransport(buffer_limit=-1)
+    with pytest.raises(TypeError, match="buffer_limit"):
+        AsyncResilientTransport(buffer_limit=1.5)
 
 
 # -- the limiter --------------------------------------------------------------------------------------------

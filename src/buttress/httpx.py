@@ -16,7 +16,11 @@ the default; one for everything otherwise), built on first use by ``pipeline_fac
   the middle of the stream is a failure);
 - a rate limiter per host (optional), and hedging for GET / HEAD when asked (``hedge=0.05`` or "p95");
 - a rejection raises buttress's own error (CircuitOpenError, RateLimitExceeded, ...) with retry_after;
-  a response that is not retried, or the last one, is returned as a response, never raised.
+  a response that is not retried, or the last one, is returned as a response, never raised;
+- the body of a response to a retryable request, when its Content-Length is at most `buffer_limit`
+  bytes (default 1 MiB), is read inside the attempt: a reply that breaks off in the middle (the
+  connection drops after the headers) is retried like any connection error. Larger bodies, and bodies
+  of unknown length, are streamed to the caller (the breaker still sees their end).
 
 This module imports without httpx; the transports need it (``pip install buttress[httpx]``).
 """
@@ -43,6 +47,7 @@ __all__ = ["ResilientTransport", "AsyncResilientTransport", "HostPipeline", "def
            "RetryableResponse", "parse_retry_after", "retryable", "IDEMPOTENT_METHODS", "RETRY_STATUSES"]
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+BUFFER_LIMIT = 1 << 20      # bytes: a retryable request's response up to this size is read inside the attempt
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 HEDGE_METHODS = frozenset({"GET", "HEAD"})
 _TIMEOUT_KEYS = ("connect", "read", "write", "pool")
@@ -223,7 +228,7 @@ class _Base:
     """What both transports share: the host pipelines and the rules of an attempt."""
 
     def _setup(self, transport: Any, pipeline_factory: Any, per_host: object, hedge: Any,
-               idempotency_header: object, clock: Any) -> None:
+               idempotency_header: object, clock: Any, buffer_limit: object) -> None:
         from .clock import resolve_clock
         _require_httpx()
         self._transport = transport
@@ -240,6 +245,7 @@ class _Base:
         if idempotency_header is not None and (not isinstance(idempotency_header, str) or not idempotency_header):
             raise TypeError(f"idempotency_header must be a header name (str) or None, got {show(idempotency_header)}")
         self._key_header = idempotency_header
+        self._buffer_limit = check_int("buffer_limit", buffer_limit, minimum=0)
         self._clock = resolve_clock(clock) if clock is not None else None
         self._pipelines: dict[str, HostPipeline] = {}
         self._by_origin: dict[tuple, HostPipeline] = {}
@@ -344,6 +350,17 @@ class _Base:
             raise exc
         return _Failed(exc)
 
+    def _buffer(self, response: Any, may_retry: bool) -> bool:
+        """Whether to read the body inside the attempt (so that a body breaking off is retried): a
+        retryable request's answer with a Content-Length of at most `buffer_limit` bytes."""
+        if not may_retry or not self._buffer_limit or hasattr(response, "_content"):
+            return False
+        length = response.headers.get("content-length")
+        try:
+            return length is not None and 0 <= int(length) <= self._buffer_limit
+        except ValueError:
+            return False
+
     def _classify(self, response: Any, permit: Any, may_retry: bool) -> bool:
         """Report the status to the breaker where it is final; True when the response should be retried
         (its body must then be read and the response raised as RetryableResponse)."""
@@ -442,17 +459,19 @@ class ResilientTransport(_Base, _SyncBase):
     `hedge`: seconds, "pNN" or a Hedge: hedge GET / HEAD (sync attempts run on a thread pool).
     `idempotency_header`: e.g. "Idempotency-Key": a request of a non-idempotent method without that
     header gets the attempt's idempotency key in it (the same for every attempt), and is retried.
+    `buffer_limit`: bytes; the answer to a retryable request with a Content-Length up to this is read
+    inside the attempt, so a body that breaks off is retried (0: every body is streamed to the caller).
     """
 
     def __init__(self, transport: Any = None, *, pipeline_factory: Callable[[str], Any] | None = None,
                  per_host: bool = True, hedge: Any = None, idempotency_header: str | None = None,
-                 clock: Any = None) -> None:
+                 clock: Any = None, buffer_limit: int = BUFFER_LIMIT) -> None:
         httpx = _require_httpx()
         if transport is None:
             transport = httpx.HTTPTransport()
         elif not callable(getattr(transport, "handle_request", None)):
             raise TypeError(f"transport must be an httpx transport (with handle_request), got {show(transport)}")
-        self._setup(transport, pipeline_factory, per_host, hedge, idempotency_header, clock)
+        self._setup(transport, pipeline_factory, per_host, hedge, idempotency_header, clock, buffer_limit)
 
     def handle_request(self, request: Any) -> Any:
         pipe, may_retry, hedge = self._plan(request)
@@ -482,6 +501,12 @@ class ResilientTransport(_Base, _SyncBase):
             finally:
                 response.close()
             raise RetryableResponse(response, parse_retry_after(response.headers.get("retry-after")))
+        if self._buffer(response, may_retry):
+            try:
+                response.read()
+            except BaseException as exc:  # noqa: BLE001 - the reply broke off: sorted by _error
+                response.close()
+                return self._error(exc, permit if response.status_code < 500 else None, may_retry)
         if permit is not None and response.status_code < 500:
             if hasattr(response, "_content"):       # the body is already in memory: nothing left to fail
                 permit.success()
@@ -506,14 +531,14 @@ class AsyncResilientTransport(_Base, _AsyncBase):
 
     def __init__(self, transport: Any = None, *, pipeline_factory: Callable[[str], Any] | None = None,
                  per_host: bool = True, hedge: Any = None, idempotency_header: str | None = None,
-                 clock: Any = None) -> None:
+                 clock: Any = None, buffer_limit: int = BUFFER_LIMIT) -> None:
         httpx = _require_httpx()
         if transport is None:
             transport = httpx.AsyncHTTPTransport()
         elif not callable(getattr(transport, "handle_async_request", None)):
             raise TypeError(f"transport must be an httpx async transport (with handle_async_request), "
                             f"got {show(transport)}")
-        self._setup(transport, pipeline_factory, per_host, hedge, idempotency_header, clock)
+        self._setup(transport, pipeline_factory, per_host, hedge, idempotency_header, clock, buffer_limit)
 
     async def handle_async_request(self, request: Any) -> Any:
         pipe, may_retry, hedge = self._plan(request)
@@ -543,6 +568,12 @@ class AsyncResilientTransport(_Base, _AsyncBase):
             finally:
                 await response.aclose()
             raise RetryableResponse(response, parse_retry_after(response.headers.get("retry-after")))
+        if self._buffer(response, may_retry):
+            try:
+                await response.aread()
+            except BaseException as exc:  # noqa: BLE001 - the reply broke off: sorted by _error
+                await response.aclose()
+                return self._error(exc, permit if response.status_code < 500 else None, may_retry)
         if permit is not None and response.status_code < 500:
             if hasattr(response, "_content"):       # the body is already in memory: nothing left to fail
                 permit.success()
