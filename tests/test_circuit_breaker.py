@@ -23,11 +23,28 @@ def boom():
     raise Boom("boom")
 
 
+KIND = "rate"
+
+
+@pytest.fixture(params=["rate", "classic"])
+def kind(request):
+    """Runs a test that applies to both breakers on each: make() builds the classic breaker with
+    failure_threshold = the rate breaker's effective minimum and success_threshold = half_open_calls."""
+    global KIND
+    KIND = request.param
+    yield request.param
+    KIND = "rate"
+
+
 def make(clock=None, **kw):
     kw.setdefault("window_size", 10)
     kw.setdefault("minimum_calls", 10)
     kw.setdefault("open_duration", 10.0)
     kw.setdefault("half_open_calls", 3)
+    if KIND == "classic":
+        kw["failure_threshold"] = min(kw.pop("minimum_calls"), kw.pop("window_size"))
+        kw["success_threshold"] = kw["half_open_calls"]
+        kw.pop("failure_rate_threshold", None)
     return CircuitBreaker(name="dep", clock=clock or FakeClock(), **kw)
 
 
@@ -43,7 +60,7 @@ def succeed(cb, n=1):
 
 
 def trip(cb):
-    fail(cb, cb.conf.minimum_calls)
+    fail(cb, cb.conf.failure_threshold or cb.conf.minimum_calls)
     assert cb.state is State.OPEN
 
 
@@ -146,7 +163,7 @@ def test_slow_call_timing_can_be_switched_off():
 
 # -- open and half-open -------------------------------------------------------------------------------
 
-def test_open_refuses_until_open_duration_then_half_open():
+def test_open_refuses_until_open_duration_then_half_open(kind):
     clock = FakeClock()
     cb = make(clock, open_duration=10.0)
     trip(cb)
@@ -165,7 +182,7 @@ def test_open_refuses_until_open_duration_then_half_open():
     assert cb.metrics().not_permitted == 2
 
 
-def test_half_open_admits_exactly_half_open_calls():
+def test_half_open_admits_exactly_half_open_calls(kind):
     clock = FakeClock()
     cb = make(clock, half_open_calls=3)
     trip(cb)
@@ -233,7 +250,7 @@ def test_results_after_the_verdict_are_stale():
     assert cb.metrics().calls == 0
 
 
-def test_ignored_exception_returns_its_half_open_permit():
+def test_ignored_exception_returns_its_half_open_permit(kind):
     clock = FakeClock()
     cb = make(clock, half_open_calls=1, ignore=(KeyError,))
     trip(cb)
@@ -246,7 +263,7 @@ def test_ignored_exception_returns_its_half_open_permit():
 
 
 @pytest.mark.parametrize("exc", [asyncio.CancelledError(), KeyboardInterrupt(), SystemExit(1), GeneratorExit()])
-def test_cancellation_and_exit_are_neither_success_nor_failure(exc):
+def test_cancellation_and_exit_are_neither_success_nor_failure(kind, exc):
     clock = FakeClock()
     cb = make(clock, half_open_calls=1)
 
@@ -265,7 +282,7 @@ def test_cancellation_and_exit_are_neither_success_nor_failure(exc):
     assert cb.state is State.CLOSED
 
 
-def test_half_open_max_wait_reopens_on_the_next_state_read():
+def test_half_open_max_wait_reopens_on_the_next_state_read(kind):
     clock = FakeClock()
     cb = make(clock, half_open_calls=2, half_open_max_wait=5.0, open_duration=lambda a: 10.0 * a)
     trip(cb)
@@ -283,7 +300,7 @@ def test_half_open_max_wait_reopens_on_the_next_state_read():
     assert info.value.retry_after == 20.0
 
 
-def test_half_open_max_wait_is_checked_on_the_next_call():
+def test_half_open_max_wait_is_checked_on_the_next_call(kind):
     clock = FakeClock()
     cb = make(clock, half_open_calls=1, half_open_max_wait=1.0)
     trip(cb)
@@ -297,7 +314,7 @@ def test_half_open_max_wait_is_checked_on_the_next_call():
 
 # -- generations and manual states -------------------------------------------------------------------
 
-def test_results_from_an_older_generation_never_move_the_breaker():
+def test_results_from_an_older_generation_never_move_the_breaker(kind):
     cb = make(minimum_calls=1, window_size=1)
     old = [cb.try_acquire() for _ in range(3)]
     cb.force_open()
@@ -307,7 +324,7 @@ def test_results_from_an_older_generation_never_move_the_breaker():
     assert cb.state is State.CLOSED and cb.metrics().calls == 0
 
 
-def test_forced_open_refuses_everything():
+def test_forced_open_refuses_everything(kind):
     clock = FakeClock()
     cb = make(clock)
     cb.force_open()
@@ -318,7 +335,7 @@ def test_forced_open_refuses_everything():
     assert cb.state is State.FORCED_OPEN
 
 
-def test_disabled_admits_everything_and_records_nothing():
+def test_disabled_admits_everything_and_records_nothing(kind):
     cb = make()
     cb.disable()
     fail(cb, 50)
@@ -333,7 +350,7 @@ def test_metrics_only_records_but_never_transitions():
     assert cb.state is State.METRICS_ONLY and (m.calls, m.failures, m.failure_rate) == (10, 10, 1.0)
 
 
-def test_reset_restores_closed_attempt_and_counters():
+def test_reset_restores_closed_attempt_and_counters(kind):
     clock = FakeClock()
     cb = make(clock, half_open_calls=1, open_duration=lambda a: a)
     trip(cb)
@@ -347,7 +364,7 @@ def test_reset_restores_closed_attempt_and_counters():
     assert cb.state is State.CLOSED and cb.attempt == 0 and m.not_permitted == 0 and m.calls == 0
 
 
-def test_illegal_transitions_are_refused():
+def test_illegal_transitions_are_refused(kind):
     cb = make()
     with pytest.raises(ValueError, match="illegal transition: CLOSED -> HALF_OPEN"):
         cb.transition_to(State.HALF_OPEN)
@@ -388,14 +405,14 @@ def test_predicates_for_record_and_ignore():
     assert cb.metrics().failures == 1
 
 
-def test_record_result_counts_a_return_value_as_failure():
+def test_record_result_counts_a_return_value_as_failure(kind):
     cb = make(record_result=lambda r: r is None, minimum_calls=2, window_size=2)
     assert cb.call(lambda: None) is None
     cb.call(lambda: None)
     assert cb.state is State.OPEN
 
 
-def test_broken_predicate_counts_a_failure_and_is_logged(caplog):
+def test_broken_predicate_counts_a_failure_and_is_logged(kind, caplog):
     cb = make(record=lambda e: 1 / 0, minimum_calls=1, window_size=1)
     with caplog.at_level(logging.ERROR, logger="buttress.circuit_breaker"):
         fail(cb)
@@ -432,7 +449,7 @@ def test_slow_call_rate_exceeded_event():
     assert [e.rate for e in got] == [1.0] and cb.state is State.OPEN
 
 
-def test_a_raising_listener_is_logged_and_never_breaks_the_call(caplog):
+def test_a_raising_listener_is_logged_and_never_breaks_the_call(kind, caplog):
     cb = make()
 
     def bad(event):
@@ -444,7 +461,7 @@ def test_a_raising_listener_is_logged_and_never_breaks_the_call(caplog):
     assert "listener" in caplog.text
 
 
-def test_no_event_is_built_when_nobody_listens():
+def test_no_event_is_built_when_nobody_listens(kind):
     cb = make()
     assert cb.hook is None
     cb.on("success", print)
@@ -513,7 +530,7 @@ def test_async_forms():
     asyncio.run(main())
 
 
-def test_async_cancellation_returns_the_permit():
+def test_async_cancellation_returns_the_permit(kind):
     clock = FakeClock(autojump=False)
     cb = make(clock, half_open_calls=1)
     trip(cb)
@@ -559,7 +576,7 @@ def test_permit_reports_once():
         cb.try_acquire().failure("not an exception")
 
 
-def test_call_without_function_is_a_type_error():
+def test_call_without_function_is_a_type_error(kind):
     cb = make()
     with pytest.raises(TypeError, match="call\\(\\) needs the function"):
         cb.call()
@@ -570,7 +587,7 @@ def test_call_without_function_is_a_type_error():
 # -- racing -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n", [1, 3])
-def test_half_open_admits_exactly_n_under_16_racing_threads(fast_switching, n):
+def test_half_open_admits_exactly_n_under_16_racing_threads(kind, fast_switching, n):
     for _ in range(100):
         clock = FakeClock()
         cb = make(clock, half_open_calls=n)
@@ -581,7 +598,7 @@ def test_half_open_admits_exactly_n_under_16_racing_threads(fast_switching, n):
 
 
 @pytest.mark.parametrize("n", [1, 3])
-def test_half_open_admits_exactly_n_of_200_tasks(n):
+def test_half_open_admits_exactly_n_of_200_tasks(kind, n):
     async def main():
         admitted = 0
         gate = asyncio.Event()
@@ -653,7 +670,7 @@ def test_bad_arguments(kwargs, exc, match):
         CircuitBreaker(**kwargs)
 
 
-def test_broken_open_duration_callable_falls_back_and_logs(caplog):
+def test_broken_open_duration_callable_falls_back_and_logs(kind, caplog):
     cb = make(open_duration=lambda a: -1, minimum_calls=1, window_size=1)
     with caplog.at_level(logging.ERROR, logger="buttress.circuit_breaker"):
         fail(cb)
