@@ -877,3 +877,202 @@ def test_metrics_are_an_immutable_snapshot():
 def test_reprs():
     assert repr(Retry(clock=FakeClock())).startswith("Retry(max_attempts=3, backoff=exponential(")
     assert repr(RetryBudget(clock=FakeClock())) == "RetryBudget(ratio=0.2, min_per_second=10.0, ttl=10.0, balance=100)"
+
+
+# -- the block form: for attempt in retry.attempts(): with attempt: ... (DESIGN §6) --------------------------
+
+def run_block(retry, fn, **kw):
+    """Drive fn() through retry.attempts(); -> (what the block left in `out`, the attempts seen)."""
+    seen = []
+    for attempt in retry.attempts(**kw):
+        with attempt:
+            seen.append((attempt.number, current_attempt(), remaining()))
+            out = fn()
+    return out, seen
+
+
+def test_block_retries_with_backoff_on_the_clock_and_one_key():
+    clock = FakeClock()
+    r = Retry(max_attempts=4, backoff=bo.exponential(initial=1.0, jitter="none"), clock=clock)
+    out, seen = run_block(r, flaky(2))
+    assert out == "ok" and clock.monotonic() == 1.0 + 2.0
+    assert [n for n, _, _ in seen] == [1, 2, 3] and [a.number for _, a, _ in seen] == [1, 2, 3]
+    assert len({a.idempotency_key for _, a, _ in seen}) == 1
+    assert r.metrics() == RetryMetrics(0, 1, 0, 0)
+    assert current_attempt() is None
+    _, seen2 = run_block(r, flaky(0))
+    assert seen2[0][1].idempotency_key != seen[0][1].idempotency_key      # a new key per loop
+    assert r.metrics() == RetryMetrics(1, 1, 0, 0)
+    _, seen = run_block(r, flaky(1), idempotency_key="order-5")
+    assert [a.idempotency_key for _, a, _ in seen] == ["order-5", "order-5"]
+
+
+def test_block_gives_up_with_the_last_exception_itself_noted_and_hooks():
+    clock = FakeClock()
+    events = []
+    r = Retry(max_attempts=3, backoff=bo.constant(0.5), retry_on=ConnectionError, clock=clock,
+              on_retry=lambda a, e, d: events.append(("retry", a, str(e), d)),
+              on_give_up=lambda a, e: events.append(("give_up", a, str(e))))
+    with pytest.raises(ConnectionError, match="failure 3") as info:
+        run_block(r, flaky(10))
+    assert type(info.value) is ConnectionError and info.value.__context__ is None
+    if HAS_NOTES:
+        assert info.value.__notes__ == ["buttress.Retry: gave up after 3 attempts (max_attempts=3 reached)"]
+    assert events == [("retry", 1, "failure 1", 0.5), ("retry", 2, "failure 2", 0.5), ("give_up", 3, "failure 3")]
+    assert r.metrics() == RetryMetrics(0, 0, 0, 1) and clock.monotonic() == 1.0
+    assert current_attempt() is None
+    # not retryable: at once, untouched; own rejections likewise
+    for exc in (ValueError, lambda m: RateLimitExceeded(m, retry_after=0.1)):
+        fn = flaky(10, exc=exc)
+        with pytest.raises((ValueError, RateLimitExceeded)) as info:
+            run_block(r, fn)
+        assert str(info.value).startswith("failure 1") and getattr(info.value, "__notes__", []) == []
+    assert r.metrics() == RetryMetrics(0, 0, 2, 1) and clock.monotonic() == 1.0
+
+
+def test_block_base_exceptions_are_no_outcome():
+    class Stop(BaseException):
+        pass
+    r = Retry(clock=FakeClock())
+    with pytest.raises(Stop):
+        run_block(r, flaky(10, exc=Stop))
+    assert r.metrics() == RetryMetrics(0, 0, 0, 0) and current_attempt() is None
+
+
+def test_block_deadline_is_visible_and_stops_the_loop():
+    clock = FakeClock()
+    r = Retry(max_attempts=10, backoff=bo.constant(1.0), deadline=2.5, clock=clock)
+    with pytest.raises(ConnectionError, match="failure 3") as info:
+        run_block(r, flaky(10))
+    if HAS_NOTES:
+        assert "would reach the deadline" in info.value.__notes__[-1]
+    assert remaining() is None
+
+
+def test_block_remaining_reports_the_deadline_and_is_popped_after():
+    clock = FakeClock()
+    r = Retry(max_attempts=3, backoff=bo.constant(1.0), deadline=5.0, clock=clock)
+    _, seen = run_block(r, flaky(2))
+    assert [rem for *_, rem in seen] == [5.0, 4.0, 3.0]
+    assert remaining() is None
+
+
+def test_block_budget_deposits_once_and_withdraws_per_retry():
+    clock = FakeClock()
+    budget = RetryBudget(ratio=0.0, min_per_second=0.2, ttl=10.0, clock=clock)    # two retries in all
+    r = Retry(max_attempts=10, backoff=NO_WAIT, budget=budget, clock=clock)
+    with pytest.raises(ConnectionError, match="failure 3") as info:
+        run_block(r, flaky(10))
+    if HAS_NOTES:
+        assert "retry budget exhausted" in info.value.__notes__[-1]
+    assert budget.balance == 0
+
+
+def test_block_result_predicate_through_set_result():
+    clock = FakeClock()
+    r = Retry(max_attempts=3, backoff=NO_WAIT, retry_on_result=lambda v: v is None, clock=clock)
+    values = iter([None, None, 7])
+    for attempt in r.attempts():
+        with attempt:
+            attempt.set_result(next(values))
+    assert attempt.result == 7 and attempt.number == 3 and r.metrics() == RetryMetrics(0, 1, 0, 0)
+    count = 0
+    for attempt in r.attempts():       # keeps matching: the loop ends after max_attempts, no exception
+        with attempt:
+            count += 1
+            attempt.set_result(None)
+    assert count == 3 and attempt.result is None and r.metrics() == RetryMetrics(0, 1, 0, 1)
+    for attempt in r.attempts():       # a block that sets nothing is judged by exceptions alone
+        with attempt:
+            pass
+    assert r.metrics() == RetryMetrics(1, 1, 0, 1)
+
+
+def test_block_async_for_waits_with_sleep_async():
+    clock = FakeClock()
+    r = Retry(max_attempts=3, backoff=bo.constant(2.0), clock=clock)
+
+    async def main(use_async_with):
+        seen = []
+        fn = flaky(2)
+        async for attempt in r.attempts(idempotency_key="a-1"):
+            if use_async_with:
+                async with attempt:
+                    await asyncio.sleep(0)
+                    seen.append((current_attempt().number, current_attempt().idempotency_key))
+                    fn()
+            else:
+                with attempt:
+                    await asyncio.sleep(0)
+                    seen.append((current_attempt().number, current_attempt().idempotency_key))
+                    fn()
+        return seen
+    assert asyncio.run(main(False)) == [(1, "a-1"), (2, "a-1"), (3, "a-1")] and clock.monotonic() == 4.0
+    assert asyncio.run(main(True)) == [(1, "a-1"), (2, "a-1"), (3, "a-1")] and clock.monotonic() == 8.0
+
+    async def gives_up():
+        async for attempt in r.attempts():
+            with attempt:
+                raise ConnectionError(f"failure {attempt.number}")
+    with pytest.raises(ConnectionError, match="failure 3"):
+        asyncio.run(gives_up())
+    assert r.metrics() == RetryMetrics(0, 2, 0, 1)
+
+
+def test_block_success_by_break_or_return_leaves_no_state_behind():
+    clock = FakeClock()
+    r = Retry(max_attempts=3, backoff=NO_WAIT, deadline=9.0, clock=clock)
+
+    def first_ok():
+        for attempt in r.attempts():
+            with attempt:
+                return attempt.number
+    assert first_ok() == 1
+    for attempt in r.attempts():
+        with attempt:
+            pass
+        break
+    assert current_attempt() is None and remaining() is None
+    assert r.metrics() == RetryMetrics(2, 0, 0, 0)
+
+
+def test_block_misuse_is_a_clear_error():
+    r = Retry(clock=FakeClock())
+    with pytest.raises(RuntimeError, match=r"attempt 1 was not run in a `with attempt:` block"):
+        for attempt in r.attempts():
+            pass
+    it = r.attempts()
+    attempt = next(it)
+    with attempt:
+        with pytest.raises(RuntimeError, match="already entered"):
+            attempt.__enter__()
+        with pytest.raises(RuntimeError, match="still running"):
+            next(it)
+    with pytest.raises(StopIteration):
+        next(it)
+    with pytest.raises(RuntimeError, match="without a matching __enter__"):
+        attempt.__exit__(None, None, None)
+    with pytest.raises(TypeError, match="idempotency_key must be a str or None, got 5"):
+        r.attempts(idempotency_key=5)
+    with pytest.raises(ValueError, match="non-empty"):
+        r.attempts(idempotency_key="")
+    keyed = Retry(idempotency_key=lambda order_id: f"o-{order_id}", clock=FakeClock())
+    with pytest.raises(TypeError, match=r"from the call's arguments.*attempts\(idempotency_key=\.\.\.\)"):
+        keyed.attempts()
+    assert next(iter(keyed.attempts(idempotency_key="given"))).idempotency_key == "given"
+    no_args = Retry(idempotency_key=lambda: "fixed", clock=FakeClock())
+    for attempt in no_args.attempts():
+        with attempt:
+            assert current_attempt().idempotency_key == "fixed"
+
+
+def test_block_loops_in_racing_threads_keep_their_own_state(fast_switching):
+    r = Retry(max_attempts=3, backoff=NO_WAIT, clock=FakeClock())
+
+    def body(i):
+        _, seen = run_block(r, flaky(2))
+        return {a.idempotency_key for _, a, _ in seen}, [n for n, _, _ in seen]
+    results = race(8, body)
+    assert all(len(keys) == 1 and numbers == [1, 2, 3] for keys, numbers in results)
+    assert len({next(iter(keys)) for keys, _ in results}) == 8
+    assert r.metrics() == RetryMetrics(0, 8, 0, 0)

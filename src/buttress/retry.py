@@ -41,7 +41,8 @@ from .clock import resolve_clock
 from ._impl import core
 from .errors import Rejected
 
-__all__ = ["Retry", "RetryBudget", "RetryMetrics", "Attempt", "current_attempt", "retry_call", "retry_call_async"]
+__all__ = ["Retry", "RetryBudget", "RetryMetrics", "Attempt", "current_attempt", "retry_call", "retry_call_async",
+           "Attempts", "AttemptBlock"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 _HAS_NOTES = hasattr(BaseException, "add_note")     # Python 3.11+
@@ -187,7 +188,7 @@ class Retry(Policy):
     """
 
     __slots__ = ("max_attempts", "backoff", "deadline", "budget", "_delay", "_retryable", "_result_pred",
-                 "_deadline_ns", "_setup", "_on_retry", "_on_give_up", "_key_fn", "_key_from_args", "_clock", "_now_ns",
+                 "_deadline_ns", "_setup", "_on_retry", "_on_give_up", "_key_fn", "_key_from_args", "_key_needs_args", "_clock", "_now_ns",
                  "_ok_first", "_ok_retried", "_failed_first", "_failed_retried")
 
     def __init__(self, max_attempts: int = 3, backoff: Backoff | Callable[[int], float] | float | None = None,
@@ -213,6 +214,7 @@ class Retry(Policy):
         self._key_fn = _key_function(check_function("idempotency_key", idempotency_key,
                                                     role="idempotency_key(*args, **kwargs) -> str"))
         self._key_from_args = idempotency_key is not None     # the default key ignores the arguments
+        self._key_needs_args = self._key_from_args and not _binds_empty(idempotency_key)
         self._clock = resolve_clock(clock)
         self._now_ns = self._clock.monotonic_ns
         # itertools.count: next() is one C call, atomic under the GIL (no lock on the success path)
@@ -333,6 +335,31 @@ class Retry(Policy):
 
         return wrapper
 
+    def attempts(self, idempotency_key: str | None = None) -> Attempts:
+        """The block form, for code that is not a function (DESIGN §6)::
+
+            for attempt in retry.attempts():
+                with attempt:
+                    reply = session.post(url, headers={"Idempotency-Key": attempt.idempotency_key})
+
+        ``async for attempt in retry.attempts(): with attempt: ...`` waits with ``clock.sleep_async``.
+        Same rules as a decorated call: a failed block that `retry_on` matches is swallowed, the loop
+        waits its backoff and runs the next attempt; when Retry stops, the last exception leaves the
+        ``with`` (and the loop) as itself, with the attempt note. `idempotency_key` (a str) is what every
+        attempt reads; by default the Retry's own (a random key, or its `idempotency_key` function
+        called without arguments: a block has none)."""
+        if idempotency_key is not None:
+            if not isinstance(idempotency_key, str):
+                raise TypeError(f"idempotency_key must be a str or None, got {show(idempotency_key)} "
+                                f"({type(idempotency_key).__name__})")
+            if not idempotency_key:
+                raise ValueError("idempotency_key must be a non-empty str, got ''")
+        elif self._key_needs_args:
+            raise TypeError("this Retry derives its idempotency key from the call's arguments "
+                            f"({describe(self._key_fn)}) and a block has none: pass "
+                            "retry.attempts(idempotency_key=...)")
+        return Attempts(self, idempotency_key)
+
     # -- the retry loops: after a failed attempt (exc, or result when exc is None), or from the start
     #    (exc=_FIRST) when a deadline or budget has to be set up first (and the deadline popped after) ---
 
@@ -342,7 +369,7 @@ class Retry(Policy):
             raise _not_callable(self, fn)
         token = self._begin(call) if exc is _FIRST else None
         try:
-            sleep = self._clock.sleep
+            sleep = self._sleeper()
             pred = self._result_pred
             while True:
                 if exc is not _FIRST:
@@ -377,7 +404,7 @@ class Retry(Policy):
             raise _not_callable(self, fn)
         token = self._begin(call) if exc is _FIRST else None
         try:
-            sleep = self._clock.sleep_async
+            sleep = self._sleeper_async()
             pred = self._result_pred
             while True:
                 if exc is not _FIRST:
@@ -408,6 +435,13 @@ class Retry(Policy):
                 _context.pop_deadline(token)
 
     # -- the failure path ------------------------------------------------------------------------------
+
+    def _sleeper(self) -> Callable[[float], Any]:
+        """What backoff waits sleep on."""
+        return self._clock.sleep
+
+    def _sleeper_async(self) -> Callable[[float], Any]:
+        return self._clock.sleep_async
 
     def _begin(self, call: list) -> contextvars.Token | None:
         """Count the first attempt in the budget; make the deadline visible to the call (remaining())."""
@@ -477,6 +511,161 @@ class Retry(Policy):
 
 
 _count = count_of      # kept under this name: buttress._observe reads counters with it
+
+
+# -- the block form: for attempt in retry.attempts(): with attempt: ... ----------------------------------------
+
+_NEW, _RUNNING, _ENDED = 0, 1, 2
+
+
+class AttemptBlock:
+    """One attempt of `Retry.attempts()`: run its code inside ``with attempt:`` (or ``async with``).
+
+    ``number`` (1, 2, ...) and ``idempotency_key`` (the same for every attempt) are as in
+    `current_attempt()`, which also works inside the block. With `retry_on_result`, report the block's
+    value with ``attempt.set_result(value)``: a matching value is retried like a failure."""
+
+    __slots__ = ("_owner", "number", "_state", "_token", "_dtoken", "_result", "_has_result")
+
+    def __init__(self, owner: Attempts, number: int) -> None:
+        self._owner = owner
+        self.number = number
+        self._state = _NEW
+        self._token: contextvars.Token | None = None
+        self._dtoken: contextvars.Token | None = None
+        self._result: Any = None
+        self._has_result = False
+
+    @property
+    def idempotency_key(self) -> str:
+        call = self._owner._call
+        key = call[_KEY]
+        return self._owner._retry._make_key(call) if key is None else key
+
+    @property
+    def result(self) -> Any:
+        """What `set_result` was given (None before)."""
+        return self._result
+
+    def set_result(self, value: Any) -> None:
+        """The block's value, for `retry_on_result` (without one it is only kept in `result`)."""
+        self._result = value
+        self._has_result = True
+
+    def __enter__(self) -> AttemptBlock:
+        if self._state != _NEW:
+            raise RuntimeError(f"attempt {self.number} was already entered: each attempt runs once, in one "
+                               "`with attempt:` block")
+        owner = self._owner
+        call = owner._call
+        retry = owner._retry
+        self._state = _RUNNING
+        self._token = _CALL.set(call)
+        if retry._deadline_ns is not None:      # remaining() in the block; _after_failure reads it too
+            self._dtoken = _context.push_deadline(call[_START] + retry._deadline_ns, retry._clock)
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if self._state != _RUNNING:
+            raise RuntimeError(f"attempt {self.number}: __exit__ without a matching __enter__")
+        self._state = _ENDED
+        owner = self._owner
+        retry = owner._retry
+        call = owner._call
+        try:
+            if exc is None:
+                if (retry._result_pred is None or not self._has_result
+                        or not retry._result_pred(self._result)):
+                    next(retry._ok_first if call[_NUMBER] == 1 else retry._ok_retried)
+                    return False
+                owner._delay = retry._after_failure(call, None)     # None: gave up, the loop ends
+                return False
+            if not isinstance(exc, Exception):      # BaseException: no outcome, nothing retried (§3c)
+                return False
+            delay = retry._after_failure(call, exc)
+            if delay is None:           # not retried: the exception leaves the block as itself (noted)
+                return False
+            owner._delay = delay
+            return True                 # swallowed: the loop waits `delay`, then the next attempt
+        finally:
+            if self._dtoken is not None:
+                _context.pop_deadline(self._dtoken)
+                self._dtoken = None
+            if self._token is not None:
+                _CALL.reset(self._token)
+                self._token = None
+
+    async def __aenter__(self) -> AttemptBlock:
+        return self.__enter__()
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        return self.__exit__(exc_type, exc, tb)
+
+    def __repr__(self) -> str:
+        return f"<AttemptBlock {self.number} of {self._owner._retry.max_attempts}>"
+
+
+class Attempts:
+    """What `Retry.attempts()` returns: iterate it with ``for`` (waits with ``clock.sleep``) or
+    ``async for`` (``clock.sleep_async``); each item is an `AttemptBlock`. One logical call: iterate it
+    once."""
+
+    __slots__ = ("_retry", "_call", "_block", "_delay")
+
+    def __init__(self, retry: Retry, key: str | None) -> None:
+        self._retry = retry
+        self._call: list = [1, key, 0, retry, (), {}, None]
+        self._block: AttemptBlock | None = None
+        self._delay: float | None = None
+
+    def __iter__(self) -> Attempts:
+        return self
+
+    def __aiter__(self) -> Attempts:
+        return self
+
+    def _step(self) -> float | None:
+        """Before the next attempt: None for the first one, else the wait; StopIteration when done."""
+        block = self._block
+        if block is None:
+            retry = self._retry
+            self._call[_START] = retry._now_ns()
+            if retry.budget is not None:
+                retry.budget.deposit()
+            return None
+        if block._state != _ENDED:
+            what = "was not run in a `with attempt:` block" if block._state == _NEW else "is still running"
+            raise RuntimeError(f"attempt {block.number} {what}: write `for attempt in retry.attempts(): "
+                               "with attempt: ...`")
+        delay = self._delay
+        if delay is None:               # it succeeded, or Retry gave up on a result: the loop ends
+            raise StopIteration
+        self._delay = None
+        return delay
+
+    def _next_block(self) -> AttemptBlock:
+        if self._block is not None:
+            self._call[_NUMBER] += 1
+        block = self._block = AttemptBlock(self, self._call[_NUMBER])
+        return block
+
+    def __next__(self) -> AttemptBlock:
+        delay = self._step()
+        if delay is not None:
+            self._retry._sleeper()(delay)
+        return self._next_block()
+
+    async def __anext__(self) -> AttemptBlock:
+        try:
+            delay = self._step()
+        except StopIteration:
+            raise StopAsyncIteration from None
+        if delay is not None:
+            await self._retry._sleeper_async()(delay)
+        return self._next_block()
+
+    def __repr__(self) -> str:
+        return f"<Attempts of {self._retry!r}: attempt {self._call[_NUMBER]}>"
 
 
 # -- retry_call: the textbook form (DESIGN §6) ----------------------------------------------------------------
@@ -604,6 +793,17 @@ async def retry_call_async(fn: Callable[..., Any], /, *args: Any, max_attempts: 
         return await retry._loop_async(call, fn, args, kwargs, _FIRST, None)
     finally:
         _CALL.reset(token)
+
+
+def _binds_empty(fn: Any) -> bool:
+    """Whether fn can be called with no arguments (a Retry's key function, for a block)."""
+    try:
+        inspect.signature(fn).bind()
+    except TypeError:
+        return False
+    except ValueError:          # no introspectable signature: assume it can
+        return True
+    return True
 
 
 def _key_function(fn: Callable[..., str] | None) -> Callable[..., str]:
