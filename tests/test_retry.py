@@ -1076,3 +1076,79 @@ def test_block_loops_in_racing_threads_keep_their_own_state(fast_switching):
     assert all(len(keys) == 1 and numbers == [1, 2, 3] for keys, numbers in results)
     assert len({next(iter(keys)) for keys, _ in results}) == 8
     assert r.metrics() == RetryMetrics(0, 8, 0, 0)
+
+
+# -- ready logging hooks ---------------------------------------------------------------------------------------
+
+def test_log_retries_and_log_give_up_log_attempt_exception_and_delay(caplog):
+    import logging
+    from buttress.retry import log_give_up, log_retries
+    clock = FakeClock()
+    logger = logging.getLogger("test.retry.log")
+    r = Retry(max_attempts=3, backoff=bo.constant(0.25), clock=clock,
+              on_retry=log_retries(logger), on_give_up=log_give_up(logger))
+    with caplog.at_level(logging.DEBUG, logger="test.retry.log"):
+        with pytest.raises(ConnectionError):
+            r.call(flaky(10))
+    assert [(rec.levelno, rec.getMessage()) for rec in caplog.records] == [
+        (logging.WARNING, "buttress.Retry: attempt 1 failed with ConnectionError: failure 1; retrying in 0.25s"),
+        (logging.WARNING, "buttress.Retry: attempt 2 failed with ConnectionError: failure 2; retrying in 0.25s"),
+        (logging.ERROR, "buttress.Retry: giving up after 3 attempts; last: ConnectionError: failure 3"),
+    ]
+    first, _, last = caplog.records
+    assert (first.buttress_attempt, first.buttress_delay, first.buttress_exception) == (1, 0.25, "ConnectionError")
+    assert first.buttress_retry is None and first.exc_info is None
+    assert (last.buttress_attempt, last.buttress_exception) == (3, "ConnectionError")
+
+
+def test_log_hooks_levels_names_adapters_exc_info_and_results(caplog):
+    import logging
+    from buttress.retry import log_give_up, log_retries
+    clock = FakeClock()
+    adapter = logging.LoggerAdapter(logging.getLogger("test.retry.adapter"), {})
+    r = Retry(max_attempts=2, backoff=NO_WAIT, clock=clock, retry_on_result=lambda v: v is None,
+              on_retry=log_retries("test.retry.byname", level="INFO", exc_info=True),
+              on_give_up=log_give_up(adapter, level=logging.WARNING))
+    with caplog.at_level(logging.DEBUG):
+        assert r.call(lambda: None) is None
+        with pytest.raises(ConnectionError):
+            r.call(flaky(10))
+    msgs = [(rec.name, rec.levelno, rec.getMessage(), rec.exc_info is not None) for rec in caplog.records]
+    assert msgs == [
+        ("test.retry.byname", logging.INFO, "buttress.Retry: attempt 1 failed with a result that retry_on_result "
+         "matched; retrying in 0s", False),
+        ("test.retry.adapter", logging.WARNING, "buttress.Retry: giving up after 2 attempts; last: a result that "
+         "retry_on_result matched", False),
+        ("test.retry.byname", logging.INFO, "buttress.Retry: attempt 1 failed with ConnectionError: failure 1; "
+         "retrying in 0s", True),
+        ("test.retry.adapter", logging.WARNING, "buttress.Retry: giving up after 2 attempts; last: "
+         "ConnectionError: failure 2", False),
+    ]
+    caplog.clear()
+    quiet = Retry(max_attempts=2, backoff=NO_WAIT, clock=clock, on_retry=log_retries("test.retry.quiet"))
+    with caplog.at_level(logging.ERROR, logger="test.retry.quiet"):
+        quiet.call(flaky(1))
+    assert caplog.records == []
+
+
+def test_log_hooks_work_in_blocks_and_retry_call_and_check_their_arguments(caplog):
+    import logging
+    from buttress.retry import log_give_up, log_retries, retry_call
+    with caplog.at_level(logging.WARNING, logger="buttress.retry"):
+        retry_call(flaky(1), jitter="none", base_delay=0.5, on_retry=log_retries(), clock=FakeClock())
+        r = Retry(max_attempts=2, backoff=NO_WAIT, on_retry=log_retries(), clock=FakeClock())
+        for attempt in r.attempts():
+            with attempt:
+                if attempt.number == 1:
+                    raise TimeoutError()
+    assert [rec.getMessage() for rec in caplog.records] == [
+        "buttress.Retry: attempt 1 failed with ConnectionError: failure 1; retrying in 0.5s",
+        "buttress.Retry: attempt 1 failed with TimeoutError; retrying in 0s"]
+    for bad, exc, words in [(dict(logger=42), TypeError, "logger must be a logging.Logger"),
+                            (dict(level="LOUD"), ValueError, "level must be a logging level"),
+                            (dict(level=-1), ValueError, "level must be between 0 and 1000"),
+                            (dict(level=True), TypeError, "level must be an int"),
+                            (dict(exc_info=1), TypeError, "exc_info must be a bool")]:
+        for make in (log_retries, log_give_up):
+            with pytest.raises(exc, match=words):
+                make(**bad)

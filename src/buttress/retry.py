@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextvars
 import inspect
 import itertools
+import logging
 from inspect import isawaitable
 import math
 import numbers
@@ -32,7 +33,7 @@ from typing import Any, Callable, TypeVar
 
 from . import _context
 from ._base import NoCopy, Policy, is_async_callable
-from ._params import (MAX_SECONDS, NS, check_float, check_function, check_int, check_real, check_seconds, count_of,
+from ._params import (MAX_SECONDS, NS, check_bool as check_bool_arg, check_float, check_function, check_int, check_real, check_seconds, count_of,
                       describe, show)
 from ._spec import UsageError, parse_exceptions
 from ._wrap import CORO, LAZY_TYPES, check_decoratable, refuse_sync_result, specialize, sync_in_async
@@ -42,7 +43,7 @@ from ._impl import core
 from .errors import Rejected
 
 __all__ = ["Retry", "RetryBudget", "RetryMetrics", "Attempt", "current_attempt", "retry_call", "retry_call_async",
-           "Attempts", "AttemptBlock"]
+           "Attempts", "AttemptBlock", "log_retries", "log_give_up"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 _HAS_NOTES = hasattr(BaseException, "add_note")     # Python 3.11+
@@ -511,6 +512,92 @@ class Retry(Policy):
 
 
 _count = count_of      # kept under this name: buttress._observe reads counters with it
+
+
+# -- ready hooks that log (tenacity's before_sleep_log / after_log) ----------------------------------------------
+
+def _check_logger(logger: object) -> Any:
+    if logger is None:
+        return logging.getLogger("buttress.retry")
+    if isinstance(logger, str):
+        return logging.getLogger(logger)
+    if isinstance(logger, (logging.Logger, logging.LoggerAdapter)):
+        return logger
+    raise TypeError(f"logger must be a logging.Logger, a LoggerAdapter, a logger name (str) or None, "
+                    f"got {show(logger)} ({type(logger).__name__})")
+
+
+def _check_level(level: object) -> int:
+    if isinstance(level, str):
+        value = logging.getLevelName(level.upper())
+        if isinstance(value, int):
+            return value
+        raise ValueError(f"level must be a logging level (an int, or a name such as 'WARNING'), got {level!r}")
+    return check_int("level", level, minimum=0, maximum=1000)
+
+
+def _who() -> str:
+    call = _CALL.get()
+    name = None if call is None else getattr(call[_RETRY], "name", None)
+    return "buttress.Retry" if name is None else f"buttress.Retry {name!r}"
+
+
+def _what(exc: BaseException | None) -> str:
+    if exc is None:
+        return "a result that retry_on_result matched"
+    text = str(exc)
+    return f"{type(exc).__qualname__}: {text}" if text else type(exc).__qualname__
+
+
+def log_retries(logger: logging.Logger | logging.LoggerAdapter | str | None = None, level: int | str = logging.WARNING,
+                *, exc_info: bool = False) -> Callable[[int, BaseException | None, float], None]:
+    """An ``on_retry`` hook that logs each retry through `logging`::
+
+        Retry(on_retry=buttress.retry.log_retries(logging.getLogger(__name__)))
+        # WARNING buttress.Retry 'payment': attempt 1 failed with ConnectionError: refused; retrying in 0.42s
+
+    `logger` is a Logger, a LoggerAdapter, a logger name, or None ("buttress.retry"); `level` an int or a
+    level name; ``exc_info=True`` adds the traceback. The record's ``extra`` carries ``buttress_retry`` (the
+    Retry's name or None), ``buttress_attempt``, ``buttress_delay`` and ``buttress_exception`` (the class
+    name) for structured logging. Nothing is formatted when the level is disabled."""
+    log = _check_logger(logger)
+    lvl = _check_level(level)
+    with_exc = check_bool_arg("exc_info", exc_info)
+
+    def on_retry(attempt: int, exception: BaseException | None, delay: float) -> None:
+        if not log.isEnabledFor(lvl):
+            return
+        call = _CALL.get()
+        log.log(lvl, "%s: attempt %d failed with %s; retrying in %.3gs", _who(), attempt, _what(exception), delay,
+                exc_info=exception if with_exc and exception is not None else None,
+                extra={"buttress_retry": None if call is None else getattr(call[_RETRY], "name", None),
+                       "buttress_attempt": attempt, "buttress_delay": delay,
+                       "buttress_exception": None if exception is None else type(exception).__qualname__})
+    return on_retry
+
+
+def log_give_up(logger: logging.Logger | logging.LoggerAdapter | str | None = None, level: int | str = logging.ERROR,
+                *, exc_info: bool = False) -> Callable[[int, BaseException | None], None]:
+    """An ``on_give_up`` hook that logs the end of a retried call that failed::
+
+        # ERROR buttress.Retry 'payment': giving up after 3 attempts; last: ConnectionError: refused
+
+    Same parameters and ``extra`` as `log_retries` (without the delay). The exception is still raised to
+    the caller, so ``exc_info`` is off by default (the caller's handler usually logs the traceback)."""
+    log = _check_logger(logger)
+    lvl = _check_level(level)
+    with_exc = check_bool_arg("exc_info", exc_info)
+
+    def on_give_up(attempt: int, exception: BaseException | None) -> None:
+        if not log.isEnabledFor(lvl):
+            return
+        call = _CALL.get()
+        log.log(lvl, "%s: giving up after %d attempt%s; last: %s", _who(), attempt, "" if attempt == 1 else "s",
+                _what(exception), exc_info=exception if with_exc and exception is not None else None,
+                extra={"buttress_retry": None if call is None else getattr(call[_RETRY], "name", None),
+                       "buttress_attempt": attempt,
+                       "buttress_exception": None if exception is None else type(exception).__qualname__})
+    return on_give_up
 
 
 # -- the block form: for attempt in retry.attempts(): with attempt: ... ----------------------------------------
