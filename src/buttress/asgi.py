@@ -1,4 +1,5 @@
-"""Pure ASGI middleware: per-client rate limiting, priority load shedding, health endpoints.
+"""Pure ASGI middleware: per-client rate limiting, priority load shedding, health endpoints, graceful
+shutdown.
 
 Plain ASGI 3 callables (``await mw(scope, receive, send)``), so they wrap any ASGI app (Starlette,
 FastAPI, Django, Litestar, a bare function) without Starlette's BaseHTTPMiddleware and without any
@@ -25,10 +26,11 @@ import logging
 import math
 from typing import Any, Awaitable, Callable, Iterable
 
-from ._params import MAX_SECONDS, NS, check_bool, check_int, count_of, emission_interval_ns, show
+from ._params import MAX_SECONDS, NS, check_bool, check_int, check_seconds, count_of, emission_interval_ns, show
 from .errors import Overloaded
 
-__all__ = ["RateLimitMiddleware", "LoadSheddingMiddleware", "HealthEndpoints", "ClientIP", "client_ip"]
+__all__ = ["RateLimitMiddleware", "LoadSheddingMiddleware", "HealthEndpoints", "ShutdownMiddleware", "ClientIP",
+           "client_ip"]
 
 log = logging.getLogger("buttress.asgi")
 
@@ -567,3 +569,88 @@ async def _serve_lifespan(receive: Receive, send: Send) -> None:
         elif message["type"] == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})
             return
+
+
+# -- graceful shutdown ---------------------------------------------------------------------------------
+
+class ShutdownMiddleware:
+    """Graceful shutdown of an ASGI app through a `buttress.lifecycle.Lifecycle` (a new one over the
+    default registry when None).
+
+    - Every HTTP request is counted as in-flight work; once the drain began, a new request gets **503**
+      ``shutting down`` with Retry-After (the lifecycle's `retry_after`) and ``Connection: close``.
+    - Lifespan startup: with `handle_sigterm` (and the server in the main thread, as uvicorn runs),
+      SIGTERM starts the drain at once (readiness 503, new requests 503) while the server still
+      accepts, waits up to `deadline` seconds for in-flight requests and the lifecycle's objects, then
+      hands the signal to the server's own handler (uvicorn then closes its sockets and stops).
+    - Lifespan shutdown (however it came: SIGINT, the server's own exit): the same drain, if it has not
+      run yet, before the app's own shutdown runs (so its connection pools close after the last call).
+      An app without a lifespan protocol gets one answered here.
+
+    Put it inside `HealthEndpoints`, so probes are answered during the drain (readiness "draining",
+    liveness up). WebSocket connections pass through uncounted.
+    """
+
+    def __init__(self, app: ASGIApp, lifecycle: Any = None, *, deadline: float = 30.0,
+                 handle_sigterm: bool = True) -> None:
+        from .lifecycle import Lifecycle
+        self.app = _check_app(app)
+        if lifecycle is None:
+            lifecycle = Lifecycle()
+        elif not isinstance(lifecycle, Lifecycle):
+            raise TypeError(f"lifecycle must be a buttress.lifecycle.Lifecycle or None, got {show(lifecycle)}")
+        self.lifecycle = lifecycle
+        self.deadline = check_seconds("deadline", deadline)
+        self.handle_sigterm = check_bool("handle_sigterm", handle_sigterm)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            lifecycle = self.lifecycle
+            try:
+                lifecycle._enter()
+            except Overloaded as exc:
+                headers = [(b"retry-after", str(_retry_after(exc.retry_after)).encode()), (b"connection", b"close")]
+                return await _respond(send, 503, b"shutting down\n", headers, head=scope.get("method") == "HEAD")
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                lifecycle._exit()
+            return
+        if kind == "lifespan":
+            return await self._lifespan(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    async def _on(self, message: dict) -> None:
+        kind = message.get("type")
+        if kind == "lifespan.startup" and self.handle_sigterm:
+            try:
+                self.lifecycle.handle_signals(self.deadline)
+            except (ValueError, RuntimeError, OSError) as exc:     # no signals here (a platform without them)
+                log.warning("buttress.asgi.ShutdownMiddleware: SIGTERM not handled (%s); the drain runs at "
+                            "lifespan shutdown", exc)
+        elif kind == "lifespan.shutdown":
+            try:
+                await self.lifecycle.shutdown_async(self.deadline)
+            finally:
+                self.lifecycle.restore_signals()
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        received = []
+
+        async def hooked() -> dict:
+            message = await receive()
+            received.append(message.get("type"))
+            await self._on(message)
+            return message
+
+        try:
+            await self.app(scope, hooked, send)
+        except Exception:
+            if received:
+                raise
+            log.debug("buttress.asgi.ShutdownMiddleware: the app has no lifespan protocol; answered here")
+        else:
+            if received:
+                return
+        await _serve_lifespan(hooked, send)
