@@ -1,13 +1,20 @@
 # cython: language_level=3, freethreading_compatible=True, boundscheck=False, wraparound=False, cdivision=True
 """A compiled guard for admit-then-release patterns (bulkhead, rate limiter, load shedder, ...).
 
-`StageGuard(fn, acquire, refuse, release, pending, drain)` is a callable running fn as:
+`StageGuard(fn, acquire, refuse, release, pending, drain, settle)` is a callable running fn as:
 
     if not acquire(): refuse()        # refuse raises the rejection, or returns once admitted (a wait)
-    try: return fn(*args, **kwargs)
-    finally:
-        release()                     # optional
-        if pending: drain()           # optional: e.g. hand the permit to a waiter
+    try: result = fn(*args, **kwargs)
+    except: release(); if pending: drain(); raise
+    if result is an awaitable, a generator or an async generator:      # one C type test (bt_guard_lazy)
+        return settle(fn, result)     # takes over the permit: e.g. holds it over a stream's iteration
+    release()                         # optional
+    if pending: drain()               # optional: e.g. hand the permit to a waiter
+    return result
+
+Without `settle`, a lazy result is given the default treatment: the permit is returned, then an awaitable
+is refused with the sync-form UsageError (DESIGN §3c: the function was async, use call_async) and a
+generator is returned as a value.
 
 acquire / release are the compiled core's bound methods, called through vectorcall; the guard itself is
 called through the C vectorcall entry of include/buttress_guard.h: no argument tuple or dict is built
@@ -22,6 +29,10 @@ import logging
 import types
 from contextvars import ContextVar
 
+from buttress._params import describe
+from buttress._spec import UsageError
+from buttress._wrap import refuse_sync_result
+
 __all__ = ["StageGuard", "StageBase", "AttemptGuard"]
 
 log = logging.getLogger("buttress.guard")
@@ -32,12 +43,15 @@ from bt_atomic cimport bt_load, bt_cas, bt_fetch_add
 cdef extern from "Python.h":
     ctypedef PyObject *(*vectorcallfunc)(PyObject *, PyObject *const *, size_t, PyObject *)
     PyObject *PyObject_CallNoArgs(PyObject *) except NULL
+    PyTypeObject *Py_TYPE(object o) noexcept
 
 cdef extern from "buttress_guard.h":
     ctypedef struct bt_guard_ops:
         int (*enter)(PyObject *owner, int64_t *token, int64_t *start) except -1
         int (*exit_ok)(PyObject *owner, int64_t token, int64_t start, PyObject *result) except -1
         void (*exit_err)(PyObject *owner, int64_t token, int64_t start, PyObject *exc)
+        object (*settle)(PyObject *owner, PyObject *fn, int64_t token, int64_t start, PyObject *result)
+    bint bt_guard_lazy(PyTypeObject *tp) noexcept
     PyObject *bt_guard_vectorcall(PyObject *, PyObject *const *, size_t, PyObject *)
     int bt_guard_install(PyTypeObject *tp, Py_ssize_t offset) except -1
     bint bt_held_enter(int64_t id) noexcept nogil
@@ -47,6 +61,24 @@ cdef extern from "buttress_guard.h":
 from buttress._core.permits import Permits as _Permits
 
 cdef int64_t _next_id = 0          # stage ids: never 0, never reused (bt_fetch_add)
+
+
+def _refuse_awaitable(fn, result):
+    """The default settle of a guard given no `settle`: the permit is back already; an awaitable is the
+    sync-form UsageError, anything else (a generator) is a value."""
+    if type(result) is types.CoroutineType or hasattr(type(result), "__await__"):
+        if type(result) is types.CoroutineType:
+            result.close()          # never started: no "was never awaited" warning
+        raise UsageError(f"{describe(fn)} is async (it returned {type(result).__name__}, an awaitable), so the "
+                         f"sync form cannot guard it and would return it un-awaited: use the pattern's "
+                         f"`await ....call_async(fn, ...)` or decorate the async def function")
+    return result
+
+
+def _attempt_settle(owner, fn, result):
+    """AttemptGuard: a first attempt returned a lazy result; an awaitable is refused (not retried)."""
+    refuse_sync_result(owner, fn, result)
+    return result
 
 
 cdef object _not_initialised(obj, what="its __init__ was not called"):
@@ -60,21 +92,22 @@ cdef class _Stage:
     """The admit / release callables of one guard (the guard's `owner`). When acquire / release are
     the bound try_acquire / release of a compiled Permits, the permit word is used directly.
     Internal (not reachable from Python), built only by setup()."""
-    cdef object acquire, refuse, release, pending, drain, holder
+    cdef object acquire, refuse, release, pending, drain, holder, settle
     cdef permits_t *p
     cdef int64_t id             # key of this stage in the per-thread `with` records
     cdef int64_t floating       # `with` acquisitions not recorded per thread (a thread's table was full)
 
-    cdef int setup(self, acquire, refuse, release, pending, drain) except -1:
+    cdef int setup(self, acquire, refuse, release, pending, drain, settle) except -1:
         for name, value in (("acquire", acquire), ("refuse", refuse)):
             if not callable(value):
                 raise TypeError(f"{name} must be callable, got {value!r}")
-        for name, value in (("release", release), ("drain", drain)):
+        for name, value in (("release", release), ("drain", drain), ("settle", settle)):
             if value is not None and not callable(value):
                 raise TypeError(f"{name} must be callable or None, got {value!r}")
         if (pending is None) != (drain is None):
             raise TypeError("pending and drain go together: give both or neither")
         self.acquire, self.refuse, self.release, self.pending, self.drain = acquire, refuse, release, pending, drain
+        self.settle = settle
         holder = getattr(acquire, "__self__", None)
         if (type(holder) is _Permits and getattr(acquire, "__name__", "") == "try_acquire"
                 and getattr(release, "__self__", None) is holder and getattr(release, "__name__", "") == "release"):
@@ -100,6 +133,14 @@ cdef class _Stage:
         if self.pending is not None and PyObject_Length(self.pending) > 0:
             self.drain()
         return 0
+
+    cdef object settle_result(self, fn, result):
+        """A lazy result (bt_guard_lazy) with the permit still held: `settle` takes the permit over; the
+        default returns it, then refuses an awaitable."""
+        if self.settle is not None:
+            return self.settle(fn, result)
+        self.after()
+        return _refuse_awaitable(fn, result)
 
     cdef inline bint take_floating(self) noexcept nogil:
         cdef int64_t cur
@@ -128,10 +169,15 @@ cdef void _exit_err(PyObject *owner, int64_t token, int64_t start, PyObject *exc
         log.exception("releasing after a failed call failed")
 
 
+cdef object _settle(PyObject *owner, PyObject *fn, int64_t token, int64_t start, PyObject *result):
+    return (<_Stage>owner).settle_result(<object>fn, <object>result)
+
+
 cdef bt_guard_ops _OPS
 _OPS.enter = _enter
 _OPS.exit_ok = _exit_ok
 _OPS.exit_err = _exit_err
+_OPS.settle = _settle
 
 
 @cython.no_gc_clear     # owner_ptr / fn_ptr borrow owner / fn: the GC must never clear them under a caller
@@ -150,11 +196,11 @@ cdef class StageGuard:
     def __cinit__(self):
         self.vectorcall = bt_guard_vectorcall     # checks owner_ptr: an uninitialised guard says so
 
-    def __init__(self, fn, acquire, refuse, release=None, pending=None, drain=None):
+    def __init__(self, fn, acquire, refuse, release=None, pending=None, drain=None, settle=None):
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {fn!r}")
         cdef _Stage s = _Stage.__new__(_Stage)
-        s.setup(acquire, refuse, release, pending, drain)
+        s.setup(acquire, refuse, release, pending, drain, settle)
         if self.owner_ptr != NULL:      # a running call borrows owner and fn: they never change
             raise RuntimeError(f"{type(self).__name__} is already initialised")
         _bind(self, s, fn)
@@ -166,9 +212,14 @@ cdef class StageGuard:
         cdef int64_t token, start
         _enter(<PyObject *>s, &token, &start)
         try:
-            return self.fn(*args, **kwargs)
-        finally:
+            result = self.fn(*args, **kwargs)
+        except BaseException:
             s.after()
+            raise
+        if bt_guard_lazy(Py_TYPE(result)):
+            return s.settle_result(self.fn, result)
+        s.after()
+        return result
 
     def __get__(self, obj, objtype):
         return self if obj is None else types.MethodType(self, obj)
@@ -193,9 +244,9 @@ cdef class StageBase:
     -- a second exit of the same acquisition -- is a no-op: it never releases another caller's permit."""
     cdef _Stage _s
 
-    def _stage_setup(self, acquire, refuse, release=None, pending=None, drain=None):
+    def _stage_setup(self, acquire, refuse, release=None, pending=None, drain=None, settle=None):
         cdef _Stage s = _Stage.__new__(_Stage)
-        s.setup(acquire, refuse, release, pending, drain)
+        s.setup(acquire, refuse, release, pending, drain, settle)
         if self._s is not None:         # holders of the first stage could never give their permits back
             raise RuntimeError(f"{type(self).__name__} is already initialised: _stage_setup() was called before")
         self._s = s
@@ -237,6 +288,7 @@ cdef class StageBase:
 
 cdef extern from "buttress_attempt.h":
     PyObject *bt_attempt_vectorcall(PyObject *, PyObject *const *, size_t, PyObject *)
+    void bt_attempt_set_settle(PyObject *fn)
 
 
 @cython.no_gc_clear     # the *_p fields borrow the object fields: the GC must never clear them under a caller
@@ -285,6 +337,8 @@ cdef class AttemptGuard:
             except Exception as e:
                 exc = e
             else:
+                if bt_guard_lazy(Py_TYPE(result)):
+                    result = _attempt_settle(self.owner, self.fn, result)
                 next(self.counter)
                 return result
             state[4], state[5] = args, kwargs
@@ -297,6 +351,7 @@ cdef class AttemptGuard:
 
 
 def _install():
+    bt_attempt_set_settle(<PyObject *>_attempt_settle)
     cdef StageGuard probe = StageGuard.__new__(StageGuard)
     bt_guard_install(<PyTypeObject *>StageGuard, <Py_ssize_t>(<char *>&probe.vectorcall - <char *><PyObject *>probe))
     cdef AttemptGuard probe2 = AttemptGuard.__new__(AttemptGuard)

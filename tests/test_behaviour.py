@@ -94,8 +94,6 @@ def test_a_decorated_sync_function_returning_a_coroutine_is_refused_when_called(
         decorated()
 
 
-@pytest.mark.xfail(strict=False, reason="the compiled / twin AttemptGuard (_core/guard.pyx, _twin/guard.py) returns "
-                                        "the first attempt's result unchecked")
 def test_a_retry_decorated_sync_function_returning_a_coroutine_is_refused(no_unawaited_warning):
     decorated = Retry(max_attempts=3, backoff=NO_WAIT)(returns_coroutine)
     with pytest.raises(TypeError, match="call_async"):

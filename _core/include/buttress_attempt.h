@@ -6,6 +6,9 @@
  * returns. Only when fn raises an Exception does it build the args tuple / kwargs dict and hand over
  * to `on_failure(state, fn, args, kwargs, exc, None)` (the Python retry loop), with the ContextVar still
  * set. BaseExceptions (cancellation, KeyboardInterrupt, ...) pass through untouched.
+ * A successful result of a lazy type (bt_guard_lazy: an awaitable, a generator) is shown to
+ * bt_attempt_settle(owner, fn, result) first, which raises the sync-form TypeError for an awaitable
+ * (DESIGN §3c: the function was async) and returns the result otherwise; every other result costs two loads.
  */
 #ifndef BUTTRESS_ATTEMPT_H
 #define BUTTRESS_ATTEMPT_H
@@ -22,6 +25,15 @@ typedef struct {
     PyObject *on_failure;   /* callable(state, fn, args, kwargs, exc, None) -> result */
     PyObject *clock_ns;     /* callable() -> int ns */
 } bt_attempt_head;
+
+/* set once at import by buttress._core.guard (a new reference kept for the life of the process) */
+static PyObject *bt_attempt_settle = NULL;
+
+static void bt_attempt_set_settle(PyObject *fn)
+{
+    Py_XINCREF(fn);
+    bt_attempt_settle = fn;
+}
 
 static PyObject *bt_attempt_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, PyObject **kwargs)
 {
@@ -84,6 +96,13 @@ static PyObject *bt_attempt_vectorcall(PyObject *self, PyObject *const *args, si
         return NULL;
     }
     res = PyObject_Vectorcall(g->fn, args, nargsf, kwnames);
+    if (res != NULL && bt_guard_lazy(Py_TYPE(res)) && bt_attempt_settle != NULL) {
+        tmp = PyObject_CallFunctionObjArgs(bt_attempt_settle, g->owner, g->fn, res, NULL);
+        Py_DECREF(res);
+        res = tmp;         /* NULL: refused (an awaitable), the TypeError is set; not retried */
+        if (res == NULL)
+            goto done;
+    }
     if (res != NULL) {
         tmp = PyIter_Next(g->counter);
         Py_XDECREF(tmp);

@@ -5,7 +5,9 @@
  * unchanged (no tuple, no dict), exit_ok()/exit_err() record the outcome. An exception raised by
  * the wrapped function passes through untouched: no extra traceback frame is added.
  * When the guard has no fn (fn == NULL), the first positional argument is the function: this is
- * `policy.call(fn, *args, **kwargs)`.
+ * `policy.call(fn, *args, **kwargs)`. A result of a lazy type (an awaitable, a generator, an async
+ * generator: bt_guard_lazy) goes to settle() instead of exit_ok() (DESIGN §3c: refused, or guarded over
+ * its whole iteration).
  */
 #ifndef BUTTRESS_GUARD_H
 #define BUTTRESS_GUARD_H
@@ -26,6 +28,10 @@ typedef struct bt_guard_ops {
     int (*exit_ok)(PyObject *owner, int64_t token, int64_t start, PyObject *result);
     /* record an exception; never raises (the original exception is re-raised) */
     void (*exit_err)(PyObject *owner, int64_t token, int64_t start, PyObject *exc);
+    /* a result of a lazy type (bt_guard_lazy): settle instead of exit_ok. Returns what the caller gets
+     * (new reference; e.g. a generator guarded over its iteration, holding the permit) or NULL with an
+     * exception set (e.g. an awaitable in a sync form, after the permit was returned). NULL op: exit_ok. */
+    PyObject *(*settle)(PyObject *owner, PyObject *fn, int64_t token, int64_t start, PyObject *result);
 } bt_guard_ops;
 
 typedef struct {
@@ -58,6 +64,16 @@ static BT_GUARD_INLINE PyObject *bt_not_initialised(PyObject *self)
     return NULL;
 }
 
+/* A result that needs a second look from a sync form: a type with an await slot (a coroutine, a future,
+ * anything with __await__: the function was async), a generator or an async generator (a stream). Two
+ * pointer loads for every other result. Generators and async generators carry tp_as_async (am_send /
+ * am_anext), so the common NULL tp_as_async ends the test at once. */
+static BT_GUARD_INLINE int bt_guard_lazy(PyTypeObject *tp)
+{
+    PyAsyncMethods *am = tp->tp_as_async;
+    return am != NULL && (am->am_await != NULL || tp == &PyGen_Type || tp == &PyAsyncGen_Type);
+}
+
 static PyObject *bt_guard_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     bt_guard_head *g = (bt_guard_head *)self;
@@ -82,8 +98,8 @@ static PyObject *bt_guard_vectorcall(PyObject *self, PyObject *const *args, size
         return NULL;
     Py_INCREF(fn);
     res = PyObject_Vectorcall(fn, args, nargsf, kwnames);
-    Py_DECREF(fn);
     if (res == NULL) {
+        Py_DECREF(fn);
         BT_FETCH(exc);
         if (exc == NULL) {   /* NULL without an exception: a broken callable */
             PyErr_SetString(PyExc_SystemError, "guarded callable returned NULL without an exception");
@@ -93,6 +109,13 @@ static PyObject *bt_guard_vectorcall(PyObject *self, PyObject *const *args, size
         BT_RESTORE(exc);
         return NULL;
     }
+    if (g->ops->settle != NULL && bt_guard_lazy(Py_TYPE(res))) {
+        PyObject *out = g->ops->settle(g->owner, fn, token, start, res);
+        Py_DECREF(res);
+        Py_DECREF(fn);
+        return out;
+    }
+    Py_DECREF(fn);
     if (g->ops->exit_ok(g->owner, token, start, res) < 0) {
         Py_DECREF(res);
         return NULL;

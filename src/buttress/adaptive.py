@@ -7,15 +7,18 @@ concurrency-limits' AIMD and Gradient2), and client-side adaptive throttling (Go
 """
 from __future__ import annotations
 
-import asyncio
 import random
 import threading
 from dataclasses import dataclass
+from inspect import isawaitable
 from typing import Any, Callable
 
 from ._base import Policy
 from ._impl import core
 from ._params import NS, check_float, check_function, check_int, exception_matcher, seconds_to_ns
+from ._spec import UsageError
+from ._wrap import CORO, LAZY_TYPES, specialize
+from .bulkhead import COLLECTED, settle_async, settle_sync
 from .clock import is_system_clock, resolve_clock
 from .errors import Overloaded
 
@@ -169,7 +172,10 @@ class AdaptiveThrottle(Policy):
     raising Overloaded without calling the backend.
 
     ``reject_on``: exceptions meaning the backend did not accept the call (default: any Exception);
-    anything else raised still counts as accepted. Cancellation counts as neither.
+    any other Exception still counts as accepted. Anything that is not an Exception (cancellation,
+    KeyboardInterrupt, custom BaseException subclasses) counts as neither (DESIGN §3c), nor does a
+    refused use (a sync call of an async function: TypeError pointing at call_async). A generator (or
+    async generator) is judged when its iteration ends.
     ``rng``: a callable returning floats in [0, 1) (default random.random), for deterministic tests.
     """
 
@@ -205,10 +211,15 @@ class AdaptiveThrottle(Policy):
             raise Overloaded(f"throttled locally: the backend accepted too few recent requests "
                              f"(refusal probability {p:.3f})")
 
-    def _outcome(self, exc: BaseException | None) -> None:
-        if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit, GeneratorExit)):
+    def _outcome(self, exc: Any) -> None:
+        """None: accepted; an Exception: judged by reject_on; anything else is no outcome."""
+        if exc is not None and (not isinstance(exc, Exception) or type(exc) is UsageError):
             return
-        self._counts.record(exc is not None and isinstance(exc, Exception) and self._rejected(exc))
+        self._counts.record(exc is not None and self._rejected(exc))
+
+    def _stream_done(self, exc: Any) -> None:
+        if exc is not COLLECTED:        # a stream dropped un-finished is no outcome
+            self._outcome(exc if exc is None or isinstance(exc, BaseException) else GeneratorExit())
 
     def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         self._admit()
@@ -217,18 +228,43 @@ class AdaptiveThrottle(Policy):
         except BaseException as exc:
             self._outcome(exc)
             raise
+        if type(result) in LAZY_TYPES or hasattr(type(result), "__await__"):
+            return settle_sync(self, fn, result, self._stream_done)
         self._outcome(None)
         return result
 
     async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         self._admit()
         try:
-            result = await fn(*args, **kwargs)
+            aw = fn(*args, **kwargs)
+        except BaseException as exc:
+            self._outcome(exc)
+            raise
+        if type(aw) is not CORO and not isawaitable(aw):
+            return settle_async(self, fn, aw, self._stream_done)
+        try:
+            result = await aw
         except BaseException as exc:
             self._outcome(exc)
             raise
         self._outcome(None)
         return result
+
+    def __call__(self, fn: Any) -> Any:
+        """Decorate fn (sync, async, (async) generator functions, methods); pickles by reference."""
+        call, call_async = self.call, self.call_async
+
+        def make_sync(fn: Callable[..., Any]) -> Callable[..., Any]:
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                return call(fn, *args, **kwargs)
+            return wrapper
+
+        def make_async(fn: Callable[..., Any]) -> Callable[..., Any]:
+            async def wrapper(*args: Any, **kwargs: Any) -> Any:
+                return await call_async(fn, *args, **kwargs)
+            return wrapper
+
+        return specialize(self, fn, make_sync, make_async)
 
     def metrics(self) -> ThrottleMetrics:
         return ThrottleMetrics(*self._state())

@@ -9,6 +9,11 @@ One acquisition, one release: a `Bulkhead` serves many callers at once, so `with
 acquisition for the thread that entered (in the compiled stage, `buttress._core.guard.StageBase`) and
 `async with bh:` for the task and frame that entered; an exit that finds no record of its own -- the
 second exit of one acquisition -- is a no-op, never the release of another caller's permit.
+
+Every form follows DESIGN §3c: a sync form given an async function (or one returning an awaitable) is a
+TypeError pointing at call_async, after the permit is returned; call_async given a sync function is a
+TypeError; a generator or async generator returned by a guarded call holds its permit over its whole
+iteration (`hold_stream` / `hold_astream`: returned when it finishes, is closed, or is collected).
 """
 from __future__ import annotations
 
@@ -17,17 +22,21 @@ import asyncio
 import collections
 import concurrent.futures
 import contextvars
+import inspect
 import itertools
 import sys
 import threading
+import types
+from inspect import isawaitable
 from typing import Any, Callable, NamedTuple
 
-from ._base import Policy, is_async_callable
+from ._base import Policy
 from ._context import remaining
 from ._impl import core
-from ._params import check_float, check_int
+from ._params import ASYNC, ASYNC_GENERATOR, GENERATOR, SYNC, callable_kind, check_float, check_int, describe
+from ._spec import UsageError
 from ._timers import call_later
-from ._wrap import specialize
+from ._wrap import CORO, LAZY_TYPES, refuse_sync_result, specialize, sync_in_async
 from .clock import resolve_clock
 from .errors import BulkheadFullError, TimeoutExceeded
 
@@ -37,6 +46,127 @@ _Permits = core("permits").Permits
 _StageBase = core("guard").StageBase
 _MAX = 1 << 40
 _DEFAULT: Any = object()        # "use max_wait"
+_GEN = types.GeneratorType
+_AGEN = types.AsyncGeneratorType
+_CO_ITERABLE_COROUTINE = inspect.CO_ITERABLE_COROUTINE
+_SYNC_STREAM = ("{cls}.call_async: {fn} is a generator function, not async: use the sync form (call, or the "
+                "decorator), which holds the permit over its whole iteration")
+
+
+# -- streams (DESIGN §3c): a guarded generator holds its permit over the whole iteration ------------------
+
+class _Collected:
+    """`done(COLLECTED)`: the stream was dropped un-finished and collected (maybe inside the GC: take no
+    lock that the collecting thread may hold)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "COLLECTED"
+
+
+class _NotRun:
+    """`done(NOT_RUN)`: the result was refused (an awaitable in a sync form): no outcome."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NOT_RUN"
+
+
+COLLECTED: Any = _Collected()
+NOT_RUN: Any = _NotRun()
+
+
+class Hold:
+    """One permit held by a stream: `finish(exc)` calls `done(exc)` exactly once (exc: None when the
+    stream finished, the exception that ended it, NOT_RUN, or COLLECTED when the stream was dropped before
+    finishing and collected)."""
+
+    __slots__ = ("_done",)
+
+    def __init__(self, done: Callable[[Any], Any]) -> None:
+        self._done = [done]
+
+    def finish(self, exc: Any) -> None:
+        try:
+            done = self._done.pop()     # atomic: of racing finishers, exactly one gets it
+        except IndexError:
+            return
+        done(exc)
+
+    def __del__(self) -> None:
+        try:
+            done = self._done.pop()
+        except (IndexError, AttributeError):
+            return
+        done(COLLECTED)
+
+
+def hold_stream(hold: Hold, gen: Any) -> Any:
+    """Iterate `gen` (send / throw / close delegated) holding `hold`'s permit until it finishes or is
+    closed; a stream dropped before its first step gives the permit back when it is collected."""
+    try:
+        result = yield from gen
+    except BaseException as exc:
+        hold.finish(exc)
+        raise
+    hold.finish(None)
+    return result
+
+
+async def hold_astream(hold: Hold, agen: Any) -> Any:
+    """The async-generator form of hold_stream: values sent in are passed on (``asend``); an exception
+    thrown in (``athrow``) or ``aclose()`` closes `agen` and gives the permit back."""
+    try:
+        value = None
+        while True:
+            try:
+                item = await agen.asend(value)
+            except StopAsyncIteration:
+                break
+            value = yield item
+    except BaseException as exc:
+        try:
+            await agen.aclose()
+        finally:
+            hold.finish(exc)
+        raise
+    hold.finish(None)
+
+
+def is_stream(result: object) -> bool:
+    """A generator (not a generator-based coroutine) or an async generator."""
+    tp = type(result)
+    return tp is _AGEN or (tp is _GEN and not result.gi_code.co_flags & _CO_ITERABLE_COROUTINE)  # type: ignore[attr-defined]
+
+
+def settle_sync(policy: Any, fn: Any, result: Any, done: Callable[[Any], Any]) -> Any:
+    """A sync form's lazy result (LAZY_TYPES or __await__) with the permit held: a stream comes back
+    guarded (`done` when it ends); an awaitable is refused after `done(NOT_RUN)` (UsageError pointing at
+    call_async, the coroutine closed)."""
+    hold = Hold(done)               # from here on the permit is the hold's: it goes back exactly once
+    if type(result) is _AGEN:
+        return hold_astream(hold, result)
+    if is_stream(result):
+        return hold_stream(hold, result)
+    hold.finish(NOT_RUN)
+    refuse_sync_result(policy, fn, result, generators=False)
+    return result
+
+
+def settle_async(policy: Any, fn: Any, result: Any, done: Callable[[Any], Any]) -> Any:
+    """call_async / an async wrapper got a result that is not awaitable, with the permit held: an async
+    generator comes back guarded; anything else is a UsageError after `done(NOT_RUN)` (a generator:
+    use the sync form; anything else: a sync function, use call)."""
+    hold = Hold(done)
+    if type(result) is _AGEN:
+        return hold_astream(hold, result)
+    hold.finish(NOT_RUN)
+    if type(result) is _GEN:
+        result.close()
+        raise UsageError(_SYNC_STREAM.format(cls=type(policy).__name__, fn=describe(fn)))
+    raise sync_in_async(policy, fn, result)
 
 
 def _check_name(name: object) -> str | None:
@@ -134,7 +264,7 @@ class Bulkhead(_StageBase, Policy):
         # `with bh:` and `@bh` on sync functions run in the compiled stage (buttress._core.guard): the permit
         # word is used directly; only waiting (refused) and handing permits to waiters come back to Python.
         self._stage_setup(self._permits.try_acquire, self._wait_for_permit, self._permits.release,
-                          self._waiters, self._drain)
+                          self._waiters, self._drain, self._settle_result)
 
     # -- the two-step API ---------------------------------------------------------------------------
 
@@ -215,21 +345,54 @@ class Bulkhead(_StageBase, Policy):
         if not self.try_acquire():
             self._acquire_slow(self._max_wait)
         try:
-            return fn(*args, **kwargs)
-        finally:
+            result = fn(*args, **kwargs)
+        except BaseException:
             self._release_permit()
             if self._waiters:
                 self._drain()
+            raise
+        if type(result) in LAZY_TYPES or hasattr(type(result), "__await__"):
+            return self._settle_result(fn, result)     # a stream holds the permit; an awaitable is refused
+        self._release_permit()
+        if self._waiters:
+            self._drain()
+        return result
 
     async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         if not self.try_acquire():
             await self._acquire_slow_async(self._max_wait)
+        held = True
         try:
-            return await fn(*args, **kwargs)
+            aw = fn(*args, **kwargs)
+            if type(aw) is not CORO and not isawaitable(aw):
+                held = False            # settle_async owns the permit now
+                return settle_async(self, fn, aw, self._stream_done)
+            return await aw
         finally:
-            self._release_permit()
-            if self._waiters:
-                self._drain()
+            if held:
+                self._release_permit()
+                if self._waiters:
+                    self._drain()
+
+    def _settle_result(self, fn: Any, result: Any) -> Any:
+        """A sync form's lazy result, permit held (also the compiled stage's `settle`)."""
+        return settle_sync(self, fn, result, self._stream_done)
+
+    def _stream_done(self, exc: Any) -> None:
+        """A guarded stream ended (or was refused, or collected): its permit goes back."""
+        if exc is not COLLECTED:
+            self.release()
+            return
+        # maybe inside the GC, in a thread that may hold self._lock: never block on it
+        self._release_permit()
+        if self._waiters:
+            if self._lock.acquire(False):
+                try:
+                    self._drain_locked()
+                finally:
+                    self._lock.release()
+            else:
+                threading.Thread(target=self._drain, name="buttress-bulkhead-drain", daemon=True).start()
 
     def __call__(self, fn: Any) -> Any:
         """Decorate `fn`: the wrapper inlines `call` / `call_async` (one frame less)."""
@@ -242,12 +405,18 @@ class Bulkhead(_StageBase, Policy):
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
                 if not try_acquire():
                     await self._acquire_slow_async(self._max_wait)
+                held = True
                 try:
-                    return await fn(*args, **kwargs)
+                    aw = fn(*args, **kwargs)
+                    if type(aw) is not CORO and not isawaitable(aw):
+                        held = False
+                        return settle_async(self, fn, aw, self._stream_done)
+                    return await aw
                 finally:
-                    release_permit()
-                    if waiters:
-                        self._drain()
+                    if held:
+                        release_permit()
+                        if waiters:
+                            self._drain()
             return wrapper
 
         return specialize(self, fn, make_sync, make_async)
@@ -450,7 +619,12 @@ class ThreadPoolBulkhead(Policy):
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         """Queue `fn(*args, **kwargs)`; returns its Future. Raises BulkheadFullError when the queue is
-        full and RuntimeError after shutdown."""
+        full and RuntimeError after shutdown. `fn` must be a plain sync function: an async def or
+        (async) generator function is a TypeError here. Like `Executor.submit`, the Future holds whatever
+        fn returned; `call` / `call_async` also refuse an awaitable result (a thread cannot run it)."""
+        kind = callable_kind(fn)
+        if kind != SYNC:
+            raise self._refuse_kind(fn, kind)
         if not self._accepted.try_acquire():
             with self._lock:
                 self._rejected += 1
@@ -468,6 +642,30 @@ class ThreadPoolBulkhead(Policy):
             raise
         fut.add_done_callback(slot.free_if_cancelled)
         return fut
+
+    def _refuse_kind(self, fn: Any, kind: str) -> UsageError:
+        what = {ASYNC: "an async def function", ASYNC_GENERATOR: "an async generator function",
+                GENERATOR: "a generator function"}[kind]
+        if kind == GENERATOR:
+            return UsageError(f"ThreadPoolBulkhead cannot run {describe(fn)}, {what}: a worker would only create "
+                              f"the generator, and its body would run where it is iterated, outside the pool. "
+                              f"Collect the items into a list inside a plain function, or iterate it under a "
+                              f"buttress.Bulkhead, which holds its permit over the whole iteration")
+        return UsageError(f"ThreadPoolBulkhead runs sync functions on worker threads; {describe(fn)} is {what}, "
+                          f"which a thread cannot run: await it on the event loop instead (e.g. "
+                          f"`await bulkhead.call_async(fn, ...)` with a buttress.Bulkhead)")
+
+    @staticmethod
+    def _checked(fn: Any, result: Any) -> Any:
+        """The guarded forms' result: an awaitable (fn was async after all) is a UsageError, closed."""
+        if type(result) is not _GEN and (type(result) in LAZY_TYPES or hasattr(type(result), "__await__")):
+            if type(result) is CORO:
+                result.close()          # never started: no "was never awaited" warning
+            raise UsageError(f"ThreadPoolBulkhead: {describe(fn)} is async (it returned "
+                             f"{type(result).__name__}), so a worker thread cannot run it and would return it "
+                             f"un-awaited: await it on the event loop instead (a pattern's "
+                             f"`await ....call_async(fn, ...)`, e.g. Bulkhead or Timeout)")
+        return result
 
     def _run(self, slot: _Slot, ctx: contextvars.Context, fn: Callable[..., Any], args: tuple,
              kwargs: dict) -> Any:
@@ -488,13 +686,12 @@ class ThreadPoolBulkhead(Policy):
         if not done:
             fut.cancel()
             raise TimeoutExceeded(f"call did not finish within {limit:.6g}s", timeout=limit)
-        return fut.result()
+        return self._checked(fn, fut.result())
 
     async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        """Run the sync `fn` on the pool and await its result without blocking the event loop."""
-        if is_async_callable(fn):
-            raise TypeError(f"ThreadPoolBulkhead runs sync functions in threads; {fn!r} is async")
-        return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
+        """Run the sync `fn` on the pool and await its result without blocking the event loop (the one
+        pattern whose call_async takes a sync function: that is its purpose)."""
+        return self._checked(fn, await asyncio.wrap_future(self.submit(fn, *args, **kwargs)))
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting calls. Queued calls still run unless `cancel_futures` (their futures are

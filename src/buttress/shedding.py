@@ -8,16 +8,21 @@ shedder feeds with each call's latency.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import math
 from dataclasses import dataclass
 from enum import IntEnum
+from inspect import isawaitable
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 from ._base import Policy
 from ._impl import core
 from ._params import NS, check_float, check_int, count_of, exception_matcher
+from ._spec import UsageError
+from ._wrap import CORO, LAZY_TYPES, specialize
+from .bulkhead import COLLECTED, settle_async, settle_sync
 from .clock import resolve_clock
 from .errors import Overloaded, Rejected
 
@@ -34,7 +39,6 @@ class Priority(IntEnum):
 
 
 _DEFAULT_FRACTIONS = {Priority.LOW: 0.5, Priority.MEDIUM: 0.75, Priority.HIGH: 0.9}
-_NOT_AN_OUTCOME = (asyncio.CancelledError, KeyboardInterrupt, SystemExit, GeneratorExit)
 _Permits = core("permits").Permits
 _UNBOUNDED = 1 << 40
 _EWMA = 0.2                      # weight of the newest latency in the retry_after estimate
@@ -198,29 +202,93 @@ class LoadShedder(Policy):
         raise Overloaded(f"{what} shed a {priority.name} call ({self._flight.in_use} in flight, "
                          f"capacity {self.capacity})", retry_after=retry_after)
 
-    def _exit(self, start: int, in_flight: int, exc: BaseException | None) -> None:
+    def _exit(self, start: int, in_flight: int, exc: Any) -> None:
+        """A call admitted at `start` ended with `exc` (None: success). Only an Exception (not a UsageError)
+        or None is an outcome (DESIGN §3c): anything else -- cancellation, KeyboardInterrupt, a custom
+        BaseException, GeneratorExit (a stream closed early), a refused result -- frees the slot and
+        reports nothing."""
         try:
             elapsed = self._clock.monotonic_ns() - start
         finally:
             self._flight.release()      # whatever the clock does, the slot goes back exactly once
+        if exc is not None and (not isinstance(exc, Exception) or type(exc) is UsageError):
+            return
         latency = self._latency_ns
         self._latency_ns = elapsed if latency is None else latency + _EWMA * (elapsed - latency)
-        if self.limiter is not None and not isinstance(exc, _NOT_AN_OUTCOME):
+        if self.limiter is not None:
             self.limiter.on_sample(elapsed / NS, in_flight, exc is not None and self._dropped(exc))
+
+    def _stream_done(self, start: int, in_flight: int, exc: Any) -> None:
+        if exc is COLLECTED:            # maybe inside the GC: only the lock-free slot release
+            self._flight.release()
+        else:
+            self._exit(start, in_flight, None if exc is None else (exc if isinstance(exc, BaseException)
+                                                                   else GeneratorExit()))
+
+    def _begin(self, priority: Priority | None) -> tuple[int, int]:
+        """Admit one call: (start ns, in-flight at admission); Overloaded when shed."""
+        in_flight = self._enter(self.default_priority if priority is None else _priority(priority))
+        try:
+            return self._clock.monotonic_ns(), in_flight
+        except BaseException:           # a clock that fails: the slot taken goes back
+            self._flight.release()
+            raise
 
     def admit(self, priority: Priority | None = None) -> _Admission:
         """Context manager (`with` or `async with`): raises Overloaded on entering when shed."""
         return _Admission(self, self.default_priority if priority is None else _priority(priority))
 
     def call(self, fn: Callable[..., Any], /, *args: Any, priority: Priority | None = None, **kwargs: Any) -> Any:
-        """Run fn(*args, **kwargs) if admitted at `priority` (not passed to fn)."""
-        with self.admit(priority):
-            return fn(*args, **kwargs)
+        """Run fn(*args, **kwargs) if admitted at `priority` (not passed to fn). A generator (or async
+        generator) returned holds its slot until it finishes or is closed; an awaitable is refused
+        (TypeError: use call_async)."""
+        start, in_flight = self._begin(priority)
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:
+            self._exit(start, in_flight, exc)
+            raise
+        if type(result) in LAZY_TYPES or hasattr(type(result), "__await__"):
+            return settle_sync(self, fn, result, functools.partial(self._stream_done, start, in_flight))
+        self._exit(start, in_flight, None)
+        return result
 
     async def call_async(self, fn: Callable[..., Any], /, *args: Any, priority: Priority | None = None,
                          **kwargs: Any) -> Any:
-        async with self.admit(priority):
-            return await fn(*args, **kwargs)
+        """Await fn(*args, **kwargs) if admitted; a sync function is a TypeError (use call); an async
+        generator holds its slot over its whole iteration."""
+        start, in_flight = self._begin(priority)
+        try:
+            aw = fn(*args, **kwargs)
+        except BaseException as exc:
+            self._exit(start, in_flight, exc)
+            raise
+        if type(aw) is not CORO and not isawaitable(aw):
+            return settle_async(self, fn, aw, functools.partial(self._stream_done, start, in_flight))
+        try:
+            result = await aw
+        except BaseException as exc:
+            self._exit(start, in_flight, exc)
+            raise
+        self._exit(start, in_flight, None)
+        return result
+
+    def __call__(self, fn: Any) -> Any:
+        """Decorate fn (sync, async, (async) generator functions, methods): each call goes through
+        `call` / `call_async` (a `priority=` keyword picks the priority and is not passed on)."""
+        call, call_async = self.call, self.call_async
+
+        def make_sync(fn: Callable[..., Any]) -> Callable[..., Any]:
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                return call(fn, *args, **kwargs)
+            return wrapper
+
+        def make_async(fn: Callable[..., Any]) -> Callable[..., Any]:
+            async def wrapper(*args: Any, **kwargs: Any) -> Any:
+                return await call_async(fn, *args, **kwargs)
+            return wrapper
+
+        return specialize(self, fn, make_sync, make_async)
 
     def metrics(self) -> ShedderMetrics:
         admitted = MappingProxyType({p: count_of(c) for p, c in zip(Priority, self._admitted)})

@@ -7,6 +7,10 @@ import types
 from contextvars import ContextVar
 from typing import Any, Callable
 
+from .._params import describe
+from .._spec import UsageError
+from .._wrap import LAZY_TYPES, refuse_sync_result
+
 __all__ = ["StageGuard", "StageBase", "AttemptGuard"]
 
 _ids = itertools.count(1)           # stage ids: never 0, never reused
@@ -17,6 +21,24 @@ _held = threading.local()
 def _not_initialised(obj: object, what: str = "its __init__ was not called") -> RuntimeError:
     return RuntimeError(f"{type(obj).__name__} is not initialised: {what} "
                         f"(a subclass must call super().__init__())")
+
+
+def _refuse_awaitable(fn: Any, result: Any) -> Any:
+    """The default settle of a guard given no `settle`: the permit is back already; an awaitable is the
+    sync-form UsageError, anything else (a generator) is a value."""
+    if type(result) is types.CoroutineType or hasattr(type(result), "__await__"):
+        if type(result) is types.CoroutineType:
+            result.close()          # never started: no "was never awaited" warning
+        raise UsageError(f"{describe(fn)} is async (it returned {type(result).__name__}, an awaitable), so the "
+                         f"sync form cannot guard it and would return it un-awaited: use the pattern's "
+                         f"`await ....call_async(fn, ...)` or decorate the async def function")
+    return result
+
+
+def _attempt_settle(owner: Any, fn: Any, result: Any) -> Any:
+    """AttemptGuard: a first attempt returned a lazy result; an awaitable is refused (not retried)."""
+    refuse_sync_result(owner, fn, result)
+    return result
 
 
 def _held_table() -> dict[int, int]:
@@ -53,11 +75,11 @@ def _held_exit(sid: int) -> bool:
     return True
 
 
-def _check_stage(acquire: Any, refuse: Any, release: Any, pending: Any, drain: Any) -> None:
+def _check_stage(acquire: Any, refuse: Any, release: Any, pending: Any, drain: Any, settle: Any) -> None:
     for name, value in (("acquire", acquire), ("refuse", refuse)):
         if not callable(value):
             raise TypeError(f"{name} must be callable, got {value!r}")
-    for name, value in (("release", release), ("drain", drain)):
+    for name, value in (("release", release), ("drain", drain), ("settle", settle)):
         if value is not None and not callable(value):
             raise TypeError(f"{name} must be callable or None, got {value!r}")
     if (pending is None) != (drain is None):
@@ -68,11 +90,12 @@ class _Stage:
     """The admit / release callables of one stage, its id in the per-thread `with` records, and the
     `with` acquisitions not recorded per thread (`floating`: a thread's table was full)."""
 
-    __slots__ = ("acquire", "refuse", "release", "pending", "drain", "id", "floating", "lock")
+    __slots__ = ("acquire", "refuse", "release", "pending", "drain", "settle", "id", "floating", "lock")
 
-    def __init__(self, acquire: Any, refuse: Any, release: Any, pending: Any, drain: Any) -> None:
-        _check_stage(acquire, refuse, release, pending, drain)
+    def __init__(self, acquire: Any, refuse: Any, release: Any, pending: Any, drain: Any, settle: Any = None) -> None:
+        _check_stage(acquire, refuse, release, pending, drain, settle)
         self.acquire, self.refuse, self.release, self.pending, self.drain = acquire, refuse, release, pending, drain
+        self.settle = settle
         self.id = next(_ids)
         self.floating = 0
         self.lock = threading.Lock()
@@ -86,6 +109,14 @@ class _Stage:
             self.release()
         if self.pending is not None and len(self.pending) > 0:
             self.drain()
+
+    def settle_result(self, fn: Any, result: Any) -> Any:
+        """A lazy result with the permit still held: `settle` takes the permit over; the default returns
+        it, then refuses an awaitable."""
+        if self.settle is not None:
+            return self.settle(fn, result)
+        self.after()
+        return _refuse_awaitable(fn, result)
 
     def take_floating(self) -> bool:
         with self.lock:
@@ -104,10 +135,10 @@ class StageGuard:
 
     def __init__(self, fn: Callable[..., Any], acquire: Callable[[], bool], refuse: Callable[[], Any],
                  release: Callable[[], Any] | None = None, pending: Any = None,
-                 drain: Callable[[], Any] | None = None) -> None:
+                 drain: Callable[[], Any] | None = None, settle: Callable[[Any, Any], Any] | None = None) -> None:
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {fn!r}")
-        stage = _Stage(acquire, refuse, release, pending, drain)
+        stage = _Stage(acquire, refuse, release, pending, drain, settle)
         try:
             self._stage
         except AttributeError:
@@ -123,9 +154,14 @@ class StageGuard:
             raise _not_initialised(self) from None
         stage.enter()
         try:
-            return fn(*args, **kwargs)
-        finally:
+            result = fn(*args, **kwargs)
+        except BaseException:
             stage.after()
+            raise
+        if type(result) in LAZY_TYPES or hasattr(type(result), "__await__"):
+            return stage.settle_result(fn, result)
+        stage.after()
+        return result
 
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
         if obj is None and objtype is None:     # as the compiled slot (and a function) says
@@ -151,8 +187,8 @@ class StageBase:
 
     def _stage_setup(self, acquire: Callable[[], bool], refuse: Callable[[], Any],
                      release: Callable[[], Any] | None = None, pending: Any = None,
-                     drain: Callable[[], Any] | None = None) -> None:
-        stage = _Stage(acquire, refuse, release, pending, drain)
+                     drain: Callable[[], Any] | None = None, settle: Callable[[Any, Any], Any] | None = None) -> None:
+        stage = _Stage(acquire, refuse, release, pending, drain, settle)
         if self.__dict__.setdefault("_stage", stage) is not stage:
             raise RuntimeError(f"{type(self).__name__} is already initialised: _stage_setup() was called before")
 
@@ -224,6 +260,8 @@ class AttemptGuard:
             except Exception as e:
                 exc = e
             else:
+                if type(result) in LAZY_TYPES or hasattr(type(result), "__await__"):
+                    result = _attempt_settle(self._owner, fn, result)
                 next(self._counter)
                 return result
             # outside the except block, so later attempts' errors do not chain onto this one
