@@ -236,6 +236,10 @@ def test_load_shedding_503_with_retry_after_through_uvicorn(client):
         assert shed.status_code == 503 and shed.headers["retry-after"] == "3" and shed.text == "overloaded\n"
         assert ok.status_code == 200 and ok.text == "hello /x"
         assert client.get(url + "/x").status_code == 200     # capacity back after the slow one finished
+        # the response is on the wire before the middleware's admission exits: wait (bounded) for the exit
+        deadline = time.monotonic() + 10
+        while shedder.in_flight and time.monotonic() < deadline:
+            time.sleep(0.005)
         assert shedder.in_flight == 0
 
 
