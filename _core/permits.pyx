@@ -6,6 +6,10 @@ Counts are checked before the word is touched: n is an int in [1, 2**40] (so in_
 overflow), and a release of more than is held is refused (in_use never goes below 0, so available never
 rises above max_permits). An object whose __init__ never ran has max_permits 0 and admits nothing;
 every method says so with a RuntimeError (checked off the hot path: only when the word says no).
+
+close() (a drain: stop admitting) stores the maximum negated in the same limit word, so every try is
+refused by the comparison it makes anyway (in_use + n > a negative limit): closing costs the hot path
+nothing. Holders release as usual; reopen() restores the maximum; resize() keeps the sign.
 """
 from libc.stdint cimport int64_t
 from cpython.pycapsule cimport PyCapsule_New
@@ -62,7 +66,7 @@ cdef class Permits:
         cdef int overflow = 0
         cdef long long lim
         cdef int64_t k = _count(n)
-        cdef int64_t m = bt_load(&self.p.limit)
+        cdef int64_t m = bt_load(&self.p.limit)     # negative while closed: refuses below
         if type(limit) is int:
             lim = PyLong_AsLongLongAndOverflow(limit, &overflow)
         if type(limit) is not int or overflow:      # as the twin: TypeError for bool, float, str ...
@@ -90,12 +94,38 @@ cdef class Permits:
 
     @property
     def max_permits(self):
-        return bt_load(&self.p.limit)
+        cdef int64_t m = bt_load(&self.p.limit)
+        return -m if m < 0 else m
 
     @property
     def available(self):
         cdef int64_t a = bt_load(&self.p.limit) - bt_load(&self.p.in_use)
         return a if a > 0 else 0
+
+    @property
+    def closed(self):
+        """True between close() and reopen(): every acquisition is refused."""
+        return bt_load(&self.p.limit) < 0
+
+    def close(self):
+        """Refuse every acquisition until reopen() (holders release as usual). Idempotent."""
+        cdef int64_t cur
+        while True:
+            cur = bt_load(&self.p.limit)
+            if cur == 0:
+                raise _uninit(self)
+            if cur < 0 or bt_cas(&self.p.limit, cur, -cur):
+                return
+
+    def reopen(self):
+        """Admit again after close(). Idempotent."""
+        cdef int64_t cur
+        while True:
+            cur = bt_load(&self.p.limit)
+            if cur == 0:
+                raise _uninit(self)
+            if cur > 0 or bt_cas(&self.p.limit, cur, -cur):
+                return
 
     def resize(self, max_permits):
         """Change the maximum. Shrinking never strands holders: they release as usual and
@@ -106,7 +136,7 @@ cdef class Permits:
             cur = bt_load(&self.p.limit)
             if cur == 0:
                 raise _uninit(self)
-            if bt_cas(&self.p.limit, cur, m):
+            if bt_cas(&self.p.limit, cur, -m if cur < 0 else m):    # a closed counter stays closed
                 return
 
     def _handle(self):

@@ -25,7 +25,9 @@ import contextvars
 import inspect
 import itertools
 import sys
+import math
 import threading
+import time
 import types
 from inspect import isawaitable
 from typing import Any, Callable, NamedTuple
@@ -37,7 +39,7 @@ from ._params import ASYNC, ASYNC_GENERATOR, GENERATOR, SYNC, callable_kind, che
 from ._spec import UsageError
 from ._timers import call_later
 from ._wrap import CORO, LAZY_TYPES, refuse_sync_result, specialize, sync_in_async
-from .clock import resolve_clock
+from .clock import SYSTEM_CLOCK as _SYSTEM_CLOCK, resolve_clock
 from .errors import BulkheadFullError, TimeoutExceeded
 
 __all__ = ["Bulkhead", "BulkheadMetrics", "ThreadPoolBulkhead", "ThreadPoolMetrics"]
@@ -46,6 +48,9 @@ _Permits = core("permits").Permits
 _StageBase = core("guard").StageBase
 _MAX = 1 << 40
 _DEFAULT: Any = object()        # "use max_wait"
+_POLL_FIRST = 0.0005            # s: first sleep of a cross-process wait (store=), doubling up to _POLL_MAX
+_POLL_MAX = 0.02
+_SHARED_MAX = (1 << 22) - 1     # a shared permit counter's maximum (buttress._core.shared.MAX_PERMITS)
 _GEN = types.GeneratorType
 _AGEN = types.AsyncGeneratorType
 _CO_ITERABLE_COROUTINE = inspect.CO_ITERABLE_COROUTINE
@@ -175,6 +180,31 @@ def _check_name(name: object) -> str | None:
     return name
 
 
+def _open_store(kind: str, store: Any, name: str | None, maximum: int, lease: Any) -> tuple[Any, bool]:
+    """(the store's shared permit counter for (kind, name) with `maximum`, whether it is a Redis store).
+    A store needs a name; `lease` belongs to a Redis store."""
+    from .stores import WordStore, store_from_url
+    st = store_from_url(store)
+    if name is None:
+        raise ValueError(f"store={store!r} needs name=: objects with the same name in one store share one "
+                         f"state, so a shared {kind} must be named")
+    if isinstance(st, WordStore):
+        if lease is not None:
+            raise ValueError(f"lease={lease!r} applies to a Redis store only ({st.url} takes a dead process's "
+                             f"permits back through its lease table)")
+        return st.permits(kind, name, maximum), False
+    return st.permits(kind, name, maximum, lease=lease), True
+
+
+def _drain_deadline(clock: Any, timeout: object) -> float | None:
+    t = check_float("timeout", timeout, minimum=0.0, maximum=1e9, allow_none=True)
+    return None if t is None else clock.monotonic() + t
+
+
+def _seconds_left(clock: Any, deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - clock.monotonic())
+
+
 def _wait_budget(timeout: float | None) -> float | None:
     """The wait allowed: `timeout` capped by the innermost deadline (None = unbounded)."""
     left = remaining()
@@ -246,11 +276,17 @@ class Bulkhead(_StageBase, Policy):
     ``max_wait=None`` waits as long as needed; every wait is also capped by the innermost deadline
     (`buttress.remaining()`). `clock` drives async waits (FakeClock in tests); a thread blocked in a
     sync wait always waits in real time.
+
+    ``store=`` (with ``name=``) shares the permits between processes: ``"shm://NAME"`` (host-wide, a
+    crash-safe lease table gives a killed process's permits back) or a Redis store (cluster-wide,
+    leases of ``lease`` seconds renewed while held). ``store=None`` is this process's lock-free counter.
+    With a store a waiter polls (a release in another process wakes nobody here).
+
+    ``drain(timeout)`` / ``drain_async`` stop admitting and wait for the calls in flight (shutdown).
     """
 
     def __init__(self, max_concurrent: int = 10, max_wait: float | None = 0.0, name: str | None = None,
-                 clock: Any = None) -> None:
-        self._permits = _Permits(check_int("max_concurrent", max_concurrent, minimum=1, maximum=_MAX))
+                 clock: Any = None, *, store: Any = None, lease: float | None = None) -> None:
         self._max_wait = check_float("max_wait", max_wait, minimum=0.0, maximum=1e9, allow_none=True)
         self.name = _check_name(name)
         self._clock = resolve_clock(clock)
@@ -258,13 +294,32 @@ class Bulkhead(_StageBase, Policy):
         self._waiters: collections.deque[_Waiter] = collections.deque()
         self._async_held: dict[tuple[Any, int], int] = {}     # (task, frame id) -> `async with` held
         self._rejected = 0
-        # The fast path is the core itself: no Python frame between the caller and the atomic.
-        self.try_acquire = self._permits.try_acquire
+        self._draining = False
+        self._drain_deadline: float | None = None
+        self._remote = False                # a Redis store: async forms await its round trips
+        if store is None:
+            if lease is not None:
+                raise ValueError(f"lease={lease!r} applies to a Redis store only; store is None")
+            self._permits = _Permits(check_int("max_concurrent", max_concurrent, minimum=1, maximum=_MAX))
+            self._shared = False
+            # The fast path is the core itself: no Python frame between the caller and the atomic.
+            self.try_acquire = self._permits.try_acquire
+            acquire = self._permits.try_acquire
+        else:
+            self._permits, self._remote = _open_store(
+                "bulkhead", store, self.name, check_int("max_concurrent", max_concurrent, minimum=1,
+                                                        maximum=_SHARED_MAX), lease)
+            self._shared = True
+            self.try_acquire = acquire = self._shared_try
         self._release_permit = self._permits.release
         # `with bh:` and `@bh` on sync functions run in the compiled stage (buttress._core.guard): the permit
         # word is used directly; only waiting (refused) and handing permits to waiters come back to Python.
-        self._stage_setup(self._permits.try_acquire, self._wait_for_permit, self._permits.release,
+        self._stage_setup(acquire, self._wait_for_permit, self._permits.release,
                           self._waiters, self._drain, self._settle_result)
+
+    def _shared_try(self) -> bool:
+        """The store's counter has no closed state: a draining bulkhead refuses here."""
+        return not self._draining and self._permits.try_acquire()
 
     # -- the two-step API ---------------------------------------------------------------------------
 
@@ -288,8 +343,18 @@ class Bulkhead(_StageBase, Policy):
     async def acquire_async(self, timeout: float | None = _DEFAULT) -> None:
         """Like `acquire`, waiting without blocking the event loop."""
         timeout = self._timeout(timeout)
-        if not self.try_acquire():
+        if self._remote:
+            await self._remote_acquire(timeout)
+        elif not self.try_acquire():
             await self._acquire_slow_async(timeout)
+
+    async def _remote_acquire(self, timeout: float | None) -> None:
+        """A Redis store in an async form: every round trip awaited, never blocking the loop."""
+        if self._draining or not await self._permits.try_acquire_async():
+            await self._poll_async(timeout)
+
+    async def _remote_release(self) -> None:
+        await self._permits.release_async()
 
     def _timeout(self, timeout: object) -> float | None:
         if timeout is _DEFAULT:
@@ -311,7 +376,9 @@ class Bulkhead(_StageBase, Policy):
 
     async def __aenter__(self) -> Bulkhead:
         key = (_current_task(), id(sys._getframe(1)))
-        if not self.try_acquire():
+        if self._remote:
+            await self._remote_acquire(self._max_wait)
+        elif not self.try_acquire():
             await self._acquire_slow_async(self._max_wait)
         try:
             with self._lock:
@@ -337,6 +404,9 @@ class Bulkhead(_StageBase, Policy):
                 del held[key]
             else:
                 held[key] = n - 1
+        if self._remote:
+            await self._remote_release()
+            return
         self._release_permit()
         if self._waiters:
             self._drain()
@@ -359,6 +429,8 @@ class Bulkhead(_StageBase, Policy):
         return result
 
     async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        if self._remote:
+            return await self._remote_call_async(fn, args, kwargs)
         if not self.try_acquire():
             await self._acquire_slow_async(self._max_wait)
         held = True
@@ -373,6 +445,19 @@ class Bulkhead(_StageBase, Policy):
                 self._release_permit()
                 if self._waiters:
                     self._drain()
+
+    async def _remote_call_async(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        await self._remote_acquire(self._max_wait)
+        held = True
+        try:
+            aw = fn(*args, **kwargs)
+            if type(aw) is not CORO and not isawaitable(aw):
+                held = False
+                return settle_async(self, fn, aw, self._stream_done)
+            return await aw
+        finally:
+            if held:
+                await self._remote_release()
 
     def _settle_result(self, fn: Any, result: Any) -> Any:
         """A sync form's lazy result, permit held (also the compiled stage's `settle`)."""
@@ -402,6 +487,11 @@ class Bulkhead(_StageBase, Policy):
             return self._stage_guard(fn)        # compiled: the whole guard is one vectorcall
 
         def make_async(fn: Callable[..., Any]) -> Callable[..., Any]:
+            if self._remote:
+                async def remote_wrapper(*args: Any, **kwargs: Any) -> Any:
+                    return await self._remote_call_async(fn, args, kwargs)
+                return remote_wrapper
+
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
                 if not try_acquire():
                     await self._acquire_slow_async(self._max_wait)
@@ -457,10 +547,51 @@ class Bulkhead(_StageBase, Policy):
         with self._lock:
             self._rejected += 1
         label = "bulkhead" if self.name is None else f"bulkhead {self.name!r}"
+        if self._draining:
+            left = _seconds_left(self._clock, self._drain_deadline)
+            return BulkheadFullError(f"{label} is draining (shutting down): it admits no new calls",
+                                     retry_after=None if left is None else max(left, 1e-9))
         return BulkheadFullError(f"{label} is full ({self.max_concurrent} concurrent calls)")
+
+    def _poll(self, timeout: float | None) -> None:
+        """A shared store's wait: a release in another process wakes nobody here, so try again after
+        short sleeps (0.5 ms doubling to 20 ms), until the budget is spent. Real time (a blocked thread)."""
+        timeout = _wait_budget(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = _POLL_FIRST
+        while True:
+            if self._draining:
+                raise self._reject()
+            if self._permits.try_acquire():
+                return
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise self._reject()
+            time.sleep(delay if left is None else min(delay, left))
+            delay = min(delay * 2, _POLL_MAX)
+
+    async def _poll_async(self, timeout: float | None) -> None:
+        timeout = _wait_budget(timeout)
+        clock = self._clock
+        deadline = None if timeout is None else clock.monotonic() + timeout
+        delay = _POLL_FIRST
+        try_async = getattr(self._permits, "try_acquire_async", None)
+        while True:
+            if self._draining:
+                raise self._reject()
+            if await try_async() if try_async is not None else self._permits.try_acquire():
+                return
+            left = None if deadline is None else deadline - clock.monotonic()
+            if left is not None and left <= 0:
+                raise self._reject()
+            await clock.sleep_async(delay if left is None else min(delay, left))
+            delay = min(delay * 2, _POLL_MAX)
 
     def _enqueue(self, w: _Waiter) -> None:
         with self._lock:
+            if self._draining:          # a drain began since the caller looked: not queued, woken at once
+                w.wake()
+                return
             self._waiters.append(w)
             self._drain_locked()
 
@@ -476,6 +607,10 @@ class Bulkhead(_StageBase, Policy):
             return False
 
     def _acquire_slow(self, timeout: float | None) -> None:
+        if self._shared:
+            return self._poll(timeout)
+        if self._draining:
+            raise self._reject()
         timeout = _wait_budget(timeout)
         if timeout is not None and timeout <= 0:
             raise self._reject()
@@ -495,6 +630,10 @@ class Bulkhead(_StageBase, Policy):
             raise self._reject()
 
     async def _acquire_slow_async(self, timeout: float | None) -> None:
+        if self._shared:
+            return await self._poll_async(timeout)
+        if self._draining:
+            raise self._reject()
         timeout = _wait_budget(timeout)
         if timeout is not None and timeout <= 0:
             raise self._reject()
@@ -517,6 +656,64 @@ class Bulkhead(_StageBase, Policy):
         if not got:
             raise self._reject()
 
+    # -- graceful shutdown ------------------------------------------------------------------------------
+
+    def _begin_drain(self, timeout: object) -> float | None:
+        deadline = _drain_deadline(self._clock, timeout)
+        with self._lock:
+            self._drain_deadline = deadline
+            self._draining = True
+            if not self._shared:
+                self._permits.close()   # the fast path refuses from now on, at no cost to it
+            waiters = list(self._waiters)
+            self._waiters.clear()
+        for w in waiters:               # queued callers are refused now (BulkheadFullError, retry_after)
+            w.wake()
+        return deadline
+
+    def _running_here(self) -> int:
+        """Calls of this process holding a permit (a shared store: this process's share only)."""
+        return self._permits.held if self._shared else self._permits.in_use
+
+    def drain(self, timeout: float | None = None) -> int:
+        """Graceful shutdown: stop admitting (new calls and queued waiters get BulkheadFullError with
+        ``retry_after`` = the seconds left in the drain), then wait up to `timeout` seconds (None: as long
+        as it takes) for this process's calls in flight to finish. Returns how many were still running
+        at the deadline (0: all finished). The bulkhead keeps refusing until `resume()`."""
+        deadline = self._begin_drain(timeout)
+        delay = 0.001
+        while True:
+            n = self._running_here()
+            left = _seconds_left(self._clock, deadline)
+            if n == 0 or left == 0.0:
+                return n
+            self._clock.sleep(delay if left is None else min(delay, left))
+            delay = min(delay * 2, 0.05)
+
+    async def drain_async(self, timeout: float | None = None) -> int:
+        """`drain` without blocking the event loop (waits on the bulkhead's clock)."""
+        deadline = self._begin_drain(timeout)
+        delay = 0.001
+        while True:
+            n = self._running_here()
+            left = _seconds_left(self._clock, deadline)
+            if n == 0 or left == 0.0:
+                return n
+            await self._clock.sleep_async(delay if left is None else min(delay, left))
+            delay = min(delay * 2, 0.05)
+
+    def resume(self) -> None:
+        """Admit again after a drain."""
+        with self._lock:
+            self._draining = False
+            self._drain_deadline = None
+            if not self._shared:
+                self._permits.reopen()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
     # -- configuration and metrics ---------------------------------------------------------------------
 
     @property
@@ -526,7 +723,7 @@ class Bulkhead(_StageBase, Policy):
     @max_concurrent.setter
     def max_concurrent(self, value: int) -> None:
         """Resize at runtime. Growing wakes waiters; shrinking lets current holders finish."""
-        self._permits.resize(check_int("max_concurrent", value, minimum=1, maximum=_MAX))
+        self._permits.resize(check_int("max_concurrent", value, minimum=1, maximum=_SHARED_MAX if self._shared else _MAX))
         self._drain()
 
     @property
@@ -606,6 +803,7 @@ class ThreadPoolBulkhead(Policy):
         self._running = _Permits(_MAX)
         self._lock = threading.Lock()
         self._rejected = 0
+        self._drain_deadline: float | None = None
         self._prefix = "buttress-pool" if self.name is None else f"buttress-{self.name}"
         self._thread_ids = itertools.count()
         self._workers: set[int] = set()
@@ -629,6 +827,10 @@ class ThreadPoolBulkhead(Policy):
             with self._lock:
                 self._rejected += 1
             label = "thread pool bulkhead" if self.name is None else f"thread pool bulkhead {self.name!r}"
+            if self._accepted.closed:
+                left = _seconds_left(_SYSTEM_CLOCK, self._drain_deadline)
+                raise BulkheadFullError(f"{label} is draining (shutting down): it admits no new calls",
+                                        retry_after=None if left is None else max(left, 1e-9))
             raise BulkheadFullError(f"{label} is full ({self._max_workers} workers busy, "
                                     f"{self._queue_size} calls queued)")
         slot = _Slot(self._accepted)
@@ -692,6 +894,47 @@ class ThreadPoolBulkhead(Policy):
         """Run the sync `fn` on the pool and await its result without blocking the event loop (the one
         pattern whose call_async takes a sync function: that is its purpose)."""
         return self._checked(fn, await asyncio.wrap_future(self.submit(fn, *args, **kwargs)))
+
+    def _begin_drain(self, timeout: object) -> float | None:
+        self._drain_deadline = _drain_deadline(_SYSTEM_CLOCK, timeout)
+        self._accepted.close()          # submit refuses from now on (BulkheadFullError, retry_after)
+        return self._drain_deadline
+
+    def drain(self, timeout: float | None = None) -> int:
+        """Graceful shutdown: stop accepting calls (submit raises BulkheadFullError with ``retry_after`` =
+        the seconds left in the drain), then wait up to `timeout` seconds (None: as long as it takes) for
+        the accepted calls, running and queued, to finish. Returns how many were still accepted at the
+        deadline (0: all finished). The workers stay; `shutdown()` stops them, `resume()` accepts again."""
+        deadline = self._begin_drain(timeout)
+        delay = 0.001
+        while True:
+            n = self._accepted.in_use
+            left = _seconds_left(_SYSTEM_CLOCK, deadline)
+            if n == 0 or left == 0.0:
+                return n
+            time.sleep(delay if left is None else min(delay, left))
+            delay = min(delay * 2, 0.05)
+
+    async def drain_async(self, timeout: float | None = None) -> int:
+        """`drain` without blocking the event loop."""
+        deadline = self._begin_drain(timeout)
+        delay = 0.001
+        while True:
+            n = self._accepted.in_use
+            left = _seconds_left(_SYSTEM_CLOCK, deadline)
+            if n == 0 or left == 0.0:
+                return n
+            await asyncio.sleep(delay if left is None else min(delay, left))
+            delay = min(delay * 2, 0.05)
+
+    def resume(self) -> None:
+        """Accept calls again after a drain (not after shutdown())."""
+        self._drain_deadline = None
+        self._accepted.reopen()
+
+    @property
+    def draining(self) -> bool:
+        return bool(self._accepted.closed)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting calls. Queued calls still run unless `cancel_futures` (their futures are

@@ -24,7 +24,7 @@ class Permits:
     a subclass that skips ``super().__init__()``) has max_permits 0 and raises RuntimeError.
     Waking waiters (the facade's "release, then look for waiters" against "queue, then look for a
     permit"): both the release and a refused try take `_lock`, which orders them like the compiled
-    core's fences do.
+    core's fences do. close() stores the maximum negated (every try refused until reopen()).
     """
 
     _limit = 0                      # class defaults: what an uninitialised object reads
@@ -78,7 +78,22 @@ class Permits:
 
     @property
     def max_permits(self) -> int:
-        return self._limit
+        return abs(self._limit)
+
+    @property
+    def closed(self) -> bool:
+        """True between close() and reopen(): every acquisition is refused."""
+        return self._limit < 0
+
+    def close(self) -> None:
+        """Refuse every acquisition until reopen() (holders release as usual). Idempotent."""
+        with self._locked():
+            self._limit = -abs(self._limit)
+
+    def reopen(self) -> None:
+        """Admit again after close(). Idempotent."""
+        with self._locked():
+            self._limit = abs(self._limit)
 
     @property
     def available(self) -> int:
@@ -89,7 +104,7 @@ class Permits:
         new permits are issued only once in_use is below the new maximum."""
         limit = check_int("max_permits", max_permits, minimum=1, maximum=_MAX)
         with self._locked():
-            self._limit = limit
+            self._limit = -limit if self._limit < 0 else limit     # a closed counter stays closed
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(max_permits={self.max_permits}, in_use={self.in_use})"
