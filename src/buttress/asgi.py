@@ -34,9 +34,10 @@ __all__ = ["RateLimitMiddleware", "LoadSheddingMiddleware", "HealthEndpoints", "
 
 log = logging.getLogger("buttress.asgi")
 
-Scope = dict
-Receive = Callable[[], Awaitable[dict]]
-Send = Callable[[dict], Awaitable[None]]
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _XFF = b"x-forwarded-for"
@@ -285,7 +286,7 @@ class RateLimitMiddleware:
                  proxy_networks: Any = None, ipv4_prefix: int = 32, ipv6_prefix: int = 64,
                  no_peer: str = "shared", name: str | None = None, registry: Any = None) -> None:
         from .rate_limit import KeyedLimiter, TokenBucket
-        self.app = _check_app(app)
+        self.app: ASGIApp = _check_app(app)
         if not isinstance(limiter, (KeyedLimiter, TokenBucket)):
             raise TypeError(f"limiter must be a buttress.KeyedLimiter or buttress.TokenBucket, got {limiter!r}")
         if key is not None and not callable(key):
@@ -360,7 +361,7 @@ class RateLimitMiddleware:
 
     # -- the limiter, keyed or not ---------------------------------------------------------------------
     def _wait(self, key: Any, n: int) -> float:
-        return self.limiter.wait_time(key, n) if self.keyed else self.limiter.wait_time(n)
+        return float(self.limiter.wait_time(key, n) if self.keyed else self.limiter.wait_time(n))
 
     def _rate_headers(self, key: Any, rejected: bool = False) -> list[tuple[bytes, bytes]]:
         # GCRA: the wait until the bucket is full, F ns, says everything: r = (capacity * I - F) // I
@@ -406,7 +407,7 @@ class RateLimitMiddleware:
             return await self.app(scope, receive, send)
         extra = self._rate_headers(key)
 
-        async def send_with_headers(message: dict) -> None:
+        async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message = {**message, "headers": [*message.get("headers", ()), *extra]}
             await send(message)
@@ -429,7 +430,7 @@ class LoadSheddingMiddleware:
     """
 
     def __init__(self, app: ASGIApp, shedder: Any, priority: Any = None, retry_after: int = 1) -> None:
-        self.app = _check_app(app)
+        self.app: ASGIApp = _check_app(app)
         if not callable(getattr(shedder, "admit", None)):
             raise TypeError(f"shedder must be a buttress.LoadShedder (with .admit(priority)), got {shedder!r}")
         self.shedder = shedder
@@ -501,7 +502,7 @@ class HealthEndpoints:
     def __init__(self, app: ASGIApp | None, health: Any, livez: str | None = "/livez",
                  readyz: str | None = "/readyz", startupz: str | None = "/startupz", *,
                  details: bool | Callable[[Scope], Any] = False) -> None:
-        self.app = _check_app(app, allow_none=True)
+        self.app: ASGIApp | None = _check_app(app, allow_none=True)
         if not callable(getattr(health, "check", None)):
             raise TypeError(f"health must be a buttress.health.HealthRegistry, got {health!r}")
         if not isinstance(details, bool) and not callable(details):
@@ -594,7 +595,7 @@ class ShutdownMiddleware:
     def __init__(self, app: ASGIApp, lifecycle: Any = None, *, deadline: float = 30.0,
                  handle_sigterm: bool = True) -> None:
         from .lifecycle import Lifecycle
-        self.app = _check_app(app)
+        self.app: ASGIApp = _check_app(app)
         if lifecycle is None:
             lifecycle = Lifecycle()
         elif not isinstance(lifecycle, Lifecycle):
@@ -621,7 +622,7 @@ class ShutdownMiddleware:
             return await self._lifespan(scope, receive, send)
         await self.app(scope, receive, send)
 
-    async def _on(self, message: dict) -> None:
+    async def _on(self, message: Message) -> None:
         kind = message.get("type")
         if kind == "lifespan.startup" and self.handle_sigterm:
             try:
@@ -638,7 +639,7 @@ class ShutdownMiddleware:
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         received = []
 
-        async def hooked() -> dict:
+        async def hooked() -> Message:
             message = await receive()
             received.append(message.get("type"))
             await self._on(message)

@@ -52,7 +52,7 @@ _OPEN_STATES = ("OPEN", "FORCED_OPEN")
 _INITIAL = {"liveness": True, "readiness": False, "startup": None}     # None: no verdict yet
 
 
-class HealthReport(dict):
+class HealthReport(dict[str, Any]):
     """A probe's result: a dict ``{"probe", "status", "checks": {name: {...}}}`` with `http_status`
     (200 up, `degraded_http_status` for degraded, 503 down / starting) and `to_json()`."""
 
@@ -62,7 +62,7 @@ class HealthReport(dict):
 
     @property
     def status(self) -> str:
-        return self["status"]
+        return str(self["status"])
 
     def public(self) -> dict[str, Any]:
         """What may be shown to anyone: the status alone (no check names, errors, durations, counts)."""
@@ -74,9 +74,9 @@ class HealthReport(dict):
 
 
 def _check_probe(probe: object) -> str:
-    if probe not in PROBES:
+    if not isinstance(probe, str) or probe not in PROBES:
         raise ValueError(f"probe must be one of {', '.join(map(repr, PROBES))}, got {probe!r}")
-    return probe  # type: ignore[return-value]
+    return probe
 
 
 def _check_name(name: object) -> str:
@@ -143,7 +143,7 @@ class _Flight:
     __slots__ = ("future", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.future: concurrent.futures.Future = concurrent.futures.Future()
+        self.future: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
         self.loop = loop
 
 
@@ -179,7 +179,7 @@ class HealthRegistry:
         self._started = False
         self._draining = False
         self._executor: Any = None
-        self._tasks: set[asyncio.Task] = set()      # runs in progress (strong references)
+        self._tasks: set[asyncio.Task[None]] = set()      # runs in progress (strong references)
 
     # -- registration ------------------------------------------------------------------------------------
     def add_liveness(self, name: str, fn: Callable[[], Any], timeout: float = 1.0, period: float = 0.0,
@@ -446,7 +446,7 @@ def _worse(a: str, b: str) -> str:
     return a if order.index(a) >= order.index(b) else b
 
 
-async def _wait(future: concurrent.futures.Future) -> Any:
+async def _wait(future: concurrent.futures.Future[Any]) -> Any:
     """Await a concurrent.futures.Future from any event loop. Cancelling the waiter leaves the future
     alone (asyncio.wrap_future would cancel it, and with it every other probe sharing the run)."""
     if not future.done():
@@ -464,7 +464,7 @@ async def _wait(future: concurrent.futures.Future) -> Any:
     return future.result()
 
 
-def _settle(waiter: asyncio.Future) -> None:
+def _settle(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
 

@@ -31,7 +31,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from ._params import check_seconds, show
+from ._params import check_seconds as _check_seconds, show
 from .clock import resolve_clock
 from .errors import Overloaded
 
@@ -40,6 +40,12 @@ __all__ = ["Lifecycle", "ShutdownReport", "Drained", "shutdown", "shutdown_async
 log = logging.getLogger("buttress.lifecycle")
 
 _KINDS = ("bulkhead", "load_shedder", "thread_pool_bulkhead")     # what a Registry holds that runs work
+def check_seconds(name: str, value: object) -> float:
+    seconds = _check_seconds(name, value)
+    assert seconds is not None          # allow_none is off
+    return seconds
+
+
 _POLL = 0.01                # seconds between in-flight reads of an object without a drain method
 
 
@@ -245,11 +251,11 @@ class Lifecycle:
         self._own = _Own()
         self._draining = False
         self._began_ns: int | None = None
-        self._report: concurrent.futures.Future | None = None
+        self._report: concurrent.futures.Future[ShutdownReport] | None = None
         self._report_lock = threading.Lock()
         self._signals: dict[int, Any] = {}     # signal -> the handler it had before handle_signals()
         self._signalled = False
-        self._signal_task: asyncio.Task | None = None
+        self._signal_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._signal_deadline = 30.0
 
@@ -351,8 +357,10 @@ class Lifecycle:
             if lead:
                 self._report = concurrent.futures.Future()
             fut = self._report
+        assert fut is not None
         if not lead:
-            return await _wait(fut)         # the drain in progress (or done): its report
+            report: ShutdownReport = await _wait(fut)        # the drain in progress (or done): its report
+            return report
         try:
             report = await self._drain(deadline, prefer_sync)
         except BaseException as exc:
@@ -399,8 +407,8 @@ class Lifecycle:
     async def _drain_one(self, target: tuple[str, str, Any], end_ns: int, prefer_sync: bool) -> Drained:
         name, kind, obj = target
         before = _in_flight(obj)
-        drain_async = getattr(obj, "drain_async", None)
-        drain = getattr(obj, "drain", None)
+        drain_async: Any = getattr(obj, "drain_async", None)
+        drain: Any = getattr(obj, "drain", None)
         use_sync = callable(drain) and (prefer_sync or not callable(drain_async))
         if not callable(drain_async) and not callable(drain):
             return Drained(name, kind, before, await self._poll(lambda: _in_flight(obj), end_ns), "polled")
