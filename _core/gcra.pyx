@@ -8,20 +8,60 @@ clock, same as time.monotonic_ns(), or `clock_ns()` when one was given). Time is
 base and saturates ~73 years either side of it (DESIGN §3c): the base is `clock_ns()` read at creation
 (any int64 reading: negative, epoch-based, near the int64 ends), or 0 for the C monotonic clock, whose
 readings are uptime; 0 also makes answers to explicit `now=` the same here and in the twin.
+
+Where the words live (DESIGN §5): by default in the object (`store=None`: process-local). Given `words`
+(a writable, 8-byte aligned buffer of WORDS int64 words, e.g. a store binding's), the object decides with
+the same CAS on those words, so every process that binds them shares one limit. Layout:
+    w[0] tat   w[1] interval   w[2] tau   w[3] base   w[4] admitted   w[5] rejected   w[6..7] 0
+`init_words` writes it (once, by the store's creator, under the store's directory lock); the
+constructor checks that interval and tau are this limiter's and takes the base from w[3], so every
+process measures time from one base. `locker` is the twin's (it decides under that lock); the compiled
+core ignores it.
 """
 cimport cython
 from libc.stdint cimport int64_t, INT64_MAX
 from cpython.time cimport monotonic_ns
 from cpython.long cimport PyLong_AsLongLongAndOverflow
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_C_CONTIGUOUS
 from bt_gcra cimport (gcra_t, gcra_init, gcra_rel, gcra_claim, gcra_wait, gcra_available, gcra_refund,
                       bt_as_i64, _bt_show, REL_MIN, TAT_MAX)
 from bt_atomic cimport bt_load, bt_store, bt_fetch_add
 
+import ctypes as _ctypes
 from operator import index as _index
 
 from buttress._params import emission_interval_ns, check_n
 
-__all__ = ["GCRA"]
+__all__ = ["GCRA", "WORDS"]
+
+WORDS = 8           # int64 words of a GCRA in a store (see the module doc)
+
+
+cdef object _words_view(object words, Py_ssize_t nwords):
+    """`words` as bytes: a writable, contiguous, 8-byte aligned buffer of at least nwords int64 words."""
+    try:
+        mv = memoryview(words)
+    except TypeError:
+        raise TypeError(f"words must be a writable buffer (a store binding's words, an mmap, a bytearray), "
+                        f"got {type(words).__name__}") from None
+    if mv.readonly:
+        raise TypeError(f"words must be a writable buffer, got a read-only {type(words).__name__}")
+    if not mv.c_contiguous:
+        raise ValueError("words must be a contiguous buffer")
+    if mv.nbytes < 8 * nwords:
+        raise ValueError(f"words holds {mv.nbytes} bytes, a GCRA needs {8 * nwords}")
+    raw = mv.cast("B")[:8 * nwords]
+    if _ctypes.addressof(_ctypes.c_char.from_buffer(raw)) % 8:
+        raise ValueError("words must start at an 8-byte aligned address")
+    return raw
+
+
+cdef int _check_words(object have_interval, object have_tau, object interval, object tau) except -1:
+    if have_interval != interval or have_tau != tau:
+        raise ValueError(f"words hold a GCRA with interval {have_interval} ns and tau {have_tau} ns, this one has "
+                         f"interval {interval} ns and tau {tau} ns (words not written by GCRA.init_words for "
+                         f"these settings)")
+    return 0
 
 
 cdef object bt_as_receipt(object v):
@@ -39,24 +79,58 @@ cdef str _UNINIT = "{} is not initialised: its __init__ never ran (a subclass mu
 
 @cython.auto_pickle(False)
 cdef class GCRA:
-    cdef gcra_t g
-    cdef int64_t admitted_     # decisions that claimed tokens (atomic)
-    cdef int64_t rejected_     # decisions refused (atomic)
+    cdef gcra_t *gp            # -> own_ (process-local) or the words of a store
+    cdef int64_t *cp           # -> counts_ or words 4..5: admitted, rejected (atomic)
+    cdef gcra_t own_
+    cdef int64_t counts_[2]
+    cdef Py_buffer buf
+    cdef bint has_buf
     cdef int64_t capacity_     # 0 until __init__ ran
     cdef double rate_
     cdef object _clock_ns
+    cdef object locker_
 
-    def __init__(self, rate, capacity, clock_ns=None):
-        if self.g.interval != 0:
+    def __cinit__(self):
+        self.gp = &self.own_
+        self.cp = self.counts_
+
+    def __init__(self, rate, capacity, clock_ns=None, words=None, locker=None):
+        if self.capacity_ != 0 or self.has_buf:
             raise RuntimeError(f"{type(self).__name__} is already initialised; create a new one instead")
         r, cap, interval = emission_interval_ns(rate, capacity)
         if clock_ns is not None and not callable(clock_ns):
             raise TypeError(f"clock_ns must be a callable returning int ns or None, got {clock_ns!r}")
-        cdef int64_t base = 0 if clock_ns is None else bt_as_i64(clock_ns(), "clock_ns()")   # see the module doc
+        cdef int64_t base
+        cdef int64_t *w
+        if words is None:
+            base = 0 if clock_ns is None else bt_as_i64(clock_ns(), "clock_ns()")   # see the module doc
+            gcra_init(&self.own_, interval, cap, base)
+        else:
+            raw = _words_view(words, WORDS)
+            mv = raw.cast("q")
+            _check_words(mv[1], mv[2], interval, interval * cap)
+            PyObject_GetBuffer(raw, &self.buf, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS)
+            self.has_buf = True
+            w = <int64_t *>self.buf.buf
+            self.gp = <gcra_t *>w
+            self.cp = w + 4
         self.rate_ = r
         self._clock_ns = clock_ns
-        gcra_init(&self.g, interval, cap, base)
+        self.locker_ = locker
         self.capacity_ = cap           # last: a capacity > 0 says "initialised" to the fast path
+
+    def __dealloc__(self):
+        if self.has_buf:
+            PyBuffer_Release(&self.buf)
+
+    @staticmethod
+    def init_words(words, rate, capacity, base_ns=0):
+        """Write the words of a new shared GCRA (a full bucket; time measured from base_ns)."""
+        r, cap, interval = emission_interval_ns(rate, capacity)
+        cdef int64_t b = bt_as_i64(base_ns, "base_ns")
+        mv = _words_view(words, WORDS).cast("q")
+        for i, v in enumerate((REL_MIN, interval, interval * cap, b, 0, 0, 0, 0)):
+            mv[i] = v
 
     cdef int _ready(self) except -1:
         if self.capacity_ == 0:
@@ -76,15 +150,15 @@ cdef class GCRA:
     @property
     def interval_ns(self):
         self._ready()
-        return self.g.interval
+        return self.gp.interval
 
     cdef inline int64_t _rel(self, object now) except? -1:
         """`now` (or a clock reading) -> time relative to the base, saturated."""
         if now is None:
             if self._clock_ns is None:
-                return gcra_rel(&self.g, monotonic_ns())
-            return gcra_rel(&self.g, bt_as_i64(self._clock_ns(), "clock_ns()"))
-        return gcra_rel(&self.g, bt_as_i64(now, "now"))
+                return gcra_rel(self.gp, monotonic_ns())
+            return gcra_rel(self.gp, bt_as_i64(self._clock_ns(), "clock_ns()"))
+        return gcra_rel(self.gp, bt_as_i64(now, "now"))
 
     cdef inline int64_t _n(self, object n) except -1:
         cdef int overflow = 0
@@ -99,10 +173,10 @@ cdef class GCRA:
     cdef inline int64_t _claim(self, int64_t n, object now, int64_t max_wait, int64_t *end) except -2:
         cdef int64_t w
         if now is None and self._clock_ns is None:
-            w = gcra_claim(&self.g, n, 0, max_wait, True, end)      # clock read inside the CAS loop
+            w = gcra_claim(self.gp, n, 0, max_wait, True, end)      # clock read inside the CAS loop
         else:
-            w = gcra_claim(&self.g, n, self._rel(now), max_wait, False, end)
-        bt_fetch_add(&self.admitted_ if w >= 0 else &self.rejected_, 1)
+            w = gcra_claim(self.gp, n, self._rel(now), max_wait, False, end)
+        bt_fetch_add(self.cp if w >= 0 else self.cp + 1, 1)
         return w
 
     cdef int64_t _max_wait(self, object max_wait_ns) except -1:
@@ -117,6 +191,26 @@ cdef class GCRA:
         """Take n tokens if they are available now."""
         cdef int64_t end
         return self._claim(self._n(n), now, 0, &end) == 0
+
+    def take(self, now=None):
+        """try_acquire(1) that returns the claim's end (its new theoretical arrival time, an int) for
+        untake(), or None when refused (nothing claimed): the cheap receipt of a facade that may have to
+        give the token back (a sync form that got an async function)."""
+        cdef int64_t end
+        if self.capacity_ == 0:
+            self._ready()
+        if self._claim(1, now, 0, &end) != 0:
+            return None
+        return end
+
+    def untake(self, end):
+        """Give back the token of the take() that returned `end`, only if no later claim has built on it
+        (one CAS, as refund); returns whether it was given back."""
+        self._ready()
+        cdef int64_t e = bt_as_i64(end, "end")
+        if not REL_MIN + self.gp.interval <= e <= TAT_MAX:
+            raise ValueError(f"end must be a value returned by take(), got {_bt_show(end)}")
+        return gcra_refund(self.gp, 1, e)
 
     def reserve(self, n=1, now=None, max_wait_ns=None):
         """Claim n tokens now if the wait is <= max_wait_ns (None: any representable wait); return that
@@ -134,17 +228,17 @@ cdef class GCRA:
         cdef int64_t w = self._claim(k, now, self._max_wait(max_wait_ns), &end)
         if w < 0:
             return -1, 0
-        return w, ((<object>end + <object>self.g.base) << 63) + k
+        return w, ((<object>end + <object>self.gp.base) << 63) + k
 
     def wait_ns(self, n=1, now=None):
         """ns until n tokens would be available (0 = now); claims nothing."""
         cdef int64_t k = self._n(n)
-        return gcra_wait(&self.g, k, self._rel(now))
+        return gcra_wait(self.gp, k, self._rel(now))
 
     def available(self, now=None):
         """Whole tokens available at now."""
         self._ready()
-        return gcra_available(&self.g, self._rel(now))
+        return gcra_available(self.gp, self._rel(now))
 
     def refund(self, receipt):
         """Give back the tokens of the claim that returned `receipt`, only if no later claim has built on
@@ -153,22 +247,22 @@ cdef class GCRA:
         self._ready()
         r = bt_as_receipt(receipt)
         k = r & _N_MASK
-        rel = (r >> 63) - <object>self.g.base
-        if not (1 <= k <= self.capacity_ and REL_MIN + k * self.g.interval <= rel <= TAT_MAX):
+        rel = (r >> 63) - <object>self.gp.base
+        if not (1 <= k <= self.capacity_ and REL_MIN + k * self.gp.interval <= rel <= TAT_MAX):
             raise ValueError(f"receipt must be a receipt returned by claim(), got {_bt_show(receipt)}")
-        return gcra_refund(&self.g, <int64_t>k, <int64_t>rel)
+        return gcra_refund(self.gp, <int64_t>k, <int64_t>rel)
 
     def counts(self):
         """(admitted, rejected) decisions since creation or reset()."""
         self._ready()
-        return bt_load(&self.admitted_), bt_load(&self.rejected_)
+        return bt_load(self.cp), bt_load(self.cp + 1)
 
     def reset(self):
         """Full bucket, counters back to zero."""
         self._ready()
-        bt_store(&self.g.tat, REL_MIN)
-        bt_store(&self.admitted_, 0)
-        bt_store(&self.rejected_, 0)
+        bt_store(&self.gp.tat, REL_MIN)
+        bt_store(self.cp, 0)
+        bt_store(self.cp + 1, 0)
 
     def __reduce__(self):
         raise TypeError(f"cannot pickle or copy {type(self).__name__} objects (they hold live limiter state)")

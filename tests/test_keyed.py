@@ -15,24 +15,99 @@ from helpers import race
 
 S = 1_000_000_000
 
-PINNED = {   # stable across processes, versions and implementations: never change these
-    0: 11286133854226296554, 1: 2717770620714153248, -1: 4383717382385014336,
-    "a": 17766150866393525803, b"a": 9413272369427828315, "user-42": 13615356473569294754,
-    "": 1174901268031737411, b"": 17280346270528514342,
+SEED = bytes(range(16))
+PINNED = {   # SipHash-1-3 under SEED: the same across processes, versions and implementations for one seed
+    0: 17551769994958001848, 1: 11389278940204578054, -1: 12531444790454741064,
+    "a": 1805848313282969725, b"a": 2028475444892426807, "user-42": 10670735707466744302,
+    "": 11030650193332390357, b"": 12370263754033579228,
 }
 
 
-def test_hash_is_pinned(impl):
-    t = impl.keyed.KeyedGCRA(1.0, 1, 1)
+def test_hash_is_pinned_for_a_seed(impl):
+    t = impl.keyed.KeyedGCRA(1.0, 1, 1, seed=SEED)
     for key, h in PINNED.items():
         assert t.key_hash(key) == h, key
 
 
+def test_the_hash_is_seeded_per_table(impl):
+    a, b = impl.keyed.KeyedGCRA(1.0, 1, 1), impl.keyed.KeyedGCRA(1.0, 1, 1)     # seeds from os.urandom
+    keys = [0, 1, "a", b"a", "user-42"]
+    assert [a.key_hash(k) for k in keys] != [b.key_hash(k) for k in keys]
+    assert all(a.key_hash(k) != PINNED[k] for k in keys)
+    with pytest.raises(ValueError, match="seed must be 16 bytes, got 3 bytes"):
+        impl.keyed.KeyedGCRA(1.0, 1, 1, seed=b"abc")
+    with pytest.raises(TypeError, match="seed must be 16 bytes or None"):
+        impl.keyed.KeyedGCRA(1.0, 1, 1, seed=7)
+
+
 @settings(max_examples=300, deadline=None)
-@given(key=st.one_of(st.integers(-(1 << 63), (1 << 63) - 1), st.text(), st.binary()))
-def test_hash_parity_compiled_and_twin(both, key):
-    c, p = (i.keyed.KeyedGCRA(1.0, 1, 1) for i in both)
+@given(key=st.one_of(st.integers(-(1 << 63), (1 << 63) - 1), st.text(), st.binary()),
+       seed=st.binary(min_size=16, max_size=16))
+def test_hash_parity_compiled_and_twin(both, key, seed):
+    c, p = (i.keyed.KeyedGCRA(1.0, 1, 1, seed=seed) for i in both)
     assert c.key_hash(key) == p.key_hash(key)
+
+
+# -- the old hash (fnv1a + fmix64, unseeded): what an attacker could compute before issue 20 ----------------
+
+_M64 = (1 << 64) - 1
+
+
+def _old_fmix(k):
+    k ^= k >> 33
+    k = (k * 0xff51afd7ed558ccd) & _M64
+    k ^= k >> 33
+    k = (k * 0xc4ceb9fe1a85ec53) & _M64
+    return k ^ (k >> 33)
+
+
+def _old_hash_str(key):
+    h = 0xcbf29ce484222325
+    for b in key.encode():
+        h = ((h ^ b) * 0x100000001b3) & _M64
+    return _old_fmix(h ^ 0x5354520000000000) or 1
+
+
+def _old_home(key, nslots):
+    return ((_old_hash_str(key) >> 32) * nslots) >> 32
+
+
+def _colliding_keys(victim, nslots, n=40):
+    """n keys whose slots, under the old fixed hash, fill the whole probe window of `victim`."""
+    vh = _old_home(victim, nslots)
+    out, i = [], 0
+    while len(out) < n:
+        k = f"attacker-{i}"
+        if vh - 4 <= _old_home(k, nslots) <= vh:
+            out.append(k)
+        i += 1
+    return out
+
+
+def test_a_precomputed_colliding_key_set_does_not_lock_out_a_new_key(impl):
+    victim = "victim-client"
+    t = impl.keyed.KeyedGCRA(1e-6, 1, 1000)          # 2000 slots; one token per key, no refill
+    attackers = _colliding_keys(victim, t.nslots)
+    for k in attackers:                               # exhaust every colliding key
+        assert t.try_acquire(k, 1, 0)
+        assert not t.try_acquire(k, 1, 0)
+    # with the old unseeded hash these 40 keys filled the victim's whole window and its very first
+    # request was refused; the seeded hash scatters them, and a full window admits a new key anyway
+    assert t.try_acquire(victim, 1, 0)
+    assert not t.try_acquire(victim, 1, 0)           # and then it is limited like any key
+
+
+def test_the_same_attack_against_a_full_window_admits_the_new_key_untracked(impl):
+    t = impl.keyed.KeyedGCRA(1e-6, 1, 16)            # 32 slots == one window, whatever the hash
+    for k in range(32):
+        assert t.try_acquire(k, 1, 0) and not t.try_acquire(k, 1, 0)
+    assert len(t) == 32
+    before = t.counts()
+    assert t.try_acquire("victim", 1, 0)             # never-seen key: admitted untracked
+    assert t.try_acquire("victim", 1, 0)             # (nothing is stored while its window is full)
+    assert len(t) == 32
+    assert all(not t.try_acquire(k, 1, 0) for k in range(32))   # no limited key was forgotten
+    assert t.counts() == (before[0] + 2, before[1] + 32)
 
 
 def test_key_types(impl):
@@ -109,7 +184,7 @@ def test_compiled_and_twin_make_the_same_decisions(both, seed):
     rnd = random.Random(seed)
     cap, mk, idle = rnd.randint(1, 4), rnd.randint(1, 40), rnd.choice([0, 10**8])
     rate = rnd.choice([1.0, 3.0, 10.0])
-    _random_ops([i.keyed.KeyedGCRA(rate, cap, mk, idle) for i in both], seed)
+    _random_ops([i.keyed.KeyedGCRA(rate, cap, mk, idle, seed=SEED) for i in both], seed)
 
 
 def test_eviction_never_resets_a_limited_key(impl):
@@ -165,13 +240,14 @@ def test_only_limited_keys_left_the_table_grows_into_empty_slots(impl):
         assert not t.try_acquire(k, 1, 0)
 
 
-def test_a_full_window_of_limited_keys_refuses_new_keys(impl):
+def test_a_full_window_of_limited_keys_admits_new_keys_untracked(impl):
     t = impl.keyed.KeyedGCRA(1.0, 1, 16)             # 32 slots == one window
     keys = list(range(10_000))
     admitted = sum(t.try_acquire(k, 1, 0) for k in keys)
-    assert admitted == 32 == len(t)                  # then every slot holds a limited key
-    assert not t.try_acquire("new", 1, 0)            # fail closed rather than forget a limited key
-    assert t.try_acquire("new", 1, S)                # once they refill they are evictable
+    assert admitted == 10_000 and len(t) == 32       # 32 tracked, the rest admitted untracked
+    assert all(not t.try_acquire(k, 1, 0) for k in range(32))    # a limited key is never forgotten
+    assert t.try_acquire("new", 1, S) and len(t) == 32           # once they refill they are evictable
+    assert not t.try_acquire("new", 1, S)
 
 
 def test_idle_keys_are_swept_and_purged(impl):
@@ -211,10 +287,12 @@ def test_memory_bound_with_many_keys(impl):
     assert t.nbytes / n <= 32                        # measured from the table itself
     keys = np.random.default_rng(1).choice(1 << 62, n, replace=False).astype(np.int64)
     first = t.try_acquire_many(keys, 1, S)
-    assert first.sum() >= n * 0.9999                 # a few keys in crowded windows refused (fail closed)
-    assert len(t) == first.sum()
-    assert not t.try_acquire_many(keys, 1, S).any()  # every tracked key still limited, none forgotten
-    assert t.try_acquire_many(keys, 1, 2 * S).sum() >= n * 0.9999   # refilled
+    assert first.all()                               # a new key is never refused
+    assert len(t) >= n * 0.9999                      # a few keys in crowded windows are admitted untracked
+    again = t.try_acquire_many(keys, 1, S)
+    assert again.sum() == n - len(t)                 # every tracked key still limited, none forgotten
+    assert t.try_acquire_many(keys, 1, 2 * S).all()  # refilled
+    assert t.counts() == (n + n - len(t) + n, len(t))
     assert t.nbytes / n <= 32
 
 
@@ -275,7 +353,8 @@ def test_keyed_limiter_facade():
     assert asyncio.run(kl.call_async(b"k", g)) == "ok"
     m = kl.metrics()
     assert (m.keys, m.max_keys, m.nbytes, m.bytes_per_key) == (2, 1000, 32_000, 32.0)
-    assert kl.key_hash("a") == PINNED["a"]
+    assert kl.key_hash("a") == kl._core.key_hash("a") != KeyedLimiter(2.0, max_keys=1000).key_hash("a")
+    assert (m.admitted, m.rejected) == (4, 3)
     kl.reset()
     assert len(kl) == 0
 

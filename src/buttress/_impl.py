@@ -16,7 +16,7 @@ from types import ModuleType
 __all__ = ["IMPLEMENTATION", "core", "twin", "compiled", "CORE_MODULES"]
 
 # every compiled module and its twin; a parity test checks that each pair exports the same API
-CORE_MODULES = ("gcra", "window", "permits", "state", "breaker", "guard", "keyed", "shared")
+CORE_MODULES = ("gcra", "window", "permits", "state", "breaker", "guard", "keyed", "shared", "wlimit")
 
 
 def _flag(name: str) -> bool:

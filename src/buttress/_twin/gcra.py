@@ -1,6 +1,12 @@
-"""Pure-Python twin of buttress._core.gcra: the spec and the fallback."""
+"""Pure-Python twin of buttress._core.gcra: the spec and the fallback.
+
+The state is WORDS int64 words (see the compiled module's doc for the layout): the object's own, or a
+store's (`words=`), on which this twin decides under `locker` (the store's lock: an fcntl byte lock plus a
+threading.Lock, so processes of the twin share one limit exactly) or, process-local, a threading.Lock.
+"""
 from __future__ import annotations
 
+import ctypes
 import threading
 import time
 from operator import index as _index
@@ -8,7 +14,10 @@ from typing import Any, Callable
 
 from .._params import check_n, emission_interval_ns
 
-__all__ = ["GCRA"]
+__all__ = ["GCRA", "WORDS"]
+
+WORDS = 8           # int64 words of a GCRA in a store
+_TAT, _INTERVAL, _TAU, _BASE, _ADMITTED, _REJECTED = range(6)
 
 _INT64_MIN = -(1 << 63)
 _INT64_MAX = (1 << 63) - 1
@@ -43,6 +52,25 @@ def rel_time(now: int, base: int, lo: int, hi: int) -> int:
     return min(hi, max(lo, now - base))
 
 
+def words_view(words: Any, nwords: int, what: str = "a GCRA") -> memoryview:
+    """`words` as bytes: a writable, contiguous, 8-byte aligned buffer of at least nwords int64 words."""
+    try:
+        mv = memoryview(words)
+    except TypeError:
+        raise TypeError(f"words must be a writable buffer (a store binding's words, an mmap, a bytearray), "
+                        f"got {type(words).__name__}") from None
+    if mv.readonly:
+        raise TypeError(f"words must be a writable buffer, got a read-only {type(words).__name__}")
+    if not mv.c_contiguous:
+        raise ValueError("words must be a contiguous buffer")
+    if mv.nbytes < 8 * nwords:
+        raise ValueError(f"words holds {mv.nbytes} bytes, {what} needs {8 * nwords}")
+    raw = mv.cast("B")[:8 * nwords]
+    if ctypes.addressof(ctypes.c_char.from_buffer(raw)) % 8:
+        raise ValueError("words must start at an 8-byte aligned address")
+    return raw
+
+
 class _Uninit:
     """Attribute lookups that fail on an object whose __init__ never ran raise the compiled core's
     RuntimeError (a subclass that forgot super().__init__() gets the same answer in both)."""
@@ -64,21 +92,38 @@ class GCRA(_Uninit):
     "theoretical arrival time" (TAT). A request for n tokens at `now` is admitted when
     max(TAT, now) + n * interval - now <= capacity * interval."""
 
-    def __init__(self, rate: float, capacity: int, clock_ns: Callable[[], int] | None = None) -> None:
+    def __init__(self, rate: float, capacity: int, clock_ns: Callable[[], int] | None = None,
+                 words: Any = None, locker: Any = None) -> None:
         if "_lock" in self.__dict__:
             raise RuntimeError(f"{type(self).__name__} is already initialised; create a new one instead")
         r, cap, interval = emission_interval_ns(rate, capacity)
         if clock_ns is not None and not callable(clock_ns):
             raise TypeError(f"clock_ns must be a callable returning int ns or None, got {clock_ns!r}")
-        self._base = 0 if clock_ns is None else as_i64(clock_ns(), "clock_ns()")   # see the compiled module doc
+        if words is None:
+            base = 0 if clock_ns is None else as_i64(clock_ns(), "clock_ns()")   # see the compiled module doc
+            w = memoryview(bytearray(8 * WORDS)).cast("q")
+            for i, v in enumerate((REL_MIN, interval, interval * cap, base)):
+                w[i] = v
+        else:
+            w = words_view(words, WORDS).cast("q")
+            _check_words(w[_INTERVAL], w[_TAU], interval, interval * cap)
+        self._w = w
+        self._base = w[_BASE]
         self._rate = r
         self._capacity = cap
         self._interval = interval
         self._tau = interval * cap
         self._clock_ns = clock_ns
-        self._tat = REL_MIN                      # the distant past: full at any (clamped) now
-        self._admitted = self._rejected = 0      # decisions, for metrics
-        self._lock = threading.Lock()
+        self._lock = threading.Lock() if locker is None else locker
+
+    @staticmethod
+    def init_words(words: Any, rate: float, capacity: int, base_ns: int = 0) -> None:
+        """Write the words of a new shared GCRA (a full bucket; time measured from base_ns)."""
+        r, cap, interval = emission_interval_ns(rate, capacity)
+        b = as_i64(base_ns, "base_ns")
+        mv = words_view(words, WORDS).cast("q")
+        for i, v in enumerate((REL_MIN, interval, interval * cap, b, 0, 0, 0, 0)):
+            mv[i] = v
 
     @property
     def rate(self) -> float:
@@ -112,21 +157,43 @@ class GCRA(_Uninit):
 
     def _claim(self, n: int, now: Any, max_wait: int) -> tuple[int, int]:
         cost = n * self._interval
+        w = self._w
         with self._lock:
             t = self._rel(now)           # read inside the decision: never older than the state it changes
-            b = max(self._tat, t)
+            b = max(w[_TAT], t)
             new_tat = b + cost
             wait = max(0, new_tat - t - self._tau)
             if new_tat > TAT_MAX or wait > max_wait:
-                self._rejected += 1
+                w[_REJECTED] += 1
                 return -1, 0
-            self._tat = new_tat
-            self._admitted += 1
+            w[_TAT] = new_tat
+            w[_ADMITTED] += 1
             return wait, new_tat
 
     def try_acquire(self, n: int = 1, now: int | None = None) -> bool:
         """Take n tokens if they are available now."""
         return self._claim(check_n(n, self._capacity), now, 0)[0] == 0
+
+    def take(self, now: int | None = None) -> int | None:
+        """try_acquire(1) that returns the claim's end (its new theoretical arrival time, an int) for
+        untake(), or None when refused (nothing claimed): the cheap receipt of a facade that may have to
+        give the token back (a sync form that got an async function)."""
+        self._lock
+        wait, end = self._claim(1, now, 0)
+        return None if wait != 0 else end
+
+    def untake(self, end: int) -> bool:
+        """Give back the token of the take() that returned `end`, only if no later claim has built on it
+        (one CAS, as refund); returns whether it was given back."""
+        self._lock
+        e = as_i64(end, "end")
+        if not REL_MIN + self._interval <= e <= TAT_MAX:
+            raise ValueError(f"end must be a value returned by take(), got {_show(end)}")
+        with self._lock:
+            if self._w[_TAT] != e:
+                return False
+            self._w[_TAT] = e - self._interval
+            return True
 
     def reserve(self, n: int = 1, now: int | None = None, max_wait_ns: int | None = None) -> int:
         """Claim n tokens now if the wait is <= max_wait_ns (None: any representable wait); return that
@@ -148,12 +215,12 @@ class GCRA(_Uninit):
         """ns until n tokens would be available (0 = now); claims nothing."""
         k = check_n(n, self._capacity)
         t = self._rel(now)
-        return max(0, max(0, self._tat - t) - (self._tau - k * self._interval))
+        return max(0, max(0, self._w[_TAT] - t) - (self._tau - k * self._interval))
 
     def available(self, now: int | None = None) -> int:
         """Whole tokens available at now."""
         self._lock
-        ahead = max(0, self._tat - self._rel(now))
+        ahead = max(0, self._w[_TAT] - self._rel(now))
         return 0 if ahead >= self._tau else (self._tau - ahead) // self._interval
 
     def refund(self, receipt: int) -> bool:
@@ -170,23 +237,30 @@ class GCRA(_Uninit):
         if not (1 <= k <= self._capacity and REL_MIN + k * self._interval <= end <= TAT_MAX):
             raise ValueError(f"receipt must be a receipt returned by claim(), got {_show(receipt)}")
         with self._lock:
-            if self._tat != end:
+            if self._w[_TAT] != end:
                 return False
-            self._tat = end - k * self._interval
+            self._w[_TAT] = end - k * self._interval
             return True
 
     def counts(self) -> tuple[int, int]:
         """(admitted, rejected) decisions since creation or reset()."""
         self._lock
-        return self._admitted, self._rejected
+        return self._w[_ADMITTED], self._w[_REJECTED]
 
     def reset(self) -> None:
         """Full bucket, counters back to zero."""
         with self._lock:
-            self._tat = REL_MIN
-            self._admitted = self._rejected = 0
+            self._w[_TAT] = REL_MIN
+            self._w[_ADMITTED] = self._w[_REJECTED] = 0
 
     def __repr__(self) -> str:
         if "_lock" not in self.__dict__:
             return f"<{type(self).__name__} (not initialised)>"
         return f"GCRA(rate={self.rate!r}, capacity={self.capacity!r})"
+
+
+def _check_words(have_interval: int, have_tau: int, interval: int, tau: int) -> None:
+    if have_interval != interval or have_tau != tau:
+        raise ValueError(f"words hold a GCRA with interval {have_interval} ns and tau {have_tau} ns, this one has "
+                         f"interval {interval} ns and tau {tau} ns (words not written by GCRA.init_words for "
+                         f"these settings)")
