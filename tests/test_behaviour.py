@@ -441,8 +441,7 @@ def test_a_decorated_module_level_function_pickles_by_reference(fn):
 
 @pytest.mark.parametrize("fn", [
     broken,
-    pytest.param(limited, marks=pytest.mark.xfail(strict=False, reason="rate_limit.py decorates with "
-                                                  "functools.wraps, not buttress._wrap.wraps")),
+    pytest.param(limited),
 ], ids=["CircuitBreaker", "TokenBucket"])
 def test_functions_decorated_by_the_other_patterns_pickle_by_reference(fn):
     assert pickle.loads(pickle.dumps(fn)) is fn

@@ -114,7 +114,8 @@ def test_acquire_waits_within_timeout_and_fails_at_once_beyond():
     with pytest.raises(RateLimitExceeded) as info:
         tb.acquire(timeout=0.05)
     assert clock.monotonic() == 0.0                  # failed without sleeping
-    assert info.value.retry_after == pytest.approx(0.05)
+    assert info.value.retry_after == 0.1             # the time until admission, not wait - timeout (0.05)
+    assert info.value.retry_after == tb.wait_time()
     assert tb.metrics().rejected == 1
     tb.acquire(timeout=0.1)                          # wait == timeout is allowed
     assert clock.monotonic_ns() == S // 10
@@ -284,7 +285,8 @@ def test_leaky_bucket_sync_waits_for_its_slot_and_counts_waiters():
     assert lb.waiting == 2
     with pytest.raises(RateLimitExceeded) as info:
         lb.acquire()
-    assert info.value.retry_after == pytest.approx(0.25)
+    assert info.value.retry_after == 0.75            # until its slot (not 0.75 - the queue's 0.5)
+    assert info.value.retry_after == lb.wait_time()
     clock.advance(0.25)                              # one waiter left: room in the queue again
     assert lb.call(lambda: 5) == 5
     assert clock.monotonic_ns() == S                 # its slot: 1.0 s

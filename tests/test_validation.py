@@ -421,8 +421,6 @@ _SIZING = {"KeyedLimiter.max_keys", "ThreadPoolBulkhead.max_workers", "Gradient2
 # case id -> why it still fails: validation that sits in a file this layer does not own (listed in the
 # issue-13 report with the change needed)
 KNOWN: dict[str, str] = {
-    "KeyedLimiter.idle_ttl": "rate_limit.py checks idle_ttl up to 1e9 s, then the core (_core/keyed.pyx, "
-                             "_twin/keyed.py) refuses more than 2**58 ns naming 'idle_ns'",
 }
 
 

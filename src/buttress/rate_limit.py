@@ -3,24 +3,38 @@ and a keyed limiter for millions of clients in one fixed table.
 
 The core answers (admit / refuse / "wait N ns"); this module waits (clock.sleep / sleep_async),
 raises `RateLimitExceeded(retry_after=...)` and validates arguments. Every `retry_after` and
-`wait_time` is rounded up to a whole ns, so acquiring at now + retry_after succeeds.
+`wait_time` is the time until the request would be admitted (never "wait minus timeout"), rounded up
+to a whole ns, so acquiring at now + retry_after succeeds.
+
+Forms (DESIGN §3c): a decorated function, `call` / `call_async`, a decorated generator or async
+generator function (one unit is taken when its iteration starts), and `with limiter:` /
+`async with limiter:` (waits for one unit, as aiolimiter's `async with`). A sync form given an async
+function raises TypeError pointing at `call_async` (the coroutine is closed, the unit given back);
+`call_async` given a sync function raises TypeError too.
+
+State (DESIGN §5): `store=None` keeps the process-local core. With `store=` (a Store or a URL) and
+`name=`, objects of the same name in that store share one limit: `memory://` (this process),
+`shm://NAME` (every process of the host: the compiled core decides with the same CAS on words in the
+segment; the twin under the store's lock), `redis://...` (the fleet: the store's scripts decide).
 """
 from __future__ import annotations
 
-import functools
 import math
 import threading
+import types
 from dataclasses import dataclass
+from inspect import isawaitable
 from typing import Any, Callable
 
-from ._base import Policy, is_async_callable
+from . import _impl
+from ._base import Policy
 from ._context import _DEADLINE, remaining_ns
 from ._impl import core
-from ._params import MAX_RATE, NS, check_float, check_int, check_n, seconds_to_ns
+from ._params import (ASYNC, ASYNC_GENERATOR, GENERATOR, MAX_RATE, NS, check_float, check_int, check_n,
+                      check_seconds, describe, emission_interval_ns, seconds_to_ns)
+from ._wrap import CORO, LAZY_TYPES, UsageError, check_decoratable, wraps
 from .clock import is_system_clock, resolve_clock
 from .errors import RateLimitExceeded
-
-_StageGuard = core("guard").StageGuard
 
 __all__ = ["TokenBucket", "LeakyBucket", "FixedWindowLimiter", "SlidingWindowLimiter", "MultiLimiter",
            "KeyedLimiter", "RateLimitMetrics", "KeyedMetrics"]
@@ -39,11 +53,14 @@ class RateLimitMetrics:
 
 @dataclass(frozen=True)
 class KeyedMetrics:
-    """Table occupancy of a KeyedLimiter (its memory is fixed at construction)."""
+    """Table occupancy of a KeyedLimiter (its memory is fixed at construction) and its decisions since
+    creation or reset(): admitted and rejected (calls, not tokens; a batch counts each key)."""
 
     keys: int
     max_keys: int
     nbytes: int
+    admitted: int = 0
+    rejected: int = 0
 
     @property
     def bytes_per_key(self) -> float:
@@ -99,15 +116,99 @@ def _check_name(name: object) -> str | None:
 
 def _clock_ns(clock: Any) -> Callable[[], int] | None:
     """What a core object reads: None = its own C monotonic clock (the system clock's)."""
-    return None if is_system_clock(clock) else clock.monotonic_ns
+    return None if is_system_clock(clock) else resolve_clock(clock).monotonic_ns   # None: the testing clock
+
+
+# -- stores (DESIGN §5) -------------------------------------------------------------------------------------
+
+def _open_store(store: object, name: str | None, clock: Any, cls: str) -> Any:
+    """`store=` -> (the Store, whether it is a word store), or None for store=None. A store needs a
+    name; a clock other than the system clock cannot be shared (memory:// is this process: fine)."""
+    if store is None:
+        return None
+    from .stores import WordStore, store_from_url
+    st = store_from_url(store)
+    if name is None:
+        raise ValueError(f"{cls}: store={st.url!r} needs name= (objects with the same name in one store share "
+                         f"one limit), got name=None")
+    if not is_system_clock(clock) and st.scheme != "memory":
+        raise ValueError(f"{cls}: clock={clock!r} cannot be shared through store={st.url!r}: processes that share "
+                         f"a limit measure time on the host's monotonic clock (or the server's); pass clock=None, "
+                         f"or use a memory:// store in tests")
+    return st, isinstance(st, WordStore)
+
+
+def _core_of(st: Any, name: str) -> Any:
+    """The core module whose types decide on a word store's words: the twin for a "locked" store."""
+    return _impl.twin(name) if st.implementation_kind == "locked" else _impl.compiled(name)
+
+
+def _base_ns(clock: Any) -> int:
+    return 0 if is_system_clock(clock) else clock.monotonic_ns()
+
+
+def _bound_gcra(kind: str, name: str, st: Any, rate: float, cap: int, clock: Any, extra: dict[str, object]) -> Any:
+    """A GCRA deciding on the words of (kind, name) in a word store."""
+    mod = _core_of(st, "gcra")
+    base = _base_ns(clock)
+    b = st.bind(kind, name, {"rate": rate, "capacity": cap, **extra}, mod.WORDS,
+                init=lambda w: mod.GCRA.init_words(w, rate, cap, base))
+    return mod.GCRA(rate, cap, _clock_ns(clock), words=b.words, locker=st.locker(b.offset))
+
+
+# -- sync vs async (DESIGN §3c) ----------------------------------------------------------------------------
+
+def _lazy(result: object) -> bool:
+    tp = type(result)
+    return tp in LAZY_TYPES or hasattr(tp, "__await__")
+
+
+def _awaitable_in_sync(policy: Any, fn: Any, result: object) -> UsageError:
+    """A sync form got an awaitable from fn: close it (it never ran) and say to use call_async."""
+    if type(result) is CORO:
+        result.close()  # type: ignore[attr-defined]
+    cls = type(policy).__name__
+    return UsageError(f"{cls}: {describe(fn)} is async (it returned {type(result).__name__}, an awaitable), so "
+                      f"the sync form cannot guard it and would return it un-awaited: use "
+                      f"`await {cls.lower()}.call_async(fn, ...)` or decorate the async def function")
+
+
+def _sync_in_async(policy: Any, fn: Any, result: object) -> UsageError:
+    """call_async (or an async wrapper) got a result that cannot be awaited."""
+    if isinstance(result, types.GeneratorType):
+        result.close()
+    cls = type(policy).__name__
+    return UsageError(f"{cls}.call_async: {describe(fn)} is a sync function (it returned "
+                      f"{type(result).__name__}, which cannot be awaited): use {cls.lower()}.call(fn, ...) "
+                      "or decorate it")
+
+
+async def _iterate_async(agen: Any) -> Any:
+    """Re-yield an async generator (values sent in go on to it; it is closed with the wrapper)."""
+    try:
+        value = None
+        while True:
+            try:
+                item = await agen.asend(value)
+            except StopAsyncIteration:
+                return
+            value = yield item
+    finally:
+        await agen.aclose()
 
 
 class _Limiter(Policy):
-    """Shared facade: decorator / call / call_async reject at once with RateLimitExceeded; acquire
-    waits in a loop of "try, else sleep until wait_time" (TokenBucket and LeakyBucket reserve instead)."""
+    """Shared facade: decorator / call / call_async take one unit now or raise RateLimitExceeded (a
+    LeakyBucket waits for its slot instead); acquire waits in a loop of "try, else sleep until
+    wait_time" (TokenBucket and LeakyBucket reserve instead); `with` / `async with` wait for one unit.
+
+    A subclass provides `_take()` (one unit now: a receipt, or raise the rejection), `_give(receipt)`
+    (give that unit back: a sync form got an async function) and, where the store is remote,
+    `_take_async()`."""
 
     name: str | None
     _clock: Any
+    _remote = False          # decisions go through a Redis store (async paths await its *_async calls)
 
     def try_acquire(self, n: int = 1) -> bool:
         raise NotImplementedError
@@ -124,59 +225,136 @@ class _Limiter(Policy):
         what = "rate limit" if self.name is None else f"rate limit {self.name!r}"
         return RateLimitExceeded(f"{what} exceeded; retry after {retry_after:.6g}s", retry_after=retry_after)
 
+    # -- one unit for one call ------------------------------------------------------------------------------
+    def _take(self) -> Any:
+        receipt = self._claim(1)
+        if receipt is None:
+            raise self._rejected(self._wait_ns(1))
+        return receipt
+
+    async def _take_async(self) -> Any:
+        return self._take()
+
+    def _give(self, receipt: Any) -> None:
+        self._unclaim(1, receipt)
+
     def __call__(self, fn: Any) -> Any:
-        """Decorate fn: each call takes one unit now or raises RateLimitExceeded. (Policy's decorator
-        with call() inlined: one Python frame less on the hot path.)"""
-        if not callable(fn):
-            raise TypeError(f"{type(self).__name__} decorates a callable, got {fn!r}")
-        try_acquire, rejected, wait_ns = self.try_acquire, self._rejected, self._wait_ns
-        if is_async_callable(fn):
-            @functools.wraps(fn)
+        """Decorate fn: each call takes one unit now or raises RateLimitExceeded (a LeakyBucket waits for
+        its slot). A generator or async generator function takes its unit when its iteration starts.
+        The wrapper pickles by reference."""
+        kind = check_decoratable(self, fn, generators=True)
+        take, give = self._take, self._give
+        if kind == GENERATOR:
+            def gen_wrapper(*args: Any, **kwargs: Any) -> Any:
+                take()                          # when the iteration starts (the first next())
+                return (yield from fn(*args, **kwargs))
+
+            return wraps(fn)(gen_wrapper)
+        if kind == ASYNC_GENERATOR:
+            take_async = self._take_async
+
+            async def agen_wrapper(*args: Any, **kwargs: Any) -> Any:
+                await take_async()
+                async for item in _iterate_async(fn(*args, **kwargs)):
+                    yield item
+
+            return wraps(fn)(agen_wrapper)
+        if kind == ASYNC:
+            take_async, policy = self._take_async, self
+
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                if not try_acquire():
-                    raise rejected(wait_ns(1))
-                return await fn(*args, **kwargs)
+                receipt = await take_async()
+                aw = fn(*args, **kwargs)
+                if type(aw) is not CORO and not isawaitable(aw):
+                    give(receipt)
+                    raise _sync_in_async(policy, fn, aw)
+                return await aw
 
-            return async_wrapper
+            return wraps(fn)(async_wrapper)
+        return wraps(fn)(self._sync_wrapper(fn))
 
-        def refuse() -> None:
-            raise rejected(wait_ns(1))
+    def _sync_wrapper(self, fn: Any) -> Callable[..., Any]:
+        take, give, policy = self._take, self._give, self
 
-        # compiled: the admission check and the call are one vectorcall (buttress._core.guard)
-        return functools.wraps(fn)(_StageGuard(fn, try_acquire, refuse))
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            receipt = take()
+            result = fn(*args, **kwargs)
+            if type(result) in LAZY_TYPES or hasattr(type(result), "__await__"):
+                policy._check_sync_result(fn, result, receipt)
+            return result
+
+        return wrapper
+
+    def _check_sync_result(self, fn: Any, result: object, receipt: Any) -> None:
+        """A sync form's result that may be an awaitable: give the unit back and refuse it."""
+        if isawaitable(result):
+            self._give(receipt)
+            raise _awaitable_in_sync(self, fn, result)
 
     def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        """Call fn if one unit is available now, else raise RateLimitExceeded."""
-        if not self.try_acquire(1):
-            raise self._rejected(self._wait_ns(1))
-        return fn(*args, **kwargs)
+        """Call fn if one unit is available now, else raise RateLimitExceeded. A generator function's
+        generator is returned (its unit was taken by this call)."""
+        receipt = self._take()
+        result = fn(*args, **kwargs)
+        if _lazy(result):
+            self._check_sync_result(fn, result, receipt)
+        return result
 
     async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        if not self.try_acquire(1):
-            raise self._rejected(self._wait_ns(1))
-        return await fn(*args, **kwargs)
+        """Await fn(*args, **kwargs) if one unit is available now. An async generator function's
+        generator is returned (its unit was taken by this call); a sync function is a TypeError."""
+        receipt = await self._take_async()
+        aw = fn(*args, **kwargs)
+        if type(aw) is not CORO:
+            if type(aw) is types.AsyncGeneratorType:
+                return aw
+            if not isawaitable(aw):
+                self._give(receipt)
+                raise _sync_in_async(self, fn, aw)
+        return await aw
+
+    # -- blocks: wait for one unit (aiolimiter's `async with limiter:`) ----------------------------------------
+    def __enter__(self) -> Any:
+        self.acquire(1)
+        return self
+
+    def __exit__(self, *exc: object) -> bool:
+        return False
+
+    async def __aenter__(self) -> Any:
+        await self.acquire_async(1)
+        return self
+
+    async def __aexit__(self, *exc: object) -> bool:
+        return False
 
     def acquire(self, n: int = 1, timeout: float | None = None) -> None:
         """Wait until n are admitted; RateLimitExceeded at once when the wait would exceed `timeout`
-        (or the context deadline)."""
+        (or the context deadline); its retry_after is the time until n would be admitted."""
         budget = _budget_ns(timeout)
         start = self._clock.monotonic_ns()
         while not self.try_acquire(n):
             wait = self._wait_ns(n)
             spent = self._clock.monotonic_ns() - start
             if spent + wait > budget:
-                raise self._rejected(wait - max(0, budget - spent))
+                raise self._rejected(wait)
             self._clock.sleep(_seconds_up(wait))
 
     async def acquire_async(self, n: int = 1, timeout: float | None = None) -> None:
         budget = _budget_ns(timeout)
         start = self._clock.monotonic_ns()
-        while not self.try_acquire(n):
-            wait = self._wait_ns(n)
+        while not await self._try_acquire_async(n):
+            wait = await self._wait_ns_async(n)
             spent = self._clock.monotonic_ns() - start
             if spent + wait > budget:
-                raise self._rejected(wait - max(0, budget - spent))
+                raise self._rejected(wait)
             await self._clock.sleep_async(_seconds_up(wait))
+
+    async def _try_acquire_async(self, n: int) -> bool:
+        return self.try_acquire(n)
+
+    async def _wait_ns_async(self, n: int) -> int:
+        return self._wait_ns(n)
 
     # MultiLimiter protocol: claim now (a receipt or None), give a claim back
     def _claim(self, n: int) -> object:
@@ -192,14 +370,27 @@ class TokenBucket(_Limiter):
     """GCRA token bucket: `capacity` tokens (the burst), refilled at `rate` per second.
 
     At one instant at most `capacity` are admitted; over any interval D at most
-    capacity + floor(D * rate). `capacity` defaults to max(1, ceil(rate)).
+    capacity + floor(D * rate). `capacity` defaults to max(1, ceil(rate)). With `store=` and `name=`,
+    every TokenBucket of that name in the store shares one bucket (DESIGN §5).
     """
 
-    def __init__(self, rate: float, capacity: int | None = None, clock: Any = None, name: str | None = None) -> None:
+    def __init__(self, rate: float, capacity: int | None = None, clock: Any = None, name: str | None = None,
+                 store: Any = None) -> None:
         capacity = _default_capacity(rate, capacity)
         self._clock = resolve_clock(clock)
-        self._core = core("gcra").GCRA(rate, capacity, _clock_ns(clock))
         self.name = _check_name(name)
+        opened = _open_store(store, self.name, clock, "TokenBucket")
+        self.store = None if opened is None else opened[0]
+        if opened is None:
+            self._core = core("gcra").GCRA(rate, capacity, _clock_ns(clock))
+        else:
+            r, cap, _ = emission_interval_ns(rate, capacity)
+            st, words = opened
+            if words:
+                self._core = _bound_gcra("token_bucket", name, st, r, cap, clock, {})  # type: ignore[arg-type]
+            else:
+                self._core = st.gcra(name, r, cap, kind="token_bucket", clock_ns=_clock_ns(clock))
+                self._remote = True
         self.rate: float = self._core.rate
         self.capacity: int = self._core.capacity
         self._max_n = self.capacity
@@ -210,20 +401,84 @@ class TokenBucket(_Limiter):
         """Take n tokens if they are available now."""
         return self._core.try_acquire(n)
 
+    def _take(self) -> Any:
+        if self._remote:
+            wait, receipt, need = self._core.claim_ex(1, None, 0)
+            if wait < 0:
+                raise self._rejected(need)
+            return receipt
+        end = self._core.take()
+        if end is None:
+            raise self._rejected(self._core.wait_ns(1))
+        return end
+
+    async def _take_async(self) -> Any:
+        if not self._remote:
+            return self._take()
+        wait, receipt, need = await self._core.claim_ex_async(1, None, 0)
+        if wait < 0:
+            raise self._rejected(need)
+        return receipt
+
+    def _give(self, receipt: Any) -> None:
+        if self._remote:
+            self._core.refund(receipt)
+        else:
+            self._core.untake(receipt)      # only if no later claim built on it
+
+    def _sync_wrapper(self, fn: Any) -> Callable[..., Any]:
+        if self._remote:
+            return super()._sync_wrapper(fn)
+        take, wait_ns, rejected, policy = self._core.take, self._core.wait_ns, self._rejected, self
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            end = take()
+            if end is None:
+                raise rejected(wait_ns(1))
+            result = fn(*args, **kwargs)
+            if type(result) in LAZY_TYPES or hasattr(type(result), "__await__"):
+                policy._check_sync_result(fn, result, end)
+            return result
+
+        return wrapper
+
+    async def _try_acquire_async(self, n: int) -> bool:
+        if self._remote:
+            return bool(await self._core.try_acquire_async(n))
+        return bool(self._core.try_acquire(n))
+
+    async def _wait_ns_async(self, n: int) -> int:
+        if self._remote:
+            return int(await self._core.wait_ns_async(n))
+        return int(self._core.wait_ns(n))
+
     def _wait_ns(self, n: int) -> int:
         return self._core.wait_ns(n)
 
-    def _claim_for_wait(self, n: int, timeout: float | None) -> tuple[int, int]:
+    def _claim_for_wait(self, n: int, timeout: float | None) -> tuple[int, Any]:
         """Claim n tokens for a caller that may wait: (wait ns, receipt), or raise RateLimitExceeded at
         once (nothing claimed) when the wait would exceed the budget or cannot be represented."""
         c = self._core
         budget = _INT64_MAX if timeout is None and _DEADLINE.get() is None else _budget_ns(timeout)
-        wait, receipt = c.claim(n, None, budget)
+        if self._remote:
+            wait, receipt, need = c.claim_ex(n, None, budget)
+        else:
+            wait, receipt = c.claim(n, None, budget)
+            need = c.wait_ns(n) if wait < 0 else 0
+        return self._claimed(wait, receipt, need, budget)
+
+    async def _claim_for_wait_async(self, n: int, timeout: float | None) -> tuple[int, Any]:
+        if not self._remote:
+            return self._claim_for_wait(n, timeout)
+        budget = _INT64_MAX if timeout is None and _DEADLINE.get() is None else _budget_ns(timeout)
+        wait, receipt, need = await self._core.claim_ex_async(n, None, budget)
+        return self._claimed(wait, receipt, need, budget)
+
+    def _claimed(self, wait: int, receipt: Any, need: int, budget: int) -> tuple[int, Any]:
         if wait < 0:
-            need = c.wait_ns(n)
             if need <= budget:             # refused although within budget: past the core's time horizon
                 raise _beyond_horizon(self.name, need)
-            raise self._rejected(need - budget)
+            raise self._rejected(need)     # the time until admission, never "wait minus timeout"
         return wait, receipt
 
     def acquire(self, n: int = 1, timeout: float | None = None) -> None:
@@ -241,12 +496,15 @@ class TokenBucket(_Limiter):
         """Like acquire, awaiting clock.sleep_async; a cancelled wait gives its tokens back when no later
         reservation has built on them (otherwise giving them back would let two waiters through where
         one fits)."""
-        wait, receipt = self._claim_for_wait(n, timeout)
+        wait, receipt = await self._claim_for_wait_async(n, timeout)
         if wait:
             try:
                 await self._clock.sleep_async(_seconds_up(wait))
             except BaseException:
-                self._core.refund(receipt)
+                if self._remote:
+                    await self._core.refund_async(receipt)
+                else:
+                    self._core.refund(receipt)
                 raise
 
     def reserve(self, n: int = 1) -> float:
@@ -278,7 +536,8 @@ class TokenBucket(_Limiter):
 
     def __repr__(self) -> str:
         name = "" if self.name is None else f", name={self.name!r}"
-        return f"TokenBucket(rate={self.rate!r}, capacity={self.capacity!r}{name})"
+        store = "" if self.store is None else f", store={self.store.url!r}"
+        return f"TokenBucket(rate={self.rate!r}, capacity={self.capacity!r}{name}{store})"
 
 
 class LeakyBucket(_Limiter):
@@ -292,11 +551,24 @@ class LeakyBucket(_Limiter):
     never closer than 1 / rate.
     """
 
-    def __init__(self, rate: float, queue_size: int, clock: Any = None, name: str | None = None) -> None:
+    def __init__(self, rate: float, queue_size: int, clock: Any = None, name: str | None = None,
+                 store: Any = None) -> None:
         self._clock = resolve_clock(clock)
-        self._core = core("gcra").GCRA(rate, 1, _clock_ns(clock))
-        self.queue_size = check_int("queue_size", queue_size, minimum=0, maximum=1 << 40)
         self.name = _check_name(name)
+        opened = _open_store(store, self.name, clock, "LeakyBucket")
+        self.store = None if opened is None else opened[0]
+        if opened is None:
+            self._core = core("gcra").GCRA(rate, 1, _clock_ns(clock))
+        self.queue_size = check_int("queue_size", queue_size, minimum=0, maximum=1 << 40)
+        if opened is not None:
+            r, _, _ = emission_interval_ns(rate, 1)
+            st, words = opened
+            if words:
+                self._core = _bound_gcra("leaky_bucket", name, st, r, 1, clock,  # type: ignore[arg-type]
+                                         {"queue_size": self.queue_size})
+            else:
+                self._core = st.gcra(name, r, 1, kind="leaky_bucket", clock_ns=_clock_ns(clock))
+                self._remote = True
         self.rate: float = self._core.rate
         self._max_n = 1
         self._queue_ns = min(self.queue_size * self._core.interval_ns, _INT64_MAX)
@@ -308,26 +580,43 @@ class LeakyBucket(_Limiter):
     def _wait_ns(self, n: int) -> int:
         return self._core.wait_ns(n)
 
+    async def _try_acquire_async(self, n: int) -> bool:
+        if self._remote:
+            return bool(await self._core.try_acquire_async(n))
+        return bool(self._core.try_acquire(n))
+
+    async def _wait_ns_async(self, n: int) -> int:
+        if self._remote:
+            return int(await self._core.wait_ns_async(n))
+        return int(self._core.wait_ns(n))
+
     @property
     def waiting(self) -> int:
         """Callers holding a future slot now."""
         w = self._core.wait_ns(1)
         return max(0, -(-w // self._core.interval_ns) - 1)
 
-    def _reserve(self, timeout: float | None) -> tuple[int, int]:
-        budget = min(self._queue_ns, _budget_ns(timeout))
-        wait, receipt = self._core.claim(1, None, budget)
+    def _reserved(self, wait: int, receipt: Any, need: int, budget: int) -> tuple[int, Any]:
         if wait < 0:
-            need = self._core.wait_ns(1)
             if need <= budget:
                 raise _beyond_horizon(self.name, need)
-            raise self._rejected(need - budget)
+            raise self._rejected(need)      # the time until its slot, never "wait minus budget"
         return wait, receipt
 
-    def acquire(self, n: int = 1, timeout: float | None = None) -> None:
-        """Wait for the next slot; RateLimitExceeded at once when the queue is full or the wait would
-        exceed `timeout` (or the context deadline). n must be 1."""
-        check_n(n, 1)
+    def _reserve(self, timeout: float | None) -> tuple[int, Any]:
+        budget = min(self._queue_ns, _budget_ns(timeout))
+        if self._remote:
+            return self._reserved(*self._core.claim_ex(1, None, budget), budget)
+        wait, receipt = self._core.claim(1, None, budget)
+        return self._reserved(wait, receipt, self._core.wait_ns(1) if wait < 0 else 0, budget)
+
+    async def _reserve_async(self, timeout: float | None) -> tuple[int, Any]:
+        if not self._remote:
+            return self._reserve(timeout)
+        budget = min(self._queue_ns, _budget_ns(timeout))
+        return self._reserved(*(await self._core.claim_ex_async(1, None, budget)), budget)
+
+    def _wait_for_slot(self, timeout: float | None) -> Any:
         wait, receipt = self._reserve(timeout)
         if wait:
             try:
@@ -335,27 +624,40 @@ class LeakyBucket(_Limiter):
             except BaseException:
                 self._core.refund(receipt)   # only the last slot in line is given back
                 raise
+        return receipt
 
-    async def acquire_async(self, n: int = 1, timeout: float | None = None) -> None:
-        check_n(n, 1)
-        wait, receipt = self._reserve(timeout)
+    async def _wait_for_slot_async(self, timeout: float | None) -> Any:
+        wait, receipt = await self._reserve_async(timeout)
         if wait:
             try:
                 await self._clock.sleep_async(_seconds_up(wait))
             except BaseException:
-                self._core.refund(receipt)
+                if self._remote:
+                    await self._core.refund_async(receipt)
+                else:
+                    self._core.refund(receipt)
                 raise
+        return receipt
 
-    __call__ = Policy.__call__     # as a decorator a leaky bucket waits for the slot: through call()
+    def acquire(self, n: int = 1, timeout: float | None = None) -> None:
+        """Wait for the next slot; RateLimitExceeded at once when the queue is full or the wait would
+        exceed `timeout` (or the context deadline). n must be 1."""
+        check_n(n, 1)
+        self._wait_for_slot(timeout)
 
-    def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        """Wait for a slot (rejected when the queue is full), then call fn."""
-        self.acquire()
-        return fn(*args, **kwargs)
+    async def acquire_async(self, n: int = 1, timeout: float | None = None) -> None:
+        check_n(n, 1)
+        await self._wait_for_slot_async(timeout)
 
-    async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        await self.acquire_async()
-        return await fn(*args, **kwargs)
+    # as a decorator, call() and a block a leaky bucket waits for its slot (rejected when the queue is full)
+    def _take(self) -> Any:
+        return self._wait_for_slot(None)
+
+    async def _take_async(self) -> Any:
+        return await self._wait_for_slot_async(None)
+
+    def _give(self, receipt: Any) -> None:
+        self._core.refund(receipt)
 
     def metrics(self) -> RateLimitMetrics:
         return RateLimitMetrics(*self._core.counts())
@@ -365,7 +667,8 @@ class LeakyBucket(_Limiter):
 
     def __repr__(self) -> str:
         name = "" if self.name is None else f", name={self.name!r}"
-        return f"LeakyBucket(rate={self.rate!r}, queue_size={self.queue_size!r}{name})"
+        store = "" if self.store is None else f", store={self.store.url!r}"
+        return f"LeakyBucket(rate={self.rate!r}, queue_size={self.queue_size!r}{name}{store})"
 
 
 class _WindowLimiter(_Limiter):
@@ -374,15 +677,41 @@ class _WindowLimiter(_Limiter):
 
     The clock is read inside the lock, and time never runs backwards inside the limiter (the latest
     reading wins), so a thread that read the clock and was pre-empted cannot decide with a stale time
-    after another thread decided with a later one."""
+    after another thread decided with a later one.
 
-    def __init__(self, limit: int, window: float, clock: Any = None, name: str | None = None) -> None:
+    With `store=` the counts live in the store: in a word store (memory://, shm://) one packed word
+    (window index, previous count, current count: buttress._core.wlimit) decided by one CAS, so
+    `limit` is at most 2**20 - 1 there; in Redis the store's window script decides."""
+
+    _sliding = False
+
+    def __init__(self, limit: int, window: float, clock: Any = None, name: str | None = None,
+                 store: Any = None) -> None:
         self.limit = check_int("limit", limit, minimum=1, maximum=1 << 40)
         self._w = seconds_to_ns("window", window, allow_zero=False)
         self.window: float = self._w / NS
         self._clock = resolve_clock(clock)
         self.name = _check_name(name)
         self._max_n = self.limit
+        self._r: Any = None      # the store's decider (a wlimit.WindowCounter or a RedisWindow), or None
+        opened = _open_store(store, self.name, clock, type(self).__name__)
+        self.store = None if opened is None else opened[0]
+        if opened is not None:
+            st, words = opened
+            kind = "sliding_window" if self._sliding else "fixed_window"
+            if words:
+                mod = _core_of(st, "wlimit")
+                if self.limit > mod.MAX_LIMIT:
+                    raise ValueError(f"limit must be <= {mod.MAX_LIMIT} for a window limiter in a "
+                                     f"{st.scheme}:// store (its counts share one 64-bit word), got {self.limit}")
+                b = st.bind(kind, name, {"limit": self.limit, "window_ns": self._w},  # type: ignore[arg-type]
+                            mod.WORDS, init=lambda w: mod.WindowCounter.init_words(w, self.limit, self._w,
+                                                                                   self._sliding))
+                self._r = mod.WindowCounter(self.limit, self._w, self._sliding, _clock_ns(clock), words=b.words,
+                                            locker=st.locker(b.offset))
+            else:
+                self._r = st.window(name, self.limit, self._w, self._sliding, kind=kind, clock_ns=_clock_ns(clock))
+                self._remote = True
         self._lock = threading.Lock()
         self._last: int | None = None   # latest clock reading used (monotone max)
         self._gen = 0            # bumped by reset(): receipts of older claims are void
@@ -410,6 +739,8 @@ class _WindowLimiter(_Limiter):
         raise NotImplementedError
 
     def _claim(self, n: int) -> object:
+        if self._r is not None:
+            return self._r.claim(n) or None
         if type(n) is not int or not 1 <= n <= self.limit:
             check_n(n, self.limit)
         with self._lock:
@@ -422,7 +753,28 @@ class _WindowLimiter(_Limiter):
             self._n_admitted += 1
             return (self._gen, idx)
 
+    async def _take_async(self) -> Any:
+        if not self._remote:
+            return self._take()
+        receipt = await self._r.claim_async(1)
+        if receipt is None:
+            raise self._rejected(await self._r.wait_ns_async(1))
+        return receipt
+
+    async def _try_acquire_async(self, n: int) -> bool:
+        if self._remote:
+            return (await self._r.claim_async(n)) is not None
+        return self._claim(n) is not None
+
+    async def _wait_ns_async(self, n: int) -> int:
+        if self._remote:
+            return int(await self._r.wait_ns_async(n))
+        return self._wait_ns(n)
+
     def _unclaim(self, n: int, receipt: object) -> None:
+        if self._r is not None:
+            self._r.unclaim(n, receipt)
+            return
         gen, idx = receipt  # type: ignore[misc]
         with self._lock:
             if gen != self._gen:
@@ -446,17 +798,23 @@ class _WindowLimiter(_Limiter):
         return self._claim(n) is not None
 
     def metrics(self) -> RateLimitMetrics:
+        if self._r is not None:
+            return RateLimitMetrics(*self._r.counts())
         with self._lock:
             return RateLimitMetrics(self._n_admitted, self._n_rejected)
 
     def reset(self) -> None:
+        if self._r is not None:
+            self._r.reset()
+            return
         with self._lock:
             self._gen += 1
             self._prev = self._curr = self._n_admitted = self._n_rejected = 0
 
     def __repr__(self) -> str:
         name = "" if self.name is None else f", name={self.name!r}"
-        return f"{type(self).__name__}(limit={self.limit!r}, window={self.window!r}{name})"
+        store = "" if self.store is None else f", store={self.store.url!r}"
+        return f"{type(self).__name__}(limit={self.limit!r}, window={self.window!r}{name}{store})"
 
 
 class FixedWindowLimiter(_WindowLimiter):
@@ -467,6 +825,8 @@ class FixedWindowLimiter(_WindowLimiter):
         return self._curr + n <= self.limit
 
     def _wait_ns(self, n: int) -> int:
+        if self._r is not None:
+            return int(self._r.wait_ns(n))
         _, curr, e = self._counts(n)
         return 0 if curr + n <= self.limit else self._w - e
 
@@ -489,7 +849,11 @@ class SlidingWindowLimiter(_WindowLimiter):
     def _fits(self, n: int, e: int) -> bool:
         return self._prev * (self._w - e) + (self._curr + n) * self._w <= self.limit * self._w
 
+    _sliding = True
+
     def _wait_ns(self, n: int) -> int:
+        if self._r is not None:
+            return int(self._r.wait_ns(n))
         prev, curr, e = self._counts(n)
         first = self._first_fit(prev, curr, n)
         if first is not None:
@@ -566,24 +930,51 @@ class MultiLimiter(_Limiter):
 class KeyedLimiter:
     """One GCRA bucket per key (client id, IP, API key: int, str or bytes) in one fixed table.
 
-    Memory is allocated once: 2 * max_keys slots of 16 bytes (32 bytes per key). When max_keys keys
-    are live, a new key evicts, from its probe window, a refilled key first (nothing is lost), then
-    the least recently charged one; a key that is still limited is never evicted. With `idle_ttl`,
-    refilled keys idle that long are also swept out (purge() sweeps them all).
+    Memory is allocated once: 2 * max_keys slots of 16 bytes (32 bytes per key). Keys are hashed with
+    SipHash-1-3 under a secret seed per table (per store for a shared table), so nobody outside can
+    pick keys that crowd a victim's slots. When max_keys keys are live, a new key evicts, from its probe
+    window, a refilled key first (nothing is lost), then the least recently charged one; a key that is
+    still limited is never evicted, and a never-seen key whose window holds only limited keys is
+    admitted untracked (never locked out by its neighbours). With `idle_ttl`, refilled keys idle that
+    long are also swept out (purge() sweeps them all). With `store=` and `name=` the table lives in the
+    store (DESIGN §5). No `with` block: a block names no key (use call(key, fn) or try_acquire(key)).
     See docs/rate-limiting.md for what is atomic.
     """
 
+    _remote = False
+
     def __init__(self, rate: float, capacity: int | None = None, max_keys: int = 1_000_000,
-                 idle_ttl: float | None = None, clock: Any = None, name: str | None = None) -> None:
+                 idle_ttl: float | None = None, clock: Any = None, name: str | None = None,
+                 store: Any = None) -> None:
         capacity = _default_capacity(rate, capacity)
-        idle_ns = 0 if idle_ttl is None else seconds_to_ns("idle_ttl", idle_ttl, allow_zero=False)
+        mod = core("keyed")
+        ttl = check_seconds("idle_ttl", idle_ttl, allow_none=True, allow_zero=False, maximum=mod.MAX_NOW_NS / NS)
+        idle_ns = 0 if ttl is None else min(math.ceil(ttl * NS), mod.MAX_NOW_NS)
         self._clock = resolve_clock(clock)
-        self._core = core("keyed").KeyedGCRA(rate, capacity, max_keys, idle_ns, _clock_ns(clock))
         self.name = _check_name(name)
+        opened = _open_store(store, self.name, clock, "KeyedLimiter")
+        self.store = None if opened is None else opened[0]
+        if opened is None:
+            self._core = mod.KeyedGCRA(rate, capacity, max_keys, idle_ns, _clock_ns(clock))
+        else:
+            r, cap, _ = emission_interval_ns(rate, capacity)
+            mk = check_int("max_keys", max_keys, minimum=1, maximum=mod.MAX_KEYS)
+            st, words = opened
+            if words:
+                kmod = _core_of(st, "keyed")
+                base = _base_ns(clock)
+                b = st.bind("keyed_limiter", name, {"rate": r, "capacity": cap, "max_keys": mk,  # type: ignore[arg-type]
+                                                    "idle_ns": idle_ns}, kmod.KeyedGCRA.nwords(mk),
+                            init=lambda w: kmod.KeyedGCRA.init_words(w, r, cap, mk, idle_ns, base))
+                self._core = kmod.KeyedGCRA(r, cap, mk, idle_ns, _clock_ns(clock), words=b.words,
+                                            locker=st.locker(b.offset))
+            else:
+                self._core = st.keyed(name, r, cap, mk, idle_ns, clock_ns=_clock_ns(clock))
+                self._remote = True
         self.rate: float = self._core.rate
         self.capacity: int = self._core.capacity
         self.max_keys: int = self._core.max_keys
-        self.idle_ttl = None if idle_ttl is None else idle_ns / NS
+        self.idle_ttl = None if ttl is None else idle_ns / NS
         self.try_acquire = self._core.try_acquire  # type: ignore[method-assign]
 
     def try_acquire(self, key: int | str | bytes, n: int = 1) -> bool:  # replaced by the core's method
@@ -619,19 +1010,63 @@ class KeyedLimiter:
         return RateLimitExceeded(f"{what} exceeded for key {key!r}; retry after {retry_after:.6g}s",
                                  retry_after=retry_after)
 
-    def call(self, key: int | str | bytes, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        """Call fn if key has a token now, else raise RateLimitExceeded."""
-        if not self._core.try_acquire(key):
+    def _take(self, key: object) -> Any:
+        """One token of key's bucket now: a receipt (None from a Redis store: nothing to give back), or raise."""
+        if self._remote:
+            if not self._core.try_acquire(key):
+                raise self._rejected(key)
+            return None
+        receipt = self._core.claim(key)
+        if not receipt:
             raise self._rejected(key)
-        return fn(*args, **kwargs)
+        return receipt
+
+    def _give(self, receipt: Any) -> None:
+        if receipt is not None:
+            self._core.refund(receipt)
+
+    def call(self, key: int | str | bytes, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Call fn if key has a token now, else raise RateLimitExceeded. An async function is a
+        TypeError (the coroutine is closed and the token given back): use call_async."""
+        receipt = self._take(key)
+        result = fn(*args, **kwargs)
+        if _lazy(result) and isawaitable(result):
+            self._give(receipt)
+            raise _awaitable_in_sync(self, fn, result)
+        return result
 
     async def call_async(self, key: int | str | bytes, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        if not self._core.try_acquire(key):
-            raise self._rejected(key)
-        return await fn(*args, **kwargs)
+        """Await fn(*args, **kwargs) if key has a token now; a sync function is a TypeError."""
+        if self._remote:
+            if not await self._core.try_acquire_async(key):
+                raise self._rejected(key)
+            receipt = None
+        else:
+            receipt = self._take(key)
+        aw = fn(*args, **kwargs)
+        if type(aw) is not CORO:
+            if type(aw) is types.AsyncGeneratorType:
+                return aw
+            if not isawaitable(aw):
+                self._give(receipt)
+                raise _sync_in_async(self, fn, aw)
+        return await aw
+
+    def __enter__(self) -> Any:
+        raise TypeError("KeyedLimiter has no `with` block: a block names no key; use "
+                        "kl.call(key, fn, ...) / await kl.call_async(key, fn, ...) or kl.try_acquire(key)")
+
+    def __exit__(self, *exc: object) -> bool:
+        return False
+
+    async def __aenter__(self) -> Any:
+        return self.__enter__()
+
+    async def __aexit__(self, *exc: object) -> bool:
+        return False
 
     def key_hash(self, key: int | str | bytes) -> int:
-        """The stable 64-bit hash the table uses for `key`."""
+        """The table's 64-bit hash of `key` (SipHash-1-3 under the table's secret seed)."""
         return self._core.key_hash(key)
 
     def purge(self) -> int:
@@ -639,7 +1074,7 @@ class KeyedLimiter:
         return self._core.purge()
 
     def reset(self) -> None:
-        """Forget every key."""
+        """Forget every key; metrics back to zero."""
         self._core.reset()
 
     def __len__(self) -> int:
@@ -651,9 +1086,15 @@ class KeyedLimiter:
         return self._core.nbytes
 
     def metrics(self) -> KeyedMetrics:
-        return KeyedMetrics(keys=len(self._core), max_keys=self.max_keys, nbytes=self._core.nbytes)
+        counts = getattr(self._core, "counts", None)
+        admitted, rejected = counts() if counts is not None else (0, 0)
+        return KeyedMetrics(keys=len(self._core), max_keys=self.max_keys, nbytes=self._core.nbytes,
+                            admitted=admitted, rejected=rejected)
+
+    def __reduce__(self) -> Any:
+        from ._base import refuse_copy
+        raise refuse_copy(self)
 
     def __repr__(self) -> str:
         return (f"KeyedLimiter(rate={self.rate!r}, capacity={self.capacity!r}, max_keys={self.max_keys!r}, "
                 f"idle_ttl={self.idle_ttl!r})")
-
