@@ -175,3 +175,47 @@ def test_limits_beyond_int64_answer_as_the_twin(both, limit):
         p = impl.permits.Permits(3)
         outcomes.append((_outcome(lambda: p.try_acquire_within(limit)), p.in_use))
     assert outcomes[0] == outcomes[1]
+
+
+# -- close / reopen (a drain): the maximum stored negated in the limit word ----------------------------------
+
+def test_a_closed_counter_refuses_everything_and_holders_still_release(impl):
+    p = impl.permits.Permits(3)
+    assert p.try_acquire(2)
+    p.close()
+    p.close()                                   # idempotent
+    assert p.closed and not p.try_acquire() and not p.try_acquire_within(10)
+    assert p.max_permits == 3 and p.available == 0 and p.in_use == 2
+    p.resize(5)                                 # a closed counter stays closed
+    assert p.closed and p.max_permits == 5 and not p.try_acquire()
+    p.release(2)
+    assert p.in_use == 0 and not p.try_acquire()
+    p.reopen()
+    p.reopen()
+    assert not p.closed and p.try_acquire(5) and not p.try_acquire()
+    p.release(5)
+
+
+def test_close_of_an_uninitialised_counter_says_so(impl):
+    p = impl.permits.Permits.__new__(impl.permits.Permits)
+    for op in (p.close, p.reopen):
+        with pytest.raises(RuntimeError, match="not initialised"):
+            op()
+
+
+def test_close_races_acquirers_without_over_admitting(impl, fast_switching):
+    p = impl.permits.Permits(4)
+
+    def body(i):
+        if i == 0:
+            p.close()
+            return 0
+        n = 0
+        for _ in range(200):
+            if p.try_acquire():
+                n += 1
+                p.release()
+        return n
+
+    race(4, body)
+    assert p.closed and p.in_use == 0 and not p.try_acquire()
