@@ -19,7 +19,7 @@ from .errors import (BulkheadFullError, ButtressError, CircuitOpenError, Overloa
 if TYPE_CHECKING:  # what the lazy __getattr__ returns, for type checkers ("X as X": explicitly re-exported)
     from . import (adaptive as adaptive, asgi as asgi, backoff as backoff, bulkhead as bulkhead, chaos as chaos,
                    circuit_breaker as circuit_breaker, clock as clock, errors as errors, fallback as fallback,
-                   health as health, hedge as hedge, httpx as httpx, otel as otel, pipeline as pipeline,
+                   health as health, hedge as hedge, httpx as httpx, lifecycle as lifecycle, otel as otel, pipeline as pipeline,
                    prometheus as prometheus, rate_limit as rate_limit, registry as registry, retry as retry,
                    shedding as shedding, stores as stores, timeout as timeout)
     from .bulkhead import Bulkhead as Bulkhead, ThreadPoolBulkhead as ThreadPoolBulkhead
@@ -57,7 +57,7 @@ _LAZY = {
     "Pipeline": "pipeline", "PipelineOrderWarning": "pipeline", "Registry": "registry",
 }
 _SUBMODULES = {"backoff", "health", "asgi", "chaos", "prometheus", "otel", "clock", "errors", "adaptive", "registry",
-               "pipeline", "shedding", "circuit_breaker", "retry", "bulkhead", "timeout", "fallback", "rate_limit", "hedge", "httpx", "stores"}
+               "pipeline", "shedding", "circuit_breaker", "retry", "bulkhead", "timeout", "fallback", "rate_limit", "hedge", "httpx", "stores", "lifecycle"}
 
 __all__ = ["IMPLEMENTATION", "__version__", "FakeClock", "SystemClock", "ButtressError", "Rejected",
            "CircuitOpenError", "RateLimitExceeded", "BulkheadFullError", "Overloaded", "TimeoutExceeded",
