@@ -1,0 +1,354 @@
+"""Rate limiters in a store (issues 14 and 15, phase 2): store= / name= on TokenBucket, LeakyBucket, the
+window limiters and KeyedLimiter. memory:// shares within the process, shm:// across the processes of the
+host (the compiled core CASes the segment's words; the twin decides under the store's lock), redis://
+across the fleet (the store's scripts decide). Exactness across 4 spawned processes behind a barrier, and
+after a SIGKILL in the middle of 100 000 decisions."""
+from __future__ import annotations
+
+import glob
+import multiprocessing as mp
+import os
+import random
+import signal
+import uuid
+
+import pytest
+
+from buttress import (FakeClock, FixedWindowLimiter, KeyedLimiter, LeakyBucket, MultiLimiter, RateLimitExceeded,
+                      SlidingWindowLimiter, TokenBucket)
+from buttress.stores import SharedMemoryStore, store_from_url
+from buttress.stores import shm as shm_mod
+
+from conftest import NO_EXT, REQUIRE_EXT, _compiled_available
+from redis_server import redis_server, redis_url  # noqa: F401 - fixtures
+
+RUN = f"bt-lim-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+CTX = mp.get_context("spawn")
+NPROC = 4
+TRIES = 5_000
+CAP = 100
+SLOW = 1e-6            # capacity 100, no refill during a test
+DAY = 86400.0
+JOIN = 120
+_count = iter(range(10**6))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_leaked_segments():
+    yield
+    left = glob.glob(os.path.join(shm_mod.SHM_DIR, shm_mod.PREFIX + RUN + "*"))
+    for path in left:
+        os.unlink(path)
+    assert not left, f"segments left in /dev/shm: {left}"
+
+
+@pytest.fixture(params=["cython", "python"])
+def kind(request: pytest.FixtureRequest) -> str:
+    if request.param == "cython":
+        if NO_EXT:
+            pytest.skip("BUTTRESS_NO_EXTENSIONS is set")
+        if not _compiled_available():
+            if REQUIRE_EXT:
+                pytest.fail("BUTTRESS_REQUIRE_EXTENSIONS is set but the compiled core does not import")
+            pytest.skip("compiled core not built")
+    return request.param
+
+
+@pytest.fixture
+def seg(kind: str):
+    n = f"{RUN}-{kind}-{next(_count)}"
+    yield n
+    for path in (shm_mod.segment_path(n), shm_mod.segment_path(n) + ".lock"):
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+def make_limiter(which: str, store, name: str = "lim", slow: float = SLOW):
+    """The limiters under test, each admitting exactly CAP (per key for "keyed") and never refilling."""
+    if which == "token_bucket":
+        return TokenBucket(slow, CAP, name=name, store=store)
+    if which == "leaky_bucket":                  # capacity 1: exactly one admission
+        return LeakyBucket(slow, queue_size=0, name=name, store=store)
+    if which == "fixed":
+        return FixedWindowLimiter(CAP, DAY, name=name, store=store)
+    if which == "sliding":
+        return SlidingWindowLimiter(CAP, DAY, name=name, store=store)
+    if which == "keyed":
+        return KeyedLimiter(slow, CAP, max_keys=64, name=name, store=store)
+    raise AssertionError(which)
+
+
+EXPECTED = {"token_bucket": CAP, "leaky_bucket": 1, "fixed": CAP, "sliding": CAP, "keyed": CAP}
+KEYS = ["alpha", "beta", 7]
+
+
+def decide(lim, which: str, i: int) -> object:
+    """One try_acquire; returns what was admitted (the key for a keyed limiter) or None."""
+    if which == "keyed":
+        key = KEYS[i % len(KEYS)]
+        return key if lim.try_acquire(key) else None
+    return "ok" if lim.try_acquire() else None
+
+
+# -- in one process --------------------------------------------------------------------------------------------
+
+def test_a_store_needs_a_name_and_a_shared_store_needs_the_system_clock(seg: str, kind: str) -> None:
+    st = SharedMemoryStore(seg, implementation=kind)
+    try:
+        for cls, args in [(TokenBucket, (1.0,)), (LeakyBucket, (1.0, 1)), (FixedWindowLimiter, (1, 1.0)),
+                          (SlidingWindowLimiter, (1, 1.0)), (KeyedLimiter, (1.0,))]:
+            with pytest.raises(ValueError, match=f"^{cls.__name__}: store='shm://{seg}' needs name="):
+                cls(*args, store=st)
+            with pytest.raises(ValueError, match=r"clock=FakeClock.* cannot be shared through store="):
+                cls(*args, name="x", store=st, clock=FakeClock())
+            cls(*args, name="m", store="memory://fake-clock-ok", clock=FakeClock())   # this process: fine
+        with pytest.raises(ValueError, match="limit must be <= 1048575 for a window limiter in a shm:// store"):
+            FixedWindowLimiter(1 << 20, 1.0, name="big", store=st)
+    finally:
+        st.close()
+
+
+def test_objects_of_one_name_share_one_limit_and_settings_must_agree(seg: str, kind: str) -> None:
+    st = SharedMemoryStore(seg, implementation=kind)
+    try:
+        for which in EXPECTED:
+            a, b = make_limiter(which, st), make_limiter(which, st)
+            got = [x for i in range(3 * CAP) for x in [decide(a if i % 2 else b, which, i)] if x is not None]
+            assert len(got) == EXPECTED[which] * (len(KEYS) if which == "keyed" else 1), which
+            assert a.metrics().admitted == b.metrics().admitted == len(got)     # counts live in the store
+        with pytest.raises(ValueError, match="capacity=5 here but capacity=100 in the store"):
+            TokenBucket(SLOW, 5, name="lim", store=st)
+        with pytest.raises(ValueError, match="limit=5 here but limit=100 in the store"):
+            FixedWindowLimiter(5, DAY, name="lim", store=st)
+    finally:
+        st.close()
+
+
+def test_memory_store_shares_within_the_process_with_a_fake_clock() -> None:
+    clock = FakeClock(5.0)
+    url = f"memory://{RUN}-mem"
+    a = TokenBucket(10.0, 2, clock=clock, name="m", store=url)
+    b = TokenBucket(10.0, 2, clock=clock, name="m", store=url)
+    assert a.try_acquire() and b.try_acquire() and not a.try_acquire()
+    clock.advance(0.1)
+    assert b.try_acquire() and not a.try_acquire()
+    w1 = SlidingWindowLimiter(2, 1.0, clock=clock, name="w", store=url)
+    w2 = SlidingWindowLimiter(2, 1.0, clock=clock, name="w", store=url)
+    assert w1.try_acquire() and w2.try_acquire() and not w1.try_acquire()
+    with pytest.raises(RateLimitExceeded) as info:
+        w2.acquire(timeout=0)
+    assert info.value.retry_after == w1.wait_time() > 0
+    clock.advance(info.value.retry_after)
+    assert w2.try_acquire()
+    k1 = KeyedLimiter(1.0, 1, max_keys=10, clock=clock, name="k", store=url)
+    k2 = KeyedLimiter(1.0, 1, max_keys=10, clock=clock, name="k", store=url)
+    assert k1.key_hash("a") == k2.key_hash("a")    # one seed per table in the store
+    assert k1.try_acquire("a") and not k2.try_acquire("a")
+    m = MultiLimiter(a, w1)
+    assert not m.try_acquire()                       # parts in a store work in a MultiLimiter
+
+
+def test_a_keyed_table_in_a_store_is_seeded_per_store(seg: str, kind: str) -> None:
+    st = SharedMemoryStore(seg, implementation=kind)
+    try:
+        a = KeyedLimiter(1.0, max_keys=10, name="t1", store=st)
+        b = KeyedLimiter(1.0, max_keys=10, name="t1", store=st)
+        c = KeyedLimiter(1.0, max_keys=10, name="t2", store=st)
+        keys = ["a", b"a", 1, "user-42"]
+        assert [a.key_hash(k) for k in keys] == [b.key_hash(k) for k in keys]
+        assert [a.key_hash(k) for k in keys] != [c.key_hash(k) for k in keys]
+    finally:
+        st.close()
+
+
+# -- across processes ----------------------------------------------------------------------------------------------
+
+def _worker(seg: str, kind: str, which: str, name: str, tries: int, seed: int, barrier, conn) -> None:
+    try:
+        st = SharedMemoryStore(seg, implementation=kind)
+        lim = make_limiter(which, st, name)
+        rng = random.Random(seed)
+        order = list(range(tries))
+        rng.shuffle(order)
+        barrier.wait(JOIN)
+        got: dict = {}
+        for i in order:
+            x = decide(lim, which, i)
+            if x is not None:
+                got[x] = got.get(x, 0) + 1
+        conn.send(got)
+        st.close()
+    except BaseException as exc:  # noqa: BLE001
+        conn.send(exc)
+
+
+def run_all(target, args_for, n: int = NPROC) -> list:
+    pipes, procs = [], []
+    for i in range(n):
+        r, w = CTX.Pipe(duplex=False)
+        p = CTX.Process(target=target, args=(*args_for(i), w))
+        p.start()
+        pipes.append(r)
+        procs.append(p)
+    out = []
+    for r, p in zip(pipes, procs):
+        assert r.poll(JOIN), f"process {p.pid} did not report"
+        out.append(r.recv())
+        p.join(JOIN)
+        assert p.exitcode == 0, f"process {p.pid} exited with {p.exitcode}"
+    for x in out:
+        if isinstance(x, BaseException):
+            raise x
+    return out
+
+
+@pytest.mark.parametrize("which", list(EXPECTED))
+def test_four_processes_admit_exactly_the_capacity(seg: str, kind: str, which: str) -> None:
+    tries = TRIES if kind == "cython" else 1_000
+    seeds = (0, 1, 2) if kind == "cython" else (0,)
+    for seed in seeds:
+        name = f"{which}-{seed}"
+        barrier = CTX.Barrier(NPROC)
+        results = run_all(_worker, lambda i: (seg, kind, which, name, tries, seed * 10 + i, barrier))
+        total: dict = {}
+        for got in results:
+            for k, v in got.items():
+                total[k] = total.get(k, 0) + v
+        if which == "keyed":
+            assert total == {k: CAP for k in KEYS}, (seed, total)          # exactly the capacity per key
+        else:
+            assert total == {"ok": EXPECTED[which]}, (seed, total)
+        st = SharedMemoryStore(seg, implementation=kind)
+        lim = make_limiter(which, st, name)
+        admitted = sum(total.values())
+        assert lim.metrics().admitted == admitted                          # host-wide counts
+        assert lim.metrics().rejected == NPROC * tries - admitted
+        st.close()
+    SharedMemoryStore(seg, implementation=kind).unlink()
+
+
+def _hammer(seg: str, kind: str, which: str, ops: int, barrier, conn) -> None:
+    try:
+        st = SharedMemoryStore(seg, implementation=kind)
+        lim = make_limiter(which, st, "hammered")
+        conn.send(("ready", os.getpid()))
+        barrier.wait(JOIN)
+        got = 0
+        for i in range(ops):
+            if decide(lim, which, i) is not None:
+                got += 1
+            if i % 5000 == 4999:
+                conn.send(("progress", i + 1))
+        conn.send(("done", got))
+        st.close()
+    except BaseException as exc:  # noqa: BLE001
+        conn.send(("error", repr(exc)))
+
+
+@pytest.mark.parametrize("which", ["token_bucket", "sliding", "keyed"])
+def test_sigkill_in_the_middle_of_100000_decisions_survivors_stay_exact(seg: str, kind: str, which: str) -> None:
+    ops = 100_000 if kind == "cython" else 15_000
+    barrier = CTX.Barrier(NPROC)
+    pipes, procs, pids = [], [], []
+    for _ in range(NPROC):
+        r, w = CTX.Pipe(duplex=False)
+        pr = CTX.Process(target=_hammer, args=(seg, kind, which, ops, barrier, w))
+        pr.start()
+        pipes.append(r)
+        procs.append(pr)
+    for r in pipes:
+        assert r.poll(JOIN)
+        tag, pid = r.recv()
+        assert tag == "ready"
+        pids.append(pid)
+    victim = 1
+    while True:
+        assert pipes[victim].poll(JOIN)
+        msg = pipes[victim].recv()
+        assert msg[0] == "progress", msg
+        if msg[1] >= 5000:
+            os.kill(pids[victim], signal.SIGKILL)
+            break
+    survivors = 0
+    for i, (r, pr) in enumerate(zip(pipes, procs)):
+        pr.join(JOIN)
+        if i == victim:
+            assert pr.exitcode == -signal.SIGKILL
+            continue
+        while True:
+            assert r.poll(JOIN)
+            msg = r.recv()
+            if msg[0] != "progress":
+                break
+        assert msg[0] == "done", msg
+        survivors += msg[1]
+    # every word stayed valid: the limit, read afresh, holds exactly (nothing refills, nothing was lost)
+    st = SharedMemoryStore(seg, implementation=kind)
+    lim = make_limiter(which, st, "hammered")
+    admitted, rejected = lim.metrics().admitted, lim.metrics().rejected
+    total = EXPECTED[which] * (len(KEYS) if which == "keyed" else 1)
+    assert admitted == total, (admitted, survivors)
+    assert survivors <= total
+    assert not any(decide(lim, which, i) for i in range(10))       # and it is still full
+    assert lim.metrics().rejected == rejected + 10
+    st.close()
+    st.unlink()
+
+
+# -- Redis: 4 processes through the facade -------------------------------------------------------------------------
+
+def _redis_worker(url: str, which: str, tries: int, barrier, conn) -> None:
+    try:
+        from buttress.stores.redis import RedisStore
+        store = RedisStore(url=url, timeout=5.0, on_error="closed")
+        lim = make_limiter(which, store, f"r-{which}", 1e-4)   # capacity / rate <= 26 days in Redis
+        barrier.wait(JOIN)
+        got: dict = {}
+        for i in range(tries):
+            x = decide(lim, which, i)
+            if x is not None:
+                got[x] = got.get(x, 0) + 1
+        conn.send((got, store.metrics().errors))
+        store.close()
+    except BaseException as exc:  # noqa: BLE001
+        conn.send(exc)
+
+
+@pytest.mark.parametrize("which", list(EXPECTED))
+def test_four_processes_through_redis_admit_exactly_the_capacity(redis_url: str, which: str) -> None:  # noqa: F811
+    url = redis_url
+    barrier = CTX.Barrier(NPROC)
+    results = run_all(_redis_worker, lambda i: (url, which, 300, barrier))
+    total: dict = {}
+    for got, errors in results:
+        assert errors == 0
+        for k, v in got.items():
+            total[k] = total.get(k, 0) + v
+    if which == "keyed":
+        assert total == {k: CAP for k in KEYS}
+    else:
+        assert total == {"ok": EXPECTED[which]}
+
+
+def test_redis_backed_limiters_answer_through_the_facade(redis_url: str) -> None:  # noqa: F811
+    url = redis_url
+    import asyncio
+    st = store_from_url(url)
+    tb = TokenBucket(10.0, 1, name="facade-tb", store=st)
+    assert tb.try_acquire() and not tb.try_acquire()
+    with pytest.raises(RateLimitExceeded) as info:
+        tb.acquire(timeout=0.01)
+    assert 0.05 < info.value.retry_after <= 0.1            # the time until admission, from the server
+    fw = FixedWindowLimiter(1, DAY, name="facade-fw", store=st)
+
+    @fw
+    async def f():
+        return 1
+
+    assert asyncio.run(f()) == 1
+    with pytest.raises(RateLimitExceeded):
+        asyncio.run(f())
+    kl = KeyedLimiter(1e-4, 1, name="facade-kl", store=st)
+    assert asyncio.run(kl.call_async("a", asyncio.sleep, 0, "x")) == "x"
+    with pytest.raises(RateLimitExceeded):
+        kl.call("a", lambda: 1)
