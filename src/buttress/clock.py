@@ -17,7 +17,7 @@ from typing import Protocol, runtime_checkable
 
 from ._params import MAX_SECONDS, NS, check_float, check_int, check_seconds, show
 
-__all__ = ["Clock", "SystemClock", "FakeClock", "SYSTEM_CLOCK", "resolve_clock"]
+__all__ = ["Clock", "SystemClock", "FakeClock", "SYSTEM_CLOCK", "resolve_clock", "is_system_clock", "testing_clock"]
 
 
 @runtime_checkable
@@ -46,10 +46,31 @@ class SystemClock:
 SYSTEM_CLOCK = SystemClock()
 
 
+# The testing switch (buttress.testing.set_testing): when set, the clock that `clock=None` means. Every
+# pattern resolves its clock here (or asks is_system_clock(None)), so this one variable is the switch.
+_testing: Clock | None = None
+_testing_lock = threading.Lock()
+
+
+def testing_clock() -> Clock | None:
+    """The clock `set_testing` installed, or None when testing mode is off."""
+    return _testing
+
+
+def _swap_testing(clock: Clock | None) -> Clock | None:
+    """Install `clock` as what `clock=None` means (None: the system clock again); -> the previous one."""
+    global _testing
+    with _testing_lock:
+        previous, _testing = _testing, clock
+    return previous
+
+
 def resolve_clock(clock: object) -> Clock:
-    """`clock=` argument -> a clock object (None means the system clock)."""
+    """`clock=` argument -> a clock object (None means the system clock, or the testing clock while
+    `buttress.testing.set_testing` is on)."""
     if clock is None:
-        return SYSTEM_CLOCK
+        testing = _testing
+        return SYSTEM_CLOCK if testing is None else testing
     missing = [m for m in ("monotonic", "monotonic_ns", "sleep", "sleep_async") if not callable(getattr(clock, m, None))]
     if missing:
         raise TypeError(f"clock must provide monotonic(), monotonic_ns(), sleep() and sleep_async(); "
@@ -58,7 +79,11 @@ def resolve_clock(clock: object) -> Clock:
 
 
 def is_system_clock(clock: object) -> bool:
-    return clock is None or isinstance(clock, SystemClock)
+    """Whether a `clock=` argument (or a resolved clock) is the system clock: then the compiled core
+    reads its own C monotonic clock. None is the system clock unless testing mode is on."""
+    if clock is None:
+        return _testing is None
+    return isinstance(clock, SystemClock)
 
 
 class FakeClock:

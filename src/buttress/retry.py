@@ -38,7 +38,7 @@ from ._params import (MAX_SECONDS, NS, check_bool as check_bool_arg, check_float
 from ._spec import UsageError, parse_exceptions
 from ._wrap import CORO, LAZY_TYPES, check_decoratable, refuse_sync_result, specialize, sync_in_async
 from .backoff import Backoff, constant, exponential
-from .clock import resolve_clock
+from .clock import SYSTEM_CLOCK, resolve_clock, testing_clock
 from ._impl import core
 from .errors import Rejected
 
@@ -438,11 +438,19 @@ class Retry(Policy):
     # -- the failure path ------------------------------------------------------------------------------
 
     def _sleeper(self) -> Callable[[float], Any]:
-        """What backoff waits sleep on."""
-        return self._clock.sleep
+        """What backoff waits sleep on: the Retry's clock; but a Retry built on the default clock before
+        testing mode was turned on (a module-level ``@Retry()``) waits on the testing clock instead, so
+        it never sleeps for real in a test (buttress.testing)."""
+        clock = self._clock
+        if clock is SYSTEM_CLOCK:
+            clock = testing_clock() or clock
+        return clock.sleep
 
     def _sleeper_async(self) -> Callable[[float], Any]:
-        return self._clock.sleep_async
+        clock = self._clock
+        if clock is SYSTEM_CLOCK:
+            clock = testing_clock() or clock
+        return clock.sleep_async
 
     def _begin(self, call: list) -> contextvars.Token | None:
         """Count the first attempt in the budget; make the deadline visible to the call (remaining())."""
@@ -773,8 +781,7 @@ def _typed(value: object) -> object:
 def _call_retry(max_attempts: object, base_delay: object, max_delay: object, jitter: object, retry_on: object,
                 retry_on_result: object, deadline: object, budget: object, on_retry: object, on_give_up: object,
                 clock: object) -> Retry:
-    from .clock import resolve_clock as _resolve        # the testing switch decides what None means now
-    clk = _resolve(clock)
+    clk = resolve_clock(clock)          # the testing switch decides what None means now
     key: tuple | None = tuple(_typed(v) for v in (max_attempts, base_delay, max_delay, jitter, retry_on,
                                                    retry_on_result, deadline, budget, on_retry, on_give_up))
     key = (*key, id(clk))       # type: ignore[misc]
