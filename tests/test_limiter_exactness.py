@@ -298,3 +298,106 @@ def test_keyed_limiter_many_threads_on_an_epoch_clock_exact(fast_switching):
     keys = np.arange(100, dtype=np.int64).repeat(4)
     got = race(8, lambda i: int(kl.try_acquire_many(keys).sum()) + sum(kl.try_acquire(int(k)) for k in keys))
     assert sum(got) == 100 * 25
+
+
+# -- phase 2 (issue 14): the packed-word window core and words bound from a store ------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(sliding=st.booleans(), limit=st.integers(1, 6), width=st.sampled_from([1, 7, 1000, S]),
+       start=st.integers(-(1 << 62), 1 << 62),
+       ops=st.lists(st.tuples(st.integers(0, 3 * S), st.integers(1, 6), st.booleans()), max_size=40))
+def test_packed_window_core_decides_as_the_process_local_windows(both, sliding, limit, width, start, ops):
+    """wlimit.WindowCounter (one CAS on one packed word) admits exactly what the process-local window
+    limiter admits, compiled and twin alike, with the same waits."""
+    clock = FakeClock()
+    clock.advance_ns(start) if start >= 0 else clock.__init__(start / 1e9)
+    start = clock.monotonic_ns()
+    ref = (SlidingWindowLimiter if sliding else FixedWindowLimiter)(limit, width / 1e9, clock=clock)
+    ref._w = width                                     # exact ns window (the facade rounds seconds up)
+    cores = [i.wlimit.WindowCounter(limit, width, sliding) for i in both]
+    now = start
+    for move, n, wait in ops:
+        now += move
+        clock.advance_ns(move)
+        n = min(n, limit)
+        if wait:
+            w = [c.wait_ns(n, now) for c in cores]
+            assert w[0] == w[1] == ref._wait_ns(n), (now, n)
+        else:
+            got = [c.try_acquire(n, now) for c in cores]
+            assert got[0] == got[1] == ref.try_acquire(n), (now, n)
+    assert cores[0].counts() == cores[1].counts() == tuple(ref.metrics().__dict__.values())
+
+
+def test_packed_window_receipts_ahead_readers_and_reset(impl):
+    W = impl.wlimit.WindowCounter
+    c = W(3, 100, False)
+    r = c.claim(2, 1000)                               # window 10
+    assert r and not c.claim(2, 1050)
+    assert c.unclaim(2, r) and c.claim(3, 1099)        # given back in its own window
+    r2 = c.claim(1, 1200)
+    assert r2 and c.unclaim(1, r2)                     # window 12: r2 counted there, given back there
+    assert c.claim(3, 1250)
+    assert not c.claim(1, 1000)                        # a stale reading (window 10) decides in the word's
+    assert c.wait_ns(1, 1000) == 100                   # window (12), at its start: conservative
+    c.reset()
+    assert not c.unclaim(1, r2)                        # receipts before reset() are void
+    assert c.claim(3, 1250) and c.counts() == (1, 0)
+    with pytest.raises(ValueError, match="receipt must be a receipt returned by claim"):
+        c.unclaim(1, 2)
+    with pytest.raises(ValueError, match="limit must be between 1 and 1048575"):
+        W(1 << 20, 100, False)
+    with pytest.raises(TypeError, match="sliding must be a bool"):
+        W(1, 100, 1)
+
+
+def test_a_packed_window_word_older_than_the_ring_reads_as_empty(impl):
+    c = impl.wlimit.WindowCounter(1, 10, True)
+    assert c.try_acquire(1, 0) and not c.try_acquire(1, 5)
+    assert c.try_acquire(1, 10 * (1 << 22))            # half the ring later: older, so empty
+    assert not c.try_acquire(1, 10 * (1 << 22) + 5)
+
+
+def test_gcra_words_are_shared_and_checked(both):
+    buf = bytearray(64 + 8)
+    words = memoryview(buf)[8:]                        # 8-byte aligned view inside
+    c_mod, t_mod = (i.gcra for i in both)
+    c_mod.GCRA.init_words(words, 10.0, 3, 5 * S)
+    a, b = c_mod.GCRA(10.0, 3, words=words), c_mod.GCRA(10.0, 3, words=words)
+    assert [a.try_acquire(1, 5 * S), b.try_acquire(2, 5 * S), a.try_acquire(1, 5 * S)] == [True, True, False]
+    assert a.counts() == b.counts() == (2, 1)
+    twin = t_mod.GCRA(10.0, 3, words=bytearray(bytes(words)))   # the twin reads the same layout
+    assert twin.wait_ns(1, 5 * S) == a.wait_ns(1, 5 * S) == S // 10
+    for mod in (c_mod, t_mod):
+        with pytest.raises(ValueError, match="words hold a GCRA with interval 100000000 ns and tau 300000000 ns"):
+            mod.GCRA(10.0, 4, words=words)
+        with pytest.raises(TypeError, match="words must be a writable buffer"):
+            mod.GCRA(10.0, 3, words=bytes(64))
+        with pytest.raises(ValueError, match="words holds 8 bytes, a GCRA needs 64"):
+            mod.GCRA(10.0, 3, words=bytearray(8))
+
+
+def test_take_and_untake_give_back_only_the_last_claim(impl):
+    g = impl.gcra.GCRA(10.0, 2)
+    e1 = g.take(0)
+    e2 = g.take(0)
+    assert e1 is not None and e2 is not None and g.take(0) is None
+    assert not g.untake(e1)                            # a later claim built on it: nothing given back
+    assert g.untake(e2) and not g.untake(e2)           # the last one: once
+    assert g.available(0) == 1
+    with pytest.raises(ValueError, match="end must be a value returned by take"):
+        g.untake(-(1 << 62))
+
+
+def test_keyed_claim_and_refund(impl):
+    t = impl.keyed.KeyedGCRA(1e-3, 2, 100, seed=bytes(16))
+    r1, r2 = t.claim("a", 1, 0), t.claim("a", 1, 0)
+    assert r1 and r2 and not t.claim("a", 1, 0)
+    assert not t.refund(r1)                            # a later claim charged the key since
+    assert t.refund(r2) and not t.refund(r2)
+    assert t.try_acquire("a", 1, 0) and not t.try_acquire("a", 1, 0)
+    with pytest.raises(ValueError, match="receipt must be a receipt returned by claim"):
+        t.refund(1 << 200)
