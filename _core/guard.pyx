@@ -210,14 +210,19 @@ cdef class StageGuard:
             raise _not_initialised(self)
         cdef _Stage s = <_Stage>self.owner
         cdef int64_t token, start
+        fn = self.fn
+        if fn is None:                  # the call(fn, *args, **kwargs) entry
+            if not args:
+                raise TypeError("call() needs the function to call as its first argument")
+            fn, args = args[0], args[1:]
         _enter(<PyObject *>s, &token, &start)
         try:
-            result = self.fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
         except BaseException:
             s.after()
             raise
         if bt_guard_lazy(Py_TYPE(result)):
-            return s.settle_result(self.fn, result)
+            return s.settle_result(fn, result)
         s.after()
         return result
 
@@ -228,7 +233,7 @@ cdef class StageGuard:
 cdef inline void _bind(StageGuard g, _Stage s, fn) noexcept:
     g.owner = s
     g.fn = fn
-    g.fn_ptr = <PyObject *>fn
+    g.fn_ptr = NULL if fn is None else <PyObject *>fn     # NULL: the call(fn, *args) entry
     g.ops = &_OPS
     g.owner_ptr = <PyObject *>s      # last: a non-NULL owner_ptr means "ready"
 
@@ -259,6 +264,14 @@ cdef class StageBase:
             raise _not_initialised(self, "_stage_setup() was not called")
         cdef StageGuard g = StageGuard.__new__(StageGuard)
         _bind(g, self._s, fn)
+        return g
+
+    def _stage_call(self):
+        """The `call(fn, *args, **kwargs)` entry with this object's stage: one vectorcall, no frame."""
+        if self._s is None:
+            raise _not_initialised(self, "_stage_setup() was not called")
+        cdef StageGuard g = StageGuard.__new__(StageGuard)
+        _bind(g, self._s, None)
         return g
 
     def __enter__(self):

@@ -176,3 +176,43 @@ def test_asyncio_timeout_async(benchmark):
 
 def test_asyncio_wait_for_async(benchmark):
     awaiting(benchmark, lambda: asyncio.wait_for(bare_async(), 60.0))
+
+
+# -- bulkhead on a host-wide store (shm://), and the load shedder, for scale --------------------------------
+
+@pytest.fixture
+def shm_store():
+    import os
+    import uuid
+    from buttress.stores import SharedMemoryStore
+    store = SharedMemoryStore(f"bench-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    yield store
+    store.close()
+    store.unlink()
+
+
+def test_bulkhead_with_in_fn_shm(benchmark, shm_store):
+    bh = Bulkhead(10, name="bench", store=shm_store)
+
+    def g():
+        with bh:
+            return f()
+
+    assert benchmark(g) == 1
+    assert bh.in_use == 0
+
+
+def test_bulkhead_decorated_shm(benchmark, shm_store):
+    bh = Bulkhead(10, name="bench", store=shm_store)
+    assert benchmark(bh(f)) == 1
+
+
+def test_shedder_admit_with_in_fn(benchmark):
+    from buttress import LoadShedder, Priority
+    shed = LoadShedder(100)
+
+    def g(admit=shed.admit, p=Priority.HIGH):
+        with admit(p):
+            return f()
+
+    assert benchmark(g) == 1

@@ -17,8 +17,8 @@ from ._base import Policy
 from ._impl import core
 from ._params import NS, check_float, check_function, check_int, exception_matcher, seconds_to_ns
 from ._spec import UsageError
-from ._wrap import CORO, LAZY_TYPES, specialize
-from .bulkhead import COLLECTED, settle_async, settle_sync
+from ._wrap import CORO, specialize
+from .bulkhead import COLLECTED, is_lazy, settle_async, settle_sync
 from .clock import is_system_clock, resolve_clock
 from .errors import Overloaded
 
@@ -228,7 +228,7 @@ class AdaptiveThrottle(Policy):
         except BaseException as exc:
             self._outcome(exc)
             raise
-        if type(result) in LAZY_TYPES or hasattr(type(result), "__await__"):
+        if is_lazy(result):
             return settle_sync(self, fn, result, self._stream_done)
         self._outcome(None)
         return result

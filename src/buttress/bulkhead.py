@@ -140,6 +140,23 @@ async def hold_astream(hold: Hold, agen: Any) -> Any:
     hold.finish(None)
 
 
+_LAZY_CACHE: dict[type, bool] = {}
+
+
+def is_lazy(result: object) -> bool:
+    """`type(result) in LAZY_TYPES or hasattr(type(result), "__await__")` (an awaitable, a generator or an
+    async generator: a sync form's second look), memoised per type: hasattr on a type without the
+    attribute raises and catches internally, ~0.4 us, more than the guarded call."""
+    tp = type(result)
+    lazy = _LAZY_CACHE.get(tp)
+    if lazy is None:
+        lazy = tp in LAZY_TYPES or hasattr(tp, "__await__")
+        if len(_LAZY_CACHE) > 1024:         # types made on the fly: keep it bounded
+            _LAZY_CACHE.clear()
+        _LAZY_CACHE[tp] = lazy
+    return lazy
+
+
 def is_stream(result: object) -> bool:
     """A generator (not a generator-based coroutine) or an async generator."""
     tp = type(result)
@@ -316,6 +333,8 @@ class Bulkhead(_StageBase, Policy):
         # word is used directly; only waiting (refused) and handing permits to waiters come back to Python.
         self._stage_setup(acquire, self._wait_for_permit, self._permits.release,
                           self._waiters, self._drain, self._settle_result)
+        # bh.call(fn, ...) is the same compiled guard with the function as its first argument
+        self.call = self._stage_call()  # type: ignore[method-assign]
 
     def _shared_try(self) -> bool:
         """The store's counter has no closed state: a draining bulkhead refuses here."""
@@ -411,7 +430,9 @@ class Bulkhead(_StageBase, Policy):
         if self._waiters:
             self._drain()
 
-    def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:  # type: ignore[no-redef]
+        """Run fn(*args, **kwargs) holding a permit (replaced per instance by the compiled stage's call
+        entry, which does exactly this)."""
         if not self.try_acquire():
             self._acquire_slow(self._max_wait)
         try:
@@ -421,7 +442,7 @@ class Bulkhead(_StageBase, Policy):
             if self._waiters:
                 self._drain()
             raise
-        if type(result) in LAZY_TYPES or hasattr(type(result), "__await__"):
+        if is_lazy(result):
             return self._settle_result(fn, result)     # a stream holds the permit; an awaitable is refused
         self._release_permit()
         if self._waiters:

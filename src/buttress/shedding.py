@@ -29,8 +29,8 @@ from ._base import Policy
 from ._impl import core
 from ._params import NS, check_float, check_function, check_int, check_real, count_of, exception_matcher
 from ._spec import UsageError
-from ._wrap import CORO, LAZY_TYPES, specialize
-from .bulkhead import COLLECTED, settle_async, settle_sync
+from ._wrap import CORO, specialize
+from .bulkhead import COLLECTED, is_lazy, settle_async, settle_sync
 from ._timers import call_later
 from .clock import is_system_clock, resolve_clock
 from .errors import Overloaded, Rejected
@@ -555,7 +555,7 @@ class LoadShedder(Policy):
         except BaseException as exc:
             self._exit(start, in_flight, exc)
             raise
-        if type(result) in LAZY_TYPES or hasattr(type(result), "__await__"):
+        if is_lazy(result):
             return settle_sync(self, fn, result, functools.partial(self._stream_done, start, in_flight))
         self._exit(start, in_flight, None)
         return result

@@ -152,6 +152,10 @@ class StageGuard:
             stage, fn = self._stage, self._fn
         except AttributeError:
             raise _not_initialised(self) from None
+        if fn is None:                      # the call(fn, *args, **kwargs) entry
+            if not args:
+                raise TypeError("call() needs the function to call as its first argument")
+            fn, args = args[0], args[1:]
         stage.enter()
         try:
             result = fn(*args, **kwargs)
@@ -199,6 +203,13 @@ class StageBase:
         stage = _stage_of(self)
         g = StageGuard.__new__(StageGuard)
         g._fn, g._stage = fn, stage
+        return g
+
+    def _stage_call(self) -> StageGuard:
+        """The `call(fn, *args, **kwargs)` entry with this object's stage."""
+        stage = _stage_of(self)
+        g = StageGuard.__new__(StageGuard)
+        g._fn, g._stage = None, stage
         return g
 
     def __enter__(self) -> Any:
