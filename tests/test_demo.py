@@ -9,9 +9,10 @@ import pytest
 
 from buttress.cli import main
 from buttress.demo import checkout, deps
+from buttress.demo import DEFAULT_RATE
 from buttress.demo.checkout import arrivals, header_retry_after
 
-SHORT = ["--duration", "3", "--patience", "4", "--rate", "50", "--seed", "1"]
+SHORT = ["--duration", "3", "--patience", "4", "--seed", "1"]      # each transport at its default rate
 COUNTS = ("completed", "failed_after_wait", "rejected_fast", "unfinished")
 
 
@@ -29,8 +30,10 @@ def short_demo(request):
 def test_both_runs_replay_the_same_arrivals(short_demo):
     transport, data, _ = short_demo
     assert data["transport"] == transport
-    schedule = arrivals(1, 50.0, 3.0)
-    assert data["arrivals"] == len(schedule) > 100
+    assert data["rate_per_s"] == data["default_rate_per_s"] == DEFAULT_RATE[transport] == {"inprocess": 50.0,
+                                                                                            "http": 30.0}[transport]
+    schedule = arrivals(1, data["rate_per_s"], 3.0)
+    assert data["arrivals"] == len(schedule) > 60
     assert data["arrivals_sha256"] == checkout.digest(schedule)
     for run in data["runs"].values():
         assert run["arrivals"] == data["arrivals"]
@@ -58,6 +61,19 @@ def test_protected_never_double_charges_and_has_the_lower_p99(short_demo):
     assert naive["unfinished"] == protected["unfinished"] == 0     # the run waits the users' patience out
     assert protected["latency_ms"]["p99"] < naive["latency_ms"]["p99"]
     assert any(m["new"] == "OPEN" for m in protected["breaker_transitions"])     # the payment outage was seen
+    # a lost reply (the gateway charged, the connection dropped; over HTTP after the headers) is retried
+    # with the same key, never a failed checkout; naive, trying again without a key, charges twice
+    assert "connection lost" not in protected["failed_by"] and protected["deduplicated_charges"] > 0
+    assert naive["double_charges"] > 0
+
+
+def test_the_http_table_says_which_rate_the_healthy_services_serve(short_demo):
+    transport, data, _ = short_demo
+    from buttress.demo.table import render
+    text = render(data)
+    assert f"transport: {transport} (" in text
+    said = "the default rate over HTTP is 30/s: what these services serve when healthy"
+    assert (said in text) == (transport == "http")
 
 
 def test_progress_is_one_line_per_run_off_a_terminal(short_demo):
@@ -221,27 +237,52 @@ def test_retry_after_is_whole_seconds_at_least_one():
     assert [header_retry_after(x) for x in (None, 0.0, 0.01, 1.0, 1.2)] == [1, 1, 1, 1, 2]
 
 
-def test_transport_stand_in_retries_5xx_returns_the_last_response_and_never_retries_4xx():
+def _policies():
+    return checkout.Policies(1, (deps.DependencyError,), checkout.Tally(), lambda: 0.0)
+
+
+def test_over_http_the_protected_calls_go_through_buttress_httpx():
+    """One guard per dependency, two compositions: over HTTP the transport gets the guard's total
+    Timeout, Retry and breaker as the host's pipeline, the client's timeout is the per-attempt timeout,
+    and the bulkhead is around the client call (buttress.httpx refuses a Bulkhead stage)."""
     httpx = pytest.importorskip("httpx")
+    from buttress.demo.http import Http, HttpSession
+    from buttress.httpx import AsyncResilientTransport, retryable
+    http = Http()
+    http.ports = {"payment": 1, "inventory": 2, "recommendations": 3}
+    session = HttpSession(http)
+    assert session.retry_on is retryable
+    policies = _policies()
+    guarded = session.client(policies)
+    assert guarded.around == {"payment": policies.payment.bulkhead, "inventory": policies.inventory.bulkhead}
+    hosts = {}
+    for service, port in http.ports.items():
+        guard = policies.guards()[service]
+        client = guarded.inner.clients[service]
+        assert isinstance(client._transport, AsyncResilientTransport)
+        host = hosts[service] = client._transport.pipeline_for(f"http://127.0.0.1:{port}")
+        assert host.timeout == guard.remote.strategies[0].seconds       # the total timeout
+        assert client.timeout == httpx.Timeout(guard.attempt)           # each attempt's
+    assert (hosts["payment"].timeout, policies.payment.attempt) == (1.2, 0.4)
+    assert hosts["payment"].retry is policies.payment.remote.strategies[1]
+    assert hosts["payment"].breaker is policies.breaker
+    assert hosts["inventory"].retry is policies.inventory.remote.strategies[1] and hosts["inventory"].breaker is None
+    assert hosts["recommendations"].retry is None and guarded.inner.clients["recommendations"].timeout.read is None
+
+    async def close():
+        for client in session.clients:
+            await client.aclose()
+    asyncio.run(close())
+
+
+def test_in_process_the_same_guard_is_one_pipeline_bulkhead_outside():
     import buttress
-    from buttress.demo.transport import AsyncResilientTransport, StatusError
-
-    def serve(statuses):
-        seen = []
-
-        def handler(request):
-            seen.append(request.headers.get("idempotency-key"))
-            return httpx.Response(statuses[min(len(seen), len(statuses)) - 1], headers={"Retry-After": "0"})
-        return seen, httpx.MockTransport(handler)
-
-    async def get(statuses):
-        seen, inner = serve(statuses)
-        retry = buttress.Retry(max_attempts=3, retry_on=(httpx.TransportError, StatusError), backoff=0.0)
-        transport = AsyncResilientTransport(inner, pipeline_factory=lambda origin: buttress.Pipeline(retry))
-        async with httpx.AsyncClient(transport=transport) as client:
-            r = await client.post("http://127.0.0.1:9/charges", headers={"Idempotency-Key": "k"})
-        return r.status_code, seen
-
-    assert asyncio.run(get([503, 200])) == (200, ["k", "k"])
-    assert asyncio.run(get([503])) == (503, ["k", "k", "k"])        # the last answer, not an exception
-    assert asyncio.run(get([404])) == (404, ["k"])
+    policies = _policies()
+    outer = policies.payment.in_process()
+    bulkhead, inner = outer.strategies
+    assert bulkhead is policies.payment.bulkhead
+    assert [type(s).__name__ for s in inner.strategies] == ["Timeout", "Retry", "CircuitBreaker", "Timeout"]
+    assert inner.strategies[1:3] == policies.payment.remote.strategies[1:]
+    assert inner.strategies[-1].seconds == policies.payment.attempt
+    recs = policies.recommendations.in_process()
+    assert [type(s) for s in recs.strategies] == [buttress.Timeout]

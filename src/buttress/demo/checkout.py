@@ -98,20 +98,25 @@ class InProcessClient:
 
 
 class GuardedClient:
-    """An in-process client whose every call runs through the protected run's per-dependency pipeline
-    (over HTTP the same pipelines sit in the transport instead, see `buttress.demo.http`)."""
+    """A client whose call of each dependency runs through `around[service]` (anything with
+    ``call_async``), when there is one: the protected run's guards (`Guard.in_process` in process; over
+    HTTP only the bulkheads, the rest sits in the transport, see `buttress.demo.http`)."""
 
-    def __init__(self, inner: Client, policies: Policies) -> None:
-        self.inner, self.p = inner, policies
+    def __init__(self, inner: Client, around: dict[str, Any]) -> None:
+        self.inner, self.around = inner, around
+
+    async def _call(self, service: str, fn: Callable[..., Any], *args: Any) -> Any:
+        guard = self.around.get(service)
+        return await (fn(*args) if guard is None else guard.call_async(fn, *args))
 
     async def stock(self, order: str, item: str) -> bool:
-        return await self.p.inventory.call_async(self.inner.stock, order, item)
+        return await self._call("inventory", self.inner.stock, order, item)
 
     async def charge(self, order: str, idempotency_key: str | None) -> str:
-        return await self.p.payment.call_async(self.inner.charge, order, idempotency_key)
+        return await self._call("payment", self.inner.charge, order, idempotency_key)
 
     async def recommendations(self, order: str, item: str) -> list[str]:
-        return await self.p.recommendations.call_async(self.inner.recommendations, order, item)
+        return await self._call("recommendations", self.inner.recommendations, order, item)
 
 
 # -- what a run counts -------------------------------------------------------------------------------------
@@ -179,33 +184,58 @@ class Naive:
             self.tally.popular()
 
 
+@dataclass(frozen=True)
+class Guard:
+    """How the protected shop calls one dependency, the same in both transports.
+
+    `bulkhead` (or None) is around the whole call, its retries and backoff waits included (over HTTP it
+    is around the client call: `buttress.httpx` has no bulkhead stage). `remote` holds the stages a
+    `buttress.httpx` pipeline takes (its Timeout is the TOTAL timeout of the call, a Retry, a breaker):
+    over HTTP it is the transport's pipeline for the dependency's host. `attempt` (or None) is the
+    timeout of one attempt: over HTTP the httpx client's own timeout, which the transport lowers to what
+    is left of the total before each attempt; in process an innermost Timeout."""
+    bulkhead: Bulkhead | None
+    remote: Pipeline
+    attempt: float | None
+
+    def in_process(self) -> Pipeline:
+        """The whole guard as one pipeline, for calling the services in this process. The bulkhead is
+        nested on purpose (outside the retry, as over HTTP), so the order warning does not apply."""
+        inner = Pipeline(*self.remote.strategies, *(() if self.attempt is None else (Timeout(self.attempt),)))
+        return inner if self.bulkhead is None else Pipeline(self.bulkhead, inner)
+
+
 class Policies:
     """The protected run's buttress objects (one set per run); docs/demo.md says why each is there.
 
-    `retryable`: the exceptions a dependency call fails with in this transport (in process: the
-    services' own errors; over HTTP: httpx's transport errors and 5xx answers)."""
+    `retry_on`: what the Retry of a dependency call retries in this transport (in process: the
+    services' own errors and an attempt's timeout; over HTTP: `buttress.httpx.retryable`)."""
 
-    def __init__(self, seed: int, retryable: tuple[type[BaseException], ...], tally: Tally,
-                 elapsed: Callable[[], float]) -> None:
+    def __init__(self, seed: int, retry_on: Any, tally: Tally, elapsed: Callable[[], float]) -> None:
         self.breaker = CircuitBreaker(name="payment", failure_rate_threshold=0.5, window_size=20,
                                       minimum_calls=10, open_duration=1.0, half_open_calls=3)
         self.breaker.on("state_change", lambda ev: tally.transitions.append(
             (round(elapsed(), 2), ev.old.name, ev.new.name)))
-        self.payment = Pipeline(           # outermost first; each attempt gets its own 0.4 s
-            Retry(max_attempts=3, retry_on=(*retryable, TimeoutExceeded),
-                  backoff=backoff.exponential(initial=0.05, maximum=0.4, rng=random.Random(f"{seed}:backoff")),
-                  budget=RetryBudget(ratio=0.2, min_per_second=5.0, ttl=5.0), on_retry=tally.count_retry),
+        self.payment = Guard(      # 16 checkouts charging at once; 1.2 s in all, 0.4 s an attempt
             Bulkhead(max_concurrent=16, max_wait=0.05, name="payment"),
-            self.breaker,
-            Timeout(0.4))
-        self.inventory = Pipeline(         # a stock lookup is a read: safe to try twice
-            Retry(max_attempts=2, retry_on=(*retryable, TimeoutExceeded), backoff=0.01, on_retry=tally.count_retry),
+            Pipeline(Timeout(1.2),
+                     Retry(max_attempts=3, retry_on=retry_on,
+                           backoff=backoff.exponential(initial=0.05, maximum=0.4,
+                                                       rng=random.Random(f"{seed}:backoff")),
+                           budget=RetryBudget(ratio=0.2, min_per_second=5.0, ttl=5.0), on_retry=tally.count_retry),
+                     self.breaker),
+            0.4)
+        self.inventory = Guard(    # a stock lookup is a read: safe to try twice; 0.25 s an attempt
             Bulkhead(max_concurrent=24, max_wait=0.05, name="inventory"),
-            Timeout(0.25))
-        self.recommendations = Pipeline(Timeout(0.15))
-        self.fallback = Fallback(tally.popular, on=(*retryable, *EXPECTED))
+            Pipeline(Timeout(0.6), Retry(max_attempts=2, retry_on=retry_on, backoff=0.01, on_retry=tally.count_retry)),
+            0.25)
+        self.recommendations = Guard(None, Pipeline(Timeout(0.15)), None)     # one try, 150 ms in all
+        self.fallback = Fallback(tally.popular, on=EXPECTED)
         self.deadline = Timeout(2.0)
         self.shedder = LoadShedder(max_in_flight=40)
+
+    def guards(self) -> dict[str, Guard]:
+        return {"payment": self.payment, "inventory": self.inventory, "recommendations": self.recommendations}
 
 
 class Protected:
@@ -242,7 +272,7 @@ class RunConfig:
 class Session(Protocol):
     """One run's dependencies, as a transport provides them (`InProcess`, `buttress.demo.http.Http`)."""
     t0: float
-    retryable: tuple[type[BaseException], ...]
+    retry_on: Any       # what the protected run's retries retry in this transport
 
     def client(self, policies: Policies | None) -> Client: ...
     async def end(self) -> dict[str, int]: ...
@@ -264,7 +294,7 @@ class InProcess:
 
 
 class InProcessSession:
-    retryable = (DependencyError,)
+    retry_on = (DependencyError, TimeoutExceeded)      # a service's error, an attempt's Timeout
 
     def __init__(self, faults: Faults) -> None:
         self.t0 = time.monotonic()
@@ -272,7 +302,9 @@ class InProcessSession:
 
     def client(self, policies: Policies | None) -> Client:
         plain = InProcessClient(self.deps)
-        return plain if policies is None else GuardedClient(plain, policies)
+        if policies is None:
+            return plain
+        return GuardedClient(plain, {name: guard.in_process() for name, guard in policies.guards().items()})
 
     async def end(self) -> dict[str, int]:
         await self.deps.close()
@@ -292,7 +324,7 @@ async def run(kind: str, schedule: list[Arrival], backend: Any, faults: Faults, 
     if kind == "naive":
         calls: Naive | Protected = Naive(session.client(None), tally)
     else:
-        policies = Policies(cfg.seed, session.retryable, tally, lambda: time.monotonic() - t0)
+        policies = Policies(cfg.seed, session.retry_on, tally, lambda: time.monotonic() - t0)
         calls = Protected(session.client(policies), policies)
     fatal: asyncio.Future = loop.create_future()
     slots = asyncio.Semaphore(cfg.workers)

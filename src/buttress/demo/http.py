@@ -14,8 +14,11 @@ connection), which httpx reports as a `RemoteProtocolError`. A run starts with `
 (fresh services, the run's clock starts) and ends with ``POST /_demo/stop`` (hung work is stopped; the
 answer is what the services counted). The child exits when its stdin closes (the demo ended or died).
 
-The naive run calls the services with plain ``httpx.AsyncClient``; the protected run through
-`AsyncResilientTransport` with the same per-dependency pipelines as in process.
+The naive run calls the services with plain ``httpx.AsyncClient``. The protected run calls each service
+through its own ``httpx.AsyncClient`` on a `buttress.httpx.AsyncResilientTransport`, with the same
+guards as in process (`buttress.demo.checkout.Guard`): the guard's `remote` pipeline (total Timeout,
+Retry, breaker) is the transport's pipeline for the host, its `attempt` timeout is the client's timeout
+(which the transport lowers to what is left of the total), and its bulkhead is around the client call.
 """
 from __future__ import annotations
 
@@ -128,6 +131,9 @@ def serve() -> None:
     for name in SERVICES:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # accepted connections inherit this: without it a keep-alive reply (headers, then body: two
+        # writes) waits for the client's delayed ACK, ~40 ms a request on Linux (Nagle's algorithm)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind(("127.0.0.1", 0))
         sockets.append(sock)
         _State.ports[sock.getsockname()[1]] = name
@@ -193,10 +199,9 @@ class Http:
 
 class HttpSession:
     def __init__(self, http: Http) -> None:
-        import httpx
-        from .transport import StatusError
+        from ..httpx import retryable
         self.http = http
-        self.retryable = (httpx.TransportError, StatusError)
+        self.retry_on = retryable       # what buttress.httpx raises inside a pipeline to ask for a retry
         self.clients: list[Any] = []
         self.t0 = 0.0
 
@@ -216,21 +221,27 @@ class HttpSession:
             r.raise_for_status()
             return r.json()
 
-    def client(self, policies: Any) -> HttpClient:
+    def client(self, policies: Any) -> Any:
+        """Plain httpx clients (naive, `policies` None; the caller's asyncio timeouts bound them), or the
+        protected run's: `buttress.httpx` transports with the policies' guards."""
         import httpx
 
-        # The one line to change when buttress.httpx lands: from buttress.httpx import AsyncResilientTransport
-        from .transport import AsyncResilientTransport
+        from ..httpx import AsyncResilientTransport
 
         def make(service: str) -> httpx.AsyncClient:
-            transport = None
+            transport, timeout = None, None
             if policies is not None:
-                pipeline = getattr(policies, service)
-                transport = AsyncResilientTransport(pipeline_factory=lambda origin: pipeline)
-            client = httpx.AsyncClient(base_url=self.http.url(service), transport=transport, timeout=None)
+                guard = policies.guards()[service]
+                transport = AsyncResilientTransport(pipeline_factory=lambda host: guard.remote)
+                timeout = guard.attempt
+            client = httpx.AsyncClient(base_url=self.http.url(service), transport=transport, timeout=timeout)
             self.clients.append(client)
             return client
-        return HttpClient({s: make(s) for s in SERVICES})
+        plain = HttpClient({s: make(s) for s in SERVICES})
+        if policies is None:
+            return plain
+        from .checkout import GuardedClient
+        return GuardedClient(plain, {name: g.bulkhead for name, g in policies.guards().items() if g.bulkhead})
 
 
 class HttpClient:

@@ -34,6 +34,8 @@ def render(result: dict[str, Any]) -> str:
         "sent twice to a shop that calls three dependencies: once naively, once through buttress; "
         "same faults both times.",
         f"transport: {result['transport']} ({result['transport_detail']}); {result['implementation']} core",
+        *([f"           the default rate over HTTP is {result['default_rate_per_s']:g}/s: what these services serve "
+           "when healthy (no outage) on a 2-core machine"] if result["transport"] == "http" else []),
         f"shop: serves {result['workers']} checkouts at once, the others wait in line for a worker",
         f"users: each waits up to {result['patience_s']:g} s for an answer, then gives up (the shop is not told "
         "and carries on);",
