@@ -9,6 +9,7 @@ there). Every mutable word goes through the atomics header.
 cimport cython
 from libc.stdint cimport int64_t, uint64_t, INT64_MAX
 from cpython.time cimport monotonic_ns
+from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_C_CONTIGUOUS
 from bt_atomic cimport bt_load, bt_store, bt_cas, bt_fetch_add
 from bt_gcra cimport bt_as_i64, _bt_show
@@ -163,6 +164,16 @@ cdef class WindowCounter:
         self._ready()
         return self.sliding_
 
+    cdef inline int64_t _n(self, object n) except -1:
+        cdef int overflow = 0
+        cdef long long v
+        if type(n) is int:
+            v = PyLong_AsLongLongAndOverflow(n, &overflow)
+            if overflow == 0 and 1 <= v <= self.limit_:
+                return v
+        self._ready()
+        return check_n(n, self.limit_)
+
     cdef inline int64_t _now(self, object now) except? -1:
         if now is None:
             if self._clock_ns is None:
@@ -181,8 +192,7 @@ cdef class WindowCounter:
     def claim(self, n=1, now=None):
         """Count n in the current window if the limit allows it now: a receipt for unclaim() (an int > 0),
         or 0 when refused (nothing counted)."""
-        self._ready()
-        cdef int64_t k = check_n(n, self.limit_)
+        cdef int64_t k = self._n(n)
         cdef int64_t t, cur, e, old, idx, prev, curr
         cdef bint live = now is None and self._clock_ns is None
         if not live:
@@ -209,7 +219,7 @@ cdef class WindowCounter:
         """Take back the n counted by the claim that returned `receipt`, while its window is still the
         current or the previous one and no reset() came between; returns whether it was taken back."""
         self._ready()
-        cdef int64_t k = check_n(n, self.limit_)
+        cdef int64_t k = self._n(n)
         if type(receipt) is not int:
             if isinstance(receipt, bool) or not hasattr(type(receipt), "__index__"):
                 raise TypeError(f"receipt must be an int, got {receipt!r} ({type(receipt).__name__})")
@@ -240,7 +250,7 @@ cdef class WindowCounter:
     def wait_ns(self, n=1, now=None):
         """ns until n would be admitted (0 = now); claims nothing."""
         self._ready()
-        cdef int64_t k = check_n(n, self.limit_)
+        cdef int64_t k = self._n(n)
         cdef int64_t e, idx, prev, curr
         cdef int64_t cur = floor_div(self._now(now), self.width, &e)
         if view(bt_load(self.w + W_WORD), cur, &idx, &prev, &curr):

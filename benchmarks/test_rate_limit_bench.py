@@ -91,6 +91,40 @@ def test_token_bucket_acquire_async_no_wait(benchmark):
     assert tb.metrics().rejected == 0
 
 
+# -- shared state (issue 14): the same decision on words in a shared-memory segment --------------------------
+
+@pytest.fixture(scope="module")
+def shm_store():
+    import os
+    from buttress.stores import SharedMemoryStore
+    st = SharedMemoryStore(f"bt-bench-{os.getpid()}")
+    yield st
+    st.close()
+    st.unlink()
+
+
+def test_token_bucket_try_acquire_shm(benchmark, shm_store):
+    """ratio to test_token_bucket_try_acquire: what deciding on words in /dev/shm costs (the same CAS)."""
+    tb = TokenBucket(**HUGE, name="bench", store=shm_store)
+    benchmark(tb.try_acquire)
+    assert tb.metrics().rejected == 0
+
+
+def test_token_bucket_try_acquire_memory_store(benchmark):
+    tb = TokenBucket(**HUGE, name="bench", store="memory://bench")
+    benchmark(tb.try_acquire)
+
+
+def test_keyed_try_acquire_hot_key_shm(benchmark, shm_store):
+    kl = KeyedLimiter(rate=1e6, capacity=10**6, max_keys=1000, name="bench-keyed", store=shm_store)
+    benchmark(kl.try_acquire, 12345)
+
+
+def test_sliding_window_try_acquire_shm(benchmark, shm_store):
+    sw = buttress.SlidingWindowLimiter(limit=(1 << 20) - 1, window=1e-3, name="bench-sliding", store=shm_store)
+    benchmark(sw.try_acquire)
+
+
 def test_leaky_bucket_try_acquire(benchmark):
     lb = buttress.LeakyBucket(rate=1e9, queue_size=10)
     benchmark(lb.try_acquire)

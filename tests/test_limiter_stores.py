@@ -333,7 +333,9 @@ def test_four_processes_through_redis_admit_exactly_the_capacity(redis_url: str,
 def test_redis_backed_limiters_answer_through_the_facade(redis_url: str) -> None:  # noqa: F811
     url = redis_url
     import asyncio
-    st = store_from_url(url)
+    from buttress.stores.redis import RedisStore
+    st = RedisStore(url=url, timeout=5.0, on_error="closed")    # its own store breaker, not the URL's shared one
+    assert store_from_url(st) is st
     tb = TokenBucket(0.1, 1, name="facade-tb", store=st)
     assert tb.try_acquire() and not tb.try_acquire()
     with pytest.raises(RateLimitExceeded) as info:
@@ -352,3 +354,5 @@ def test_redis_backed_limiters_answer_through_the_facade(redis_url: str) -> None
     assert asyncio.run(kl.call_async("a", asyncio.sleep, 0, "x")) == "x"
     with pytest.raises(RateLimitExceeded):
         kl.call("a", lambda: 1)
+    assert st.metrics().errors == 0
+    st.close()
