@@ -330,7 +330,7 @@ class RateLimitMiddleware:
             from .registry import default_registry as registry
         if not callable(getattr(registry, "register", None)):
             raise TypeError(f"registry must be a buttress.Registry or None, got {show(registry)}")
-        for kind in ("token_bucket", "rate_limiter"):
+        for kind in ("token_bucket", "rate_limiter", "keyed_limiter"):
             held = registry.get(kind, name)
             if held is not None and held is not self and not isinstance(held, RateLimitMiddleware):
                 raise ValueError(f"name {name!r} is taken by {kind} {held!r}, which exports "

@@ -32,7 +32,7 @@ from ._context import _DEADLINE, remaining_ns
 from ._impl import core
 from ._params import (ASYNC, ASYNC_GENERATOR, GENERATOR, MAX_RATE, NS, check_float, check_int, check_n,
                       check_seconds, describe, emission_interval_ns, seconds_to_ns)
-from ._wrap import CORO, LAZY_TYPES, UsageError, check_decoratable, wraps
+from ._wrap import CORO, UsageError, check_decoratable, lazy_result as _lazy, wraps
 from .clock import is_system_clock, resolve_clock
 from .errors import RateLimitExceeded
 
@@ -158,24 +158,6 @@ def _bound_gcra(kind: str, name: str, st: Any, rate: float, cap: int, clock: Any
 
 # -- sync vs async (DESIGN §3c) ----------------------------------------------------------------------------
 
-# result types known to be plain values (not awaitable, not generators): the hot path's test is one set
-# lookup (hasattr(type, "__await__") costs ~300 ns when it fails: the lookup raises inside)
-_PLAIN: set[type] = {int, str, bytes, float, bool, type(None), dict, list, tuple}
-_PLAIN_MAX = 512
-
-
-def _lazy(result: object) -> bool:
-    """True when `result` may be an awaitable or a stream (the slow check decides); learns plain types."""
-    tp = type(result)
-    if tp in _PLAIN:
-        return False
-    if tp in LAZY_TYPES or hasattr(tp, "__await__"):
-        return True
-    if len(_PLAIN) < _PLAIN_MAX:
-        _PLAIN.add(tp)
-    return False
-
-
 def _awaitable_in_sync(policy: Any, fn: Any, result: object) -> UsageError:
     """A sync form got an awaitable from fn: close it (it never ran) and say to use call_async."""
     if type(result) is CORO:
@@ -292,7 +274,7 @@ class _Limiter(Policy):
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             receipt = take()
             result = fn(*args, **kwargs)
-            if type(result) not in _PLAIN and _lazy(result):
+            if _lazy(result):
                 policy._check_sync_result(fn, result, receipt)
             return result
 
@@ -449,7 +431,7 @@ class TokenBucket(_Limiter):
             if end is None:
                 raise rejected(wait_ns(1))
             result = fn(*args, **kwargs)
-            if type(result) not in _PLAIN and _lazy(result):
+            if _lazy(result):
                 policy._check_sync_result(fn, result, end)
             return result
 
