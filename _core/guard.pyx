@@ -47,19 +47,52 @@ cdef extern from "Python.h":
 
 cdef extern from "buttress_guard.h":
     ctypedef struct bt_guard_ops:
-        int (*enter)(PyObject *owner, int64_t *token, int64_t *start) except -1
+        int (*enter)(PyObject *owner, int64_t *token, int64_t *start) noexcept
         int (*exit_ok)(PyObject *owner, int64_t token, int64_t start, PyObject *result) except -1
         void (*exit_err)(PyObject *owner, int64_t token, int64_t start, PyObject *exc)
         object (*settle)(PyObject *owner, PyObject *fn, int64_t token, int64_t start, PyObject *result)
+        int (*try_enter)(PyObject *owner, int64_t *token, int64_t *start) noexcept
+        PyObject *(*refuse_async)(PyObject *owner, PyObject *fn, PyObject *const *args, size_t nargsf,
+                                  PyObject *kwnames) noexcept
+        object (*settle_async)(PyObject *owner, PyObject *fn, int64_t token, int64_t start, PyObject *result)
     bint bt_guard_lazy(PyTypeObject *tp) noexcept
     PyObject *bt_guard_vectorcall(PyObject *, PyObject *const *, size_t, PyObject *)
+    PyObject *bt_aguard_vectorcall(PyObject *, PyObject *const *, size_t, PyObject *)
+    PyObject *bt_aw_make(PyObject *owner, const bt_guard_ops *ops, int state, PyObject *it, PyObject *value,
+                         int64_t token, int64_t start) noexcept
+    PyObject *bt_aw_raising() noexcept
+    int bt_aw_ready() except -1
+    int BT_AW_VALUE
     int bt_guard_install(PyTypeObject *tp, Py_ssize_t offset) except -1
+    int bt_guard_method_descriptor(PyTypeObject *tp) except -1
     bint bt_held_enter(int64_t id) noexcept nogil
     bint bt_held_exit(int64_t id) noexcept nogil
     int64_t bt_held_count(int64_t id) noexcept nogil
 
+cdef extern from "Python.h":
+    # raw forms: no Cython error handling (so no Cython traceback frame on a refusal)
+    PyObject *bt_call0 "PyObject_CallNoArgs"(PyObject *)
+    PyObject *bt_call3 "PyObject_CallFunctionObjArgs"(PyObject *, PyObject *, PyObject *, PyObject *, void *)
+    void bt_decref "Py_DECREF"(PyObject *)
+    void bt_incref "Py_INCREF"(PyObject *)
+    PyObject *bt_tuple_new "PyTuple_New"(Py_ssize_t)
+    void bt_tuple_set "PyTuple_SET_ITEM"(PyObject *, Py_ssize_t, PyObject *)
+    PyObject *bt_dict_new "PyDict_New"()
+    int bt_dict_set "PyDict_SetItem"(PyObject *, PyObject *, PyObject *)
+    Py_ssize_t bt_tuple_size "PyTuple_GET_SIZE"(PyObject *)
+    PyObject *bt_tuple_get "PyTuple_GET_ITEM"(PyObject *, Py_ssize_t)
+    void bt_set_object "PyErr_SetObject"(PyObject *, PyObject *)
+    PyObject *bt_true "Py_True"
+    PyObject *bt_false "Py_False"
+    ctypedef PyObject *(*newfunc)(PyTypeObject *, PyObject *, PyObject *)
+    ctypedef struct PyTypeObject_new "PyTypeObject":
+        newfunc tp_new
+    Py_ssize_t PyVectorcall_NARGS(size_t) noexcept
+
 from buttress._core.permits import Permits as _Permits
 
+cdef bt_guard_ops _OPS           # the stage's ops (filled in below)
+cdef bt_guard_ops _AENTER_OPS    # `async with`'s __aenter__ awaitable: undo when it never completes
 cdef int64_t _next_id = 0          # stage ids: never 0, never reused (bt_fetch_add)
 
 
@@ -86,28 +119,41 @@ cdef object _not_initialised(obj, what="its __init__ was not called"):
                         f"(a subclass must call super().__init__())")
 
 
+def _sync_in_async(fn, result):
+    """The default settle_async: the permit is back already; a result without an await slot means fn was a
+    sync function (a generator is closed)."""
+    if type(result) is types.GeneratorType:
+        result.close()
+    raise UsageError(f"call_async: {describe(fn)} is a sync function (it returned {type(result).__name__}, "
+                     f"which cannot be awaited): use the pattern's call(fn, ...) or decorate it")
+
+
 @cython.final
 @cython.internal
 cdef class _Stage:
     """The admit / release callables of one guard (the guard's `owner`). When acquire / release are
     the bound try_acquire / release of a compiled Permits, the permit word is used directly.
     Internal (not reachable from Python), built only by setup()."""
-    cdef object acquire, refuse, release, pending, drain, holder, settle
+    cdef object acquire, refuse, release, pending, drain, holder, settle, refuse_async, settle_async
+    cdef object reject_type, reject_args     # a refusal raised in C (no Python call): cls.__new__(cls, *args)
     cdef permits_t *p
     cdef int64_t id             # key of this stage in the per-thread `with` records
     cdef int64_t floating       # `with` acquisitions not recorded per thread (a thread's table was full)
+    cdef int64_t rejected       # refusals raised in C (reject_type)
 
-    cdef int setup(self, acquire, refuse, release, pending, drain, settle) except -1:
+    cdef int setup(self, acquire, refuse, release, pending, drain, settle, refuse_async=None,
+                   settle_async=None) except -1:
         for name, value in (("acquire", acquire), ("refuse", refuse)):
             if not callable(value):
                 raise TypeError(f"{name} must be callable, got {value!r}")
-        for name, value in (("release", release), ("drain", drain), ("settle", settle)):
+        for name, value in (("release", release), ("drain", drain), ("settle", settle),
+                            ("refuse_async", refuse_async), ("settle_async", settle_async)):
             if value is not None and not callable(value):
                 raise TypeError(f"{name} must be callable or None, got {value!r}")
         if (pending is None) != (drain is None):
             raise TypeError("pending and drain go together: give both or neither")
         self.acquire, self.refuse, self.release, self.pending, self.drain = acquire, refuse, release, pending, drain
-        self.settle = settle
+        self.settle, self.refuse_async, self.settle_async = settle, refuse_async, settle_async
         holder = getattr(acquire, "__self__", None)
         if (type(holder) is _Permits and getattr(acquire, "__name__", "") == "try_acquire"
                 and getattr(release, "__self__", None) is holder and getattr(release, "__name__", "") == "release"):
@@ -117,11 +163,8 @@ cdef class _Stage:
         return 0
 
     cdef inline int enter(self) except -1:
-        if self.p != NULL:
-            if not permits_try(self.p, 1):
-                self.refuse()           # raises, or returns once a permit was obtained
-        elif self.acquire() is not True:
-            self.refuse()
+        if _enter(<PyObject *>self, NULL, NULL) < 0:
+            raise_pending()
         return 0
 
     cdef inline int after(self) except -1:
@@ -152,10 +195,128 @@ cdef class _Stage:
                 return True
 
 
-cdef int _enter(PyObject *owner, int64_t *token, int64_t *start) except -1:
+cdef extern from *:
+    """
+    static void bt_raise_pending(void) {}
+    """
+    void bt_raise_pending() except *
+
+
+cdef inline int raise_pending() except -1:
+    # the exception is set already (by a raw call): let Cython see it
+    bt_raise_pending()
+    return 0
+
+
+cdef int _try(_Stage s) noexcept:
+    """1: admitted; 0: refused; -1: exception set (acquire raised). No Python frame on the permit word."""
+    cdef PyObject *r
+    if s.p != NULL:
+        return 1 if permits_try(s.p, 1) else 0
+    r = bt_call0(<PyObject *>s.acquire)
+    if r == NULL:
+        return -1
+    bt_decref(r)
+    return 1 if r == bt_true else 0
+
+
+cdef int _reject_now(_Stage s) noexcept:
+    """The refusal built in C when the stage has one and the permit word is not closed (a drain refuses
+    in Python, with its own message): cls.__new__(cls, *args), no __init__, no Python frame. -1: raised;
+    0: no quick refusal here (call `refuse`)."""
+    cdef PyObject *exc
+    if s.reject_type is None or s.p == NULL or bt_load(&s.p.limit) < 0:
+        return 0
+    exc = (<PyTypeObject_new *><PyObject *>s.reject_type).tp_new(<PyTypeObject *><PyObject *>s.reject_type,
+                                                                 <PyObject *>s.reject_args, NULL)
+    if exc == NULL:
+        return -1
+    bt_fetch_add(&s.rejected, 1)
+    bt_set_object(<PyObject *>s.reject_type, exc)
+    bt_decref(exc)
+    return -1
+
+
+cdef int _enter(PyObject *owner, int64_t *token, int64_t *start) noexcept:
+    cdef _Stage s = <_Stage>owner
+    cdef PyObject *r
+    cdef int ok
+    if token != NULL:
+        token[0] = 0
+        start[0] = 0
+    ok = _try(s)
+    if ok != 0:
+        return 0 if ok > 0 else -1
+    if _reject_now(s) < 0:
+        return -1
+    r = bt_call0(<PyObject *>s.refuse)      # raises, or returns once a permit was obtained
+    if r == NULL:
+        return -1
+    bt_decref(r)
+    return 0
+
+
+cdef int _try_enter(PyObject *owner, int64_t *token, int64_t *start) noexcept:
     token[0] = 0
     start[0] = 0
-    return (<_Stage>owner).enter()
+    return _try(<_Stage>owner)
+
+
+cdef PyObject *_refuse_async(PyObject *owner, PyObject *fn, PyObject *const *args, size_t nargsf,
+                             PyObject *kwnames) noexcept:
+    """Refused in an async form: the stage's refusal (C), or refuse_async(fn, args, kwargs) -> an awaitable
+    that waits, runs and releases (Python), or -- without refuse_async -- refuse() (raises) then fn."""
+    cdef _Stage s = <_Stage>owner
+    cdef Py_ssize_t nargs = PyVectorcall_NARGS(nargsf), i, nkw
+    cdef PyObject *t
+    cdef PyObject *d
+    cdef PyObject *r
+    if _reject_now(s) < 0:
+        return NULL
+    if s.refuse_async is None:
+        r = bt_call0(<PyObject *>s.refuse)
+        if r == NULL:
+            return NULL
+        bt_decref(r)
+        return _aw_run(owner, fn, args, nargsf, kwnames)
+    t = bt_tuple_new(nargs)
+    if t == NULL:
+        return NULL
+    for i in range(nargs):
+        bt_incref(args[i])
+        bt_tuple_set(t, i, args[i])
+    d = bt_dict_new()
+    if d == NULL:
+        bt_decref(t)
+        return NULL
+    nkw = 0 if kwnames == NULL else bt_tuple_size(kwnames)
+    for i in range(nkw):
+        if bt_dict_set(d, bt_tuple_get(kwnames, i), args[nargs + i]) < 0:
+            bt_decref(t)
+            bt_decref(d)
+            return NULL
+    r = bt_call3(<PyObject *>s.refuse_async, fn, t, d, NULL)
+    bt_decref(t)
+    bt_decref(d)
+    return r
+
+
+cdef extern from "buttress_guard.h":
+    PyObject *bt_aw_call(PyObject *owner, const bt_guard_ops *ops, PyObject *fn, PyObject *const *args,
+                         size_t nargsf, PyObject *kwnames, int64_t token, int64_t start) noexcept
+
+
+cdef PyObject *_aw_run(PyObject *owner, PyObject *fn, PyObject *const *args, size_t nargsf,
+                       PyObject *kwnames) noexcept:
+    return bt_aw_call(owner, &_OPS, fn, args, nargsf, kwnames, 0, 0)
+
+
+cdef object _settle_async(PyObject *owner, PyObject *fn, int64_t token, int64_t start, PyObject *result):
+    cdef _Stage s = <_Stage>owner
+    if s.settle_async is not None:
+        return s.settle_async(<object>fn, <object>result)
+    s.after()
+    return _sync_in_async(<object>fn, <object>result)
 
 
 cdef int _exit_ok(PyObject *owner, int64_t token, int64_t start, PyObject *result) except -1:
@@ -173,16 +334,23 @@ cdef object _settle(PyObject *owner, PyObject *fn, int64_t token, int64_t start,
     return (<_Stage>owner).settle_result(<object>fn, <object>result)
 
 
-cdef bt_guard_ops _OPS
 _OPS.enter = _enter
 _OPS.exit_ok = _exit_ok
 _OPS.exit_err = _exit_err
 _OPS.settle = _settle
+_OPS.try_enter = _try_enter
+_OPS.refuse_async = _refuse_async
+_OPS.settle_async = _settle_async
 
 
 @cython.no_gc_clear     # owner_ptr / fn_ptr borrow owner / fn: the GC must never clear them under a caller
 cdef class StageGuard:
-    """fn guarded by acquire / refuse / release; binds like a function.
+    """fn guarded by acquire / refuse / release; binds like a function (and, as a method descriptor, a
+    method call passes the instance without building a bound method).
+    With asynchronous=True fn is an async function: a call takes the permit in C and returns a compiled
+    awaitable that drives fn's coroutine and releases when it finishes (buttress_guard.h: bt_aw); a refused
+    call goes to refuse_async(fn, args, kwargs) -> an awaitable that waits, runs and releases (or raises),
+    or, without it, to refuse() (which raises: the refusal comes when the call is awaited).
     Layout: the first fields must match bt_guard_head in include/buttress_guard.h.
     Not initialised (owner_ptr NULL): every call raises RuntimeError. Initialised once."""
     cdef vectorcallfunc vectorcall
@@ -196,26 +364,30 @@ cdef class StageGuard:
     def __cinit__(self):
         self.vectorcall = bt_guard_vectorcall     # checks owner_ptr: an uninitialised guard says so
 
-    def __init__(self, fn, acquire, refuse, release=None, pending=None, drain=None, settle=None):
+    def __init__(self, fn, acquire, refuse, release=None, pending=None, drain=None, settle=None, *,
+                 refuse_async=None, settle_async=None, asynchronous=False):
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {fn!r}")
+        if type(asynchronous) is not bool:
+            raise TypeError(f"asynchronous must be a bool, got {asynchronous!r}")
         cdef _Stage s = _Stage.__new__(_Stage)
-        s.setup(acquire, refuse, release, pending, drain, settle)
+        s.setup(acquire, refuse, release, pending, drain, settle, refuse_async, settle_async)
         if self.owner_ptr != NULL:      # a running call borrows owner and fn: they never change
             raise RuntimeError(f"{type(self).__name__} is already initialised")
-        _bind(self, s, fn)
+        _bind(self, s, fn, asynchronous)
 
     def __call__(self, *args, **kwargs):     # only reached by callers that bypass vectorcall
         if self.owner_ptr == NULL:
             raise _not_initialised(self)
         cdef _Stage s = <_Stage>self.owner
-        cdef int64_t token, start
+        if self.vectorcall == bt_aguard_vectorcall:
+            return _acall(self, args, kwargs)
         fn = self.fn
         if fn is None:                  # the call(fn, *args, **kwargs) entry
             if not args:
                 raise TypeError("call() needs the function to call as its first argument")
             fn, args = args[0], args[1:]
-        _enter(<PyObject *>s, &token, &start)
+        s.enter()
         try:
             result = fn(*args, **kwargs)
         except BaseException:
@@ -230,49 +402,126 @@ cdef class StageGuard:
         return self if obj is None else types.MethodType(self, obj)
 
 
-cdef inline void _bind(StageGuard g, _Stage s, fn) noexcept:
+cdef object _acall(StageGuard g, tuple args, dict kwargs):
+    """The async entry for a caller that bypassed vectorcall: the same C entry."""
+    cdef list items = list(args)
+    keys = tuple(kwargs)
+    items.extend(kwargs.values())
+    cdef tuple flat = tuple(items)
+    return _steal(_vcall_tuple(<PyObject *>g, flat, len(args), keys if kwargs else None))
+
+
+cdef PyObject *_vcall_tuple(PyObject *g, tuple flat, Py_ssize_t nargs, object kwnames) except NULL:
+    cdef PyObject *r = bt_aguard_vectorcall(g, <PyObject *const *>&(<PyTupleObject_items *><PyObject *>flat).ob_item[0],
+                                           <size_t>nargs, NULL if kwnames is None else <PyObject *>kwnames)
+    return r
+
+
+cdef inline void _bind(StageGuard g, _Stage s, fn, bint asynchronous=False) noexcept:
     g.owner = s
     g.fn = fn
     g.fn_ptr = NULL if fn is None else <PyObject *>fn     # NULL: the call(fn, *args) entry
     g.ops = &_OPS
+    if asynchronous:
+        g.vectorcall = bt_aguard_vectorcall
     g.owner_ptr = <PyObject *>s      # last: a non-NULL owner_ptr means "ready"
+
+
+cdef extern from "Python.h":
+    ctypedef struct PyTupleObject_items "PyTupleObject":
+        PyObject *ob_item[1]
+    PyObject *PyEval_GetFrame()
+    PyObject *PyFrame_GetGenerator(PyObject *frame)     # new reference or NULL (3.11+)
 
 
 cdef class StageBase:
     """A compiled `with` / `async with` for admit-then-release patterns: a facade class inherits it and
     calls `_stage_setup(acquire, refuse, release, pending=None, drain=None)` once (same meaning as
-    StageGuard's arguments). `__enter__` returns self.
+    StageGuard's arguments). `__enter__` / `__aenter__` return self.
 
     One object serves many callers at once, so `__exit__` cannot be told which acquisition it ends: each
     `__enter__` records the acquisition for the calling thread (a small per-thread table, no lock, no
     allocation) and `__exit__` consumes one record of the calling thread. An `__exit__` that finds none
-    -- a second exit of the same acquisition -- is a no-op: it never releases another caller's permit."""
-    cdef _Stage _s
+    -- a second exit of the same acquisition -- is a no-op: it never releases another caller's permit.
 
-    def _stage_setup(self, acquire, refuse, release=None, pending=None, drain=None, settle=None):
+    `async with` records each acquisition under the frame that entered (`_async_held`: frame -> count,
+    the frame kept alive by its record). An `__aexit__` consumes its own frame's record (also when another
+    task finalises an async generator); failing that, a record whose frame has finished (an exit stack
+    enters and exits from frames of its own); with none, it releases nothing. The fast path takes the
+    permit and records in C and returns a completed compiled awaitable; waiting is `_stage_setup`'s
+    `aenter_wait(frame)` (Python)."""
+    cdef _Stage _s
+    cdef readonly dict _async_held
+    cdef object _aenter_wait, _remote_aenter, _remote_aexit
+
+    def _stage_setup(self, acquire, refuse, release=None, pending=None, drain=None, settle=None, *,
+                     refuse_async=None, settle_async=None, aenter_wait=None, remote=None):
+        """aenter_wait(frame) -> awaitable: `async with` was refused a permit at once (wait, then
+        `_stage_record(frame)` and return self; or raise). remote: (aenter, aexit) Python coroutine
+        functions that replace the compiled `async with` (a store whose every step is awaited)."""
         cdef _Stage s = _Stage.__new__(_Stage)
-        s.setup(acquire, refuse, release, pending, drain, settle)
+        s.setup(acquire, refuse, release, pending, drain, settle, refuse_async, settle_async)
+        for name, value in (("aenter_wait", aenter_wait),):
+            if value is not None and not callable(value):
+                raise TypeError(f"{name} must be callable or None, got {value!r}")
+        if remote is not None and not (type(remote) is tuple and len(remote) == 2 and callable(remote[0])
+                                       and callable(remote[1])):
+            raise TypeError(f"remote must be None or a pair of callables (aenter, aexit), got {remote!r}")
         if self._s is not None:         # holders of the first stage could never give their permits back
             raise RuntimeError(f"{type(self).__name__} is already initialised: _stage_setup() was called before")
+        self._aenter_wait = aenter_wait
+        if remote is not None:
+            self._remote_aenter, self._remote_aexit = remote
+        self._async_held = {}
         self._s = s
 
-    def _stage_guard(self, fn):
-        """A StageGuard for fn with this object's stage."""
+    def _stage_reject(self, cls, message):
+        """Refuse at once (no Python call, no lock) with cls(message) built as cls.__new__(cls, message)
+        (no __init__: retry_after stays the class's None) while the permit word is not closed; None turns
+        it off (every refusal calls `refuse`)."""
+        cdef _Stage s = _stage_of(self)
+        if cls is None:
+            s.reject_type = None
+            return
+        if not (isinstance(cls, type) and issubclass(cls, BaseException)) or type(message) is not str:
+            raise TypeError(f"_stage_reject needs an exception class and a str message, got {cls!r}, {message!r}")
+        s.reject_args = (message,)
+        s.reject_type = cls
+
+    def _stage_rejected(self):
+        """How many refusals were raised by the compiled quick path (`_stage_reject`)."""
+        return bt_load(&_stage_of(self).rejected)
+
+    def _stage_guard(self, fn, asynchronous=False):
+        """A StageGuard for fn with this object's stage (asynchronous: fn is an async function)."""
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {fn!r}")
-        if self._s is None:
-            raise _not_initialised(self, "_stage_setup() was not called")
+        cdef _Stage s = _stage_of(self)
         cdef StageGuard g = StageGuard.__new__(StageGuard)
-        _bind(g, self._s, fn)
+        _bind(g, s, fn, asynchronous)
         return g
 
     def _stage_call(self):
         """The `call(fn, *args, **kwargs)` entry with this object's stage: one vectorcall, no frame."""
-        if self._s is None:
-            raise _not_initialised(self, "_stage_setup() was not called")
+        cdef _Stage s = _stage_of(self)
         cdef StageGuard g = StageGuard.__new__(StageGuard)
-        _bind(g, self._s, None)
+        _bind(g, s, None)
         return g
+
+    def _stage_call_async(self):
+        """The `call_async(fn, *args, **kwargs)` entry: one vectorcall returning the compiled awaitable."""
+        cdef _Stage s = _stage_of(self)
+        cdef StageGuard g = StageGuard.__new__(StageGuard)
+        _bind(g, s, None, True)
+        return g
+
+    def _stage_release(self):
+        """Give one permit back (the two-step API's release): the permit word in C; Python only to hand the
+        permit to a queued waiter. More releases than acquisitions: the core's ValueError."""
+        cdef _Stage s = self._s
+        if s is None:
+            raise _not_initialised(self, "_stage_setup() was not called")
+        s.after()
 
     def __enter__(self):
         cdef _Stage s = self._s
@@ -297,6 +546,170 @@ cdef class StageBase:
         if s is None:
             raise _not_initialised(self, "_stage_setup() was not called")
         return bt_held_count(s.id)
+
+    # -- async with --------------------------------------------------------------------------------------
+
+    def __aenter__(self):
+        cdef _Stage s = self._s
+        cdef PyObject *aw
+        cdef int ok
+        if s is None:
+            raise _not_initialised(self, "_stage_setup() was not called")
+        if self._remote_aenter is not None:
+            return self._remote_aenter()
+        frame = _caller_frame()
+        ok = _try(s)
+        if ok < 0:
+            raise_pending()
+        if ok == 0:
+            if _reject_now(s) < 0:
+                return _steal(_raising())
+            if self._aenter_wait is None:
+                s.enter()                   # refuse(): raises, or returns once admitted
+            else:
+                return self._aenter_wait(frame)
+        try:
+            _record(self._async_held, frame)
+        except BaseException:
+            s.after()
+            raise
+        aw = bt_aw_make(<PyObject *>self, &_AENTER_OPS, BT_AW_VALUE, NULL, <PyObject *>self,
+                        <int64_t><Py_ssize_t><PyObject *>frame, 0)
+        if aw == NULL:
+            _unrecord(self._async_held, frame)
+            s.after()
+            raise_pending()
+        return _steal(aw)
+
+    def __aexit__(self, exc_type, exc, tb):
+        cdef _Stage s = self._s
+        if s is None:
+            raise _not_initialised(self, "_stage_setup() was not called")
+        if self._remote_aexit is not None:
+            return self._remote_aexit(exc_type, exc, tb)
+        if _consume(self._async_held, _caller_frame()):
+            s.after()
+        return _steal(_done_false())
+
+    def _stage_record(self, frame):
+        """Record an `async with` acquisition of `frame` (the slow path, after a wait)."""
+        _record(self._async_held, frame)
+
+    def _stage_consume(self, frame):
+        """Consume a record for an exit from `frame` (its own, else one whose frame finished): whether one
+        was found (a Redis store's __aexit__ then releases)."""
+        return _consume(self._async_held, frame)
+
+
+cdef inline object _steal(PyObject *p):
+    """A new reference as an object (the cast adds one: drop ours)."""
+    o = <object>p
+    bt_decref(p)
+    return o
+
+
+cdef PyObject *_raising() except NULL:
+    cdef PyObject *r = bt_aw_raising()
+    if r == NULL:
+        raise_pending()
+    return r
+
+
+cdef PyObject *_done_false() except NULL:
+    cdef PyObject *r = bt_aw_make(NULL, NULL, BT_AW_VALUE, NULL, bt_false, 0, 0)
+    if r == NULL:
+        raise_pending()
+    return r
+
+
+cdef inline object _caller_frame():
+    cdef PyObject *f = PyEval_GetFrame()
+    return None if f == NULL else <object>f
+
+
+cdef int _record(dict held, frame) except -1:
+    with cython.critical_section(held):
+        n = held.get(frame)
+        held[frame] = 1 if n is None else n + 1
+    return 0
+
+
+cdef bint _unrecord(dict held, frame):
+    """Consume one record of exactly `frame`."""
+    with cython.critical_section(held):
+        n = held.get(frame)
+        if n is None:
+            return False
+        if n == 1:
+            del held[frame]
+        else:
+            held[frame] = n - 1
+    return True
+
+
+cdef bint _finished(frame):
+    """A frame that no longer runs: its generator / coroutine finished, or a plain frame (which cannot be
+    suspended: an `async with` entered from it outlived it)."""
+    cdef PyObject *g
+    if frame is None:
+        return True
+    g = PyFrame_GetGenerator(<PyObject *>frame)
+    if g == NULL:
+        return True
+    gen = <object>g
+    bt_decref(g)
+    for name in ("cr_frame", "gi_frame", "ag_frame"):
+        f = getattr(gen, name, frame)
+        if f is not frame:
+            return f is None
+    return False
+
+
+cdef bint _consume(dict held, frame) except -1:
+    if _unrecord(held, frame):
+        return True
+    if not held:
+        return False
+    with cython.critical_section(held):
+        for other in list(held):
+            if _finished(other):
+                n = held[other]
+                if n == 1:
+                    del held[other]
+                else:
+                    held[other] = n - 1
+                return True
+    return False
+
+
+cdef int _aenter_ok(PyObject *owner, int64_t token, int64_t start, PyObject *result) except -1:
+    return 0        # the permit stays: __aexit__ gives it back
+
+
+cdef void _aenter_undo(PyObject *owner, int64_t token, int64_t start, PyObject *exc) noexcept:
+    """An __aenter__ awaitable thrown into, closed or dropped before it completed: the body never runs and
+    __aexit__ never comes, so its record and permit go back here."""
+    cdef StageBase b = <StageBase>owner
+    try:
+        with cython.critical_section(b._async_held):
+            for frame in list(b._async_held):
+                if <int64_t><Py_ssize_t><PyObject *>frame == token:
+                    _unrecord(b._async_held, frame)
+                    break
+        b._s.after()
+    except BaseException:
+        log.exception("giving back an unfinished __aenter__'s permit failed")
+
+
+_AENTER_OPS.exit_ok = _aenter_ok
+_AENTER_OPS.exit_err = _aenter_undo
+
+
+cdef _Stage _stage_of(obj):
+    cdef _Stage s = (<StageBase>obj)._s
+    if s is None:
+        raise _not_initialised(obj, "_stage_setup() was not called")
+    return s
 
 
 cdef extern from "buttress_attempt.h":
@@ -364,10 +777,13 @@ cdef class AttemptGuard:
 
 
 def _install():
+    bt_aw_ready()
     bt_attempt_set_settle(<PyObject *>_attempt_settle)
     cdef StageGuard probe = StageGuard.__new__(StageGuard)
     bt_guard_install(<PyTypeObject *>StageGuard, <Py_ssize_t>(<char *>&probe.vectorcall - <char *><PyObject *>probe))
+    bt_guard_method_descriptor(<PyTypeObject *>StageGuard)
     cdef AttemptGuard probe2 = AttemptGuard.__new__(AttemptGuard)
     bt_guard_install(<PyTypeObject *>AttemptGuard, <Py_ssize_t>(<char *>&probe2.vectorcall - <char *><PyObject *>probe2))
+    bt_guard_method_descriptor(<PyTypeObject *>AttemptGuard)
 
 _install()

@@ -282,11 +282,11 @@ def test_wake_failing_gives_the_permit_back(monkeypatch):
 def test_aenter_interrupted_after_acquiring_gives_the_permit_back(monkeypatch):
     async def main():
         bh = Bulkhead(1)
-        _raise_once(monkeypatch, mod, "_current_task")
+        aw = bh.__aenter__()                # acquired and recorded; interrupted before the body runs
+        assert bh.in_use == 1
         with pytest.raises(Boom):
-            async with bh:
-                pass
-        assert bh.in_use == 0
+            aw.throw(Boom("interrupted"))
+        assert bh.in_use == 0 and bh._async_held == {}
 
     run(main())
 

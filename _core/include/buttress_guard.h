@@ -32,6 +32,16 @@ typedef struct bt_guard_ops {
      * (new reference; e.g. a generator guarded over its iteration, holding the permit) or NULL with an
      * exception set (e.g. an awaitable in a sync form, after the permit was returned). NULL op: exit_ok. */
     PyObject *(*settle)(PyObject *owner, PyObject *fn, int64_t token, int64_t start, PyObject *result);
+    /* -- the async forms (bt_aguard_vectorcall); a guard with only the four sync ops leaves these NULL -- */
+    /* 1: admitted (token/start set); 0: refused, nothing taken, no exception; -1: exception set */
+    int (*try_enter)(PyObject *owner, int64_t *token, int64_t *start);
+    /* refused: the slow path (Python): an awaitable that waits, runs fn and gives the permit back, or NULL
+     * with the refusal set (raised when the caller awaits) */
+    PyObject *(*refuse_async)(PyObject *owner, PyObject *fn, PyObject *const *args, size_t nargsf,
+                              PyObject *kwnames);
+    /* fn returned something without an await slot, permit held: returns what the caller awaits (an async
+     * generator guarded over its iteration) or NULL + exception (a sync function: after the permit went back) */
+    PyObject *(*settle_async)(PyObject *owner, PyObject *fn, int64_t token, int64_t start, PyObject *result);
 } bt_guard_ops;
 
 typedef struct {
@@ -123,6 +133,505 @@ static PyObject *bt_guard_vectorcall(PyObject *self, PyObject *const *args, size
     return res;
 }
 
+/* ---- the compiled awaitable ------------------------------------------------------------------------------
+ *
+ * bt_aguard_vectorcall is the async form of bt_guard_vectorcall: it takes the permit in C (try_enter), calls
+ * fn (an `async def` function: the call only creates its coroutine) and returns a bt_aw, a small awaitable
+ * that drives that coroutine with PyIter_Send and, when it finishes, records the outcome (exit_ok / exit_err)
+ * -- no Python frame of its own, so a traceback of the user's exception shows the user's frames only.
+ * Python runs only when the permit is refused (refuse_async: wait, or raise) or fn returned no awaitable.
+ *
+ * States: RUN (driving `it`, the permit held), VALUE (finished at once: the first send returns `value` after
+ * exit_ok, e.g. `async with`'s __aenter__), RAISE (the first send raises `value`, an exception caught at call
+ * time: a refusal, fn raising), DONE. A bt_aw thrown into (throw()), closed (close()) or dropped while it
+ * holds the permit gives it back through exit_err exactly once (GeneratorExit for close / dealloc), as a
+ * Python coroutine's `finally` would. Freelisted (with the GIL; the free-threaded build allocates). */
+enum { BT_AW_RUN = 0, BT_AW_VALUE = 1, BT_AW_RAISE = 2, BT_AW_DONE = 3 };
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *it;        /* RUN: the iterator driven (a coroutine, or an awaitable's __await__ iterator) */
+    PyObject *value;     /* VALUE: the result; RAISE: the exception */
+    PyObject *owner;     /* strong: the stage whose ops record the outcome */
+    const bt_guard_ops *ops;
+    int64_t token, start;
+    int state;
+} bt_aw;
+
+static PyTypeObject bt_aw_type;
+static PyObject *bt_str_throw = NULL;    /* "throw", interned at bt_aw_ready */
+
+#if defined(Py_GIL_DISABLED)
+#define BT_AW_FREELIST 0
+#else
+#define BT_AW_FREELIST 64
+static bt_aw *bt_aw_free[BT_AW_FREELIST];
+static int bt_aw_nfree = 0;
+#endif
+
+static PyObject *bt_aw_make(PyObject *owner, const bt_guard_ops *ops, int state, PyObject *it, PyObject *value,
+                            int64_t token, int64_t start)
+{
+    bt_aw *a;
+#if BT_AW_FREELIST
+    if (bt_aw_nfree > 0) {
+        a = bt_aw_free[--bt_aw_nfree];
+        (void)PyObject_Init((PyObject *)a, &bt_aw_type);
+    }
+    else
+#endif
+    {
+        a = PyObject_GC_New(bt_aw, &bt_aw_type);
+        if (a == NULL)
+            return NULL;
+    }
+    Py_XINCREF(owner);
+    Py_XINCREF(it);
+    Py_XINCREF(value);
+    a->owner = owner;
+    a->ops = ops;
+    a->it = it;
+    a->value = value;
+    a->token = token;
+    a->start = start;
+    a->state = state;
+    PyObject_GC_Track(a);
+    return (PyObject *)a;
+}
+
+/* An exception to raise at the first send (a refusal, or fn raising at call time): the permit is not held. */
+static PyObject *bt_aw_raising(void)
+{
+    PyObject *exc, *a;
+    BT_FETCH(exc);
+    if (exc == NULL) {
+        PyErr_SetString(PyExc_SystemError, "buttress: an error path without an exception");
+        return NULL;
+    }
+    a = bt_aw_make(NULL, NULL, BT_AW_RAISE, NULL, exc, 0, 0);
+    Py_DECREF(exc);
+    return a;
+}
+
+/* the permit goes back with `exc` as the outcome (borrowed; never raises: the caller's error stays set) */
+static void bt_aw_exit_err(bt_aw *a, PyObject *exc)
+{
+    PyObject *owner = a->owner;
+    const bt_guard_ops *ops = a->ops;
+    a->state = BT_AW_DONE;
+    a->owner = NULL;
+    Py_CLEAR(a->it);
+    Py_CLEAR(a->value);
+    if (owner != NULL) {
+        if (ops != NULL && ops->exit_err != NULL)
+            ops->exit_err(owner, a->token, a->start, exc);
+        Py_DECREF(owner);
+    }
+}
+
+/* finished with `result` (borrowed): 0, or -1 with an exception (exit_ok refused the result) */
+static int bt_aw_exit_ok(bt_aw *a, PyObject *result)
+{
+    PyObject *owner = a->owner;
+    const bt_guard_ops *ops = a->ops;
+    int rc = 0;
+    a->state = BT_AW_DONE;
+    a->owner = NULL;
+    Py_CLEAR(a->it);
+    if (owner != NULL) {
+        if (ops != NULL && ops->exit_ok != NULL)
+            rc = ops->exit_ok(owner, a->token, a->start, result);
+        Py_DECREF(owner);
+    }
+    return rc;
+}
+
+static PySendResult bt_aw_am_send(PyObject *self, PyObject *arg, PyObject **presult)
+{
+    bt_aw *a = (bt_aw *)self;
+    PyObject *exc;
+    PySendResult r;
+    switch (a->state) {
+    case BT_AW_RUN:
+        r = PyIter_Send(a->it, arg, presult);
+        if (r == PYGEN_NEXT)
+            return r;
+        if (r == PYGEN_RETURN) {
+            if (bt_aw_exit_ok(a, *presult) < 0) {
+                Py_CLEAR(*presult);
+                return PYGEN_ERROR;
+            }
+            return r;
+        }
+        *presult = NULL;
+        BT_FETCH(exc);
+        if (exc == NULL) {
+            PyErr_SetString(PyExc_SystemError, "awaited iterator failed without an exception");
+            BT_FETCH(exc);
+        }
+        bt_aw_exit_err(a, exc);
+        BT_RESTORE(exc);
+        return PYGEN_ERROR;
+    case BT_AW_VALUE: {
+        PyObject *v = a->value;
+        a->value = NULL;
+        if (bt_aw_exit_ok(a, v) < 0) {
+            Py_XDECREF(v);
+            *presult = NULL;
+            return PYGEN_ERROR;
+        }
+        *presult = v;       /* the reference a->value held */
+        return PYGEN_RETURN;
+    }
+    case BT_AW_RAISE:
+        exc = a->value;
+        a->value = NULL;
+        a->state = BT_AW_DONE;
+        BT_RESTORE(exc);    /* steals */
+        *presult = NULL;
+        return PYGEN_ERROR;
+    default:
+        PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited coroutine");
+        *presult = NULL;
+        return PYGEN_ERROR;
+    }
+}
+
+static PyObject *bt_aw_stop(PyObject *value)
+{
+    /* StopIteration(value) for a return value; a bare return of None ends the iteration with no exception */
+    if (value != Py_None) {
+        PyObject *e = PyObject_CallOneArg(PyExc_StopIteration, value);
+        if (e != NULL) {
+            PyErr_SetObject(PyExc_StopIteration, e);
+            Py_DECREF(e);
+        }
+    }
+    Py_DECREF(value);
+    return NULL;
+}
+
+static PyObject *bt_aw_iternext(PyObject *self)
+{
+    PyObject *res;
+    PySendResult r = bt_aw_am_send(self, Py_None, &res);
+    if (r == PYGEN_NEXT)
+        return res;
+    if (r == PYGEN_RETURN)
+        return bt_aw_stop(res);
+    return NULL;
+}
+
+static PyObject *bt_aw_send(PyObject *self, PyObject *arg)
+{
+    PyObject *res;
+    PySendResult r = bt_aw_am_send(self, arg, &res);
+    if (r == PYGEN_NEXT)
+        return res;
+    if (r == PYGEN_RETURN) {
+        if (res == Py_None) {               /* send() reports a return as StopIteration, also for None */
+            Py_DECREF(res);
+            PyErr_SetNone(PyExc_StopIteration);
+            return NULL;
+        }
+        return bt_aw_stop(res);
+    }
+    return NULL;
+}
+
+/* throw(exc) / throw(type[, value[, tb]]): into the coroutine when it runs (its outcome is recorded as usual);
+ * before the first send it is raised at once, giving back a permit the awaitable holds. */
+static PyObject *bt_aw_throw(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    bt_aw *a = (bt_aw *)self;
+    PyObject *res, *exc, *it;
+    if (nargs < 1 || nargs > 3) {
+        PyErr_Format(PyExc_TypeError, "throw expected 1 to 3 arguments, got %zd", nargs);
+        return NULL;
+    }
+    if (a->state == BT_AW_RUN) {
+        PyObject *margs[4] = {NULL, NULL, NULL, NULL};
+        Py_ssize_t i;
+        it = a->it;
+        Py_INCREF(it);
+        margs[0] = it;
+        for (i = 0; i < nargs; i++)
+            margs[i + 1] = args[i];
+        res = PyObject_VectorcallMethod(bt_str_throw, margs, (size_t)(nargs + 1), NULL);
+        Py_DECREF(it);
+        if (res != NULL)
+            return res;                 /* the coroutine caught it and yielded */
+        BT_FETCH(exc);
+        if (exc == NULL)
+            return NULL;
+        if (PyErr_GivenExceptionMatches(exc, PyExc_StopIteration)) {     /* it caught it and returned */
+            PyObject *v = PyObject_GetAttrString(exc, "value");
+            int rc;
+            if (v == NULL) {
+                Py_DECREF(exc);
+                bt_aw_exit_err(a, NULL);
+                return NULL;
+            }
+            rc = bt_aw_exit_ok(a, v);
+            Py_DECREF(v);
+            if (rc < 0) {
+                Py_DECREF(exc);
+                return NULL;
+            }
+        }
+        else
+            bt_aw_exit_err(a, exc);
+        BT_RESTORE(exc);
+        return NULL;
+    }
+    /* never started (VALUE / RAISE) or finished: raise what was thrown, as a fresh coroutine would */
+    if (nargs == 1 && PyExceptionInstance_Check(args[0])) {
+        exc = args[0];
+        Py_INCREF(exc);
+    }
+    else if (PyExceptionClass_Check(args[0])) {
+        exc = (nargs >= 2 && args[1] != Py_None)
+            ? (PyExceptionInstance_Check(args[1]) ? (Py_INCREF(args[1]), args[1]) : PyObject_CallOneArg(args[0], args[1]))
+            : PyObject_CallNoArgs(args[0]);
+        if (exc == NULL)
+            return NULL;
+        if (nargs == 3 && args[2] != Py_None && PyException_SetTraceback(exc, args[2]) < 0) {
+            Py_DECREF(exc);
+            return NULL;
+        }
+    }
+    else {
+        PyErr_SetString(PyExc_TypeError, "exceptions must be classes or instances deriving from BaseException");
+        return NULL;
+    }
+    bt_aw_exit_err(a, exc);
+    BT_RESTORE(exc);
+    return NULL;
+}
+
+static void bt_aw_release_closed(bt_aw *a)
+{
+    PyObject *ge = PyObject_CallNoArgs(PyExc_GeneratorExit);
+    if (ge == NULL)
+        PyErr_Clear();
+    bt_aw_exit_err(a, ge);
+    Py_XDECREF(ge);
+}
+
+static PyObject *bt_aw_close(PyObject *self, PyObject *unused)
+{
+    bt_aw *a = (bt_aw *)self;
+    PyObject *res = NULL;
+    if (a->state == BT_AW_RUN) {
+        PyObject *it = a->it;
+        Py_INCREF(it);
+        res = PyObject_CallMethod(it, "close", NULL);     /* runs its finally blocks, permit still held */
+        Py_DECREF(it);
+        if (res == NULL) {
+            PyObject *exc;
+            BT_FETCH(exc);
+            bt_aw_exit_err(a, exc);
+            BT_RESTORE(exc);
+            return NULL;
+        }
+        Py_DECREF(res);
+    }
+    if (a->state != BT_AW_DONE)
+        bt_aw_release_closed(a);
+    Py_RETURN_NONE;
+}
+
+static PyObject *bt_aw_await(PyObject *self)
+{
+    Py_INCREF(self);
+    return self;
+}
+
+static int bt_aw_traverse(PyObject *self, visitproc visit, void *arg)
+{
+    bt_aw *a = (bt_aw *)self;
+    Py_VISIT(a->it);
+    Py_VISIT(a->value);
+    Py_VISIT(a->owner);
+    return 0;
+}
+
+static int bt_aw_clear(PyObject *self)
+{
+    bt_aw *a = (bt_aw *)self;
+    if (a->state != BT_AW_DONE && a->owner != NULL)
+        bt_aw_release_closed(a);        /* a cycle collected: the permit goes back first */
+    Py_CLEAR(a->it);
+    Py_CLEAR(a->value);
+    Py_CLEAR(a->owner);
+    return 0;
+}
+
+static void bt_aw_dealloc(PyObject *self)
+{
+    bt_aw *a = (bt_aw *)self;
+    PyObject_GC_UnTrack(self);
+    if (a->state != BT_AW_DONE) {
+        /* dropped before it finished (never awaited, or its task was collected): the coroutine is dropped
+         * first (its finally blocks run with the permit still held), then the permit goes back */
+        PyObject *saved;
+        BT_FETCH(saved);
+        Py_CLEAR(a->it);
+        if (a->owner != NULL)
+            bt_aw_release_closed(a);
+        if (PyErr_Occurred())
+            PyErr_WriteUnraisable(self);
+        if (saved != NULL)
+            BT_RESTORE(saved);
+    }
+    Py_CLEAR(a->it);
+    Py_CLEAR(a->value);
+    Py_CLEAR(a->owner);
+#if BT_AW_FREELIST
+    if (bt_aw_nfree < BT_AW_FREELIST) {
+        bt_aw_free[bt_aw_nfree++] = a;
+        return;
+    }
+#endif
+    PyObject_GC_Del(self);
+}
+
+static PyAsyncMethods bt_aw_as_async = {
+    bt_aw_await,        /* am_await */
+    0,                  /* am_aiter */
+    0,                  /* am_anext */
+    bt_aw_am_send,      /* am_send */
+};
+
+static PyMethodDef bt_aw_methods[] = {
+    {"send", (PyCFunction)bt_aw_send, METH_O, "send(value): resume the guarded coroutine"},
+    {"throw", (PyCFunction)(void (*)(void))bt_aw_throw, METH_FASTCALL, "throw(exc): raise exc in the guarded coroutine"},
+    {"close", (PyCFunction)bt_aw_close, METH_NOARGS, "close(): close the guarded coroutine, giving its permit back"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject bt_aw_type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    "buttress._core.guard.GuardedAwaitable",    /* tp_name */
+    sizeof(bt_aw),                              /* tp_basicsize */
+};
+
+static int bt_aw_ready(void)
+{
+    if (bt_aw_type.tp_flags & Py_TPFLAGS_READY)
+        return 0;
+    bt_str_throw = PyUnicode_InternFromString("throw");
+    if (bt_str_throw == NULL)
+        return -1;
+    bt_aw_type.tp_dealloc = bt_aw_dealloc;
+    bt_aw_type.tp_as_async = &bt_aw_as_async;
+    bt_aw_type.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC;
+    bt_aw_type.tp_doc = "The awaitable of a guarded async call: drives the call's coroutine, holding its permit.";
+    bt_aw_type.tp_traverse = bt_aw_traverse;
+    bt_aw_type.tp_clear = bt_aw_clear;
+    bt_aw_type.tp_iter = PyObject_SelfIter;
+    bt_aw_type.tp_iternext = bt_aw_iternext;
+    bt_aw_type.tp_methods = bt_aw_methods;
+    return PyType_Ready(&bt_aw_type);
+}
+
+/* Start driving `res` (new reference, fn's result) with the permit held: a coroutine is driven as it is,
+ * another awaitable through its __await__ iterator; no await slot goes to settle_async. */
+static PyObject *bt_aw_start(PyObject *owner, const bt_guard_ops *ops, PyObject *fn, PyObject *res,
+                             int64_t token, int64_t start)
+{
+    PyTypeObject *tp = Py_TYPE(res);
+    PyObject *it, *a;
+    if (tp == &PyCoro_Type) {
+        it = res;
+    }
+    else if (tp->tp_as_async != NULL && tp->tp_as_async->am_await != NULL) {
+        it = tp->tp_as_async->am_await(res);
+        Py_DECREF(res);
+        if (it == NULL) {
+            PyObject *exc;
+            BT_FETCH(exc);
+            ops->exit_err(owner, token, start, exc);
+            BT_RESTORE(exc);
+            return bt_aw_raising();
+        }
+    }
+    else {
+        PyObject *out = ops->settle_async(owner, fn, token, start, res), *done;
+        Py_DECREF(res);
+        if (out == NULL)
+            return bt_aw_raising();
+        done = bt_aw_make(NULL, NULL, BT_AW_VALUE, NULL, out, 0, 0);    /* awaiting gives the guarded stream */
+        Py_DECREF(out);
+        return done;
+    }
+    a = bt_aw_make(owner, ops, BT_AW_RUN, it, NULL, token, start);
+    Py_DECREF(it);
+    if (a == NULL) {
+        PyObject *exc;
+        BT_FETCH(exc);
+        ops->exit_err(owner, token, start, exc);
+        BT_RESTORE(exc);
+    }
+    return a;
+}
+
+/* The permit is held: call fn and drive what it returns (an exception now is raised when awaited). */
+static PyObject *bt_aw_call(PyObject *owner, const bt_guard_ops *ops, PyObject *fn, PyObject *const *args,
+                            size_t nargsf, PyObject *kwnames, int64_t token, int64_t start)
+{
+    PyObject *res, *exc, *out;
+    Py_INCREF(fn);
+    res = PyObject_Vectorcall(fn, args, nargsf, kwnames);
+    if (res == NULL) {
+        Py_DECREF(fn);
+        BT_FETCH(exc);
+        if (exc == NULL) {
+            PyErr_SetString(PyExc_SystemError, "guarded callable returned NULL without an exception");
+            BT_FETCH(exc);
+        }
+        ops->exit_err(owner, token, start, exc);
+        BT_RESTORE(exc);
+        return bt_aw_raising();
+    }
+    out = bt_aw_start(owner, ops, fn, res, token, start);
+    Py_DECREF(fn);
+    return out;
+}
+
+static PyObject *bt_aguard_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    bt_guard_head *g = (bt_guard_head *)self;
+    const bt_guard_ops *ops = g->ops;
+    PyObject *fn = g->fn, *out;
+    int64_t token = 0, start = 0;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    int ok;
+
+    if (g->owner == NULL || ops == NULL || ops->try_enter == NULL)
+        return bt_not_initialised(self);
+    if (fn == NULL) {   /* call_async(fn, *args, **kwargs) */
+        if (nargs < 1) {
+            PyErr_SetString(PyExc_TypeError, "call_async() needs the function to call as its first argument");
+            return NULL;
+        }
+        fn = args[0];
+        args += 1;
+        nargs -= 1;
+        nargsf = (size_t)nargs;
+    }
+    ok = ops->try_enter(g->owner, &token, &start);
+    if (ok < 0)
+        return bt_aw_raising();
+    if (ok == 0) {      /* refused: wait (a Python coroutine) or raise when awaited */
+        Py_INCREF(fn);
+        out = ops->refuse_async(g->owner, fn, args, nargsf, kwnames);
+        Py_DECREF(fn);
+        return out != NULL ? out : bt_aw_raising();
+    }
+    return bt_aw_call(g->owner, ops, fn, args, nargsf, kwnames, token, start);
+}
+
 /* Per-thread records of `with` acquisitions (StageBase): which stage ids this thread holds, how many times.
  * A `with` block's __enter__ and __exit__ run in one thread, so __exit__ consumes this thread's record;
  * an __exit__ that finds none (a second exit of the same acquisition) is a no-op instead of releasing
@@ -188,6 +697,14 @@ static BT_GUARD_INLINE int64_t bt_held_count(int64_t id)
     for (i = 0; i < BT_HELD_SLOTS; i++)
         if (h->id[i] == id)
             return h->count[i];
+    return 0;
+}
+
+/* The type flag that lets `obj.method(...)` call a guard without a bound method (as for functions). */
+static int bt_guard_method_descriptor(PyTypeObject *tp)
+{
+    tp->tp_flags |= Py_TPFLAGS_METHOD_DESCRIPTOR;
+    PyType_Modified(tp);
     return 0;
 }
 

@@ -35,12 +35,12 @@ from typing import Any, Callable, NamedTuple
 from ._base import Policy
 from ._context import remaining
 from ._impl import core
-from ._params import ASYNC, ASYNC_GENERATOR, GENERATOR, SYNC, callable_kind, check_float, check_int, describe
+from ._params import ASYNC, ASYNC_GENERATOR, GENERATOR, SYNC, callable_kind, check_float, check_int, count_of, describe
 from ._spec import UsageError
 from ._timers import call_later
 from ._wrap import CORO, LAZY_TYPES, refuse_sync_result, specialize, sync_in_async
 from .clock import SYSTEM_CLOCK as _SYSTEM_CLOCK, resolve_clock
-from .errors import BulkheadFullError, TimeoutExceeded
+from .errors import BulkheadFullError, TimeoutExceeded, rejection
 
 __all__ = ["Bulkhead", "BulkheadMetrics", "ThreadPoolBulkhead", "ThreadPoolMetrics"]
 
@@ -138,6 +138,21 @@ async def hold_astream(hold: Hold, agen: Any) -> Any:
             hold.finish(exc)
         raise
     hold.finish(None)
+
+
+def mark_async(wrapper: Any, fn: Any) -> Any:
+    """A compiled async guard reads as an async function (inspect / asyncio.iscoroutinefunction, so outer
+    patterns and frameworks await it): fn's code object and defaults where it has them (Python 3.11's test),
+    and the 3.12+ marker."""
+    code = getattr(fn, "__code__", None)
+    if isinstance(code, types.CodeType):
+        wrapper.__code__ = code
+        wrapper.__defaults__ = getattr(fn, "__defaults__", None)
+        wrapper.__kwdefaults__ = getattr(fn, "__kwdefaults__", None)
+    mark = getattr(inspect, "_is_coroutine_mark", None)
+    if mark is not None:
+        wrapper._is_coroutine_marker = mark
+    return wrapper
 
 
 _LAZY_CACHE: dict[type, bool] = {}
@@ -309,8 +324,8 @@ class Bulkhead(_StageBase, Policy):
         self._clock = resolve_clock(clock)
         self._lock = threading.Lock()
         self._waiters: collections.deque[_Waiter] = collections.deque()
-        self._async_held: dict[tuple[Any, int], int] = {}     # (task, frame id) -> `async with` held
-        self._rejected = 0
+        self._rejected = itertools.count()  # refusals raised in Python (next() is atomic); the stage counts its own
+        self._label = "bulkhead" if self.name is None else f"bulkhead {self.name!r}"
         self._draining = False
         self._drain_deadline: float | None = None
         self._remote = False                # a Redis store: async forms await its round trips
@@ -329,12 +344,27 @@ class Bulkhead(_StageBase, Policy):
             self._shared = True
             self.try_acquire = acquire = self._shared_try
         self._release_permit = self._permits.release
-        # `with bh:` and `@bh` on sync functions run in the compiled stage (buttress._core.guard): the permit
-        # word is used directly; only waiting (refused) and handing permits to waiters come back to Python.
+        # `with bh:`, `async with bh:`, `@bh` and call / call_async run in the compiled stage
+        # (buttress._core.guard): the permit word is used directly; only waiting (refused), handing permits
+        # to waiters and a drain's refusal come back to Python. A Redis store awaits its round trips:
+        # its `async with` and async forms stay in Python.
         self._stage_setup(acquire, self._wait_for_permit, self._permits.release,
-                          self._waiters, self._drain, self._settle_result)
+                          self._waiters, self._drain, self._settle_result,
+                          refuse_async=self._call_waiting, settle_async=self._settle_async_result,
+                          aenter_wait=self._aenter_wait,
+                          remote=(self._remote_aenter, self._remote_aexit) if self._remote else None)
+        self._set_full_message()
         # bh.call(fn, ...) is the same compiled guard with the function as its first argument
         self.call = self._stage_call()  # type: ignore[method-assign]
+        if not self._remote:
+            self.call_async = self._stage_call_async()  # type: ignore[method-assign]
+
+    def _set_full_message(self) -> None:
+        """The refusal of a full bulkhead, formatted once (and again on a resize): with max_wait=0 the
+        compiled stage raises it itself, no Python call and no lock per refusal."""
+        self._full_message = f"{self._label} is full ({self.max_concurrent} concurrent calls)"
+        if self._max_wait == 0.0 and not self._shared:
+            self._stage_reject(BulkheadFullError, self._full_message)
 
     def _shared_try(self) -> bool:
         """The store's counter has no closed state: a draining bulkhead refuses here."""
@@ -346,11 +376,9 @@ class Bulkhead(_StageBase, Policy):
         """Take a permit if one is free now; never waits. Does not queue behind waiters."""
         return self._permits.try_acquire()
 
-    def release(self) -> None:
-        """Return a permit; hands it to the longest waiter if there is one."""
-        self._release_permit()
-        if self._waiters:
-            self._drain()
+    # Return a permit; hands it to the longest waiter if there is one. The compiled stage's release: the
+    # permit word in C, Python only for a queued waiter.
+    release = _StageBase._stage_release
 
     def acquire(self, timeout: float | None = _DEFAULT) -> None:
         """Take a permit, waiting up to `timeout` seconds (default: max_wait; None: no limit).
@@ -388,47 +416,53 @@ class Bulkhead(_StageBase, Policy):
     def _wait_for_permit(self) -> None:
         self._acquire_slow(self._max_wait)
 
-    # `async with` records each acquisition under (task, frame of the `async with`), so that a second
-    # __aexit__ of one acquisition is a no-op. An exit finds its record by task and frame; failing that
-    # by frame alone (an async generator finalised in another task), then by task alone (AsyncExitStack
-    # enters and exits from frames of its own); with none left, the exit releases nothing.
+    # `async with` comes from the compiled stage base too: __aenter__ takes the permit and records the
+    # acquisition under the entering frame in C and returns a completed compiled awaitable; __aexit__
+    # consumes its frame's record (or one whose frame finished: exit stacks), else releases nothing (a second
+    # exit). Python runs only to wait (`_aenter_wait`) and for a Redis store (`_remote_aenter`/`_remote_aexit`).
 
-    async def __aenter__(self) -> Bulkhead:
-        key = (_current_task(), id(sys._getframe(1)))
-        if self._remote:
-            await self._remote_acquire(self._max_wait)
-        elif not self.try_acquire():
-            await self._acquire_slow_async(self._max_wait)
+    async def _aenter_wait(self, frame: Any) -> Bulkhead:
+        """`async with` refused at once: wait up to max_wait, then record the acquisition for `frame`."""
+        await self._acquire_slow_async(self._max_wait)
         try:
-            with self._lock:
-                held = self._async_held
-                held[key] = held.get(key, 0) + 1
+            self._stage_record(frame)
         except BaseException:
             self.release()
             raise
         return self
 
-    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
-        task, frame = _current_task(), id(sys._getframe(1))
-        with self._lock:
-            held = self._async_held
-            key = (task, frame)
-            if key not in held:
-                key = next((k for k in held if k[1] == frame), None) or next(
-                    (k for k in held if k[0] is task), None)   # type: ignore[assignment]
-                if key is None:
-                    return          # a second exit of one acquisition: nothing of ours to release
-            n = held[key]
-            if n == 1:
-                del held[key]
-            else:
-                held[key] = n - 1
-        if self._remote:
+    async def _remote_aenter(self) -> Bulkhead:
+        frame = sys._getframe(1)        # the frame awaiting `async with`
+        await self._remote_acquire(self._max_wait)
+        try:
+            self._stage_record(frame)
+        except BaseException:
             await self._remote_release()
-            return
-        self._release_permit()
-        if self._waiters:
-            self._drain()
+            raise
+        return self
+
+    async def _remote_aexit(self, exc_type: object, exc: object, tb: object) -> None:
+        if self._stage_consume(sys._getframe(1)):
+            await self._remote_release()
+
+    async def _call_waiting(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """call_async / an async decorated call refused a permit at once: wait for one (or raise), then
+        run as the compiled path does."""
+        await self._acquire_slow_async(self._max_wait)
+        held = True
+        try:
+            aw = fn(*args, **kwargs)
+            if type(aw) is not CORO and not isawaitable(aw):
+                held = False            # settle_async owns the permit now
+                return settle_async(self, fn, aw, self._stream_done)
+            return await aw
+        finally:
+            if held:
+                self.release()
+
+    def _settle_async_result(self, fn: Any, result: Any) -> Any:
+        """An async form's result without an await slot, permit held (the compiled stage's settle_async)."""
+        return settle_async(self, fn, result, self._stream_done)
 
     def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:  # type: ignore[no-redef]
         """Run fn(*args, **kwargs) holding a permit (replaced per instance by the compiled stage's call
@@ -449,7 +483,9 @@ class Bulkhead(_StageBase, Policy):
             self._drain()
         return result
 
-    async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:  # type: ignore[no-redef]
+        """Await fn(*args, **kwargs) holding a permit (replaced per instance by the compiled stage's async
+        entry, except on a Redis store)."""
         if self._remote:
             return await self._remote_call_async(fn, args, kwargs)
         if not self.try_acquire():
@@ -501,9 +537,8 @@ class Bulkhead(_StageBase, Policy):
                 threading.Thread(target=self._drain, name="buttress-bulkhead-drain", daemon=True).start()
 
     def __call__(self, fn: Any) -> Any:
-        """Decorate `fn`: the wrapper inlines `call` / `call_async` (one frame less)."""
-        try_acquire, release_permit, waiters = self.try_acquire, self._release_permit, self._waiters
-
+        """Decorate `fn`: a compiled guard (sync or async: one vectorcall, the permit in C); a Redis store's
+        async form stays a Python coroutine (its round trips are awaited)."""
         def make_sync(fn: Callable[..., Any]) -> Callable[..., Any]:
             return self._stage_guard(fn)        # compiled: the whole guard is one vectorcall
 
@@ -512,23 +547,7 @@ class Bulkhead(_StageBase, Policy):
                 async def remote_wrapper(*args: Any, **kwargs: Any) -> Any:
                     return await self._remote_call_async(fn, args, kwargs)
                 return remote_wrapper
-
-            async def wrapper(*args: Any, **kwargs: Any) -> Any:
-                if not try_acquire():
-                    await self._acquire_slow_async(self._max_wait)
-                held = True
-                try:
-                    aw = fn(*args, **kwargs)
-                    if type(aw) is not CORO and not isawaitable(aw):
-                        held = False
-                        return settle_async(self, fn, aw, self._stream_done)
-                    return await aw
-                finally:
-                    if held:
-                        release_permit()
-                        if waiters:
-                            self._drain()
-            return wrapper
+            return mark_async(self._stage_guard(fn, True), fn)
 
         return specialize(self, fn, make_sync, make_async)
 
@@ -565,14 +584,13 @@ class Bulkhead(_StageBase, Policy):
                     self._release_permit()
 
     def _reject(self) -> BulkheadFullError:
-        with self._lock:
-            self._rejected += 1
-        label = "bulkhead" if self.name is None else f"bulkhead {self.name!r}"
+        """The refusal: no lock (the count is an atomic next()), the message formatted once."""
+        next(self._rejected)
         if self._draining:
             left = _seconds_left(self._clock, self._drain_deadline)
-            return BulkheadFullError(f"{label} is draining (shutting down): it admits no new calls",
-                                     retry_after=None if left is None else max(left, 1e-9))
-        return BulkheadFullError(f"{label} is full ({self.max_concurrent} concurrent calls)")
+            return rejection(BulkheadFullError, f"{self._label} is draining (shutting down): it admits no new calls",
+                             None if left is None else max(left, 1e-9))
+        return rejection(BulkheadFullError, self._full_message)
 
     def _poll(self, timeout: float | None) -> None:
         """A shared store's wait: a release in another process wakes nobody here, so try again after
@@ -745,6 +763,7 @@ class Bulkhead(_StageBase, Policy):
     def max_concurrent(self, value: int) -> None:
         """Resize at runtime. Growing wakes waiters; shrinking lets current holders finish."""
         self._permits.resize(check_int("max_concurrent", value, minimum=1, maximum=_SHARED_MAX if self._shared else _MAX))
+        self._set_full_message()
         self._drain()
 
     @property
@@ -762,7 +781,8 @@ class Bulkhead(_StageBase, Policy):
     def metrics(self) -> BulkheadMetrics:
         p = self._permits
         with self._lock:
-            return BulkheadMetrics(p.available, p.max_permits, p.in_use, len(self._waiters), self._rejected)
+            return BulkheadMetrics(p.available, p.max_permits, p.in_use, len(self._waiters),
+                                   count_of(self._rejected) + self._stage_rejected())
 
     def __repr__(self) -> str:
         return (f"Bulkhead(max_concurrent={self.max_concurrent}, max_wait={self._max_wait!r}, "
@@ -823,7 +843,10 @@ class ThreadPoolBulkhead(Policy):
         self._accepted = _Permits(self._max_workers + self._queue_size)
         self._running = _Permits(_MAX)
         self._lock = threading.Lock()
-        self._rejected = 0
+        self._rejected = itertools.count()
+        self._label = "thread pool bulkhead" if self.name is None else f"thread pool bulkhead {self.name!r}"
+        self._full_message = (f"{self._label} is full ({self._max_workers} workers busy, "
+                              f"{self._queue_size} calls queued)")      # formatted once
         self._drain_deadline: float | None = None
         self._prefix = "buttress-pool" if self.name is None else f"buttress-{self.name}"
         self._thread_ids = itertools.count()
@@ -845,15 +868,12 @@ class ThreadPoolBulkhead(Policy):
         if kind != SYNC:
             raise self._refuse_kind(fn, kind)
         if not self._accepted.try_acquire():
-            with self._lock:
-                self._rejected += 1
-            label = "thread pool bulkhead" if self.name is None else f"thread pool bulkhead {self.name!r}"
+            next(self._rejected)        # no lock: next() is atomic
             if self._accepted.closed:
                 left = _seconds_left(_SYSTEM_CLOCK, self._drain_deadline)
-                raise BulkheadFullError(f"{label} is draining (shutting down): it admits no new calls",
-                                        retry_after=None if left is None else max(left, 1e-9))
-            raise BulkheadFullError(f"{label} is full ({self._max_workers} workers busy, "
-                                    f"{self._queue_size} calls queued)")
+                raise rejection(BulkheadFullError, f"{self._label} is draining (shutting down): it admits no new "
+                                f"calls", None if left is None else max(left, 1e-9))
+            raise rejection(BulkheadFullError, self._full_message)
         slot = _Slot(self._accepted)
         try:
             fut = self._pool.submit(self._run, slot, contextvars.copy_context(), fn, args, kwargs)
@@ -983,7 +1003,7 @@ class ThreadPoolBulkhead(Policy):
     def metrics(self) -> ThreadPoolMetrics:
         running = self._running.in_use
         return ThreadPoolMetrics(self._max_workers, self._queue_size, running,
-                                 max(0, self._accepted.in_use - running), self._rejected)
+                                 max(0, self._accepted.in_use - running), count_of(self._rejected))
 
     def __repr__(self) -> str:
         return (f"ThreadPoolBulkhead(max_workers={self._max_workers}, queue_size={self._queue_size}, "

@@ -9,6 +9,16 @@ __all__ = ["ButtressError", "Rejected", "CircuitOpenError", "RateLimitExceeded",
            "Overloaded", "TimeoutExceeded"]
 
 
+def rejection(cls: type, message: str, retry_after: float | None = None) -> "Rejected":
+    """``cls(message, retry_after=retry_after)`` for a Rejected subclass with the default constructor, built
+    without running the Python ``__init__`` chain (a refusal is the hot path under overload): the same
+    ``args``, ``str()``, ``retry_after`` and pickling. Internal."""
+    exc = cls.__new__(cls, message)
+    if retry_after is not None:
+        exc.retry_after = retry_after
+    return exc  # type: ignore[no-any-return]
+
+
 class ButtressError(Exception):
     """Base of every error buttress raises."""
 

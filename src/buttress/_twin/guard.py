@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 import types
 from contextvars import ContextVar
@@ -10,6 +11,7 @@ from typing import Any, Callable
 from .._params import describe
 from .._spec import UsageError
 from .._wrap import LAZY_TYPES, refuse_sync_result
+from .permits import Permits as _Permits
 
 __all__ = ["StageGuard", "StageBase", "AttemptGuard"]
 
@@ -90,18 +92,39 @@ class _Stage:
     """The admit / release callables of one stage, its id in the per-thread `with` records, and the
     `with` acquisitions not recorded per thread (`floating`: a thread's table was full)."""
 
-    __slots__ = ("acquire", "refuse", "release", "pending", "drain", "settle", "id", "floating", "lock")
+    __slots__ = ("acquire", "refuse", "release", "pending", "drain", "settle", "refuse_async", "settle_async",
+                 "reject", "rejected", "closed", "id", "floating", "lock")
 
-    def __init__(self, acquire: Any, refuse: Any, release: Any, pending: Any, drain: Any, settle: Any = None) -> None:
+    def __init__(self, acquire: Any, refuse: Any, release: Any, pending: Any, drain: Any, settle: Any = None,
+                 refuse_async: Any = None, settle_async: Any = None) -> None:
         _check_stage(acquire, refuse, release, pending, drain, settle)
+        for name, value in (("refuse_async", refuse_async), ("settle_async", settle_async)):
+            if value is not None and not callable(value):
+                raise TypeError(f"{name} must be callable or None, got {value!r}")
         self.acquire, self.refuse, self.release, self.pending, self.drain = acquire, refuse, release, pending, drain
-        self.settle = settle
+        self.settle, self.refuse_async, self.settle_async = settle, refuse_async, settle_async
+        self.reject: tuple[type, str] | None = None     # the quick refusal (_stage_reject)
+        self.rejected = itertools.count()
+        holder = getattr(acquire, "__self__", None)     # a permit counter's `closed` (a drain refuses in Python)
+        self.closed = ((lambda: holder.closed) if type(holder) is _Permits and getattr(acquire, "__name__", "") ==
+                       "try_acquire" else None)
         self.id = next(_ids)
         self.floating = 0
         self.lock = threading.Lock()
 
+    def try_enter(self) -> bool:
+        return self.acquire() is True
+
+    def reject_now(self) -> None:
+        """Raise the quick refusal when there is one and the permit word is not closed."""
+        reject = self.reject
+        if reject is not None and self.closed is not None and not self.closed():
+            next(self.rejected)
+            raise reject[0].__new__(reject[0], reject[1])
+
     def enter(self) -> None:
         if self.acquire() is not True:
+            self.reject_now()
             self.refuse()                   # raises, or returns once admitted
 
     def after(self) -> None:
@@ -128,30 +151,43 @@ class _Stage:
 
 class StageGuard:
     """fn guarded by acquire / refuse / release (see buttress._core.guard); binds like a function.
+    asynchronous=True: fn is async; a call takes the permit now and returns an awaitable (GuardedAwaitable)
+    that runs fn's coroutine and releases when it finishes; refused: refuse_async(fn, args, kwargs) (an
+    awaitable) or refuse() (raises when awaited).
     Not initialised: every call raises RuntimeError. Initialised once."""
 
     # slots: functools.wraps copies the wrapped callable's __dict__ into ours; slots always win over it
-    __slots__ = ("_fn", "_stage", "__dict__")
+    __slots__ = ("_fn", "_stage", "_async", "__dict__")
 
     def __init__(self, fn: Callable[..., Any], acquire: Callable[[], bool], refuse: Callable[[], Any],
                  release: Callable[[], Any] | None = None, pending: Any = None,
-                 drain: Callable[[], Any] | None = None, settle: Callable[[Any, Any], Any] | None = None) -> None:
+                 drain: Callable[[], Any] | None = None, settle: Callable[[Any, Any], Any] | None = None, *,
+                 refuse_async: Callable[..., Any] | None = None, settle_async: Callable[[Any, Any], Any] | None = None,
+                 asynchronous: bool = False) -> None:
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {fn!r}")
-        stage = _Stage(acquire, refuse, release, pending, drain, settle)
+        if type(asynchronous) is not bool:
+            raise TypeError(f"asynchronous must be a bool, got {asynchronous!r}")
+        stage = _Stage(acquire, refuse, release, pending, drain, settle, refuse_async, settle_async)
         try:
             self._stage
         except AttributeError:
             pass
         else:
             raise RuntimeError(f"{type(self).__name__} is already initialised")
-        self._fn, self._stage = fn, stage
+        self._fn, self._async, self._stage = fn, asynchronous, stage
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
             stage, fn = self._stage, self._fn
         except AttributeError:
             raise _not_initialised(self) from None
+        if self._async:
+            if fn is None:
+                if not args:
+                    raise TypeError("call_async() needs the function to call as its first argument")
+                fn, args = args[0], args[1:]
+            return _acall(stage, fn, args, kwargs)
         if fn is None:                      # the call(fn, *args, **kwargs) entry
             if not args:
                 raise TypeError("call() needs the function to call as its first argument")
@@ -173,6 +209,169 @@ class StageGuard:
         return self if obj is None else types.MethodType(self, obj)
 
 
+def _sync_in_async(fn: Any, result: Any) -> Any:
+    """The default settle_async: the permit is back already; fn was a sync function."""
+    if type(result) is types.GeneratorType:
+        result.close()
+    raise UsageError(f"call_async: {describe(fn)} is a sync function (it returned {type(result).__name__}, "
+                     f"which cannot be awaited): use the pattern's call(fn, ...) or decorate it")
+
+
+_RUN, _VALUE, _RAISE, _DONE = range(4)
+
+
+class GuardedAwaitable:
+    """The awaitable of a guarded async call (twin of buttress_guard.h's bt_aw): drives `it` holding the
+    permit; the outcome goes to `ok(result)` / `err(exc)` exactly once. States: RUN, VALUE (the first send
+    returns `value` after ok), RAISE (the first send raises `value`), DONE. Thrown into, closed or dropped
+    before it finished, it gives the permit back through err (GeneratorExit for close / collection)."""
+
+    __slots__ = ("_it", "_value", "_ok", "_err", "_state", "_lock")
+
+    def __init__(self, state: int, it: Any = None, value: Any = None, ok: Any = None, err: Any = None) -> None:
+        self._state, self._it, self._value, self._ok, self._err = state, it, value, ok, err
+        self._lock = threading.Lock()
+
+    def _take(self) -> tuple[Any, Any]:
+        with self._lock:
+            ok, err = self._ok, self._err
+            self._ok = self._err = None
+            self._state = _DONE
+            self._it = None
+            return ok, err
+
+    def _fail(self, exc: BaseException) -> None:
+        _, err = self._take()
+        if err is not None:
+            err(exc)
+
+    def _finish(self, value: Any) -> None:
+        ok, _ = self._take()
+        if ok is not None:
+            ok(value)
+
+    def __await__(self) -> Any:
+        return self
+
+    def __iter__(self) -> Any:
+        return self
+
+    def __next__(self) -> Any:
+        return self.send(None)
+
+    def send(self, arg: Any) -> Any:
+        state = self._state
+        if state == _RUN:
+            try:
+                return self._it.send(arg) if arg is not None or not hasattr(self._it, "__next__") \
+                    else next(self._it)
+            except StopIteration as stop:
+                self._finish(stop.value)
+                raise StopIteration(stop.value) from None
+            except BaseException as exc:
+                self._fail(exc)
+                raise
+        if state == _VALUE:
+            value, self._value = self._value, None
+            self._finish(value)
+            raise StopIteration(value)
+        if state == _RAISE:
+            exc, self._value = self._value, None
+            self._state = _DONE
+            raise exc
+        raise RuntimeError("cannot reuse already awaited coroutine")
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        if self._state == _RUN:
+            try:
+                return self._it.throw(typ, val, tb) if val is not None or tb is not None else self._it.throw(typ)
+            except StopIteration as stop:
+                self._finish(stop.value)
+                raise
+            except BaseException as exc:
+                self._fail(exc)
+                raise
+        exc = typ if isinstance(typ, BaseException) else (val if isinstance(val, BaseException) else
+                                                         (typ() if val is None else typ(val)))
+        if tb is not None:
+            exc = exc.with_traceback(tb)
+        self._fail(exc)
+        raise exc
+
+    def close(self) -> None:
+        if self._state == _RUN:
+            try:
+                self._it.close()
+            except BaseException as exc:
+                self._fail(exc)
+                raise
+        if self._state != _DONE:
+            self._fail(GeneratorExit())
+
+    def __del__(self) -> None:
+        try:
+            state = self._state
+        except AttributeError:
+            return
+        if state != _DONE:
+            self._it = None
+            self._fail(GeneratorExit())
+
+
+def _raising(exc: BaseException) -> GuardedAwaitable:
+    return GuardedAwaitable(_RAISE, value=exc)
+
+
+def _start(stage: _Stage, fn: Any, result: Any) -> Any:
+    """The permit is held and fn returned `result`: drive it (a coroutine as it is, another awaitable through
+    its __await__), or settle_async a result without an await slot."""
+    def err(exc: Any) -> None:
+        try:
+            stage.after()
+        except BaseException:  # noqa: BLE001 - as the compiled exit_err: logged, the call's outcome stands
+            import logging
+            logging.getLogger("buttress.guard").exception("releasing after a failed call failed")
+
+    if type(result) is types.CoroutineType:
+        it = result
+    elif hasattr(type(result), "__await__"):
+        try:
+            it = result.__await__()
+        except BaseException as exc:
+            err(exc)
+            return _raising(exc)
+    else:
+        try:
+            if stage.settle_async is not None:
+                return GuardedAwaitable(_VALUE, value=stage.settle_async(fn, result))   # the guarded stream
+            stage.after()
+            return _sync_in_async(fn, result)
+        except BaseException as exc:
+            return _raising(exc)
+    return GuardedAwaitable(_RUN, it, ok=lambda value: stage.after(), err=err)
+
+
+def _acall(stage: _Stage, fn: Any, args: tuple, kwargs: dict) -> Any:
+    try:
+        ok = stage.try_enter()
+    except BaseException as exc:
+        return _raising(exc)
+    if not ok:
+        try:
+            stage.reject_now()
+            if stage.refuse_async is not None:
+                return stage.refuse_async(fn, args, kwargs)
+            stage.refuse()
+        except BaseException as exc:
+            return _raising(exc)
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException as exc:
+        stage.after()
+        return _raising(exc)
+    return _start(stage, fn, result)
+
+
 def _stage_of(obj: Any) -> _Stage:
     try:
         return obj.__dict__["_stage"]  # type: ignore[no-any-return]
@@ -181,36 +380,77 @@ def _stage_of(obj: Any) -> _Stage:
 
 
 class StageBase:
-    """`with` for admit-then-release patterns: a facade class inherits it and calls
-    `_stage_setup(acquire, refuse, release, pending=None, drain=None)` once. `__enter__` returns self.
+    """`with` / `async with` for admit-then-release patterns: a facade class inherits it and calls
+    `_stage_setup(acquire, refuse, release, pending=None, drain=None)` once. `__enter__` / `__aenter__`
+    return self.
 
     Each `__enter__` records the acquisition for the calling thread; `__exit__` consumes one record of
-    the calling thread, and is a no-op when there is none (a second exit of the same acquisition)."""
+    the calling thread, and is a no-op when there is none (a second exit of the same acquisition).
+    `async with` records under the entering frame (`_async_held`: frame -> count); `__aexit__` consumes its
+    frame's record, else one whose frame finished, else nothing."""
 
     __slots__ = ()
 
     def _stage_setup(self, acquire: Callable[[], bool], refuse: Callable[[], Any],
                      release: Callable[[], Any] | None = None, pending: Any = None,
-                     drain: Callable[[], Any] | None = None, settle: Callable[[Any, Any], Any] | None = None) -> None:
-        stage = _Stage(acquire, refuse, release, pending, drain, settle)
+                     drain: Callable[[], Any] | None = None, settle: Callable[[Any, Any], Any] | None = None, *,
+                     refuse_async: Callable[..., Any] | None = None,
+                     settle_async: Callable[[Any, Any], Any] | None = None,
+                     aenter_wait: Callable[[Any], Any] | None = None, remote: Any = None) -> None:
+        stage = _Stage(acquire, refuse, release, pending, drain, settle, refuse_async, settle_async)
+        if aenter_wait is not None and not callable(aenter_wait):
+            raise TypeError(f"aenter_wait must be callable or None, got {aenter_wait!r}")
+        if remote is not None and not (type(remote) is tuple and len(remote) == 2 and callable(remote[0])
+                                       and callable(remote[1])):
+            raise TypeError(f"remote must be None or a pair of callables (aenter, aexit), got {remote!r}")
+        if "_stage" in self.__dict__:
+            raise RuntimeError(f"{type(self).__name__} is already initialised: _stage_setup() was called before")
+        self.__dict__["_stage_async"] = (aenter_wait, remote, threading.Lock())
+        self.__dict__["_async_held"] = {}
         if self.__dict__.setdefault("_stage", stage) is not stage:
             raise RuntimeError(f"{type(self).__name__} is already initialised: _stage_setup() was called before")
 
-    def _stage_guard(self, fn: Callable[..., Any]) -> StageGuard:
+    def _stage_reject(self, cls: Any, message: Any) -> None:
+        """Refuse at once with cls.__new__(cls, message) (no __init__) while the permit word is not closed;
+        None turns it off."""
+        stage = _stage_of(self)
+        if cls is None:
+            stage.reject = None
+            return
+        if not (isinstance(cls, type) and issubclass(cls, BaseException)) or type(message) is not str:
+            raise TypeError(f"_stage_reject needs an exception class and a str message, got {cls!r}, {message!r}")
+        stage.reject = (cls, message)
+
+    def _stage_rejected(self) -> int:
+        """How many refusals the quick path (`_stage_reject`) raised."""
+        return int(repr(_stage_of(self).rejected)[6:-1])
+
+    def _stage_guard(self, fn: Callable[..., Any], asynchronous: bool = False) -> StageGuard:
         """A StageGuard for fn with this object's stage."""
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {fn!r}")
         stage = _stage_of(self)
         g = StageGuard.__new__(StageGuard)
-        g._fn, g._stage = fn, stage
+        g._fn, g._async, g._stage = fn, bool(asynchronous), stage
         return g
 
     def _stage_call(self) -> StageGuard:
         """The `call(fn, *args, **kwargs)` entry with this object's stage."""
         stage = _stage_of(self)
         g = StageGuard.__new__(StageGuard)
-        g._fn, g._stage = None, stage
+        g._fn, g._async, g._stage = None, False, stage
         return g
+
+    def _stage_call_async(self) -> StageGuard:
+        """The `call_async(fn, *args, **kwargs)` entry with this object's stage."""
+        stage = _stage_of(self)
+        g = StageGuard.__new__(StageGuard)
+        g._fn, g._async, g._stage = None, True, stage
+        return g
+
+    def _stage_release(self) -> None:
+        """Give one permit back; hand it to a queued waiter."""
+        _stage_of(self).after()
 
     def __enter__(self) -> Any:
         stage = _stage_of(self)
@@ -229,6 +469,111 @@ class StageBase:
     def _stage_held(self) -> int:
         """How many `with` acquisitions of this object the calling thread has recorded."""
         return _held_table().get(_stage_of(self).id, 0)
+
+    # -- async with -------------------------------------------------------------------------------------
+
+    def __aenter__(self) -> Any:
+        stage = _stage_of(self)
+        aenter_wait, remote, _ = self.__dict__["_stage_async"]
+        if remote is not None:
+            return remote[0]()
+        frame = sys._getframe(1)
+        if not stage.try_enter():
+            try:
+                stage.reject_now()
+            except BaseException as exc:
+                return _raising(exc)
+            if aenter_wait is None:
+                stage.enter()
+            else:
+                return aenter_wait(frame)
+        try:
+            self._stage_record(frame)
+        except BaseException:
+            stage.after()
+            raise
+
+        def undo(exc: Any) -> None:
+            if _unrecord(self, frame):
+                stage.after()
+
+        return GuardedAwaitable(_VALUE, value=self, err=undo)
+
+    def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> Any:
+        stage = _stage_of(self)
+        remote = self.__dict__["_stage_async"][1]
+        if remote is not None:
+            return remote[1](exc_type, exc, tb)
+        if self._stage_consume(sys._getframe(1)):
+            stage.after()
+        return GuardedAwaitable(_VALUE, value=False)
+
+    def _stage_record(self, frame: Any) -> None:
+        """Record an `async with` acquisition of `frame`."""
+        with self.__dict__["_stage_async"][2]:
+            held = self.__dict__["_async_held"]
+            held[frame] = held.get(frame, 0) + 1
+
+    def _stage_consume(self, frame: Any) -> bool:
+        """Consume a record for an exit from `frame` (its own, else one whose frame finished)."""
+        if _unrecord(self, frame):
+            return True
+        with self.__dict__["_stage_async"][2]:
+            held = self.__dict__["_async_held"]
+            for other in list(held):
+                if _frame_finished(other):
+                    n = held[other]
+                    if n == 1:
+                        del held[other]
+                    else:
+                        held[other] = n - 1
+                    return True
+        return False
+
+
+def _unrecord(obj: Any, frame: Any) -> bool:
+    with obj.__dict__["_stage_async"][2]:
+        held = obj.__dict__["_async_held"]
+        n = held.get(frame)
+        if n is None:
+            return False
+        if n == 1:
+            del held[frame]
+        else:
+            held[frame] = n - 1
+        return True
+
+
+def _frame_generator(frame: Any) -> Any:
+    """The generator / coroutine running `frame` (CPython's PyFrame_GetGenerator), None for a plain frame;
+    where that API is missing (not CPython), every frame reads as plain."""
+    try:
+        import ctypes
+        api = ctypes.pythonapi
+        get = api.PyFrame_GetGenerator
+    except (ImportError, AttributeError):
+        return None
+    get.restype = ctypes.c_void_p
+    get.argtypes = [ctypes.py_object]
+    ptr = get(frame)
+    if not ptr:
+        return None
+    gen = ctypes.cast(ptr, ctypes.py_object).value
+    api.Py_DecRef.argtypes = [ctypes.c_void_p]
+    api.Py_DecRef(ptr)                  # PyFrame_GetGenerator gave a new reference; `gen` holds its own
+    return gen
+
+
+def _frame_finished(frame: Any) -> bool:
+    """A frame that no longer runs: its generator / coroutine finished, or a plain frame."""
+    gen = _frame_generator(frame)
+    if gen is None:
+        return True
+    for name in ("cr_frame", "gi_frame", "ag_frame"):
+        f = getattr(gen, name, frame)
+        if f is not frame:
+            return f is None
+    return False
 
 
 class AttemptGuard:
