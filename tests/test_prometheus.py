@@ -223,3 +223,91 @@ def test_bad_arguments():
         ButtressCollector(Registry(), buckets=(0.0, 1.0))
     with pytest.raises(TypeError, match="call_durations must be a bool"):
         ButtressCollector(Registry(), call_durations="yes")
+
+
+# -- every named object is exported, Registry or not (issue 17) ---------------------------------------------
+
+import gc  # noqa: E402
+import uuid  # noqa: E402
+import weakref  # noqa: E402
+
+
+def ours(m: dict, p: str) -> dict:
+    """The samples whose name label starts with p."""
+    return {k: v for k, v in m.items() if dict(k[1]).get("name", "").startswith(p)}
+
+
+def test_named_objects_built_without_a_registry_are_exported_and_leave_when_dropped():
+    from buttress import Bulkhead, CircuitBreaker, KeyedLimiter, LoadShedder, Retry, TokenBucket
+    from buttress.shedding import Priority
+    p = f"direct-{uuid.uuid4().hex[:6]}"
+    clock = FakeClock()
+    prom = CollectorRegistry()
+    collector = ButtressCollector(call_durations=True)        # the default registry
+    prom.register(collector)
+    cb = CircuitBreaker(name=f"{p}-payment", window_size=4, minimum_calls=2, clock=clock)
+    bh = Bulkhead(max_concurrent=3, name=f"{p}-db")
+    tb = TokenBucket(rate=1.0, capacity=2, name=f"{p}-api", clock=clock)
+    kl = KeyedLimiter(rate=1.0, capacity=1, max_keys=64, name=f"{p}-clients", clock=clock)
+    shed = LoadShedder(max_in_flight=4, name=f"{p}-edge", clock=clock)
+    retry = Retry(max_attempts=2, backoff=0.0, name=f"{p}-rpc", clock=clock)
+
+    def work():
+        clock.advance(0.002)
+        return "ok"
+    for _ in range(3):
+        assert cb.call(work) == "ok"
+    assert [tb.try_acquire() for _ in range(3)] == [True, True, False]
+    with bh, shed.admit(Priority.LOW):
+        m_inside = scrape(prom)
+    assert retry.call(lambda: "ok") == "ok"
+    m = ours(scrape(prom), p)
+    assert m[("buttress_circuitbreaker_state", L(name=f"{p}-payment", state="closed"))] == 1.0
+    assert m[("buttress_circuitbreaker_buffered_calls", L(name=f"{p}-payment", kind="successful"))] == 3.0
+    assert m[("buttress_circuitbreaker_calls_seconds_count", L(name=f"{p}-payment", kind="successful"))] == 3.0
+    assert m_inside[("buttress_bulkhead_available_concurrent_calls", L(name=f"{p}-db"))] == 2.0
+    assert m[("buttress_bulkhead_max_allowed_concurrent_calls", L(name=f"{p}-db"))] == 3.0
+    assert m[("buttress_ratelimiter_calls_total", L(name=f"{p}-api", kind="admitted"))] == 2.0
+    assert m[("buttress_ratelimiter_calls_total", L(name=f"{p}-api", kind="rejected"))] == 1.0
+    assert m[("buttress_ratelimiter_max_keys", L(name=f"{p}-clients"))] == 64.0
+    assert m_inside[("buttress_loadshedder_in_flight", L(name=f"{p}-edge"))] == 1.0
+    assert m[("buttress_loadshedder_calls_total", L(name=f"{p}-edge", kind="admitted", priority="low"))] == 1.0
+    assert m[("buttress_retry_calls_total", L(name=f"{p}-rpc", kind="successful_without_retry"))] == 1.0
+    # dropped objects disappear (the collector and its call timer hold them weakly); gauges and counters
+    # go at once, the breaker's call-duration histogram stays (it is the collector's own record)
+    refs = [weakref.ref(o) for o in (cb, bh, tb, kl, shed, retry)]
+    del cb, bh, tb, kl, shed, retry
+    gc.collect()
+    assert all(r() is None for r in refs)
+    left = ours(scrape(prom), p)
+    assert {name for name, _ in left} <= {"buttress_circuitbreaker_calls_seconds_bucket",
+                                          "buttress_circuitbreaker_calls_seconds_count",
+                                          "buttress_circuitbreaker_calls_seconds_sum",
+                                          "buttress_circuitbreaker_calls_seconds_created"}
+    prom.unregister(collector)
+    collector.close()
+
+
+def test_unnamed_objects_are_not_exported_and_series_do_not_grow_with_traffic():
+    from buttress import Bulkhead, CircuitBreaker, KeyedLimiter, LoadShedder, Retry, TokenBucket
+    from buttress.registry import default_registry
+    p = f"card-{uuid.uuid4().hex[:6]}"
+    clock = FakeClock()
+    prom = CollectorRegistry()
+    prom.register(ButtressCollector())
+    before = len(default_registry)
+    unnamed = [CircuitBreaker(clock=clock), Bulkhead(), TokenBucket(rate=1.0, clock=clock), Retry(clock=clock),
+               LoadShedder(max_in_flight=2, clock=clock), KeyedLimiter(rate=1.0, max_keys=8, clock=clock)]
+    assert len(default_registry) == before and unnamed
+    kl = KeyedLimiter(rate=1.0, capacity=1, max_keys=4096, name=f"{p}-keyed", clock=clock)
+    tb = TokenBucket(rate=100.0, name=f"{p}-tb", clock=clock)
+    kl.try_acquire("first")
+    tb.try_acquire()
+    series = set(ours(scrape(prom), p))
+    for i in range(2000):                   # hostile traffic: every request a new key
+        kl.try_acquire(f"client-{i}")
+        tb.try_acquire()
+        clock.advance(0.001)
+    after = ours(scrape(prom), p)
+    assert set(after) == series and len(series) > 0
+    assert all(set(dict(labels)) <= {"name", "kind", "state", "priority"} for _, labels in after)

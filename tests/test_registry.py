@@ -197,3 +197,144 @@ else:
     raise AssertionError("no ImportError")
 """
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# -- named objects join the default registry by themselves, weakly (issue 17) ------------------------------
+
+import gc  # noqa: E402
+import itertools as _itertools  # noqa: E402
+import uuid  # noqa: E402
+import weakref  # noqa: E402
+
+from buttress import (FixedWindowLimiter, LoadShedder, MultiLimiter, SlidingWindowLimiter,  # noqa: E402
+                      ThreadPoolBulkhead)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def joined(prefix: str) -> dict:
+    """{(kind, name): obj} of default_registry entries whose name starts with prefix."""
+    return {(e.kind, e.name): e.obj for e in default_registry.entries() if e.name.startswith(prefix)}
+
+
+def every_named(p: str) -> dict:
+    clock = FakeClock()
+    return {
+        ("circuit_breaker", f"{p}-cb"): CircuitBreaker(name=f"{p}-cb", clock=clock),
+        ("token_bucket", f"{p}-tb"): TokenBucket(rate=5.0, name=f"{p}-tb", clock=clock),
+        ("keyed_limiter", f"{p}-kl"): KeyedLimiter(rate=5.0, max_keys=16, name=f"{p}-kl", clock=clock),
+        ("rate_limiter", f"{p}-lb"): LeakyBucket(rate=5.0, queue_size=2, name=f"{p}-lb", clock=clock),
+        ("rate_limiter", f"{p}-fw"): FixedWindowLimiter(limit=3, window=1.0, name=f"{p}-fw", clock=clock),
+        ("rate_limiter", f"{p}-sw"): SlidingWindowLimiter(limit=3, window=1.0, name=f"{p}-sw", clock=clock),
+        ("rate_limiter", f"{p}-ml"): MultiLimiter(TokenBucket(rate=1.0, clock=clock), name=f"{p}-ml"),
+        ("bulkhead", f"{p}-bh"): Bulkhead(max_concurrent=2, name=f"{p}-bh"),
+        ("thread_pool_bulkhead", f"{p}-tp"): ThreadPoolBulkhead(max_workers=1, name=f"{p}-tp"),
+        ("load_shedder", f"{p}-ls"): LoadShedder(max_in_flight=4, name=f"{p}-ls", clock=clock),
+        ("retry", f"{p}-r"): Retry(name=f"{p}-r", clock=clock),
+    }
+
+
+def test_every_named_pattern_object_joins_the_default_registry_without_one():
+    p = unique("join")
+    objs = every_named(p)
+    assert joined(p) == objs
+    for (kind, name), obj in objs.items():
+        assert default_registry.get(kind, name) is obj and (kind, name) in default_registry
+        assert name in default_registry.names(kind)
+
+
+def test_dropped_objects_leave_and_unnamed_ones_never_join():
+    p = unique("drop")
+    objs = every_named(p)
+    refs = [weakref.ref(o) for o in objs.values()]
+    assert len(joined(p)) == len(objs)
+    del objs
+    gc.collect()
+    assert all(r() is None for r in refs)      # the registry does not keep them alive
+    assert joined(p) == {}
+    before = len(default_registry)
+    keep = [CircuitBreaker(clock=FakeClock()), TokenBucket(rate=1.0), Bulkhead(), LoadShedder(max_in_flight=2),
+            Retry(), KeyedLimiter(rate=1.0, max_keys=8), Bulkhead(name=None), CircuitBreaker(clock=FakeClock())]
+    assert len(default_registry) == before and keep      # the breaker's default name "default" is no name
+
+
+def test_the_name_may_be_positional_and_subclasses_join_once_under_their_pattern_kind():
+    p = unique("pos")
+    cb = CircuitBreaker(f"{p}-cb")                       # name is CircuitBreaker's first parameter
+
+    class MyBreaker(CircuitBreaker):
+        def __init__(self, service: str) -> None:
+            super().__init__(name=f"{p}-{service}", window_size=10, minimum_calls=5)
+
+    mine = MyBreaker("svc")
+    seen = []
+    default_registry.on_add(seen.append)
+    try:
+        other = MyBreaker("svc2")
+    finally:
+        default_registry.off_add(seen.append)
+    assert joined(p) == {("circuit_breaker", f"{p}-cb"): cb, ("circuit_breaker", f"{p}-svc"): mine,
+                         ("circuit_breaker", f"{p}-svc2"): other}
+    assert seen == [Entry("circuit_breaker", f"{p}-svc2", other)]       # announced once
+
+
+def test_of_two_live_objects_of_one_name_the_newest_is_held_and_a_registered_one_wins():
+    p = unique("dup")
+    old = Bulkhead(name=p)
+    new = Bulkhead(name=p)
+    assert default_registry.get("bulkhead", p) is new and len(joined(p)) == 1
+    del new
+    gc.collect()
+    assert default_registry.get("bulkhead", p) is None and old is not None     # the newest went; no resurrection
+    held = default_registry.bulkhead(p, max_concurrent=3)       # built in the default registry: held strongly
+    joiner = Bulkhead(name=p)
+    assert default_registry.get("bulkhead", p) is held and joined(p) == {("bulkhead", p): held}
+    assert default_registry.remove("bulkhead", p) is held
+    assert default_registry.get("bulkhead", p) is joiner        # the joined one shows again
+    assert default_registry.remove("bulkhead", p) is joiner
+    with pytest.raises(KeyError):
+        default_registry.remove("bulkhead", p)
+
+
+def test_objects_of_another_registry_join_the_default_one_too_and_are_announced_once():
+    p = unique("reg")
+    reg = Registry()
+    seen, seen_default = [], []
+    reg.on_add(seen.append)
+    default_registry.on_add(seen_default.append)
+    try:
+        cb = reg.circuit_breaker(f"{p}-a", clock=FakeClock())
+        held = default_registry.circuit_breaker(f"{p}-b", clock=FakeClock())
+        registered = default_registry.register(f"{p}-c", CircuitBreaker(name=f"{p}-c", clock=FakeClock()))
+    finally:
+        default_registry.off_add(seen_default.append)
+    assert seen == [Entry("circuit_breaker", f"{p}-a", cb)]
+    assert [e for e in seen_default if e.name.startswith(p)] == [
+        Entry("circuit_breaker", f"{p}-a", cb), Entry("circuit_breaker", f"{p}-b", held),
+        Entry("circuit_breaker", f"{p}-c", registered)]
+    assert default_registry.get("circuit_breaker", f"{p}-a") is cb
+    default_registry.remove("circuit_breaker", f"{p}-b")
+    default_registry.remove("circuit_breaker", f"{p}-c")
+
+
+def test_racing_threads_join_exactly_their_objects(fast_switching):
+    p = unique("race")
+    kinds = _itertools.cycle([lambda n: CircuitBreaker(name=n, clock=FakeClock()), lambda n: Bulkhead(name=n),
+                              lambda n: TokenBucket(rate=1.0, name=n), lambda n: Retry(name=n)])
+    makers = [next(kinds) for _ in range(8)]
+    made = race(8, lambda i: [makers[i](f"{p}-{i}-{j}") for j in range(25)])
+    got = joined(p)
+    assert len(got) == 200 and {id(o) for o in got.values()} == {id(o) for objs in made for o in objs}
+    del made, got
+    gc.collect()
+    assert joined(p) == {}
+
+
+def test_retry_name_is_checked_and_shown():
+    with pytest.raises(TypeError, match="name must be a non-empty str or None, got 5"):
+        Retry(name=5)
+    with pytest.raises(ValueError, match="name must be a non-empty str or None, got ''"):
+        Retry(name="")
+    assert repr(Retry(name="rpc", clock=FakeClock())).endswith("name='rpc')")

@@ -10,6 +10,7 @@ and `close()` removes its listeners (a breaker with no listener builds no events
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any, Callable, NamedTuple
 
 from ._params import check_function
@@ -170,7 +171,7 @@ class CallTimer:
     def __init__(self, registry: Any, sink: Callable[[str, str, float], Any]) -> None:
         self._sink = sink
         self._lock = threading.Lock()
-        self._followed: dict[int, tuple[Any, Callable[[Any], None]]] = {}
+        self._followed: dict[int, tuple[weakref.ref[Any], Callable[[Any], None]]] = {}
         self._registry = registry
         self._closed = False
         registry.on_add(self._on_add)
@@ -192,7 +193,12 @@ class CallTimer:
 
             for kind in self._EVENTS:
                 breaker.on(kind, listener)
-            self._followed[id(breaker)] = (breaker, listener)
+            # held weakly: a breaker that joined the default registry by itself must stay collectable;
+            # its entry goes when it does (dict.pop, no lock: the callback may run inside a locked step)
+            key = id(breaker)
+            followed = self._followed
+            ref = weakref.ref(breaker, lambda _r, _k=key, _f=followed: _f.pop(_k, None))
+            self._followed[key] = (ref, listener)
 
     def close(self) -> None:
         with self._lock:
@@ -202,7 +208,10 @@ class CallTimer:
             self._registry.off_add(self._on_add)
         except ValueError:
             pass
-        for breaker, listener in followed.values():
+        for ref, listener in followed.values():
+            breaker = ref()
+            if breaker is None:
+                continue
             for kind in self._EVENTS:
                 try:
                     breaker.off(kind, listener)

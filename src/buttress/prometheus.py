@@ -2,7 +2,11 @@
 
     from prometheus_client import REGISTRY
     from buttress.prometheus import ButtressCollector
-    REGISTRY.register(ButtressCollector(registry))
+    REGISTRY.register(ButtressCollector())          # or ButtressCollector(registry)
+
+With no registry the collector reads the default registry, which every pattern object built with a name
+joins by itself, weakly: ``CircuitBreaker(name="direct-payment")`` is exported with no Registry in
+sight, and stops being exported once it is garbage collected. Unnamed objects are never exported.
 
 A custom collector: snapshots (`metrics()`) are read at scrape time, so between scrapes nothing is
 paid. Names mirror Resilience4j's (``resilience4j_circuitbreaker_state`` ->

@@ -11,6 +11,12 @@ True
 Names are unique per kind (a breaker and a bulkhead may both be called "payment"). Asking again for
 an existing name returns the same object; options given again must equal the ones it was built with,
 otherwise ValueError (two call sites silently sharing differently configured objects is a bug).
+
+Every pattern object built with a name (``CircuitBreaker(name="payment")``, ``Bulkhead(name=...)``,
+``TokenBucket(name=...)``, ``LoadShedder(name=...)``, ``Retry(name=...)``...) also joins
+`default_registry` by itself, weakly: the collectors export it without any Registry, and it leaves
+when it is garbage collected. Of two live objects of one kind and name, the newest is the one held; an
+object registered or built in the default registry itself (held strongly) wins over a joined one.
 """
 from __future__ import annotations
 
@@ -18,9 +24,10 @@ import importlib
 import inspect
 import logging
 import threading
+import weakref
 from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
-__all__ = ["Registry", "Entry", "KINDS", "default_registry"]
+__all__ = ["Registry", "Entry", "KINDS", "default_registry", "kind_of_class"]
 
 log = logging.getLogger("buttress.registry")
 
@@ -36,6 +43,19 @@ _BUILT = {
 }
 KINDS = (*_BUILT, "rate_limiter", "thread_pool_bulkhead")
 _OTHER_LIMITERS = ("LeakyBucket", "FixedWindowLimiter", "SlidingWindowLimiter", "MultiLimiter")
+# (module, class) -> kind, for objects joining by themselves (looked up along the MRO: no imports)
+_KIND_OF_CLASS = {**{(f"buttress.{m}", c): kind for kind, (m, c) in _BUILT.items()},
+                  **{("buttress.rate_limit", c): "rate_limiter" for c in _OTHER_LIMITERS},
+                  ("buttress.bulkhead", "ThreadPoolBulkhead"): "thread_pool_bulkhead"}
+
+
+def kind_of_class(cls: type) -> str | None:
+    """The registry kind of a pattern class (or a subclass of one), or None."""
+    for klass in cls.__mro__:
+        kind = _KIND_OF_CLASS.get((klass.__module__, klass.__qualname__))
+        if kind is not None:
+            return kind
+    return None
 
 
 class Entry(NamedTuple):
@@ -100,6 +120,10 @@ class Registry:
             self._defaults[kind] = _check_options(kind, options, f"defaults[{kind!r}]")
         self._lock = threading.RLock()
         self._objects: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
+        # named objects that joined by themselves (default registry only), held weakly; guarded by _lock
+        self._joined: dict[str, weakref.WeakValueDictionary[str, Any]] = {
+            kind: weakref.WeakValueDictionary() for kind in KINDS}
+        self._building = threading.local()      # (kind, name) this thread is building: announced once, after
         self._configs: dict[tuple[str, str], dict[str, Any] | None] = {}
         self._listeners: list[Callable[[Entry], Any]] = []
 
@@ -145,7 +169,11 @@ class Registry:
             kwargs = dict(config)
             if "name" in sig.parameters:
                 kwargs["name"] = name
-            obj = cls(**kwargs)
+            self._building.key = (kind, name)
+            try:
+                obj = cls(**kwargs)
+            finally:
+                self._building.key = None
             # what the object was built with, every parameter included, to compare later requests against
             full = {p.name: p.default for p in sig.parameters.values()
                     if p.default is not inspect.Parameter.empty and p.name != "name"}
@@ -187,7 +215,9 @@ class Registry:
             if held is not None:
                 raise ValueError(f"{kind} {name!r} is already registered ({held!r})")
             self._store(kind, name, obj, None)
-        self._announce(Entry(kind, name, obj))
+            announced = self._joined[kind].get(name) is obj     # it joined by itself: listeners know it
+        if not announced:
+            self._announce(Entry(kind, name, obj))
         return obj
 
     @staticmethod
@@ -208,37 +238,69 @@ class Registry:
 
     def get(self, kind: str, name: str, default: Any = None) -> Any:
         """The object of `kind` called `name`, or `default`."""
-        return self._objects[_check_kind(kind)].get(name, default)
+        obj = self._objects[_check_kind(kind)].get(name)
+        if obj is None:
+            with self._lock:
+                obj = self._joined[kind].get(name)
+        return default if obj is None else obj
 
     def remove(self, kind: str, name: str) -> Any:
         """Forget an object (collectors stop reporting it); returns it. KeyError if absent."""
         _check_kind(kind)
         with self._lock:
+            if name not in self._objects[kind]:
+                return self._joined[kind].pop(name)      # KeyError if absent there too
             objects = dict(self._objects[kind])
             obj = objects.pop(name)
             self._objects[kind] = objects
             del self._configs[(kind, name)]
         return obj
 
+    def _view(self, kind: str) -> dict[str, Any]:
+        """name -> object of one kind: the held ones, then the live joined ones they do not shadow."""
+        held = self._objects[kind]
+        joined = self._joined[kind]
+        if not joined:
+            return held
+        with self._lock:
+            live = {n: o for n, o in joined.items() if n not in held}
+        return {**live, **held} if live else held
+
     def names(self, kind: str) -> list[str]:
-        return sorted(self._objects[_check_kind(kind)])
+        return sorted(self._view(_check_kind(kind)))
 
     def entries(self, kind: str | None = None) -> list[Entry]:
         """What the registry holds (of one kind, or all), sorted by kind then name."""
         kinds = KINDS if kind is None else (_check_kind(kind),)
-        return [Entry(k, n, o) for k in kinds for n, o in sorted(self._objects[k].items())]
+        return [Entry(k, n, o) for k in kinds for n, o in sorted(self._view(k).items())]
 
     def __iter__(self) -> Iterator[Entry]:
         return iter(self.entries())
 
     def __len__(self) -> int:
-        return sum(len(objects) for objects in self._objects.values())
+        return sum(len(self._view(kind)) for kind in KINDS)
 
     def __contains__(self, key: object) -> bool:
         """``(kind, name) in registry``."""
         if not (isinstance(key, tuple) and len(key) == 2 and key[0] in KINDS):
             return False
-        return key[1] in self._objects[key[0]]
+        return key[1] in self._view(key[0])
+
+    # -- objects that join by themselves (weakly) ----------------------------------------------------------
+    def _join(self, obj: Any, name: str) -> None:
+        """Called by a pattern object built with a name (buttress._base.Named): hold it weakly under its
+        kind and name (the newest of one name wins) and tell the listeners. An object of no known kind
+        is ignored. Only the default registry is joined this way."""
+        kind = kind_of_class(type(obj))
+        if kind is None:
+            return
+        with self._lock:
+            joined = self._joined[kind]
+            if joined.get(name) is obj:
+                return
+            joined[name] = obj       # TypeError when obj cannot be weakly referenced (caller ignores it)
+        if self._objects[kind].get(name) is None and getattr(self._building, "key", None) != (kind, name):
+            self._announce(Entry(kind, name, obj))      # (shadowed, or being built here: announced as held)
 
     # -- listeners (collectors use them to follow new objects) ------------------------------------------------
     def on_add(self, callback: Callable[[Entry], Any]) -> Callable[[Entry], Any]:
@@ -263,9 +325,10 @@ class Registry:
                 log.exception("registry listener %r failed on %s %r", callback, entry.kind, entry.name)
 
     def __repr__(self) -> str:
-        counts = ", ".join(f"{k}={len(v)}" for k, v in self._objects.items() if v)
+        counts = ", ".join(f"{k}={n}" for k in KINDS if (n := len(self._view(k))))
         return f"Registry({counts})"
 
 
 default_registry = Registry()
-"""The process-wide registry that collectors and health probes use when given none."""
+"""The process-wide registry that collectors and health probes use when given none. Every pattern object
+built with a name joins it by itself, weakly."""

@@ -38,7 +38,8 @@ from ._params import (MAX_SECONDS, NS, check_bool as check_bool_arg, check_float
 from ._spec import UsageError, parse_exceptions
 from ._wrap import CORO, LAZY_TYPES, check_decoratable, refuse_sync_result, specialize, sync_in_async
 from .backoff import Backoff, constant, exponential
-from .clock import SYSTEM_CLOCK, resolve_clock, testing_clock
+from . import clock as _clock_module
+from .clock import SYSTEM_CLOCK, resolve_clock
 from ._impl import core
 from .errors import Rejected
 
@@ -190,14 +191,20 @@ class Retry(Policy):
 
     __slots__ = ("max_attempts", "backoff", "deadline", "budget", "_delay", "_retryable", "_result_pred",
                  "_deadline_ns", "_setup", "_on_retry", "_on_give_up", "_key_fn", "_key_from_args", "_key_needs_args", "_clock", "_now_ns",
-                 "_ok_first", "_ok_retried", "_failed_first", "_failed_retried")
+                 "_ok_first", "_ok_retried", "_failed_first", "_failed_retried", "name", "__weakref__")
 
     def __init__(self, max_attempts: int = 3, backoff: Backoff | Callable[[int], float] | float | None = None,
                  retry_on: Any = (Exception,), retry_on_result: Callable[[Any], bool] | None = None,
                  deadline: float | None = None, budget: RetryBudget | None = None,
                  on_retry: Callable[[int, BaseException | None, float], Any] | None = None,
                  on_give_up: Callable[[int, BaseException | None], Any] | None = None,
-                 idempotency_key: Callable[..., str] | None = None, clock: Any = None) -> None:
+                 idempotency_key: Callable[..., str] | None = None, clock: Any = None,
+                 name: str | None = None) -> None:
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a non-empty str or None, got {show(name)} ({type(name).__name__})")
+        if name == "":
+            raise ValueError("name must be a non-empty str or None, got ''")
+        self.name = name        # given: exported by the metrics collectors (it joins the default registry)
         self.max_attempts = check_int("max_attempts", max_attempts, minimum=1)
         self.backoff, self._delay = _check_backoff(backoff)
         self._retryable = _retry_matcher(retry_on)
@@ -366,11 +373,10 @@ class Retry(Policy):
 
     def _loop_sync(self, call: list, fn: Callable[..., Any], args: tuple, kwargs: dict,
                    exc: Any, result: Any) -> Any:
-        if not callable(fn):        # checked here, off the success path: a call of it failed, never retry that
+        if exc is not _FIRST and not callable(fn):     # off the success path: a call of it failed, never retried
             raise _not_callable(self, fn)
         token = self._begin(call) if exc is _FIRST else None
         try:
-            sleep = self._sleeper()
             pred = self._result_pred
             while True:
                 if exc is not _FIRST:
@@ -382,11 +388,16 @@ class Retry(Policy):
                             raise exc
                         finally:
                             exc = None      # no frame <-> traceback cycle
-                    sleep(delay)
+                    clock = self._clock     # (self._sleeper() inlined: the testing switch, see there)
+                    if clock is SYSTEM_CLOCK and _clock_module._testing is not None:
+                        clock = _clock_module._testing
+                    clock.sleep(delay)
                     call[_NUMBER] += 1
                 try:
                     result = fn(*args, **kwargs)
                 except Exception as e:
+                    if not callable(fn):
+                        raise _not_callable(self, fn) from None
                     exc = e
                     continue
                 if type(result) in LAZY_TYPES or hasattr(type(result), "__await__"):
@@ -401,11 +412,10 @@ class Retry(Policy):
 
     async def _loop_async(self, call: list, fn: Callable[..., Any], args: tuple, kwargs: dict,
                           exc: Any, result: Any) -> Any:
-        if not callable(fn):
+        if exc is not _FIRST and not callable(fn):     # off the success path: a call of it failed, never retried
             raise _not_callable(self, fn)
         token = self._begin(call) if exc is _FIRST else None
         try:
-            sleep = self._sleeper_async()
             pred = self._result_pred
             while True:
                 if exc is not _FIRST:
@@ -417,7 +427,10 @@ class Retry(Policy):
                             raise exc
                         finally:
                             exc = None
-                    await sleep(delay)
+                    clock = self._clock
+                    if clock is SYSTEM_CLOCK and _clock_module._testing is not None:
+                        clock = _clock_module._testing
+                    await clock.sleep_async(delay)
                     call[_NUMBER] += 1
                 try:
                     aw = fn(*args, **kwargs)
@@ -425,6 +438,8 @@ class Retry(Policy):
                         raise sync_in_async(self, fn, aw)
                     result = await aw
                 except Exception as e:
+                    if not callable(fn):
+                        raise _not_callable(self, fn) from None
                     exc = e
                     continue
                 if pred is None or not pred(result):
@@ -442,14 +457,14 @@ class Retry(Policy):
         testing mode was turned on (a module-level ``@Retry()``) waits on the testing clock instead, so
         it never sleeps for real in a test (buttress.testing)."""
         clock = self._clock
-        if clock is SYSTEM_CLOCK:
-            clock = testing_clock() or clock
+        if clock is SYSTEM_CLOCK and _clock_module._testing is not None:
+            clock = _clock_module._testing
         return clock.sleep
 
     def _sleeper_async(self) -> Callable[[float], Any]:
         clock = self._clock
-        if clock is SYSTEM_CLOCK:
-            clock = testing_clock() or clock
+        if clock is SYSTEM_CLOCK and _clock_module._testing is not None:
+            clock = _clock_module._testing
         return clock.sleep_async
 
     def _begin(self, call: list) -> contextvars.Token | None:
@@ -515,8 +530,9 @@ class Retry(Policy):
                             _count(self._failed_retried))
 
     def __repr__(self) -> str:
+        name = "" if self.name is None else f", name={self.name!r}"
         return (f"Retry(max_attempts={self.max_attempts}, backoff={self.backoff!r}, deadline={self.deadline!r}, "
-                f"budget={self.budget!r})")
+                f"budget={self.budget!r}{name})")
 
 
 _count = count_of      # kept under this name: buttress._observe reads counters with it
