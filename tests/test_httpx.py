@@ -56,6 +56,7 @@ async def app(scope, receive, send):
     requests of that path, then 200;  /slow/<ms>  answers after ms;  /slowfirst/<ms>  the first request
     of the path after ms, the others at once;  /break  sends half a body then fails;  /breakfirst/<n>
     does that to the first n requests of the path (headers, 1000 of 2000 bytes), then sends all 2000;
+    /stallfirst/<ms>  the first request of the path gets headers and half its body, the rest after ms;
     /ok  200."""
     if scope["type"] != "http":
         return
@@ -100,6 +101,13 @@ async def app(scope, receive, send):
         raise RuntimeError("the server breaks off the body")
     elif parts[0] == "breakfirst":
         body = b"y" * 2000
+    elif parts[0] == "stallfirst":
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2000")]})
+        await send({"type": "http.response.body", "body": b"z" * 1000, "more_body": True})
+        if n == 1:
+            await asyncio.sleep(int(parts[1]) / 1000)
+        await send({"type": "http.response.body", "body": b"z" * 1000})
+        return
     if "ra" in query:
         extra.append((b"retry-after", query["ra"].encode()))
     await send({"type": "http.response.start", "status": status,   # content-length: one write, no chunking
@@ -428,6 +436,17 @@ def test_async_reply_that_breaks_off_is_retried_with_the_same_key(url):
     assert asyncio.run(main()) == (200, 2000)
     ks = keys("/breakfirst/2")
     assert len(ks) == 3 and ks[0] and len(set(ks)) == 1
+
+
+def test_client_timeout_is_the_attempt_timeout_also_for_a_body_that_stalls(url):
+    """The client's timeout bounds each attempt (the pipeline's Timeout is the total): a first attempt
+    whose body stalls for 3 s is cut at 0.2 s and the GET sent again, within the 5 s total."""
+    pipe = default_pipeline("x", timeout=5.0)
+    with httpx.Client(transport=ResilientTransport(pipeline_factory=lambda h: pipe), timeout=0.2) as c:
+        r = c.get(f"{url}/stallfirst/3000")
+    assert r.content == b"z" * 2000
+    assert hits("/stallfirst/3000") == 2
+    assert pipe.breaker.metrics().failures == 1         # the stalled attempt (a ReadTimeout)
 
 
 def test_reply_that_breaks_off_is_not_retried_unkeyed_post_or_over_buffer_limit(url):
