@@ -197,8 +197,11 @@ class CallTimer:
             # its entry goes when it does (dict.pop, no lock: the callback may run inside a locked step)
             key = id(breaker)
             followed = self._followed
-            ref = weakref.ref(breaker, lambda _r, _k=key, _f=followed: _f.pop(_k, None))
-            self._followed[key] = (ref, listener)
+
+            def forget(_ref: weakref.ref[Any], _key: int = key, _followed: dict[int, Any] = followed) -> None:
+                _followed.pop(_key, None)
+
+            self._followed[key] = (weakref.ref(breaker, forget), listener)
 
     def close(self) -> None:
         with self._lock:

@@ -72,7 +72,7 @@ class ButtressCollector:
             raise ValueError(f"buckets must be increasing positive seconds, got {tuple(buckets)!r}")
         self.registry = registry
         self.prefix = prefix
-        self.buckets: tuple[float, ...] = tuple(bounds)  # type: ignore[arg-type]
+        self.buckets: tuple[float, ...] = tuple(bounds)
         self._hists: dict[tuple[str, str], _Histogram] = {}
         self._lock = threading.Lock()
         self._timer = CallTimer(registry, self._observe) if check_bool("call_durations", call_durations) else None

@@ -68,13 +68,15 @@ class Entry(NamedTuple):
 
 def _cls(kind: str) -> type:
     module, name = _BUILT[kind]
-    return getattr(importlib.import_module(f"buttress.{module}"), name)
+    cls: type = getattr(importlib.import_module(f"buttress.{module}"), name)
+    return cls
 
 
 def _check_kind(kind: object) -> str:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
-    return kind  # type: ignore[return-value]
+    assert isinstance(kind, str)
+    return kind
 
 
 def _check_name(name: object) -> str:

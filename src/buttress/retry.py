@@ -56,7 +56,8 @@ _KEY_LOCK = threading.Lock()
 # The running call, per thread and per task. A ContextVar (not a thread-local stack, which would be
 # cheaper) so that work run with a copied context (asyncio tasks, to_thread, a Timeout's worker
 # thread) still sees its call's attempt and idempotency key.
-_CALL: contextvars.ContextVar[list | None] = contextvars.ContextVar("buttress_retry_call", default=None)
+_Call = list[Any]          # [number, key, start_ns, retry, args, kwargs, previous delay]
+_CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("buttress_retry_call", default=None)
 _AttemptGuard = core("guard").AttemptGuard
 
 
@@ -113,10 +114,11 @@ class RetryBudget(NoCopy):
         # [0, 1]: 0 is a budget of the floor alone (min_per_second * ttl), documented in docs/retry.md
         self.ratio = check_float("ratio", ratio, minimum=0.0, maximum=1.0)
         self.min_per_second = check_float("min_per_second", min_per_second, minimum=0.0, maximum=1e9)
-        self.ttl = check_seconds("ttl", ttl, allow_zero=False)
-        ttl_ns = math.ceil(self.ttl * NS)     # type: ignore[operator]
+        ttl_s = check_seconds("ttl", ttl, allow_zero=False)
+        assert self.ratio is not None and self.min_per_second is not None and ttl_s is not None
+        self.ttl: float = ttl_s
+        ttl_ns = math.ceil(self.ttl * NS)
         self._now_ns = resolve_clock(clock).monotonic_ns
-        assert self.ratio is not None and self.min_per_second is not None
         # withdrawing costs unit / ratio deposits, rounded up so the budget never allows more than ratio;
         # exact integer arithmetic (Fractions): a subnormal ratio (5e-324) is a huge withdrawal, not inf
         self._deposit = self._UNIT if self.ratio > 0 else 0
@@ -124,7 +126,7 @@ class RetryBudget(NoCopy):
         self._reserve = math.floor(Fraction(self.min_per_second * self.ttl) * self._withdraw)
         self._width_ns = -(-ttl_ns // self._SLICES)
         # slot i: [time slice, deposits made in it (an itertools.count), units withdrawn in it]
-        self._slots = [[-1, itertools.count(), 0] for _ in range(self._SLICES)]
+        self._slots: list[list[Any]] = [[-1, itertools.count(), 0] for _ in range(self._SLICES)]
         self._lock = threading.Lock()
 
     def deposit(self) -> None:
@@ -156,7 +158,7 @@ class RetryBudget(NoCopy):
         with self._lock:
             return max(0, self._balance_units(epoch) // self._withdraw)
 
-    def _slot(self, epoch: int) -> list:
+    def _slot(self, epoch: int) -> list[Any]:
         # caller holds the lock; slot i can only hold in-window slice `epoch`, so any other is stale
         # and is replaced (not reset in place: a deposit racing on the stale one cannot leak into it)
         i = epoch % self._SLICES
@@ -170,7 +172,7 @@ class RetryBudget(NoCopy):
         units = self._reserve
         for e, deposits, withdrawn in self._slots:
             if e > oldest:
-                units += _count(deposits) * self._deposit - withdrawn
+                units += _count(deposits) * self._deposit - int(withdrawn)
         return units
 
     def __repr__(self) -> str:
@@ -281,7 +283,7 @@ class Retry(Policy):
         """Decorate `fn` (sync, async, methods). The wrapper inlines `call()`'s (or `call_async()`'s)
         success path: one Python frame fewer than `Policy`'s generic wrapper."""
         check_decoratable(self, fn)     # a generator function cannot be retried: TypeError now
-        return specialize(self, fn, self._sync_wrapper, self._async_wrapper)
+        return specialize(self, fn, self._sync_wrapper, self._async_wrapper)  # type: ignore[no-any-return]
 
     # the two wrappers below repeat call() / call_async() with `self` and `fn` bound; keep them in step
     def _sync_wrapper(self, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -289,7 +291,7 @@ class Retry(Policy):
         if not setup and pred is None and not self._key_from_args:
             # the common case: the first attempt runs in the compiled guard (one vectorcall, the state
             # set in _CALL from C); a failure hands over to the same _loop_sync as below
-            return _AttemptGuard(fn, self, _CALL, ok_first, self._loop_sync, now_ns)
+            return _AttemptGuard(fn, self, _CALL, ok_first, self._loop_sync, now_ns)  # type: ignore[no-any-return]
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             call = [1, None, now_ns(), retry, args, kwargs, None]
@@ -371,7 +373,7 @@ class Retry(Policy):
     # -- the retry loops: after a failed attempt (exc, or result when exc is None), or from the start
     #    (exc=_FIRST) when a deadline or budget has to be set up first (and the deadline popped after) ---
 
-    def _loop_sync(self, call: list, fn: Callable[..., Any], args: tuple, kwargs: dict,
+    def _loop_sync(self, call: _Call, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                    exc: Any, result: Any) -> Any:
         if exc is not _FIRST and not callable(fn):     # off the success path: a call of it failed, never retried
             raise _not_callable(self, fn)
@@ -410,7 +412,7 @@ class Retry(Policy):
             if token is not None:
                 _context.pop_deadline(token)
 
-    async def _loop_async(self, call: list, fn: Callable[..., Any], args: tuple, kwargs: dict,
+    async def _loop_async(self, call: _Call, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                           exc: Any, result: Any) -> Any:
         if exc is not _FIRST and not callable(fn):     # off the success path: a call of it failed, never retried
             raise _not_callable(self, fn)
@@ -467,7 +469,7 @@ class Retry(Policy):
             clock = _clock_module._testing
         return clock.sleep_async
 
-    def _begin(self, call: list) -> contextvars.Token | None:
+    def _begin(self, call: _Call) -> contextvars.Token[Any] | None:
         """Count the first attempt in the budget; make the deadline visible to the call (remaining())."""
         if self.budget is not None:
             self.budget.deposit()
@@ -475,7 +477,7 @@ class Retry(Policy):
             return _context.push_deadline(call[_START] + self._deadline_ns, self._clock)
         return None
 
-    def _after_failure(self, call: list, exc: BaseException | None) -> float | None:
+    def _after_failure(self, call: _Call, exc: BaseException | None) -> float | None:
         """After a failed attempt (exc, or a result that matched retry_on_result when exc is None):
         the seconds to wait before the next attempt, or None to stop."""
         attempt = call[_NUMBER]
@@ -503,7 +505,8 @@ class Retry(Policy):
             _hook_result(self, self._on_retry, self._on_retry(attempt, exc, wait))
         return wait
 
-    def _give_up(self, call: list, exc: BaseException | None, reason: str, hook: bool = True) -> None:
+    def _give_up(self, call: _Call, exc: BaseException | None, reason: str, hook: bool = True) -> float | None:
+        """Count the failure, note it, call on_give_up; -> None ("stop"), for _after_failure to return."""
         attempt = call[_NUMBER]
         next(self._failed_retried if attempt > 1 else self._failed_first)
         if exc is not None and _HAS_NOTES:
@@ -513,7 +516,7 @@ class Retry(Policy):
             _hook_result(self, self._on_give_up, self._on_give_up(attempt, exc))
         return None
 
-    def _make_key(self, call: list) -> str:
+    def _make_key(self, call: _Call) -> str:
         # the compiled first attempt fills in args / kwargs only on failure (the default key ignores them)
         key = self._key_fn(*(call[_ARGS] or ()), **(call[_KWARGS] or {}))
         if not isinstance(key, str):
@@ -521,7 +524,8 @@ class Retry(Policy):
         with _KEY_LOCK:             # two threads of one call reading it first: one key wins for both
             if call[_KEY] is None:
                 call[_KEY] = key
-            return call[_KEY]
+            made: str = call[_KEY]
+            return made
 
     # -- introspection ---------------------------------------------------------------------------------
 
@@ -573,7 +577,7 @@ def _what(exc: BaseException | None) -> str:
     return f"{type(exc).__qualname__}: {text}" if text else type(exc).__qualname__
 
 
-def log_retries(logger: logging.Logger | logging.LoggerAdapter | str | None = None, level: int | str = logging.WARNING,
+def log_retries(logger: logging.Logger | logging.LoggerAdapter[Any] | str | None = None, level: int | str = logging.WARNING,
                 *, exc_info: bool = False) -> Callable[[int, BaseException | None, float], None]:
     """An ``on_retry`` hook that logs each retry through `logging`::
 
@@ -600,7 +604,7 @@ def log_retries(logger: logging.Logger | logging.LoggerAdapter | str | None = No
     return on_retry
 
 
-def log_give_up(logger: logging.Logger | logging.LoggerAdapter | str | None = None, level: int | str = logging.ERROR,
+def log_give_up(logger: logging.Logger | logging.LoggerAdapter[Any] | str | None = None, level: int | str = logging.ERROR,
                 *, exc_info: bool = False) -> Callable[[int, BaseException | None], None]:
     """An ``on_give_up`` hook that logs the end of a retried call that failed::
 
@@ -642,8 +646,8 @@ class AttemptBlock:
         self._owner = owner
         self.number = number
         self._state = _NEW
-        self._token: contextvars.Token | None = None
-        self._dtoken: contextvars.Token | None = None
+        self._token: contextvars.Token[Any] | None = None
+        self._dtoken: contextvars.Token[Any] | None = None
         self._result: Any = None
         self._has_result = False
 
@@ -725,7 +729,7 @@ class Attempts:
 
     def __init__(self, retry: Retry, key: str | None) -> None:
         self._retry = retry
-        self._call: list = [1, key, 0, retry, (), {}, None]
+        self._call: _Call = [1, key, 0, retry, (), {}, None]
         self._block: AttemptBlock | None = None
         self._delay: float | None = None
 
@@ -783,7 +787,7 @@ class Attempts:
 
 # Retry objects built by retry_call, by configuration: building one checks every argument (~14 us, ten
 # times a retried call's own cost), so equal configurations share one. Bounded; cleared when full.
-_CALL_RETRIES: dict[tuple, Retry] = {}
+_CALL_RETRIES: dict[tuple[object, ...], Retry] = {}
 _CALL_RETRIES_MAX = 256
 
 
@@ -798,11 +802,11 @@ def _call_retry(max_attempts: object, base_delay: object, max_delay: object, jit
                 retry_on_result: object, deadline: object, budget: object, on_retry: object, on_give_up: object,
                 clock: object) -> Retry:
     clk = resolve_clock(clock)          # the testing switch decides what None means now
-    key: tuple | None = tuple(_typed(v) for v in (max_attempts, base_delay, max_delay, jitter, retry_on,
+    key: tuple[object, ...] | None = tuple(_typed(v) for v in (max_attempts, base_delay, max_delay, jitter, retry_on,
                                                    retry_on_result, deadline, budget, on_retry, on_give_up))
     key = (*key, id(clk))       # type: ignore[misc]
     try:
-        retry = _CALL_RETRIES.get(key)      # type: ignore[arg-type]
+        retry = _CALL_RETRIES.get(key)
     except TypeError:           # something unhashable (a list of classes): build one for this call
         retry, key = None, None
     if retry is not None and retry._clock is clk:
@@ -825,7 +829,7 @@ def _call_retry(max_attempts: object, base_delay: object, max_delay: object, jit
     return retry
 
 
-def _given_key(idempotency_key: object, args: tuple, kwargs: dict) -> str | None:
+def _given_key(idempotency_key: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
     """retry_call's idempotency_key -> the key every attempt sees (None: Retry's lazy random key)."""
     if idempotency_key is None:
         return None
@@ -833,7 +837,7 @@ def _given_key(idempotency_key: object, args: tuple, kwargs: dict) -> str | None
         key = idempotency_key
     elif callable(idempotency_key):
         check_function("idempotency_key", idempotency_key, role="idempotency_key(*args, **kwargs) -> str")
-        key = _key_function(idempotency_key)(*args, **kwargs)   # type: ignore[arg-type]
+        key = _key_function(idempotency_key)(*args, **kwargs)
         if not isinstance(key, str):
             raise TypeError(f"idempotency_key must return a str, got {show(key)} ({type(key).__name__})")
     else:
