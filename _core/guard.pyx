@@ -23,7 +23,8 @@ and an exception from fn passes through without an extra frame. Twin: buttress/_
 from libc.stdint cimport int64_t
 from cpython.object cimport PyObject, PyTypeObject, PyObject_Length
 from cpython.pycapsule cimport PyCapsule_GetPointer
-from bt_permits cimport permits_t, permits_try, permits_release
+from bt_permits cimport permits_t, permits_try, permits_try_limit, permits_release
+from cpython.time cimport monotonic_ns
 
 import logging
 import types
@@ -33,12 +34,12 @@ from buttress._params import describe
 from buttress._spec import UsageError
 from buttress._wrap import refuse_sync_result
 
-__all__ = ["StageGuard", "StageBase", "AttemptGuard"]
+__all__ = ["StageGuard", "StageBase", "AttemptGuard", "ShedBase", "Admission"]
 
 log = logging.getLogger("buttress.guard")
 
 cimport cython
-from bt_atomic cimport bt_load, bt_cas, bt_fetch_add
+from bt_atomic cimport bt_load, bt_store, bt_cas, bt_fetch_add
 
 cdef extern from "Python.h":
     ctypedef PyObject *(*vectorcallfunc)(PyObject *, PyObject *const *, size_t, PyObject *)
@@ -63,6 +64,7 @@ cdef extern from "buttress_guard.h":
     PyObject *bt_aw_raising() noexcept
     int bt_aw_ready() except -1
     int BT_AW_VALUE
+    int BT_AW_RAISE
     int bt_guard_install(PyTypeObject *tp, Py_ssize_t offset) except -1
     int bt_guard_method_descriptor(PyTypeObject *tp) except -1
     bint bt_held_enter(int64_t id) noexcept nogil
@@ -430,8 +432,14 @@ cdef inline void _bind(StageGuard g, _Stage s, fn, bint asynchronous=False) noex
 cdef extern from "Python.h":
     ctypedef struct PyTupleObject_items "PyTupleObject":
         PyObject *ob_item[1]
-    PyObject *PyEval_GetFrame()
-    PyObject *PyFrame_GetGenerator(PyObject *frame)     # new reference or NULL (3.11+)
+
+cdef extern from *:
+    """
+    static inline PyObject *bt_frame_generator(PyObject *f) { return PyFrame_GetGenerator((PyFrameObject *)f); }
+    static inline PyObject *bt_current_frame(void) { return (PyObject *)PyEval_GetFrame(); }
+    """
+    PyObject *PyEval_GetFrame "bt_current_frame"()
+    PyObject *PyFrame_GetGenerator "bt_frame_generator"(PyObject *frame)     # new reference or NULL (3.11+)
 
 
 cdef class StageBase:
@@ -710,6 +718,216 @@ cdef _Stage _stage_of(obj):
     if s is None:
         raise _not_initialised(obj, "_stage_setup() was not called")
     return s
+
+
+# -- load shedding: the admission decision on the permit word ----------------------------------------------
+
+cdef extern from *:
+    """
+    #include <string.h>
+    static inline int64_t bt_f2i(double d) { int64_t i; memcpy(&i, &d, sizeof i); return i; }
+    static inline double bt_i2f(int64_t i) { double d; memcpy(&d, &i, sizeof d); return d; }
+    """
+    int64_t bt_f2i(double d) noexcept nogil
+    double bt_i2f(int64_t i) noexcept nogil
+
+cdef int64_t _NO_LATENCY = 0x7ff8dead00000000       # a NaN pattern: "no latency measured yet"
+cdef double _EWMA = 0.2
+
+
+cdef class ShedBase:
+    """The compiled admission of a load shedder (buttress.shedding.LoadShedder inherits it): `admit(p)`
+    returns an `Admission` (freelisted, no Python frame) whose enter / exit decide on the in-flight permit
+    word in C: the level word (signals, drain), the priority's bound, the admitted / shed counters, the
+    latency EWMA and the system clock. Python runs for a refusal's error, a limiter (capacity and samples),
+    a clock other than the system clock, and a counter in a store (`_shed_setup`'s hooks)."""
+    cdef permits_t *p
+    cdef object flight, clock_ns, priorities, priority_type, enter_py, exit_py, refuse_py, sample_py, check_py
+    cdef public int64_t _level                  # priorities below it are refused (4: draining)
+    cdef int64_t limits[4]
+    cdef bint fast                              # limits set and the counter is a compiled Permits
+    cdef int64_t default_priority
+    cdef int64_t admitted[4]
+    cdef int64_t shed[4]
+    cdef int64_t latency                        # EWMA of call latency, ns as double bits (_NO_LATENCY: none)
+
+    def __cinit__(self):
+        self.latency = _NO_LATENCY
+
+    def _shed_setup(self, flight, limits, clock_ns, priority_type, default_priority, check, enter, exit, refuse,
+                    sample):
+        """flight: the in-flight counter; limits: per priority, the in-flight bound (None: ask `enter`);
+        clock_ns: None for the system clock, else a callable; enter(priority) -> in_flight and
+        exit(start, in_flight, exc): the Python path (limiter, store); refuse(priority) -> the Overloaded to
+        raise; sample(elapsed_ns, in_flight, exc) or None: after a call with an outcome (a limiter);
+        check(value) -> a priority_type member (or ValueError / TypeError)."""
+        for name, value in (("check", check), ("enter", enter), ("exit", exit), ("refuse", refuse)):
+            if not callable(value):
+                raise TypeError(f"{name} must be callable, got {value!r}")
+        self.flight, self.clock_ns, self.priority_type = flight, clock_ns, priority_type
+        self.priorities = tuple(priority_type)
+        self.enter_py, self.exit_py, self.refuse_py, self.sample_py = enter, exit, refuse, sample
+        self.check_py = check
+        self.default_priority = int(default_priority)
+        self.p = NULL
+        if type(flight) is _Permits:
+            self.p = <permits_t *>PyCapsule_GetPointer(flight._handle(), "buttress.permits_t")
+        self._shed_limits(limits)
+
+    def _shed_limits(self, limits):
+        cdef int i
+        if limits is None:
+            self.fast = False
+            return
+        for i in range(4):
+            self.limits[i] = limits[i]
+        self.fast = self.p != NULL
+
+    def _shed_counts(self):
+        """(admitted, shed): per priority, the counts of the compiled path."""
+        return (tuple(bt_load(&self.admitted[i]) for i in range(4)), tuple(bt_load(&self.shed[i]) for i in range(4)))
+
+    @property
+    def _latency_ns(self):
+        cdef int64_t bits = bt_load(&self.latency)
+        return None if bits == _NO_LATENCY else bt_i2f(bits)
+
+    @_latency_ns.setter
+    def _latency_ns(self, value):
+        bt_store(&self.latency, _NO_LATENCY if value is None else bt_f2i(<double>value))
+
+    cdef inline void record_latency(self, int64_t elapsed) noexcept:
+        cdef int64_t bits = bt_load(&self.latency)
+        cdef double lat
+        if bits == _NO_LATENCY:
+            lat = <double>elapsed
+        else:
+            lat = bt_i2f(bits)
+            lat = lat + _EWMA * (<double>elapsed - lat)
+        bt_store(&self.latency, bt_f2i(lat))   # racing updates may lose one sample, never corrupt
+
+    def admit(self, priority=None):
+        """Context manager (`with` or `async with`): raises Overloaded on entering when shed."""
+        cdef int64_t prio = -1, i
+        cdef tuple members = self.priorities
+        if self.check_py is None:
+            raise _not_initialised(self, "_shed_setup() was not called")
+        if priority is None:
+            prio = self.default_priority
+        elif type(priority) is self.priority_type:
+            for i in range(4):              # identity with the members: no int conversion
+                if <PyObject *>priority == <PyObject *>members[i]:
+                    prio = i
+                    break
+        if prio < 0:
+            prio = int(self.check_py(priority))        # validates (ValueError / TypeError)
+        cdef Admission a = Admission.__new__(Admission)
+        a.shedder = self
+        a.prio = prio
+        return a
+
+
+@cython.freelist(64)
+@cython.final
+cdef class Admission:
+    """One admitted call of a load shedder: `with` / `async with`; leaving frees its slot and reports its
+    latency. One acquisition at a time: entering an admission that is held raises RuntimeError (take one
+    `admit()` per call); a second exit of one entry is a no-op (it never frees another call's slot).
+    Entered again after its exit, it admits anew."""
+    cdef ShedBase shedder
+    cdef int64_t prio, start, in_flight, held, fast
+
+    @property
+    def _priority(self):
+        return self.shedder.priorities[self.prio]
+
+    cdef int enter(self) except -1:
+        cdef ShedBase sh = self.shedder
+        cdef int64_t lim, m
+        if sh is None:
+            raise _not_initialised(self, "get one from LoadShedder.admit()")
+        if not bt_cas(&self.held, 0, 1):
+            raise RuntimeError("this admission is already entered: use one shedder.admit() per call")
+        try:
+            if sh.fast and self.prio >= bt_load(&sh._level):
+                lim = sh.limits[self.prio]
+                m = bt_load(&sh.p.limit)
+                if lim > m:
+                    lim = m
+                if lim >= 1 and permits_try_limit(sh.p, 1, lim):
+                    bt_fetch_add(&sh.admitted[self.prio], 1)
+                    self.fast = 1
+                    self.in_flight = bt_load(&sh.p.in_use)
+                else:
+                    bt_fetch_add(&sh.shed[self.prio], 1)
+                    raise sh.refuse_py(sh.priorities[self.prio])
+            else:
+                self.fast = 0
+                self.in_flight = sh.enter_py(sh.priorities[self.prio])     # Overloaded when shed
+        except BaseException:
+            bt_store(&self.held, 0)
+            raise
+        try:
+            self.start = monotonic_ns() if sh.clock_ns is None else sh.clock_ns()
+        except BaseException:           # a clock that fails: the slot taken goes back
+            bt_store(&self.held, 0)
+            if self.fast:
+                permits_release(sh.p, 1)
+            else:
+                sh.flight.release()
+            raise
+        return 0
+
+    cdef int exit(self, exc) except -1:
+        cdef ShedBase sh = self.shedder
+        cdef int64_t now
+        if sh is None or not bt_cas(&self.held, 1, 0):
+            return 0                    # not entered, or exited already: nothing of ours to free
+        if not self.fast:
+            sh.exit_py(self.start, self.in_flight, exc)
+            return 0
+        try:
+            now = monotonic_ns() if sh.clock_ns is None else sh.clock_ns()
+        finally:
+            permits_release(sh.p, 1)    # whatever the clock does, the slot goes back exactly once
+        if exc is not None and (not isinstance(exc, Exception) or type(exc) is UsageError):
+            return 0                    # no outcome (DESIGN §3c)
+        sh.record_latency(now - self.start)
+        if sh.sample_py is not None:
+            sh.sample_py(now - self.start, self.in_flight, exc)
+        return 0
+
+    def __enter__(self):
+        self.enter()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.exit(exc)
+
+    def __aenter__(self):
+        try:
+            self.enter()
+        except BaseException as e:      # raised when awaited, as an `async def __aenter__` would
+            return _steal(_raising_exc(e))
+        return _steal(_done_value(self))
+
+    def __aexit__(self, exc_type, exc, tb):
+        self.exit(exc)
+        return _steal(_done_value(None))
+
+
+cdef PyObject *_raising_exc(exc) except NULL:
+    cdef PyObject *r = bt_aw_make(NULL, NULL, BT_AW_RAISE, NULL, <PyObject *>exc, 0, 0)
+    if r == NULL:
+        raise_pending()
+    return r
+
+
+cdef PyObject *_done_value(value) except NULL:
+    cdef PyObject *r = bt_aw_make(NULL, NULL, BT_AW_VALUE, NULL, <PyObject *>value, 0, 0)
+    if r == NULL:
+        raise_pending()
+    return r
 
 
 cdef extern from "buttress_attempt.h":

@@ -33,7 +33,7 @@ from ._wrap import CORO, specialize
 from .bulkhead import COLLECTED, is_lazy, settle_async, settle_sync
 from ._timers import call_later
 from .clock import is_system_clock, resolve_clock
-from .errors import Overloaded, Rejected
+from .errors import Overloaded, Rejected, rejection
 
 __all__ = ["Priority", "LoadShedder", "ShedderMetrics", "OverloadSignal", "LoopLag", "CpuUsage", "QueueDepth"]
 
@@ -51,6 +51,7 @@ class Priority(IntEnum):
 
 _DEFAULT_FRACTIONS = {Priority.LOW: 0.5, Priority.MEDIUM: 0.75, Priority.HIGH: 0.9}
 _Permits = core("permits").Permits
+_ShedBase = core("guard").ShedBase
 _UNBOUNDED = 1 << 40
 _SHARED_MAX = (1 << 22) - 1      # a shared permit counter's maximum (buttress._core.shared.MAX_PERMITS)
 _DRAINING = 4                    # the level word while draining: above CRITICAL, everything is refused
@@ -247,7 +248,7 @@ def _check_signals(signals: Any) -> tuple[OverloadSignal, ...]:
     return tuple(signals)
 
 
-class LoadShedder(Policy):
+class LoadShedder(_ShedBase, Policy):
     """Admission by `Priority` against a capacity of in-flight calls; `Overloaded` on entering when shed.
 
     - ``max_in_flight``: the capacity (default 100). With a ``limiter`` the capacity is the limiter's
@@ -289,6 +290,7 @@ class LoadShedder(Policy):
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str or None, got {name!r}")
         self.name = name
+        self._what = "load shedder" if name is None else f"load shedder {name!r}"
         self._signals = _check_signals(signals)
         interval = check_float("sample_interval", sample_interval, minimum=0.001, maximum=3600.0)
         assert interval is not None
@@ -317,6 +319,18 @@ class LoadShedder(Policy):
         self._admitted = [itertools.count() for _ in Priority]       # next() is atomic under the GIL
         self._shed = [itertools.count() for _ in Priority]
         self._limits = None if self._max is None else self._limits_for(self._max)
+        # `admit(p)` is compiled (buttress._core.guard.ShedBase): the decision on the permit word in C; the
+        # Python path below (_enter / _exit) serves a limiter, a store's counter and a drain.
+        limiter_ = self.limiter
+        dropped = self._dropped
+
+        def sample(elapsed: int, in_flight: int, exc: Any) -> None:
+            limiter_.on_sample(elapsed / NS, in_flight, exc is not None and dropped(exc))
+
+        self._shed_setup(self._flight, self._limits if limiter is None else None,
+                         None if is_system_clock(self._clock) else self._clock.monotonic_ns, Priority,
+                         self.default_priority, _priority, self._enter, self._exit, self._shed_error,
+                         None if limiter is None else sample)
 
     @staticmethod
     def _check_fractions(fractions: Mapping[Priority, float] | None) -> dict[Priority, float]:
@@ -361,11 +375,13 @@ class LoadShedder(Policy):
             next(self._admitted[priority])
             return self._flight.in_use
         next(self._shed[priority])
+        raise self._shed_error(priority)
+
+    def _shed_error(self, priority: Priority) -> Overloaded:
+        """The Overloaded of a priority over its bound (counted by the caller), built without __init__."""
         latency = self._latency_ns
-        retry_after = None if latency is None else latency / NS
-        what = "load shedder" if self.name is None else f"load shedder {self.name!r}"
-        raise Overloaded(f"{what} shed a {priority.name} call ({self._flight.in_use} in flight, "
-                         f"capacity {self.capacity})", retry_after=retry_after)
+        return rejection(Overloaded, f"{self._what} shed a {priority.name} call ({self._flight.in_use} in flight, "
+                                     f"capacity {self.capacity})", None if latency is None else latency / NS)
 
     def _refused(self, priority: Priority) -> Overloaded:
         next(self._shed[priority])
@@ -541,9 +557,8 @@ class LoadShedder(Policy):
             self._flight.release()
             raise
 
-    def admit(self, priority: Priority | None = None) -> _Admission:
-        """Context manager (`with` or `async with`): raises Overloaded on entering when shed."""
-        return _Admission(self, self.default_priority if priority is None else _priority(priority))
+    # admit(priority=None) comes from the compiled base (ShedBase): a context manager (`with` or `async
+    # with`) that raises Overloaded on entering when shed.
 
     def call(self, fn: Callable[..., Any], /, *args: Any, priority: Priority | None = None, **kwargs: Any) -> Any:
         """Run fn(*args, **kwargs) if admitted at `priority` (not passed to fn). A generator (or async
@@ -598,8 +613,9 @@ class LoadShedder(Policy):
         return specialize(self, fn, make_sync, make_async)
 
     def metrics(self) -> ShedderMetrics:
-        admitted = MappingProxyType({p: count_of(c) for p, c in zip(Priority, self._admitted)})
-        shed = MappingProxyType({p: count_of(c) for p, c in zip(Priority, self._shed)})
+        fast_admitted, fast_shed = self._shed_counts()
+        admitted = MappingProxyType({p: count_of(c) + n for p, c, n in zip(Priority, self._admitted, fast_admitted)})
+        shed = MappingProxyType({p: count_of(c) + n for p, c, n in zip(Priority, self._shed, fast_shed)})
         return ShedderMetrics(self._flight.in_use, self.capacity, admitted, shed, self._level, self._values,
                               self._draining)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import sys
 import threading
+import time
 import types
 from contextvars import ContextVar
 from typing import Any, Callable
@@ -13,7 +14,7 @@ from .._spec import UsageError
 from .._wrap import LAZY_TYPES, refuse_sync_result
 from .permits import Permits as _Permits
 
-__all__ = ["StageGuard", "StageBase", "AttemptGuard"]
+__all__ = ["StageGuard", "StageBase", "AttemptGuard", "ShedBase", "Admission"]
 
 _ids = itertools.count(1)           # stage ids: never 0, never reused
 _HELD_SLOTS = 8                     # BT_HELD_SLOTS in include/buttress_guard.h
@@ -574,6 +575,142 @@ def _frame_finished(frame: Any) -> bool:
         if f is not frame:
             return f is None
     return False
+
+
+class ShedBase:
+    """The admission of a load shedder (twin of buttress._core.guard.ShedBase): `admit(p)` returns an
+    `Admission` whose enter / exit decide on the in-flight counter (level word, the priority's bound,
+    counters, latency EWMA); Python hooks serve a limiter, a store's counter, a drain and refusals."""
+
+    _level = 0
+    _latency_ns: float | None = None
+
+    def _shed_setup(self, flight: Any, limits: Any, clock_ns: Any, priority_type: Any, default_priority: Any,
+                    check: Any, enter: Any, exit: Any, refuse: Any, sample: Any) -> None:
+        for name, value in (("check", check), ("enter", enter), ("exit", exit), ("refuse", refuse)):
+            if not callable(value):
+                raise TypeError(f"{name} must be callable, got {value!r}")
+        d = self.__dict__
+        d["_shedbase"] = {"flight": flight, "clock_ns": clock_ns, "type": priority_type,
+                      "priorities": tuple(priority_type), "default": int(default_priority), "check": check,
+                      "enter": enter, "exit": exit, "refuse": refuse, "sample": sample,
+                      "admitted": [itertools.count() for _ in range(4)], "shed": [itertools.count() for _ in range(4)],
+                      "fast": False, "limits": None}
+        self._shed_limits(limits)
+
+    def _shed_limits(self, limits: Any) -> None:
+        sh = self.__dict__["_shedbase"]
+        sh["limits"] = None if limits is None else [int(x) for x in limits]
+        sh["fast"] = limits is not None and type(sh["flight"]) is _Permits
+
+    def _shed_counts(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        sh = self.__dict__["_shedbase"]
+        return (tuple(int(repr(c)[6:-1]) for c in sh["admitted"]), tuple(int(repr(c)[6:-1]) for c in sh["shed"]))
+
+    def admit(self, priority: Any = None) -> Admission:
+        """Context manager (`with` or `async with`): raises Overloaded on entering when shed."""
+        try:
+            sh = self.__dict__["_shedbase"]
+        except KeyError:
+            raise _not_initialised(self, "_shed_setup() was not called") from None
+        if priority is None:
+            prio = sh["default"]
+        elif type(priority) is sh["type"]:
+            prio = int(priority)
+        else:
+            prio = int(sh["check"](priority))
+        return Admission(self, prio)
+
+
+class Admission:
+    """One admitted call: `with` / `async with`; leaving frees its slot and reports its latency. Entering
+    one that is held raises RuntimeError; a second exit is a no-op; entered again after its exit, it admits
+    anew."""
+
+    __slots__ = ("_shedder", "_prio", "_start", "_in_flight", "_held", "_fast")
+
+    def __init__(self, shedder: ShedBase, prio: int) -> None:
+        self._shedder, self._prio = shedder, prio
+        self._start = self._in_flight = 0
+        self._fast = False
+        self._held: list[bool] = []     # [True] while entered; append / pop are atomic, also without the GIL
+
+    @property
+    def _priority(self) -> Any:
+        return self._shedder.__dict__["_shedbase"]["priorities"][self._prio]
+
+    def _enter(self) -> None:
+        held = self._held
+        held.append(True)
+        if len(held) != 1:              # entered already (here or in another thread)
+            held.pop()
+            raise RuntimeError("this admission is already entered: use one shedder.admit() per call")
+        shedder = self._shedder
+        sh = shedder.__dict__["_shedbase"]
+        prio = self._prio
+        priority = sh["priorities"][prio]
+        try:
+            if sh["fast"] and prio >= shedder._level:
+                flight = sh["flight"]
+                if flight.try_acquire_within(sh["limits"][prio]):
+                    next(sh["admitted"][prio])
+                    self._fast = True
+                    self._in_flight = flight.in_use
+                else:
+                    next(sh["shed"][prio])
+                    raise sh["refuse"](priority)
+            else:
+                self._fast = False
+                self._in_flight = sh["enter"](priority)
+        except BaseException:
+            held.pop()
+            raise
+        try:
+            self._start = time.monotonic_ns() if sh["clock_ns"] is None else sh["clock_ns"]()
+        except BaseException:           # a clock that fails: the slot taken goes back
+            held.pop()
+            sh["flight"].release()
+            raise
+
+    def _exit(self, exc: Any) -> None:
+        try:
+            self._held.pop()
+        except IndexError:
+            return                      # not entered, or exited already: nothing of ours to free
+        shedder = self._shedder
+        sh = shedder.__dict__["_shedbase"]
+        if not self._fast:
+            sh["exit"](self._start, self._in_flight, exc)
+            return
+        try:
+            now = time.monotonic_ns() if sh["clock_ns"] is None else sh["clock_ns"]()
+        finally:
+            sh["flight"].release()      # whatever the clock does, the slot goes back exactly once
+        if exc is not None and (not isinstance(exc, Exception) or type(exc) is UsageError):
+            return
+        elapsed = now - self._start
+        latency = shedder._latency_ns
+        shedder._latency_ns = float(elapsed) if latency is None else latency + 0.2 * (elapsed - latency)
+        if sh["sample"] is not None:
+            sh["sample"](elapsed, self._in_flight, exc)
+
+    def __enter__(self) -> Admission:
+        self._enter()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._exit(exc)
+
+    def __aenter__(self) -> Any:
+        try:
+            self._enter()
+        except BaseException as exc:
+            return _raising(exc)
+        return GuardedAwaitable(_VALUE, value=self)
+
+    def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> Any:
+        self._exit(exc)
+        return GuardedAwaitable(_VALUE, value=None)
 
 
 class AttemptGuard:
