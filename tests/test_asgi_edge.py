@@ -418,7 +418,7 @@ def test_429_counters_exported_to_prometheus(client):
 
     reg = Registry()
     clock = FakeClock()
-    limiter = reg.keyed_limiter("clients", rate=1.0, capacity=2, max_keys=64, clock=clock)
+    limiter = reg.keyed_limiter("clients-table", rate=1.0, capacity=2, max_keys=64, clock=clock)
     mw = RateLimitMiddleware(hello, limiter, name="clients", registry=reg)
     prom = prometheus_client.CollectorRegistry()
     prom.register(ButtressCollector(reg))
@@ -434,7 +434,13 @@ def test_429_counters_exported_to_prometheus(client):
     calls = "buttress_ratelimiter_calls_total"
     assert m[(calls, (("kind", "admitted"), ("name", "clients")))] == 2.0
     assert m[(calls, (("kind", "rejected"), ("name", "clients")))] == 3.0
-    assert m[("buttress_ratelimiter_keys", (("name", "clients"),))] == 1.0
+    assert m[("buttress_ratelimiter_keys", (("name", "clients-table"),))] == 1.0
+    # the KeyedLimiter counts the same decisions under its own name
+    assert m[(calls, (("kind", "admitted"), ("name", "clients-table")))] == 2.0
+    assert m[(calls, (("kind", "rejected"), ("name", "clients-table")))] == 3.0
+    # a middleware named like its own limiter leaves the export to the limiter (no duplicate series)
+    same = RateLimitMiddleware(hello, limiter, name="clients-table", registry=reg)
+    assert same.name == "clients-table" and reg.get("rate_limiter", "clients-table") is None
     # the app is rebuilt (Starlette builds its middleware stack again): the new middleware takes the name
     mw2 = RateLimitMiddleware(hello, limiter, name="clients", registry=reg)
     assert reg.get("rate_limiter", "clients") is mw2

@@ -76,7 +76,8 @@ def _twin_members(cls: type) -> dict[str, str]:
         for name, value in vars(klass).items():
             if (name.startswith("_") and name not in DUNDERS) or name in out:
                 continue
-            out[name] = "method" if inspect.isfunction(value) else "data"
+            fn = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
+            out[name] = "method" if inspect.isfunction(fn) else "data"
         tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
         for node in ast.walk(tree):
             if (isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)

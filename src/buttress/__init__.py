@@ -19,9 +19,9 @@ from .errors import (BulkheadFullError, ButtressError, CircuitOpenError, Overloa
 if TYPE_CHECKING:  # what the lazy __getattr__ returns, for type checkers ("X as X": explicitly re-exported)
     from . import (adaptive as adaptive, asgi as asgi, backoff as backoff, bulkhead as bulkhead, chaos as chaos,
                    circuit_breaker as circuit_breaker, clock as clock, errors as errors, fallback as fallback,
-                   health as health, hedge as hedge, httpx as httpx, lifecycle as lifecycle, otel as otel, pipeline as pipeline,
-                   prometheus as prometheus, rate_limit as rate_limit, registry as registry, retry as retry,
-                   shedding as shedding, stores as stores, timeout as timeout)
+                   health as health, hedge as hedge, httpx as httpx, lifecycle as lifecycle, otel as otel,
+                   pipeline as pipeline, prometheus as prometheus, rate_limit as rate_limit, registry as registry,
+                   retry as retry, shedding as shedding, stores as stores, testing as testing, timeout as timeout)
     from .bulkhead import Bulkhead as Bulkhead, ThreadPoolBulkhead as ThreadPoolBulkhead
     from .chaos import Chaos as Chaos
     from .circuit_breaker import CircuitBreaker as CircuitBreaker, Permit as Permit, State as State
@@ -34,7 +34,8 @@ if TYPE_CHECKING:  # what the lazy __getattr__ returns, for type checkers ("X as
                              SlidingWindowLimiter as SlidingWindowLimiter, TokenBucket as TokenBucket)
     from .registry import Registry as Registry
     from .retry import (Attempt as Attempt, current_attempt as current_attempt, Retry as Retry,
-                        RetryBudget as RetryBudget)
+                        RetryBudget as RetryBudget, retry_call as retry_call, retry_call_async as retry_call_async)
+    from .testing import is_testing as is_testing, set_testing as set_testing
     from .shedding import LoadShedder as LoadShedder, Priority as Priority
     from .stores import store_from_url as store_from_url
     from .stores.redis import RedisStore as RedisStore
@@ -46,6 +47,7 @@ del TYPE_CHECKING
 _LAZY = {
     "CircuitBreaker": "circuit_breaker", "State": "circuit_breaker", "Permit": "circuit_breaker",
     "Retry": "retry", "RetryBudget": "retry", "current_attempt": "retry", "Attempt": "retry",
+    "retry_call": "retry", "retry_call_async": "retry", "set_testing": "testing", "is_testing": "testing",
     "TokenBucket": "rate_limit", "LeakyBucket": "rate_limit", "KeyedLimiter": "rate_limit",
     "FixedWindowLimiter": "rate_limit", "SlidingWindowLimiter": "rate_limit", "MultiLimiter": "rate_limit",
     "Bulkhead": "bulkhead", "ThreadPoolBulkhead": "bulkhead",
@@ -57,7 +59,7 @@ _LAZY = {
     "Pipeline": "pipeline", "PipelineOrderWarning": "pipeline", "Registry": "registry",
 }
 _SUBMODULES = {"backoff", "health", "asgi", "chaos", "prometheus", "otel", "clock", "errors", "adaptive", "registry",
-               "pipeline", "shedding", "circuit_breaker", "retry", "bulkhead", "timeout", "fallback", "rate_limit", "hedge", "httpx", "stores", "lifecycle"}
+               "pipeline", "shedding", "circuit_breaker", "retry", "bulkhead", "timeout", "fallback", "rate_limit", "hedge", "httpx", "stores", "lifecycle", "testing"}
 
 __all__ = ["IMPLEMENTATION", "__version__", "FakeClock", "SystemClock", "ButtressError", "Rejected",
            "CircuitOpenError", "RateLimitExceeded", "BulkheadFullError", "Overloaded", "TimeoutExceeded",

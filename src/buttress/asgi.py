@@ -332,6 +332,9 @@ class RateLimitMiddleware:
             raise TypeError(f"registry must be a buttress.Registry or None, got {show(registry)}")
         for kind in ("token_bucket", "rate_limiter", "keyed_limiter"):
             held = registry.get(kind, name)
+            if held is not None and held is self.limiter:
+                # the middleware's own limiter, of the same name, already exports these decisions
+                return name
             if held is not None and held is not self and not isinstance(held, RateLimitMiddleware):
                 raise ValueError(f"name {name!r} is taken by {kind} {held!r}, which exports "
                                  f"buttress_ratelimiter_calls_total{{name={name!r}}} itself; choose another name")

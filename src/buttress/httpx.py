@@ -35,7 +35,7 @@ from typing import Any, Callable, NamedTuple
 
 from . import _context
 from ._params import MAX_SECONDS, NS, check_bool, check_int, check_seconds, show
-from .clock import SYSTEM_CLOCK
+from .clock import resolve_clock
 from .errors import RateLimitExceeded, TimeoutExceeded
 
 try:
@@ -229,7 +229,6 @@ class _Base:
 
     def _setup(self, transport: Any, pipeline_factory: Any, per_host: object, hedge: Any,
                idempotency_header: object, clock: Any, buffer_limit: object) -> None:
-        from .clock import resolve_clock
         _require_httpx()
         self._transport = transport
         if pipeline_factory is not None and not callable(pipeline_factory):
@@ -395,7 +394,7 @@ def _outcome(result: Any) -> Any:
 def _deadline(pipe: HostPipeline, clock: Any) -> Any:
     if pipe._timeout_ns is None:
         return None
-    c = clock if clock is not None else SYSTEM_CLOCK
+    c = resolve_clock(clock)     # the testing switch's clock when none was given
     return _context.push_deadline(c.monotonic_ns() + pipe._timeout_ns, c)
 
 
