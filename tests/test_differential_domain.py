@@ -42,19 +42,28 @@ def agree(pair, call):
 
 @settings(max_examples=200, deadline=None)
 @given(rate=st.sampled_from([1e-6, 0.5, 10.0, 1e3, 1e9]), capacity=st.integers(1, 20), start=absolute,
-       ops=st.lists(st.tuples(st.sampled_from(["try", "reserve", "reserve_max", "wait", "avail", "refund"]),
+       ops=st.lists(st.tuples(st.sampled_from(["try", "reserve", "reserve_max", "wait", "avail", "claim",
+                                               "refund"]),
                               st.integers(1, 20), moves), max_size=40),
        bad=outside)
 def test_gcra_any_clock(both, rate, capacity, start, ops, bad):
     pair = [i.gcra.GCRA(rate=rate, capacity=capacity) for i in both]
     now = start
+    receipts: list[int] = []
     for op, n, move in ops:
         now = _next(now, move)
         n = min(n, capacity)
+        if op == "refund":
+            if receipts:
+                agree(pair, lambda g: g.refund(receipts[-1]))
+                receipts.pop()
+            continue
         call = {"try": lambda g: g.try_acquire(n, now), "reserve": lambda g: g.reserve(n, now),
                 "reserve_max": lambda g: g.reserve(n, now, S), "wait": lambda g: g.wait_ns(n, now),
-                "avail": lambda g: g.available(now), "refund": lambda g: g.refund(n)}[op]
-        agree(pair, call)
+                "avail": lambda g: g.available(now), "claim": lambda g: g.claim(n, now, S)}[op]
+        result = agree(pair, call)
+        if op == "claim" and result[0] == "ok" and result[1][0] >= 0:
+            receipts.append(result[1][1])
     agree(pair, lambda g: g.try_acquire(1, bad))
     assert pair[0].counts() == pair[1].counts()
 
