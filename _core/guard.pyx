@@ -916,6 +916,150 @@ cdef class Admission:
         return _steal(_done_value(None))
 
 
+# -- __enter__ as C methods: a refusal leaves without a Cython traceback frame ---------------------------------
+
+cdef extern from *:
+    """
+    typedef int (*bt_enter_impl)(PyObject *self);
+    static bt_enter_impl bt_adm_enter_impl = NULL, bt_stage_enter_impl = NULL;
+    static PyObject *bt_adm_enter(PyObject *self, PyObject *unused) {
+        if (bt_adm_enter_impl(self) < 0)
+            return NULL;
+        Py_INCREF(self);
+        return self;
+    }
+    static PyObject *bt_stage_enter(PyObject *self, PyObject *unused) {
+        if (bt_stage_enter_impl(self) < 0)
+            return NULL;
+        Py_INCREF(self);
+        return self;
+    }
+    static PyMethodDef bt_adm_enter_def = {"__enter__", (PyCFunction)bt_adm_enter, METH_NOARGS,
+        "Admit the call (returns the admission), or raise Overloaded."};
+    static PyMethodDef bt_stage_enter_def = {"__enter__", (PyCFunction)bt_stage_enter, METH_NOARGS,
+        "Take a permit (waiting up to max_wait), or raise the refusal; returns self."};
+    static int bt_set_enter(PyTypeObject *tp, PyMethodDef *def, bt_enter_impl impl, bt_enter_impl *slot) {
+        PyObject *d = PyDescr_NewMethod(tp, def);
+        int rc;
+        if (d == NULL)
+            return -1;
+        *slot = impl;
+        rc = PyDict_SetItemString(tp->tp_dict, def->ml_name, d);
+        Py_DECREF(d);
+        PyType_Modified(tp);
+        return rc;
+    }
+    #define bt_type_of(o) ((PyObject *)Py_TYPE(o))
+    """
+    ctypedef int (*bt_enter_impl)(PyObject *self) noexcept
+    bt_enter_impl bt_adm_enter_impl, bt_stage_enter_impl
+    ctypedef struct PyMethodDef:
+        const char *ml_name
+    PyMethodDef bt_adm_enter_def, bt_stage_enter_def
+    int bt_set_enter(PyTypeObject *tp, PyMethodDef *d, bt_enter_impl impl, bt_enter_impl *slot) except -1
+    PyObject *bt_type_of(PyObject *o) noexcept
+    PyObject *bt_not_initialised_what(PyObject *o, const char *what) noexcept
+
+cdef extern from "Python.h":
+    PyObject *bt_call1 "PyObject_CallOneArg"(PyObject *, PyObject *)
+    long long bt_as_ll "PyLong_AsLongLong"(PyObject *)
+    PyObject *bt_err_occurred "PyErr_Occurred"()
+    void bt_err_string "PyErr_SetString"(PyObject *, const char *)
+    void bt_err_fetch "PyErr_Fetch"(PyObject **, PyObject **, PyObject **)
+    void bt_err_restore "PyErr_Restore"(PyObject *, PyObject *, PyObject *)
+    PyObject *bt_callmethod0 "PyObject_CallMethod"(PyObject *, const char *, const char *)
+
+
+cdef int _clock_read(ShedBase sh, int64_t *out) noexcept:
+    cdef PyObject *r
+    cdef long long v
+    if sh.clock_ns is None:
+        out[0] = monotonic_ns()
+        return 0
+    r = bt_call0(<PyObject *>sh.clock_ns)
+    if r == NULL:
+        return -1
+    v = bt_as_ll(r)
+    bt_decref(r)
+    if v == -1 and bt_err_occurred() != NULL:
+        return -1
+    out[0] = v
+    return 0
+
+
+cdef int _adm_enter_c(PyObject *o) noexcept:
+    cdef Admission a = <Admission>o
+    cdef ShedBase sh = a.shedder
+    cdef int64_t lim, m, start
+    cdef long long v
+    cdef PyObject *r
+    cdef PyObject *prio
+    cdef PyObject *et
+    cdef PyObject *ev
+    cdef PyObject *etb
+    if sh is None or sh.priorities is None:
+        bt_not_initialised_what(o, b"get one from LoadShedder.admit()")
+        return -1
+    if not bt_cas(&a.held, 0, 1):
+        bt_err_string(<PyObject *>RuntimeError, b"this admission is already entered: use one shedder.admit() per call")
+        return -1
+    prio = bt_tuple_get(<PyObject *>sh.priorities, a.prio)
+    if sh.fast and a.prio >= bt_load(&sh._level):
+        lim = sh.limits[a.prio]
+        m = bt_load(&sh.p.limit)
+        if lim > m:
+            lim = m
+        if lim >= 1 and permits_try_limit(sh.p, 1, lim):
+            bt_fetch_add(&sh.admitted[a.prio], 1)
+            a.fast = 1
+            a.in_flight = bt_load(&sh.p.in_use)
+        else:
+            bt_fetch_add(&sh.shed[a.prio], 1)
+            bt_store(&a.held, 0)
+            r = bt_call1(<PyObject *>sh.refuse_py, prio)      # the Overloaded (lazy message)
+            if r != NULL:
+                bt_set_object(bt_type_of(r), r)
+                bt_decref(r)
+            return -1
+    else:
+        a.fast = 0
+        r = bt_call1(<PyObject *>sh.enter_py, prio)           # Overloaded when shed
+        if r == NULL:
+            bt_store(&a.held, 0)
+            return -1
+        v = bt_as_ll(r)
+        bt_decref(r)
+        a.in_flight = v
+    if _clock_read(sh, &start) < 0:     # a clock that fails: the slot taken goes back
+        bt_store(&a.held, 0)
+        bt_err_fetch(&et, &ev, &etb)
+        if a.fast:
+            permits_release(sh.p, 1)
+        else:
+            r = bt_callmethod0(<PyObject *>sh.flight, b"release", NULL)
+            if r != NULL:
+                bt_decref(r)
+            else:
+                bt_err_restore(NULL, NULL, NULL)
+        bt_err_restore(et, ev, etb)
+        return -1
+    a.start = start
+    return 0
+
+
+cdef int _stage_enter_c(PyObject *o) noexcept:
+    cdef StageBase b = <StageBase>o
+    cdef _Stage s = b._s
+    if s is None:
+        bt_not_initialised_what(o, b"_stage_setup() was not called")
+        return -1
+    if _enter(<PyObject *>s, NULL, NULL) < 0:
+        return -1
+    if not bt_held_enter(s.id):
+        bt_fetch_add(&s.floating, 1)
+    return 0
+
+
 cdef PyObject *_raising_exc(exc) except NULL:
     cdef PyObject *r = bt_aw_make(NULL, NULL, BT_AW_RAISE, NULL, <PyObject *>exc, 0, 0)
     if r == NULL:
@@ -996,6 +1140,8 @@ cdef class AttemptGuard:
 
 def _install():
     bt_aw_ready()
+    bt_set_enter(<PyTypeObject *>Admission, &bt_adm_enter_def, _adm_enter_c, &bt_adm_enter_impl)
+    bt_set_enter(<PyTypeObject *>StageBase, &bt_stage_enter_def, _stage_enter_c, &bt_stage_enter_impl)
     bt_attempt_set_settle(<PyObject *>_attempt_settle)
     cdef StageGuard probe = StageGuard.__new__(StageGuard)
     bt_guard_install(<PyTypeObject *>StageGuard, <Py_ssize_t>(<char *>&probe.vectorcall - <char *><PyObject *>probe))

@@ -74,6 +74,15 @@ static BT_GUARD_INLINE PyObject *bt_not_initialised(PyObject *self)
     return NULL;
 }
 
+/* The same error with its own reason: "<Type> is not initialised: <what> (a subclass must call ...)". */
+static BT_GUARD_INLINE PyObject *bt_not_initialised_what(PyObject *self, const char *what)
+{
+    const char *name = Py_TYPE(self)->tp_name, *dot = strrchr(name, '.');
+    PyErr_Format(PyExc_RuntimeError, "%s is not initialised: %s (a subclass must call super().__init__())",
+                 dot != NULL ? dot + 1 : name, what);
+    return NULL;
+}
+
 /* A result that needs a second look from a sync form: a type with an await slot (a coroutine, a future,
  * anything with __await__: the function was async), a generator or an async generator (a stream). Two
  * pointer loads for every other result. Generators and async generators carry tp_as_async (am_send /

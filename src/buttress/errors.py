@@ -19,18 +19,60 @@ def rejection(cls: type, message: str, retry_after: float | None = None) -> "Rej
     return exc  # type: ignore[no-any-return]
 
 
+def lazy_rejection(cls: type, fmt: str, values: tuple, retry_after: float | None = None) -> "Rejected":
+    """`rejection` with the message ``fmt % values`` formatted only when someone reads it. Internal."""
+    exc = cls.__new__(cls)
+    exc._lazy = (fmt, values)
+    if retry_after is not None:
+        exc.retry_after = retry_after
+    return exc  # type: ignore[no-any-return]
+
+
 class ButtressError(Exception):
     """Base of every error buttress raises."""
 
     retry_after: float | None = None
 
 
+_ARGS = BaseException.args       # the C-level args slot (a getset descriptor)
+
+
 class Rejected(ButtressError):
-    """A call refused before it ran. Retry never retries these unless `retry_on` names them."""
+    """A call refused before it ran. Retry never retries these unless `retry_on` names them.
+
+    A refusal built by `lazy_rejection` carries its message as (format, values) and formats it on first
+    use (str, repr, args, pickling): under overload most refusals are counted and dropped unread."""
 
     def __init__(self, message: str | None = None, *, retry_after: float | None = None) -> None:
         self.retry_after = retry_after
         super().__init__(message if message is not None else self._default_message())
+
+    def _materialise(self) -> None:
+        lazy = self.__dict__.pop("_lazy", None)
+        if lazy is not None:
+            _ARGS.__set__(self, (lazy[0] % lazy[1],))
+
+    @property  # type: ignore[override]
+    def args(self) -> tuple:
+        self._materialise()
+        return _ARGS.__get__(self)  # type: ignore[no-any-return]
+
+    @args.setter
+    def args(self, value: tuple) -> None:
+        self.__dict__.pop("_lazy", None)
+        _ARGS.__set__(self, value)
+
+    def __str__(self) -> str:
+        self._materialise()
+        return super().__str__()
+
+    def __repr__(self) -> str:
+        self._materialise()
+        return super().__repr__()
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        self._materialise()
+        return super().__reduce__()
 
     def _default_message(self) -> str:
         if self.retry_after is None:

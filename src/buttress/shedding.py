@@ -33,7 +33,7 @@ from ._wrap import CORO, specialize
 from .bulkhead import COLLECTED, is_lazy, settle_async, settle_sync
 from ._timers import call_later
 from .clock import is_system_clock, resolve_clock
-from .errors import Overloaded, Rejected, rejection
+from .errors import Overloaded, Rejected, lazy_rejection
 
 __all__ = ["Priority", "LoadShedder", "ShedderMetrics", "OverloadSignal", "LoopLag", "CpuUsage", "QueueDepth"]
 
@@ -49,6 +49,7 @@ class Priority(IntEnum):
     CRITICAL = 3
 
 
+_NAMES = tuple(p.name for p in Priority)    # Priority.name is a property lookup: cached for refusals
 _DEFAULT_FRACTIONS = {Priority.LOW: 0.5, Priority.MEDIUM: 0.75, Priority.HIGH: 0.9}
 _Permits = core("permits").Permits
 _ShedBase = core("guard").ShedBase
@@ -380,8 +381,10 @@ class LoadShedder(_ShedBase, Policy):
     def _shed_error(self, priority: Priority) -> Overloaded:
         """The Overloaded of a priority over its bound (counted by the caller), built without __init__."""
         latency = self._latency_ns
-        return rejection(Overloaded, f"{self._what} shed a {priority.name} call ({self._flight.in_use} in flight, "
-                                     f"capacity {self.capacity})", None if latency is None else latency / NS)
+        return lazy_rejection(Overloaded, "%s shed a %s call (%d in flight, capacity %d)",
+                              (self._what, _NAMES[priority], self._flight.in_use,
+                               self.capacity if self._max is None or self.limiter is not None else self._max),
+                              None if latency is None else latency / NS)
 
     def _refused(self, priority: Priority) -> Overloaded:
         next(self._shed[priority])
