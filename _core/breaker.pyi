@@ -4,12 +4,14 @@ from typing import Any, Callable, final
 from buttress._breaker_conf import BreakerConf
 from buttress.errors import CircuitOpenError
 
-__all__ = ["BreakerCore", "Permit", "Guarded", "SUCCESS", "FAILURE", "IGNORED", "CANCELLED"]
+__all__ = ["BreakerCore", "Permit", "Guarded", "SUCCESS", "FAILURE", "IGNORED", "CANCELLED", "HEADER_WORDS", "REMOTE"]
 
 SUCCESS: int
 FAILURE: int
 IGNORED: int
 CANCELLED: int
+HEADER_WORDS: int
+REMOTE: int
 
 class BreakerCore:
     hook: Callable[[str, Any, Any], None] | None
@@ -21,7 +23,14 @@ class BreakerCore:
                  record_result: Callable[[Any], object] | None = None,
                  clock_ns: Callable[[], int] | None = None, failure_threshold: int | None = None,
                  success_threshold: int | None = None,
-                 timeout: float | Callable[[int], float] | None = None) -> None: ...
+                 timeout: float | Callable[[int], float] | None = None, words: Any = None,
+                 locker: Any = None) -> None: ...
+    @staticmethod
+    def words_needed(window_size: int, time_window: bool, half_open_calls: int) -> int: ...
+    @staticmethod
+    def init_words(words: Any, window_size: int, time_window: bool, half_open_calls: int, now: int) -> None: ...
+    def _set_remote(self, remote: Any) -> None: ...
+    def _refused(self) -> None: ...
     @property
     def conf(self) -> BreakerConf: ...
     @property

@@ -28,12 +28,15 @@ from libc.stdlib cimport calloc, free
 from cpython.object cimport PyObject, PyTypeObject, PyObject_TypeCheck
 from cpython.ref cimport Py_XINCREF, Py_XDECREF
 from cpython.time cimport monotonic_ns
-from bt_atomic cimport bt_load, bt_store, bt_fetch_add, bt_exchange
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_C_CONTIGUOUS
+from bt_atomic cimport bt_load, bt_store, bt_fetch_add, bt_exchange, bt_cas
 from bt_state cimport (state_t, stamp_t, st_state, st_prep, st_gen, st_flight, st_claim, st_publish,
+                       st_publish_claimed, st_claim_word,
                        st_stamp_write, st_stamp_read, st_try_flight, st_return_flight,
                        ST_CLOSED, ST_OPEN, ST_HALF_OPEN, ST_FORCED_OPEN, ST_DISABLED, ST_METRICS_ONLY)
 from bt_window cimport (cw_record, cw_field, cw_empty, tw_add, tw_read_bucket, tw_epoch, tw_cbits, TW_FIELDS,
-                        bt_floormod, bt_sat_add, bt_sat_sub, wg_enter, wg_exit, wg_close, wg_open)
+                        bt_floormod, bt_sat_add, bt_sat_sub, wg_enter, wg_exit, wg_exit_tagged, wg_close, wg_open,
+                        bt_mono_ns)
 from bt_gcra cimport bt_as_i64
 
 import inspect
@@ -41,13 +44,16 @@ import logging
 import threading
 import types
 
-from buttress._breaker_conf import DEFAULTS, State, breaker_conf, guard_astream, guard_stream, open_duration_ns
+from buttress._breaker_conf import (COUNT_WINDOW_MAX, DEFAULTS, State, breaker_conf, guard_astream, guard_stream,
+                                    open_duration_ns)
+from buttress._params import check_int
+from buttress._twin.gcra import words_view as _twin_words_view
 from buttress._params import describe
 from buttress._spec import UsageError
 from buttress._wrap import refuse_sync_result, sync_in_async
 from buttress.errors import CircuitOpenError, Rejected
 
-__all__ = ["BreakerCore", "Permit", "Guarded", "SUCCESS", "FAILURE", "IGNORED", "CANCELLED"]
+__all__ = ["BreakerCore", "Permit", "Guarded", "SUCCESS", "FAILURE", "IGNORED", "CANCELLED", "HEADER_WORDS", "REMOTE"]
 
 log = logging.getLogger("buttress.circuit_breaker")
 
@@ -65,6 +71,10 @@ cdef object _D_SD = DEFAULTS["slow_call_duration"], _D_W = DEFAULTS["window"], _
 cdef object _D_MC = DEFAULTS["minimum_calls"], _D_OD = DEFAULTS["open_duration"], _D_HC = DEFAULTS["half_open_calls"]
 cdef str _UNINIT = "{} is not initialised: its __init__ never ran (a subclass must call super().__init__())"
 cdef object _HOOK_LOCK = threading.Lock()     # serialises hook assignments (rare); reads are lock-free
+
+
+def _words_view(words, nwords):
+    return _twin_words_view(words, nwords, "a circuit breaker")
 
 
 cdef inline bint _is_instance(object exc, tuple classes) noexcept:
@@ -187,8 +197,8 @@ cdef extern from *:
 
 
 cdef struct cwin_t:          # a count window: ring of outcome codes + one packed counter word
-    int64_t head
-    int64_t packed
+    int64_t *head
+    int64_t *packed
     int64_t size
     int64_t *slots
 
@@ -197,20 +207,90 @@ cdef inline void cwin_reset(cwin_t *w) noexcept nogil:
     cdef int64_t i
     for i in range(w.size):
         bt_store(&w.slots[i], 0)
-    bt_store(&w.head, 0)
-    bt_store(&w.packed, cw_empty())
+    bt_store(w.head, 0)
+    bt_store(w.packed, cw_empty())
+
+
+# The breaker's words: a header of HEADER_WORDS int64 words (this struct), then the closed window (a count
+# window: window_size codes; a time window: window_size buckets of TW_FIELDS words), then the half-open
+# window (half_open_calls codes). A process-local core owns them (one calloc); a core in a store points at
+# the store's words (shm: a segment every process of the host maps), so every process decides with the
+# same CAS on the same words. The twin lays its words out the same way (and decides under the store's lock).
+cdef struct bwords_t:
+    state_t st                   # 0..4: the state word, since[2] stamps
+    stamp_t until[2]             # 5..8: OPEN generation g may admit again at until[g & 1] (stamped g)
+    int64_t attempt              # 9
+    int64_t not_permitted        # 10
+    int64_t metrics_half         # 11: 1: metrics() reads the half-open window
+    int64_t tw_mark              # 12: time window: epoch * 2 + (calls < minimum) at the last evaluation
+    int64_t closed_guard         # 13: window guards (bt_window.pxd): tag = the generation recording
+    int64_t half_guard           # 14
+    int64_t cons                 # 15: classic: consecutive failures recorded in CLOSED / METRICS_ONLY
+    int64_t half_head            # 16, 17: the half-open count window's head and packed counters
+    int64_t half_packed
+    int64_t closed_head          # 18, 19: the closed count window's
+    int64_t closed_packed
+    int64_t stolen               # 20: the highest generation whose stalled preparation was taken over
+    int64_t magic                # 21: BW_MAGIC once init_words ran
+    int64_t pad[2]
+
+cdef extern from *:
+    """
+    #define BT_BW_MAGIC ((int64_t)0x4254425245414B31LL)   /* "BTBREAK1" */
+    """
+    const int64_t BW_MAGIC "BT_BW_MAGIC"
+
+cdef enum:
+    BW_HEADER = 24
+HEADER_WORDS = BW_HEADER
+BW_MAGIC_VALUE = 0x4254425245414B31
+assert sizeof(bwords_t) == 8 * BW_HEADER
+REMOTE = 1 << 62                 # a token issued by a store's shared breaker (Redis), not by these words
+cdef int64_t _REMOTE = 1 << 62
+cdef int64_t PREP_STALL_NS = 1000000000       # a preparation stalled this long was abandoned (a killed process)
+cdef int64_t GUARD_STALL_NS = 50000000        # shared words: a writer inside a guard this long is dead
+
+
+cdef inline int64_t _words_needed(int64_t window_size, bint time_window, int64_t half_calls) noexcept nogil:
+    cdef int64_t n = BW_HEADER + (window_size * TW_FIELDS if time_window else window_size) + half_calls
+    return (n + 7) & ~7
+
+
+cdef void _init_words(bwords_t *w, int64_t *win, int64_t closed_n, int64_t half_n, bint time_window,
+                      int64_t now) noexcept nogil:
+    """Write the words of a new breaker: CLOSED generation 0 (begun at now), windows empty."""
+    cdef int64_t i
+    for i in range(closed_n + half_n):
+        bt_store(&win[i], 0)
+    bt_store(&w.st.word, 0)
+    st_stamp_write(&w.st.since[1], -1, 0)
+    st_stamp_write(&w.st.since[0], 0, now)
+    st_stamp_write(&w.until[0], -1, 0)
+    st_stamp_write(&w.until[1], -1, 0)
+    bt_store(&w.attempt, 0)
+    bt_store(&w.not_permitted, 0)
+    bt_store(&w.metrics_half, 0)
+    bt_store(&w.tw_mark, -1)
+    bt_store(&w.cons, 0)
+    bt_store(&w.half_head, 0)
+    bt_store(&w.half_packed, cw_empty())
+    bt_store(&w.closed_head, 0)
+    bt_store(&w.closed_packed, cw_empty())
+    bt_store(&w.stolen, -1)
+    wg_open(&w.closed_guard, 0)          # CLOSED generation 0 records into the closed window
+    wg_close(&w.half_guard, 0)
+    bt_store(&w.magic, BW_MAGIC)
 
 
 @cython.auto_pickle(False)
 cdef class BreakerCore:
-    cdef state_t st
-    cdef stamp_t until[2]            # OPEN generation g may admit again at until[g & 1] (stamped g)
-    cdef int64_t attempt_
-    cdef int64_t not_permitted_
-    cdef int64_t metrics_half        # 1: metrics() reads the half-open window
-    cdef int64_t tw_mark             # time window: epoch * 2 + (calls < minimum) at the last evaluation
-    cdef int64_t closed_guard        # window guards (bt_window.pxd): tag = the generation recording
-    cdef int64_t half_guard
+    cdef bwords_t *w                 # the words decided on: &own, or a store's words (buf)
+    cdef bwords_t own
+    cdef int64_t *own_win            # process-local: the windows' words (calloc)
+    cdef Py_buffer *buf              # a store's words (malloc'd: a Py_buffer member would be traversed and
+                                     # cleared by the GC while exported; buf.obj keeps the object alive)
+    cdef int64_t guard_stall         # 0: wait for writers in a guard (process-local); else ns (shared)
+    cdef int64_t prep_word, prep_seen   # a preparation seen in progress (word) and when (ns): take-over
     cdef cwin_t closed               # count window (closed state), when not time based
     cdef int64_t *tw                 # time window words (closed state), when time based
     cdef int64_t tw_base             # 0: 1 s buckets give every int64 reading its exact epoch
@@ -220,7 +300,7 @@ cdef class BreakerCore:
     cdef object hook_owner
     cdef list hook_retired           # earlier hooks stay alive: a lock-free reader may still hold one
     cdef int64_t ready_              # 1 once __init__ completed
-    cdef int64_t cons_               # classic: consecutive failures recorded in CLOSED / METRICS_ONLY
+    cdef object remote_              # a store's shared breaker (Redis): decides instead of the words
     # configuration
     cdef object conf_
     cdef str name_
@@ -234,12 +314,14 @@ cdef class BreakerCore:
                  slow_call_duration=_D_SD, window=_D_W, window_size=_D_WS, minimum_calls=_D_MC,
                  open_duration=_D_OD, half_open_calls=_D_HC, half_open_max_wait=None, record=(Exception,),
                  ignore=(), record_result=None, clock_ns=None, failure_threshold=None, success_threshold=None,
-                 timeout=None):
-        if bt_load(&self.ready_) or self.half.slots != NULL:
+                 timeout=None, words=None, locker=None):
+        if bt_load(&self.ready_) or self.w != NULL:
             raise RuntimeError(f"{type(self).__name__} is already initialised; create a new one instead")
         c = breaker_conf(name, failure_rate_threshold, slow_call_rate_threshold, slow_call_duration, window,
                          window_size, minimum_calls, open_duration, half_open_calls, half_open_max_wait, record,
                          ignore, record_result, clock_ns, failure_threshold, success_threshold, timeout)
+        if locker is not None and not (hasattr(type(locker), "__enter__") and hasattr(type(locker), "__exit__")):
+            raise TypeError(f"locker must be None or a context manager, got {type(locker).__name__}")
         self.conf_ = c
         self.name_ = c.name
         self.fr_threshold, self.sr_threshold = c.failure_rate_threshold, c.slow_call_rate_threshold
@@ -252,34 +334,80 @@ cdef class BreakerCore:
         self.record_rejected = c.record_rejected
         self.classic_, self.fail_th, self.succ_th = c.classic, c.failure_threshold, c.success_threshold
         self.hook_retired = []
-        cdef int64_t now = self._now()
+        cdef int64_t closed_n = self.window_size * TW_FIELDS if self.time_window else self.window_size
+        cdef int64_t nw = _words_needed(self.window_size, self.time_window, self.half_calls)
+        cdef int64_t *win
+        cdef bwords_t *bw
+        if words is None:
+            self.own_win = <int64_t *>calloc(closed_n + self.half_calls, sizeof(int64_t))
+            if self.own_win == NULL:
+                raise MemoryError()
+            win, bw = self.own_win, &self.own
+            _init_words(bw, win, closed_n, self.half_calls, self.time_window, self._now())
+        else:
+            raw = _words_view(words, nw)
+            self.buf = <Py_buffer *>calloc(1, sizeof(Py_buffer))
+            if self.buf == NULL:
+                raise MemoryError()
+            try:
+                PyObject_GetBuffer(raw, self.buf, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS)
+            except BaseException:
+                free(self.buf)
+                self.buf = NULL
+                raise
+            bw = <bwords_t *>self.buf.buf
+            if bt_load(&bw.magic) != BW_MAGIC:
+                raise ValueError("words are not a breaker's: write them with BreakerCore.init_words() first "
+                                 "(a store's bind(init=...) does that once, when it creates them)")
+            win = (<int64_t *>self.buf.buf) + BW_HEADER
+            self.guard_stall = GUARD_STALL_NS
         if self.time_window:
-            self.tw = <int64_t *>calloc(self.window_size * TW_FIELDS, sizeof(int64_t))
+            self.tw = win
         else:
             self.closed.size = self.window_size
-            self.closed.slots = <int64_t *>calloc(self.window_size, sizeof(int64_t))
+            self.closed.slots = win
+        self.closed.head, self.closed.packed = &bw.closed_head, &bw.closed_packed
         self.half.size = self.half_calls
-        self.half.slots = <int64_t *>calloc(self.half_calls, sizeof(int64_t))
-        if self.half.slots == NULL or (self.tw == NULL and self.closed.slots == NULL):
-            raise MemoryError()
-        if not self.time_window:
-            cwin_reset(&self.closed)
-        cwin_reset(&self.half)
-        bt_store(&self.tw_mark, -1)
+        self.half.slots = win + closed_n
+        self.half.head, self.half.packed = &bw.half_head, &bw.half_packed
         self.tw_base, self.tw_bits = 0, tw_cbits(1000000000)
-        bt_store(&self.st.word, 0)
-        st_stamp_write(&self.st.since[1], -1, 0)
-        st_stamp_write(&self.st.since[0], 0, now)
-        st_stamp_write(&self.until[0], -1, 0)
-        st_stamp_write(&self.until[1], -1, 0)
-        wg_open(&self.closed_guard, 0)          # CLOSED generation 0 records into the closed window
-        wg_close(&self.half_guard)
+        self.w = bw
         bt_store(&self.ready_, 1)
 
     def __dealloc__(self):
-        free(self.closed.slots)
-        free(self.tw)
-        free(self.half.slots)
+        free(self.own_win)
+        if self.buf != NULL:
+            PyBuffer_Release(self.buf)
+            free(self.buf)
+
+    @staticmethod
+    def words_needed(window_size, time_window, half_open_calls):
+        """int64 words of a breaker's state (rounded up to whole 64-byte lines)."""
+        ws = check_int("window_size", window_size, minimum=1, maximum=COUNT_WINDOW_MAX)
+        hc = check_int("half_open_calls", half_open_calls, minimum=1, maximum=COUNT_WINDOW_MAX)
+        return _words_needed(ws, bool(time_window), hc)
+
+    @staticmethod
+    def init_words(words, window_size, time_window, half_open_calls, now):
+        """Write the words of a new breaker into `words` (CLOSED generation 0, begun at `now` ns)."""
+        cdef Py_buffer b
+        cdef int64_t ws = check_int("window_size", window_size, minimum=1, maximum=COUNT_WINDOW_MAX)
+        cdef int64_t hc = check_int("half_open_calls", half_open_calls, minimum=1, maximum=COUNT_WINDOW_MAX)
+        cdef bint tw = bool(time_window)
+        cdef int64_t t = bt_as_i64(now, "now")
+        raw = _words_view(words, _words_needed(ws, tw, hc))
+        PyObject_GetBuffer(raw, &b, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS)
+        try:
+            _init_words(<bwords_t *>b.buf, (<int64_t *>b.buf) + BW_HEADER, ws * TW_FIELDS if tw else ws, hc,
+                        tw, t)
+        finally:
+            PyBuffer_Release(&b)
+
+    def _set_remote(self, remote):
+        """Let a store's shared breaker (Redis) decide: remote.acquire() -> token >= 0, -1 refused, -2 decide
+        here; remote.record(token, failed, slow, ignored); remote.rejection(now) -> CircuitOpenError or None."""
+        self._ready()
+        self.remote_ = remote
 
     cdef inline int _ready(self) except -1:
         if not bt_load(&self.ready_):
@@ -340,68 +468,115 @@ cdef class BreakerCore:
     @property
     def attempt(self):
         self._ready()
-        return bt_load(&self.attempt_)
+        return bt_load(&self.w.attempt)
 
     # -- transitions ----------------------------------------------------------------------------------
     cdef int64_t _move(self, int expect, int64_t gen, int new, int64_t now, int64_t attempt) except -2:
         """(expect, gen) -> new; attempt >= 0 sets the attempt count. Returns the new generation, or -1
         when another thread moved first (then nothing here happens). Claim, prepare, publish: whatever
         generation gen + 1 needs is in place before the state word shows it."""
-        cdef int64_t ng = gen + 1, w, open_ns = 0
+        cdef int64_t w, claimed, open_ns = 0
         if new == ST_OPEN:
-            w = bt_load(&self.st.word)
+            w = bt_load(&self.w.st.word)
             if st_state(w) != expect or st_gen(w) != gen or st_prep(w):
                 return -1
             open_ns = open_duration_ns(self.conf_, attempt, log)    # user code: before the claim
-        if not st_claim(&self.st, expect, gen):
+        claimed = st_claim_word(&self.w.st, expect, gen)
+        if claimed < 0:
             return -1
-        # prepare: no Python from here to the publish, nothing can fail
-        st_stamp_write(&self.st.since[ng & 1], ng, now)
-        if new == ST_OPEN:
-            st_stamp_write(&self.until[ng & 1], ng, bt_sat_add(now, open_ns))
-        if attempt >= 0:
-            bt_store(&self.attempt_, attempt)
-        wg_close(&self.closed_guard)           # older generations record nothing from here on
-        wg_close(&self.half_guard)
-        if new == ST_CLOSED or new == ST_METRICS_ONLY:
-            self._reset_closed()
-            bt_store(&self.metrics_half, 0)
-            wg_open(&self.closed_guard, ng)
-        elif new == ST_HALF_OPEN:
-            cwin_reset(&self.half)
-            bt_store(&self.metrics_half, 1)
-            wg_open(&self.half_guard, ng)
-        st_publish(&self.st, new, ng)
+        if not self._prepare_publish(claimed, new, gen + 1, now, attempt, open_ns):
+            return -1                           # stalled so long that another process took it over
         h = self._hook()
         if h is not None and expect != new:     # a manual restart of the same state is no change
             h("state_change", _STATES[expect], _STATES[new])
-        return ng
+        return gen + 1
+
+    cdef bint _prepare_publish(self, int64_t claimed, int new, int64_t ng, int64_t now, int64_t attempt,
+                               int64_t open_ns) noexcept nogil:
+        """Prepare generation ng of state `new` and publish it over the claimed word (no Python from the
+        claim to the publish, nothing can fail)."""
+        st_stamp_write(&self.w.st.since[ng & 1], ng, now)
+        if new == ST_OPEN:
+            st_stamp_write(&self.w.until[ng & 1], ng, bt_sat_add(now, open_ns))
+        if attempt >= 0:
+            bt_store(&self.w.attempt, attempt)
+        wg_close(&self.w.closed_guard, self.guard_stall)   # older generations record nothing from here on
+        wg_close(&self.w.half_guard, self.guard_stall)
+        if new == ST_CLOSED or new == ST_METRICS_ONLY:
+            self._reset_closed()
+            bt_store(&self.w.metrics_half, 0)
+            wg_open(&self.w.closed_guard, ng)
+        elif new == ST_HALF_OPEN:
+            cwin_reset(&self.half)
+            bt_store(&self.w.metrics_half, 1)
+            wg_open(&self.w.half_guard, ng)
+        if self.guard_stall == 0:
+            st_publish(&self.w.st, new, ng)     # process-local: nobody else can publish a claimed word
+            return True
+        return st_publish_claimed(&self.w.st, claimed, new, ng)
+
+    cdef int _takeover(self, int64_t w) except -1:
+        """Shared words: a transition claimed (PREP) and not published within PREP_STALL_NS belongs to a
+        process killed between its claim and its publish. One process (the CAS on `stolen`) takes the
+        claim over and publishes a fresh generation of the same state (OPEN: a fresh open_duration), so
+        the breaker never stays frozen. Returns 1 when the word moved on (decide again)."""
+        cdef int64_t t, v, gen = st_gen(w), open_ns = 0, mono
+        cdef int s = st_state(w)
+        if self.guard_stall == 0 or not st_prep(w):
+            return 0
+        mono = bt_mono_ns()
+        if bt_load(&self.prep_word) != w:
+            bt_store(&self.prep_word, w)
+            bt_store(&self.prep_seen, mono)
+            return 0
+        if mono - bt_load(&self.prep_seen) < PREP_STALL_NS:
+            return 0
+        if s == ST_OPEN:
+            open_ns = open_duration_ns(self.conf_, max(1, bt_load(&self.w.attempt)), log)
+        t = self._now()
+        while True:
+            v = bt_load(&self.w.stolen)
+            if v >= gen + 1 or bt_load(&self.w.st.word) != w:
+                return 1                        # taken over by another process, or published meanwhile
+            if bt_cas(&self.w.stolen, v, gen + 1):
+                break
+        self._prepare_publish(w, s, gen + 1, t, -1, open_ns)
+        log.warning("circuit breaker %r: a transition left half-done by a dead process was taken over", self.name_)
+        return 1
+
+    cdef inline void _gexit(self, int64_t *g, int64_t tag) noexcept nogil:
+        if self.guard_stall == 0:
+            wg_exit(g)
+        else:
+            wg_exit_tagged(g, tag)
 
     cdef void _reset_closed(self) noexcept nogil:
         cdef int64_t i
-        bt_store(&self.cons_, 0)
+        bt_store(&self.w.cons, 0)
         if self.time_window:
             for i in range(self.window_size * TW_FIELDS):
                 bt_store(&self.tw[i], 0)
-            bt_store(&self.tw_mark, -1)
+            bt_store(&self.w.tw_mark, -1)
         else:
             cwin_reset(&self.closed)
 
     cdef int _current(self, int64_t now) except -1:
         """What a state read applies (DESIGN §3c): OPEN whose open_duration has passed enters HALF_OPEN
         now (as a call would), and HALF_OPEN past half_open_max_wait re-opens."""
-        cdef int64_t w = bt_load(&self.st.word), t
-        if (st_state(w) == ST_OPEN and not st_prep(w) and st_stamp_read(&self.until[st_gen(w) & 1], st_gen(w), &t)
+        cdef int64_t w = bt_load(&self.w.st.word), t
+        if st_prep(w) and self._takeover(w):
+            w = bt_load(&self.w.st.word)
+        if (st_state(w) == ST_OPEN and not st_prep(w) and st_stamp_read(&self.w.until[st_gen(w) & 1], st_gen(w), &t)
                 and now >= t):
             self._move(ST_OPEN, st_gen(w), ST_HALF_OPEN, now, -1)
         return self._expire_half_open(now)
 
     cdef int _expire_half_open(self, int64_t now) except -1:
-        cdef int64_t w = bt_load(&self.st.word), t
+        cdef int64_t w = bt_load(&self.w.st.word), t
         if (st_state(w) == ST_HALF_OPEN and not st_prep(w) and self.half_max_wait_ns >= 0
-                and st_stamp_read(&self.st.since[st_gen(w) & 1], st_gen(w), &t)
+                and st_stamp_read(&self.w.st.since[st_gen(w) & 1], st_gen(w), &t)
                 and bt_sat_sub(now, t) >= self.half_max_wait_ns):
-            self._move(ST_HALF_OPEN, st_gen(w), ST_OPEN, now, bt_load(&self.attempt_) + 1)
+            self._move(ST_HALF_OPEN, st_gen(w), ST_OPEN, now, bt_load(&self.w.attempt) + 1)
         return 0
 
     # -- decisions ------------------------------------------------------------------------------------
@@ -409,8 +584,12 @@ cdef class BreakerCore:
         """A token, or -1. Without have_now the clock is read only if the state needs it."""
         cdef int64_t w, g, t
         cdef int s
+        if self.remote_ is not None:
+            t = self._remote_acquire()
+            if t != -2:
+                return t                        # -2: the store is down and its policy is "local"
         while True:
-            w = bt_load(&self.st.word)
+            w = bt_load(&self.w.st.word)
             s = st_state(w)
             g = st_gen(w)
             if s == ST_CLOSED or s == ST_METRICS_ONLY or s == ST_DISABLED:
@@ -419,29 +598,49 @@ cdef class BreakerCore:
                 now = self._now()               # only a non-CLOSED state needs the time
                 have_now = True
             if st_prep(w):
-                pass                            # a transition is being prepared: refuse as its old state
+                if self._takeover(w):           # a transition is being prepared: refuse as its old state
+                    continue
             elif s == ST_OPEN:
-                if not st_stamp_read(&self.until[g & 1], g, &t):
+                if not st_stamp_read(&self.w.until[g & 1], g, &t):
                     continue                    # the word moved on while we read: decide again
                 if now >= t:
                     self._move(ST_OPEN, g, ST_HALF_OPEN, now, -1)
                     continue
             elif s == ST_HALF_OPEN:
                 if self.half_max_wait_ns >= 0:
-                    if not st_stamp_read(&self.st.since[g & 1], g, &t):
+                    if not st_stamp_read(&self.w.st.since[g & 1], g, &t):
                         continue
                     if bt_sat_sub(now, t) >= self.half_max_wait_ns:
-                        self._move(ST_HALF_OPEN, g, ST_OPEN, now, bt_load(&self.attempt_) + 1)
+                        self._move(ST_HALF_OPEN, g, ST_OPEN, now, bt_load(&self.w.attempt) + 1)
                         continue
-                if st_try_flight(&self.st, g, self.half_calls):
+                if st_try_flight(&self.w.st, g, self.half_calls):
                     return g << 1 | 1
-                if st_gen(bt_load(&self.st.word)) != g:
+                if st_gen(bt_load(&self.w.st.word)) != g:
                     continue                    # moved on while we tried: decide again
-            bt_fetch_add(&self.not_permitted_, 1)
-            h = self._hook()
-            if h is not None:
-                h("not_permitted", None, None)
+            self._count_refusal()
             return -1
+
+    cdef int _count_refusal(self) except -1:
+        bt_fetch_add(&self.w.not_permitted, 1)
+        h = self._hook()
+        if h is not None:
+            h("not_permitted", None, None)
+        return 0
+
+    cdef int64_t _remote_acquire(self) except -3:
+        """The store's shared breaker decides: a token flagged REMOTE, -1 (refused), -2 (decide here)."""
+        cdef int64_t r = self.remote_.acquire()
+        if r >= 0:
+            return r | _REMOTE
+        if r == -1:
+            self._count_refusal()
+            return -1
+        return -2
+
+    def _refused(self):
+        """Count a refusal decided by the store (not_permitted, the event)."""
+        self._ready()
+        self._count_refusal()
 
     def acquire(self, now=None):
         """A token (generation << 1 | half-open bit) when the call may go ahead, else -1."""
@@ -451,12 +650,16 @@ cdef class BreakerCore:
     cdef object _rejection(self, int64_t now):
         cdef int64_t w, t
         cdef int s
+        if self.remote_ is not None:
+            e = self.remote_.rejection(now)
+            if e is not None:
+                return e
         while True:
-            w = bt_load(&self.st.word)
+            w = bt_load(&self.w.st.word)
             s = st_state(w)
             if s != ST_OPEN:
                 return CircuitOpenError(self.name_, _STATES[s], None)
-            if st_stamp_read(&self.until[st_gen(w) & 1], st_gen(w), &t):
+            if st_stamp_read(&self.w.until[st_gen(w) & 1], st_gen(w), &t):
                 t = bt_sat_sub(t, now)
                 return CircuitOpenError(self.name_, _STATES[s], (t if t > 0 else 0) / 1e9)
 
@@ -524,9 +727,11 @@ cdef class BreakerCore:
         cdef int64_t gen = token >> 1, w, p, calls, failures, slows, duration = 0, epoch
         cdef bint failed, slow, counted
         cdef int s
+        if token & _REMOTE:
+            return self._remote_record(token, outcome, start, now, have_now, exc)
         if outcome >= O_IGNORED:
             if token & 1:
-                st_return_flight(&self.st, gen)
+                st_return_flight(&self.w.st, gen)
             if outcome == O_IGNORED:
                 h = self._hook()
                 if h is not None:
@@ -544,41 +749,43 @@ cdef class BreakerCore:
             return self._record_classic(token, failed, now, have_now, exc)
         slow = self.slow_ns >= 0 and duration > self.slow_ns
         if token & 1:                                  # a half-open probe
-            if not wg_enter(&self.half_guard, gen):
+            if not wg_enter(&self.w.half_guard, gen):
                 return 0                               # stale generation: dropped entirely
-            cw_record(&self.half.head, &self.half.packed, self.half.slots, self.half.size, failed, slow)
-            p = bt_load(&self.half.packed)
-            wg_exit(&self.half_guard)
+            cw_record(self.half.head, self.half.packed, self.half.slots, self.half.size, failed, slow)
+            p = bt_load(self.half.packed)
+            self._gexit(&self.w.half_guard, gen)
             self._outcome_hook(failed, exc, duration)
             calls = cw_field(p, 0)
             if calls >= self.half_minimum:
                 if not have_now:
                     now = self._now()                  # the verdict needs the time (its deadline)
                 if self._exceeded(calls, cw_field(p, 16), cw_field(p, 32)):
-                    self._move(ST_HALF_OPEN, gen, ST_OPEN, now, bt_load(&self.attempt_) + 1)
+                    self._move(ST_HALF_OPEN, gen, ST_OPEN, now, bt_load(&self.w.attempt) + 1)
                 else:
                     self._move(ST_HALF_OPEN, gen, ST_CLOSED, now, 0)
             return 0
-        if not wg_enter(&self.closed_guard, gen):
+        if not wg_enter(&self.w.closed_guard, gen):
+            if self.guard_stall:
+                self._takeover(bt_load(&self.w.st.word))   # a preparation left by a killed process?
             return 0                                   # stale generation, DISABLED, OPEN...: dropped
         if self.time_window:
             epoch = self._tw_record(failed, slow, now)
         else:
-            cw_record(&self.closed.head, &self.closed.packed, self.closed.slots, self.closed.size, failed, slow)
-            p = bt_load(&self.closed.packed)
-        wg_exit(&self.closed_guard)
+            cw_record(self.closed.head, self.closed.packed, self.closed.slots, self.closed.size, failed, slow)
+            p = bt_load(self.closed.packed)
+        self._gexit(&self.w.closed_guard, gen)
         self._outcome_hook(failed, exc, duration)
-        w = bt_load(&self.st.word)
+        w = bt_load(&self.w.st.word)
         if st_gen(w) != gen:
             return 0
         s = st_state(w)
         if self.time_window:
-            if not (failed or slow) and bt_load(&self.tw_mark) == epoch * 2:
+            if not (failed or slow) and bt_load(&self.w.tw_mark) == epoch * 2:
                 # a fast success in the same second, with the minimum already reached, can only
                 # lower the rates: skip summing the buckets
                 return 0
             calls, failures, slows = self._tw_counts(now)
-            bt_store(&self.tw_mark, epoch * 2 + (calls < self.minimum_calls))
+            bt_store(&self.w.tw_mark, epoch * 2 + (calls < self.minimum_calls))
         else:
             calls, failures, slows = cw_field(p, 0), cw_field(p, 16), cw_field(p, 32)
         # a fast success can only lower the rates, unless it is the call that reaches the minimum
@@ -591,6 +798,26 @@ cdef class BreakerCore:
                 self._move(ST_CLOSED, gen, ST_OPEN, now, 1)
         return 0
 
+    cdef int _remote_record(self, int64_t token, int outcome, int64_t start, int64_t now, bint have_now,
+                            exc) except -1:
+        """A call admitted by the store's shared breaker: its outcome goes there (CLOSED outcomes are
+        counted locally and flushed by the store; half-open ones are reported at once)."""
+        cdef int64_t duration = 0
+        cdef bint failed = outcome == O_FAILURE, slow = False
+        if self.timing_:
+            if not have_now:
+                now = self._now()
+            duration = bt_sat_sub(now, start)
+            slow = outcome < O_IGNORED and self.slow_ns >= 0 and duration > self.slow_ns
+        self.remote_.record(token & ~_REMOTE, failed, slow, outcome >= O_IGNORED)
+        h = self._hook()
+        if h is not None:
+            if outcome == O_IGNORED:
+                h("ignored", exc, duration if self.timing_ else None)
+            elif outcome < O_IGNORED:
+                self._outcome_hook(failed, exc, duration)
+        return 0
+
     cdef int _record_classic(self, int64_t token, bint failed, int64_t now, bint have_now, exc) except -1:
         """CLOSED: a failure fetch-adds one to the run of consecutive failures, a success stores 0 (or
         finds it 0 already: then it is ordered before any failure that follows); the failure whose
@@ -598,34 +825,36 @@ cdef class BreakerCore:
         count window; one failure re-opens, success_threshold successes (and no failure) close."""
         cdef int64_t gen = token >> 1, p, run = 0
         if token & 1:
-            if not wg_enter(&self.half_guard, gen):
+            if not wg_enter(&self.w.half_guard, gen):
                 return 0                               # stale generation: dropped entirely
-            cw_record(&self.half.head, &self.half.packed, self.half.slots, self.half.size, failed, False)
-            p = bt_load(&self.half.packed)
-            wg_exit(&self.half_guard)
+            cw_record(self.half.head, self.half.packed, self.half.slots, self.half.size, failed, False)
+            p = bt_load(self.half.packed)
+            self._gexit(&self.w.half_guard, gen)
             self._outcome_hook(failed, exc, 0)
             if failed or (cw_field(p, 16) == 0 and cw_field(p, 0) >= self.succ_th):
                 if not have_now:
                     now = self._now()                  # the verdict needs the time (its deadline)
                 if failed:
-                    self._move(ST_HALF_OPEN, gen, ST_OPEN, now, bt_load(&self.attempt_) + 1)
+                    self._move(ST_HALF_OPEN, gen, ST_OPEN, now, bt_load(&self.w.attempt) + 1)
                 else:
                     self._move(ST_HALF_OPEN, gen, ST_CLOSED, now, 0)
             return 0
-        if not failed and bt_load(&self.cons_) == 0:
+        if not failed and bt_load(&self.w.cons) == 0:
             # nothing to reset: this success is ordered before any failure that follows
-            if self._hook() is not None and st_gen(bt_load(&self.st.word)) == gen:
+            if self._hook() is not None and st_gen(bt_load(&self.w.st.word)) == gen:
                 self._outcome_hook(False, None, 0)
             return 0
-        if not wg_enter(&self.closed_guard, gen):
+        if not wg_enter(&self.w.closed_guard, gen):
+            if self.guard_stall:
+                self._takeover(bt_load(&self.w.st.word))   # a preparation left by a killed process?
             return 0                                   # stale generation, DISABLED, OPEN...: dropped
         if failed:
-            run = bt_fetch_add(&self.cons_, 1) + 1
+            run = bt_fetch_add(&self.w.cons, 1) + 1
         else:
-            bt_store(&self.cons_, 0)
-        wg_exit(&self.closed_guard)
+            bt_store(&self.w.cons, 0)
+        self._gexit(&self.w.closed_guard, gen)
         self._outcome_hook(failed, exc, 0)
-        if failed and run >= self.fail_th and st_state(bt_load(&self.st.word)) == ST_CLOSED:
+        if failed and run >= self.fail_th and st_state(bt_load(&self.w.st.word)) == ST_CLOSED:
             if not have_now:
                 now = self._now()
             self._move(ST_CLOSED, gen, ST_OPEN, now, 1)
@@ -675,12 +904,12 @@ cdef class BreakerCore:
         read, a HALF_OPEN one past half_open_max_wait re-opens."""
         self._ready()
         self._current(self._now_arg(now))
-        return st_state(bt_load(&self.st.word))
+        return st_state(bt_load(&self.w.st.word))
 
     def load(self):
         """(state, generation, half-open permits out)."""
         self._ready()
-        cdef int64_t w = bt_load(&self.st.word)
+        cdef int64_t w = bt_load(&self.w.st.word)
         return (st_state(w), st_gen(w), st_flight(w))
 
     def transition_to(self, state, now=None):
@@ -691,13 +920,14 @@ cdef class BreakerCore:
         cdef int64_t w, attempt, t = self._now_arg(now)
         cdef int cur
         while True:
-            w = bt_load(&self.st.word)
+            w = bt_load(&self.w.st.word)
             if st_prep(w):
-                continue                        # another transition is being prepared (no GIL): wait
+                self._takeover(w)               # another transition is being prepared (no GIL): wait
+                continue
             cur = st_state(w)
             if new == cur or (new == ST_HALF_OPEN and cur != ST_OPEN):
                 raise ValueError(f"illegal transition: {State(cur).name} -> {State(new).name}")
-            attempt = bt_load(&self.attempt_) + 1 if new == ST_OPEN else (0 if new == ST_CLOSED else -1)
+            attempt = bt_load(&self.w.attempt) + 1 if new == ST_OPEN else (0 if new == ST_CLOSED else -1)
             if self._move(cur, st_gen(w), new, t, attempt) >= 0:
                 return
 
@@ -705,10 +935,11 @@ cdef class BreakerCore:
         """CLOSED with an empty window, attempt 0, not_permitted 0 (a new generation)."""
         self._ready()
         cdef int64_t w, t = self._now_arg(now)
-        bt_store(&self.not_permitted_, 0)
+        bt_store(&self.w.not_permitted, 0)
         while True:
-            w = bt_load(&self.st.word)
+            w = bt_load(&self.w.st.word)
             if st_prep(w):
+                self._takeover(w)
                 continue
             if self._move(st_state(w), st_gen(w), ST_CLOSED, t, 0) >= 0:
                 return
@@ -724,8 +955,9 @@ cdef class BreakerCore:
                              f"got {State(new).name}")
         cdef int64_t w, t = self._now_arg(now)
         while True:
-            w = bt_load(&self.st.word)
+            w = bt_load(&self.w.st.word)
             if st_prep(w):
+                self._takeover(w)
                 continue
             if self._move(st_state(w), st_gen(w), new, t, 0 if new == ST_CLOSED else -1) >= 0:
                 return
@@ -735,29 +967,29 @@ cdef class BreakerCore:
         self._ready()
         cdef int64_t p, calls, failures, slows, minimum, t = self._now_arg(now)
         self._current(t)
-        if bt_load(&self.metrics_half):
-            p = bt_load(&self.half.packed)
+        if bt_load(&self.w.metrics_half):
+            p = bt_load(self.half.packed)
             calls, failures, slows = cw_field(p, 0), cw_field(p, 16), cw_field(p, 32)
             minimum = self.half_minimum
         elif self.classic_:                    # the run of consecutive failures; no rates
-            calls = bt_load(&self.cons_)
-            return (st_state(bt_load(&self.st.word)), calls, calls, 0, -1.0, -1.0, bt_load(&self.not_permitted_))
+            calls = bt_load(&self.w.cons)
+            return (st_state(bt_load(&self.w.st.word)), calls, calls, 0, -1.0, -1.0, bt_load(&self.w.not_permitted))
         elif self.time_window:
             calls, failures, slows = self._tw_counts(t)
             minimum = self.minimum_calls
         else:
-            p = bt_load(&self.closed.packed)
+            p = bt_load(self.closed.packed)
             calls, failures, slows = cw_field(p, 0), cw_field(p, 16), cw_field(p, 32)
             minimum = self.minimum_calls
         ok = calls >= minimum and calls > 0
-        return (st_state(bt_load(&self.st.word)), calls, failures, slows,
+        return (st_state(bt_load(&self.w.st.word)), calls, failures, slows,
                 <double>failures / calls if ok else -1.0, <double>slows / calls if ok else -1.0,
-                bt_load(&self.not_permitted_))
+                bt_load(&self.w.not_permitted))
 
     def __repr__(self):
         if not bt_load(&self.ready_):
             return f"<{type(self).__name__} (not initialised)>"
-        return f"BreakerCore(name={self.name_!r}, state={st_state(bt_load(&self.st.word))})"
+        return f"BreakerCore(name={self.name_!r}, state={st_state(bt_load(&self.w.st.word))})"
 
     # -- calling --------------------------------------------------------------------------------------
     def start(self):
@@ -982,8 +1214,8 @@ cdef class Permit:
 
     def __dealloc__(self):
         # never reported: return it (only a half-open permit holds anything; no Python runs here)
-        if self.core is not None and (self.token & 1) and self._once():
-            st_return_flight(&self.core.st, self.token >> 1)
+        if self.core is not None and (self.token & 1) and not (self.token & _REMOTE) and self._once():
+            st_return_flight(&self.core.w.st, self.token >> 1)
 
 
 bt_refuse_new(<PyTypeObject *>Permit, <PyTypeObject *>Guarded)

@@ -75,9 +75,24 @@ cdef inline bint st_claim(state_t *s, int expect_state, int64_t expect_gen) noex
         if bt_cas(&s.word, w, w | ST_PREP):
             return True
 
+cdef inline int64_t st_claim_word(state_t *s, int expect_state, int64_t expect_gen) noexcept nogil:
+    """st_claim returning the claimed word (PREP set), or -1 when another racer won."""
+    cdef int64_t w
+    while True:
+        w = bt_load(&s.word)
+        if (w & 0xF) != expect_state or st_gen(w) != expect_gen:
+            return -1
+        if bt_cas(&s.word, w, w | ST_PREP):
+            return w | ST_PREP
+
 cdef inline void st_publish(state_t *s, int new_state, int64_t gen) noexcept nogil:
     """End a claimed transition: (new_state, gen) with no half-open permits out."""
     bt_store(&s.word, (gen << ST_GEN_SHIFT) | new_state)
+
+cdef inline bint st_publish_claimed(state_t *s, int64_t claimed, int new_state, int64_t gen) noexcept nogil:
+    """End the transition claimed as word `claimed` (its PREP bit set): one CAS, so in words shared between
+    processes a claim taken over from a stalled (killed) preparer is published once. False: taken over."""
+    return bt_cas(&s.word, claimed, (gen << ST_GEN_SHIFT) | new_state)
 
 
 cdef inline int64_t st_transition(state_t *s, int expect_state, int64_t expect_gen, int new_state,

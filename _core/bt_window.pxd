@@ -221,12 +221,54 @@ cdef inline void wg_exit(int64_t *g) noexcept nogil:
     bt_fetch_add(g, -1)
 
 
-cdef inline void wg_close(int64_t *g) noexcept nogil:
-    """Refuse new writers, then wait for those inside (a few atomics each, no Python, no waiting)."""
+cdef inline void wg_exit_tagged(int64_t *g, int64_t tag) noexcept nogil:
+    """wg_exit for a guard that may have been closed by force (shared words, wg_close with a stall bound):
+    leave only while the guard still carries `tag` and counts a writer; otherwise there is nothing to leave
+    (a forced close dropped us from the count) and the word belongs to a later generation."""
     cdef int64_t w
     while True:
         w = bt_load(g)
+        if (w >> WG_SHIFT) != tag or (w & WG_WRITERS) == 0:
+            return
+        if bt_cas(g, w, w - 1):
+            return
+
+
+cdef extern from "<time.h>" nogil:
+    ctypedef struct bt_timespec "struct timespec":
+        long tv_sec
+        long tv_nsec
+    int bt_clock_gettime "clock_gettime"(int clk, bt_timespec *ts)
+    int BT_CLOCK_MONOTONIC "CLOCK_MONOTONIC"
+
+cdef extern from "<sched.h>" nogil:
+    int bt_sched_yield "sched_yield"()
+
+
+cdef inline int64_t bt_mono_ns() noexcept nogil:
+    cdef bt_timespec ts
+    bt_clock_gettime(BT_CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef inline void wg_close(int64_t *g, int64_t stall_ns) noexcept nogil:
+    """Refuse new writers, then wait for those inside (a few atomics each, no Python, no waiting).
+    stall_ns > 0 (words shared between processes): a writer still inside after stall_ns was killed there
+    (SIGKILL can land between its enter and exit): close anyway, so a dead process never blocks a
+    transition; its count is dropped and a late live writer leaves with wg_exit_tagged."""
+    cdef int64_t w, spins = 0, t0 = 0
+    while True:
+        w = bt_load(g)
         if (w & WG_WRITERS) != 0:
+            if stall_ns > 0:
+                spins += 1
+                if (spins & 1023) == 0:
+                    if t0 == 0:
+                        t0 = bt_mono_ns()
+                    elif bt_mono_ns() - t0 >= stall_ns:
+                        if bt_cas(g, w, WG_CLOSED << WG_SHIFT):
+                            return
+                    bt_sched_yield()
             continue
         if bt_cas(g, w, WG_CLOSED << WG_SHIFT):
             return

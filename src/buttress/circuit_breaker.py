@@ -8,18 +8,27 @@ crosses the C boundary once.
 Two breakers share the core, its state word and every form: the rate breaker (Resilience4j: failure and
 slow-call rates over a sliding window) and the classic breaker (`failure_threshold=N`: N consecutive
 failures open it, `success_threshold=M` consecutive half-open successes close it).
+
+State (DESIGN §5): `store=None` keeps the process-local words. With `store=` (a Store or a URL) and
+`name=`, breakers of that name in the store share one state: in a word store (memory://, shm://) the core
+decides with the same CAS on words that live in the store (the twin: under the store's lock); in a Redis
+store (time window only) the store's scripts make the transitions and issue the half-open permits, and
+the local core decides while the store is down (on_error="local").
 """
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
+import time
 from dataclasses import dataclass
+from fractions import Fraction
 from inspect import isawaitable
 from typing import Any, Callable, TypeVar
 
 from ._base import Policy
-from ._breaker_conf import DEFAULTS, State
-from ._impl import core
+from ._breaker_conf import DEFAULTS, BreakerConf, State, breaker_conf, open_duration_ns
+from ._impl import IMPLEMENTATION, core
 from ._observe import check_listener
 from ._params import ASYNC
 from ._wrap import CORO, check_decoratable, wraps
@@ -73,7 +82,10 @@ class CircuitBreaker(_core.BreakerCore, Policy):
     ... def charge(): ...
     """
 
-    def __init__(self, name: str = "default", failure_rate_threshold: float = DEFAULTS["failure_rate_threshold"],
+    store: Any = None                  # the Store given as store= (None: process-local)
+    _cluster: "_Cluster | None" = None  # a Redis store's shared breaker (the core's remote), else None
+
+    def __init__(self, name: str | None = None, failure_rate_threshold: float = DEFAULTS["failure_rate_threshold"],
                  slow_call_rate_threshold: float = DEFAULTS["slow_call_rate_threshold"],
                  slow_call_duration: float | None = DEFAULTS["slow_call_duration"], window: str = DEFAULTS["window"],
                  window_size: int = DEFAULTS["window_size"], minimum_calls: int = DEFAULTS["minimum_calls"],
@@ -81,12 +93,34 @@ class CircuitBreaker(_core.BreakerCore, Policy):
                  half_open_calls: int = DEFAULTS["half_open_calls"], half_open_max_wait: float | None = None,
                  record: Any = (Exception,), ignore: Any = (), record_result: Callable[[Any], Any] | None = None,
                  clock: Any = None, *, failure_threshold: int | None = None, success_threshold: int | None = None,
-                 timeout: float | Callable[[int], float] | None = None) -> None:
+                 timeout: float | Callable[[int], float] | None = None, store: Any = None) -> None:
         clk = resolve_clock(clock)
-        super().__init__(name, failure_rate_threshold, slow_call_rate_threshold, slow_call_duration, window,
-                         window_size, minimum_calls, open_duration, half_open_calls, half_open_max_wait, record,
-                         ignore, record_result, None if is_system_clock(clock) else clk.monotonic_ns,
-                         failure_threshold, success_threshold, timeout)
+        clock_ns = None if is_system_clock(clock) else clk.monotonic_ns
+        args = ["default" if name is None else name, failure_rate_threshold, slow_call_rate_threshold, slow_call_duration, window, window_size,
+                minimum_calls, open_duration, half_open_calls, half_open_max_wait, record, ignore, record_result,
+                clock_ns, failure_threshold, success_threshold, timeout]
+        words = locker = None
+        if store is not None:
+            st = _open_store(store, name, clock)
+            conf = breaker_conf(*args)          # the arguments, checked (the same errors as without a store)
+            if half_open_max_wait is None:
+                # a prober killed mid-probe keeps its half-open permit until half_open_max_wait re-opens:
+                # with a store it defaults to the open duration, so such a breaker always recovers
+                args[9] = Fraction(open_duration_ns(conf, 1, log), 10**9)
+                conf = breaker_conf(*args)
+            from .stores import WordStore
+            if isinstance(st, WordStore):
+                words, locker = _bind(st, conf, clk if clock_ns is not None else None)
+            elif conf.classic or not conf.time_window:
+                raise ValueError(f"CircuitBreaker: store={st.url!r} shares a time window only (per-second "
+                                 f"buckets every process flushes into): window={conf.time_window and 'time' or 'count'!r}"
+                                 f"{' (the classic failure_threshold breaker counts consecutive calls)' if conf.classic else ''}"
+                                 f" has no meaning across processes; pass window='time'")
+            self.store = st
+        super().__init__(*args, words=words, locker=locker)
+        if self.store is not None and words is None:
+            self._cluster = _Cluster(self, self.store.breaker(self.name, self.conf, on_change=self._cluster_changed))
+            self._set_remote(self._cluster)
         self.clock = clk
         self._listeners: dict[str, list[Callable[[BreakerEvent], Any]]] = {}
         # one bound method for the life of the breaker: the core's hook only ever holds this or None
@@ -100,9 +134,10 @@ class CircuitBreaker(_core.BreakerCore, Policy):
         (guarded over its whole iteration). The wrapper pickles by reference."""
         if check_decoratable(self, fn, generators=True) == ASYNC:
             enter, exit_ok, exit_err, settle = self.enter, self.exit_ok, self.exit_err, self.settle
+            cluster = self._cluster
 
             async def guarded(*args: Any, **kwargs: Any) -> Any:
-                token, start = enter()
+                token, start = enter() if cluster is None else await cluster.enter_async()
                 try:
                     aw = fn(*args, **kwargs)
                     if type(aw) is not CORO and not isawaitable(aw):
@@ -122,7 +157,7 @@ class CircuitBreaker(_core.BreakerCore, Policy):
     async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Await fn(*args, **kwargs) under the breaker. For an async generator function, returns its
         generator guarded over the whole iteration. A sync function is a TypeError (use call())."""
-        token, start = self.enter()
+        token, start = self.enter() if self._cluster is None else await self._cluster.enter_async()
         try:
             aw = fn(*args, **kwargs)
             if type(aw) is not CORO and not isawaitable(aw):
@@ -166,11 +201,52 @@ class CircuitBreaker(_core.BreakerCore, Policy):
     # -- state ------------------------------------------------------------------------------------------
     @property
     def state(self) -> State:
+        c = self._cluster
+        if c is not None and c.shared_now():
+            return State(c.state())
         return State(self.state_now())
 
     def metrics(self) -> BreakerMetrics:  # type: ignore[override]
         s, calls, failures, slow, fr, sr, refused = super().metrics()
+        c = self._cluster
+        if c is not None and c.shared_now():
+            v = c.shared.view
+            s, minimum = c.state(), self.conf.minimum_calls
+            calls, failures, slow = max(0, v.calls), max(0, v.failures), max(0, v.slow_calls)
+            ok = calls >= minimum and calls > 0
+            fr, sr = (failures / calls, slow / calls) if ok else (-1.0, -1.0)
         return BreakerMetrics(State(s), calls, failures, slow, fr, sr, refused)
+
+    def restart(self, state: int, now: int | None = None) -> None:
+        """Enter a manual state (see the core); with a Redis store, the fleet's state (this process
+        follows it when the change comes back; while the store is down, this process alone)."""
+        c = self._cluster
+        if c is not None and c.shared.transition(int(state), reset=int(state) == State.CLOSED):
+            return
+        super().restart(state, now)
+
+    def reset(self, now: int | None = None) -> None:
+        """CLOSED with an empty window, attempt 0, not_permitted 0 (a new generation)."""
+        c = self._cluster
+        if c is not None:
+            c.shared.transition(State.CLOSED, reset=True)
+        super().reset(now)
+
+    def _cluster_changed(self, old: Any, new: Any) -> None:
+        # the fleet's state moved (seen by a sync or a round trip): this process's core follows it, so a
+        # later outage starts from the fleet's state, and its listeners get the state_change event
+        try:
+            cur = self.load()[0]
+            if new.state == cur:
+                return
+            if new.state == State.HALF_OPEN and cur != State.OPEN:
+                self.transition_to(State.OPEN)
+            if new.state in (State.OPEN, State.HALF_OPEN):
+                self.transition_to(new.state)
+            else:
+                super().restart(new.state)
+        except ValueError:       # moved meanwhile
+            pass
 
     # Each manual move starts a new generation, also from the state it enters (results of permits
     # issued before it are dropped); state_change fires only on a real change (DESIGN §3c).
@@ -231,6 +307,116 @@ class CircuitBreaker(_core.BreakerCore, Policy):
 
     def __repr__(self) -> str:
         try:
-            return f"<CircuitBreaker {self.name!r} {self.state.name}>"
+            where = "" if self.store is None else f" in {self.store.url}"
+            return f"<CircuitBreaker {self.name!r} {self.state.name}{where}>"
         except RuntimeError:           # __init__ never ran (a subclass that forgot super().__init__())
             return f"<{type(self).__name__} (not initialised)>"
+
+
+# -- stores (DESIGN §5) -------------------------------------------------------------------------------------
+
+def _open_store(store: object, name: object, clock: Any) -> Any:
+    from .stores import store_from_url
+    st = store_from_url(store)
+    if name is None:
+        raise ValueError(f"CircuitBreaker: store={st.url!r} needs name= (breakers with the same name in one "
+                         f"store share one state), got name=None")
+    if not is_system_clock(clock) and st.scheme != "memory":
+        raise ValueError(f"CircuitBreaker: clock={clock!r} cannot be shared through store={st.url!r}: processes "
+                         f"that share a breaker measure time on the host's monotonic clock (or the server's); "
+                         f"pass clock=None, or use a memory:// store in tests")
+    return st
+
+
+def _seconds(ns: int) -> float | None:
+    return None if ns < 0 else ns / 1e9
+
+
+def _settings(conf: BreakerConf) -> dict[str, object]:
+    """The settings that change decisions (two openers of one name must agree on them)."""
+    if conf.open_fn is None:
+        od: object = conf.open_ns / 1e9
+    else:
+        fn = conf.open_fn
+        od = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"[:48]
+    common = {"open_duration": od, "half_open_calls": conf.half_open_calls,
+              "half_open_max_wait": _seconds(conf.half_open_max_wait_ns)}
+    if conf.classic:
+        return {"failure_threshold": conf.failure_threshold, "success_threshold": conf.success_threshold, **common}
+    return {"failure_rate_threshold": conf.failure_rate_threshold,
+            "slow_call_rate_threshold": conf.slow_call_rate_threshold,
+            "slow_call_duration": _seconds(conf.slow_ns), "window": "time" if conf.time_window else "count",
+            "window_size": conf.window_size, "minimum_calls": conf.minimum_calls, **common}
+
+
+def _bind(st: Any, conf: BreakerConf, clock: Any) -> tuple[Any, Any]:
+    """The breaker's words in a word store: (words, locker). The core of this process must be the
+    store's kind (the compiled core CASes the words; the twin locks them): the two never mix."""
+    mine = "atomic" if IMPLEMENTATION == "cython" else "locked"
+    if st.implementation_kind != mine:
+        have = "the compiled core (lock-free)" if st.implementation_kind == "atomic" else "the pure-Python twin"
+        run = "the compiled core" if mine == "atomic" else "the pure-Python twin"
+        raise ValueError(f"CircuitBreaker: store={st.url!r} decides with {have}, but this process's "
+                         f"CircuitBreaker runs {run}: the two cannot share words; open the store with "
+                         f"implementation=None (this process's kind)")
+    nwords = _core.BreakerCore.words_needed(conf.window_size, conf.time_window, conf.half_open_calls)
+    now = time.monotonic_ns() if clock is None else clock.monotonic_ns()
+    b = st.bind("circuit_breaker", conf.name, _settings(conf), nwords,
+                init=lambda w: _core.BreakerCore.init_words(w, conf.window_size, conf.time_window,
+                                                            conf.half_open_calls, now))
+    return b.words, st.locker(b.offset)
+
+
+class _Cluster:
+    """The core's `remote`: a Redis store's shared breaker (stores.redis.RedisBreaker) decides."""
+
+    def __init__(self, cb: CircuitBreaker, shared: Any) -> None:
+        self.cb, self.shared, self.store = cb, shared, shared._store
+        self.acquire = shared.acquire            # token >= 0, -1 refused, -2 (store down, "local") decide here
+        self._tasks: set[Any] = set()
+
+    def shared_now(self) -> bool:
+        """Whether the fleet's state is what this process acts on now (False: the store is down and its
+        policy is "local")."""
+        return self.store.available or self.store.on_error != "local"
+
+    def state(self) -> int:
+        """The fleet's state as last seen (within sync_interval); OPEN reads HALF_OPEN once its open time
+        has passed (the next call moves the fleet there)."""
+        v = self.shared.view
+        if v.state == State.OPEN and v.open_left_ns >= 0 and time.monotonic_ns() - v.seen_ns >= v.open_left_ns:
+            return int(State.HALF_OPEN)
+        return v.state  # type: ignore[no-any-return]
+
+    def rejection(self, now: int) -> Any:
+        from .errors import CircuitOpenError
+        if not self.store.available:
+            if self.store.on_error == "local":
+                return None                      # the local core refused: its own error
+            return CircuitOpenError(self.cb.name, State(self.shared.view.state), self.store.retry_after_ns() / 1e9)
+        v = self.shared.view
+        retry_after = None
+        if v.state == State.OPEN and v.open_left_ns >= 0:
+            retry_after = max(0, v.open_left_ns - (time.monotonic_ns() - v.seen_ns)) / 1e9
+        return CircuitOpenError(self.cb.name, State(v.state), retry_after)
+
+    def record(self, token: int, failed: bool, slow: bool, ignored: bool) -> None:
+        if token & 1 and getattr(self.store, "_sync_pool", True) is None:
+            # an asyncio-only client: a half-open report is a round trip, sent from the running loop
+            task = asyncio.get_running_loop().create_task(self.shared.record_async(token, failed, slow, ignored))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        self.shared.record(token, failed, slow, ignored)
+
+    async def enter_async(self) -> tuple[int, int]:
+        """(token, start) for an async call: the store's round trip (only OPEN-due / HALF_OPEN need one) is
+        awaited, never blocking the loop."""
+        cb = self.cb
+        r = await self.shared.acquire_async()
+        if r == -2:
+            return cb.enter()                    # the store is down: the local core decides (no round trip)
+        if r == -1:
+            cb._refused()
+            raise cb.rejection()
+        return r | _core.REMOTE, cb.start()

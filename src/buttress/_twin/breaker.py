@@ -19,15 +19,16 @@ import time
 import types
 from typing import Any, Callable
 
-from .._breaker_conf import DEFAULTS, State, breaker_conf, guard_astream, guard_stream, open_duration_ns
-from .._params import describe
+from .._breaker_conf import (COUNT_WINDOW_MAX, DEFAULTS, State, breaker_conf, guard_astream, guard_stream,
+                             open_duration_ns)
+from .._params import check_int, describe
 from .._spec import UsageError
 from .._wrap import lazy_result, refuse_sync_result, sync_in_async
 from ..errors import CircuitOpenError, Rejected
-from .gcra import as_i64
+from .gcra import as_i64, words_view
 from .state import Uninit
 
-__all__ = ["BreakerCore", "Permit", "Guarded", "SUCCESS", "FAILURE", "IGNORED", "CANCELLED"]
+__all__ = ["BreakerCore", "Permit", "Guarded", "SUCCESS", "FAILURE", "IGNORED", "CANCELLED", "HEADER_WORDS", "REMOTE"]
 
 log = logging.getLogger("buttress.circuit_breaker")
 
@@ -55,6 +56,168 @@ def _is_coroutine_gen(gen: Any) -> bool:
 
 def _zero() -> int:
     return 0
+
+
+# -- the words (the compiled core's layout: see _core/breaker.pyx, bwords_t) ---------------------------------
+HEADER_WORDS = 24
+REMOTE = 1 << 62             # a token issued by a store's shared breaker (Redis), not by the words
+_MAGIC = 0x4254425245414B31  # "BTBREAK1", written last by init_words
+(_W_WORD, _W_SINCE, _W_UNTIL, _W_ATTEMPT, _W_NOT_PERMITTED, _W_METRICS_HALF, _W_TW_MARK, _W_CLOSED_GUARD,
+ _W_HALF_GUARD, _W_CONS, _W_HALF_HEAD, _W_HALF_PACKED, _W_CLOSED_HEAD, _W_CLOSED_PACKED, _W_STOLEN,
+ _W_MAGIC) = (0, 1, 5, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21)
+_GEN_SHIFT, _FLIGHT_SHIFT, _MAX_FLIGHT = 24, 4, 0xFFFFF
+_WG_SHIFT, _WG_CLOSED = 20, (1 << 43) - 1
+_BIAS = 0x8000
+_TW_FIELDS = 4
+_TW_BITS = 28                # count bits of a 1 s bucket word (bt_window.pxd: clamp(bit_length(1e9), 16, 28))
+_TW_BIAS = 1 << (63 - _TW_BITS)
+_TW_EMAX = _TW_BIAS - 1
+_TW_CMAX = (1 << _TW_BITS) - 1
+_U64 = (1 << 64) - 1
+
+
+def _i64(v: int) -> int:
+    """An unsigned 64-bit pattern as the int64 a word holds."""
+    v &= _U64
+    return v - (1 << 64) if v >> 63 else v
+
+
+_EMPTY_PACKED = _i64(_BIAS | _BIAS << 16 | _BIAS << 32 | _BIAS << 48)   # as the int64 word holds it
+
+
+def _words_needed(window_size: int, time_window: bool, half_calls: int) -> int:
+    n = HEADER_WORDS + (window_size * _TW_FIELDS if time_window else window_size) + half_calls
+    return (n + 7) & ~7
+
+
+class _WordCountWindow:
+    """A count window on words (ring of outcome codes, a head, one packed word of four biased 16-bit
+    counters), the compiled cw_record's layout; used under the store's lock."""
+
+    def __init__(self, w: memoryview, head: int, packed: int, slots: int, size: int) -> None:
+        self.w, self.head, self.packed, self.slots, self.size = w, head, packed, slots, size
+
+    def reset(self) -> None:
+        w = self.w
+        for i in range(self.slots, self.slots + self.size):
+            w[i] = 0
+        w[self.head] = 0
+        w[self.packed] = _EMPTY_PACKED
+
+    def record(self, failed: bool, slow: bool, now: int) -> None:
+        w = self.w
+        code = 1 | (failed << 1) | (slow << 2)
+        seq = w[self.head]
+        w[self.head] = seq + 1
+        i = self.slots + seq % self.size
+        old = w[i]
+        w[i] = code
+        p = w[self.packed] & _U64
+        f = [((p >> (16 * j)) & 0xFFFF) for j in range(4)]
+        for c, d in ((old, -1), (code, 1)):
+            if c:
+                f[0] += d
+                f[1] += d * bool(c & 2)
+                f[2] += d * bool(c & 4)
+                f[3] += d * ((c & 6) == 6)
+        w[self.packed] = _i64(f[0] | f[1] << 16 | f[2] << 32 | f[3] << 48)
+
+    def snapshot(self, now: int) -> tuple[int, int, int, int]:
+        p = self.w[self.packed] & _U64
+        f = [max(0, ((p >> (16 * j)) & 0xFFFF) - _BIAS) for j in range(4)]
+        return (f[0], f[1], f[2], f[3])
+
+
+class _WordTimeWindow:
+    """A time window of 1 s buckets on words, each counter one word (epoch | count), the compiled
+    tw_add / tw_read_bucket's layout (base 0: every int64 reading has its exact epoch)."""
+
+    def __init__(self, w: memoryview, start: int, nbuckets: int) -> None:
+        self.w, self.start, self.n = w, start, nbuckets
+
+    def reset(self) -> None:
+        for i in range(self.start, self.start + self.n * _TW_FIELDS):
+            self.w[i] = 0
+
+    @staticmethod
+    def _epoch(now: int) -> int:
+        return max(-_TW_EMAX, min(_TW_EMAX, now // 1_000_000_000))
+
+    def _add(self, i: int, epoch: int) -> int:
+        w = self.w
+        old = w[i] & _U64
+        count, uo, u = old & _TW_CMAX, old >> _TW_BITS, epoch + _TW_BIAS
+        if count == 0 or uo < u:
+            w[i] = _i64((u << _TW_BITS) | 1)
+            uo = u
+        elif count < _TW_CMAX:
+            w[i] = _i64(old + 1)
+        return uo - _TW_BIAS
+
+    def record(self, failed: bool, slow: bool, now: int) -> None:
+        epoch = self._epoch(now)
+        b = self.start + (epoch % self.n) * _TW_FIELDS
+        epoch = self._add(b, epoch)
+        if failed:
+            self._add(b + 1, epoch)
+        if slow:
+            self._add(b + 2, epoch)
+
+    def snapshot(self, now: int) -> tuple[int, int, int, int]:
+        u = self._epoch(now) + _TW_BIAS
+        out = [0, 0, 0, 0]
+        w = self.w
+        for k in range(self.n):
+            b = self.start + k * _TW_FIELDS
+            w0 = w[b] & _U64
+            count, uo = w0 & _TW_CMAX, w0 >> _TW_BITS
+            if count == 0 or not (uo <= u < uo + self.n):
+                continue
+            out[0] += count
+            for j in (1, 2):
+                x = w[b + j] & _U64
+                if x >> _TW_BITS == uo:
+                    out[j] += x & _TW_CMAX
+        return (out[0], out[1], out[2], out[3])
+
+
+class _SharedLock:
+    """The twin's lock over words in a store: re-entrant in this thread (listeners may call back), the
+    store's lock (an fcntl byte lock + a threading.Lock) once at the outermost level, where the state is
+    read from the words on entry and written back on exit (the state word last: a process killed while
+    writing leaves the previous state word, every word a whole int64)."""
+
+    __slots__ = ("core", "rlock", "locker", "depth")
+
+    def __init__(self, core: "BreakerCore", locker: Any) -> None:
+        self.core, self.rlock, self.locker, self.depth = core, threading.RLock(), locker, 0
+
+    def __enter__(self) -> None:
+        self.rlock.acquire()
+        if self.depth == 0:
+            try:
+                self.locker.__enter__()
+            except BaseException:
+                self.rlock.release()
+                raise
+            try:
+                self.core._pull()
+            except BaseException:
+                self.locker.__exit__(None, None, None)
+                self.rlock.release()
+                raise
+        self.depth += 1
+
+    def __exit__(self, *exc: Any) -> None:
+        self.depth -= 1
+        try:
+            if self.depth == 0:
+                try:
+                    self.core._push()
+                finally:
+                    self.locker.__exit__(None, None, None)
+        finally:
+            self.rlock.release()
 
 
 class _Window:
@@ -88,12 +251,23 @@ class BreakerCore(Uninit):
                  half_open_max_wait: float | None = None, record: Any = (Exception,), ignore: Any = (),
                  record_result: Any = None, clock_ns: Callable[[], int] | None = None,
                  failure_threshold: int | None = None, success_threshold: int | None = None,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, words: Any = None, locker: Any = None) -> None:
         self._init_once()
         c = breaker_conf(name, failure_rate_threshold, slow_call_rate_threshold, slow_call_duration,
                          window, window_size, minimum_calls, open_duration, half_open_calls,
                          half_open_max_wait, record, ignore, record_result, clock_ns, failure_threshold,
                          success_threshold, timeout)
+        if locker is not None and not (hasattr(type(locker), "__enter__") and hasattr(type(locker), "__exit__")):
+            raise TypeError(f"locker must be None or a context manager, got {type(locker).__name__}")
+        self._remote: Any = None
+        self._wv: memoryview | None = None
+        if words is not None:
+            wv = words_view(words, _words_needed(c.window_size, c.time_window, c.half_open_calls),
+                            "a circuit breaker").cast("q")
+            if wv[_W_MAGIC] != _MAGIC:
+                raise ValueError("words are not a breaker's: write them with BreakerCore.init_words() first "
+                                 "(a store's bind(init=...) does that once, when it creates them)")
+            self._wv = wv
         self._conf = c
         self._name = c.name
         self._clock_ns = c.clock_ns
@@ -108,7 +282,112 @@ class BreakerCore(Uninit):
         self._metrics_half = False   # metrics() reads the half-open window (after it tripped the breaker)
         self._not_permitted = 0
         self._hook: Callable[[str, Any, Any], None] | None = None
-        self._lock = threading.RLock()
+        if self._wv is not None:
+            wv, closed_n = self._wv, c.window_size * (_TW_FIELDS if c.time_window else 1)
+            self._closed = (_WordTimeWindow(wv, HEADER_WORDS, c.window_size) if c.time_window else
+                            _WordCountWindow(wv, _W_CLOSED_HEAD, _W_CLOSED_PACKED, HEADER_WORDS, c.window_size))
+            self._half = _WordCountWindow(wv, _W_HALF_HEAD, _W_HALF_PACKED, HEADER_WORDS + closed_n,
+                                          c.half_open_calls)
+            self._pushed = -1
+            self._lock: Any = _SharedLock(self, threading.Lock() if locker is None else locker)
+        else:
+            self._lock = threading.RLock()
+
+    # -- words in a store (the twin decides on them under the store's lock) ----------------------------------
+    @staticmethod
+    def words_needed(window_size: int, time_window: bool, half_open_calls: int) -> int:
+        """int64 words of a breaker's state (rounded up to whole 64-byte lines)."""
+        ws = check_int("window_size", window_size, minimum=1, maximum=COUNT_WINDOW_MAX)
+        hc = check_int("half_open_calls", half_open_calls, minimum=1, maximum=COUNT_WINDOW_MAX)
+        return _words_needed(ws, bool(time_window), hc)
+
+    @staticmethod
+    def init_words(words: Any, window_size: int, time_window: bool, half_open_calls: int, now: int) -> None:
+        """Write the words of a new breaker into `words` (CLOSED generation 0, begun at `now` ns)."""
+        ws = check_int("window_size", window_size, minimum=1, maximum=COUNT_WINDOW_MAX)
+        hc = check_int("half_open_calls", half_open_calls, minimum=1, maximum=COUNT_WINDOW_MAX)
+        tw = bool(time_window)
+        t = as_i64(now, "now")
+        w = words_view(words, _words_needed(ws, tw, hc), "a circuit breaker").cast("q")
+        for i in range(HEADER_WORDS, HEADER_WORDS + (ws * _TW_FIELDS if tw else ws) + hc):
+            w[i] = 0
+        for i, v in ((_W_WORD, 0), (_W_SINCE, -1), (_W_SINCE + 1, t), (_W_SINCE + 2, -1), (_W_SINCE + 3, 0),
+                     (_W_UNTIL, -1), (_W_UNTIL + 1, 0), (_W_UNTIL + 2, -1), (_W_UNTIL + 3, 0), (_W_ATTEMPT, 0),
+                     (_W_NOT_PERMITTED, 0), (_W_METRICS_HALF, 0), (_W_TW_MARK, -1), (_W_CONS, 0),
+                     (_W_HALF_HEAD, 0), (_W_HALF_PACKED, _EMPTY_PACKED), (_W_CLOSED_HEAD, 0),
+                     (_W_CLOSED_PACKED, _EMPTY_PACKED), (_W_STOLEN, -1), (_W_CLOSED_GUARD, 0),
+                     (_W_HALF_GUARD, _WG_CLOSED << _WG_SHIFT)):
+            w[i] = v
+        # the since stamps are (generation, ns) pairs at since[g & 1]: generation 0 at slot 0
+        w[_W_SINCE], w[_W_SINCE + 1] = 0, t
+        w[_W_MAGIC] = _MAGIC
+
+    def _pull(self) -> None:
+        """Read the state from the words (the store's lock is held)."""
+        w = self._wv
+        assert w is not None
+        word = w[_W_WORD]
+        st, gen, flight = word & 7, word >> _GEN_SHIFT, (word >> _FLIGHT_SHIFT) & _MAX_FLIGHT
+        self._state, self._gen, self._flight = st, gen, flight
+        k = _W_SINCE + 2 * (gen & 1)
+        self._since = w[k + 1] if w[k] == gen else self._now(None)
+        k = _W_UNTIL + 2 * (gen & 1)
+        self._until = w[k + 1] if w[k] == gen else 0
+        self._attempt = w[_W_ATTEMPT]
+        self._not_permitted = w[_W_NOT_PERMITTED]
+        self._metrics_half = bool(w[_W_METRICS_HALF])
+        self._cons = w[_W_CONS]
+        self._pushed = word
+
+    def _push(self) -> None:
+        """Write the state back (the store's lock is held): stamps and counters first, the state word
+        last."""
+        w = self._wv
+        assert w is not None
+        gen, st = self._gen, self._state
+        word = gen << _GEN_SHIFT | min(self._flight, _MAX_FLIGHT) << _FLIGHT_SHIFT | st
+        if (self._pushed >> _GEN_SHIFT) != gen:
+            k = _W_SINCE + 2 * (gen & 1)
+            w[k], w[k + 1], w[k] = -1, self._since, gen
+            if st == _OPEN:
+                k = _W_UNTIL + 2 * (gen & 1)
+                w[k], w[k + 1], w[k] = -1, self._until, gen
+            tag = gen << _WG_SHIFT
+            w[_W_CLOSED_GUARD] = tag if st in (_CLOSED, _METRICS_ONLY) else _WG_CLOSED << _WG_SHIFT
+            w[_W_HALF_GUARD] = tag if st == _HALF_OPEN else _WG_CLOSED << _WG_SHIFT
+        w[_W_ATTEMPT] = self._attempt
+        w[_W_NOT_PERMITTED] = self._not_permitted
+        w[_W_METRICS_HALF] = int(self._metrics_half)
+        w[_W_CONS] = self._cons
+        w[_W_WORD] = word
+        self._pushed = word
+
+    def _fresh_closed(self) -> None:
+        if self._wv is None:
+            self._closed = _Window(self._conf.window_size, self._conf.time_window)
+        else:
+            self._closed.reset()
+
+    def _fresh_half(self) -> None:
+        if self._wv is None:
+            self._half = _Window(self._conf.half_open_calls, False)
+        else:
+            self._half.reset()
+
+    def _set_remote(self, remote: Any) -> None:
+        """Let a store's shared breaker (Redis) decide: remote.acquire() -> token >= 0, -1 refused, -2 decide
+        here; remote.record(token, failed, slow, ignored); remote.rejection(now) -> CircuitOpenError or None."""
+        self._lock
+        self._remote = remote
+
+    def _refused(self) -> None:
+        """Count a refusal decided by the store (not_permitted, the event)."""
+        self._lock
+        with self._lock:
+            self._not_permitted += 1
+        h = self._hook
+        if h is not None:
+            h("not_permitted", None, None)
 
     def _now(self, now: Any) -> int:
         if now is not None:
@@ -156,11 +435,11 @@ class BreakerCore(Uninit):
         if attempt is not None:
             self._attempt = attempt
         if new in (_CLOSED, _METRICS_ONLY):
-            self._closed = _Window(self._conf.window_size, self._conf.time_window)
+            self._fresh_closed()
             self._cons = 0
             self._metrics_half = False
         elif new == _HALF_OPEN:
-            self._half = _Window(self._conf.half_open_calls, False)
+            self._fresh_half()
             self._metrics_half = True
         h = self._hook
         if h is not None and old != new:            # a manual restart of the same state is no change
@@ -185,6 +464,13 @@ class BreakerCore(Uninit):
         """A token (generation << 1 | half-open bit) when the call may go ahead, else -1."""
         self._lock
         now = self._now(now)
+        if self._remote is not None:
+            r = self._remote.acquire()
+            if r >= 0:
+                return r | REMOTE
+            if r == -1:
+                self._refused()
+                return -1
         with self._lock:
             if self._state == _OPEN and now >= self._until:
                 self._move(_HALF_OPEN, now)
@@ -205,6 +491,10 @@ class BreakerCore(Uninit):
         """The error for a refused call: retry_after is the time left in OPEN, else None."""
         self._lock
         now = self._now(now)
+        if self._remote is not None:
+            e = self._remote.rejection(now)
+            if e is not None:
+                return e  # type: ignore[no-any-return]
         with self._lock:
             s = self._state
             retry_after = max(0, _sat(self._until - now)) / 1e9 if s == _OPEN else None
@@ -254,6 +544,9 @@ class BreakerCore(Uninit):
         c = self._conf
         gen, half = token >> 1, token & 1
         timing = self.timing
+        if token & REMOTE:
+            self._remote_record(token, outcome, start, now, exc)
+            return
         if outcome >= IGNORED:
             with self._lock:
                 if half and self._state == _HALF_OPEN and self._gen == gen and self._flight > 0:
@@ -301,6 +594,22 @@ class BreakerCore(Uninit):
                 with self._lock:
                     if self._state == _CLOSED and self._gen == gen:
                         self._move(_OPEN, now, 1)
+
+    def _remote_record(self, token: int, outcome: int, start: int, now: Any, exc: Any) -> None:
+        """A call admitted by the store's shared breaker: its outcome goes there (CLOSED outcomes are
+        counted locally and flushed by the store; half-open ones are reported at once)."""
+        duration, slow = 0, False
+        if self.timing:
+            duration = _sat(self._now(now) - start)
+            slow = outcome < IGNORED and self._conf.slow_ns >= 0 and duration > self._conf.slow_ns
+        self._remote.record(token & ~REMOTE, outcome == FAILURE, slow, outcome >= IGNORED)
+        h = self._hook
+        if h is not None:
+            if outcome == IGNORED:
+                h("ignored", exc, duration if self.timing else None)
+            elif outcome < IGNORED:
+                failed = outcome == FAILURE
+                h("error" if failed else "success", exc if failed else None, duration if self.timing else None)
 
     def _record_classic(self, gen: int, half: int, failed: bool, exc: Any, now: Any, duration: Any) -> None:
         """CLOSED: a failure adds one to the run of consecutive failures, a success ends it; the
@@ -369,7 +678,8 @@ class BreakerCore(Uninit):
 
     @property
     def attempt(self) -> int:
-        return self._attempt
+        with self._lock:
+            return self._attempt  # type: ignore[no-any-return]
 
     def transition_to(self, state: int, now: int | None = None) -> None:
         """Move to `state` from any state (a new generation). ValueError for HALF_OPEN outside OPEN and
@@ -427,7 +737,7 @@ class BreakerCore(Uninit):
     def __repr__(self) -> str:
         if "_lock" not in self.__dict__:
             return f"<{type(self).__name__} (not initialised)>"
-        return f"BreakerCore(name={self._name!r}, state={self._state})"
+        return f"BreakerCore(name={self._name!r}, state={self.load()[0]})"
 
     # -- calling ------------------------------------------------------------------------------------------
     def start(self) -> int:
@@ -560,7 +870,7 @@ class Permit:
     def __del__(self) -> None:
         # never reported: return it (only a half-open permit holds anything)
         try:
-            if self._token & 1 and self._once():
+            if self._token & 1 and not self._token & REMOTE and self._once():
                 self._core._record(self._token, CANCELLED, self._start, None, None)
         except AttributeError:       # never made by _make
             pass
