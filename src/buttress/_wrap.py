@@ -16,9 +16,10 @@ from __future__ import annotations
 import functools
 import inspect
 import types
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar, cast
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 
 from ._base import is_async_callable
 from ._params import ASYNC, ASYNC_GENERATOR, GENERATOR, callable_kind, describe
@@ -33,7 +34,7 @@ CORO = types.CoroutineType
 LAZY_TYPES = frozenset({types.CoroutineType, types.GeneratorType, types.AsyncGeneratorType})
 
 
-def specialize(policy: Any, fn: Any, make_sync: Callable[[Any], Any], make_async: Callable[[Any], Any]) -> Any:
+def specialize(policy: Any, fn: F, make_sync: Callable[[Any], Any], make_async: Callable[[Any], Any]) -> F:
     """`make_sync(fn)` / `make_async(fn)` build the wrapper; it gets fn's name, doc and signature and
     pickles by reference (see `by_reference`)."""
     if not callable(fn):
@@ -75,10 +76,11 @@ def by_reference(wrapper: T) -> T:
     return wrapper
 
 
-def wraps(fn: Any) -> Callable[[Any], Any]:
-    """``functools.wraps(fn)`` plus `by_reference`: use it for every decorated-function wrapper."""
-    def apply(wrapper: Any) -> Any:
-        return by_reference(functools.update_wrapper(wrapper, fn))
+def wraps(fn: F) -> Callable[[Any], F]:
+    """``functools.wraps(fn)`` plus `by_reference`: use it for every decorated-function wrapper (which,
+    for a type checker, stands for fn: same parameters, same return type)."""
+    def apply(wrapper: Any) -> F:
+        return cast(F, by_reference(functools.update_wrapper(wrapper, fn)))
     return apply
 
 

@@ -15,7 +15,7 @@ import inspect
 import math
 from inspect import isawaitable
 import threading
-from typing import Any, Callable, NamedTuple, TypeVar
+from typing import Any, Awaitable, Callable, NamedTuple, ParamSpec, TypeVar
 
 from ._base import Policy
 from ._params import ASYNC, NS, SYNC, check_function, check_int, check_seconds
@@ -26,6 +26,8 @@ from .clock import resolve_clock
 __all__ = ["Fallback", "StaleCacheFallback", "Stale", "served_stale"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 def _on_matcher(on: object) -> Callable[[BaseException], bool]:
@@ -61,18 +63,21 @@ class Fallback(Policy):
         self._chain = chain
         self._on = _on_matcher(on)
 
-    def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """fn(*args, **kwargs), or the fallback's value when it raises a matching exception (typed as fn's
+        result: a type checker cannot see the fallback's own type)."""
         try:
             result = fn(*args, **kwargs)
         except Exception as exc:
             if not self._on(exc):
                 raise
-            return self._recover(exc, args, kwargs)
+            recovered: T = self._recover(exc, args, kwargs)
+            return recovered
         if type(result) in LAZY_TYPES or hasattr(type(result), "__await__"):
             refuse_sync_result(self, fn, result)
         return result
 
-    def __call__(self, fn: Any) -> Any:
+    def __call__(self, fn: F) -> F:
         """Decorate `fn`: the wrapper inlines `call` / `call_async` (one frame less)."""
         on, recover, recover_async = self._on, self._recover, self._recover_async
         check_decoratable(self, fn)     # a generator function: TypeError now (a stream cannot be replaced)
@@ -103,7 +108,7 @@ class Fallback(Policy):
 
         return specialize(self, fn, make_sync, make_async)
 
-    async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    async def call_async(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
         try:
             aw = fn(*args, **kwargs)
             if type(aw) is not CORO and not isawaitable(aw):
@@ -112,9 +117,10 @@ class Fallback(Policy):
         except Exception as exc:
             if not self._on(exc):
                 raise
-            return await self._recover_async(exc, args, kwargs)
+            recovered: T = await self._recover_async(exc, args, kwargs)
+            return recovered
 
-    def _recover(self, exc: Exception, args: tuple, kwargs: dict) -> Any:
+    def _recover(self, exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         first, last = exc, len(self._chain) - 1
         for i, alt in enumerate(self._chain):
             if not callable(alt):
@@ -135,7 +141,7 @@ class Fallback(Policy):
             return result
         raise AssertionError("unreachable")     # the chain is never empty
 
-    async def _recover_async(self, exc: Exception, args: tuple, kwargs: dict) -> Any:
+    async def _recover_async(self, exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         first, last = exc, len(self._chain) - 1
         for i, alt in enumerate(self._chain):
             if not callable(alt):
@@ -177,7 +183,7 @@ def served_stale() -> Stale | None:
     return _STALE.get()
 
 
-def _default_key(args: tuple, kwargs: dict) -> Any:
+def _default_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return args if not kwargs else (args, tuple(sorted(kwargs.items())))
 
 
@@ -206,7 +212,7 @@ class StaleCacheFallback(Policy):
         self._cache: collections.OrderedDict[Any, tuple[Any, int]] = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def _key_of(self, args: tuple, kwargs: dict) -> Any:
+    def _key_of(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         k = _default_key(args, kwargs) if self._key is None else self._key(*args, **kwargs)
         try:
             hash(k)
@@ -241,20 +247,21 @@ class StaleCacheFallback(Policy):
             self._on_stale(info)
         return entry[0]
 
-    def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         k = self._key_of(args, kwargs)
         try:
             result = fn(*args, **kwargs)
         except Exception as exc:
             if not self._on(exc):
                 raise
-            return self._serve(k, exc)
+            stale: T = self._serve(k, exc)
+            return stale
         if type(result) in LAZY_TYPES or hasattr(type(result), "__await__"):
             refuse_sync_result(self, fn, result)
         self._store(k, result)
         return result
 
-    async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    async def call_async(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
         k = self._key_of(args, kwargs)
         try:
             aw = fn(*args, **kwargs)
@@ -264,7 +271,8 @@ class StaleCacheFallback(Policy):
         except Exception as exc:
             if not self._on(exc):
                 raise
-            return self._serve(k, exc)
+            stale: T = self._serve(k, exc)
+            return stale
         self._store(k, result)
         return result
 

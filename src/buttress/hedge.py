@@ -37,7 +37,7 @@ import math
 import re
 import threading
 import types
-from typing import Any, Callable, NamedTuple, TypeVar
+from typing import Any, Awaitable, Callable, NamedTuple, ParamSpec, TypeVar
 
 from ._base import Policy, is_async_callable
 from ._params import NS, SYNC, check_function, check_int, check_seconds, count_of, show
@@ -53,9 +53,11 @@ from .retry import _ARGS, _CALL, _KEY, _KEY_LOCK, _KWARGS, _NUMBER, _RETRY, _STA
 __all__ = ["Hedge", "HedgeMetrics"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+T = TypeVar("T")
 _HAS_NOTES = hasattr(BaseException, "add_note")
 _PERCENTILE = re.compile(r"^p(\d+(?:\.\d+)?)$")
-_BACKGROUND: set = set()        # hedge tasks still running (the loop keeps only weak references to tasks)
+_BACKGROUND: set[asyncio.Task[Any]] = set()        # hedge tasks still running (the loop keeps only weak references to tasks)
 _default_lock = threading.Lock()
 _default: ThreadPoolBulkhead | None = None
 
@@ -192,7 +194,7 @@ class Hedge(Policy):
 
     # -- what every attempt sees -------------------------------------------------------------------------
 
-    def _make_key(self, call: list) -> str:
+    def _make_key(self, call: list[Any]) -> str:
         """current_attempt() calls this (as Retry's) to make the call's key on first read."""
         key = self._key_fn(*(call[_ARGS] or ()), **(call[_KWARGS] or {}))
         if not isinstance(key, str):
@@ -200,9 +202,10 @@ class Hedge(Policy):
         with _KEY_LOCK:
             if call[_KEY] is None:
                 call[_KEY] = key
-            return call[_KEY]
+            made: str = call[_KEY]
+            return made
 
-    def _attempt_record(self, call: list, own: bool, number: int) -> list:
+    def _attempt_record(self, call: list[Any], own: bool, number: int) -> list[Any]:
         """The record attempt `number` runs with: the call's own record for the primary, a new one sharing
         its key for a hedge, or (under a Retry) the Retry's record itself (its number and key)."""
         if not own or number == 1:
@@ -217,7 +220,7 @@ class Hedge(Policy):
             except Exception:  # noqa: BLE001 - a loser's cleanup must not fail the winner's call
                 pass
 
-    def _deposit(self, outer: list | None) -> None:
+    def _deposit(self, outer: list[Any] | None) -> None:
         budget = self.budget
         if budget is not None and (outer is None or getattr(outer[_RETRY], "budget", None) is not budget):
             budget.deposit()
@@ -234,13 +237,14 @@ class Hedge(Policy):
         """Decorate `fn` (sync, async, methods); generator functions are refused (TypeError)."""
         check_decoratable(self, fn)
         wrapper = self._async_wrapper(fn) if is_async_callable(fn) else self._sync_wrapper(fn)
-        return wraps(fn)(wrapper)  # type: ignore[no-any-return]
+        return wraps(fn)(wrapper)
 
-    def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run the sync `fn(*args, **kwargs)` hedged; its attempts run on the executor."""
-        return self._run_sync(fn, args, kwargs)
+        result: T = self._run_sync(fn, args, kwargs)
+        return result
 
-    async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    async def call_async(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Await the async `fn(*args, **kwargs)` hedged."""
         outer = _CALL.get()
         if outer is None:
@@ -260,9 +264,11 @@ class Hedge(Policy):
                 first = coro.send(None)
             except StopIteration as stop:
                 if t0 is not None:
-                    self._hist.record(self._now_ns() - t0)  # type: ignore[union-attr]
-                return stop.value
-            return await self._slow_async(coro, first, fn, args, kwargs, ctx, call, outer is None, t0)
+                    self._hist.record(self._now_ns() - t0)  # type: ignore[union-attr]  # t0 is set only with a hist
+                value: T = stop.value
+                return value
+            result: T = await self._slow_async(coro, first, fn, args, kwargs, ctx, call, outer is None, t0)
+            return result
         finally:
             if token is not None:
                 _CALL.reset(token)
@@ -292,7 +298,7 @@ class Hedge(Policy):
                     first = coro.send(None)
                 except StopIteration as stop:
                     if t0 is not None:
-                        hist.record(now_ns() - t0)
+                        hist.record(now_ns() - t0)  # type: ignore[union-attr]  # t0 is set only with a hist
                     return stop.value
                 return await slow(coro, first, fn, args, kwargs, ctx, call, outer is None, t0)
             finally:
@@ -311,8 +317,8 @@ class Hedge(Policy):
 
     # -- async: the primary runs in the caller's task; hedges in their own tasks ----------------------------
 
-    async def _slow_async(self, coro: Any, first: Any, fn: Callable[..., Any], args: tuple, kwargs: dict,
-                          ctx: contextvars.Context, call: list, own: bool, t0: int | None) -> Any:
+    async def _slow_async(self, coro: Any, first: Any, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                          ctx: contextvars.Context, call: list[Any], own: bool, t0: int | None) -> Any:
         """The primary suspended at its first await: race it against hedges started by a timer."""
         race = _AsyncRace(self, fn, args, kwargs, ctx, call, own, t0 if t0 is not None else self._now_ns())
         task = asyncio.current_task()
@@ -340,10 +346,10 @@ class Hedge(Policy):
 
     # -- sync: every attempt on the executor; the caller waits -------------------------------------------
 
-    def _run_sync(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    def _run_sync(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         outer = _CALL.get()
         own = outer is None
-        call = [1, None, self._now_ns(), self, args, kwargs, None] if own else outer
+        call: list[Any] = [1, None, self._now_ns(), self, args, kwargs, None] if outer is None else outer
         if self.budget is not None:
             self._deposit(outer)
         race = _SyncRace(self, fn, args, kwargs, call, own)
@@ -406,23 +412,23 @@ class _AsyncRace:
                  "inflight", "done", "result", "error", "errors", "waiter", "waiting", "killed", "kill_pending",
                  "primary_running", "counted")
 
-    def __init__(self, hedge: Hedge, fn: Callable[..., Any], args: tuple, kwargs: dict,
-                 ctx: contextvars.Context, call: list, own: bool, start: int) -> None:
+    def __init__(self, hedge: Hedge, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                 ctx: contextvars.Context, call: list[Any], own: bool, start: int) -> None:
         self.hedge, self.fn, self.args, self.kwargs, self.ctx = hedge, fn, args, kwargs, ctx
         self.call, self.own, self.start = call, own, start
         self.loop = asyncio.get_running_loop()
         self.timer: Any = None
-        self.tasks: list[asyncio.Task] = []
+        self.tasks: list[asyncio.Task[Any]] = []
         self.inflight = 1                   # the primary
         self.done = False
         self.result: Any = None
         self.error: BaseException | None = None
         self.errors = 0
-        self.waiter: asyncio.Future | None = None
+        self.waiter: asyncio.Future[Any] | None = None
         self.waiting: Any = None
         self.killed = self.kill_pending = False
         self.primary_running = True
-        self.counted: set = set()           # tasks already counted as cancelled
+        self.counted: set[asyncio.Task[Any]] = set()           # tasks already counted as cancelled
 
     def arm(self) -> None:
         """Schedule hedge number len(tasks) + 1 at start + k * delay."""
@@ -458,7 +464,7 @@ class _AsyncRace:
         result = await self.fn(*self.args, **self.kwargs)
         return result, now_ns() - t
 
-    def _hedge_done(self, task: asyncio.Task) -> None:
+    def _hedge_done(self, task: asyncio.Task[Any]) -> None:
         _BACKGROUND.discard(task)
         self.inflight -= 1
         exc = None if task.cancelled() else task.exception()    # always retrieved: no "never retrieved" log
@@ -566,11 +572,11 @@ class _SyncRace:
     __slots__ = ("hedge", "fn", "args", "kwargs", "call", "own", "cond", "futures", "running", "done", "result",
                  "error")
 
-    def __init__(self, hedge: Hedge, fn: Callable[..., Any], args: tuple, kwargs: dict, call: list,
+    def __init__(self, hedge: Hedge, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], call: list[Any],
                  own: bool) -> None:
         self.hedge, self.fn, self.args, self.kwargs, self.call, self.own = hedge, fn, args, kwargs, call, own
         self.cond = threading.Condition(threading.Lock())
-        self.futures: list = []             # (attempt number, Future)
+        self.futures: list[tuple[int, Any]] = []             # (attempt number, Future)
         self.running: set[int] = set()      # attempt numbers submitted and not finished
         self.done = False
         self.result: Any = None

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 from inspect import isawaitable
 import warnings
-from typing import Any, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, ParamSpec, TypeVar, overload
 
 from ._base import Policy, is_async_callable
 from ._params import ASYNC, ASYNC_GENERATOR, GENERATOR, callable_kind, describe
@@ -28,6 +28,9 @@ from .errors import BulkheadFullError, CircuitOpenError, Overloaded, RateLimitEx
 __all__ = ["Pipeline", "PipelineOrderWarning"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+T = TypeVar("T")
+Y = TypeVar("Y")
 _CHAIN_CACHE = 256
 
 
@@ -55,7 +58,7 @@ def _rejection_of(stage: object) -> BaseException | None:
     return None
 
 
-def _order_problems(stages: tuple) -> list[str]:
+def _order_problems(stages: tuple[Any, ...]) -> list[str]:
     from .bulkhead import Bulkhead
     from .retry import Retry
     from .timeout import Timeout
@@ -106,7 +109,7 @@ class Pipeline(Policy):
         self._chains: dict[Any, Callable[..., Any]] = {}
         self._async_chains: dict[Any, Callable[..., Any]] = {}
 
-    def _chain(self, fn: Callable[..., Any], cache: dict, attr: str) -> Callable[..., Any]:
+    def _chain(self, fn: Callable[..., Any], cache: dict[Any, Callable[..., Any]], attr: str) -> Callable[..., Any]:
         chain = cache.get(fn)
         if chain is None:
             chain = self._innermost(fn, attr)
@@ -149,9 +152,16 @@ class Pipeline(Policy):
             return await aw
         return checked_async
 
-    def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run fn(*args, **kwargs) through every stage."""
-        return self._chain(fn, self._chains, "call")(*args, **kwargs)
+        result: T = self._chain(fn, self._chains, "call")(*args, **kwargs)
+        return result
+
+    @overload
+    async def call_async(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
+    @overload
+    async def call_async(self, fn: Callable[P, AsyncIterator[Y]], /, *args: P.args,
+                         **kwargs: P.kwargs) -> AsyncIterator[Y]: ...
 
     async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Await fn(*args, **kwargs) through every stage (each stage's call_async)."""

@@ -24,7 +24,7 @@ import threading
 import types
 from dataclasses import dataclass
 from inspect import isawaitable
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Literal, ParamSpec, TypeVar, overload
 
 from . import _impl
 from ._base import Named, Policy
@@ -40,6 +40,10 @@ __all__ = ["TokenBucket", "LeakyBucket", "FixedWindowLimiter", "SlidingWindowLim
            "KeyedLimiter", "RateLimitMetrics", "KeyedMetrics"]
 
 _INT64_MAX = (1 << 63) - 1
+P = ParamSpec("P")
+T = TypeVar("T")
+Y = TypeVar("Y")
+F = TypeVar("F", bound=Callable[..., Any])
 _NO_WINDOW = -(1 << 64) - 2      # below any int64 clock reading // window (negative readings included)
 
 
@@ -104,7 +108,7 @@ def _check_rate(rate: object) -> float:
     return r
 
 
-def _default_capacity(rate: object, capacity: object) -> object:
+def _default_capacity(rate: object, capacity: int | None) -> int:
     return max(1, math.ceil(_check_rate(rate))) if capacity is None else capacity
 
 
@@ -161,7 +165,7 @@ def _bound_gcra(kind: str, name: str, st: Any, rate: float, cap: int, clock: Any
 def _awaitable_in_sync(policy: Any, fn: Any, result: object) -> UsageError:
     """A sync form got an awaitable from fn: close it (it never ran) and say to use call_async."""
     if type(result) is CORO:
-        result.close()  # type: ignore[attr-defined]
+        result.close()
     cls = type(policy).__name__
     return UsageError(f"{cls}: {describe(fn)} is async (it returned {type(result).__name__}, an awaitable), so "
                       f"the sync form cannot guard it and would return it un-awaited: use "
@@ -233,7 +237,7 @@ class _Limiter(Policy):
     def _give(self, receipt: Any) -> None:
         self._unclaim(1, receipt)
 
-    def __call__(self, fn: Any) -> Any:
+    def __call__(self, fn: F) -> F:
         """Decorate fn: each call takes one unit now or raises RateLimitExceeded (a LeakyBucket waits for
         its slot). A generator or async generator function takes its unit when its iteration starts.
         The wrapper pickles by reference."""
@@ -286,7 +290,7 @@ class _Limiter(Policy):
             self._give(receipt)
             raise _awaitable_in_sync(self, fn, result)
 
-    def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Call fn if one unit is available now, else raise RateLimitExceeded. A generator function's
         generator is returned (its unit was taken by this call)."""
         receipt = self._take()
@@ -294,6 +298,12 @@ class _Limiter(Policy):
         if _lazy(result):
             self._check_sync_result(fn, result, receipt)
         return result
+
+    @overload
+    async def call_async(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
+    @overload
+    async def call_async(self, fn: Callable[P, AsyncIterator[Y]], /, *args: P.args,
+                         **kwargs: P.kwargs) -> AsyncIterator[Y]: ...
 
     async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Await fn(*args, **kwargs) if one unit is available now. An async generator function's
@@ -313,14 +323,14 @@ class _Limiter(Policy):
         self.acquire(1)
         return self
 
-    def __exit__(self, *exc: object) -> bool:
+    def __exit__(self, *exc: object) -> Literal[False]:
         return False
 
     async def __aenter__(self) -> Any:
         await self.acquire_async(1)
         return self
 
-    async def __aexit__(self, *exc: object) -> bool:
+    async def __aexit__(self, *exc: object) -> Literal[False]:
         return False
 
     def acquire(self, n: int = 1, timeout: float | None = None) -> None:
@@ -352,10 +362,10 @@ class _Limiter(Policy):
         return self._wait_ns(n)
 
     # MultiLimiter protocol: claim now (a receipt or None), give a claim back
-    def _claim(self, n: int) -> object:
+    def _claim(self, n: int) -> Any:
         raise NotImplementedError
 
-    def _unclaim(self, n: int, receipt: object) -> None:
+    def _unclaim(self, n: int, receipt: Any) -> None:
         raise NotImplementedError
 
     _max_n: int
@@ -394,7 +404,8 @@ class TokenBucket(_Limiter):
 
     def try_acquire(self, n: int = 1) -> bool:  # replaced per instance by the core's bound method
         """Take n tokens if they are available now."""
-        return self._core.try_acquire(n)
+        ok: bool = self._core.try_acquire(n)
+        return ok
 
     def _take(self) -> Any:
         if self._remote:
@@ -448,7 +459,8 @@ class TokenBucket(_Limiter):
         return int(self._core.wait_ns(n))
 
     def _wait_ns(self, n: int) -> int:
-        return self._core.wait_ns(n)
+        ns: int = self._core.wait_ns(n)
+        return ns
 
     def _claim_for_wait(self, n: int, timeout: float | None) -> tuple[int, Any]:
         """Claim n tokens for a caller that may wait: (wait ns, receipt), or raise RateLimitExceeded at
@@ -513,7 +525,8 @@ class TokenBucket(_Limiter):
     @property
     def available(self) -> int:
         """Whole tokens available now."""
-        return self._core.available()
+        tokens: int = self._core.available()
+        return tokens
 
     def metrics(self) -> RateLimitMetrics:
         return RateLimitMetrics(*self._core.counts())
@@ -522,11 +535,11 @@ class TokenBucket(_Limiter):
         """Full bucket; metrics back to zero."""
         self._core.reset()
 
-    def _claim(self, n: int) -> object:
+    def _claim(self, n: int) -> Any:
         wait, receipt = self._core.claim(n, None, 0)
         return receipt if wait == 0 else None
 
-    def _unclaim(self, n: int, receipt: object) -> None:
+    def _unclaim(self, n: int, receipt: Any) -> None:
         self._core.refund(receipt)          # only if no later claim built on it
 
     def __repr__(self) -> str:
@@ -570,10 +583,12 @@ class LeakyBucket(_Limiter):
 
     def try_acquire(self, n: int = 1) -> bool:
         """Admit now if this instant's slot is free (never waits)."""
-        return self._core.try_acquire(n)
+        ok: bool = self._core.try_acquire(n)
+        return ok
 
     def _wait_ns(self, n: int) -> int:
-        return self._core.wait_ns(n)
+        ns: int = self._core.wait_ns(n)
+        return ns
 
     async def _try_acquire_async(self, n: int) -> bool:
         if self._remote:
@@ -588,8 +603,9 @@ class LeakyBucket(_Limiter):
     @property
     def waiting(self) -> int:
         """Callers holding a future slot now."""
-        w = self._core.wait_ns(1)
-        return max(0, -(-w // self._core.interval_ns) - 1)
+        w: int = self._core.wait_ns(1)
+        interval: int = self._core.interval_ns
+        return max(0, -(-w // interval) - 1)
 
     def _reserved(self, wait: int, receipt: Any, need: int, budget: int) -> tuple[int, Any]:
         if wait < 0:
@@ -601,7 +617,8 @@ class LeakyBucket(_Limiter):
     def _reserve(self, timeout: float | None) -> tuple[int, Any]:
         budget = min(self._queue_ns, _budget_ns(timeout))
         if self._remote:
-            return self._reserved(*self._core.claim_ex(1, None, budget), budget)
+            wait, receipt, need = self._core.claim_ex(1, None, budget)
+            return self._reserved(wait, receipt, need, budget)
         wait, receipt = self._core.claim(1, None, budget)
         return self._reserved(wait, receipt, self._core.wait_ns(1) if wait < 0 else 0, budget)
 
@@ -609,7 +626,8 @@ class LeakyBucket(_Limiter):
         if not self._remote:
             return self._reserve(timeout)
         budget = min(self._queue_ns, _budget_ns(timeout))
-        return self._reserved(*(await self._core.claim_ex_async(1, None, budget)), budget)
+        wait, receipt, need = await self._core.claim_ex_async(1, None, budget)
+        return self._reserved(wait, receipt, need, budget)
 
     def _wait_for_slot(self, timeout: float | None) -> Any:
         wait, receipt = self._reserve(timeout)
@@ -699,7 +717,7 @@ class _WindowLimiter(_Limiter):
                 if self.limit > mod.MAX_LIMIT:
                     raise ValueError(f"limit must be <= {mod.MAX_LIMIT} for a window limiter in a "
                                      f"{st.scheme}:// store (its counts share one 64-bit word), got {self.limit}")
-                b = st.bind(kind, name, {"limit": self.limit, "window_ns": self._w},  # type: ignore[arg-type]
+                b = st.bind(kind, name, {"limit": self.limit, "window_ns": self._w},
                             mod.WORDS, init=lambda w: mod.WindowCounter.init_words(w, self.limit, self._w,
                                                                                    self._sliding))
                 self._r = mod.WindowCounter(self.limit, self._w, self._sliding, _clock_ns(clock), words=b.words,
@@ -718,7 +736,7 @@ class _WindowLimiter(_Limiter):
 
     def _time(self) -> tuple[int, int]:
         """(window number, ns into it) for now; call with the lock held."""
-        t = self._clock.monotonic_ns()
+        t: int = self._clock.monotonic_ns()
         if self._last is not None and t < self._last:
             t = self._last
         else:
@@ -734,7 +752,7 @@ class _WindowLimiter(_Limiter):
     def _fits(self, n: int, e: int) -> bool:
         raise NotImplementedError
 
-    def _claim(self, n: int) -> object:
+    def _claim(self, n: int) -> Any:
         if self._r is not None:
             return self._r.claim(n) or None
         if type(n) is not int or not 1 <= n <= self.limit:
@@ -767,11 +785,11 @@ class _WindowLimiter(_Limiter):
             return int(await self._r.wait_ns_async(n))
         return self._wait_ns(n)
 
-    def _unclaim(self, n: int, receipt: object) -> None:
+    def _unclaim(self, n: int, receipt: Any) -> None:
         if self._r is not None:
             self._r.unclaim(n, receipt)
             return
-        gen, idx = receipt  # type: ignore[misc]
+        gen, idx = receipt
         with self._lock:
             if gen != self._gen:
                 return                   # counted before reset(): nothing of it is left to give back
@@ -886,7 +904,7 @@ class MultiLimiter(_Limiter):
         self._lock = threading.Lock()
         self._n_admitted = self._n_rejected = 0
 
-    def _claim(self, n: int) -> object:
+    def _claim(self, n: int) -> Any:
         check_n(n, self._max_n)
         taken: list[tuple[_Limiter, object]] = []
         for lim in self.limiters:
@@ -902,8 +920,8 @@ class MultiLimiter(_Limiter):
             self._n_admitted += 1
         return taken
 
-    def _unclaim(self, n: int, receipt: object) -> None:
-        for lim, r in reversed(receipt):  # type: ignore[call-overload]
+    def _unclaim(self, n: int, receipt: Any) -> None:
+        for lim, r in reversed(receipt):
             lim._unclaim(n, r)
 
     def try_acquire(self, n: int = 1) -> bool:
@@ -959,7 +977,7 @@ class KeyedLimiter(Named):     # Named: given a name, exported by the metrics co
             if words:
                 kmod = _core_of(st, "keyed")
                 base = _base_ns(clock)
-                b = st.bind("keyed_limiter", name, {"rate": r, "capacity": cap, "max_keys": mk,  # type: ignore[arg-type]
+                b = st.bind("keyed_limiter", name, {"rate": r, "capacity": cap, "max_keys": mk,
                                                     "idle_ns": idle_ns}, kmod.KeyedGCRA.nwords(mk),
                             init=lambda w: kmod.KeyedGCRA.init_words(w, r, cap, mk, idle_ns, base))
                 self._core = kmod.KeyedGCRA(r, cap, mk, idle_ns, _clock_ns(clock), words=b.words,
@@ -975,7 +993,8 @@ class KeyedLimiter(Named):     # Named: given a name, exported by the metrics co
 
     def try_acquire(self, key: int | str | bytes, n: int = 1) -> bool:  # replaced by the core's method
         """Take n tokens from key's bucket if available now (a key seen for the first time starts full)."""
-        return self._core.try_acquire(key, n)
+        ok: bool = self._core.try_acquire(key, n)
+        return ok
 
     def try_acquire_many(self, keys: Any, n: int = 1) -> Any:
         """Decide a numpy array of int ids in order in one call (a duplicate consumes in turn);
@@ -1021,7 +1040,7 @@ class KeyedLimiter(Named):     # Named: given a name, exported by the metrics co
         if receipt is not None:
             self._core.refund(receipt)
 
-    def call(self, key: int | str | bytes, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    def call(self, key: int | str | bytes, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Call fn if key has a token now, else raise RateLimitExceeded. An async function is a
         TypeError (the coroutine is closed and the token given back): use call_async."""
         receipt = self._take(key)
@@ -1030,6 +1049,13 @@ class KeyedLimiter(Named):     # Named: given a name, exported by the metrics co
             self._give(receipt)
             raise _awaitable_in_sync(self, fn, result)
         return result
+
+    @overload
+    async def call_async(self, key: int | str | bytes, fn: Callable[P, Awaitable[T]], /, *args: P.args,
+                         **kwargs: P.kwargs) -> T: ...
+    @overload
+    async def call_async(self, key: int | str | bytes, fn: Callable[P, AsyncIterator[Y]], /, *args: P.args,
+                         **kwargs: P.kwargs) -> AsyncIterator[Y]: ...
 
     async def call_async(self, key: int | str | bytes, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Await fn(*args, **kwargs) if key has a token now; a sync function is a TypeError."""
@@ -1052,22 +1078,24 @@ class KeyedLimiter(Named):     # Named: given a name, exported by the metrics co
         raise TypeError("KeyedLimiter has no `with` block: a block names no key; use "
                         "kl.call(key, fn, ...) / await kl.call_async(key, fn, ...) or kl.try_acquire(key)")
 
-    def __exit__(self, *exc: object) -> bool:
+    def __exit__(self, *exc: object) -> Literal[False]:
         return False
 
     async def __aenter__(self) -> Any:
         return self.__enter__()
 
-    async def __aexit__(self, *exc: object) -> bool:
+    async def __aexit__(self, *exc: object) -> Literal[False]:
         return False
 
     def key_hash(self, key: int | str | bytes) -> int:
         """The table's 64-bit hash of `key` (SipHash-1-3 under the table's secret seed)."""
-        return self._core.key_hash(key)
+        h: int = self._core.key_hash(key)
+        return h
 
     def purge(self) -> int:
         """Remove every refilled key (idle at least idle_ttl when set); returns how many."""
-        return self._core.purge()
+        purged: int = self._core.purge()
+        return purged
 
     def reset(self) -> None:
         """Forget every key; metrics back to zero."""
@@ -1079,7 +1107,8 @@ class KeyedLimiter(Named):     # Named: given a name, exported by the metrics co
     @property
     def nbytes(self) -> int:
         """Bytes held by the table (fixed at construction)."""
-        return self._core.nbytes
+        nbytes: int = self._core.nbytes
+        return nbytes
 
     def metrics(self) -> KeyedMetrics:
         counts = getattr(self._core, "counts", None)

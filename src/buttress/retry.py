@@ -29,7 +29,7 @@ import uuid
 from decimal import Decimal
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Callable, TypeVar
+from typing import Any, Awaitable, Callable, ParamSpec, TypeVar
 
 from . import _context
 from ._base import NoCopy, Policy, is_async_callable
@@ -47,6 +47,8 @@ __all__ = ["Retry", "RetryBudget", "RetryMetrics", "Attempt", "current_attempt",
            "Attempts", "AttemptBlock", "log_retries", "log_give_up"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+T = TypeVar("T")
 _HAS_NOTES = hasattr(BaseException, "add_note")     # Python 3.11+
 
 # The per-call state is a plain list (cheapest to build on the success path), indexed by these names.
@@ -233,17 +235,19 @@ class Retry(Policy):
 
     # -- the two entry points: the success path inline, the rest in _loop_* and _after_failure ---------
 
-    def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         call = [1, None, self._now_ns(), self, args, kwargs, None]
         token = _CALL.set(call)
         try:
             if self._setup:
-                return self._loop_sync(call, fn, args, kwargs, _FIRST, None)
+                first: T = self._loop_sync(call, fn, args, kwargs, _FIRST, None)
+                return first
+            result: T
             try:
                 result = fn(*args, **kwargs)
             except Exception as e:
                 exc: BaseException | None = e
-                result = None
+                result = None  # type: ignore[assignment]  # no result: _loop_sync reads exc
             else:
                 if type(result) in LAZY_TYPES or hasattr(type(result), "__await__"):
                     refuse_sync_result(self, fn, result)
@@ -252,16 +256,19 @@ class Retry(Policy):
                     return result
                 exc = None
             # outside the except block, so later attempts' errors do not chain onto this one
-            return self._loop_sync(call, fn, args, kwargs, exc, result)
+            last: T = self._loop_sync(call, fn, args, kwargs, exc, result)
+            return last
         finally:
             _CALL.reset(token)
 
-    async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    async def call_async(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
         call = [1, None, self._now_ns(), self, args, kwargs, None]
         token = _CALL.set(call)
         try:
             if self._setup:
-                return await self._loop_async(call, fn, args, kwargs, _FIRST, None)
+                first: T = await self._loop_async(call, fn, args, kwargs, _FIRST, None)
+                return first
+            result: T
             try:
                 aw = fn(*args, **kwargs)
                 if type(aw) is not CORO and not isawaitable(aw):
@@ -269,13 +276,14 @@ class Retry(Policy):
                 result = await aw
             except Exception as e:
                 exc: BaseException | None = e
-                result = None
+                result = None  # type: ignore[assignment]  # no result: _loop_async reads exc
             else:
                 if self._result_pred is None or not self._result_pred(result):
                     next(self._ok_first)
                     return result
                 exc = None
-            return await self._loop_async(call, fn, args, kwargs, exc, result)
+            last: T = await self._loop_async(call, fn, args, kwargs, exc, result)
+            return last
         finally:
             _CALL.reset(token)
 
@@ -283,7 +291,7 @@ class Retry(Policy):
         """Decorate `fn` (sync, async, methods). The wrapper inlines `call()`'s (or `call_async()`'s)
         success path: one Python frame fewer than `Policy`'s generic wrapper."""
         check_decoratable(self, fn)     # a generator function cannot be retried: TypeError now
-        return specialize(self, fn, self._sync_wrapper, self._async_wrapper)  # type: ignore[no-any-return]
+        return specialize(self, fn, self._sync_wrapper, self._async_wrapper)
 
     # the two wrappers below repeat call() / call_async() with `self` and `fn` bound; keep them in step
     def _sync_wrapper(self, fn: Callable[..., Any]) -> Callable[..., Any]:

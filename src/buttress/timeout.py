@@ -18,7 +18,7 @@ import math
 import types
 from inspect import isawaitable
 import threading
-from typing import Any, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, ParamSpec, TypeVar, overload
 
 from ._base import Policy
 from ._context import pop_deadline, push_deadline, remaining, remaining_ns
@@ -33,6 +33,9 @@ from .errors import TimeoutExceeded
 __all__ = ["Timeout", "remaining", "default_executor"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+T = TypeVar("T")
+Y = TypeVar("Y")
 
 _default_lock = threading.Lock()
 _default: ThreadPoolBulkhead | None = None
@@ -64,7 +67,8 @@ class Timeout(Policy):
         if executor is not None and not isinstance(executor, ThreadPoolBulkhead):
             raise TypeError(f"executor must be a buttress.ThreadPoolBulkhead or None, got {executor!r}")
         self._executor = executor
-        self._scopes: dict[asyncio.Task, list[_AsyncScope]] = {}
+        # keyed by the task (None only if __aexit__ ran outside one: then the lookup fails, as it should)
+        self._scopes: dict[asyncio.Task[Any] | None, list[_AsyncScope]] = {}
 
     @property
     def executor(self) -> ThreadPoolBulkhead:
@@ -84,7 +88,7 @@ class Timeout(Policy):
                                    timeout=max(budget_ns, 0) / NS)
         return TimeoutExceeded(f"call timed out after {self.seconds:.6g}s", timeout=self.seconds)
 
-    def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run the sync `fn` on the executor; raise TimeoutExceeded at the deadline (the thread runs on).
         For a generator function, return its generator guarded over the whole iteration (`iterate`)."""
         kind = callable_kind(fn)
@@ -92,7 +96,8 @@ class Timeout(Policy):
             raise UsageError(f"Timeout.call: {describe(fn)} is {'an async def' if kind == ASYNC else 'an async generator'} "
                              "function: use `await timeout.call_async(fn, ...)` or decorate it")
         if kind == GENERATOR:
-            return self.iterate(fn, *args, **kwargs)
+            guarded: T = self.iterate(fn, *args, **kwargs)
+            return guarded
         budget, by_outer = self._budget_ns()
         if budget <= 0:
             raise self._error(budget, by_outer)
@@ -106,12 +111,19 @@ class Timeout(Policy):
         if not done:
             fut.cancel()            # if it is still queued it never runs; if it runs, it runs on
             raise self._error(budget, by_outer)
-        result = fut.result()
+        result: T = fut.result()
         if type(result) in LAZY_TYPES or hasattr(type(result), "__await__"):
             if type(result) is types.GeneratorType:     # a stream (from a wrapped generator function):
-                return self._iterate(result, deadline, budget, by_outer)    # the deadline covers it
+                stream: T = self._iterate(result, deadline, budget, by_outer)    # the deadline covers it
+                return stream
             refuse_sync_result(self, fn, result, generators=False)
         return result
+
+    @overload
+    async def call_async(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
+    @overload
+    async def call_async(self, fn: Callable[P, AsyncIterator[Y]], /, *args: P.args,
+                         **kwargs: P.kwargs) -> AsyncIterator[Y]: ...
 
     async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Await `fn(*args, **kwargs)` in the caller's task, cancelling it at the deadline. For an async
@@ -147,7 +159,7 @@ class Timeout(Policy):
             def gen_wrapper(*args: Any, **kwargs: Any) -> Any:
                 return (yield from iterate(fn, *args, **kwargs))
 
-            return wraps(fn)(gen_wrapper)  # type: ignore[no-any-return]
+            return wraps(fn)(gen_wrapper)
         if kind == ASYNC_GENERATOR:
             iterate_async = self.iterate_async
 
@@ -164,7 +176,7 @@ class Timeout(Policy):
                 finally:
                     await agen.aclose()
 
-            return wraps(fn)(agen_wrapper)  # type: ignore[no-any-return]
+            return wraps(fn)(agen_wrapper)
         return Policy.__call__(self, fn)
 
     # -- generators: the timeout covers the whole iteration ------------------------------------------------
