@@ -21,7 +21,7 @@ def current_deadline_ns() -> int | None:
     return None if d is None else d[0]
 
 
-def push_deadline(deadline_ns: int, clock: Any = SYSTEM_CLOCK) -> contextvars.Token:
+def push_deadline(deadline_ns: int, clock: Any = SYSTEM_CLOCK) -> contextvars.Token[tuple[int, Any] | None]:
     """Set the deadline to min(current, deadline_ns); returns a token for pop_deadline."""
     cur = _DEADLINE.get()
     if cur is not None and cur[0] <= deadline_ns:
@@ -29,7 +29,7 @@ def push_deadline(deadline_ns: int, clock: Any = SYSTEM_CLOCK) -> contextvars.To
     return _DEADLINE.set((deadline_ns, clock))
 
 
-def pop_deadline(token: contextvars.Token) -> None:
+def pop_deadline(token: contextvars.Token[tuple[int, Any] | None]) -> None:
     _DEADLINE.reset(token)
 
 
@@ -38,7 +38,8 @@ def remaining_ns() -> int | None:
     d = _DEADLINE.get()
     if d is None:
         return None
-    return d[0] - d[1].monotonic_ns()
+    now: int = d[1].monotonic_ns()
+    return d[0] - now
 
 
 def remaining() -> float | None:

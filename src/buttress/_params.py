@@ -144,9 +144,10 @@ def check_n(n: object, capacity: int) -> int:
     """A token count: an int in [1, capacity]."""
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise _type_error("n", "an int", n)
-    if not 1 <= n <= capacity:
+    v = int(n)      # exact for an Integral
+    if not 1 <= v <= capacity:
         raise ValueError(f"n must be between 1 and capacity={capacity}, got {show(n)}")
-    return int(n)
+    return v
 
 
 def seconds_to_ns(name: str, seconds: object, *, allow_zero: bool = True) -> int:
@@ -164,7 +165,7 @@ def exception_matcher(name: str, spec: object) -> Callable[[BaseException], bool
     return parse_exceptions(name, spec).matcher()
 
 
-def check_callable(name: str, value: object, allow_none: bool = True):
+def check_callable(name: str, value: object, allow_none: bool = True) -> Callable[..., Any] | None:
     if value is None and allow_none:
         return None
     if not callable(value):

@@ -13,7 +13,7 @@ from .clock import is_system_clock
 __all__ = ["call_later"]
 
 
-def call_later(clock: Any, seconds: float, callback: Callable[[], object]) -> asyncio.TimerHandle | asyncio.Task:
+def call_later(clock: Any, seconds: float, callback: Callable[[], object]) -> asyncio.TimerHandle | asyncio.Task[None]:
     """Call `callback()` on the running loop after `seconds` of `clock` time; `.cancel()` stops it."""
     loop = asyncio.get_running_loop()
     if is_system_clock(clock):

@@ -177,7 +177,8 @@ class Chaos(Policy):
         if isinstance(exc, BaseException):
             return exc.with_traceback(None)
         if isinstance(exc, type):
-            return exc("chaos: injected fault")
+            fault: BaseException = exc("chaos: injected fault")     # a BaseException class (checked)
+            return fault
         made = exc()  # type: ignore[operator]
         if not isinstance(made, BaseException):
             raise TypeError(f"chaos exception factory returned {made!r}, not an exception")

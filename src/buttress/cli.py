@@ -9,6 +9,7 @@ import argparse
 import importlib
 import os
 import sys
+from typing import NoReturn
 
 COMMANDS = {
     "demo": ("buttress.demo", "a shop's checkout under open-loop load and seeded faults, naive vs protected"),
@@ -17,7 +18,7 @@ COMMANDS = {
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:   # one line, exit code 2
+    def error(self, message: str) -> NoReturn:   # one line, exit code 2
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 

@@ -36,12 +36,12 @@ def _show(v: object) -> str:
     return repr(v)
 
 
-def as_i64(v: Any, name: str) -> int:
+def as_i64(v: object, name: str) -> int:
     """An int in the int64 range, else TypeError / ValueError naming `name` (never OverflowError)."""
     if type(v) is not int:
         if isinstance(v, bool) or not hasattr(type(v), "__index__"):
             raise TypeError(f"{name} must be an int (ns), got {v!r} ({type(v).__name__})")
-        v = _index(v)
+        v = _index(v)  # type: ignore[arg-type]  # its type has __index__ (checked just above)
     if not _INT64_MIN <= v <= _INT64_MAX:
         raise ValueError(f"{name} must be an int in the int64 range [-2**63, 2**63 - 1], got {_show(v)}")
     return v

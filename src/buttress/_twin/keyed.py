@@ -96,7 +96,7 @@ def _hash(k0: int, k1: int, key: object) -> int:
         if isinstance(key, bytes):
             return _signed(_siphash13(k0, k1, key))
         try:
-            key = _index(key)
+            key = _index(key)  # type: ignore[arg-type]  # any object: operator.index is the check
         except TypeError:
             raise TypeError(f"key must be an int, str or bytes, got {key!r} ({type(key).__name__})") from None
     if not -(1 << 63) <= key < (1 << 63):

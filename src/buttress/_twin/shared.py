@@ -220,7 +220,7 @@ class SharedPermits:
     tried once more.
     """
 
-    _w: Any = None
+    _w: memoryview | None = None
     _slot = 0
     _nslots = 0
 

@@ -168,7 +168,7 @@ class WordStore(Store):
 
 def permits_nwords(nslots: int, core: Any) -> int:
     """Words of one SharedPermits with `nslots` lease slots, rounded up to whole 64-byte lines."""
-    n = core.HEADER_WORDS + core.SLOT_WORDS * nslots
+    n: int = core.HEADER_WORDS + core.SLOT_WORDS * nslots
     return (n + 7) & ~7
 
 

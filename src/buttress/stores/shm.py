@@ -156,7 +156,7 @@ class _Segment:
 
     # -- words of the header, lease table and directory (under the lock, or single aligned loads) ---
     def rd(self, off: int) -> int:
-        return self.words[off >> 3]     # type: ignore[no-any-return]
+        return self.words[off >> 3]
 
     def wr(self, off: int, value: int) -> None:
         self.words[off >> 3] = value
@@ -641,7 +641,7 @@ class SharedMemoryStore(WordStore):
 
     @property
     def size(self) -> int:
-        return self._live().rd(H_SIZE)   # type: ignore[no-any-return]
+        return self._live().rd(H_SIZE)
 
     @property
     def slot(self) -> int:
@@ -649,7 +649,7 @@ class SharedMemoryStore(WordStore):
 
     @property
     def nslots(self) -> int:
-        return self._seg.nslots   # type: ignore[no-any-return]
+        return self._seg.nslots
 
     @property
     def core(self) -> Any:
