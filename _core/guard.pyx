@@ -784,7 +784,7 @@ cdef class ShedBase:
         self.fast = self.p != NULL
 
     def _shed_counts(self):
-        """(admitted, shed): per priority, the counts of the compiled path."""
+        """(admitted, shed): per priority, the counts of the compiled path (zeros before _shed_setup)."""
         return (tuple(bt_load(&self.admitted[i]) for i in range(4)), tuple(bt_load(&self.shed[i]) for i in range(4)))
 
     @property
@@ -828,7 +828,6 @@ cdef class ShedBase:
 
 
 @cython.freelist(64)
-@cython.final
 cdef class Admission:
     """One admitted call of a load shedder: `with` / `async with`; leaving frees its slot and reports its
     latency. One acquisition at a time: entering an admission that is held raises RuntimeError (take one
@@ -839,6 +838,8 @@ cdef class Admission:
 
     @property
     def _priority(self):
+        if self.shedder is None or self.shedder.priorities is None:
+            raise _not_initialised(self, "get one from LoadShedder.admit()")
         return self.shedder.priorities[self.prio]
 
     cdef int enter(self) except -1:

@@ -544,6 +544,28 @@ static int bt_aw_ready(void)
     return PyType_Ready(&bt_aw_type);
 }
 
+/* a generator-based coroutine (types.coroutine): awaitable although its type has no await slot */
+static int bt_gen_is_coroutine(PyObject *gen)
+{
+    PyObject *code = PyObject_GetAttrString(gen, "gi_code"), *flags;
+    long f = 0;
+    if (code == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    flags = PyObject_GetAttrString(code, "co_flags");
+    Py_DECREF(code);
+    if (flags == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    f = PyLong_AsLong(flags);
+    Py_DECREF(flags);
+    if (f == -1 && PyErr_Occurred())
+        PyErr_Clear();
+    return (f & CO_ITERABLE_COROUTINE) != 0;
+}
+
 /* Start driving `res` (new reference, fn's result) with the permit held: a coroutine is driven as it is,
  * another awaitable through its __await__ iterator; no await slot goes to settle_async. */
 static PyObject *bt_aw_start(PyObject *owner, const bt_guard_ops *ops, PyObject *fn, PyObject *res,
@@ -551,7 +573,7 @@ static PyObject *bt_aw_start(PyObject *owner, const bt_guard_ops *ops, PyObject 
 {
     PyTypeObject *tp = Py_TYPE(res);
     PyObject *it, *a;
-    if (tp == &PyCoro_Type) {
+    if (tp == &PyCoro_Type || (tp == &PyGen_Type && bt_gen_is_coroutine(res))) {
         it = res;
     }
     else if (tp->tp_as_async != NULL && tp->tp_as_async->am_await != NULL) {

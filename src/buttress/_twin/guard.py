@@ -219,6 +219,7 @@ def _sync_in_async(fn: Any, result: Any) -> Any:
 
 
 _RUN, _VALUE, _RAISE, _DONE = range(4)
+_CO_ITERABLE_COROUTINE = 0x100          # inspect.CO_ITERABLE_COROUTINE: a types.coroutine generator
 
 
 class GuardedAwaitable:
@@ -333,7 +334,8 @@ def _start(stage: _Stage, fn: Any, result: Any) -> Any:
             import logging
             logging.getLogger("buttress.guard").exception("releasing after a failed call failed")
 
-    if type(result) is types.CoroutineType:
+    if type(result) is types.CoroutineType or (type(result) is types.GeneratorType
+                                               and result.gi_code.co_flags & _CO_ITERABLE_COROUTINE):
         it = result
     elif hasattr(type(result), "__await__"):
         try:
@@ -599,12 +601,16 @@ class ShedBase:
         self._shed_limits(limits)
 
     def _shed_limits(self, limits: Any) -> None:
-        sh = self.__dict__["_shedbase"]
+        sh = self.__dict__.get("_shedbase")
+        if sh is None:
+            return
         sh["limits"] = None if limits is None else [int(x) for x in limits]
         sh["fast"] = limits is not None and type(sh["flight"]) is _Permits
 
     def _shed_counts(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        sh = self.__dict__["_shedbase"]
+        sh = self.__dict__.get("_shedbase")
+        if sh is None:
+            return (0, 0, 0, 0), (0, 0, 0, 0)
         return (tuple(int(repr(c)[6:-1]) for c in sh["admitted"]), tuple(int(repr(c)[6:-1]) for c in sh["shed"]))
 
     def admit(self, priority: Any = None) -> Admission:
@@ -619,7 +625,7 @@ class ShedBase:
             prio = int(priority)
         else:
             prio = int(sh["check"](priority))
-        return Admission(self, prio)
+        return Admission.__new__(Admission)._setup(self, prio)     # made only here, as the compiled one
 
 
 class Admission:
@@ -629,18 +635,26 @@ class Admission:
 
     __slots__ = ("_shedder", "_prio", "_start", "_in_flight", "_held", "_fast")
 
-    def __init__(self, shedder: ShedBase, prio: int) -> None:
+    def _setup(self, shedder: ShedBase, prio: int) -> Admission:
         self._shedder, self._prio = shedder, prio
         self._start = self._in_flight = 0
         self._fast = False
         self._held: list[bool] = []     # [True] while entered; append / pop are atomic, also without the GIL
+        return self
 
     @property
     def _priority(self) -> Any:
-        return self._shedder.__dict__["_shedbase"]["priorities"][self._prio]
+        try:
+            return self._shedder.__dict__["_shedbase"]["priorities"][self._prio]
+        except (AttributeError, KeyError):
+            raise _not_initialised(self, "get one from LoadShedder.admit()") from None
 
     def _enter(self) -> None:
-        held = self._held
+        try:
+            held, shedder = self._held, self._shedder
+            shedder.__dict__["_shedbase"]
+        except (AttributeError, KeyError):
+            raise _not_initialised(self, "get one from LoadShedder.admit()") from None
         held.append(True)
         if len(held) != 1:              # entered already (here or in another thread)
             held.pop()
@@ -675,7 +689,7 @@ class Admission:
     def _exit(self, exc: Any) -> None:
         try:
             self._held.pop()
-        except IndexError:
+        except (IndexError, AttributeError):
             return                      # not entered, or exited already: nothing of ours to free
         shedder = self._shedder
         sh = shedder.__dict__["_shedbase"]
