@@ -186,3 +186,25 @@ def test_breaker_opens_inside_pipeline_and_fallback_serves():
     assert p.call(down) == "fallback:ConnectionError"
     assert cb.state is State.OPEN
     assert p.call(down) == "fallback:CircuitOpenError"
+
+
+def test_mixed_clocks_are_refused_like_multilimiter():
+    """§3c: mixing clocks in one Pipeline is a ValueError (one check, shared with MultiLimiter)."""
+    from buttress import MultiLimiter
+    from buttress.clock import SystemClock
+    from buttress.testing import set_testing
+    with pytest.raises(ValueError, match="Pipeline: strategies must share one clock"):
+        Pipeline(TokenBucket(rate=1, capacity=1, clock=FakeClock()), CircuitBreaker(clock=FakeClock()))
+    with pytest.raises(ValueError, match="Pipeline: strategies must share one clock"):     # nested, fallback too
+        Pipeline(Retry(clock=FakeClock()), Pipeline(Timeout(1, clock=FakeClock())))
+    with pytest.raises(ValueError, match="Pipeline: strategies must share one clock"):
+        Pipeline(MultiLimiter(TokenBucket(rate=1, capacity=1, clock=FakeClock())), Retry(clock=FakeClock()))
+    clock = FakeClock()
+    Pipeline(TokenBucket(rate=1, capacity=1, clock=clock), CircuitBreaker(clock=clock), Retry(clock=clock))
+    Pipeline(TokenBucket(rate=1, capacity=1), CircuitBreaker(clock=SystemClock()), Tag("a", []))   # one system clock
+    with set_testing():     # clock=None is now the testing clock: an explicit SystemClock beside it is a second one
+        with pytest.raises(ValueError, match="Pipeline: strategies must share one clock"):
+            Pipeline(TokenBucket(rate=1, capacity=1), Retry(clock=SystemClock()))
+        with pytest.raises(ValueError, match="MultiLimiter: limiters must share one clock"):
+            MultiLimiter(TokenBucket(rate=1, capacity=1), TokenBucket(rate=1, capacity=1, clock=SystemClock()))
+        Pipeline(TokenBucket(rate=1, capacity=1), Retry(), CircuitBreaker())

@@ -86,6 +86,29 @@ def is_system_clock(clock: object) -> bool:
     return isinstance(clock, SystemClock)
 
 
+def _stage_clocks(obj: object) -> list[object]:
+    """The clocks a pattern object decides on: its resolved clock (`_clock` or `clock`), or those of
+    the stages / limiters it composes (a Pipeline, a MultiLimiter); none for a plain function."""
+    inner = getattr(obj, "_stages", None) or getattr(obj, "limiters", None)
+    if isinstance(inner, tuple):
+        return [c for s in inner for c in _stage_clocks(s)]
+    clock = getattr(obj, "_clock", None)
+    if clock is None:
+        clock = getattr(obj, "clock", None)
+    return [] if clock is None or not callable(getattr(clock, "monotonic_ns", None)) else [clock]
+
+
+def check_one_clock(what: str, parts: object, objs: tuple[object, ...]) -> None:
+    """One rule for every composite (MultiLimiter, Pipeline): all parts decide on one clock, as their
+    decisions are compared in time. The system clock counts as one clock however it was named (an
+    explicit SystemClock() and clock=None outside testing mode); while `set_testing` is on, clock=None
+    is the testing clock, so an explicit SystemClock() beside it is a second clock. ValueError naming them."""
+    clocks = [c for o in objs for c in _stage_clocks(o)]
+    if len({0 if is_system_clock(c) else id(c) for c in clocks}) > 1:
+        raise ValueError(f"{what}: {parts} must share one clock (their decisions are compared in time), got "
+                         f"{', '.join(repr(c) for c in clocks)}")
+
+
 class FakeClock:
     """A clock that moves only when told. Integer nanoseconds inside.
 

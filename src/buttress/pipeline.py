@@ -23,6 +23,7 @@ from ._params import ASYNC, ASYNC_GENERATOR, GENERATOR, callable_kind, describe
 from ._spec import UsageError
 from ._wrap import ASYNC_KINDS, CORO, LAZY_TYPES, by_reference, refuse_sync_result, sync_in_async
 from ._breaker_conf import State
+from .clock import check_one_clock
 from .errors import BulkheadFullError, CircuitOpenError, Overloaded, RateLimitExceeded
 
 __all__ = ["Pipeline", "PipelineOrderWarning"]
@@ -100,6 +101,7 @@ class Pipeline(Policy):
         self.strategies = tuple(strategies)
         self.fallback = fallback
         self._stages = ((fallback,) if fallback is not None else ()) + self.strategies
+        check_one_clock("Pipeline", "strategies", self._stages)
         problems = _order_problems(self.strategies)
         if problems:
             if strict:

@@ -33,7 +33,7 @@ from ._impl import core
 from ._params import (ASYNC, ASYNC_GENERATOR, GENERATOR, MAX_RATE, NS, check_float, check_int, check_n,
                       check_seconds, describe, emission_interval_ns, seconds_to_ns)
 from ._wrap import CORO, UsageError, check_decoratable, lazy_result as _lazy, wraps
-from .clock import is_system_clock, resolve_clock
+from .clock import check_one_clock, is_system_clock, resolve_clock
 from .errors import RateLimitExceeded
 
 __all__ = ["TokenBucket", "LeakyBucket", "FixedWindowLimiter", "SlidingWindowLimiter", "MultiLimiter",
@@ -893,10 +893,7 @@ class MultiLimiter(_Limiter):
             if not isinstance(lim, (TokenBucket, _WindowLimiter, MultiLimiter)):
                 raise TypeError(f"limiters must be TokenBucket, FixedWindowLimiter, SlidingWindowLimiter or "
                                 f"MultiLimiter objects, got {lim!r}")
-        clocks = {0 if is_system_clock(lim._clock) else id(lim._clock) for lim in limiters}
-        if len(clocks) > 1:
-            raise ValueError(f"limiters must share one clock (their decisions are compared in time), got "
-                             f"{', '.join(repr(lim._clock) for lim in limiters)}")
+        check_one_clock("MultiLimiter", "limiters", limiters)
         self.limiters = tuple(limiters)
         self.name = _check_name(name)
         self._clock = limiters[0]._clock
