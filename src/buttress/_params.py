@@ -11,7 +11,7 @@ import math
 import numbers
 from decimal import Decimal
 from fractions import Fraction
-from typing import Any, Callable
+from typing import Any, Callable, Literal, overload
 
 __all__ = [
     "check_int", "check_float", "check_bool", "check_n", "emission_interval_ns", "NS",
@@ -76,6 +76,14 @@ def check_real(name: str, value: object, *, allow_none: bool = False) -> float |
     return f + 0.0      # -0.0 -> 0.0
 
 
+@overload
+def check_float(name: str, value: object, *, minimum: float | None = None, maximum: float | None = None,
+                min_inclusive: bool = True, max_inclusive: bool = True, allow_none: Literal[False] = False) -> float: ...
+@overload
+def check_float(name: str, value: object, *, minimum: float | None = None, maximum: float | None = None,
+                min_inclusive: bool = True, max_inclusive: bool = True, allow_none: bool) -> float | None: ...
+
+
 def check_float(name: str, value: object, *, minimum: float | None = None, maximum: float | None = None,
                 min_inclusive: bool = True, max_inclusive: bool = True, allow_none: bool = False) -> float | None:
     """A finite real number within the given bounds (None only when allow_none)."""
@@ -95,6 +103,14 @@ def check_float(name: str, value: object, *, minimum: float | None = None, maxim
         none = " (or None)" if allow_none else ""
         raise ValueError(f"{name} must be a finite number{' ' + rng if rng else ''}{none}, got {show(value)}")
     return f
+
+
+@overload
+def check_seconds(name: str, value: object, *, allow_none: Literal[False] = False, allow_zero: bool = True,
+                  maximum: float = MAX_SECONDS) -> float: ...
+@overload
+def check_seconds(name: str, value: object, *, allow_none: bool, allow_zero: bool = True,
+                  maximum: float = MAX_SECONDS) -> float | None: ...
 
 
 def check_seconds(name: str, value: object, *, allow_none: bool = False, allow_zero: bool = True,

@@ -1018,7 +1018,7 @@ def _max_wait(max_wait_ns: object) -> int:
     return min(max_wait_ns, MAX_WAIT_NS)
 
 
-class _RReceipt(tuple):
+class _RReceipt(tuple[Any, ...]):
     """A claim decided on the server: (tat text, n)."""
     __slots__ = ()
 
@@ -1121,9 +1121,11 @@ class RedisGCRA(_Obj):
         if r is None:
             p = self._policy
             if p == "local":
-                return self.local.wait_ns(k, now)
+                local_wait: int = self.local.wait_ns(k, now)
+                return local_wait
             return 0 if p == "open" else self._store.retry_after_ns()
-        return max(0, r[0] - (self._tau - k * self.interval_ns))
+        tat: int = r[0]
+        return max(0, tat - (self._tau - k * self.interval_ns))
 
     def wait_ns(self, n: int = 1, now: int | None = None) -> int:
         k = check_n(n, self.capacity)
@@ -1139,7 +1141,8 @@ class RedisGCRA(_Obj):
         if r is None:
             p = self._policy
             if p == "local":
-                return self.local.available(now)
+                local_avail: int = self.local.available(now)
+                return local_avail
             return self.capacity if p == "open" else 0
         ahead = r[0]
         return 0 if ahead >= self._tau else (self._tau - ahead) // self.interval_ns
@@ -1253,7 +1256,8 @@ class RedisKeyed(_Obj):
         return self._local_core
 
     def key_hash(self, key: int | str | bytes) -> int:
-        return self.local.key_hash(key)
+        h: int = self.local.key_hash(key)
+        return h
 
     def redis_key(self, key: int | str | bytes) -> bytes:
         return self._base + _key_bytes(key)
@@ -1276,14 +1280,16 @@ class RedisKeyed(_Obj):
         r = self._run([self._cmd(key, k)], "gcra_claim")
         if r is None:
             return self._fallback(key, k, now)
-        return r[0][0] == 0
+        status: int = r[0][0]
+        return status == 0
 
     async def try_acquire_async(self, key: int | str | bytes, n: int = 1, now: int | None = None) -> bool:
         k = check_n(n, self.capacity)
         r = await self._run_async([self._cmd(key, k)], "gcra_claim")
         if r is None:
             return self._fallback(key, k, now)
-        return r[0][0] == 0
+        status: int = r[0][0]
+        return status == 0
 
     def _many_parts(self, keys: Any, k: int) -> tuple[Any, list[bytes]]:
         import numpy as np
@@ -1342,7 +1348,8 @@ class RedisKeyed(_Obj):
             if p == "local":
                 return int(self.local.wait_ns(key, k, now))
             return 0 if p == "open" else self._store.retry_after_ns()
-        return max(0, r[0] - (self._tau - k * self.interval_ns))
+        tat: int = r[0]
+        return max(0, tat - (self._tau - k * self.interval_ns))
 
     def purge(self, now: int | None = None) -> int:
         """Idle keys expire on the server by themselves: nothing to purge (0)."""
@@ -1404,7 +1411,7 @@ class _LocalWindow:
         self.limit, self.w, self.sliding = limit, w_ns, sliding
         self._clock = clock_ns or time.monotonic_ns
         self._lock = threading.Lock()
-        self._last = None
+        self._last: int | None = None
         self.idx = self.prev = self.curr = 0
 
     def _time(self) -> tuple[int, int]:
@@ -1618,6 +1625,7 @@ class RedisPermits(_Obj):
         return [f"{st.owner}:{next(st._seq)}".encode() for _ in range(k)]
 
     def _acq_done(self, r: list[Any] | None, members: list[bytes], limit: int, k: int) -> bool:
+        entries: list[tuple[str, bytes | None]]
         if r is None:
             p = self._policy
             if p == "local":
@@ -1970,7 +1978,8 @@ class RedisBreaker(_Obj):
         if r is None:
             return False
         self._apply(r[0])
-        return r[0][7] == 1
+        moved: int = r[0][7]
+        return moved == 1
 
     def __repr__(self) -> str:
         return f"RedisBreaker({self.name!r}, state={self.view.state}, generation={self.view.generation})"
