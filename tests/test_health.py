@@ -328,3 +328,67 @@ def test_async_check_failures_are_results():
     assert r.status == "down"
     assert r["checks"]["disk"]["error"] == "OSError: disk full"
     assert r["checks"]["queue"]["error"] == "check returned a falsy int"      # its type, never its repr
+
+
+class _NoTruth:
+    def __bool__(self):
+        raise RuntimeError("postgres://user:SECRET@db")
+
+
+class _NoStr(Exception):
+    def __str__(self):
+        raise RuntimeError("postgres://user:SECRET@db")
+
+
+def test_a_result_without_truth_value_is_a_failure_named_by_type_only(caplog):
+    """A numpy array or a __bool__ that raises is a counted failure (not "cancelled"), the error names the
+    exception type only, and nothing with its message is logged (no unretrieved task exception)."""
+    np = pytest.importorskip("numpy")
+
+    async def async_bad():
+        return _NoTruth()
+
+    async def awaited():
+        return np.array([1, 2])
+
+    def raises_nostr():
+        raise _NoStr()
+
+    h = HealthRegistry()
+    h.add_readiness("arr", lambda: np.array([1, 2]))
+    h.add_readiness("sync", lambda: _NoTruth())
+    h.add_readiness("async", async_bad)
+    h.add_readiness("awaitable", lambda: awaited())
+    h.add_readiness("nostr", raises_nostr)
+    caplog.set_level("DEBUG")
+    for round_ in (1, 2):
+        checks = h.check_sync("readiness")["checks"]
+        for name in ("arr", "sync", "async", "awaitable"):
+            c = checks[name]
+            assert c["status"] == "down" and c["consecutive_failures"] == round_, (name, c)
+            assert "no truth value" in c["error"] and "cancelled" not in c["error"]
+        assert checks["sync"]["error"].endswith("(RuntimeError)") and checks["arr"]["error"].endswith("(ValueError)")
+        assert checks["nostr"]["error"] == "_NoStr" and checks["nostr"]["consecutive_failures"] == round_
+    assert "SECRET" not in h.check_sync("readiness").to_json()
+    assert "SECRET" not in caplog.text and "never retrieved" not in caplog.text
+
+
+def test_a_failing_clock_is_answered_not_left_in_a_task(caplog):
+    class Breaks(FakeClock):
+        fail = False
+
+        def monotonic_ns(self):
+            if self.fail:
+                raise RuntimeError("clock SECRET")
+            return super().monotonic_ns()
+
+    clock = Breaks()
+    h = HealthRegistry(clock=clock)
+
+    def check():
+        clock.fail = True
+        return True
+    h.add_readiness("db", check)
+    c = h.check_sync("readiness")["checks"]["db"]
+    assert c["status"] == "down" and c["error"] == "not run: RuntimeError while judging the check"
+    assert "SECRET" not in caplog.text and "never retrieved" not in caplog.text

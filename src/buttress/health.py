@@ -376,8 +376,11 @@ class HealthRegistry:
                 end = self._clock.monotonic_ns()
                 c.record(ok, (end - start) / NS, error, end)
                 result = c.report(False)
+        except Exception as exc:  # noqa: BLE001 - e.g. a clock that failed: answered, never a task's
+            # unretrieved exception (its message is not logged: it may hold what a check held)
+            result = c.not_run(f"not run: {type(exc).__name__} while judging the check")
         finally:
-            if result is None:      # cancelled (its event loop is closing) or a clock that failed
+            if result is None:      # cancelled (its event loop is closing)
                 result = c.not_run("not run: the probe was cancelled")
             with c.lock:
                 if c.flight is flight:
@@ -471,14 +474,22 @@ def _settle(waiter: asyncio.Future[None]) -> None:
 
 def _verdict(result: Any) -> tuple[bool, str | None]:
     """A falsy value is named by its type, never by its repr (an object may hold a password or a
-    host name); False and None are their own description."""
-    if result:
-        return True, None
+    host name); False and None are their own description. A result whose truth value raises (a numpy
+    array, a __bool__ that fails) is a failure named by the exception's type only: its message may
+    hold what the result held."""
+    try:
+        if result:
+            return True, None
+    except Exception as exc:  # noqa: BLE001 - the check's result, not our error
+        return False, f"check returned a {type(result).__name__} with no truth value ({type(exc).__name__})"
     if result is None or result is False:
         return False, f"check returned {result}"
     return False, f"check returned a falsy {type(result).__name__}"
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc)
+    try:
+        text = str(exc)
+    except Exception:  # noqa: BLE001 - an exception whose __str__ fails is named by its type
+        text = ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
