@@ -31,7 +31,7 @@ import functools
 import math
 import threading
 import time
-from typing import Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from . import _context
 from ._params import MAX_SECONDS, NS, check_bool, check_int, check_seconds, show
@@ -87,7 +87,11 @@ class _Failed(NamedTuple):
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
     """A Retry-After header value -> seconds to wait (>= 0, at most 1e9), or None when absent or
     unreadable. Accepts delta-seconds ("120", also "1.5") and HTTP dates ("Wed, 21 Oct 2015 07:28:00
-    GMT"), the latter relative to `now` (wall-clock seconds, default time.time())."""
+    GMT"), the latter relative to `now` (wall-clock seconds, default time.time()).
+
+    One rule for out-of-range values: a number or a date too far ahead to represent (a 400-digit
+    number, "1e999", a year past 9999) is the maximum, 1e9 s -- "longer than any budget", as a value just
+    inside the range is -- never "absent"; one in the past is 0. "inf" and "nan" are not numbers in HTTP."""
     if value is None:
         return None
     value = value.strip()
@@ -98,17 +102,28 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     except ValueError:
         try:
             when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
+        except (TypeError, ValueError, IndexError, OverflowError):
+            parts = email.utils.parsedate_tz(value)
+            return MAX_SECONDS if parts is not None and parts[0] > 9999 else None
         if when is None:
             return None
         if when.tzinfo is None:                 # RFC 9110: HTTP dates are GMT
             import datetime
             when = when.replace(tzinfo=datetime.timezone.utc)
         seconds = when.timestamp() - (time.time() if now is None else now)
-    if not math.isfinite(seconds):
+    if math.isnan(seconds) or value.lstrip("+-")[:1].isalpha():     # "nan", "inf", "Infinity"
         return None
-    return min(max(seconds, 0.0), MAX_SECONDS)
+    return min(max(seconds, 0.0), MAX_SECONDS)      # a value that overflowed to +-inf is clamped too
+
+
+def _check_hedge(hedge: object) -> None:
+    """`hedge=` is checked by Hedge(delay=...): its error names `hedge`, the parameter the caller passed."""
+    from .hedge import Hedge
+    try:
+        Hedge(hedge)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"hedge must be None, seconds in [0, 1e9], a percentile string 'pNN' with 0 < NN < 100 "
+                        f"(e.g. 'p95') or a buttress.Hedge, got {show(hedge)}") from None
 
 
 def _replayable(request: Any) -> bool:
@@ -174,6 +189,7 @@ class HostPipeline:
             raise ValueError("pipeline_factory: a Pipeline with a fallback cannot be an HTTP pipeline (a response "
                              "is always returned); handle the error around the client call instead")
         roles: dict[str, Any] = {}
+        value: object
         for s in stages:
             if isinstance(s, Timeout):
                 role, value = "timeout", s.seconds
@@ -218,6 +234,7 @@ def default_pipeline(host: str, *, max_attempts: int = 3, timeout: float | None 
     if rate is not None:
         limiter = TokenBucket(rate=rate, capacity=max(1, math.ceil(rate)), clock=clock)
     if hedge is not None and not isinstance(hedge, Hedge):
+        _check_hedge(hedge)
         hedge = Hedge(hedge, clock=clock)
     return HostPipeline(timeout=timeout, retry=retry, hedge=hedge, breaker=breaker, limiter=limiter)
 
@@ -239,7 +256,7 @@ class _Base:
         if hedge is not None:
             from .hedge import Hedge
             if not isinstance(hedge, Hedge):
-                Hedge(hedge)    # validates delay now, not on the first request
+                _check_hedge(hedge)     # now, not on the first request
         self._hedge = hedge
         if idempotency_header is not None and (not isinstance(idempotency_header, str) or not idempotency_header):
             raise TypeError(f"idempotency_header must be a header name (str) or None, got {show(idempotency_header)}")
@@ -247,7 +264,7 @@ class _Base:
         self._buffer_limit = check_int("buffer_limit", buffer_limit, minimum=0)
         self._clock = resolve_clock(clock) if clock is not None else None
         self._pipelines: dict[str, HostPipeline] = {}
-        self._by_origin: dict[tuple, HostPipeline] = {}
+        self._by_origin: dict[tuple[Any, ...], HostPipeline] = {}
         self._lock = threading.Lock()
 
     def pipeline_for(self, host: str) -> HostPipeline:
@@ -383,6 +400,7 @@ def _close_response(response: Any) -> None:
 
 def _outcome(result: Any) -> Any:
     if type(result) is _Failed:
+        exc: BaseException | None
         exc = result.exc
         try:
             raise exc
@@ -398,11 +416,16 @@ def _deadline(pipe: HostPipeline, clock: Any) -> Any:
     return _context.push_deadline(c.monotonic_ns() + pipe._timeout_ns, c)
 
 
-if _httpx is not None:
-    _SyncBase: Any = _httpx.BaseTransport
-    _AsyncBase: Any = _httpx.AsyncBaseTransport
-    _SyncStream: Any = _httpx.SyncByteStream
-    _AsyncStream: Any = _httpx.AsyncByteStream
+if TYPE_CHECKING:    # type-checked against httpx (the `httpx` extra); at run time object stands in without it
+    from httpx import AsyncBaseTransport as _AsyncBase
+    from httpx import AsyncByteStream as _AsyncStream
+    from httpx import BaseTransport as _SyncBase
+    from httpx import SyncByteStream as _SyncStream
+elif _httpx is not None:
+    _SyncBase = _httpx.BaseTransport
+    _AsyncBase = _httpx.AsyncBaseTransport
+    _SyncStream = _httpx.SyncByteStream
+    _AsyncStream = _httpx.AsyncByteStream
 else:
     _SyncBase = _AsyncBase = _SyncStream = _AsyncStream = object
 
