@@ -270,6 +270,19 @@ def test_retry_after_longer_than_the_total_timeout_gives_up_at_once(url):
     assert clock.monotonic() == 0.0
 
 
+@pytest.mark.parametrize("ra", ["99999999999999999999", "9" * 400, "1e999"])
+def test_out_of_range_retry_after_is_one_rule_wait_longer_than_the_budget(url, ra):
+    """Too large to represent is the maximum (1e9 s), never "absent": given up at once, like 60 s over a
+    5 s budget -- a 400-digit value was treated as no header and retried quickly."""
+    assert parse_retry_after(ra) == 1e9
+    clock = FakeClock()
+    pipe = default_pipeline("x", timeout=5.0, clock=clock)
+    with client(clock=clock, pipeline_factory=lambda host: pipe) as c:
+        r = c.get(f"{url}/status/503?ra={ra}")
+    assert r.status_code == 503 and hits("/status/503") == 1
+    assert clock.monotonic() == 0.0
+
+
 def test_dropped_connection_retried_for_get_not_for_post(dropper):
     base, count = dropper
     with client(clock=FakeClock()) as c:
@@ -517,13 +530,17 @@ def test_pipeline_factory_roles_and_refusals():
         ResilientTransport(pipeline_factory=3)
     with pytest.raises(TypeError, match="per_host"):
         ResilientTransport(per_host=1)
-    with pytest.raises(ValueError, match="delay"):
-        AsyncResilientTransport(hedge="p200")
+    for bad, exc in (("p200", ValueError), (-1, ValueError), (float("nan"), ValueError), (True, TypeError)):
+        for make in (AsyncResilientTransport, ResilientTransport, lambda hedge: default_pipeline("h", hedge=hedge)):
+            with pytest.raises(exc, match=r"^hedge must be None, seconds in \[0, 1e9\], a percentile .* got "):
+                make(hedge=bad)
 
 
 @pytest.mark.parametrize("value, expected", [
     ("120", 120.0), ("1.5", 1.5), ("-3", 0.0), ("  7 ", 7.0), ("soon", None), ("", None), (None, None),
     ("inf", None), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),
+    ("nan", None), ("-Infinity", None), ("9" * 400, 1e9), ("1e999", 1e9), ("-1e999", 0.0), ("99999999999999999999", 1e9),
+    ("Fri, 31 Dec 9999 23:59:59 GMT", 1e9), ("Wed, 21 Oct 99999 07:28:00 GMT", 1e9),
 ])
 def test_parse_retry_after(value, expected):
     assert parse_retry_after(value) == expected

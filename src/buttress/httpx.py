@@ -99,6 +99,8 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
         return None
     try:
         seconds = float(value)
+        if math.isnan(seconds) or value.lstrip("+-")[:1].isalpha():     # "nan", "inf", "Infinity"
+            return None
     except ValueError:
         try:
             when = email.utils.parsedate_to_datetime(value)
@@ -111,8 +113,6 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
             import datetime
             when = when.replace(tzinfo=datetime.timezone.utc)
         seconds = when.timestamp() - (time.time() if now is None else now)
-    if math.isnan(seconds) or value.lstrip("+-")[:1].isalpha():     # "nan", "inf", "Infinity"
-        return None
     return min(max(seconds, 0.0), MAX_SECONDS)      # a value that overflowed to +-inf is clamped too
 
 
