@@ -17,8 +17,8 @@ import threading
 import pytest
 
 import buttress
-from buttress import Bulkhead, Fallback, StaleCacheFallback, Timeout
-from conftest import awaiting, bare_async, bare_pair
+from buttress import Bulkhead, BulkheadFullError, Fallback, LoadShedder, Overloaded, Priority, StaleCacheFallback, Timeout
+from conftest import awaiting, bare_async, bare_pair, bare_raise, catching
 
 
 def f():
@@ -44,6 +44,19 @@ def test_floor_call_in_fn(benchmark):
 
 def test_floor_bare_await(benchmark):
     awaiting(benchmark, bare_async)
+
+
+def test_floor_raise_catch(benchmark):
+    benchmark(catching(bare_raise, ValueError))
+
+
+class _Obj:
+    def plain(self):
+        return 1
+
+
+def test_floor_method_call(benchmark):
+    benchmark(_Obj().plain)
 
 
 def test_floor_nested_await(benchmark):
@@ -100,6 +113,41 @@ def test_threading_bounded_semaphore_with_in_fn(benchmark):
 def test_bulkhead_decorated(benchmark):
     bh = Bulkhead(10)
     assert benchmark(bh(f)) == 1
+
+
+def test_bulkhead_decorated_method(benchmark):
+    bh = Bulkhead(10)
+
+    class C:
+        @bh
+        def m(self):
+            return 1
+
+    c = C()
+    assert benchmark(lambda: c.m()) == 1
+
+
+def test_bulkhead_full_reject(benchmark):
+    """A refusal (the hot path under overload) over raise+catch."""
+    bh = Bulkhead(1)
+    assert bh.try_acquire()
+    benchmark(catching(bh(f), BulkheadFullError))
+    bh.release()
+
+
+def test_bulkhead_with_full_reject(benchmark):
+    bh = Bulkhead(1)
+    assert bh.try_acquire()
+
+    def g():
+        try:
+            with bh:
+                return f()
+        except BulkheadFullError:
+            pass
+
+    benchmark(g)
+    bh.release()
 
 
 def test_bulkhead_call_form(benchmark):
@@ -216,3 +264,20 @@ def test_shedder_admit_with_in_fn(benchmark):
             return f()
 
     assert benchmark(g) == 1
+
+
+def test_shedder_shed_reject(benchmark):
+    """A shed request (LOW over its bound) over raise+catch."""
+    shed = LoadShedder(2)
+    held = shed.admit(Priority.CRITICAL)
+    held.__enter__()
+
+    def g(admit=shed.admit, p=Priority.LOW):
+        try:
+            with admit(p):
+                return f()
+        except Overloaded:
+            pass
+
+    benchmark(g)
+    held.__exit__(None, None, None)
