@@ -286,3 +286,33 @@ def test_in_process_the_same_guard_is_one_pipeline_bulkhead_outside():
     assert inner.strategies[-1].seconds == policies.payment.attempt
     recs = policies.recommendations.in_process()
     assert [type(s) for s in recs.strategies] == [buttress.Timeout]
+
+
+@pytest.mark.parametrize("argv, flag, span", [
+    (["--rate", "1e9", "--duration", "0.001"], "--rate", "(0, 1000]"), (["--rate", "nan"], "--rate", "(0, 1000]"),
+    (["--rate", "0"], "--rate", "(0, 1000]"), (["--duration", "inf"], "--duration", "(0, 3600]"),
+    (["--duration", "1e6"], "--duration", "(0, 3600]"), (["--patience", "1e300"], "--patience", "(0, 600]"),
+    (["--drain", "-1"], "--drain", "[0, 600]"), (["--drain", "1e12"], "--drain", "[0, 600]"),
+    (["--workers", "0"], "--workers", "[1, 10000]"), (["--workers", "10000000"], "--workers", "[1, 10000]"),
+    (["--workers", "2.5"], "--workers", "[1, 10000]"),
+])
+def test_every_numeric_flag_is_bounded_to_what_the_demo_can_run(capsys, monkeypatch, argv, flag, span):
+    """--rate 1e9 built millions of arrivals (1.6 GB) and hung: a one-line error naming the flag and the
+    range, exit code 2, before any run."""
+    async def no_run(*args, **kwargs):
+        raise AssertionError("a run started")
+    monkeypatch.setattr(checkout, "run", no_run)
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--quiet", *argv])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"argument {flag}: " in err and span in err
+
+
+def test_the_arrivals_of_one_run_are_bounded(capsys, monkeypatch):
+    async def no_run(*args, **kwargs):
+        raise AssertionError("a run started")
+    monkeypatch.setattr(checkout, "run", no_run)
+    assert main(["demo", "--quiet", "--rate", "1000", "--duration", "3600"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--rate x --duration: at most 100000 arrivals" in err

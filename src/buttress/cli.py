@@ -9,7 +9,7 @@ import argparse
 import importlib
 import os
 import sys
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 COMMANDS = {
     "demo": ("buttress.demo", "a shop's checkout under open-loop load and seeded faults, naive vs protected"),
@@ -40,6 +40,23 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
     return value
+
+
+def number_in(low: float, high: float, *, low_open: bool = False, whole: bool = False) -> Callable[[str], float]:
+    """An argparse `type=` for a number in [low, high] (low excluded with low_open; whole numbers with
+    whole): argparse's error names the flag, this message the range and the value, exit code 2."""
+    span = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+
+    def parse(text: str) -> float:
+        try:
+            value: float = int(text) if whole else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if whole else 'a number'} in {span}, "
+                                             f"got {text!r}") from None
+        if not (low < value if low_open else low <= value) or not value <= high:     # NaN fails too
+            raise argparse.ArgumentTypeError(f"must be in {span}, got {text!r}")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ import json
 import sys
 from typing import Any
 
-from ..cli import positive_float, positive_int
+from ..cli import number_in
 
 __all__ = ["add_arguments", "run", "demo"]
 
@@ -28,34 +28,32 @@ TRANSPORTS = ("inprocess", "http")
 # requests through httpx and uvicorn, each side a Python process: on a 2-core machine shared with other
 # work, a healthy run kept up at 30/s every time and fell behind at 40/s now and then (docs/demo.md).
 DEFAULT_RATE = {"inprocess": 50.0, "http": 30.0}
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
+# What the demo can run: it replays its arrivals in real time and keeps every one in memory, so each number
+# is bounded (an unbounded --rate built a schedule of millions of arrivals: gigabytes, and a hang) and so is
+# their product, the arrivals of one run.
+MAX_RATE = 1000.0           # checkouts per second (20x the default; beyond it the shop, not the demo, is measured)
+MAX_SECONDS = 3600.0        # --duration
+MAX_WAIT = 600.0            # --patience, --drain
+MAX_WORKERS = 10_000
+MAX_ARRIVALS = 100_000      # --rate x --duration
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transport", choices=TRANSPORTS, default="inprocess",
                         help="how the shop reaches its dependencies: objects in this process, or uvicorn HTTP "
                              "services on 127.0.0.1 (needs httpx and uvicorn) (default: inprocess)")
-    parser.add_argument("--duration", type=positive_float, default=10.0, metavar="SECONDS",
+    parser.add_argument("--duration", type=number_in(0, MAX_SECONDS, low_open=True), default=10.0, metavar="SECONDS",
                         help="seconds of arrivals in each run (default: 10)")
-    parser.add_argument("--rate", type=positive_float, default=None, metavar="PER_SECOND",
+    parser.add_argument("--rate", type=number_in(0, MAX_RATE, low_open=True), default=None, metavar="PER_SECOND",
                         help="checkouts users attempt per second, on average (default: 50, or 30 with "
                              "--transport http: what the HTTP services serve when healthy on 2 cores)")
-    parser.add_argument("--drain", type=non_negative_float, default=None, metavar="SECONDS",
+    parser.add_argument("--drain", type=number_in(0, MAX_WAIT), default=None, metavar="SECONDS",
                         help="seconds a run waits for answers after the last arrival (default: the patience, "
                              "so that every user has an answer or has given up)")
-    parser.add_argument("--patience", type=positive_float, default=5.0, metavar="SECONDS",
+    parser.add_argument("--patience", type=number_in(0, MAX_WAIT, low_open=True), default=5.0, metavar="SECONDS",
                         help="seconds a user waits for an answer before giving up; the shop is not told "
                              "and carries on (default: 5)")
-    parser.add_argument("--workers", type=positive_int, default=64,
+    parser.add_argument("--workers", type=number_in(1, MAX_WORKERS, whole=True), default=64,
                         help="checkouts the shop serves at once; the rest wait in line (default: 64)")
     parser.add_argument("--seed", type=int, default=1,
                         help="seed of the arrivals and of the faults (default: 1)")
@@ -133,6 +131,10 @@ async def demo(args: argparse.Namespace, progress: _Progress | None = None) -> d
 
 
 def run(args: argparse.Namespace) -> int:
+    rate = DEFAULT_RATE[args.transport] if args.rate is None else args.rate
+    if rate * args.duration > MAX_ARRIVALS:
+        return _error(f"argument --rate x --duration: at most {MAX_ARRIVALS} arrivals per run (every one is kept "
+                      f"in memory), got {rate:g}/s x {args.duration:g} s = {rate * args.duration:.0f}")
     if args.plot is not None:       # checked before spending the runs' time
         from .plot import check_path
         problem = check_path(args.plot)
