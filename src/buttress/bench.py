@@ -249,6 +249,7 @@ def buttress_cases() -> list[Case]:
     ]
 
 
+# the peers are optional (the `bench` extra): their imports tell mypy they may be absent or untyped
 def peer_cases() -> list[Case]:
     cases: list[Case] = []
 
@@ -256,31 +257,31 @@ def peer_cases() -> list[Case]:
         cases.append(Case(pattern, who, floor, make, is_async))
 
     def pybreaker_() -> Any:
-        import pybreaker
+        import pybreaker  # type: ignore[import-not-found, import-untyped, unused-ignore]
         return pybreaker.CircuitBreaker()(_bare)
 
     def circuitbreaker_() -> Any:
-        import circuitbreaker
+        import circuitbreaker  # type: ignore[import-not-found, import-untyped, unused-ignore]
         return circuitbreaker.CircuitBreaker()(_bare)
 
     def purgatory_() -> Any:
-        import purgatory
+        import purgatory  # type: ignore[import-not-found, import-untyped, unused-ignore]
         return purgatory.AsyncCircuitBreakerFactory()("bench")(_abare)
 
     def aiobreaker_() -> Any:
-        import aiobreaker
+        import aiobreaker  # type: ignore[import-not-found, import-untyped, unused-ignore]
         return aiobreaker.CircuitBreaker()(_abare)
 
     def tenacity_() -> Any:
-        import tenacity
+        import tenacity  # type: ignore[import-not-found, import-untyped, unused-ignore]
         return tenacity.retry(stop=tenacity.stop_after_attempt(3))(_bare)
 
     def backoff_() -> Any:
-        import backoff
+        import backoff  # type: ignore[import-not-found, import-untyped, unused-ignore]
         return backoff.on_exception(backoff.expo, Exception, max_tries=3)(_bare)
 
     def stamina_() -> Any:
-        import stamina
+        import stamina  # type: ignore[import-not-found, import-untyped, unused-ignore]
         return stamina.retry(on=Exception, attempts=3)(_bare)
 
     def limits_() -> Any:
@@ -295,17 +296,17 @@ def peer_cases() -> list[Case]:
         return lambda: lim.try_acquire("k")
 
     def token_bucket_() -> Any:
-        import token_bucket
+        import token_bucket  # type: ignore[import-not-found, import-untyped, unused-ignore]
         lim = token_bucket.Limiter(10**9, 10**9, token_bucket.MemoryStorage())
         return lambda: lim.consume(b"k")
 
     def throttled_() -> Any:
-        from throttled import Throttled, per_sec
+        from throttled import Throttled, per_sec  # type: ignore[import-not-found, import-untyped, unused-ignore]
         t = Throttled(key="k", quota=per_sec(10**9))
         return t.limit
 
     def aiolimiter_() -> Any:
-        from aiolimiter import AsyncLimiter
+        from aiolimiter import AsyncLimiter  # type: ignore[import-not-found, import-untyped, unused-ignore]
         al = AsyncLimiter(10**9, 1)
 
         async def run() -> None:
@@ -358,7 +359,7 @@ def _relate(results: list[Result]) -> None:
         r.ratio = r.median_ns / r.floor_ns if r.floor_ns else float("nan")
 
 
-def _twin_results(args: argparse.Namespace) -> list[dict]:
+def _twin_results(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The buttress cases again, in a child process running the pure-Python twins."""
     env = dict(os.environ, BUTTRESS_NO_EXTENSIONS="1")
     env.pop("BUTTRESS_REQUIRE_EXTENSIONS", None)

@@ -15,7 +15,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol, TypeVar
 
 from .. import backoff
 from ..bulkhead import Bulkhead
@@ -30,6 +30,7 @@ from .deps import POPULAR, ConnectionLost, Dependencies, DependencyError, Faults
 
 NAIVE_TIMEOUT = 5.0     # what the naive shop waits for any dependency (seconds)
 FAST = 0.1              # a refusal answered within this many seconds of arrival is "rejected fast"
+T = TypeVar("T")
 
 
 
@@ -105,9 +106,12 @@ class GuardedClient:
     def __init__(self, inner: Client, around: dict[str, Any]) -> None:
         self.inner, self.around = inner, around
 
-    async def _call(self, service: str, fn: Callable[..., Any], *args: Any) -> Any:
+    async def _call(self, service: str, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         guard = self.around.get(service)
-        return await (fn(*args) if guard is None else guard.call_async(fn, *args))
+        if guard is None:
+            return await fn(*args)
+        result: T = await guard.call_async(fn, *args)
+        return result
 
     async def stock(self, order: str, item: str) -> bool:
         return await self._call("inventory", self.inner.stock, order, item)
@@ -123,19 +127,19 @@ class GuardedClient:
 
 @dataclass
 class Tally:
-    answers: list = field(default_factory=list)     # (arrival, answered at s, outcome, reason, retry_after, tries)
-    line: list = field(default_factory=list)        # (t, in progress, waiting for a worker)
-    dispatched: list = field(default_factory=list)  # the arrivals this run replayed, in order
+    answers: list[Any] = field(default_factory=list)     # (arrival, answered at s, outcome, reason, retry_after, tries)
+    line: list[Any] = field(default_factory=list)        # (t, in progress, waiting for a worker)
+    dispatched: list[Any] = field(default_factory=list)  # the arrivals this run replayed, in order
     retries: int = 0
-    refusals: list = field(default_factory=list)    # every fast refusal: (t, Retry-After sent, order, by)
+    refusals: list[Any] = field(default_factory=list)    # every fast refusal: (t, Retry-After sent, order, by)
     fallbacks: int = 0
-    transitions: list = field(default_factory=list)  # (t, old, new) of the protected payment breaker
+    transitions: list[Any] = field(default_factory=list)  # (t, old, new) of the protected payment breaker
     in_progress: int = 0
     waiting: int = 0
     end_line: tuple[int, int] = (0, 0)  # (in progress, waiting for a worker) when the run stopped
-    in_line: set = field(default_factory=set)       # orders waiting for a worker
+    in_line: set[Any] = field(default_factory=set)       # orders waiting for a worker
     unfinished_in_line: int = 0     # unfinished checkouts that were still waiting for a worker at the end
-    after_user_left: collections.Counter = field(default_factory=collections.Counter)  # outcome -> count
+    after_user_left: collections.Counter[str] = field(default_factory=collections.Counter)  # outcome -> count
 
     def popular(self, *_: Any) -> list[str]:
         """The fallback for recommendations (both runs serve it when the engine fails)."""
@@ -145,7 +149,7 @@ class Tally:
     def count_retry(self, *_: Any) -> None:
         self.retries += 1
 
-    def counts(self) -> collections.Counter:
+    def counts(self) -> collections.Counter[Any]:
         return collections.Counter(a[2] for a in self.answers)
 
 
@@ -215,7 +219,7 @@ class Policies:
         self.breaker = CircuitBreaker(name="payment", failure_rate_threshold=0.5, window_size=20,
                                       minimum_calls=10, open_duration=1.0, half_open_calls=3)
         self.breaker.on("state_change", lambda ev: tally.transitions.append(
-            (round(elapsed(), 2), ev.old.name, ev.new.name)))
+            (round(elapsed(), 2), ev.old.name, ev.new.name)))  # type: ignore[union-attr]  # state_change: both set
         self.payment = Guard(      # 16 checkouts charging at once; 1.2 s in all, 0.4 s an attempt
             Bulkhead(max_concurrent=16, max_wait=0.05, name="payment"),
             Pipeline(Timeout(1.2),
@@ -326,9 +330,9 @@ async def run(kind: str, schedule: list[Arrival], backend: Any, faults: Faults, 
     else:
         policies = Policies(cfg.seed, session.retry_on, tally, lambda: time.monotonic() - t0)
         calls = Protected(session.client(policies), policies)
-    fatal: asyncio.Future = loop.create_future()
+    fatal: asyncio.Future[Any] = loop.create_future()
     slots = asyncio.Semaphore(cfg.workers)
-    tasks: set[asyncio.Task] = set()
+    tasks: set[asyncio.Task[Any]] = set()
     waiting_user: dict[str, asyncio.TimerHandle] = {}     # order -> the moment its user gives up
 
     def give_up(a: Arrival) -> None:
@@ -464,8 +468,8 @@ def summarize(record: dict[str, Any], schedule: list[Arrival], cfg: RunConfig) -
     rejected = [x for x in tally.answers if x[2] == REJECTED]
     span = cfg.duration + cfg.drain
     seconds = math.ceil(span)
-    per_second: dict[int, list] = collections.defaultdict(list)
-    by_arrival: dict[int, list] = collections.defaultdict(list)
+    per_second: dict[int, list[Any]] = collections.defaultdict(list)
+    by_arrival: dict[int, list[Any]] = collections.defaultdict(list)
     for a, ans, outcome, *_ in tally.answers:
         per_second[min(int(ans), seconds - 1)].append((ans - a.at, outcome))
         by_arrival[int(a.at)].append(ans - a.at)

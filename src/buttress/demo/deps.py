@@ -15,7 +15,9 @@ import asyncio
 import collections
 import random
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, TypeVar
+
+T = TypeVar("T")
 
 __all__ = ["Faults", "DependencyError", "Unavailable", "ConnectionLost", "ServerError", "Service",
            "PaymentGateway", "Inventory", "Recommendations", "Dependencies", "POPULAR"]
@@ -66,7 +68,7 @@ class Faults:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Faults:
-        return cls(int(d["seed"]), tuple(d["payment_outage"]), tuple(d["recommendations_outage"]))  # type: ignore[arg-type]
+        return cls(int(d["seed"]), tuple(d["payment_outage"]), tuple(d["recommendations_outage"]))
 
 
 # -- the services ------------------------------------------------------------------------------------------
@@ -83,7 +85,7 @@ class Service:
         self.requests = 0
         self.seen: collections.Counter[str] = collections.Counter()   # order -> requests received for it
         self._slots = asyncio.Semaphore(capacity) if capacity else None
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     def draw(self, order: str) -> random.Random:
         """The fault generator of this request: the n-th request of this service for `order`."""
@@ -91,19 +93,19 @@ class Service:
         self.seen[order] += 1
         return random.Random(f"{self.faults.seed}:{self.name}:{order}:{self.seen[order]}")
 
-    async def serve(self, work: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+    async def serve(self, work: Callable[..., Awaitable[T]], *args: Any) -> T:
         task = asyncio.ensure_future(self._run(work, *args))
         self._tasks.add(task)
         task.add_done_callback(self._done)
         return await asyncio.shield(task)       # the client may give up; the server-side task runs on
 
-    async def _run(self, work: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+    async def _run(self, work: Callable[..., Awaitable[T]], *args: Any) -> T:
         if self._slots is None or work.__name__ == "_black_hole":
             return await work(*args)
         async with self._slots:
             return await work(*args)
 
-    def _done(self, task: asyncio.Task) -> None:
+    def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled():
             task.exception()        # retrieved: an abandoned request's error is not logged as "never retrieved"

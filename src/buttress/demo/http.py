@@ -57,7 +57,7 @@ async def _body(receive: Any) -> bytes:
             return b"".join(chunks)
 
 
-async def _answer(send: Any, status: int, payload: Any, headers: list | None = None) -> None:
+async def _answer(send: Any, status: int, payload: Any, headers: list[tuple[bytes, bytes]] | None = None) -> None:
     body = json.dumps(payload).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
@@ -71,7 +71,7 @@ async def _reset(send: Any) -> None:
                 "headers": [(b"content-type", b"application/json"), (b"content-length", b"64")]})
 
 
-async def app(scope: dict, receive: Any, send: Any) -> None:
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] != "http":
         return
     body = await _body(receive)
@@ -219,7 +219,8 @@ class HttpSession:
         async with httpx.AsyncClient(base_url=self.http.url("payment"), timeout=30.0) as control:
             r = await control.post("/_demo/stop")
             r.raise_for_status()
-            return r.json()
+            counts: dict[str, int] = r.json()
+            return counts
 
     def client(self, policies: Any) -> Any:
         """Plain httpx clients (naive, `policies` None; the caller's asyncio timeouts bound them), or the

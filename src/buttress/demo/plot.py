@@ -54,7 +54,7 @@ def draw(result: dict[str, Any], path: str) -> None:
     first = next(iter(runs.values()))["series"]
     xs = [s["t"] for s in first] + [span]
 
-    def steps(ax: Any, values: list, **kw: Any) -> None:
+    def steps(ax: Any, values: list[Any], **kw: Any) -> None:
         ax.step(xs, values + values[-1:], where="post", **kw)
 
     steps(done, [s["arrivals"] for s in first], color="0.55", linestyle=":", linewidth=1.5,
