@@ -209,7 +209,7 @@ class HealthRegistry:
         period_ns = seconds_to_ns("period", period)
         if not isinstance(critical, bool):
             raise TypeError(f"critical must be a bool, got {critical!r}")
-        check = _Check(probe, name, fn, callable_kind(fn) == ASYNC, t, period_ns,  # type: ignore[arg-type]
+        check = _Check(probe, name, fn, callable_kind(fn) == ASYNC, t, period_ns,
                        check_int("failure_threshold", failure_threshold, minimum=1),
                        check_int("success_threshold", success_threshold, minimum=1), critical,
                        passing=_INITIAL[probe])

@@ -120,7 +120,7 @@ def _check_hedge(hedge: object) -> None:
     """`hedge=` is checked by Hedge(delay=...): its error names `hedge`, the parameter the caller passed."""
     from .hedge import Hedge
     try:
-        Hedge(hedge)
+        Hedge(hedge)  # type: ignore[arg-type]  # any object: Hedge's own check is the validation
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"hedge must be None, seconds in [0, 1e9], a percentile string 'pNN' with 0 < NN < 100 "
                         f"(e.g. 'p95') or a buttress.Hedge, got {show(hedge)}") from None

@@ -66,7 +66,7 @@ class ButtressCollector:
             raise TypeError(f"registry must be a buttress.Registry, got {registry!r}")
         if not isinstance(prefix, str) or not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", prefix):
             raise ValueError(f"prefix must be a metric name prefix ([a-zA-Z_][a-zA-Z0-9_]*), got {prefix!r}")
-        bounds: list[float] = [check_float("buckets", b, minimum=0.0, min_inclusive=False)  # type: ignore[misc]
+        bounds: list[float] = [check_float("buckets", b, minimum=0.0, min_inclusive=False)
                                for b in buckets]
         if not bounds or bounds != sorted(set(bounds)):
             raise ValueError(f"buckets must be increasing positive seconds, got {tuple(buckets)!r}")

@@ -974,7 +974,7 @@ def _check_backoff(backoff: object) -> tuple[object, Callable[[int, float | None
         return backoff, backoff.delay
     if isinstance(backoff, (numbers.Real, Decimal)) or isinstance(backoff, bool):
         # any real number of seconds (int, float, Fraction, numpy scalar), named as the user named it
-        fixed = constant(check_seconds("backoff", backoff))  # type: ignore[arg-type]
+        fixed = constant(check_seconds("backoff", backoff))
         return fixed, fixed.delay
     if callable(backoff):
         check_function("backoff", backoff, nargs=1, allow_none=False, role="backoff(attempt) -> seconds")
