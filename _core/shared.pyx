@@ -251,6 +251,7 @@ cdef class SharedPermits:
     cdef int64_t nslots_
     cdef object locker_
     cdef object on_refused_
+    cdef object closed_         # the error of a closed store (ready == 3)
     cdef object __weakref__
 
     def __init__(self, words, slot, nslots, max_permits, locker=None, on_refused=None):
@@ -278,13 +279,21 @@ cdef class SharedPermits:
         bt_store(&self.ready, 2)
 
     def __dealloc__(self):
-        if bt_load(&self.ready) == 2:
+        if bt_load(&self.ready) >= 2:
             PyBuffer_Release(&self.buf)
 
     cdef inline int64_t *_words(self) except NULL:
         if bt_load(&self.ready) != 2:
+            if bt_load(&self.ready) == 3:
+                raise RuntimeError(self.closed_)
             raise _uninit(self)
         return self.w
+
+    def _close(self, message):
+        """Its store closed in this process (before its lease slot is given back): every later op
+        raises RuntimeError(message); the words stay referenced until the object goes."""
+        self.closed_ = str(message)
+        bt_cas(&self.ready, 2, 3)
 
     cdef bint _try(self, int64_t n, int64_t limit) except -1:
         cdef int64_t *w = self._words()
@@ -406,6 +415,6 @@ cdef class SharedPermits:
 
     def __repr__(self):
         if bt_load(&self.ready) != 2:
-            return f"{type(self).__name__}(<not initialised>)"
+            return f"{type(self).__name__}(<{'closed' if bt_load(&self.ready) == 3 else 'not initialised'}>)"
         return (f"{type(self).__name__}(max_permits={self.max_permits}, in_use={self.in_use}, "
                 f"held={self.held}, slot={self.slot})")

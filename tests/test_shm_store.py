@@ -597,3 +597,57 @@ def test_threads_of_one_process_share_its_slot_exactly(store: SharedMemoryStore,
     assert sum(got for got, _ in results) >= rounds, "permits were admitted"
     assert p.in_use == 0 and p.held == 0 and p.try_acquire(3) and not p.try_acquire()
     p.release(3)
+
+
+# ---- use after close -----------------------------------------------------------------------------------
+
+def test_objects_bound_to_a_closed_store_raise_one_clear_error_and_never_admit(kind: str) -> None:
+    """close() gives this process's lease slot back: a bulkhead / shedder bound to it must not admit on that
+    slot any more (compiled admitted 3 against max_concurrent=2; the twin leaked a ValueError about fd -1)."""
+    from buttress import Bulkhead, LoadShedder, Priority
+    name = fresh(kind)
+    st = SharedMemoryStore(name, implementation=kind)
+    try:
+        bh = Bulkhead(max_concurrent=2, name="b", store=st)
+        sh = LoadShedder(max_in_flight=2, name="s", store=st)
+        raw = st.permits("raw", "p", 2)
+        assert bh.try_acquire() and raw.try_acquire()
+        st.close()
+        msg = f"SharedMemoryStore {name!r} is closed in this process"
+        for use in (bh.try_acquire, bh.release, lambda: sh.admit(Priority.CRITICAL).__enter__(),
+                    raw.try_acquire, raw.release, lambda: raw.try_acquire_within(1), lambda: raw.held_by(1),
+                    lambda: raw.resize(3), lambda: raw.reclaim(1), lambda: raw._set_slot(1), st.reclaim,
+                    lambda: st.slot):
+            for _ in range(3):
+                with pytest.raises(RuntimeError) as info:
+                    use()
+                assert str(info.value) in (msg, f"SharedMemoryStore {name!r} is closed")
+        assert repr(raw) == "SharedPermits(<closed>)" and raw.in_use == raw.held == 0
+        other = SharedMemoryStore(name, implementation=kind)      # a fresh opener: nothing held any more
+        try:
+            assert other.permits("raw", "p", 2).in_use == 0
+            assert other.permits("bulkhead", "b", 2).in_use == 0
+        finally:
+            other.close()
+    finally:
+        SharedMemoryStore(name, implementation=kind).unlink()
+
+
+def test_twin_objects_bound_to_a_closed_store_say_so(kind: str) -> None:
+    """The twin decides under the segment's lock file: closed, every object says the store's error
+    (not an internal ValueError about a negative file descriptor)."""
+    import buttress
+    if kind != "python" or buttress.IMPLEMENTATION == "cython":
+        pytest.skip("the twin's locks (run with BUTTRESS_NO_EXTENSIONS=1)")
+    from buttress import CircuitBreaker, TokenBucket
+    name = fresh(kind)
+    st = SharedMemoryStore(name, implementation=kind)
+    try:
+        tb = TokenBucket(rate=1, capacity=5, name="t", store=st)
+        cb = CircuitBreaker(name="c", failure_threshold=2, store=st)
+        st.close()
+        for use in (tb.try_acquire, cb.try_acquire):
+            with pytest.raises(RuntimeError, match=f"^SharedMemoryStore {name!r} is closed in this process$"):
+                use()
+    finally:
+        SharedMemoryStore(name, implementation=kind).unlink()

@@ -223,6 +223,7 @@ class SharedPermits:
     _w: memoryview | None = None
     _slot = 0
     _nslots = 0
+    _closed: str | None = None
 
     def __init__(self, words: Any, slot: int, nslots: int, max_permits: int, locker: Any = None,
                  on_refused: Callable[[], object] | None = None) -> None:
@@ -234,7 +235,7 @@ class SharedPermits:
         if on_refused is not None and not callable(on_refused):
             raise TypeError(f"on_refused must be None or a callable, got {type(on_refused).__name__}")
         w = _view(words, nslots)
-        if self._w is not None:
+        if self._w is not None or self._closed is not None:
             raise RuntimeError(f"{type(self).__name__} is already initialised")
         self._lock: Any = threading.Lock() if locker is None else _NoLock()
         self._locker: Any = _NoLock() if locker is None else locker
@@ -249,18 +250,28 @@ class SharedPermits:
     def _words(self) -> memoryview:
         w = self._w
         if w is None:
+            if self._closed is not None:
+                raise RuntimeError(self._closed)
             raise _uninit(self)
         return w
 
-    def _try(self, n: int, limit: int | None) -> bool:
-        w = self._words()
+    def _close(self, message: str) -> None:
+        """Its store closed in this process (before its lease slot is given back): every later op
+        raises RuntimeError(message); the words stay referenced until the object goes."""
         with self._lock, self._locker:
-            if _acquire(w, self._nslots, self._slot, n, limit):
+            if self._w is not None:
+                self._closed = str(message)
+                self._w = None
+
+    def _try(self, n: int, limit: int | None) -> bool:
+        self._words()
+        with self._lock, self._locker:
+            if _acquire(self._words(), self._nslots, self._slot, n, limit):    # under the lock: not closed
                 return True
         cb = self._on_refused
         if cb is not None and cb():
             with self._lock, self._locker:
-                return _acquire(w, self._nslots, self._slot, n, limit)
+                return _acquire(self._words(), self._nslots, self._slot, n, limit)
         return False
 
     def try_acquire(self, n: int = 1) -> bool:
@@ -280,8 +291,9 @@ class SharedPermits:
     def release(self, n: int = 1) -> None:
         """Return n permits this process holds; ValueError (nothing changed) if it holds fewer."""
         n = check_int("n", n, minimum=1, maximum=MAX_PERMITS)
-        w = self._words()
+        self._words()
         with self._lock, self._locker:
+            w = self._words()
             if _release(w, self._nslots, self._slot, n):
                 return
             held = w[HEADER_WORDS + SLOT_WORDS * (self._slot - 1)] & _CNT
@@ -356,6 +368,6 @@ class SharedPermits:
 
     def __repr__(self) -> str:
         if self._w is None:
-            return f"{type(self).__name__}(<not initialised>)"
+            return f"{type(self).__name__}(<{'closed' if self._closed is not None else 'not initialised'}>)"
         return (f"{type(self).__name__}(max_permits={self.max_permits}, in_use={self.in_use}, "
                 f"held={self.held}, slot={self._slot})")

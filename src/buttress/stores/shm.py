@@ -109,6 +109,8 @@ class _ObjLock:
     def __enter__(self) -> None:
         self.tlock.acquire()
         try:
+            if self.seg.closed:     # every twin object bound to the segment decides under this lock
+                raise self.seg.closed_error()
             fcntl.lockf(self.seg.lockfd, fcntl.LOCK_EX, 1, self.offset)
         except BaseException:
             self.tlock.release()
@@ -460,7 +462,13 @@ class _Segment:
 
     def _check_open(self) -> None:
         if self.closed:
-            raise RuntimeError(f"{self.url} is closed in this process")
+            raise self.closed_error()
+
+    def closed_error(self) -> RuntimeError:
+        """The one error of every use of a closed segment: its stores and every object bound to it."""
+        err = getattr(self, "fork_error", None)
+        return RuntimeError(f"SharedMemoryStore {self.name!r} is closed in this process" +
+                            (f" (no lease after fork: {err})" if err else ""))
 
     # -- close / fork -------------------------------------------------------------------------------
     def release_lease(self) -> None:
@@ -478,6 +486,14 @@ class _Segment:
     def close(self) -> None:
         if self.closed:
             return
+        # first the objects bound to it refuse every op (one clear error, never an admission on the lease
+        # slot given back next), then the slot's permits are given back
+        message = str(self.closed_error())
+        for obj in list(self.bound):
+            try:
+                obj._close(message)
+            except (OSError, ValueError):
+                pass
         self.release_lease()
         self.closed = True
         self._drop()
@@ -560,6 +576,8 @@ def _after_fork_in_child() -> None:
         except Exception as exc:    # noqa: BLE001 - a child without a lease must not use the segment
             seg.closed = True
             seg.fork_error = exc    # type: ignore[attr-defined]
+            for obj in list(seg.bound):     # never on the parent's lease slot
+                obj._close(str(seg.closed_error()))
 
 
 def _close_all() -> None:
@@ -657,12 +675,10 @@ class SharedMemoryStore(WordStore):
 
     def _live(self) -> _Segment:
         if self._closed:
-            raise RuntimeError(f"{self.url} is closed")
+            raise RuntimeError(f"SharedMemoryStore {self._name!r} is closed")
         seg = self._seg
         if seg.closed:
-            err = getattr(seg, "fork_error", None)
-            raise RuntimeError(f"{self.url} is closed in this process" +
-                               (f" (no lease after fork: {err})" if err else ""))
+            raise seg.closed_error()
         return seg
 
     def bind(self, kind: str, name: str, settings: Mapping[str, object], nwords: int,
