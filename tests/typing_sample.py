@@ -7,7 +7,8 @@ leaking out of the API fails it as well), so these lines pin the types users see
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+import importlib.util
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
 
 import buttress
 from buttress import backoff
@@ -129,6 +130,100 @@ async def main() -> int:
 
 
 assert asyncio.run(main()) == 1
+
+# -- decorators keep the function's signature; .call / .call_async return fn's result type ---------------
+# (each `add` below keeps (a: int, b: str = "x") -> tuple[int, str]; assigning it to an annotated variable
+# fails the check if a decorator loses a parameter or the return type, and `_misuse` holds calls that
+# must be type errors: if a decorator returned Any, their ignores would be unused, which --strict reports)
+Add = Callable[[int, str], "tuple[int, str]"]
+
+
+def add(a: int, b: str = "x") -> tuple[int, str]:
+    return a, b
+
+
+async def add_async(a: int, b: str = "x") -> tuple[int, str]:
+    return a, b
+
+
+async def count_to(n: int) -> AsyncIterator[int]:
+    for i in range(n):
+        yield i
+
+
+limiters = [buttress.TokenBucket(rate=1000.0, capacity=1000, clock=clock),
+            buttress.LeakyBucket(rate=1000.0, queue_size=1000, clock=clock),
+            buttress.FixedWindowLimiter(limit=1000, window=1.0, clock=clock),
+            buttress.SlidingWindowLimiter(limit=1000, window=1.0, clock=clock)]
+limiters.append(buttress.MultiLimiter(limiters[0], limiters[2]))
+hedge = buttress.Hedge(delay=10.0, clock=clock)
+pipeline = buttress.Pipeline(buttress.Retry(max_attempts=2, clock=clock), limiters[0])
+stale = buttress.StaleCacheFallback(max_age=60.0, clock=clock)
+for limiter in limiters:
+    limited: Add = limiter(add)
+    assert limited(1, "y") == (1, "y")
+    assert_type(limiter(add)(2), "tuple[int, str]")
+    assert_type(limiter.call(add, 3, b="z"), "tuple[int, str]")
+# one line per class (a loop over a tuple of them would check only what their common base declares)
+decorated: list[Add] = [retry(add), timeout(add), fallback(add), hedge(add), pipeline(add), stale(add), tb(add)]
+assert [f(1, "y") for f in decorated] == [(1, "y")] * len(decorated)
+assert_type(retry(add)(5), "tuple[int, str]")
+assert_type(buttress.Fallback((0, ""))(add)(6), "tuple[int, str]")
+assert_type(retry.call(add, 4), "tuple[int, str]")
+assert_type(timeout.call(add, 4), "tuple[int, str]")
+assert_type(fallback.call(add, 4), "tuple[int, str]")
+assert_type(hedge.call(add, 4), "tuple[int, str]")
+assert_type(pipeline.call(add, 4), "tuple[int, str]")
+assert_type(stale.call(add, 4), "tuple[int, str]")
+assert_type(tb.call(add, 7), "tuple[int, str]")
+assert_type(kl.call("tenant-2", add, 8), "tuple[int, str]")
+
+
+async def async_forms() -> None:
+    AddAsync = Callable[[int, str], Awaitable["tuple[int, str]"]]
+    decorated: list[AddAsync] = [retry(add_async), timeout(add_async), fallback(add_async), hedge(add_async),
+                                 pipeline(add_async), stale(add_async), tb(add_async)]
+    assert [await f(1, "y") for f in decorated] == [(1, "y")] * len(decorated)
+    assert_type(await retry.call_async(add_async, 9), "tuple[int, str]")
+    assert_type(await timeout.call_async(add_async, 9), "tuple[int, str]")
+    assert_type(await fallback.call_async(add_async, 9), "tuple[int, str]")
+    assert_type(await hedge.call_async(add_async, 9), "tuple[int, str]")
+    assert_type(await pipeline.call_async(add_async, 9), "tuple[int, str]")
+    assert_type(await stale.call_async(add_async, 9), "tuple[int, str]")
+    assert_type(await tb.call_async(add_async, 9), "tuple[int, str]")
+    for limiter in limiters:
+        assert_type(await limiter.call_async(add_async, 9), "tuple[int, str]")
+        stream = await limiter.call_async(count_to, 2)      # an async generator function: its stream
+        assert_type(stream, AsyncIterator[int])
+        assert [i async for i in stream] == [0, 1]
+    assert_type(await kl.call_async("tenant-3", add_async, 10), "tuple[int, str]")
+
+
+asyncio.run(async_forms())
+
+
+def _misuse() -> None:   # never called: each line must be a type error
+    buttress.TokenBucket(rate=1.0)(add)("one")            # type: ignore[arg-type]
+    buttress.Fallback(0)(add)(1, 2)                       # type: ignore[arg-type]
+    retry(add)(1, "x", "extra")                           # type: ignore[call-arg]
+    timeout(add)()                                        # type: ignore[call-arg]
+    pipeline(add)(b=1)                                    # type: ignore[call-arg, arg-type]
+    hedge(add)("1")                                       # type: ignore[arg-type]
+    tb.call(add, "one")                                   # type: ignore[arg-type]
+    kl.call("k", add, 1, c=2)                             # type: ignore[call-arg]
+    nothing: str = retry.call(add, 1)                     # type: ignore[assignment]
+
+
+# -- ASGI: a Starlette app is an ASGI app for RateLimitMiddleware (starlette is not a dependency: where it
+# is installed, the check is real; where it is not, the import's ignore lets the rest of the sample pass)
+def starlette_app() -> buttress.asgi.RateLimitMiddleware:
+    from starlette.applications import Starlette  # type: ignore[import-not-found, unused-ignore]
+
+    return buttress.asgi.RateLimitMiddleware(Starlette(), limiter=buttress.TokenBucket(rate=10.0, clock=clock))
+
+
+if importlib.util.find_spec("starlette") is not None:
+    starlette_app()
 
 # -- errors ----------------------------------------------------------------------------------------------
 err: buttress.ButtressError = buttress.TimeoutExceeded(timeout=2.0)

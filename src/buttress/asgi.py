@@ -24,7 +24,7 @@ import ipaddress
 import itertools
 import logging
 import math
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any, Awaitable, Callable, Iterable, MutableMapping
 
 from ._params import MAX_SECONDS, NS, check_bool, check_int, check_seconds, count_of, emission_interval_ns, show
 from .errors import Overloaded
@@ -34,8 +34,9 @@ __all__ = ["RateLimitMiddleware", "LoadSheddingMiddleware", "HealthEndpoints", "
 
 log = logging.getLogger("buttress.asgi")
 
-Scope = dict[str, Any]
-Message = dict[str, Any]
+# as Starlette (and the ASGI spec's typing) has them: an app declared over MutableMapping is an ASGIApp here
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
