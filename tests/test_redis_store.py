@@ -347,7 +347,7 @@ def test_paused_server_policy_and_recovery(redis_server, policy):  # noqa: F811
         assert 1 <= st.metrics().errors <= 5 + int(elapsed / st.probe) + 1
         assert events and all(e.kind == "store_error" and e.policy == policy for e in events)
         if policy == "local":
-            assert sum(got) == 20                         # the local twin of the same limit
+            assert sum(got) == 19       # the local twin of the same limit, carrying the 1 this process took
         elif policy == "open":
             assert all(got)
         else:
@@ -395,3 +395,126 @@ def test_store_breaker_makes_a_dead_store_cheap(redis_server):  # noqa: F811
     m = st.metrics()
     assert m.errors <= 5 + 4 and m.fallbacks == 20000 and m.breaker_state in ("OPEN", "HALF_OPEN")
     st.close()
+
+
+# -- connection setup is not part of a decision; the local twin carries this process's consumption -------
+
+class _SlowFirstReply:
+    """A TCP proxy to the server that holds back the first reply of each connection it is armed for by
+    `delay` s (a connection set up on a busy machine: TCP + handshake slower than a decision's timeout)."""
+
+    def __init__(self, port: int, delay: float) -> None:
+        import socket
+        import threading
+        self.port, self.delay, self.armed = port, delay, 0
+        self.lsock = socket.socket()
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(64)
+        self.url = f"redis://127.0.0.1:{self.lsock.getsockname()[1]}/0"
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+        while True:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            with self._lock:
+                slow, self.armed = self.armed > 0, max(0, self.armed - 1)
+            u = socket.create_connection(("127.0.0.1", self.port))
+            threading.Thread(target=self._pipe, args=(c, u, 0.0), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(u, c, self.delay if slow else 0.0), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst, delay: float) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if delay:
+                    time.sleep(delay)
+                    delay = 0.0
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.lsock.close()
+
+
+def test_a_fresh_event_loop_per_round_admits_exactly_capacity(redis_server):  # noqa: F811
+    """Each new event loop opens its connection: that setup (here 0.3 s) must not count against the
+    decision's timeout (0.1 s), or the first call is decided by a fresh full local bucket and 3 pass
+    against capacity 2 (only the first connection of each round is slow)."""
+    import asyncio
+    from buttress import RateLimitExceeded, TokenBucket
+    from buttress.stores.redis import RedisStore
+    redis_server.flush()
+    proxy = _SlowFirstReply(redis_server.port, 0.3)
+    st = RedisStore(url=proxy.url, timeout=0.1, on_error="local")
+    admitted = []
+
+    async def run(i: int) -> None:
+        tb = TokenBucket(rate=SLOW, capacity=2, name=f"as{i}", store=st)
+        n = 0
+        for _ in range(4):
+            try:
+                await tb.acquire_async(1, timeout=0)
+                n += 1
+            except RateLimitExceeded:
+                pass
+        admitted.append(n)
+    try:
+        for i in range(4):
+            proxy.armed = 1
+            asyncio.run(run(i))
+        assert admitted == [2, 2, 2, 2]
+        assert st.metrics().errors == 0 and st.metrics().fallbacks == 0
+        # and the sync path: a new thread's connection is set up on the connect timeout too
+        import threading
+        got = []
+        proxy.armed = 1
+        t = threading.Thread(target=lambda: got.extend(st.gcra("sync", SLOW, 2).try_acquire() for _ in range(4)))
+        t.start(), t.join()
+        assert got == [True, True, False, False] and st.metrics().errors == 0
+    finally:
+        st.close()
+        proxy.close()
+
+
+def test_paused_server_local_twin_never_admits_past_what_this_process_used(redis_server):  # noqa: F811
+    """A process that used a limit through the store, then lost the server (SIGSTOP), decides on a local
+    twin that carries its consumption: never more than capacity from this process (was: a full local
+    bucket, capacity more). Token bucket, fixed and sliding windows, bulkhead."""
+    from buttress import Bulkhead, FixedWindowLimiter, SlidingWindowLimiter, TokenBucket
+    from buttress.stores.redis import RedisStore
+    redis_server.flush()
+    st = RedisStore(url=redis_server.url, timeout=0.02, on_error="local")
+    tb = TokenBucket(rate=SLOW, capacity=3, name="tb", store=st)
+    fw = FixedWindowLimiter(limit=3, window=3600, name="fw", store=st)
+    sw = SlidingWindowLimiter(limit=3, window=3600, name="sw", store=st)
+    bh = Bulkhead(max_concurrent=3, name="bh", store=st)
+    assert [tb.try_acquire() for _ in range(2)] == [True, True]
+    assert [fw.try_acquire() for _ in range(2)] == [True, True]
+    assert [sw.try_acquire() for _ in range(2)] == [True, True]
+    assert [bh.try_acquire() for _ in range(2)] == [True, True]
+    assert st.metrics().errors == 0
+    redis_server.pause()
+    try:
+        for lim in (tb, fw, sw, bh):
+            got = [lim.try_acquire() for _ in range(200)]
+            assert sum(got) == 1, (lim, sum(got))       # 2 + 1 = capacity, however many tries
+        assert st.metrics().errors >= 1
+    finally:
+        redis_server.resume()
+        st.close()

@@ -46,6 +46,10 @@ ON_ERROR = ("local", "open", "closed")
 SCHEMES = {"redis": "redis", "rediss": "rediss", "valkey": "redis", "valkeys": "rediss"}
 DEFAULT_PREFIX = "bt:"
 DEFAULT_TIMEOUT = 0.005          # s per store call
+# s to set up a connection (TCP, AUTH, CLIENT SETINFO): once per thread / event loop, never part of a
+# decision's `timeout` -- on a busy machine a 5 ms connect timed out, and each new event loop decided
+# its first calls by the on_error policy while the server was healthy
+DEFAULT_CONNECT_TIMEOUT = 1.0
 BREAKER_FAILURES = 5             # consecutive failed store calls that open the store's breaker
 BREAKER_PROBE = 0.5              # s the store's breaker stays open before one probe call
 SETTINGS_TTL = 86400             # s a settings record lives without a process binding the name
@@ -415,7 +419,8 @@ class RedisStore(Store):
     ``client``: a ``redis.Redis`` or ``redis.asyncio.Redis`` (its connection settings are used with a pool
     of this store's own, so that ``timeout`` holds and redis-py's retries never multiply it), or None with
     ``url=``. ``prefix`` comes first in every key, literally. ``on_error``: "local" (default), "open" or
-    "closed". ``timeout``: seconds per store call (default 5 ms). ``sync_interval``: seconds between two
+    "closed". ``timeout``: seconds per store call (default 5 ms). ``connect_timeout``: seconds to set up a
+    connection, once per thread or event loop (default 1 s, at least ``timeout``). ``sync_interval``: seconds between two
     flushes of a cluster breaker's local counts (and reads of its state). ``lease``: seconds a bulkhead
     permit lives on the server unless renewed (renewed every lease / 3 while held).
     """
@@ -424,7 +429,8 @@ class RedisStore(Store):
 
     def __init__(self, client: Any = None, *, url: str | None = None, prefix: str = DEFAULT_PREFIX,
                  on_error: str = "local", timeout: float = DEFAULT_TIMEOUT, sync_interval: float = 0.1,
-                 lease: float = 30.0, probe: float = BREAKER_PROBE) -> None:
+                 lease: float = 30.0, probe: float = BREAKER_PROBE,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, got {prefix!r} ({type(prefix).__name__})")
         if len(prefix.encode("utf-8")) > 64 or not prefix.isprintable():
@@ -432,6 +438,8 @@ class RedisStore(Store):
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of 'local', 'open', 'closed', got {on_error!r}")
         self.timeout = check_float("timeout", timeout, minimum=0.0, min_inclusive=False, maximum=60.0)
+        self.connect_timeout = check_float("connect_timeout", connect_timeout, minimum=0.0, min_inclusive=False,
+                                           maximum=60.0)
         self.sync_interval = check_float("sync_interval", sync_interval, minimum=0.001, maximum=60.0)
         self.lease = check_float("lease", lease, minimum=0.01, maximum=86400.0)
         self.probe = check_float("probe", probe, minimum=0.001, maximum=1.0)
@@ -497,12 +505,12 @@ class RedisStore(Store):
                     raise ValueError(f"store URL {url!r}: on_error must be one of 'local', 'open', 'closed', "
                                      f"got {value!r}")
                 self.on_error = value
-            elif key in ("timeout", "sync_interval", "lease", "probe"):
+            elif key in ("timeout", "connect_timeout", "sync_interval", "lease", "probe"):
                 try:
                     f = float(value)
                 except ValueError:
                     raise ValueError(f"store URL {url!r}: {key} must be a number of seconds, got {value!r}") from None
-                lo, hi = {"timeout": (1e-6, 60.0), "sync_interval": (0.001, 60.0), "lease": (0.01, 86400.0),
+                lo, hi = {"timeout": (1e-6, 60.0), "connect_timeout": (1e-6, 60.0), "sync_interval": (0.001, 60.0), "lease": (0.01, 86400.0),
                           "probe": (0.001, 1.0)}[key]
                 setattr(self, key, check_float(key, f, minimum=lo, maximum=hi))
             else:
@@ -518,7 +526,10 @@ class RedisStore(Store):
     def _conn_overrides(self) -> dict[str, Any]:
         redis = _redis()
         from redis.backoff import NoBackoff
-        return {"socket_timeout": self.timeout, "socket_connect_timeout": self.timeout,
+        # a new connection is set up (connect and handshake) on the connect timeout; _ready() then gives it
+        # the per-call timeout before its first decision
+        setup = max(self.timeout, self.connect_timeout)
+        return {"socket_timeout": setup, "socket_connect_timeout": setup,
                 "retry": redis.retry.Retry(NoBackoff(), 0), "health_check_interval": 0}
 
     def _init_client(self, client: Any) -> None:
@@ -670,7 +681,8 @@ class RedisStore(Store):
         conn = getattr(tl, "conn", None)
         pool = self._pool()
         if conn is None or tl.pid != os.getpid():
-            conn = pool.get_connection()
+            conn = pool.get_connection()            # connected on the connect timeout, before deciding
+            self._ready(conn)
             tl.conn, tl.pid = conn, os.getpid()
         try:
             replies = _send_read(conn, parts)
@@ -684,9 +696,21 @@ class RedisStore(Store):
             try:
                 conn.disconnect()
             finally:
+                self._unready(conn)
                 pool.release(conn)
             raise
         return replies
+
+    def _ready(self, conn: Any) -> None:
+        """A connection just set up gets the per-call timeout for its decisions."""
+        conn.socket_timeout = self.timeout
+        sock = getattr(conn, "_sock", None)
+        if sock is not None and hasattr(sock, "settimeout"):
+            sock.settimeout(self.timeout)
+
+    def _unready(self, conn: Any) -> None:
+        """Back to the pool: its next setup runs on the connect timeout again."""
+        conn.socket_timeout = max(self.timeout, self.connect_timeout)
 
     async def _exec_async(self, parts: list[bytes], op: str) -> list[Any] | None:
         if self._down_until and time.monotonic_ns() < self._down_until:
@@ -736,7 +760,7 @@ class RedisStore(Store):
         loop = asyncio.get_running_loop()
         pipe = self._async_pipes.get(loop)
         if pipe is None:
-            pipe = self._async_pipes[loop] = _AsyncPipe(self._apool())
+            pipe = self._async_pipes[loop] = _AsyncPipe(self._apool(), self)
         return await pipe.call(parts)
 
     # -- objects ------------------------------------------------------------------------------------
@@ -836,15 +860,18 @@ class _AsyncPipe:
     together in the next write, so N concurrent tasks share round trips instead of queueing for pool
     connections. Each decision still costs at most one round trip."""
 
-    def __init__(self, pool: Any) -> None:
+    def __init__(self, pool: Any, store: "RedisStore") -> None:
         self.pool = pool
+        self.store = store
         self.conn: Any = None
         self.pending: list[tuple[list[bytes], Any]] = []
         self.busy = False
 
     async def _trip(self, parts: list[bytes]) -> list[Any]:
         if self.conn is None:
-            self.conn = await self.pool.get_connection()
+            conn = await self.pool.get_connection()     # connected on the connect timeout, before deciding
+            self.store._ready(conn)
+            self.conn = conn
         conn = self.conn
         try:
             replies = await _send_read_async(conn, parts)
@@ -858,6 +885,7 @@ class _AsyncPipe:
             try:
                 await conn.disconnect()
             finally:
+                self.store._unready(conn)
                 await self.pool.release(conn)
             raise
         return replies
@@ -1062,6 +1090,11 @@ class RedisGCRA(_Obj):
             self._rejected += 1
             return -1, None, x
         self._admitted += 1
+        if self._policy == "local":
+            # this process's consumption is carried into the local twin as it happens, so an outage
+            # starts from what this process already took, never from a full bucket (it may only be
+            # ahead of the server: a refused reservation errs towards refusing)
+            self.local.claim(k, now, (1 << 63) - 1)     # any wait: always counted
         return wait, _RReceipt((x, k)), 0
 
     def _fallback(self, k: int, now: object, mw: int) -> tuple[int, Any, int]:
@@ -1439,6 +1472,12 @@ class _LocalWindow:
             idx, e = self._time()
             return idx, self.prev, self.curr, e
 
+    def charge(self, n: int) -> None:
+        """Count n the store admitted for this process (what an outage starts from)."""
+        with self._lock:
+            self._time()
+            self.curr += n
+
     def unclaim(self, idx: int, n: int) -> None:
         with self._lock:
             if idx == self.idx and self.curr >= n:
@@ -1523,6 +1562,8 @@ class RedisWindow(_Obj):
         else:
             ok, idx = r[0][0], r[0][1]
             receipt = ("r", idx) if ok == 1 else None
+            if receipt is not None and self._policy == "local":
+                self.local.charge(n)        # carried into the local twin (see RedisGCRA._done)
         if receipt is None:
             self._rejected += 1
         else:
@@ -1629,7 +1670,10 @@ class RedisPermits(_Obj):
         if r is None:
             p = self._policy
             if p == "local":
-                if not self.local.try_acquire_within(limit, k):
+                # the permits this process holds on the server count against the local twin too
+                with self._lock:
+                    on_server = sum(1 for where, _ in self._held if where == "r")
+                if not self.local.try_acquire_within(max(0, limit - on_server), k):
                     return False
                 entries = [("l", None)] * k
             elif p == "open":
