@@ -72,6 +72,10 @@ def test_bad_arguments_name_the_parameter(redis_url):  # noqa: F811
         RedisStore(url=redis_url, on_error="maybe")
     with pytest.raises(ValueError, match="timeout"):
         RedisStore(url=redis_url, timeout=0)
+    with pytest.raises(ValueError, match="connect_timeout"):
+        RedisStore(url=redis_url, connect_timeout=0)
+    with pytest.raises(ValueError, match="connect_timeout"):
+        RedisStore(url=redis_url + "?connect_timeout=100")
     with pytest.raises(TypeError, match="client= .* or url="):
         RedisStore()
     with pytest.raises(ValueError, match="scheme"):
@@ -504,6 +508,9 @@ def test_paused_server_local_twin_never_admits_past_what_this_process_used(redis
     fw = FixedWindowLimiter(limit=3, window=3600, name="fw", store=st)
     sw = SlidingWindowLimiter(limit=3, window=3600, name="sw", store=st)
     bh = Bulkhead(max_concurrent=3, name="bh", store=st)
+    kl = st.keyed("kl", SLOW, 3)
+    assert [kl.try_acquire("a") for _ in range(2)] == [True, True]
+    assert list(kl.try_acquire_many(np.array([7, 7], dtype=np.int64))) == [True, True]
     assert [tb.try_acquire() for _ in range(2)] == [True, True]
     assert [fw.try_acquire() for _ in range(2)] == [True, True]
     assert [sw.try_acquire() for _ in range(2)] == [True, True]
@@ -514,6 +521,9 @@ def test_paused_server_local_twin_never_admits_past_what_this_process_used(redis
         for lim in (tb, fw, sw, bh):
             got = [lim.try_acquire() for _ in range(200)]
             assert sum(got) == 1, (lim, sum(got))       # 2 + 1 = capacity, however many tries
+        assert sum(kl.try_acquire("a") for _ in range(50)) == 1
+        assert int(kl.try_acquire_many(np.full(50, 7, dtype=np.int64)).sum()) == 1
+        assert sum(kl.try_acquire("b") for _ in range(50)) == 3     # a key this process never used
         assert st.metrics().errors >= 1
     finally:
         redis_server.resume()

@@ -1314,6 +1314,8 @@ class RedisKeyed(_Obj):
         if r is None:
             return self._fallback(key, k, now)
         status: int = r[0][0]
+        if status == 0 and self._policy == "local":
+            self.local.try_acquire(key, k, now)     # carried into the local twin (see RedisGCRA._done)
         return status == 0
 
     async def try_acquire_async(self, key: int | str | bytes, n: int = 1, now: int | None = None) -> bool:
@@ -1322,6 +1324,8 @@ class RedisKeyed(_Obj):
         if r is None:
             return self._fallback(key, k, now)
         status: int = r[0][0]
+        if status == 0 and self._policy == "local":
+            self.local.try_acquire(key, k, now)
         return status == 0
 
     def _many_parts(self, keys: Any, k: int) -> tuple[Any, list[bytes]]:
@@ -1353,6 +1357,8 @@ class RedisKeyed(_Obj):
         for chunk in r:
             out[i:i + len(chunk)] = chunk
             i += len(chunk)
+        if self._policy == "local" and out.any():
+            self.local.try_acquire_many(np.ascontiguousarray(arr[out]), k, now)    # carried, in order
         return out
 
     def try_acquire_many(self, keys: Any, n: int = 1, now: int | None = None) -> Any:
