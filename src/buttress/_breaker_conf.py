@@ -162,11 +162,13 @@ def breaker_conf(name: object = "default", failure_rate_threshold: object = DEFA
     minimum_given = check_int("minimum_calls", minimum_calls, minimum=1)
     # a count window's minimum is at most its size; the half-open minimum is never clamped by window_size
     minimum = min(minimum_given, size) if not time_window else minimum_given
+    # the classic breaker's timeout= is checked under its own name (errors name the parameter passed)
+    od_name = "timeout" if classic and timeout is not None else "open_duration"
     if callable(open_duration):
-        open_ns, open_fn = -1, check_function("open_duration", open_duration, nargs=1, allow_none=False,
-                                             role="open_duration(attempt) -> seconds")
+        open_ns, open_fn = -1, check_function(od_name, open_duration, nargs=1, allow_none=False,
+                                             role=f"{od_name}(attempt) -> seconds")
     else:
-        od = check_seconds("open_duration", open_duration)
+        od = check_seconds(od_name, open_duration)
         open_ns, open_fn = math.ceil(od * NS), None  # type: ignore[operator]
     half = check_int("half_open_calls", half_open_calls, minimum=1, maximum=HALF_OPEN_MAX)
     if classic and half < sth:

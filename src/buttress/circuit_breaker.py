@@ -111,11 +111,16 @@ class CircuitBreaker(_core.BreakerCore, Policy):
             from .stores import WordStore
             if isinstance(st, WordStore):
                 words, locker = _bind(st, conf, clk if clock_ns is not None else None)
-            elif conf.classic or not conf.time_window:
+            elif conf.classic:
+                raise ValueError(f"CircuitBreaker: the classic breaker (failure_threshold={conf.failure_threshold}) "
+                                 f"cannot be shared through store={st.url!r}: it counts consecutive calls, which "
+                                 f"have no order across processes; use the rate breaker with window='time' "
+                                 f"(failure_rate_threshold=, window_size=, minimum_calls=) instead of "
+                                 f"failure_threshold= / success_threshold= / timeout=")
+            elif not conf.time_window:
                 raise ValueError(f"CircuitBreaker: store={st.url!r} shares a time window only (per-second "
-                                 f"buckets every process flushes into): window={conf.time_window and 'time' or 'count'!r}"
-                                 f"{' (the classic failure_threshold breaker counts consecutive calls)' if conf.classic else ''}"
-                                 f" has no meaning across processes; pass window='time'")
+                                 f"buckets every process flushes into): window='count' has no meaning across "
+                                 f"processes; pass window='time'")
             self.store = st
         super().__init__(*args, words=words, locker=locker)
         if self.store is not None and words is None:
@@ -185,7 +190,9 @@ class CircuitBreaker(_core.BreakerCore, Policy):
                 _HELD.set(held[:i] + held[i + 1:])
                 break
         else:
-            raise RuntimeError(f"circuit breaker {self.name!r}: __exit__ without a matching __enter__")
+            # a second exit of one acquisition (or an exit without an enter) is a no-op, as for Bulkhead
+            # (DESIGN §3c): it never reports another acquisition's outcome
+            return False
         if exc is None:
             permit.success()
         else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
 import threading
 import time
 import types
@@ -379,6 +380,13 @@ class BreakerCore(Uninit):
         here; remote.record(token, failed, slow, ignored); remote.rejection(now) -> CircuitOpenError or None."""
         self._lock
         self._remote = remote
+
+    def _return_flight(self, gen: int, _half_open: int = _HALF_OPEN) -> None:
+        """A dropped half-open permit of `gen` goes back (the compiled st_return_flight; no hook). Reads
+        no module global: it may run from Permit.__del__ at interpreter shutdown."""
+        with self._lock:
+            if self._state == _half_open and self._gen == gen and self._flight > 0:
+                self._flight -= 1
 
     def _refused(self) -> None:
         """Count a refusal decided by the store (not_permitted, the event)."""
@@ -867,13 +875,20 @@ class Permit:
         if self._once():
             self._core._record(self._token, SUCCESS, self._start, None, None)
 
-    def __del__(self) -> None:
-        # never reported: return it (only a half-open permit holds anything)
+    def __del__(self, _remote: int = REMOTE, _finalizing: Callable[[], bool] = sys.is_finalizing) -> None:
+        # never reported: return it (only a half-open permit holds anything; no hook runs, as in the
+        # compiled __dealloc__). At interpreter shutdown module globals may already be None: what this
+        # needs is bound as defaults, and what shutdown can still break (a store's locker) is dropped
         try:
-            if self._token & 1 and not self._token & REMOTE and self._once():
-                self._core._record(self._token, CANCELLED, self._start, None, None)
+            token, core = self._token, self._core
         except AttributeError:       # never made by _make
-            pass
+            return
+        if token & 1 and not token & _remote and self._once():
+            try:
+                core._return_flight(token >> 1)
+            except (TypeError, AttributeError, NameError):
+                if not _finalizing():
+                    raise
 
 
 class Guarded:
