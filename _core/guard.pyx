@@ -828,13 +828,27 @@ cdef class ShedBase:
 
 
 @cython.freelist(64)
+@cython.no_gc_clear     # __dealloc__ needs `shedder` to give a dropped admission's slot back
 cdef class Admission:
     """One admitted call of a load shedder: `with` / `async with`; leaving frees its slot and reports its
     latency. One acquisition at a time: entering an admission that is held raises RuntimeError (take one
     `admit()` per call); a second exit of one entry is a no-op (it never frees another call's slot).
-    Entered again after its exit, it admits anew."""
+    Entered again after its exit, it admits anew. An entered admission collected without its exit gives
+    its slot back (no outcome reported: DESIGN §3c); one that was exited gives nothing. The freelist
+    hands out a zeroed object (Cython memsets it), so nothing carries over to the next admit()."""
     cdef ShedBase shedder
     cdef int64_t prio, start, in_flight, held, fast
+
+    def __dealloc__(self):
+        cdef ShedBase sh = self.shedder
+        if sh is None or not bt_cas(&self.held, 1, 0):
+            return                      # never entered, or exited: nothing of ours is held
+        if sh.flight is None:           # the shedder is being torn down in the same GC cycle
+            return
+        if self.fast:
+            permits_release(sh.p, 1)    # lock-free: safe inside the GC
+        else:
+            sh.flight.release()         # the slot taken by enter_py (as the clock-failure path)
 
     @property
     def _priority(self):

@@ -717,3 +717,75 @@ def test_async_generator_closed_in_another_task_returns_its_permit():
         assert bh.in_use == 0 and bh._async_held == {}
 
     run(main())
+
+
+@pytest.mark.parametrize("timeout", [None, 0.0, 5.0])
+def test_a_drained_bulkhead_refuses_with_retry_after_none(timeout):
+    # DESIGN §3c: retry_after is the time until the same request is admitted; a drained bulkhead stays
+    # closed after the drain until resume(), so that time is unknown (it used to be the drain time left)
+    clock = FakeClock()
+    bh = Bulkhead(max_concurrent=2, clock=clock)
+    bh._begin_drain(timeout)
+    refusals = []
+    for attempt in (lambda: bh.call(lambda: 1), lambda: bh(lambda: 1)(), bh.__enter__):
+        with pytest.raises(BulkheadFullError, match="draining") as info:
+            attempt()
+        refusals.append(info.value.retry_after)
+
+    async def in_async():
+        with pytest.raises(BulkheadFullError, match="draining") as info:
+            async with bh:
+                pass
+        refusals.append(info.value.retry_after)
+        with pytest.raises(BulkheadFullError, match="draining") as info:
+            await bh.call_async(asyncio.sleep, 0)
+        refusals.append(info.value.retry_after)
+
+    run(in_async())
+    assert refusals == [None] * 5
+    assert bh.drain(timeout=1.0) == 0
+    clock.advance(10.0)                     # past the deadline: still closed, still unknown
+    with pytest.raises(BulkheadFullError) as info:
+        bh.call(lambda: 1)
+    assert info.value.retry_after is None
+    bh.resume()
+    assert bh.call(lambda: 2) == 2 and bh.available == 2
+
+
+def test_a_queued_waiter_refused_by_a_drain_gets_retry_after_none():
+    bh = Bulkhead(max_concurrent=1, max_wait=None)
+    assert bh.try_acquire()
+    errors = []
+    queued = threading.Event()
+
+    def waiter():
+        queued.set()
+        try:
+            with bh:
+                pass
+        except BulkheadFullError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    assert queued.wait(30)
+    for _ in range(20000):
+        if bh.metrics().waiting:
+            break
+        threading.Event().wait(0.0005)
+    bh._begin_drain(60.0)
+    t.join(30)
+    assert not t.is_alive() and len(errors) == 1
+    assert "draining" in str(errors[0]) and errors[0].retry_after is None
+    bh.release()
+    bh.resume()
+
+
+def test_a_drained_thread_pool_refuses_submits_with_retry_after_none():
+    with ThreadPoolBulkhead(max_workers=1, queue_size=1) as pool:
+        assert pool.drain(timeout=5.0) == 0
+        with pytest.raises(BulkheadFullError, match="draining") as info:
+            pool.submit(lambda: 1)
+        assert info.value.retry_after is None
+        pool.resume()
+        assert pool.call(lambda: 3, timeout=30) == 3

@@ -314,3 +314,100 @@ def test_double_exits_racing_threads_never_exceed_capacity(fast_switching):
 
     race(8, body)
     assert peak[0] <= 4 and shed.in_flight == 0
+
+
+@pytest.mark.parametrize("path", ["fast", "system-clock", "limiter"])
+def test_an_entered_admission_collected_without_exit_gives_its_slot_back(path):
+    # DESIGN §3c: a permit dropped without a report is returned when collected (the compiled Admission in
+    # tp_dealloc, the twin in __del__); it used to stay in flight for ever. "limiter" is the Python path.
+    import gc
+    kwargs = {"fast": dict(max_in_flight=2, clock=FakeClock()), "system-clock": dict(max_in_flight=2),
+              "limiter": dict(limiter=AIMDLimit(initial_limit=2, min_limit=1, max_limit=4), clock=FakeClock())}[path]
+    shed = LoadShedder(**kwargs)
+    kept = shed.admit(Priority.CRITICAL)
+    kept.__enter__()
+    dropped = shed.admit(Priority.CRITICAL)
+    dropped.__enter__()
+    assert shed.in_flight == 2
+    del dropped
+    gc.collect()
+    assert shed.in_flight == 1
+    exited = shed.admit(Priority.CRITICAL)
+    with exited:
+        pass
+    del exited                              # exited: collecting it gives nothing back (never double)
+    gc.collect()
+    assert shed.in_flight == 1
+    # the next admissions (the compiled freelist hands out the dropped objects) start clean
+    fresh = [shed.admit(Priority.CRITICAL) for _ in range(3)]
+    for adm in fresh:
+        adm.__enter__()
+    assert shed.in_flight == 4
+    for adm in fresh:
+        adm.__exit__(None, None, None)
+    kept.__exit__(None, None, None)
+    assert shed.in_flight == 0
+    m = shed.metrics()
+    assert m.admitted[Priority.CRITICAL] == 6
+
+
+def test_an_async_admission_dropped_inside_its_block_gives_its_slot_back():
+    import gc
+
+    async def main():
+        shed = LoadShedder(max_in_flight=2, clock=FakeClock())
+        adm = shed.admit(Priority.HIGH)
+        await adm.__aenter__()
+        assert shed.in_flight == 1
+        del adm
+        gc.collect()
+        return shed.in_flight
+
+    assert asyncio.run(main()) == 0
+
+
+def test_a_refused_second_enter_claims_nothing():
+    # the reviewer's case, isolated: the refusal comes before the permit, so one exit frees the one slot
+    import gc
+    shed = LoadShedder(max_in_flight=2, clock=FakeClock())
+    adm = shed.admit(Priority.CRITICAL)
+    adm.__enter__()
+    with pytest.raises(RuntimeError, match="already entered"):
+        adm.__enter__()
+
+    async def again():
+        await adm.__aenter__()
+
+    with pytest.raises(RuntimeError, match="already entered"):
+        asyncio.run(again())
+    assert shed.in_flight == 1
+    adm.__exit__(None, None, None)
+    adm.__exit__(None, None, None)
+    assert shed.in_flight == 0
+    del adm
+    gc.collect()
+    assert shed.in_flight == 0
+
+
+@pytest.mark.parametrize("timeout", [None, 0.0, 5.0])
+def test_a_drain_refuses_with_retry_after_none(timeout):
+    # DESIGN §3c: retry_after is the time until the same request is admitted; a drained shedder refuses
+    # until resume(), which nobody can predict (it used to give the seconds left in the drain)
+    clock = FakeClock()
+    shed = LoadShedder(max_in_flight=4, clock=clock)
+    shed._begin_drain(timeout)
+    for prio in Priority:
+        with pytest.raises(Overloaded, match="draining") as info:
+            shed.admit(prio).__enter__()
+        assert info.value.retry_after is None
+        with pytest.raises(Overloaded, match="draining") as info:
+            shed.call(lambda: 1, priority=prio)
+        assert info.value.retry_after is None
+    assert shed.drain(timeout=timeout if timeout is not None else 1.0) == 0
+    clock.advance(10.0)                     # past the drain's deadline: still closed, still unknown
+    with pytest.raises(Overloaded) as info:
+        shed.admit(Priority.CRITICAL).__enter__()
+    assert info.value.retry_after is None
+    shed.resume()
+    with shed.admit(Priority.LOW):
+        assert shed.in_flight == 1

@@ -586,10 +586,8 @@ class Bulkhead(_StageBase, Policy):
     def _reject(self) -> BulkheadFullError:
         """The refusal: no lock (the count is an atomic next()), the message formatted once."""
         next(self._rejected)
-        if self._draining:
-            left = _seconds_left(self._clock, self._drain_deadline)
-            return rejection(BulkheadFullError, f"{self._label} is draining (shutting down): it admits no new calls",
-                             None if left is None else max(left, 1e-9))
+        if self._draining:              # closed until resume(): when it admits again is unknown (DESIGN §3c)
+            return rejection(BulkheadFullError, f"{self._label} is draining (shutting down): it admits no new calls")
         return rejection(BulkheadFullError, self._full_message)
 
     def _poll(self, timeout: float | None) -> None:
@@ -706,7 +704,7 @@ class Bulkhead(_StageBase, Policy):
                 self._permits.close()   # the fast path refuses from now on, at no cost to it
             waiters = list(self._waiters)
             self._waiters.clear()
-        for w in waiters:               # queued callers are refused now (BulkheadFullError, retry_after)
+        for w in waiters:               # queued callers are refused now (BulkheadFullError, retry_after None)
             w.wake()
         return deadline
 
@@ -716,7 +714,8 @@ class Bulkhead(_StageBase, Policy):
 
     def drain(self, timeout: float | None = None) -> int:
         """Graceful shutdown: stop admitting (new calls and queued waiters get BulkheadFullError with
-        ``retry_after`` = the seconds left in the drain), then wait up to `timeout` seconds (None: as long
+        ``retry_after`` None: the bulkhead stays closed after the drain until `resume()`, so when it
+        admits again is unknown), then wait up to `timeout` seconds (None: as long
         as it takes) for this process's calls in flight to finish. Returns how many were still running
         at the deadline (0: all finished). The bulkhead keeps refusing until `resume()`."""
         deadline = self._begin_drain(timeout)
@@ -869,10 +868,9 @@ class ThreadPoolBulkhead(Policy):
             raise self._refuse_kind(fn, kind)
         if not self._accepted.try_acquire():
             next(self._rejected)        # no lock: next() is atomic
-            if self._accepted.closed:
-                left = _seconds_left(_SYSTEM_CLOCK, self._drain_deadline)
+            if self._accepted.closed:   # closed until resume(): retry_after None (unknown)
                 raise rejection(BulkheadFullError, f"{self._label} is draining (shutting down): it admits no new "
-                                f"calls", None if left is None else max(left, 1e-9))
+                                f"calls")
             raise rejection(BulkheadFullError, self._full_message)
         slot = _Slot(self._accepted)
         try:
@@ -938,12 +936,12 @@ class ThreadPoolBulkhead(Policy):
 
     def _begin_drain(self, timeout: object) -> float | None:
         self._drain_deadline = _drain_deadline(_SYSTEM_CLOCK, timeout)
-        self._accepted.close()          # submit refuses from now on (BulkheadFullError, retry_after)
+        self._accepted.close()          # submit refuses from now on (BulkheadFullError, retry_after None)
         return self._drain_deadline
 
     def drain(self, timeout: float | None = None) -> int:
-        """Graceful shutdown: stop accepting calls (submit raises BulkheadFullError with ``retry_after`` =
-        the seconds left in the drain), then wait up to `timeout` seconds (None: as long as it takes) for
+        """Graceful shutdown: stop accepting calls (submit raises BulkheadFullError with ``retry_after``
+        None: it stays closed until `resume()`), then wait up to `timeout` seconds (None: as long as it takes) for
         the accepted calls, running and queued, to finish. Returns how many were still accepted at the
         deadline (0: all finished). The workers stay; `shutdown()` stops them, `resume()` accepts again."""
         deadline = self._begin_drain(timeout)

@@ -1,12 +1,23 @@
 """The one error hierarchy of buttress.
 
 Every error is a ButtressError. Rejections (the call was refused before it ran) are `Rejected`
-and carry ``retry_after``: seconds until trying again makes sense, or None when unknown.
+and carry ``retry_after``: seconds until trying again makes sense, or None when unknown. A Rejected built
+by its constructor checks it (None or a finite number >= 0, as a float); `rejection` / `lazy_rejection`
+and refusals built in C take the value the pattern computed, which is valid by construction.
 """
 from __future__ import annotations
 
+from ._params import check_float
+
 __all__ = ["ButtressError", "Rejected", "CircuitOpenError", "RateLimitExceeded", "BulkheadFullError",
            "Overloaded", "TimeoutExceeded"]
+
+
+def _check_retry_after(value: object) -> float | None:
+    """None or a finite number of seconds >= 0 (ValueError / TypeError naming retry_after otherwise)."""
+    if value is None or type(value) is float and 0.0 <= value < 1e308:     # the common case: no call
+        return value  # type: ignore[return-value]
+    return check_float("retry_after", value, minimum=0.0, allow_none=True)
 
 
 def rejection(cls: type, message: str, retry_after: float | None = None) -> "Rejected":
@@ -44,7 +55,7 @@ class Rejected(ButtressError):
     use (str, repr, args, pickling): under overload most refusals are counted and dropped unread."""
 
     def __init__(self, message: str | None = None, *, retry_after: float | None = None) -> None:
-        self.retry_after = retry_after
+        self.retry_after = _check_retry_after(retry_after)
         super().__init__(message if message is not None else self._default_message())
 
     def _materialise(self) -> None:
@@ -85,6 +96,7 @@ class CircuitOpenError(Rejected):
 
     def __init__(self, name: str, state: object, retry_after: float | None = None,
                  message: str | None = None) -> None:
+        retry_after = _check_retry_after(retry_after)
         self.name = name
         self.state = state
         state_name = getattr(state, "name", state)

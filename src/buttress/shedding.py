@@ -267,7 +267,7 @@ class LoadShedder(_ShedBase, Policy):
 
     ``Overloaded.retry_after`` is a smoothed recent call latency (when a slot is likely to free up), or
     None before any call finished; for a signal, the sample interval (the earliest the verdict can
-    change); while draining, the seconds left in the drain.
+    change); while draining, None (it refuses until ``resume()``: when it admits again is unknown).
     """
 
     def __init__(self, max_in_flight: int | None = None, fractions: Mapping[Priority, float] | None = None,
@@ -389,9 +389,8 @@ class LoadShedder(_ShedBase, Policy):
     def _refused(self, priority: Priority) -> Overloaded:
         next(self._shed[priority])
         what = "load shedder" if self.name is None else f"load shedder {self.name!r}"
-        if self._draining:
-            left = None if self._drain_deadline is None else max(self._drain_deadline - self._clock.monotonic(), 1e-9)
-            return Overloaded(f"{what} is draining (shutting down): it admits no new calls", retry_after=left)
+        if self._draining:              # closed until resume(): when it admits again is unknown (DESIGN §3c)
+            return Overloaded(f"{what} is draining (shutting down): it admits no new calls")
         why = ", ".join(f"{sig.name} {self._values.get(sig.name, 0.0):.6g}{sig.unit}" for sig in self._signals
                         if sig.level(self._values.get(sig.name, 0.0)) > priority)
         return Overloaded(f"{what} shed a {priority.name} call: overloaded ({why})", retry_after=self.sample_interval)
@@ -492,7 +491,7 @@ class LoadShedder(_ShedBase, Policy):
 
     def drain(self, timeout: float | None = None) -> int:
         """Graceful shutdown: stop admitting (every priority, CRITICAL too, gets Overloaded with
-        ``retry_after`` = the seconds left in the drain), then wait up to `timeout` seconds (None: as long
+        ``retry_after`` None: the shedder refuses until `resume()`, so when it admits again is unknown), then wait up to `timeout` seconds (None: as long
         as it takes) for this process's calls in flight to finish. Returns how many were still in flight
         at the deadline (0: all finished). The shedder keeps refusing until `resume()`."""
         self._begin_drain(timeout)

@@ -631,7 +631,7 @@ class ShedBase:
 class Admission:
     """One admitted call: `with` / `async with`; leaving frees its slot and reports its latency. Entering
     one that is held raises RuntimeError; a second exit is a no-op; entered again after its exit, it admits
-    anew."""
+    anew. Collected while entered, it gives its slot back (no outcome)."""
 
     __slots__ = ("_shedder", "_prio", "_start", "_in_flight", "_held", "_fast")
 
@@ -707,6 +707,15 @@ class Admission:
         shedder._latency_ns = float(elapsed) if latency is None else latency + 0.2 * (elapsed - latency)
         if sh["sample"] is not None:
             sh["sample"](elapsed, self._in_flight, exc)
+
+    def __del__(self) -> None:
+        """Collected while entered (no exit): the slot goes back, no outcome reported (DESIGN §3c); an
+        admission that was exited gives nothing."""
+        try:
+            self._held.pop()
+        except (IndexError, AttributeError):
+            return                      # never entered, or exited: nothing of ours is held
+        self._shedder.__dict__["_shedbase"]["flight"].release()
 
     def __enter__(self) -> Admission:
         self._enter()
