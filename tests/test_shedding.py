@@ -411,3 +411,33 @@ def test_a_drain_refuses_with_retry_after_none(timeout):
     shed.resume()
     with shed.admit(Priority.LOW):
         assert shed.in_flight == 1
+
+
+def test_a_shed_refusal_never_carries_a_negative_retry_after():
+    # the refusal is built without the constructor's check (errors.lazy_rejection), so the shedder keeps
+    # it valid itself: a user clock that steps back made the latency EWMA, and retry_after, negative
+    class SteppingClock:
+        t = 10**9
+
+        def monotonic_ns(self):
+            return self.t
+
+        def monotonic(self):
+            return self.t / 1e9
+
+        def sleep(self, s):
+            pass
+
+        async def sleep_async(self, s):
+            pass
+
+    clock = SteppingClock()
+    shed = LoadShedder(max_in_flight=2, clock=clock)
+    with shed.admit(Priority.CRITICAL):
+        clock.t -= 5 * 10**8
+    held = _fill(shed, Priority.CRITICAL, 2)
+    with pytest.raises(Overloaded) as info:
+        shed.admit(Priority.LOW).__enter__()
+    assert info.value.retry_after == 0.0
+    for adm in held:
+        adm.__exit__(None, None, None)

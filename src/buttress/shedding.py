@@ -384,7 +384,7 @@ class LoadShedder(_ShedBase, Policy):
         return lazy_rejection(Overloaded, "%s shed a %s call (%d in flight, capacity %d)",
                               (self._what, _NAMES[priority], self._flight.in_use,
                                self.capacity if self._max is None or self.limiter is not None else self._max),
-                              None if latency is None else latency / NS)
+                              None if latency is None else max(latency, 0.0) / NS)   # a clock stepped back: >= 0
 
     def _refused(self, priority: Priority) -> Overloaded:
         next(self._shed[priority])
