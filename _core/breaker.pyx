@@ -247,6 +247,20 @@ BW_MAGIC_VALUE = 0x4254425245414B31
 assert sizeof(bwords_t) == 8 * BW_HEADER
 REMOTE = 1 << 62                 # a token issued by a store's shared breaker (Redis), not by these words
 cdef int64_t _REMOTE = 1 << 62
+cdef int64_t _NEVER = 0x7FFFFFFFFFFFFFFF    # an OPEN deadline past the int64 range: never reached
+
+
+cdef inline int64_t _deadline(int64_t now, int64_t d) noexcept nogil:
+    """now + d; one past int64 saturates to _NEVER, which is never due (saturation must mean "not yet",
+    never "now"). d == 0 is due at once, also at the last int64 reading."""
+    cdef int64_t t = bt_sat_add(now, d)
+    if t == _NEVER and d == 0:
+        return _NEVER - 1
+    return t
+
+
+cdef inline bint _due(int64_t now, int64_t deadline) noexcept nogil:
+    return deadline != _NEVER and now >= deadline
 cdef int64_t PREP_STALL_NS = 1000000000       # a preparation stalled this long was abandoned (a killed process)
 cdef int64_t GUARD_STALL_NS = 50000000        # shared words: a writer inside a guard this long is dead
 
@@ -497,7 +511,7 @@ cdef class BreakerCore:
         claim to the publish, nothing can fail)."""
         st_stamp_write(&self.w.st.since[ng & 1], ng, now)
         if new == ST_OPEN:
-            st_stamp_write(&self.w.until[ng & 1], ng, bt_sat_add(now, open_ns))
+            st_stamp_write(&self.w.until[ng & 1], ng, _deadline(now, open_ns))
         if attempt >= 0:
             bt_store(&self.w.attempt, attempt)
         wg_close(&self.w.closed_guard, self.guard_stall)   # older generations record nothing from here on
@@ -567,7 +581,7 @@ cdef class BreakerCore:
         if st_prep(w) and self._takeover(w):
             w = bt_load(&self.w.st.word)
         if (st_state(w) == ST_OPEN and not st_prep(w) and st_stamp_read(&self.w.until[st_gen(w) & 1], st_gen(w), &t)
-                and now >= t):
+                and _due(now, t)):
             self._move(ST_OPEN, st_gen(w), ST_HALF_OPEN, now, -1)
         return self._expire_half_open(now)
 
@@ -603,7 +617,7 @@ cdef class BreakerCore:
             elif s == ST_OPEN:
                 if not st_stamp_read(&self.w.until[g & 1], g, &t):
                     continue                    # the word moved on while we read: decide again
-                if now >= t:
+                if _due(now, t):
                     self._move(ST_OPEN, g, ST_HALF_OPEN, now, -1)
                     continue
             elif s == ST_HALF_OPEN:

@@ -675,3 +675,97 @@ def test_broken_open_duration_callable_falls_back_and_logs(kind, caplog):
     with caplog.at_level(logging.ERROR, logger="buttress.circuit_breaker"):
         fail(cb)
     assert cb.state is State.OPEN and "open_duration callable failed" in caplog.text
+
+
+# -- reviewer's findings (second exit, shutdown, int64 end of time) ------------------------------------------
+
+def test_a_second_exit_of_one_acquisition_is_a_no_op():
+    cb = CircuitBreaker(name="dep", failure_threshold=2, clock=FakeClock())
+    cb.__enter__()
+    cb.__exit__(ValueError, ValueError(), None)
+    assert cb.__exit__(ValueError, ValueError(), None) is False     # no-op: not a second failure
+    assert cb.state == State.CLOSED
+    assert cb.__exit__(None, None, None) is False                   # no enter at all: a no-op, as Bulkhead
+    with cb:
+        pass                                                        # still usable; the run was ended
+    with pytest.raises(ValueError):
+        with cb:
+            raise ValueError
+    assert cb.state == State.CLOSED
+
+
+def test_a_second_async_exit_is_a_no_op():
+    cb = CircuitBreaker(name="dep", failure_threshold=2, clock=FakeClock())
+
+    async def main():
+        await cb.__aenter__()
+        await cb.__aexit__(ValueError, ValueError(), None)
+        assert await cb.__aexit__(ValueError, ValueError(), None) is False
+        assert await cb.__aexit__(None, None, None) is False
+
+    asyncio.run(main())
+    assert cb.state == State.CLOSED
+
+
+_SHUTDOWN = """
+import os
+from buttress import CircuitBreaker, FakeClock
+clk = FakeClock()
+cbs = [CircuitBreaker(failure_threshold=1, timeout=1, clock=clk) for _ in range(20)]
+for cb in cbs:
+    cb.try_acquire().failure(ValueError())
+clk.advance(2)
+os._held_permits = [cb.try_acquire() for cb in cbs]   # half-open permits, collected after module teardown
+print("ok")
+"""
+
+
+def test_a_permit_held_at_interpreter_exit_is_dropped_quietly():
+    # a module cleared late holds them: the permits die after buttress's globals became None
+    import os
+    import subprocess
+    import sys
+    from buttress._impl import IMPLEMENTATION
+    env = dict(os.environ)
+    if IMPLEMENTATION == "python":
+        env["BUTTRESS_NO_EXTENSIONS"] = "1"
+    r = subprocess.run([sys.executable, "-c", _SHUTDOWN], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == "ok\n", r.stderr
+    assert r.stderr == ""
+
+
+I64_MAX = (1 << 63) - 1
+
+
+@pytest.mark.parametrize("start", [I64_MAX, I64_MAX - 5 * 10**9])
+def test_an_open_deadline_past_int64_is_never_reached(kind, start):
+    # open at the end of int64 time: the deadline saturates; saturated means "not yet", never "now"
+    cb = make(_NsClock(start))
+    trip(cb)
+    assert cb.state == State.OPEN
+    assert cb.try_acquire() is None
+    cb.clock.ns = I64_MAX
+    assert cb.state == State.OPEN
+    assert cb.try_acquire() is None
+
+
+class _NsClock:
+    """A clock that reads exactly the ns given (FakeClock works in seconds)."""
+
+    def __init__(self, ns):
+        self.ns = ns
+
+    def monotonic_ns(self):
+        return self.ns
+
+    def monotonic(self):
+        return self.ns / 1e9
+
+    def time(self):
+        return self.ns / 1e9
+
+    def sleep(self, s):
+        self.ns += int(s * 1e9)
+
+    async def sleep_async(self, s):
+        self.sleep(s)

@@ -261,8 +261,12 @@ def test_mixing_with_a_rate_setting_names_both(setting, value):
     (dict(failure_threshold=2**63), ValueError, "failure_threshold must be >= 1 and <= 9223372036854775807"),
     (dict(failure_threshold=5, success_threshold=0), ValueError, "success_threshold must be between 1 and 30000"),
     (dict(failure_threshold=5, success_threshold=30001), ValueError, "success_threshold must be between 1 and 30000"),
-    (dict(failure_threshold=5, timeout=-1), ValueError, "open_duration must be a finite number >= 0"),
-    (dict(failure_threshold=5, timeout=float("nan")), ValueError, "open_duration must be a finite number"),
+    # errors name the parameter the caller passed: timeout (the classic alias), not open_duration
+    (dict(failure_threshold=5, timeout=-1), ValueError, "^timeout must be a finite number >= 0"),
+    (dict(failure_threshold=5, timeout=float("nan")), ValueError, "^timeout must be a finite number.*got nan"),
+    (dict(failure_threshold=5, timeout=True), TypeError, "^timeout must be a number"),
+    (dict(failure_threshold=5, timeout=lambda: 1), TypeError, r"^timeout must accept 1 positional argument"),
+    (dict(failure_threshold=5, open_duration=float("nan")), ValueError, "^open_duration must be a finite number"),
 ])
 def test_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
@@ -388,3 +392,16 @@ def test_compiled_and_twin_agree(both, threshold, successes, ops):
         if op == "advance":
             now += n * S // 2
         assert results[:len(results) // 2] == results[len(results) // 2:], (op, results)
+
+
+def test_the_classic_breaker_on_redis_says_it_cannot_be_shared():
+    # the advice must work: window='time' with failure_threshold is itself a ValueError
+    with pytest.raises(ValueError) as e:
+        CircuitBreaker(name="x", failure_threshold=2, store="redis://localhost:1/0")
+    msg = str(e.value)
+    assert "classic breaker (failure_threshold=2) cannot be shared through store='redis://localhost:1/0'" in msg
+    assert "use the rate breaker with window='time'" in msg
+    with pytest.raises(ValueError, match="cannot be mixed with window"):
+        CircuitBreaker(name="x", failure_threshold=2, window="time")       # what the old advice led to
+    with pytest.raises(ValueError, match="window='count' has no meaning across processes; pass window='time'"):
+        CircuitBreaker(name="x", store="redis://localhost:1/0")

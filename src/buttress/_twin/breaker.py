@@ -50,6 +50,17 @@ def _sat(v: int) -> int:
     return _INT64_MAX if v > _INT64_MAX else _INT64_MIN if v < _INT64_MIN else v
 
 
+def _deadline(now: int, d: int) -> int:
+    """now + d; one past int64 saturates to _INT64_MAX, which is never due (saturation must mean "not
+    yet", never "now"). d == 0 is due at once, also at the last int64 reading."""
+    t = _sat(now + d)
+    return _INT64_MAX - 1 if t == _INT64_MAX and d == 0 else t
+
+
+def _due(now: int, deadline: int) -> bool:
+    return deadline != _INT64_MAX and now >= deadline
+
+
 def _is_coroutine_gen(gen: Any) -> bool:
     """A generator-based coroutine (@types.coroutine): awaitable, not a stream."""
     return bool(gen.gi_code.co_flags & inspect.CO_ITERABLE_COROUTINE)
@@ -435,7 +446,7 @@ class BreakerCore(Uninit):
         old, gen = self._state, self._gen
         if new == _OPEN:
             assert attempt is not None
-            until = _sat(now + open_duration_ns(self._conf, attempt, log))
+            until = _deadline(now, open_duration_ns(self._conf, attempt, log))
             if (self._state, self._gen) != (old, gen):
                 return False
             self._until = until
@@ -457,7 +468,7 @@ class BreakerCore(Uninit):
     def _current(self, now: int) -> None:
         """What a state read applies (DESIGN §3c): OPEN whose open_duration has passed enters HALF_OPEN
         now (as a call would), and HALF_OPEN past half_open_max_wait re-opens."""
-        if self._state == _OPEN and now >= self._until:
+        if self._state == _OPEN and _due(now, self._until):
             self._move(_HALF_OPEN, now)
         self._expire_half_open(now)
 
@@ -480,7 +491,7 @@ class BreakerCore(Uninit):
                 self._refused()
                 return -1
         with self._lock:
-            if self._state == _OPEN and now >= self._until:
+            if self._state == _OPEN and _due(now, self._until):
                 self._move(_HALF_OPEN, now)
             self._expire_half_open(now)
             s = self._state
