@@ -29,6 +29,8 @@ import math
 import threading
 import time
 import types
+import os
+import weakref
 from inspect import isawaitable
 from typing import Any, Callable, NamedTuple
 
@@ -823,6 +825,19 @@ class _Slot:
             self.free()
 
 
+# every live pool, so a forked child can rebuild them (their threads do not survive fork)
+_POOLS: "weakref.WeakSet[ThreadPoolBulkhead]" = weakref.WeakSet()
+
+
+def _reset_pools_after_fork() -> None:
+    for pool in list(_POOLS):
+        pool._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_pools_after_fork)
+
+
 class ThreadPoolBulkhead(Policy):
     """Runs calls on its own pool of `max_workers` threads with room for `queue_size` waiting calls;
     a call submitted when the queue is full is rejected with `BulkheadFullError`.
@@ -850,6 +865,17 @@ class ThreadPoolBulkhead(Policy):
         self._prefix = "buttress-pool" if self.name is None else f"buttress-{self.name}"
         self._thread_ids = itertools.count()
         self._workers: set[int] = set()
+        self._pool = concurrent.futures.ThreadPoolExecutor(self._max_workers, thread_name_prefix=self._prefix,
+                                                           initializer=self._started)
+        _POOLS.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        """A forked child (ProcessPoolExecutor, gunicorn's pre-fork workers) inherits the parent's executor
+        without its threads and the parent's in-flight counts: start over with an empty pool."""
+        self._accepted = _Permits(self._max_workers + self._queue_size)
+        self._running = _Permits(_MAX)
+        self._lock = threading.Lock()
+        self._workers = set()
         self._pool = concurrent.futures.ThreadPoolExecutor(self._max_workers, thread_name_prefix=self._prefix,
                                                            initializer=self._started)
 
