@@ -88,7 +88,9 @@ def events(cb):
 def test_the_recommended_pipeline_does_not_open_on_its_own_rate_limit(kind):
     clock = FakeClock()
     cb = make(clock, window_size=10, minimum_calls=5)
-    pipe = Pipeline(cb, Bulkhead(max_concurrent=1), TokenBucket(rate=1.0, capacity=1, clock=clock))
+    # every stage on the one clock: a Bulkhead() on the system clock beside FakeClock stages is a mixed
+    # Pipeline (DESIGN §3c), a ValueError
+    pipe = Pipeline(cb, Bulkhead(max_concurrent=1, clock=clock), TokenBucket(rate=1.0, capacity=1, clock=clock))
     outcomes = []
     for _ in range(6):
         try:
@@ -98,6 +100,19 @@ def test_the_recommended_pipeline_does_not_open_on_its_own_rate_limit(kind):
     assert outcomes == ["ok"] + ["limited"] * 5
     assert cb.state is State.CLOSED
     assert cb.metrics().failures == 0
+
+
+def test_a_breaker_on_the_default_clock_is_on_the_system_clock_in_a_pipeline():
+    from buttress.clock import SystemClock
+    from buttress.testing import set_testing
+    Pipeline(CircuitBreaker(), Bulkhead(max_concurrent=1, clock=SystemClock()))
+    Pipeline(CircuitBreaker(clock=SystemClock()), Bulkhead(max_concurrent=1))
+    with pytest.raises(ValueError, match="Pipeline: strategies must share one clock"):
+        Pipeline(CircuitBreaker(clock=FakeClock()), Bulkhead(max_concurrent=1))
+    with set_testing():
+        Pipeline(CircuitBreaker(), Bulkhead(max_concurrent=1))      # both the testing clock
+        with pytest.raises(ValueError, match="Pipeline: strategies must share one clock"):
+            Pipeline(CircuitBreaker(clock=SystemClock()), Bulkhead(max_concurrent=1))
 
 
 REJECTIONS = [RateLimitExceeded(retry_after=1.0), BulkheadFullError(), Overloaded(),
