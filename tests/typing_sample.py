@@ -177,6 +177,11 @@ assert_type(pipeline.call(add, 4), "tuple[int, str]")
 assert_type(stale.call(add, 4), "tuple[int, str]")
 assert_type(tb.call(add, 7), "tuple[int, str]")
 assert_type(kl.call("tenant-2", add, 8), "tuple[int, str]")
+breaker = buttress.CircuitBreaker(failure_threshold=5, clock=clock)
+assert_type(breaker.call(add, 1), "tuple[int, str]")
+assert_type(breaker.call(add, 1, b="z"), "tuple[int, str]")
+guarded: Add = breaker(add)
+assert_type(breaker(add)(2), "tuple[int, str]")
 
 
 async def async_forms() -> None:
@@ -197,6 +202,11 @@ async def async_forms() -> None:
         assert_type(stream, AsyncIterator[int])
         assert [i async for i in stream] == [0, 1]
     assert_type(await kl.call_async("tenant-3", add_async, 10), "tuple[int, str]")
+    assert_type(await breaker.call_async(add_async, 11), "tuple[int, str]")
+    assert_type(await breaker(add_async)(12), "tuple[int, str]")
+    bstream = await breaker.call_async(count_to, 2)        # an async generator function: its stream
+    assert_type(bstream, AsyncIterator[int])
+    assert [i async for i in bstream] == [0, 1]
 
 
 asyncio.run(async_forms())
@@ -212,6 +222,10 @@ def _misuse() -> None:   # never called: each line must be a type error
     tb.call(add, "one")                                   # type: ignore[arg-type]
     kl.call("k", add, 1, c=2)                             # type: ignore[call-arg]
     nothing: str = retry.call(add, 1)                     # type: ignore[assignment]
+    breaker.call(add, "one")                              # type: ignore[arg-type]
+    breaker.call(add, 1, c=2)                             # type: ignore[call-arg]
+    not_str: str = breaker.call(add, 1)                   # type: ignore[assignment]
+    breaker.call_async(add_async, "one")                  # type: ignore[call-overload]
 
 
 # -- ASGI: a Starlette app is an ASGI app for RateLimitMiddleware (starlette is not a dependency: where it

@@ -56,7 +56,8 @@ class _DefaultStr(str):
 
 _NOT_GIVEN = (_DefaultFloat, _DefaultInt, _DefaultStr)
 
-DEFAULTS = {
+# Any: each is the parameter's own type (a float, int or str subclass)
+DEFAULTS: dict[str, Any] = {
     "failure_rate_threshold": _DefaultFloat(0.5),
     "slow_call_rate_threshold": _DefaultFloat(1.0),
     "slow_call_duration": _DefaultFloat(60.0),
@@ -89,13 +90,13 @@ class BreakerConf:
     half_open_calls: int
     half_open_minimum: int
     half_open_max_wait_ns: int    # -1: wait forever
-    record_t: tuple | None        # exception classes counted as failures
+    record_t: tuple[type[BaseException], ...] | None        # exception classes counted as failures
     record_fn: Callable[[BaseException], Any] | None
-    ignore_t: tuple | None
+    ignore_t: tuple[type[BaseException], ...] | None
     ignore_fn: Callable[[BaseException], Any] | None
     record_result: Callable[[Any], Any] | None
     clock_ns: Callable[[], int] | None   # None: the system monotonic clock
-    record_rejected: tuple | None = None  # the Rejected subclasses `record` names explicitly (DESIGN §3c)
+    record_rejected: tuple[type[BaseException], ...] | None = None  # the Rejected subclasses `record` names explicitly (DESIGN §3c)
     failure_threshold: int = 0    # > 0: the classic breaker (consecutive failures); 0: the rate breaker
     success_threshold: int = 0    # classic: consecutive half-open successes that close it
 
@@ -154,7 +155,7 @@ def breaker_conf(name: object = "default", failure_rate_threshold: object = DEFA
         slow_ns = -1
     else:
         sd = check_seconds("slow_call_duration", slow_call_duration)
-        slow_ns = math.ceil(sd * NS)  # type: ignore[operator]
+        slow_ns = math.ceil(sd * NS)
     if window not in ("count", "time"):
         raise ValueError(f"window must be 'count' or 'time', got {show(window)}")
     time_window = window == "time"
@@ -169,7 +170,7 @@ def breaker_conf(name: object = "default", failure_rate_threshold: object = DEFA
                                              role=f"{od_name}(attempt) -> seconds")
     else:
         od = check_seconds(od_name, open_duration)
-        open_ns, open_fn = math.ceil(od * NS), None  # type: ignore[operator]
+        open_ns, open_fn = math.ceil(od * NS), None
     half = check_int("half_open_calls", half_open_calls, minimum=1, maximum=HALF_OPEN_MAX)
     if classic and half < sth:
         raise ValueError(f"half_open_calls={half} is below success_threshold={sth}: the breaker could never "
@@ -177,7 +178,7 @@ def breaker_conf(name: object = "default", failure_rate_threshold: object = DEFA
     if half_open_max_wait is None:
         hmw = -1
     else:
-        hmw = math.ceil(check_seconds("half_open_max_wait", half_open_max_wait) * NS)  # type: ignore[operator]
+        hmw = math.ceil(check_seconds("half_open_max_wait", half_open_max_wait) * NS)
     record_spec = parse_exceptions("record", record)
     record_t, record_fn = record_spec.as_pair()
     ignore_t, ignore_fn = parse_exceptions("ignore", ignore).as_pair()
@@ -186,7 +187,7 @@ def breaker_conf(name: object = "default", failure_rate_threshold: object = DEFA
     check_function("record_result", record_result, nargs=1, role="a predicate record_result(result) -> bool")
     if clock_ns is not None and not callable(clock_ns):
         raise TypeError(f"clock_ns must be a callable returning int ns or None, got {show(clock_ns)}")
-    return BreakerConf(name, fr, sr, slow_ns, time_window, size, minimum, open_ns, open_fn,  # type: ignore[arg-type]
+    return BreakerConf(name, fr, sr, slow_ns, time_window, size, minimum, open_ns, open_fn,
                        half, min(minimum_given, half) if not classic else sth, hmw, record_t, record_fn, ignore_t,
                        ignore_fn, record_result, clock_ns, rejected, fth, sth)  # type: ignore[arg-type]
 
@@ -199,7 +200,7 @@ def open_duration_ns(conf: BreakerConf, attempt: int, log: Any) -> int:
         return conf.open_ns
     try:
         s = check_seconds(f"open_duration({attempt})", conf.open_fn(attempt))
-        return math.ceil(s * NS)  # type: ignore[operator]
+        return math.ceil(s * NS)
     except Exception:  # noqa: BLE001 - user callback
         log.exception("circuit breaker %r: open_duration callable failed; using 60 s", conf.name)
         return 60 * NS

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from fractions import Fraction
 from inspect import isawaitable
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Literal, ParamSpec, TypeVar, overload
 
 from ._base import Policy
 from ._breaker_conf import DEFAULTS, BreakerConf, State, breaker_conf, open_duration_ns
@@ -37,15 +37,23 @@ from .clock import is_system_clock, resolve_clock
 __all__ = ["CircuitBreaker", "State", "Permit", "BreakerEvent", "BreakerMetrics", "EVENTS"]
 
 _core = core("breaker")
-Permit = _core.Permit
+if TYPE_CHECKING:  # the twin is the compiled core's spec: same names, signatures and results
+    from ._twin.breaker import BreakerCore as _BreakerCore
+    from ._twin.breaker import Permit as Permit
+else:
+    _BreakerCore = _core.BreakerCore
+    Permit = _core.Permit
 log = logging.getLogger("buttress.circuit_breaker")
 F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+T = TypeVar("T")
+Y = TypeVar("Y")
 
 EVENTS = frozenset({"state_change", "success", "error", "ignored", "not_permitted", "failure_rate_exceeded",
                     "slow_call_rate_exceeded"})
 
 # permits held by `with breaker:` blocks, per thread / task: a tuple of (breaker, permit)
-_HELD: contextvars.ContextVar[tuple] = contextvars.ContextVar("buttress_breaker_permits", default=())
+_HELD: contextvars.ContextVar[tuple[tuple[CircuitBreaker, Any], ...]] = contextvars.ContextVar("buttress_breaker_permits", default=())
 
 
 @dataclass(frozen=True)
@@ -74,7 +82,7 @@ class BreakerEvent:
     rate: float | None = None
 
 
-class CircuitBreaker(_core.BreakerCore, Policy):
+class CircuitBreaker(_BreakerCore, Policy):
     """Refuses calls while a dependency is failing; see docs/circuit-breaker.md.
 
     >>> cb = CircuitBreaker(name="payment", failure_rate_threshold=0.5, window_size=20, minimum_calls=10)
@@ -122,7 +130,8 @@ class CircuitBreaker(_core.BreakerCore, Policy):
                                  f"buckets every process flushes into): window='count' has no meaning across "
                                  f"processes; pass window='time'")
             self.store = st
-        super().__init__(*args, words=words, locker=locker)
+        # args holds the 17 positional parameters (mypy cannot count a list's length)
+        super().__init__(*args, words=words, locker=locker)  # type: ignore[misc]
         if self.store is not None and words is None:
             self._cluster = _Cluster(self, self.store.breaker(self.name, self.conf, on_change=self._cluster_changed))
             self._set_remote(self._cluster)
@@ -131,7 +140,11 @@ class CircuitBreaker(_core.BreakerCore, Policy):
         # one bound method for the life of the breaker: the core's hook only ever holds this or None
         self._dispatch_hook = self._dispatch
         # an instance attribute, so `cb.call(fn, ...)` is the vectorcall guard, not a bound method
-        self.call = self.make_call()
+        self.call = self.make_call()  # type: ignore[method-assign]
+
+    if TYPE_CHECKING:  # at run time the instance's `call` is the core's guard (set in __init__)
+        def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+            """Call fn(*args, **kwargs) under the breaker; returns its result."""
 
     # -- forms ------------------------------------------------------------------------------------------
     def __call__(self, fn: F) -> F:
@@ -154,10 +167,16 @@ class CircuitBreaker(_core.BreakerCore, Policy):
                 exit_ok(token, start, result)
                 return result
 
-            return wraps(fn)(guarded)  # type: ignore[no-any-return]
+            return wraps(fn)(guarded)
         # sync functions, and (generator / async generator) functions whose stream the guard holds the
         # permit over: the core's guard itself (the compiled one is a C vectorcall entry)
-        return wraps(fn)(self.guard(fn))  # type: ignore[no-any-return]
+        return wraps(fn)(self.guard(fn))
+
+    @overload
+    async def call_async(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
+    @overload
+    async def call_async(self, fn: Callable[P, AsyncIterator[Y]], /, *args: P.args,
+                         **kwargs: P.kwargs) -> AsyncIterator[Y]: ...
 
     async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Await fn(*args, **kwargs) under the breaker. For an async generator function, returns its
@@ -182,7 +201,7 @@ class CircuitBreaker(_core.BreakerCore, Policy):
         _HELD.set(_HELD.get() + ((self, permit),))
         return permit
 
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> Literal[False]:
         held = _HELD.get()
         for i in range(len(held) - 1, -1, -1):
             if held[i][0] is self:
@@ -202,7 +221,7 @@ class CircuitBreaker(_core.BreakerCore, Policy):
     async def __aenter__(self) -> Any:
         return self.__enter__()
 
-    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> Literal[False]:
         return self.__exit__(exc_type, exc, tb)
 
     # -- state ------------------------------------------------------------------------------------------
@@ -385,7 +404,7 @@ class _Cluster:
     def shared_now(self) -> bool:
         """Whether the fleet's state is what this process acts on now (False: the store is down and its
         policy is "local")."""
-        return self.store.available or self.store.on_error != "local"
+        return bool(self.store.available or self.store.on_error != "local")
 
     def state(self) -> int:
         """The fleet's state as last seen (within sync_interval); OPEN reads HALF_OPEN once its open time

@@ -238,7 +238,7 @@ class _Window:
     def __init__(self, size: int, time_based: bool) -> None:
         from .window import CountWindow, TimeWindow
         # 1 s buckets: every int64 reading has an exact epoch (no base, no saturation)
-        self.w = TimeWindow(size, 1_000_000_000, _zero) if time_based else CountWindow(size)
+        self.w: Any = TimeWindow(size, 1_000_000_000, _zero) if time_based else CountWindow(size)
         self.time_based = time_based
 
     def record(self, failed: bool, slow: bool, now: int) -> None:
@@ -248,7 +248,8 @@ class _Window:
             self.w.record(failed, slow)
 
     def snapshot(self, now: int) -> tuple[int, int, int, int]:
-        return self.w.snapshot(now) if self.time_based else self.w.snapshot()
+        counts: tuple[int, int, int, int] = self.w.snapshot(now) if self.time_based else self.w.snapshot()
+        return counts
 
 
 _D = DEFAULTS
@@ -288,9 +289,9 @@ class BreakerCore(Uninit):
         self._until = 0              # OPEN: when it may admit again
         self._flight = 0             # half-open permits out
         self._attempt = 0
-        self._closed = _Window(c.window_size, c.time_window)
+        self._closed: Any = _Window(c.window_size, c.time_window)    # or a word window (same methods)
         self._cons = 0               # classic: consecutive failures recorded in CLOSED / METRICS_ONLY
-        self._half = _Window(c.half_open_calls, False)
+        self._half: Any = _Window(c.half_open_calls, False)
         self._metrics_half = False   # metrics() reads the half-open window (after it tripped the breaker)
         self._not_permitted = 0
         self._hook: Callable[[str, Any, Any], None] | None = None
@@ -484,7 +485,7 @@ class BreakerCore(Uninit):
         self._lock
         now = self._now(now)
         if self._remote is not None:
-            r = self._remote.acquire()
+            r: int = self._remote.acquire()
             if r >= 0:
                 return r | REMOTE
             if r == -1:
@@ -698,7 +699,7 @@ class BreakerCore(Uninit):
     @property
     def attempt(self) -> int:
         with self._lock:
-            return self._attempt  # type: ignore[no-any-return]
+            return self._attempt
 
     def transition_to(self, state: int, now: int | None = None) -> None:
         """Move to `state` from any state (a new generation). ValueError for HALF_OPEN outside OPEN and
@@ -735,7 +736,7 @@ class BreakerCore(Uninit):
         with self._lock:
             self._move(state, now, 0 if state == _CLOSED else None)
 
-    def metrics(self, now: int | None = None) -> tuple:
+    def metrics(self, now: int | None = None) -> tuple[int, int, int, int, float, float, int]:
         """(state, calls, failures, slow_calls, failure_rate, slow_call_rate, not_permitted)."""
         self._lock
         now = self._now(now)
@@ -839,6 +840,11 @@ class Permit:
     released when it is collected, so a half-open permit can never be lost."""
 
     __slots__ = ("_core", "_token", "_start", "_done", "_lock")
+    _core: BreakerCore
+    _token: int
+    _start: int
+    _done: bool
+    _lock: threading.Lock
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "Permit":
         raise TypeError(_PERMIT_NEW)
@@ -908,6 +914,8 @@ class Guarded:
 
     # slots: functools.wraps copies the wrapped callable's __dict__ into ours; slots always win over it
     __slots__ = ("_core", "_fn", "__dict__")
+    _core: BreakerCore
+    _fn: Callable[..., Any] | None
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "Guarded":
         raise TypeError(_GUARDED_NEW)
