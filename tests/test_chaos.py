@@ -141,8 +141,9 @@ def test_in_front_of_retry_and_breaker():
 
 def test_in_a_pipeline():
     pipeline_mod = pytest.importorskip("buttress.pipeline")
-    chaos = Chaos(fault_rate=0.5, seed=3)
-    retry = Retry(max_attempts=10, backoff=0.0, clock=FakeClock())
+    clock = FakeClock()     # one clock for every stage (§3c: a mixed Pipeline is a ValueError)
+    chaos = Chaos(fault_rate=0.5, seed=3, clock=clock)
+    retry = Retry(max_attempts=10, backoff=0.0, clock=clock)
     pipe = pipeline_mod.Pipeline(retry, chaos)
     assert all(pipe.call(ok) == "real" for _ in range(50))   # every injected fault was retried away
     assert chaos.metrics().faults > 0
