@@ -372,11 +372,13 @@ def _twin_results(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import positive_float, positive_int
+    from .cli import number_in
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.add_argument("--min-time", type=positive_float, default=0.05, metavar="S",
-                        help="seconds per timed loop (default 0.05)")
-    parser.add_argument("--repeat", type=positive_int, default=5, help="timed loops per case; the median is kept")
+    # bounded, so a typo cannot run for ever: 1 ms .. 10 s per loop, 1 .. 101 loops
+    parser.add_argument("--min-time", type=number_in(0.0, 10.0, low_open=True), default=0.05, metavar="S",
+                        help="seconds per timed loop, in (0, 10] (default 0.05)")
+    parser.add_argument("--repeat", type=number_in(1, 101, whole=True), default=5,
+                        help="timed loops per case, in [1, 101]; the median is kept")
     parser.add_argument("--no-peers", action="store_true", help="skip the peer libraries")
     parser.add_argument("--no-twins", action="store_true", help="skip the pure-Python twins")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
