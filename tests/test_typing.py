@@ -214,6 +214,16 @@ def test_public_api_sample_passes_mypy_strict(typed_tree: Path, tmp_path: Path):
     assert "Success" in r.stdout
 
 
+@needs_mypy
+@needs_core_dir
+def test_package_passes_mypy_strict(typed_tree: Path, tmp_path: Path):
+    """The whole package (facade, twins and the _core stubs) is clean under `mypy --strict`."""
+    r = _mypy(["mypy", "--config-file=", "--strict", "--no-incremental", f"--cache-dir={tmp_path / 'cache'}",
+               "-p", "buttress"], tmp_path, typed_tree)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Success" in r.stdout
+
+
 def test_public_api_sample_runs():
     """The sample is real code: it runs (on FakeClock, at once) under the active implementation."""
     r = subprocess.run([sys.executable, str(HERE / "typing_sample.py")], capture_output=True, text=True,

@@ -182,6 +182,18 @@ assert_type(breaker.call(add, 1), "tuple[int, str]")
 assert_type(breaker.call(add, 1, b="z"), "tuple[int, str]")
 guarded: Add = breaker(add)
 assert_type(breaker(add)(2), "tuple[int, str]")
+bulkheaded: Add = bh(add)
+assert_type(bh(add)(2), "tuple[int, str]")
+assert_type(bh.call(add, 1), "tuple[int, str]")
+assert_type(bh.call(add, 1, b="z"), "tuple[int, str]")
+shed_add: Add = shed(add)
+assert_type(shed(add)(2), "tuple[int, str]")
+assert_type(shed.call(add, 1), "tuple[int, str]")
+assert_type(shed.call(add, 1, priority=buttress.Priority.HIGH), "tuple[int, str]")
+with buttress.ThreadPoolBulkhead(max_workers=1, queue_size=1) as tp:
+    assert_type(tp.call(add, 1), "tuple[int, str]")
+    assert_type(tp.call(add, 1, timeout=5.0), "tuple[int, str]")
+assert [f(1, "y") for f in (bulkheaded, shed_add)] == [(1, "y")] * 2
 
 
 async def async_forms() -> None:
@@ -204,6 +216,10 @@ async def async_forms() -> None:
     assert_type(await kl.call_async("tenant-3", add_async, 10), "tuple[int, str]")
     assert_type(await breaker.call_async(add_async, 11), "tuple[int, str]")
     assert_type(await breaker(add_async)(12), "tuple[int, str]")
+    assert_type(await bh.call_async(add_async, 13), "tuple[int, str]")
+    assert_type(await bh(add_async)(14), "tuple[int, str]")
+    assert_type(await shed.call_async(add_async, 15), "tuple[int, str]")
+    assert_type(await shed(add_async)(16), "tuple[int, str]")
     bstream = await breaker.call_async(count_to, 2)        # an async generator function: its stream
     assert_type(bstream, AsyncIterator[int])
     assert [i async for i in bstream] == [0, 1]
@@ -226,6 +242,13 @@ def _misuse() -> None:   # never called: each line must be a type error
     breaker.call(add, 1, c=2)                             # type: ignore[call-arg]
     not_str: str = breaker.call(add, 1)                   # type: ignore[assignment]
     breaker.call_async(add_async, "one")                  # type: ignore[call-overload]
+    bh(add)("one")                                        # type: ignore[arg-type]
+    bh.call(add, "one")                                   # type: ignore[arg-type]
+    bh.call(add, 1, c=2)                                  # type: ignore[call-arg]
+    not_int: int = bh.call(add, 1)                        # type: ignore[assignment]
+    shed(add)(1, 2)                                       # type: ignore[arg-type]
+    not_tuple: str = shed.call(add, 1)                    # type: ignore[assignment]
+    not_str2: str = buttress.ThreadPoolBulkhead().call(add, 1)  # type: ignore[assignment]
 
 
 # -- ASGI: a Starlette app is an ASGI app for RateLimitMiddleware (starlette is not a dependency: where it

@@ -32,7 +32,7 @@ import types
 import os
 import weakref
 from inspect import isawaitable
-from typing import Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, NamedTuple, ParamSpec, Protocol, TypeVar
 
 from ._base import Policy
 from ._context import remaining
@@ -46,8 +46,35 @@ from .errors import BulkheadFullError, TimeoutExceeded, rejection
 
 __all__ = ["Bulkhead", "BulkheadMetrics", "ThreadPoolBulkhead", "ThreadPoolMetrics"]
 
-_Permits = core("permits").Permits
-_StageBase = core("guard").StageBase
+if TYPE_CHECKING:  # the twin is the compiled core's spec: same names, signatures and results
+    from ._twin.guard import StageBase as _StageBase
+    from ._twin.permits import Permits as _Permits
+
+    class _PermitCounter(Protocol):
+        """What a Bulkhead uses of its permit counter: the local core's Permits or a store's shared one
+        (held and the *_async methods are read on a store's counter only)."""
+        @property
+        def max_permits(self) -> int: ...
+        @property
+        def available(self) -> int: ...
+        @property
+        def in_use(self) -> int: ...
+        @property
+        def held(self) -> int: ...
+        def try_acquire(self) -> bool: ...
+        def release(self) -> None: ...
+        def close(self) -> None: ...
+        def reopen(self) -> None: ...
+        def resize(self, max_permits: int) -> None: ...
+        async def try_acquire_async(self) -> bool: ...
+        async def release_async(self) -> None: ...
+else:
+    _Permits = core("permits").Permits
+    _StageBase = core("guard").StageBase
+
+P = ParamSpec("P")
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 _MAX = 1 << 40
 _DEFAULT: Any = object()        # "use max_wait"
 _POLL_FIRST = 0.0005            # s: first sleep of a cross-process wait (store=), doubling up to _POLL_MAX
@@ -227,7 +254,7 @@ def _open_store(kind: str, store: Any, name: str | None, maximum: int, lease: An
             raise ValueError(f"lease={lease!r} applies to a Redis store only ({st.url} takes a dead process's "
                              f"permits back through its lease table)")
         return st.permits(kind, name, maximum), False
-    return st.permits(kind, name, maximum, lease=lease), True
+    return st.permits(kind, name, maximum, lease=lease), True  # type: ignore[attr-defined]  # a RedisStore here
 
 
 def _drain_deadline(clock: Any, timeout: object) -> float | None:
@@ -261,6 +288,10 @@ class _Waiter:
     handed to it; from then on the permit is the waiter's, whether or not it is still waiting."""
 
     __slots__ = ("granted", "lock", "loop", "fut")
+    granted: bool
+    lock: _thread.LockType | None                   # a thread's waiter
+    loop: asyncio.AbstractEventLoop | None          # a task's waiter: its loop and future
+    fut: asyncio.Future[None] | None
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.granted = False
@@ -282,18 +313,18 @@ class _Waiter:
             self.lock.release()
             return True
         try:
-            self.loop.call_soon_threadsafe(_wake, self.fut)  # type: ignore[union-attr]
+            self.loop.call_soon_threadsafe(_wake, self.fut)  # type: ignore[union-attr, arg-type]  # async: both set
         except RuntimeError:        # the loop closed in between
             return False
         return True
 
 
-def _wake(fut: asyncio.Future) -> None:
+def _wake(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
 
 
-def _current_task() -> asyncio.Task | None:
+def _current_task() -> asyncio.Task[Any] | None:
     try:
         return asyncio.current_task()
     except RuntimeError:        # no running loop (a coroutine driven by hand)
@@ -334,17 +365,19 @@ class Bulkhead(_StageBase, Policy):
         if store is None:
             if lease is not None:
                 raise ValueError(f"lease={lease!r} applies to a Redis store only; store is None")
-            self._permits = _Permits(check_int("max_concurrent", max_concurrent, minimum=1, maximum=_MAX))
+            # (the local counter has no held / *_async: they are read on a store's counter only)
+            self._permits: _PermitCounter = _Permits(  # type: ignore[assignment]
+                check_int("max_concurrent", max_concurrent, minimum=1, maximum=_MAX))
             self._shared = False
             # The fast path is the core itself: no Python frame between the caller and the atomic.
-            self.try_acquire = self._permits.try_acquire
+            self.try_acquire = self._permits.try_acquire  # type: ignore[method-assign]  # per instance, by design
             acquire = self._permits.try_acquire
         else:
             self._permits, self._remote = _open_store(
                 "bulkhead", store, self.name, check_int("max_concurrent", max_concurrent, minimum=1,
                                                         maximum=_SHARED_MAX), lease)
             self._shared = True
-            self.try_acquire = acquire = self._shared_try
+            self.try_acquire = acquire = self._shared_try  # type: ignore[method-assign]  # per instance
         self._release_permit = self._permits.release
         # `with bh:`, `async with bh:`, `@bh` and call / call_async run in the compiled stage
         # (buttress._core.guard): the permit word is used directly; only waiting (refused), handing permits
@@ -374,7 +407,7 @@ class Bulkhead(_StageBase, Policy):
 
     # -- the two-step API ---------------------------------------------------------------------------
 
-    def try_acquire(self) -> bool:  # type: ignore[no-redef]  # replaced per instance by the core's method
+    def try_acquire(self) -> bool:  # replaced per instance by the core's method
         """Take a permit if one is free now; never waits. Does not queue behind waiters."""
         return self._permits.try_acquire()
 
@@ -447,7 +480,7 @@ class Bulkhead(_StageBase, Policy):
         if self._stage_consume(sys._getframe(1)):
             await self._remote_release()
 
-    async def _call_waiting(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    async def _call_waiting(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """call_async / an async decorated call refused a permit at once: wait for one (or raise), then
         run as the compiled path does."""
         await self._acquire_slow_async(self._max_wait)
@@ -466,7 +499,7 @@ class Bulkhead(_StageBase, Policy):
         """An async form's result without an await slot, permit held (the compiled stage's settle_async)."""
         return settle_async(self, fn, result, self._stream_done)
 
-    def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:  # type: ignore[no-redef]
+    def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run fn(*args, **kwargs) holding a permit (replaced per instance by the compiled stage's call
         entry, which does exactly this)."""
         if not self.try_acquire():
@@ -479,17 +512,19 @@ class Bulkhead(_StageBase, Policy):
                 self._drain()
             raise
         if is_lazy(result):
-            return self._settle_result(fn, result)     # a stream holds the permit; an awaitable is refused
+            settled: T = self._settle_result(fn, result)     # a stream holds the permit; an awaitable is refused
+            return settled
         self._release_permit()
         if self._waiters:
             self._drain()
         return result
 
-    async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:  # type: ignore[no-redef]
+    async def call_async(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Await fn(*args, **kwargs) holding a permit (replaced per instance by the compiled stage's async
         entry, except on a Redis store)."""
         if self._remote:
-            return await self._remote_call_async(fn, args, kwargs)
+            remote: T = await self._remote_call_async(fn, args, kwargs)
+            return remote
         if not self.try_acquire():
             await self._acquire_slow_async(self._max_wait)
         held = True
@@ -497,7 +532,8 @@ class Bulkhead(_StageBase, Policy):
             aw = fn(*args, **kwargs)
             if type(aw) is not CORO and not isawaitable(aw):
                 held = False            # settle_async owns the permit now
-                return settle_async(self, fn, aw, self._stream_done)
+                settled: T = settle_async(self, fn, aw, self._stream_done)
+                return settled
             return await aw
         finally:
             if held:
@@ -505,7 +541,7 @@ class Bulkhead(_StageBase, Policy):
                 if self._waiters:
                     self._drain()
 
-    async def _remote_call_async(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    async def _remote_call_async(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         await self._remote_acquire(self._max_wait)
         held = True
         try:
@@ -538,13 +574,13 @@ class Bulkhead(_StageBase, Policy):
             else:
                 threading.Thread(target=self._drain, name="buttress-bulkhead-drain", daemon=True).start()
 
-    def __call__(self, fn: Any) -> Any:
+    def __call__(self, fn: F) -> F:
         """Decorate `fn`: a compiled guard (sync or async: one vectorcall, the permit in C); a Redis store's
         async form stays a Python coroutine (its round trips are awaited)."""
         def make_sync(fn: Callable[..., Any]) -> Callable[..., Any]:
             return self._stage_guard(fn)        # compiled: the whole guard is one vectorcall
 
-        def make_async(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def make_async(fn: Callable[..., Any]) -> Any:
             if self._remote:
                 async def remote_wrapper(*args: Any, **kwargs: Any) -> Any:
                     return await self._remote_call_async(fn, args, kwargs)
@@ -820,7 +856,7 @@ class _Slot:
             return
         self._permits.release()
 
-    def free_if_cancelled(self, fut: concurrent.futures.Future) -> None:
+    def free_if_cancelled(self, fut: concurrent.futures.Future[Any]) -> None:
         if fut.cancelled():         # never ran: the call cannot give it back itself
             self.free()
 
@@ -884,7 +920,7 @@ class ThreadPoolBulkhead(Policy):
         t.name = f"{self._prefix}-{next(self._thread_ids)}"
         self._workers.add(t.ident)  # type: ignore[arg-type]
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
         """Queue `fn(*args, **kwargs)`; returns its Future. Raises BulkheadFullError when the queue is
         full and RuntimeError after shutdown. `fn` must be a plain sync function: an async def or
         (async) generator function is a TypeError here. Like `Executor.submit`, the Future holds whatever
@@ -923,19 +959,19 @@ class ThreadPoolBulkhead(Policy):
                           f"`await bulkhead.call_async(fn, ...)` with a buttress.Bulkhead)")
 
     @staticmethod
-    def _checked(fn: Any, result: Any) -> Any:
+    def _checked(fn: Any, result: T) -> T:
         """The guarded forms' result: an awaitable (fn was async after all) is a UsageError, closed."""
         if type(result) is not _GEN and (type(result) in LAZY_TYPES or hasattr(type(result), "__await__")):
             if type(result) is CORO:
-                result.close()          # never started: no "was never awaited" warning
+                result.close()  # type: ignore[attr-defined]  # a coroutine (CORO); never started: no "never awaited" warning
             raise UsageError(f"ThreadPoolBulkhead: {describe(fn)} is async (it returned "
                              f"{type(result).__name__}), so a worker thread cannot run it and would return it "
                              f"un-awaited: await it on the event loop instead (a pattern's "
                              f"`await ....call_async(fn, ...)`, e.g. Bulkhead or Timeout)")
         return result
 
-    def _run(self, slot: _Slot, ctx: contextvars.Context, fn: Callable[..., Any], args: tuple,
-             kwargs: dict) -> Any:
+    def _run(self, slot: _Slot, ctx: contextvars.Context, fn: Callable[..., Any], args: tuple[Any, ...],
+             kwargs: dict[str, Any]) -> Any:
         self._running.try_acquire()
         try:
             return ctx.run(fn, *args, **kwargs)
@@ -944,7 +980,7 @@ class ThreadPoolBulkhead(Policy):
             self._running.release()
             slot.free()
 
-    def call(self, fn: Callable[..., Any], /, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+    def call(self, fn: Callable[..., T], /, *args: Any, timeout: float | None = None, **kwargs: Any) -> T:
         """Run `fn` on the pool and wait for its result up to `timeout` seconds (capped by the innermost
         deadline), else raise TimeoutExceeded; the call itself runs on in its worker."""
         limit = _wait_budget(check_float("timeout", timeout, minimum=0.0, maximum=1e9, allow_none=True))
@@ -955,7 +991,7 @@ class ThreadPoolBulkhead(Policy):
             raise TimeoutExceeded(f"call did not finish within {limit:.6g}s", timeout=limit)
         return self._checked(fn, fut.result())
 
-    async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    async def call_async(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run the sync `fn` on the pool and await its result without blocking the event loop (the one
         pattern whose call_async takes a sync function: that is its purpose)."""
         return self._checked(fn, await asyncio.wrap_future(self.submit(fn, *args, **kwargs)))

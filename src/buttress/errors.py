@@ -7,7 +7,15 @@ and refusals built in C take the value the pattern computed, which is valid by c
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ._params import check_float
+
+if TYPE_CHECKING:
+    from types import GetSetDescriptorType
+    from typing import TypeVar
+
+    R = TypeVar("R", bound="Rejected")
 
 __all__ = ["ButtressError", "Rejected", "CircuitOpenError", "RateLimitExceeded", "BulkheadFullError",
            "Overloaded", "TimeoutExceeded"]
@@ -16,27 +24,27 @@ __all__ = ["ButtressError", "Rejected", "CircuitOpenError", "RateLimitExceeded",
 def _check_retry_after(value: object) -> float | None:
     """None or a finite number of seconds >= 0 (ValueError / TypeError naming retry_after otherwise)."""
     if value is None or type(value) is float and 0.0 <= value < 1e308:     # the common case: no call
-        return value  # type: ignore[return-value]
+        return value
     return check_float("retry_after", value, minimum=0.0, allow_none=True)
 
 
-def rejection(cls: type, message: str, retry_after: float | None = None) -> "Rejected":
+def rejection(cls: type[R], message: str, retry_after: float | None = None) -> R:
     """``cls(message, retry_after=retry_after)`` for a Rejected subclass with the default constructor, built
     without running the Python ``__init__`` chain (a refusal is the hot path under overload): the same
     ``args``, ``str()``, ``retry_after`` and pickling. Internal."""
     exc = cls.__new__(cls, message)
     if retry_after is not None:
         exc.retry_after = retry_after
-    return exc  # type: ignore[no-any-return]
+    return exc
 
 
-def lazy_rejection(cls: type, fmt: str, values: tuple, retry_after: float | None = None) -> "Rejected":
+def lazy_rejection(cls: type[R], fmt: str, values: tuple[object, ...], retry_after: float | None = None) -> R:
     """`rejection` with the message ``fmt % values`` formatted only when someone reads it. Internal."""
     exc = cls.__new__(cls)
     exc._lazy = (fmt, values)
     if retry_after is not None:
         exc.retry_after = retry_after
-    return exc  # type: ignore[no-any-return]
+    return exc
 
 
 class ButtressError(Exception):
@@ -45,7 +53,8 @@ class ButtressError(Exception):
     retry_after: float | None = None
 
 
-_ARGS = BaseException.args       # the C-level args slot (a getset descriptor)
+# the C-level args slot (a getset descriptor; typeshed declares BaseException.args as the tuple it yields)
+_ARGS: GetSetDescriptorType = BaseException.args  # type: ignore[assignment]
 
 
 class Rejected(ButtressError):
@@ -53,6 +62,8 @@ class Rejected(ButtressError):
 
     A refusal built by `lazy_rejection` carries its message as (format, values) and formats it on first
     use (str, repr, args, pickling): under overload most refusals are counted and dropped unread."""
+
+    _lazy: tuple[str, tuple[object, ...]]      # set only by lazy_rejection (popped when materialised)
 
     def __init__(self, message: str | None = None, *, retry_after: float | None = None) -> None:
         self.retry_after = _check_retry_after(retry_after)
@@ -63,13 +74,13 @@ class Rejected(ButtressError):
         if lazy is not None:
             _ARGS.__set__(self, (lazy[0] % lazy[1],))
 
-    @property  # type: ignore[override]
-    def args(self) -> tuple:
+    @property
+    def args(self) -> tuple[Any, ...]:
         self._materialise()
         return _ARGS.__get__(self)  # type: ignore[no-any-return]
 
     @args.setter
-    def args(self, value: tuple) -> None:
+    def args(self, value: tuple[Any, ...]) -> None:
         self.__dict__.pop("_lazy", None)
         _ARGS.__set__(self, value)
 
@@ -81,7 +92,7 @@ class Rejected(ButtressError):
         self._materialise()
         return super().__repr__()
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self) -> str | tuple[Any, ...]:
         self._materialise()
         return super().__reduce__()
 
@@ -106,7 +117,7 @@ class CircuitOpenError(Rejected):
                 message += f"; retry after {retry_after:.6g}s"
         super().__init__(message, retry_after=retry_after)
 
-    def __reduce__(self):  # keep picklable despite the custom signature
+    def __reduce__(self) -> tuple[Any, ...]:  # keep picklable despite the custom signature
         return (type(self), (self.name, self.state, self.retry_after, str(self)))
 
 

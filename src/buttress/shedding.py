@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from inspect import isawaitable
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, Protocol, TypeVar
 
 from ._base import Policy
 from ._impl import core
@@ -51,8 +51,24 @@ class Priority(IntEnum):
 
 _NAMES = tuple(p.name for p in Priority)    # Priority.name is a property lookup: cached for refusals
 _DEFAULT_FRACTIONS = {Priority.LOW: 0.5, Priority.MEDIUM: 0.75, Priority.HIGH: 0.9}
-_Permits = core("permits").Permits
-_ShedBase = core("guard").ShedBase
+if TYPE_CHECKING:  # the twin is the compiled core's spec: same names, signatures and results
+    from ._twin.guard import ShedBase as _ShedBase
+    from ._twin.permits import Permits as _Permits
+
+    class _FlightCounter(Protocol):
+        """What a LoadShedder uses of its in-flight counter: the local core's Permits or a store's shared
+        one (held is read on a store's counter only)."""
+        @property
+        def in_use(self) -> int: ...
+        @property
+        def held(self) -> int: ...
+        def try_acquire_within(self, limit: int, n: int = 1) -> bool: ...
+        def release(self) -> None: ...
+else:
+    _Permits = core("permits").Permits
+    _ShedBase = core("guard").ShedBase
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 _UNBOUNDED = 1 << 40
 _SHARED_MAX = (1 << 22) - 1      # a shared permit counter's maximum (buttress._core.shared.MAX_PERMITS)
 _DRAINING = 4                    # the level word while draining: above CRITICAL, everything is refused
@@ -308,7 +324,8 @@ class LoadShedder(_ShedBase, Policy):
         if store is None:
             if lease is not None:
                 raise ValueError(f"lease={lease!r} applies to a Redis store only; store is None")
-            self._flight = _Permits(_UNBOUNDED)
+            # (the local counter has no held: it is read on a store's counter only)
+            self._flight: _FlightCounter = _Permits(_UNBOUNDED)  # type: ignore[assignment]
             self._cap = _UNBOUNDED
             self._shared = False
         else:
@@ -372,7 +389,7 @@ class LoadShedder(_ShedBase, Policy):
         if priority < self._level:      # shed by an overload signal, or draining: the one level word
             raise self._refused(priority)
         limits = self._limits if self.limiter is None else self._limits_for(self.capacity)
-        if self._flight.try_acquire_within(limits[priority]):
+        if self._flight.try_acquire_within(limits[priority]):  # type: ignore[index]  # no limiter: _limits set
             next(self._admitted[priority])
             return self._flight.in_use
         next(self._shed[priority])
@@ -444,11 +461,11 @@ class LoadShedder(_ShedBase, Policy):
         self._sampler = [None]
         self._arm(self._sampler)
 
-    def _arm(self, box: list) -> None:
+    def _arm(self, box: list[Any]) -> None:
         expected = self._clock.monotonic() + self.sample_interval
         box[0] = call_later(self._clock, self.sample_interval, lambda: self._tick(box, expected))
 
-    def _tick(self, box: list, expected: float) -> None:
+    def _tick(self, box: list[Any], expected: float) -> None:
         if self._sampler is not box:
             return                      # stopped (or restarted) meanwhile
         lag = max(0.0, self._clock.monotonic() - expected)
@@ -562,7 +579,7 @@ class LoadShedder(_ShedBase, Policy):
     # admit(priority=None) comes from the compiled base (ShedBase): a context manager (`with` or `async
     # with`) that raises Overloaded on entering when shed.
 
-    def call(self, fn: Callable[..., Any], /, *args: Any, priority: Priority | None = None, **kwargs: Any) -> Any:
+    def call(self, fn: Callable[..., T], /, *args: Any, priority: Priority | None = None, **kwargs: Any) -> T:
         """Run fn(*args, **kwargs) if admitted at `priority` (not passed to fn). A generator (or async
         generator) returned holds its slot until it finishes or is closed; an awaitable is refused
         (TypeError: use call_async)."""
@@ -573,12 +590,13 @@ class LoadShedder(_ShedBase, Policy):
             self._exit(start, in_flight, exc)
             raise
         if is_lazy(result):
-            return settle_sync(self, fn, result, functools.partial(self._stream_done, start, in_flight))
+            settled: T = settle_sync(self, fn, result, functools.partial(self._stream_done, start, in_flight))
+            return settled
         self._exit(start, in_flight, None)
         return result
 
-    async def call_async(self, fn: Callable[..., Any], /, *args: Any, priority: Priority | None = None,
-                         **kwargs: Any) -> Any:
+    async def call_async(self, fn: Callable[..., Awaitable[T]], /, *args: Any, priority: Priority | None = None,
+                         **kwargs: Any) -> T:
         """Await fn(*args, **kwargs) if admitted; a sync function is a TypeError (use call); an async
         generator holds its slot over its whole iteration."""
         start, in_flight = self._begin(priority)
@@ -588,7 +606,8 @@ class LoadShedder(_ShedBase, Policy):
             self._exit(start, in_flight, exc)
             raise
         if type(aw) is not CORO and not isawaitable(aw):
-            return settle_async(self, fn, aw, functools.partial(self._stream_done, start, in_flight))
+            settled: T = settle_async(self, fn, aw, functools.partial(self._stream_done, start, in_flight))
+            return settled
         try:
             result = await aw
         except BaseException as exc:
@@ -597,7 +616,7 @@ class LoadShedder(_ShedBase, Policy):
         self._exit(start, in_flight, None)
         return result
 
-    def __call__(self, fn: Any) -> Any:
+    def __call__(self, fn: F) -> F:
         """Decorate fn (sync, async, (async) generator functions, methods): each call goes through
         `call` / `call_async` (a `priority=` keyword picks the priority and is not passed on)."""
         call, call_async = self.call, self.call_async

@@ -7,7 +7,7 @@ import threading
 import time
 import types
 from contextvars import ContextVar
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from .._params import describe
 from .._spec import UsageError
@@ -159,6 +159,9 @@ class StageGuard:
 
     # slots: functools.wraps copies the wrapped callable's __dict__ into ours; slots always win over it
     __slots__ = ("_fn", "_stage", "_async", "__dict__")
+    _fn: Callable[..., Any] | None          # None: the call(fn, ...) / call_async(fn, ...) entry
+    _stage: _Stage
+    _async: bool
 
     def __init__(self, fn: Callable[..., Any], acquire: Callable[[], bool], refuse: Callable[[], Any],
                  release: Callable[[], Any] | None = None, pending: Any = None,
@@ -278,9 +281,9 @@ class GuardedAwaitable:
             self._finish(value)
             raise StopIteration(value)
         if state == _RAISE:
-            exc, self._value = self._value, None
+            error, self._value = self._value, None
             self._state = _DONE
-            raise exc
+            raise error
         raise RuntimeError("cannot reuse already awaited coroutine")
 
     def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
@@ -293,12 +296,12 @@ class GuardedAwaitable:
             except BaseException as exc:
                 self._fail(exc)
                 raise
-        exc = typ if isinstance(typ, BaseException) else (val if isinstance(val, BaseException) else
-                                                         (typ() if val is None else typ(val)))
+        error = typ if isinstance(typ, BaseException) else (val if isinstance(val, BaseException) else
+                                                           (typ() if val is None else typ(val)))
         if tb is not None:
-            exc = exc.with_traceback(tb)
-        self._fail(exc)
-        raise exc
+            error = error.with_traceback(tb)
+        self._fail(error)
+        raise error
 
     def close(self) -> None:
         if self._state == _RUN:
@@ -354,7 +357,7 @@ def _start(stage: _Stage, fn: Any, result: Any) -> Any:
     return GuardedAwaitable(_RUN, it, ok=lambda value: stage.after(), err=err)
 
 
-def _acall(stage: _Stage, fn: Any, args: tuple, kwargs: dict) -> Any:
+def _acall(stage: _Stage, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     try:
         ok = stage.try_enter()
     except BaseException as exc:
@@ -463,7 +466,7 @@ class StageBase:
                 stage.floating += 1
         return self
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> Literal[False]:
         stage = _stage_of(self)
         if _held_exit(stage.id) or stage.take_floating():
             stage.after()
@@ -743,8 +746,14 @@ class AttemptGuard:
     Not initialised: every call raises RuntimeError. Initialised once."""
 
     __slots__ = ("_fn", "_owner", "_var", "_counter", "_on_failure", "_clock_ns", "__dict__")
+    _fn: Callable[..., Any]
+    _owner: Any
+    _var: ContextVar[list[Any]]
+    _counter: Any
+    _on_failure: Callable[..., Any]
+    _clock_ns: Callable[[], int]
 
-    def __init__(self, fn: Callable[..., Any], owner: Any, var: ContextVar, counter: Any,
+    def __init__(self, fn: Callable[..., Any], owner: Any, var: ContextVar[list[Any]], counter: Any,
                  on_failure: Callable[..., Any], clock_ns: Callable[[], int]) -> None:
         for name, value in (("fn", fn), ("on_failure", on_failure), ("clock_ns", clock_ns)):
             if not callable(value):
