@@ -425,7 +425,7 @@ def test_the_same_through_redis(redis_url: str) -> None:  # noqa: F811
     try:
         with pytest.raises(ValueError, match="shares a time window only.*window='count'.*pass window='time'"):
             CircuitBreaker(name="count", store=store)
-        with pytest.raises(ValueError, match="classic failure_threshold breaker"):
+        with pytest.raises(ValueError, match="the classic breaker .* cannot be shared"):
             CircuitBreaker(name="classic", failure_threshold=3, store=store)
         b = CircuitBreaker(name="payment", window="time", window_size=10, minimum_calls=3, open_duration=3600.0,
                            store=store)
