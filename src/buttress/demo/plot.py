@@ -17,7 +17,7 @@ def check_path(path: str) -> str | None:
     if not path.strip():
         return "--plot: the path is empty; give a file name such as demo.png"
     try:
-        from matplotlib.backend_bases import FigureCanvasBase
+        from matplotlib.backend_bases import FigureCanvasBase  # type: ignore[import-not-found, unused-ignore]  # the plot extra
     except ImportError:
         return "--plot needs matplotlib, which is not installed (pip install matplotlib, or the plot extra)"
     if os.path.isdir(path):
@@ -42,9 +42,9 @@ def check_path(path: str) -> str | None:
 
 
 def draw(result: dict[str, Any], path: str) -> None:
-    import matplotlib
+    import matplotlib  # type: ignore[import-not-found, unused-ignore]  # the plot extra
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # type: ignore[import-not-found, unused-ignore]  # the plot extra
 
     runs = result["runs"]
     faults = result["faults"]
