@@ -285,13 +285,13 @@ def peer_cases() -> list[Case]:
         return stamina.retry(on=Exception, attempts=3)(_bare)
 
     def limits_() -> Any:
-        from limits import parse, storage, strategies
+        from limits import parse, storage, strategies  # type: ignore[import-not-found, import-untyped, unused-ignore]
         lim = strategies.MovingWindowRateLimiter(storage.MemoryStorage())
         item = parse("1000000000/second")
         return lambda: lim.hit(item, "k")
 
     def pyrate_() -> Any:
-        import pyrate_limiter as pr
+        import pyrate_limiter as pr  # type: ignore[import-not-found, import-untyped, unused-ignore]
         lim = pr.Limiter(pr.Rate(10**9, pr.Duration.SECOND))
         return lambda: lim.try_acquire("k")
 
