@@ -24,11 +24,13 @@ awk '/^\{/{keep=1} keep{print} /^\}/{keep=0}' "$log.baseline" > "$supp"
 rm -f "$log.baseline"
 vg+=(--suppressions="$supp")
 status=0
+# exit code 99 is valgrind saying it saw errors (judged below: only ours count); anything else is a failed run
+ran() { [ "$1" = 99 ] || status=1; }
 for what in uninit now; do
     for m in gcra window permits state breaker guard keyed; do
         [ $what = now ] && case $m in permits|guard) continue ;; esac
         echo "== valgrind: crash probe $what $m"
-        "${vg[@]}" "$PY" tests/crash_probe.py $what cython $m > /dev/null || status=1
+        "${vg[@]}" "$PY" tests/crash_probe.py $what cython $m > /dev/null || ran "$?"
     done
 done
 if [ $# -eq 0 ]; then
@@ -36,7 +38,7 @@ if [ $# -eq 0 ]; then
         tests/test_keyed.py tests/test_differential.py tests/test_differential_domain.py
 fi
 echo "== valgrind: pytest $*"
-HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-} "${vg[@]}" "$PY" -m pytest -q -p no:cacheprovider "$@" || status=1
+HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-} "${vg[@]}" "$PY" -m pytest -q -p no:cacheprovider "$@" || ran "$?"
 # An error is ours when a frame of its stack is in the compiled core (Cython names every function
 # __pyx_..._8buttress_5_core_...; the headers' inline functions are bt_*). The rest is the interpreter's
 # own (a CPython that is not built for valgrind reports uninitialised reads in its eval loop).
