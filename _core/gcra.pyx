@@ -27,7 +27,7 @@ from bt_gcra cimport (gcra_t, gcra_init, gcra_rel, gcra_claim, gcra_wait, gcra_a
                       bt_as_i64, _bt_show, REL_MIN, TAT_MAX)
 from bt_atomic cimport bt_load, bt_store, bt_fetch_add
 
-import ctypes as _ctypes
+from buttress._twin.gcra import words_view as _twin_words_view  # cold path: one copy
 from operator import index as _index
 
 from buttress._params import emission_interval_ns, check_n
@@ -35,25 +35,6 @@ from buttress._params import emission_interval_ns, check_n
 __all__ = ["GCRA", "WORDS"]
 
 WORDS = 8           # int64 words of a GCRA in a store (see the module doc)
-
-
-cdef object _words_view(object words, Py_ssize_t nwords):
-    """`words` as bytes: a writable, contiguous, 8-byte aligned buffer of at least nwords int64 words."""
-    try:
-        mv = memoryview(words)
-    except TypeError:
-        raise TypeError(f"words must be a writable buffer (a store binding's words, an mmap, a bytearray), "
-                        f"got {type(words).__name__}") from None
-    if mv.readonly:
-        raise TypeError(f"words must be a writable buffer, got a read-only {type(words).__name__}")
-    if not mv.c_contiguous:
-        raise ValueError("words must be a contiguous buffer")
-    if mv.nbytes < 8 * nwords:
-        raise ValueError(f"words holds {mv.nbytes} bytes, a GCRA needs {8 * nwords}")
-    raw = mv.cast("B")[:8 * nwords]
-    if _ctypes.addressof(_ctypes.c_char.from_buffer(raw)) % 8:
-        raise ValueError("words must start at an 8-byte aligned address")
-    return raw
 
 
 cdef int _check_words(object have_interval, object have_tau, object interval, object tau) except -1:
@@ -106,7 +87,7 @@ cdef class GCRA:
             base = 0 if clock_ns is None else bt_as_i64(clock_ns(), "clock_ns()")   # see the module doc
             gcra_init(&self.own_, interval, cap, base)
         else:
-            raw = _words_view(words, WORDS)
+            raw = _twin_words_view(words, WORDS)
             mv = raw.cast("q")
             _check_words(mv[1], mv[2], interval, interval * cap)
             PyObject_GetBuffer(raw, &self.buf, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS)
@@ -128,7 +109,7 @@ cdef class GCRA:
         """Write the words of a new shared GCRA (a full bucket; time measured from base_ns)."""
         r, cap, interval = emission_interval_ns(rate, capacity)
         cdef int64_t b = bt_as_i64(base_ns, "base_ns")
-        mv = _words_view(words, WORDS).cast("q")
+        mv = _twin_words_view(words, WORDS).cast("q")
         for i, v in enumerate((REL_MIN, interval, interval * cap, b, 0, 0, 0, 0)):
             mv[i] = v
 

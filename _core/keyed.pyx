@@ -58,7 +58,7 @@ from bt_atomic cimport bt_load, bt_store, bt_cas, bt_fetch_add
 from bt_gcra cimport rel_time, bt_as_i64, _bt_show
 cimport cython
 
-import ctypes as _ctypes
+from buttress._twin.gcra import words_view as _twin_words_view  # cold path: one copy
 import os as _os
 from operator import index as _index
 
@@ -184,24 +184,6 @@ cdef tuple _seed_words(object seed):
     return (int.from_bytes(seed[:8], "little", signed=True), int.from_bytes(seed[8:], "little", signed=True))
 
 
-cdef object _words_view(object words, Py_ssize_t nwords):
-    try:
-        mv = memoryview(words)
-    except TypeError:
-        raise TypeError(f"words must be a writable buffer (a store binding's words, an mmap, a bytearray), "
-                        f"got {type(words).__name__}") from None
-    if mv.readonly:
-        raise TypeError(f"words must be a writable buffer, got a read-only {type(words).__name__}")
-    if not mv.c_contiguous:
-        raise ValueError("words must be a contiguous buffer")
-    if mv.nbytes < 8 * nwords:
-        raise ValueError(f"words holds {mv.nbytes} bytes, this table needs {8 * nwords}")
-    raw = mv.cast("B")[:8 * nwords]
-    if _ctypes.addressof(_ctypes.c_char.from_buffer(raw)) % 8:
-        raise ValueError("words must start at an 8-byte aligned address")
-    return raw
-
-
 def _settings(rate, capacity, max_keys, idle_ns):
     r, cap, interval = emission_interval_ns(rate, capacity)
     if interval * cap > MAX_TAU_NS:
@@ -255,7 +237,7 @@ cdef class KeyedGCRA:
         else:
             if seed is not None:
                 raise ValueError("seed must be None when words are given: the table's seed lives in its words")
-            raw = _words_view(words, nwords)
+            raw = _twin_words_view(words, nwords, "this table")
             _check_header(raw.cast("q"), interval, interval * cap, idle, nslots, mk)
             PyObject_GetBuffer(raw, &self.buf, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS)
             self.has_buf = True
@@ -293,7 +275,7 @@ cdef class KeyedGCRA:
         r, cap, interval, mk, idle, nslots = _settings(rate, capacity, max_keys, idle_ns)
         cdef int64_t b = bt_as_i64(base_ns, "base_ns")
         k0, k1 = _seed_words(seed)
-        mv = _words_view(words, HEADER_WORDS).cast("q")
+        mv = _twin_words_view(words, HEADER_WORDS, "this table").cast("q")
         for i, v in enumerate((0, 0, b, k0, k1, interval, interval * cap, 0, 0, idle, nslots, mk, 0, 0, 0, 0)):
             mv[i] = v
 
