@@ -1,5 +1,9 @@
 """Builds the compiled core only: _core/<name>.pyx -> buttress._core.<name>.
 
+The Cython sources stay in the top-level _core/; the extension modules land in src/buttress/_core/ beside
+their .pyi stubs, so the package is a plain src layout and `pip install -e .` is a static path that
+type checkers follow (no import hook).
+
 Metadata lives in pyproject.toml. BUTTRESS_PURE_BUILD=1 builds without extensions (a pure wheel).
 """
 import glob

@@ -2,7 +2,7 @@
 # Run the test suite on every pyenv CPython from 3.10 up that is installed here.
 #
 # For each version: a fresh venv, `pip install "<copy>[test]"` (a normal, isolated build of a temporary
-# copy of the tree, so the in-tree _core/*.so that others use is never rebuilt), then pytest from a
+# copy of the tree, so the in-tree src/buttress/_core/*.so that others use is never rebuilt), then pytest from a
 # directory outside the source tree, once against the compiled core (BUTTRESS_REQUIRE_EXTENSIONS=1) and
 # once against the pure-Python twins (BUTTRESS_NO_EXTENSIONS=1). A summary line per version and mode.
 #

@@ -28,7 +28,7 @@ from buttress import _impl
 HERE = Path(__file__).resolve().parent
 PKG_DIR = Path(buttress.__file__).resolve().parent
 _CORE_SPEC = importlib.util.find_spec("buttress._core")
-# None when buttress is imported from src/ by path (PYTHONPATH=src), where _core/ is not mapped in
+# the stubs' package, src/buttress/_core (None only if buttress._core is missing altogether)
 CORE_DIR = Path(_CORE_SPEC.submodule_search_locations[0]).resolve() if _CORE_SPEC else None
 needs_core_dir = pytest.mark.skipif(CORE_DIR is None, reason="buttress._core (the stubs' package) is not importable")
 
@@ -220,6 +220,35 @@ def test_package_passes_mypy_strict(typed_tree: Path, tmp_path: Path):
     """The whole package (facade, twins and the _core stubs) is clean under `mypy --strict`."""
     r = _mypy(["mypy", "--config-file=", "--strict", "--no-incremental", f"--cache-dir={tmp_path / 'cache'}",
                "-p", "buttress"], tmp_path, typed_tree)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Success" in r.stdout
+
+
+@needs_mypy
+def test_installed_package_is_found_by_a_users_mypy(tmp_path: Path):
+    """A user's program outside the tree, checked by `mypy --strict` with no MYPYPATH: mypy must find the
+    installed package (wheel, or the editable install's static path: src/buttress with the _core stubs
+    beside the extension modules -- an import-hook editable finder would hide it: "module not found")."""
+    prog = tmp_path / "user_program.py"
+    prog.write_text(textwrap.dedent("""
+        import buttress
+        from buttress import CircuitBreaker, TokenBucket
+
+        cb = CircuitBreaker(failure_threshold=5, success_threshold=2, open_duration=30.0)
+        bucket = TokenBucket(rate=10.0, capacity=10)
+
+        @cb
+        def charge(order_id: str, cents: int) -> bool:
+            return cents > 0
+
+        ok: bool = charge("o-1", 100)
+        state: buttress.State = cb.state
+        granted: bool = bucket.try_acquire()
+    """))
+    env = {k: v for k, v in os.environ.items() if k not in ("MYPYPATH", "PYTHONPATH")}
+    r = subprocess.run([sys.executable, "-m", "mypy", "--config-file=", "--strict", "--no-incremental",
+                        f"--cache-dir={tmp_path / 'cache'}", str(prog)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Success" in r.stdout
 

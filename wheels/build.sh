@@ -6,7 +6,7 @@
 #   wheels/build.sh --quick   the same builds and checks with a fast subset of the tests (.ci/run uses it)
 #
 # Everything is built from a copy of the sources (wheels/snapshot.sh) in a temporary directory: the work
-# tree's in-tree build (_core/*.so, used by `pip install -e .`) is never touched. Results:
+# tree's in-tree build (src/buttress/_core/*.so, used by `pip install -e .`) is never touched. Results:
 #   wheels/dist/        the sdist and the wheels as built (linux_* tag) + the pure wheel
 #   wheels/wheelhouse/  the auditwheel-repaired manylinux wheel
 # Environment: PYTHON (default python3) builds and tests; BUTTRESS_WHEELS_KEEP=1 keeps the temp directory.
@@ -76,8 +76,8 @@ if grep -E '\.(c|cpp|so|html)$' "$work/sdist.txt"; then
     fail "the sdist contains generated or binary files (listed above)"
 fi
 for pyx in "$work"/src/_core/*.pyx; do
-    stem=_core/$(basename "$pyx" .pyx)
-    for f in "$stem.pyx" "$stem.pyi"; do
+    stem=$(basename "$pyx" .pyx)
+    for f in "_core/$stem.pyx" "src/buttress/_core/$stem.pyi"; do
         grep -q "/$f\$" "$work/sdist.txt" || fail "the sdist lacks $f"
     done
 done
