@@ -366,3 +366,51 @@ def test_an_attempt_guard_refuses_an_awaitable_first_result_without_retrying(imp
     gen = impl.guard.AttemptGuard(lambda: stream(1, []), retry, contextvars.ContextVar("t"), counter,
                                   lambda *a: None, lambda: 0)()
     assert list(gen) == [0]                             # a plain function returning a generator: a value
+
+
+def test_a_hand_off_on_the_waiters_own_loop_does_not_go_through_the_self_pipe():
+    """A release on the waiter's loop sets its future directly; call_soon_threadsafe (a self-pipe write per
+    hand-off, the cost of 10 000 queued tasks) is only for a release from another thread or loop. Every
+    waiter still gets its permit, in order, none lost."""
+    bh = Bulkhead(2, max_wait=None)
+    order: list[int] = []
+
+    async def job(i: int) -> None:
+        async with bh:
+            order.append(i)
+            await asyncio.sleep(0)
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        calls = 0
+        real = loop.call_soon_threadsafe
+
+        def counting(*args, **kwargs):
+            nonlocal calls
+            calls += 1
+            return real(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        await asyncio.gather(*(job(i) for i in range(50)))
+        return calls
+
+    assert asyncio.run(main()) == 0
+    assert order == list(range(50))
+    assert bh.metrics().in_use == 0 and bh.metrics().waiting == 0
+
+
+def test_a_release_from_another_thread_still_wakes_an_async_waiter():
+    import threading
+
+    bh = Bulkhead(1, max_wait=None)
+    assert bh.try_acquire()
+
+    async def main() -> None:
+        t = threading.Timer(0.05, bh.release)
+        t.start()
+        async with bh:
+            pass
+        t.join()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    assert bh.metrics().in_use == 0

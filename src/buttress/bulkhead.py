@@ -31,6 +31,7 @@ import time
 import types
 import os
 import weakref
+from asyncio import _get_running_loop
 from inspect import isawaitable
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, NamedTuple, ParamSpec, Protocol, TypeVar
 
@@ -311,6 +312,11 @@ class _Waiter:
     def wake(self) -> bool:
         if self.lock is not None:
             self.lock.release()
+            return True
+        if _get_running_loop() is self.loop:
+            # the releaser runs on the waiter's own loop (the common case): set the future directly.
+            # call_soon_threadsafe would write the loop's self-pipe per hand-off (a syscall, ~10 us).
+            _wake(self.fut)  # type: ignore[arg-type]
             return True
         try:
             self.loop.call_soon_threadsafe(_wake, self.fut)  # type: ignore[union-attr, arg-type]  # async: both set
