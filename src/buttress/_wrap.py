@@ -88,7 +88,8 @@ def wraps(fn: F) -> Callable[[Any], F]:
 
 # result types known to be plain values (not awaitable, not generators): the hot path's test is one set
 # lookup (hasattr(type, "__await__") costs ~300 ns when it fails: the lookup raises inside). Bounded.
-_PLAIN: set[type] = {int, str, bytes, float, bool, type(None), dict, list, tuple}
+PLAIN: set[type] = {int, str, bytes, float, bool, type(None), dict, list, tuple}
+_PLAIN = PLAIN      # the one set: `type(r) not in PLAIN and lazy_result(r)` is the inlined form
 _PLAIN_MAX = 512
 
 

@@ -41,7 +41,8 @@ from ._impl import core
 from ._params import ASYNC, ASYNC_GENERATOR, GENERATOR, SYNC, callable_kind, check_float, check_int, count_of, describe
 from ._spec import UsageError
 from ._timers import call_later
-from ._wrap import CORO, LAZY_TYPES, refuse_sync_result, specialize, sync_in_async
+from ._wrap import CORO, lazy_result, refuse_sync_result, specialize, sync_in_async
+from ._wrap import lazy_result as is_lazy     # the name shedding.py / adaptive.py import
 from .clock import SYSTEM_CLOCK as _SYSTEM_CLOCK, resolve_clock
 from .errors import BulkheadFullError, TimeoutExceeded, rejection
 
@@ -183,23 +184,6 @@ def mark_async(wrapper: Any, fn: Any) -> Any:
     if mark is not None:
         wrapper._is_coroutine_marker = mark
     return wrapper
-
-
-_LAZY_CACHE: dict[type, bool] = {}
-
-
-def is_lazy(result: object) -> bool:
-    """`type(result) in LAZY_TYPES or hasattr(type(result), "__await__")` (an awaitable, a generator or an
-    async generator: a sync form's second look), memoised per type: hasattr on a type without the
-    attribute raises and catches internally, ~0.4 us, more than the guarded call."""
-    tp = type(result)
-    lazy = _LAZY_CACHE.get(tp)
-    if lazy is None:
-        lazy = tp in LAZY_TYPES or hasattr(tp, "__await__")
-        if len(_LAZY_CACHE) > 1024:         # types made on the fly: keep it bounded
-            _LAZY_CACHE.clear()
-        _LAZY_CACHE[tp] = lazy
-    return lazy
 
 
 def is_stream(result: object) -> bool:
@@ -967,7 +951,7 @@ class ThreadPoolBulkhead(Policy):
     @staticmethod
     def _checked(fn: Any, result: T) -> T:
         """The guarded forms' result: an awaitable (fn was async after all) is a UsageError, closed."""
-        if type(result) is not _GEN and (type(result) in LAZY_TYPES or hasattr(type(result), "__await__")):
+        if type(result) is not _GEN and lazy_result(result):
             if type(result) is CORO:
                 result.close()  # type: ignore[attr-defined]  # a coroutine (CORO); never started: no "never awaited" warning
             raise UsageError(f"ThreadPoolBulkhead: {describe(fn)} is async (it returned "

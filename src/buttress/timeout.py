@@ -25,7 +25,7 @@ from ._context import pop_deadline, push_deadline, remaining, remaining_ns
 from ._params import ASYNC, ASYNC_GENERATOR, GENERATOR, NS, callable_kind, check_seconds, describe
 from ._spec import UsageError
 from ._timers import call_later
-from ._wrap import ASYNC_KINDS, CORO, LAZY_TYPES, check_decoratable, refuse_sync_result, sync_in_async, wraps
+from ._wrap import ASYNC_KINDS, CORO, check_decoratable, lazy_result, refuse_sync_result, sync_in_async, wraps
 from .bulkhead import ThreadPoolBulkhead
 from .clock import resolve_clock
 from .errors import TimeoutExceeded
@@ -112,7 +112,7 @@ class Timeout(Policy):
             fut.cancel()            # if it is still queued it never runs; if it runs, it runs on
             raise self._error(budget, by_outer)
         result: T = fut.result()
-        if type(result) in LAZY_TYPES or hasattr(type(result), "__await__"):
+        if lazy_result(result):
             if type(result) is types.GeneratorType:     # a stream (from a wrapped generator function):
                 stream: T = self._iterate(result, deadline, budget, by_outer)    # the deadline covers it
                 return stream
