@@ -24,6 +24,7 @@ import ipaddress
 import itertools
 import logging
 import math
+import threading
 from typing import Any, Awaitable, Callable, Iterable, MutableMapping
 
 from ._params import MAX_SECONDS, NS, check_bool, check_int, check_seconds, count_of, emission_interval_ns, show
@@ -421,6 +422,67 @@ class RateLimitMiddleware:
 
 # -- load shedding -------------------------------------------------------------------------------------
 
+class _Samplers:
+    """Who asked each shedder's sampler to run: middlewares sharing one shedder start one sampler, and the
+    last of them to shut down stops it -- only if a middleware started it (a sampler the application
+    started itself is left running)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users: dict[int, list[Any]] = {}      # id(shedder) -> [shedder, users, started by us]
+
+    def acquire(self, shedder: Any) -> None:
+        start = getattr(shedder, "start", None)
+        if not callable(start):
+            return                                  # a custom shedder without a sampler
+        with self._lock:
+            entry = self._users.get(id(shedder))
+            if entry is None:
+                before = _is_sampling(shedder)
+                start()                             # inside the running loop: a timer on it (LoopLag needs it)
+                after = _is_sampling(shedder)
+                entry = self._users[id(shedder)] = [shedder, 0, before is not True and after is not False]
+            entry[1] += 1
+
+    def release(self, shedder: Any) -> None:
+        with self._lock:
+            entry = self._users.get(id(shedder))
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] > 0:
+                return
+            del self._users[id(shedder)]
+        if entry[2]:
+            shedder.stop()
+
+
+_SAMPLERS = _Samplers()
+_NO_ATTRIBUTE = object()
+
+
+def _is_sampling(shedder: Any) -> bool | None:
+    """Whether the shedder's sampler runs now (None: it does not say). LoadShedder has no public
+    property for it yet: its `_sampler` (the loop timer or the thread's stop event) is read."""
+    if isinstance(getattr(type(shedder), "is_sampling", None), property):
+        return bool(shedder.is_sampling)
+    sampler = getattr(shedder, "_sampler", _NO_ATTRIBUTE)
+    return None if sampler is _NO_ATTRIBUTE else sampler is not None
+
+
+def _signal_reason(exc: BaseException) -> bytes | None:
+    """The signals that shed a request, from a LoadShedder's refusal text ('... overloaded (loop_lag
+    0.31s, cpu 0.97)'): their names only (b'loop_lag, cpu'); None for a refusal by in-flight count or a
+    drain. The measured values stay in the logs and metrics, not in a response a client reads."""
+    text = str(exc)
+    i = text.rfind(": overloaded (")
+    if i < 0 or not text.endswith(")"):
+        return None
+    names = [part.strip().split(" ", 1)[0] for part in text[i + 14:-1].split(",")]
+    names = [n for n in names if n and n.replace("_", "").isalnum() and n.isascii()]
+    return ", ".join(names).encode() if names else None
+
+
 class LoadSheddingMiddleware:
     """Admit requests through a `buttress.LoadShedder` by priority; a shed request gets 503 with
     Retry-After (the shedder's `retry_after`, else `retry_after` seconds).
@@ -431,6 +493,12 @@ class LoadSheddingMiddleware:
     shedder does not accept (``"urgent"``, 7), gives the shedder's `default_priority` (logged once):
     never a 500. The request holds its slot until the response is sent.
     Do not take the priority from a header the client can set: see docs/asgi.md, "Deploying safely".
+
+    Overload signals (`LoopLag`, `CpuUsage`, `QueueDepth`): the shedder's sampler is started inside the
+    server's running event loop on lifespan startup and stopped on lifespan shutdown; a server without
+    the lifespan protocol starts it on the first request (once). Middlewares sharing one shedder start
+    one sampler. A request shed by a signal gets 503 ``overloaded (loop_lag)`` (the signals' names)
+    with Retry-After: the sample interval, rounded up to whole seconds.
     """
 
     def __init__(self, app: ASGIApp, shedder: Any, priority: Any = None, retry_after: int = 1) -> None:
@@ -451,6 +519,26 @@ class LoadSheddingMiddleware:
             self.priority = priority if priority is not None else (lambda scope: None)
         self.retry_after = check_int("retry_after", retry_after, minimum=1)
         self._once = _Once()
+        self._lazy = True           # no lifespan startup seen yet: the first request starts the sampler
+        self._sampling = False      # this middleware counts as one user of the shedder's sampler
+
+    def _start_sampling(self, when: str) -> None:
+        self._lazy = False
+        if self._sampling:
+            return
+        try:
+            _SAMPLERS.acquire(self.shedder)
+        except Exception as exc:  # noqa: BLE001 - shedding by in-flight count still works without signals
+            self._once.warning("start", "buttress.asgi.LoadSheddingMiddleware: the shedder's sampler did not "
+                               "start on %s (%s: %s); overload signals are not sampled", when,
+                               type(exc).__name__, exc, exc_info=exc)
+            return
+        self._sampling = True
+
+    def _stop_sampling(self) -> None:
+        if self._sampling:
+            self._sampling = False
+            _SAMPLERS.release(self.shedder)
 
     def _admission(self, scope: Scope) -> Any:
         try:
@@ -470,14 +558,21 @@ class LoadSheddingMiddleware:
             return self.shedder.admit(None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        kind = scope["type"]
+        if kind != "http":
+            if kind == "lifespan":
+                return await self._lifespan(scope, receive, send)
             return await self.app(scope, receive, send)
+        if self._lazy:
+            self._start_sampling("the first request (no lifespan startup)")
         admission = self._admission(scope)
         try:
             admission.__enter__()
         except Overloaded as exc:
             headers = [(b"retry-after", str(_retry_after(exc.retry_after, self.retry_after)).encode())]
-            return await _respond(send, 503, b"overloaded\n", headers, head=scope.get("method") == "HEAD")
+            reason = _signal_reason(exc)
+            body = b"overloaded\n" if reason is None else b"overloaded (" + reason + b")\n"
+            return await _respond(send, 503, body, headers, head=scope.get("method") == "HEAD")
         try:
             await self.app(scope, receive, send)
         except BaseException as exc:
@@ -485,6 +580,40 @@ class LoadSheddingMiddleware:
                 raise
         else:
             admission.__exit__(None, None, None)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        received = []
+
+        async def hooked() -> Message:
+            message = await receive()
+            kind = message.get("type")
+            received.append(kind)
+            if kind == "lifespan.startup":
+                self._start_sampling("lifespan startup")
+            elif kind == "lifespan.shutdown":
+                self._stop_sampling()
+            return message
+
+        async def watched(message: Message) -> None:
+            if message.get("type") in ("lifespan.startup.failed", "lifespan.shutdown.complete",
+                                       "lifespan.shutdown.failed"):
+                self._stop_sampling()   # the server stops: so does the timer
+            await send(message)
+
+        try:
+            try:
+                await self.app(scope, hooked, watched)
+            except Exception:
+                if received:
+                    raise
+                log.debug("buttress.asgi.LoadSheddingMiddleware: the app has no lifespan protocol; answered here")
+            else:
+                if received:
+                    return              # (an app whose lifespan returns after startup: sampling goes on)
+            await _serve_lifespan(hooked, watched)
+        except BaseException:
+            self._stop_sampling()       # a failed startup, a cancelled lifespan task: no timer left behind
+            raise
 
 
 # -- health endpoints ----------------------------------------------------------------------------------
