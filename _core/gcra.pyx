@@ -11,7 +11,9 @@ readings are uptime; 0 also makes answers to explicit `now=` the same here and i
 
 Where the words live (DESIGN §5): by default in the object (`store=None`: process-local). Given `words`
 (a writable, 8-byte aligned buffer of WORDS int64 words, e.g. a store binding's), the object decides with
-the same CAS on those words, so every process that binds them shares one limit. Layout:
+the same CAS on those words, so every process that binds them shares one limit. The object registers with the store through `locker`
+(`track_bound`), and `_close(message)` (the store closed in this process) makes every later decision and
+state read raise RuntimeError(message). Layout:
     w[0] tat   w[1] interval   w[2] tau   w[3] base   w[4] admitted   w[5] rejected   w[6..7] 0
 `init_words` writes it (once, by the store's creator, under the store's directory lock); the
 constructor checks that interval and tau are this limiter's and takes the base from w[3], so every
@@ -25,9 +27,9 @@ from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_C_CONTIGUOUS
 from bt_gcra cimport (gcra_t, gcra_init, gcra_rel, gcra_claim, gcra_wait, gcra_available, gcra_refund,
                       bt_as_i64, _bt_show, REL_MIN, TAT_MAX)
-from bt_atomic cimport bt_load, bt_store, bt_fetch_add
+from bt_atomic cimport bt_load, bt_store, bt_fetch_add, bt_cas
 
-from buttress._twin.gcra import words_view as _twin_words_view  # cold path: one copy
+from buttress._twin.gcra import words_view as _twin_words_view, track_bound as _track_bound  # cold path: one copy
 from operator import index as _index
 
 from buttress._params import emission_interval_ns, check_n
@@ -67,9 +69,14 @@ cdef class GCRA:
     cdef Py_buffer buf
     cdef bint has_buf
     cdef int64_t capacity_     # 0 until __init__ ran
+    cdef int64_t nmax_         # capacity_ while the object decides; 0 before __init__ and after _close
+                               # (atomic): the fast paths' range check on n is also their open check
+    cdef int64_t closing_      # 1 once _close ran (atomic: one message, written once)
+    cdef object closed_        # _close's message
     cdef double rate_
     cdef object _clock_ns
     cdef object locker_
+    cdef object __weakref__    # a store keeps a weak set of the objects bound to its words
 
     def __cinit__(self):
         self.gp = &self.own_
@@ -99,6 +106,10 @@ cdef class GCRA:
         self._clock_ns = clock_ns
         self.locker_ = locker
         self.capacity_ = cap           # last: a capacity > 0 says "initialised" to the fast path
+        if not bt_load(&self.closing_):
+            bt_store(&self.nmax_, cap)
+        if words is not None:
+            _track_bound(self, locker)        # the store can close it (cold path: the twin's)
 
     def __dealloc__(self):
         if self.has_buf:
@@ -117,6 +128,22 @@ cdef class GCRA:
         if self.capacity_ == 0:
             raise RuntimeError(_UNINIT.format(type(self).__name__))
         return 0
+
+    cdef int _live(self) except -1:
+        """Initialised and not closed: every decision and every read of the words checks it."""
+        if bt_load(&self.nmax_) == 0:
+            self._ready()
+            raise RuntimeError(self.closed_)
+        return 0
+
+    def _close(self, message):
+        """The store holding its words closed in this process (or a forked child got no lease): every
+        later decision and state read raises RuntimeError(message). The words stay referenced until the
+        object goes (a decision racing this call on another thread may still be reading them)."""
+        msg = str(message)
+        if bt_cas(&self.closing_, 0, 1):
+            self.closed_ = msg                 # before nmax_: a reader that sees 0 sees the message
+            bt_store(&self.nmax_, 0)
 
     @property
     def rate(self):
@@ -146,9 +173,9 @@ cdef class GCRA:
         cdef long long v
         if type(n) is int:
             v = PyLong_AsLongLongAndOverflow(n, &overflow)
-            if overflow == 0 and 1 <= v <= self.capacity_:
+            if overflow == 0 and 1 <= v <= bt_load(&self.nmax_):
                 return v
-        self._ready()
+        self._live()
         return check_n(n, self.capacity_)
 
     cdef inline int64_t _claim(self, int64_t n, object now, int64_t max_wait, int64_t *end) except -2:
@@ -178,8 +205,8 @@ cdef class GCRA:
         untake(), or None when refused (nothing claimed): the cheap receipt of a facade that may have to
         give the token back (a sync form that got an async function)."""
         cdef int64_t end
-        if self.capacity_ == 0:
-            self._ready()
+        if bt_load(&self.nmax_) == 0:
+            self._live()
         if self._claim(1, now, 0, &end) != 0:
             return None
         return end
@@ -187,7 +214,7 @@ cdef class GCRA:
     def untake(self, end):
         """Give back the token of the take() that returned `end`, only if no later claim has built on it
         (one CAS, as refund); returns whether it was given back."""
-        self._ready()
+        self._live()
         cdef int64_t e = bt_as_i64(end, "end")
         if not REL_MIN + self.gp.interval <= e <= TAT_MAX:
             raise ValueError(f"end must be a value returned by take(), got {_bt_show(end)}")
@@ -218,14 +245,14 @@ cdef class GCRA:
 
     def available(self, now=None):
         """Whole tokens available at now."""
-        self._ready()
+        self._live()
         return gcra_available(self.gp, self._rel(now))
 
     def refund(self, receipt):
         """Give back the tokens of the claim that returned `receipt`, only if no later claim has built on
         it (one CAS); returns whether they were given back. Never more than that claim took; use each
         receipt once."""
-        self._ready()
+        self._live()
         r = bt_as_receipt(receipt)
         k = r & _N_MASK
         rel = (r >> 63) - <object>self.gp.base
@@ -235,12 +262,12 @@ cdef class GCRA:
 
     def counts(self):
         """(admitted, rejected) decisions since creation or reset()."""
-        self._ready()
+        self._live()
         return bt_load(self.cp), bt_load(self.cp + 1)
 
     def reset(self):
         """Full bucket, counters back to zero."""
-        self._ready()
+        self._live()
         bt_store(&self.gp.tat, REL_MIN)
         bt_store(self.cp, 0)
         bt_store(self.cp + 1, 0)

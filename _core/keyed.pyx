@@ -58,7 +58,7 @@ from bt_atomic cimport bt_load, bt_store, bt_cas, bt_fetch_add
 from bt_gcra cimport rel_time, bt_as_i64, _bt_show
 cimport cython
 
-from buttress._twin.gcra import words_view as _twin_words_view  # cold path: one copy
+from buttress._twin.gcra import words_view as _twin_words_view, track_bound as _track_bound  # cold path: one copy
 import os as _os
 from operator import index as _index
 
@@ -204,6 +204,10 @@ cdef class KeyedGCRA:
     cdef int64_t nslots_
     cdef int64_t max_keys_
     cdef int64_t capacity_
+    cdef int64_t nmax_        # capacity_ while the table decides; 0 before __init__ and after _close
+                              # (atomic): the fast paths' range check on n is also their open check
+    cdef int64_t closing_     # 1 once _close ran (atomic: one message, written once)
+    cdef object closed_       # _close's message
     cdef double rate_
     cdef int64_t interval
     cdef int64_t idle
@@ -213,6 +217,7 @@ cdef class KeyedGCRA:
     cdef uint64_t k0, k1      # the hash seed
     cdef object _clock_ns
     cdef object locker_
+    cdef object __weakref__    # a store keeps a weak set of the objects bound to its words
 
     def __cinit__(self):
         self.slots = NULL
@@ -257,6 +262,10 @@ cdef class KeyedGCRA:
         self._clock_ns = clock_ns
         self.locker_ = locker
         self.slots = <kslot *>(w + _HDR)     # last: a table says "initialised"
+        if not bt_load(&self.closing_):
+            bt_store(&self.nmax_, cap)
+        if words is not None:
+            _track_bound(self, locker)        # the store can close it (cold path: the twin's)
 
     def __dealloc__(self):
         PyMem_Free(self.own)
@@ -283,6 +292,22 @@ cdef class KeyedGCRA:
         if self.slots == NULL:
             raise RuntimeError(_UNINIT.format(type(self).__name__))
         return 0
+
+    cdef int _live(self) except -1:
+        """Initialised and not closed: every decision and every read of the words checks it."""
+        if bt_load(&self.nmax_) == 0:
+            self._ready()
+            raise RuntimeError(self.closed_)
+        return 0
+
+    def _close(self, message):
+        """The store holding its words closed in this process (or a forked child got no lease): every
+        later decision and state read raises RuntimeError(message). The words stay referenced until the
+        object goes (a decision racing this call on another thread may still be reading them)."""
+        msg = str(message)
+        if bt_cas(&self.closing_, 0, 1):
+            self.closed_ = msg                 # before nmax_: a reader that sees 0 sees the message
+            bt_store(&self.nmax_, 0)
 
     @property
     def rate(self):
@@ -322,7 +347,7 @@ cdef class KeyedGCRA:
 
     def __len__(self):
         """Live keys (may exceed max_keys briefly when only limited keys could be evicted)."""
-        self._ready()
+        self._live()
         return bt_load(self.hdr)
 
     cdef inline int64_t _rel(self, object now) except? -1:
@@ -339,9 +364,9 @@ cdef class KeyedGCRA:
         cdef long long v
         if type(n) is int:
             v = PyLong_AsLongLongAndOverflow(n, &overflow)
-            if overflow == 0 and 1 <= v <= self.capacity_:
+            if overflow == 0 and 1 <= v <= bt_load(&self.nmax_):
                 return v
-        self._ready()
+        self._live()
         return check_n(n, self.capacity_)
 
     cdef inline int64_t _home(self, int64_t h) noexcept nogil:
@@ -510,14 +535,14 @@ cdef class KeyedGCRA:
 
     def try_acquire(self, key, n=1, now=None):
         """Take n tokens from key's bucket if they are available now (a new key starts full)."""
-        cdef int64_t h = hash_obj(self.k0, self.k1, key) if self.slots != NULL else 0
+        cdef int64_t h = hash_obj(self.k0, self.k1, key) if bt_load(&self.nmax_) != 0 else 0
         cdef int64_t cost = self._n(n) * self.interval
         cdef int64_t at[2]
         return self._count(self._acquire(h, cost, self._rel(now), at)) == 1
 
     def claim(self, key, n=1, now=None):
         """try_acquire that returns a receipt for refund() (an int > 0), or 0 when refused."""
-        cdef int64_t h = hash_obj(self.k0, self.k1, key) if self.slots != NULL else 0
+        cdef int64_t h = hash_obj(self.k0, self.k1, key) if bt_load(&self.nmax_) != 0 else 0
         cdef int64_t k = self._n(n)
         cdef int64_t at[2]
         if not self._count(self._acquire(h, k * self.interval, self._rel(now), at)):
@@ -527,7 +552,7 @@ cdef class KeyedGCRA:
     def refund(self, receipt):
         """Give back the tokens of the claim that returned `receipt`, only if its key is still in that
         slot and no later claim has charged it (one CAS); returns whether they were given back."""
-        self._ready()
+        self._live()
         r = _as_receipt(receipt)
         slot1, k, word = r >> 96, (r >> 64) & 0xFFFFFFFF, r & 0xFFFFFFFFFFFFFFFF
         if r >> 128 or not (1 <= k <= self.capacity_ and 0 <= slot1 <= self.nslots_):
@@ -542,12 +567,12 @@ cdef class KeyedGCRA:
 
     def counts(self):
         """(admitted, rejected) decisions since creation or reset() (try_acquire_many counts each key)."""
-        self._ready()
+        self._live()
         return bt_load(self.hdr + 7), bt_load(self.hdr + 8)
 
     def try_acquire_many(self, keys, n=1, now=None):
         """Decide int64 keys in order (a duplicate consumes in turn); returns a numpy bool array."""
-        self._ready()
+        self._live()
         cdef const int64_t[::1] ks = _as_keys(keys)
         import numpy
         cdef int64_t cost = self._n(n) * self.interval
@@ -576,7 +601,7 @@ cdef class KeyedGCRA:
 
     def wait_ns(self, key, n=1, now=None):
         """ns until key's bucket has n tokens (0 = now; an unknown key is full); claims nothing."""
-        self._ready()
+        self._live()
         cdef int64_t h = hash_obj(self.k0, self.k1, key)
         cdef int64_t cost = self._n(n) * self.interval
         cdef int64_t t = self._rel(now)
@@ -590,7 +615,7 @@ cdef class KeyedGCRA:
 
     def purge(self, now=None):
         """Remove every refilled key idle for at least idle_ns; returns how many were removed."""
-        self._ready()
+        self._live()
         cdef int64_t t = self._rel(now)
         cdef int64_t i, removed = 0
         with nogil:
@@ -601,7 +626,7 @@ cdef class KeyedGCRA:
     def reset(self):
         """Forget every key (each slot is emptied atomically; keys inserted meanwhile may stay); counts
         back to zero."""
-        self._ready()
+        self._live()
         cdef int64_t i
         with nogil:
             for i in range(self.nslots_):

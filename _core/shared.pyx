@@ -252,6 +252,7 @@ cdef class SharedPermits:
     cdef object locker_
     cdef object on_refused_
     cdef object closed_         # the error of a closed store (ready == 3)
+    cdef int64_t closing_       # 1 once _close ran (atomic: one message, written once)
     cdef object __weakref__
 
     def __init__(self, words, slot, nslots, max_permits, locker=None, on_refused=None):
@@ -292,8 +293,19 @@ cdef class SharedPermits:
     def _close(self, message):
         """Its store closed in this process (before its lease slot is given back): every later op
         raises RuntimeError(message); the words stay referenced until the object goes."""
-        self.closed_ = str(message)
-        bt_cas(&self.ready, 2, 3)
+        msg = str(message)
+        if bt_cas(&self.closing_, 0, 1):
+            self.closed_ = msg          # before ready: a reader that sees 3 sees the message
+            bt_cas(&self.ready, 2, 3)
+
+    cdef inline bint _readable(self) except -1:
+        """State reads: True when ready, False before __init__ (they read 0), RuntimeError once closed."""
+        cdef int64_t r = bt_load(&self.ready)
+        if r == 2:
+            return True
+        if r == 3:
+            raise RuntimeError(self.closed_)
+        return False
 
     cdef bint _try(self, int64_t n, int64_t limit) except -1:
         cdef int64_t *w = self._words()
@@ -368,26 +380,26 @@ cdef class SharedPermits:
 
     @property
     def in_use(self):
-        if bt_load(&self.ready) != 2:
+        if not self._readable():
             return 0
         return bt_load(self.w) & CNT
 
     @property
     def held(self):
         """Permits this process holds."""
-        if bt_load(&self.ready) != 2:
+        if not self._readable():
             return 0
         return bt_load(sp_h(self.w, bt_load(&self.slot_))) & CNT
 
     @property
     def max_permits(self):
-        if bt_load(&self.ready) != 2:
+        if not self._readable():
             return 0
         return bt_load(self.w + 1)
 
     @property
     def available(self):
-        if bt_load(&self.ready) != 2:
+        if not self._readable():
             return 0
         cdef int64_t a = bt_load(self.w + 1) - (bt_load(self.w) & CNT)
         return a if a > 0 else 0
@@ -395,7 +407,7 @@ cdef class SharedPermits:
     @property
     def reclaimed(self):
         """Permits taken back from dead lease holders since the words were created."""
-        if bt_load(&self.ready) != 2:
+        if not self._readable():
             return 0
         return bt_load(self.w + 2)
 

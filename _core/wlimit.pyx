@@ -17,7 +17,7 @@ from bt_gcra cimport bt_as_i64, _bt_show
 from operator import index as _index
 
 from buttress._params import check_n
-from buttress._twin.gcra import words_view as _words_view
+from buttress._twin.gcra import words_view as _words_view, track_bound as _track_bound
 from buttress._twin.wlimit import _settings, _check_words, window_wait as _window_wait
 
 __all__ = ["WindowCounter", "WORDS", "MAX_LIMIT", "AHEAD"]
@@ -104,10 +104,15 @@ cdef class WindowCounter:
     cdef Py_buffer buf
     cdef bint has_buf
     cdef int64_t limit_        # 0 until __init__ ran
+    cdef int64_t nmax_         # limit_ while the object decides; 0 before __init__ and after _close
+                               # (atomic): the fast path's range check on n is also its open check
+    cdef int64_t closing_      # 1 once _close ran (atomic: one message, written once)
+    cdef object closed_        # _close's message
     cdef int64_t width
     cdef bint sliding_
     cdef object _clock_ns
     cdef object locker_
+    cdef object __weakref__    # a store keeps a weak set of the objects bound to its words
 
     def __cinit__(self):
         self.w = self.own_
@@ -131,6 +136,10 @@ cdef class WindowCounter:
         self._clock_ns = clock_ns
         self.locker_ = locker
         self.limit_ = lim              # last: a limit > 0 says "initialised"
+        if not bt_load(&self.closing_):
+            bt_store(&self.nmax_, lim)
+        if words is not None:
+            _track_bound(self, locker)        # the store can close it (cold path: the twin's)
 
     def __dealloc__(self):
         if self.has_buf:
@@ -148,6 +157,22 @@ cdef class WindowCounter:
         if self.limit_ == 0:
             raise RuntimeError(_UNINIT.format(type(self).__name__))
         return 0
+
+    cdef int _live(self) except -1:
+        """Initialised and not closed: every decision and every read of the words checks it."""
+        if bt_load(&self.nmax_) == 0:
+            self._ready()
+            raise RuntimeError(self.closed_)
+        return 0
+
+    def _close(self, message):
+        """The store holding its words closed in this process (or a forked child got no lease): every
+        later decision and state read raises RuntimeError(message). The words stay referenced until the
+        object goes (a decision racing this call on another thread may still be reading them)."""
+        msg = str(message)
+        if bt_cas(&self.closing_, 0, 1):
+            self.closed_ = msg                 # before nmax_: a reader that sees 0 sees the message
+            bt_store(&self.nmax_, 0)
 
     @property
     def limit(self):
@@ -169,9 +194,9 @@ cdef class WindowCounter:
         cdef long long v
         if type(n) is int:
             v = PyLong_AsLongLongAndOverflow(n, &overflow)
-            if overflow == 0 and 1 <= v <= self.limit_:
+            if overflow == 0 and 1 <= v <= bt_load(&self.nmax_):
                 return v
-        self._ready()
+        self._live()
         return check_n(n, self.limit_)
 
     cdef inline int64_t _now(self, object now) except? -1:
@@ -218,7 +243,7 @@ cdef class WindowCounter:
     def unclaim(self, n, receipt):
         """Take back the n counted by the claim that returned `receipt`, while its window is still the
         current or the previous one and no reset() came between; returns whether it was taken back."""
-        self._ready()
+        self._live()
         cdef int64_t k = self._n(n)
         if type(receipt) is not int:
             if isinstance(receipt, bool) or not hasattr(type(receipt), "__index__"):
@@ -249,7 +274,7 @@ cdef class WindowCounter:
 
     def wait_ns(self, n=1, now=None):
         """ns until n would be admitted (0 = now); claims nothing."""
-        self._ready()
+        self._live()
         cdef int64_t k = self._n(n)
         cdef int64_t e, idx, prev, curr
         cdef int64_t cur = floor_div(self._now(now), self.width, &e)
@@ -259,12 +284,12 @@ cdef class WindowCounter:
 
     def counts(self):
         """(admitted, rejected) decisions since creation or reset()."""
-        self._ready()
+        self._live()
         return bt_load(self.w + W_ADMITTED), bt_load(self.w + W_REJECTED)
 
     def reset(self):
         """Every window empty, counters back to zero; receipts of earlier claims are void."""
-        self._ready()
+        self._live()
         bt_fetch_add(self.w + W_GEN, 1)
         bt_store(self.w + W_WORD, 0)
         bt_store(self.w + W_ADMITTED, 0)

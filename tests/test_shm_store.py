@@ -622,7 +622,10 @@ def test_objects_bound_to_a_closed_store_raise_one_clear_error_and_never_admit(k
                 with pytest.raises(RuntimeError) as info:
                     use()
                 assert str(info.value) in (msg, f"SharedMemoryStore {name!r} is closed")
-        assert repr(raw) == "SharedPermits(<closed>)" and raw.in_use == raw.held == 0
+        assert repr(raw) == "SharedPermits(<closed>)"
+        for read in ("in_use", "held", "max_permits", "available", "reclaimed"):   # never a stale 0
+            with pytest.raises(RuntimeError, match=f"^{msg}$"):
+                getattr(raw, read)
         other = SharedMemoryStore(name, implementation=kind)      # a fresh opener: nothing held any more
         try:
             assert other.permits("raw", "p", 2).in_use == 0

@@ -71,9 +71,36 @@ def words_view(words: Any, nwords: int, what: str = "a GCRA") -> memoryview:
     return raw
 
 
+def track_bound(obj: Any, locker: Any) -> None:
+    """A core object bound to a store's words tells the store about itself through the store's locker
+    (``locker.track(obj)``), so that closing the store can close the object (``obj._close(message)``).
+    Lockers without ``track`` (a threading.Lock, a memory store's) need nothing. Compiled and twin call it
+    last in __init__ when given words."""
+    track = getattr(locker, "track", None)
+    if track is not None:
+        track(obj)
+
+
 class _Uninit:
     """Attribute lookups that fail on an object whose __init__ never ran raise the compiled core's
-    RuntimeError (a subclass that forgot super().__init__() gets the same answer in both)."""
+    RuntimeError (a subclass that forgot super().__init__() gets the same answer in both).
+
+    Also the closed state of an object bound to a store's words: after ``_close(message)`` (the store
+    closed in this process, or a forked child got no lease) every decision and every read of the words
+    raises RuntimeError(message); settings (rate, capacity, ...) still read."""
+
+    _closed: str | None = None
+
+    def _live(self) -> None:
+        """Initialised and not closed: every decision and every read of the words checks it first."""
+        self._lock
+        if self._closed is not None:
+            raise RuntimeError(self._closed)
+
+    def _close(self, message: str) -> None:
+        """See the class doc. The first message stays; the words stay referenced until the object goes."""
+        if self._closed is None:
+            self._closed = str(message)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or "_lock" in self.__dict__:
@@ -115,6 +142,8 @@ class GCRA(_Uninit):
         self._tau = interval * cap
         self._clock_ns = clock_ns
         self._lock = threading.Lock() if locker is None else locker
+        if words is not None:
+            track_bound(self, locker)
 
     @staticmethod
     def init_words(words: Any, rate: float, capacity: int, base_ns: int = 0) -> None:
@@ -172,20 +201,21 @@ class GCRA(_Uninit):
 
     def try_acquire(self, n: int = 1, now: int | None = None) -> bool:
         """Take n tokens if they are available now."""
+        self._live()
         return self._claim(check_n(n, self._capacity), now, 0)[0] == 0
 
     def take(self, now: int | None = None) -> int | None:
         """try_acquire(1) that returns the claim's end (its new theoretical arrival time, an int) for
         untake(), or None when refused (nothing claimed): the cheap receipt of a facade that may have to
         give the token back (a sync form that got an async function)."""
-        self._lock
+        self._live()
         wait, end = self._claim(1, now, 0)
         return None if wait != 0 else end
 
     def untake(self, end: int) -> bool:
         """Give back the token of the take() that returned `end`, only if no later claim has built on it
         (one CAS, as refund); returns whether it was given back."""
-        self._lock
+        self._live()
         e = as_i64(end, "end")
         if not REL_MIN + self._interval <= e <= TAT_MAX:
             raise ValueError(f"end must be a value returned by take(), got {_show(end)}")
@@ -198,6 +228,7 @@ class GCRA(_Uninit):
     def reserve(self, n: int = 1, now: int | None = None, max_wait_ns: int | None = None) -> int:
         """Claim n tokens now if the wait is <= max_wait_ns (None: any representable wait); return that
         wait in ns, or -1 (nothing claimed)."""
+        self._live()
         k = check_n(n, self._capacity)
         return self._claim(k, now, self._max_wait(max_wait_ns))[0]
 
@@ -205,6 +236,7 @@ class GCRA(_Uninit):
         """reserve() that also returns a receipt for refund(): (wait_ns, receipt), or (-1, 0) when
         refused (nothing claimed). The receipt is an int: the claim's end (its new theoretical arrival
         time, absolute ns) times 2**63, plus n."""
+        self._live()
         k = check_n(n, self._capacity)
         wait, end = self._claim(k, now, self._max_wait(max_wait_ns))
         if wait < 0:
@@ -213,13 +245,14 @@ class GCRA(_Uninit):
 
     def wait_ns(self, n: int = 1, now: int | None = None) -> int:
         """ns until n tokens would be available (0 = now); claims nothing."""
+        self._live()
         k = check_n(n, self._capacity)
         t = self._rel(now)
         return max(0, max(0, self._w[_TAT] - t) - (self._tau - k * self._interval))
 
     def available(self, now: int | None = None) -> int:
         """Whole tokens available at now."""
-        self._lock
+        self._live()
         ahead = max(0, self._w[_TAT] - self._rel(now))
         return 0 if ahead >= self._tau else (self._tau - ahead) // self._interval
 
@@ -227,7 +260,7 @@ class GCRA(_Uninit):
         """Give back the tokens of the claim that returned `receipt`, only if no later claim has built on
         it (one CAS); returns whether they were given back. Never more than that claim took; use each
         receipt once."""
-        self._lock
+        self._live()
         if type(receipt) is not int:
             if isinstance(receipt, bool) or not hasattr(type(receipt), "__index__"):
                 raise TypeError(f"receipt must be an int, got {receipt!r} ({type(receipt).__name__})")
@@ -244,11 +277,12 @@ class GCRA(_Uninit):
 
     def counts(self) -> tuple[int, int]:
         """(admitted, rejected) decisions since creation or reset()."""
-        self._lock
+        self._live()
         return self._w[_ADMITTED], self._w[_REJECTED]
 
     def reset(self) -> None:
         """Full bucket, counters back to zero."""
+        self._live()
         with self._lock:
             self._w[_TAT] = REL_MIN
             self._w[_ADMITTED] = self._w[_REJECTED] = 0

@@ -13,7 +13,7 @@ from operator import index as _index
 from typing import Any, Callable
 
 from .._params import check_int, check_n, emission_interval_ns
-from .gcra import _show, _Uninit, as_i64, rel_time, words_view
+from .gcra import _show, _Uninit, as_i64, rel_time, track_bound, words_view
 
 __all__ = ["KeyedGCRA", "WINDOW", "MAX_KEYS", "MAX_TAU_NS", "MAX_NOW_NS", "HEADER_WORDS"]
 
@@ -173,6 +173,8 @@ class KeyedGCRA(_Uninit):
         self._rel_max = _K_TAT_MAX - self._tau
         self._clock_ns = clock_ns
         self._lock = threading.Lock() if locker is None else locker
+        if words is not None:
+            track_bound(self, locker)
 
     @staticmethod
     def nwords(max_keys: int) -> int:
@@ -204,6 +206,7 @@ class KeyedGCRA(_Uninit):
         return 16 * self._nslots
 
     def __len__(self) -> int:
+        self._live()
         return self._h[_H_COUNT]
 
     def _rel(self, now: Any) -> int:
@@ -286,7 +289,7 @@ class KeyedGCRA(_Uninit):
 
     def try_acquire(self, key: object, n: int = 1, now: int | None = None) -> bool:
         """Take n tokens from key's bucket if they are available now (a new key starts full)."""
-        self._lock
+        self._live()
         h = _hash(self._k0, self._k1, key)
         cost = self._cost(n)
         with self._lock:
@@ -294,7 +297,7 @@ class KeyedGCRA(_Uninit):
 
     def claim(self, key: object, n: int = 1, now: int | None = None) -> int:
         """try_acquire that returns a receipt for refund() (an int > 0), or 0 when refused."""
-        self._lock
+        self._live()
         h = _hash(self._k0, self._k1, key)
         k = check_n(n, self._capacity)
         with self._lock:
@@ -306,7 +309,7 @@ class KeyedGCRA(_Uninit):
     def refund(self, receipt: int) -> bool:
         """Give back the tokens of the claim that returned `receipt`, only if its key is still in that
         slot and no later claim has charged it (one CAS); returns whether they were given back."""
-        self._lock
+        self._live()
         if type(receipt) is not int:
             if isinstance(receipt, bool) or not hasattr(type(receipt), "__index__"):
                 raise TypeError(f"receipt must be an int, got {receipt!r} ({type(receipt).__name__})")
@@ -329,12 +332,12 @@ class KeyedGCRA(_Uninit):
 
     def counts(self) -> tuple[int, int]:
         """(admitted, rejected) decisions since creation or reset() (try_acquire_many counts each key)."""
-        self._lock
+        self._live()
         return self._h[_H_ADMITTED], self._h[_H_REJECTED]
 
     def try_acquire_many(self, keys: Any, n: int = 1, now: int | None = None) -> Any:
         """Decide int64 keys in order (a duplicate consumes in turn); returns a numpy bool array."""
-        self._lock
+        self._live()
         arr = _as_keys(keys)
         import numpy
 
@@ -353,7 +356,7 @@ class KeyedGCRA(_Uninit):
 
     def wait_ns(self, key: object, n: int = 1, now: int | None = None) -> int:
         """ns until key's bucket has n tokens (0 = now; an unknown key is full); claims nothing."""
-        self._lock
+        self._live()
         h = _hash(self._k0, self._k1, key)
         cost = self._cost(n)
         t = self._rel(now)
@@ -366,13 +369,14 @@ class KeyedGCRA(_Uninit):
 
     def purge(self, now: int | None = None) -> int:
         """Remove every refilled key idle for at least idle_ns; returns how many were removed."""
-        self._lock
+        self._live()
         t = self._rel(now)
         with self._lock:
             return sum(self._expire(i, t - self._idle) for i in range(self._nslots))
 
     def reset(self) -> None:
         """Forget every key; counts back to zero."""
+        self._live()
         with self._lock:
             for i in range(self._nslots):
                 self._expire(i, _INT64_MAX)

@@ -257,11 +257,27 @@ class SharedPermits:
 
     def _close(self, message: str) -> None:
         """Its store closed in this process (before its lease slot is given back): every later op
-        raises RuntimeError(message); the words stay referenced until the object goes."""
-        with self._lock, self._locker:
-            if self._w is not None:
-                self._closed = str(message)
-                self._w = None
+        raises RuntimeError(message); the words stay referenced until the object goes. Under the
+        object's locks when they can be taken (an op in flight on another thread ends first); a forked
+        child's segment that is already closed refuses its lock, and the child has one thread."""
+        message = str(message)
+        try:
+            with self._lock, self._locker:
+                self._close_now(message)
+        except RuntimeError:
+            self._close_now(message)
+
+    def _close_now(self, message: str) -> None:
+        if self._w is not None and self._closed is None:
+            self._closed = message
+            self._w = None
+
+    def _readable(self) -> memoryview | None:
+        """State reads: the words when ready, None before __init__ (they read 0), RuntimeError once closed."""
+        w = self._w
+        if w is None and self._closed is not None:
+            raise RuntimeError(self._closed)
+        return w
 
     def _try(self, n: int, limit: int | None) -> bool:
         self._words()
@@ -324,23 +340,23 @@ class SharedPermits:
 
     @property
     def in_use(self) -> int:
-        w = self._w
+        w = self._readable()
         return 0 if w is None else w[_W_G] & _CNT
 
     @property
     def held(self) -> int:
         """Permits this process holds."""
-        w = self._w
+        w = self._readable()
         return 0 if w is None else w[HEADER_WORDS + SLOT_WORDS * (self._slot - 1)] & _CNT
 
     @property
     def max_permits(self) -> int:
-        w = self._w
+        w = self._readable()
         return 0 if w is None else w[_W_LIMIT]
 
     @property
     def available(self) -> int:
-        w = self._w
+        w = self._readable()
         if w is None:
             return 0
         return max(0, w[_W_LIMIT] - (w[_W_G] & _CNT))
@@ -348,7 +364,7 @@ class SharedPermits:
     @property
     def reclaimed(self) -> int:
         """Permits taken back from dead lease holders since the words were created."""
-        w = self._w
+        w = self._readable()
         return 0 if w is None else w[_W_RECLAIMED]
 
     @property

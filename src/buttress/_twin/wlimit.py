@@ -30,7 +30,7 @@ from operator import index as _index
 from typing import Any, Callable
 
 from .._params import check_bool, check_int, check_n
-from .gcra import _show, _Uninit, as_i64, words_view
+from .gcra import _show, _Uninit, as_i64, track_bound, words_view
 
 __all__ = ["WindowCounter", "WORDS", "MAX_LIMIT", "AHEAD"]
 
@@ -95,6 +95,8 @@ class WindowCounter(_Uninit):
         self._limit, self._width, self._sliding = lim, w, sl
         self._clock_ns = clock_ns
         self._lock = threading.Lock() if locker is None else locker
+        if words is not None:
+            track_bound(self, locker)
 
     @staticmethod
     def init_words(words: Any, limit: int, window_ns: int, sliding: bool) -> None:
@@ -122,6 +124,7 @@ class WindowCounter(_Uninit):
     def claim(self, n: int = 1, now: int | None = None) -> int:
         """Count n in the current window if the limit allows it now: a receipt for unclaim() (an int > 0),
         or 0 when refused (nothing counted)."""
+        self._live()
         k = check_n(n, self._limit)
         w = self._w
         with self._lock:
@@ -143,7 +146,7 @@ class WindowCounter(_Uninit):
     def unclaim(self, n: int, receipt: int) -> bool:
         """Take back the n counted by the claim that returned `receipt`, while its window is still the
         current or the previous one and no reset() came between; returns whether it was taken back."""
-        self._lock
+        self._live()
         k = check_n(n, self._limit)
         if type(receipt) is not int:
             if isinstance(receipt, bool) or not hasattr(type(receipt), "__index__"):
@@ -170,6 +173,7 @@ class WindowCounter(_Uninit):
 
     def wait_ns(self, n: int = 1, now: int | None = None) -> int:
         """ns until n would be admitted (0 = now); claims nothing."""
+        self._live()
         k = check_n(n, self._limit)
         cur, e = divmod(self._now(now), self._width)
         _, prev, curr, ahead = view(self._w[_W], cur)
@@ -179,11 +183,12 @@ class WindowCounter(_Uninit):
 
     def counts(self) -> tuple[int, int]:
         """(admitted, rejected) decisions since creation or reset()."""
-        self._lock
+        self._live()
         return self._w[_ADMITTED], self._w[_REJECTED]
 
     def reset(self) -> None:
         """Every window empty, counters back to zero; receipts of earlier claims are void."""
+        self._live()
         with self._lock:
             self._w[_GEN] = (self._w[_GEN] + 1) & ((1 << 38) - 1)
             self._w[_W] = 0

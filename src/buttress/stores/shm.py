@@ -122,6 +122,33 @@ class _ObjLock:
         finally:
             self.tlock.release()
 
+    def track(self, obj: Any) -> None:
+        """A twin object bound to the words at `offset` (see _twin.gcra.track_bound)."""
+        self.seg.track(obj)
+
+
+class _Tracker:
+    """What locker() gives the compiled core of an "atomic" segment: no lock (its decisions are lock-free
+    CAS), only the hook by which every object bound to the segment's words registers, so that close()
+    (or a forked child without a lease) can close it. Entering it is an error: only the twin decides
+    under a locker, and the twin never decides on an atomic segment's words."""
+
+    __slots__ = ("seg",)
+
+    def __init__(self, seg: "_Segment") -> None:
+        self.seg = seg
+
+    def __enter__(self) -> None:
+        raise RuntimeError(f"{self.seg.url} decides with the compiled core (lock-free atomic words): the "
+                           f"pure-Python twin cannot decide on its words (open it with implementation='python' "
+                           f"for the twin)")
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def track(self, obj: Any) -> None:
+        self.seg.track(obj)
+
 
 class _Segment:
     """One mapped segment, shared by every SharedMemoryStore of that name in this process."""
@@ -140,8 +167,10 @@ class _Segment:
         self.slot = 0
         self.objects: dict[tuple[str, str], tuple[str, int, int]] = {}
         self.lockers: dict[int, _ObjLock] = {}
-        self.bound: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        self.bound: "weakref.WeakSet[Any]" = weakref.WeakSet()   # every object deciding on its words
+        self.tracker = _Tracker(self)
         self.last_scan = 0.0
+        self.closing = False        # close() began: an object bound from here on is closed at once
         self.closed = False
         self.lockfd = os.open(self.lockpath, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -453,12 +482,34 @@ class _Segment:
 
     def locker(self, offset: int) -> Any:
         if self.kind == "atomic":
-            return None
+            return self.tracker
         with self.tlock:
             lk = self.lockers.get(offset)
             if lk is None:
                 lk = self.lockers[offset] = _ObjLock(self, offset)
             return lk
+
+    def track(self, obj: Any) -> None:
+        """Remember `obj` (a core object deciding on this segment's words) for close(): it is closed
+        with the segment (at once if the segment is closing or closed already)."""
+        with self.tlock:
+            late = self.closing or self.closed
+            if not late:
+                self.bound.add(obj)
+        if late:
+            obj._close(str(self.closed_error()))
+
+    def _close_bound(self) -> None:
+        """Every object bound to the segment refuses from now on (one message: closed_error's)."""
+        with self.tlock:
+            self.closing = True
+            objs = list(self.bound)
+        message = str(self.closed_error())
+        for obj in objs:
+            try:
+                obj._close(message)
+            except Exception:       # noqa: BLE001 - one object's failure must not leave the others open
+                pass
 
     def _check_open(self) -> None:
         if self.closed:
@@ -488,12 +539,7 @@ class _Segment:
             return
         # first the objects bound to it refuse every op (one clear error, never an admission on the lease
         # slot given back next), then the slot's permits are given back
-        message = str(self.closed_error())
-        for obj in list(self.bound):
-            try:
-                obj._close(message)
-            except (OSError, ValueError):
-                pass
+        self._close_bound()
         self.release_lease()
         self.closed = True
         self._drop()
@@ -519,7 +565,9 @@ class _Segment:
         with self.dir_lock():
             self.slot = self._register()
         for obj in list(self.bound):
-            obj._set_slot(self.slot)
+            set_slot = getattr(obj, "_set_slot", None)     # permit counters hold their process's slot
+            if set_slot is not None:
+                set_slot(self.slot)
 
 
 class _DirLock:
@@ -574,10 +622,9 @@ def _after_fork_in_child() -> None:
         try:
             seg.after_fork_in_child()
         except Exception as exc:    # noqa: BLE001 - a child without a lease must not use the segment
-            seg.closed = True
             seg.fork_error = exc    # type: ignore[attr-defined]
-            for obj in list(seg.bound):     # never on the parent's lease slot
-                obj._close(str(seg.closed_error()))
+            seg._close_bound()      # never on the parent's lease slot: every bound object refuses
+            seg.closed = True
 
 
 def _close_all() -> None:
@@ -691,7 +738,7 @@ class SharedMemoryStore(WordStore):
     def permits(self, kind: str, name: str, max_permits: int) -> Any:
         seg = self._live()
         obj = super().permits(kind, name, max_permits)
-        seg.bound.add(obj)
+        seg.track(obj)
         return obj
 
     def _on_refused(self) -> int:
