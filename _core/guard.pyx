@@ -733,16 +733,23 @@ cdef extern from *:
 
 cdef int64_t _NO_LATENCY = 0x7ff8dead00000000       # a NaN pattern: "no latency measured yet"
 cdef double _EWMA = 0.2
+# The latency EWMA (retry_after's estimate) is fed by one admission in _SAMPLE per priority (the first
+# included): two clock reads are most of an admission's cost. A limiter needs every latency: it is fed by
+# every call (the Python path).
+SAMPLE_EVERY = 16
+cdef int64_t _SAMPLE_MASK = 15
 
 
 cdef class ShedBase:
     """The compiled admission of a load shedder (buttress.shedding.LoadShedder inherits it): `admit(p)`
-    returns an `Admission` (freelisted, no Python frame) whose enter / exit decide on the in-flight permit
-    word in C: the level word (signals, drain), the priority's bound, the admitted / shed counters, the
-    latency EWMA and the system clock. Python runs for a refusal's error, a limiter (capacity and samples),
-    a clock other than the system clock, and a counter in a store (`_shed_setup`'s hooks)."""
+    returns an `Admission` (freelisted, not GC-tracked, no Python frame) whose enter / exit decide on the
+    in-flight permit word in C: the level word (signals, drain), the priority's bound, the admitted / shed
+    counters, the latency EWMA (fed by one admission in SAMPLE_EVERY per priority: only those read the
+    clock) and the refusal (`_shed_reject`). Python runs for a limiter (capacity and samples, every call
+    timed), a counter in a store, a drain or a signal's refusal (`_shed_setup`'s hooks)."""
     cdef permits_t *p
     cdef object flight, clock_ns, priorities, priority_type, enter_py, exit_py, refuse_py, sample_py, check_py
+    cdef object reject_cls, reject_fmt, reject_what, reject_names, reject_capacity
     cdef public int64_t _level                  # priorities below it are refused (4: draining)
     cdef int64_t limits[4]
     cdef bint fast                              # limits set and the counter is a compiled Permits
@@ -773,6 +780,21 @@ cdef class ShedBase:
         if type(flight) is _Permits:
             self.p = <permits_t *>PyCapsule_GetPointer(flight._handle(), "buttress.permits_t")
         self._shed_limits(limits)
+
+    def _shed_reject(self, cls, fmt, what, names, capacity):
+        """The compiled path's refusal, built in C without calling `refuse`: an instance of cls made by
+        cls.__new__(cls) with `_lazy = (fmt, (what, names[priority], in_flight, capacity))` (the message of
+        errors.lazy_rejection, formatted when read) and `retry_after` = the latency EWMA in seconds (not set
+        before any latency). cls None: every refusal calls `refuse(priority)`."""
+        if cls is None:
+            self.reject_cls = None
+            return
+        if not (isinstance(cls, type) and issubclass(cls, BaseException)) or type(fmt) is not str:
+            raise TypeError(f"_shed_reject needs an exception class and a str format, got {cls!r}, {fmt!r}")
+        if type(names) is not tuple or len(names) != 4 or type(capacity) is not int:
+            raise TypeError(f"_shed_reject needs 4 names and an int capacity, got {names!r}, {capacity!r}")
+        self.reject_fmt, self.reject_what, self.reject_names, self.reject_capacity = fmt, what, names, capacity
+        self.reject_cls = cls
 
     def _shed_limits(self, limits):
         cdef int i
@@ -822,121 +844,60 @@ cdef class ShedBase:
         if prio < 0:
             prio = int(self.check_py(priority))        # validates (ValueError / TypeError)
         cdef Admission a = Admission.__new__(Admission)
-        a.shedder = self
+        bt_incref(<PyObject *>self)
+        a.sh_p = <PyObject *>self
         a.prio = prio
         return a
 
 
 @cython.freelist(64)
-@cython.no_gc_clear     # __dealloc__ needs `shedder` to give a dropped admission's slot back
 cdef class Admission:
     """One admitted call of a load shedder: `with` / `async with`; leaving frees its slot and reports its
     latency. One acquisition at a time: entering an admission that is held raises RuntimeError (take one
     `admit()` per call); a second exit of one entry is a no-op (it never frees another call's slot).
     Entered again after its exit, it admits anew. An entered admission collected without its exit gives
     its slot back (no outcome reported: DESIGN §3c); one that was exited gives nothing. The freelist
-    hands out a zeroed object (Cython memsets it), so nothing carries over to the next admit()."""
-    cdef ShedBase shedder
-    cdef int64_t prio, start, in_flight, held, fast
+    hands out a zeroed object (Cython memsets it), so nothing carries over to the next admit().
+    The shedder is held by a C pointer with its own reference (no object field): the type is not tracked
+    by the GC, so an admission costs no GC bookkeeping. Its __enter__ / __exit__ / __aenter__ / __aexit__
+    are C methods (installed by _install): no Cython frame, an `async with`'s exit awaits a shared
+    completed awaitable."""
+    cdef PyObject *sh_p                 # the shedder (a strong reference, released in __dealloc__)
+    cdef int64_t prio, start, in_flight, held
+    cdef int64_t fast                   # 0: the Python path; 1: the permit word, timed; 2: not timed
 
     def __dealloc__(self):
-        cdef ShedBase sh = self.shedder
-        if sh is None or not bt_cas(&self.held, 1, 0):
-            return                      # never entered, or exited: nothing of ours is held
-        if sh.flight is None:           # the shedder is being torn down in the same GC cycle
+        cdef PyObject *p = self.sh_p
+        if p == NULL:
             return
-        if self.fast:
-            permits_release(sh.p, 1)    # lock-free: safe inside the GC
-        else:
-            sh.flight.release()         # the slot taken by enter_py (as the clock-failure path)
+        self.sh_p = NULL
+        try:
+            sh = <ShedBase>p
+            if not bt_cas(&self.held, 1, 0) or sh.flight is None:
+                return                  # never entered, or exited: nothing of ours is held
+            if self.fast:
+                permits_release(sh.p, 1)    # lock-free
+            else:
+                sh.flight.release()     # the slot taken by enter_py (as the clock-failure path)
+        finally:
+            bt_decref(p)
 
     @property
     def _priority(self):
-        if self.shedder is None or self.shedder.priorities is None:
+        if self.sh_p == NULL or (<ShedBase>self.sh_p).priorities is None:
             raise _not_initialised(self, "get one from LoadShedder.admit()")
-        return self.shedder.priorities[self.prio]
-
-    cdef int enter(self) except -1:
-        cdef ShedBase sh = self.shedder
-        cdef int64_t lim, m
-        if sh is None:
-            raise _not_initialised(self, "get one from LoadShedder.admit()")
-        if not bt_cas(&self.held, 0, 1):
-            raise RuntimeError("this admission is already entered: use one shedder.admit() per call")
-        try:
-            if sh.fast and self.prio >= bt_load(&sh._level):
-                lim = sh.limits[self.prio]
-                m = bt_load(&sh.p.limit)
-                if lim > m:
-                    lim = m
-                if lim >= 1 and permits_try_limit(sh.p, 1, lim):
-                    bt_fetch_add(&sh.admitted[self.prio], 1)
-                    self.fast = 1
-                    self.in_flight = bt_load(&sh.p.in_use)
-                else:
-                    bt_fetch_add(&sh.shed[self.prio], 1)
-                    raise sh.refuse_py(sh.priorities[self.prio])
-            else:
-                self.fast = 0
-                self.in_flight = sh.enter_py(sh.priorities[self.prio])     # Overloaded when shed
-        except BaseException:
-            bt_store(&self.held, 0)
-            raise
-        try:
-            self.start = monotonic_ns() if sh.clock_ns is None else sh.clock_ns()
-        except BaseException:           # a clock that fails: the slot taken goes back
-            bt_store(&self.held, 0)
-            if self.fast:
-                permits_release(sh.p, 1)
-            else:
-                sh.flight.release()
-            raise
-        return 0
-
-    cdef int exit(self, exc) except -1:
-        cdef ShedBase sh = self.shedder
-        cdef int64_t now
-        if sh is None or not bt_cas(&self.held, 1, 0):
-            return 0                    # not entered, or exited already: nothing of ours to free
-        if not self.fast:
-            sh.exit_py(self.start, self.in_flight, exc)
-            return 0
-        try:
-            now = monotonic_ns() if sh.clock_ns is None else sh.clock_ns()
-        finally:
-            permits_release(sh.p, 1)    # whatever the clock does, the slot goes back exactly once
-        if exc is not None and (not isinstance(exc, Exception) or type(exc) is UsageError):
-            return 0                    # no outcome (DESIGN §3c)
-        sh.record_latency(now - self.start)
-        if sh.sample_py is not None:
-            sh.sample_py(now - self.start, self.in_flight, exc)
-        return 0
-
-    def __enter__(self):
-        self.enter()
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        self.exit(exc)
-
-    def __aenter__(self):
-        try:
-            self.enter()
-        except BaseException as e:      # raised when awaited, as an `async def __aenter__` would
-            return _steal(_raising_exc(e))
-        return _steal(_done_value(self))
-
-    def __aexit__(self, exc_type, exc, tb):
-        self.exit(exc)
-        return _steal(_done_value(None))
+        return (<ShedBase>self.sh_p).priorities[self.prio]
 
 
-# -- __enter__ as C methods: a refusal leaves without a Cython traceback frame ---------------------------------
+# -- Admission's methods in C: a refusal leaves without a Cython traceback frame -------------------------------
 
 cdef extern from *:
     """
     typedef int (*bt_enter_impl)(PyObject *self);
+    typedef int (*bt_exit_impl)(PyObject *self, PyObject *exc);
     static bt_enter_impl bt_adm_enter_impl = NULL, bt_stage_enter_impl = NULL;
+    static bt_exit_impl bt_adm_exit_impl = NULL;
+    static PyObject *bt_done_none = NULL;     /* the shared completed awaitable of __aexit__ (returns None) */
     static PyObject *bt_adm_enter(PyObject *self, PyObject *unused) {
         if (bt_adm_enter_impl(self) < 0)
             return NULL;
@@ -949,31 +910,151 @@ cdef extern from *:
         Py_INCREF(self);
         return self;
     }
+    static int bt_exit_nargs(const char *name, Py_ssize_t nargs) {
+        if (nargs == 3)
+            return 0;
+        PyErr_Format(PyExc_TypeError, "%s() takes exactly 3 positional arguments (%zd given)", name, nargs);
+        return -1;
+    }
+    static PyObject *bt_adm_exit(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+        if (bt_exit_nargs("__exit__", nargs) < 0 || bt_adm_exit_impl(self, args[1]) < 0)
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    static PyObject *bt_adm_aenter(PyObject *self, PyObject *unused) {
+        if (bt_adm_enter_impl(self) < 0)
+            return bt_aw_raising();             /* raised when awaited, as an `async def __aenter__` would */
+        return bt_aw_make(NULL, NULL, BT_AW_VALUE, NULL, self, 0, 0);
+    }
+    static PyObject *bt_adm_aexit(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+        if (bt_exit_nargs("__aexit__", nargs) < 0 || bt_adm_exit_impl(self, args[1]) < 0)
+            return NULL;
+        Py_INCREF(bt_done_none);
+        return bt_done_none;
+    }
     static PyMethodDef bt_adm_enter_def = {"__enter__", (PyCFunction)bt_adm_enter, METH_NOARGS,
-        "Admit the call (returns the admission), or raise Overloaded."};
+        "__enter__($self, /)\\n--\\n\\nAdmit the call (returns the admission), or raise Overloaded."};
+    static PyMethodDef bt_adm_exit_def = {"__exit__", (PyCFunction)(void (*)(void))bt_adm_exit, METH_FASTCALL,
+        "__exit__($self, exc_type, exc, tb, /)\\n--\\n\\nFree the slot (a second exit is a no-op)."};
+    static PyMethodDef bt_adm_aenter_def = {"__aenter__", (PyCFunction)bt_adm_aenter, METH_NOARGS,
+        "__aenter__($self, /)\\n--\\n\\nAn awaitable: admits (returns the admission) or raises Overloaded."};
+    static PyMethodDef bt_adm_aexit_def = {"__aexit__", (PyCFunction)(void (*)(void))bt_adm_aexit, METH_FASTCALL,
+        "__aexit__($self, exc_type, exc, tb, /)\\n--\\n\\nFree the slot; returns a completed awaitable."};
     static PyMethodDef bt_stage_enter_def = {"__enter__", (PyCFunction)bt_stage_enter, METH_NOARGS,
         "Take a permit (waiting up to max_wait), or raise the refusal; returns self."};
-    static int bt_set_enter(PyTypeObject *tp, PyMethodDef *def, bt_enter_impl impl, bt_enter_impl *slot) {
+    static int bt_set_method(PyTypeObject *tp, PyMethodDef *def) {
         PyObject *d = PyDescr_NewMethod(tp, def);
         int rc;
         if (d == NULL)
             return -1;
-        *slot = impl;
         rc = PyDict_SetItemString(tp->tp_dict, def->ml_name, d);
         Py_DECREF(d);
         PyType_Modified(tp);
         return rc;
     }
+    static int bt_set_enter(PyTypeObject *tp, PyMethodDef *def, bt_enter_impl impl, bt_enter_impl *slot) {
+        *slot = impl;
+        return bt_set_method(tp, def);
+    }
     #define bt_type_of(o) ((PyObject *)Py_TYPE(o))
+
+    /* the shared completed awaitable: awaiting it returns None at once; stateless, so one object serves
+     * every await (never suspended: nothing can be thrown into it) */
+    static PyObject *bt_done_await(PyObject *self) { Py_INCREF(self); return self; }
+    static PySendResult bt_done_send(PyObject *self, PyObject *arg, PyObject **presult) {
+        Py_INCREF(Py_None);
+        *presult = Py_None;
+        return PYGEN_RETURN;
+    }
+    static PyObject *bt_done_next(PyObject *self) { return NULL; }     /* exhausted: StopIteration(None) */
+    static PyAsyncMethods bt_done_as_async = {bt_done_await, 0, 0, bt_done_send};
+    static PyTypeObject bt_done_type = {
+        PyVarObject_HEAD_INIT(NULL, 0)
+        "buttress._core.guard.Done",                /* tp_name */
+        sizeof(PyObject),                           /* tp_basicsize */
+    };
+    static int bt_done_ready(void) {
+        if (bt_done_none != NULL)
+            return 0;
+        bt_done_type.tp_flags = Py_TPFLAGS_DEFAULT;
+        bt_done_type.tp_as_async = &bt_done_as_async;
+        bt_done_type.tp_iter = PyObject_SelfIter;
+        bt_done_type.tp_iternext = bt_done_next;
+        bt_done_type.tp_doc = "A completed awaitable: awaiting it returns None.";
+        if (PyType_Ready(&bt_done_type) < 0)
+            return -1;
+        bt_done_none = PyObject_New(PyObject, &bt_done_type);     /* kept for the life of the process */
+        return bt_done_none == NULL ? -1 : 0;
+    }
+
+    /* A shed refusal of the compiled path: cls.__new__(cls) with _lazy = (fmt, (what, name, in_use,
+     * capacity)) and retry_after (latency_ns >= 0 as seconds; NaN: none), raised (set) here. Always -1. */
+    static PyObject *bt_str_lazy = NULL, *bt_str_retry_after = NULL, *bt_empty_tuple = NULL;
+    static int bt_shed_refuse(PyObject *cls, PyObject *fmt, PyObject *what, PyObject *name, long long in_use,
+                              PyObject *capacity, double latency_ns) {
+        PyObject *exc, *values, *lazy, *ra;
+        if (bt_str_lazy == NULL) {
+            bt_str_lazy = PyUnicode_InternFromString("_lazy");
+            bt_str_retry_after = PyUnicode_InternFromString("retry_after");
+            bt_empty_tuple = PyTuple_New(0);
+            if (bt_str_lazy == NULL || bt_str_retry_after == NULL || bt_empty_tuple == NULL)
+                return -1;
+        }
+        exc = ((PyTypeObject *)cls)->tp_new((PyTypeObject *)cls, bt_empty_tuple, NULL);
+        if (exc == NULL)
+            return -1;
+        values = PyTuple_New(4);
+        lazy = values == NULL ? NULL : PyTuple_New(2);
+        if (lazy != NULL) {
+            PyObject *n = PyLong_FromLongLong(in_use);
+            if (n == NULL) {
+                Py_CLEAR(lazy);
+            }
+            else {
+                Py_INCREF(what); PyTuple_SET_ITEM(values, 0, what);
+                Py_INCREF(name); PyTuple_SET_ITEM(values, 1, name);
+                PyTuple_SET_ITEM(values, 2, n);
+                Py_INCREF(capacity); PyTuple_SET_ITEM(values, 3, capacity);
+                Py_INCREF(fmt); PyTuple_SET_ITEM(lazy, 0, fmt);
+                PyTuple_SET_ITEM(lazy, 1, values);     /* steals */
+                values = NULL;
+            }
+        }
+        Py_XDECREF(values);
+        if (lazy == NULL || PyObject_SetAttr(exc, bt_str_lazy, lazy) < 0) {
+            Py_XDECREF(lazy);
+            Py_DECREF(exc);
+            return -1;
+        }
+        Py_DECREF(lazy);
+        if (latency_ns == latency_ns) {         /* not NaN: a latency was measured */
+            ra = PyFloat_FromDouble((latency_ns > 0.0 ? latency_ns : 0.0) / 1e9);     /* a clock stepped back: >= 0 */
+            if (ra == NULL || PyObject_SetAttr(exc, bt_str_retry_after, ra) < 0) {
+                Py_XDECREF(ra);
+                Py_DECREF(exc);
+                return -1;
+            }
+            Py_DECREF(ra);
+        }
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+        return -1;
+    }
     """
     ctypedef int (*bt_enter_impl)(PyObject *self) noexcept
+    ctypedef int (*bt_exit_impl)(PyObject *self, PyObject *exc) except -1
     bt_enter_impl bt_adm_enter_impl, bt_stage_enter_impl
+    bt_exit_impl bt_adm_exit_impl
     ctypedef struct PyMethodDef:
         const char *ml_name
-    PyMethodDef bt_adm_enter_def, bt_stage_enter_def
+    PyMethodDef bt_adm_enter_def, bt_stage_enter_def, bt_adm_exit_def, bt_adm_aenter_def, bt_adm_aexit_def
     int bt_set_enter(PyTypeObject *tp, PyMethodDef *d, bt_enter_impl impl, bt_enter_impl *slot) except -1
+    int bt_set_method(PyTypeObject *tp, PyMethodDef *d) except -1
+    int bt_done_ready() except -1
     PyObject *bt_type_of(PyObject *o) noexcept
     PyObject *bt_not_initialised_what(PyObject *o, const char *what) noexcept
+    int bt_shed_refuse(PyObject *cls, PyObject *fmt, PyObject *what, PyObject *name, long long in_use,
+                       PyObject *capacity, double latency_ns) noexcept
 
 cdef extern from "Python.h":
     PyObject *bt_call1 "PyObject_CallOneArg"(PyObject *, PyObject *)
@@ -1002,19 +1083,37 @@ cdef int _clock_read(ShedBase sh, int64_t *out) noexcept:
     return 0
 
 
+cdef int _shed_refused(ShedBase sh, int64_t prio, PyObject *name) noexcept:
+    """The fast path refused `prio` (counted already): raise its Overloaded, built in C when `_shed_reject`
+    configured it, else by the `refuse` hook. Always -1 (exception set)."""
+    cdef PyObject *r
+    cdef int64_t bits
+    if sh.reject_cls is not None:
+        bits = bt_load(&sh.latency)
+        return bt_shed_refuse(<PyObject *>sh.reject_cls, <PyObject *>sh.reject_fmt, <PyObject *>sh.reject_what,
+                              bt_tuple_get(<PyObject *>sh.reject_names, prio), bt_load(&sh.p.in_use),
+                              <PyObject *>sh.reject_capacity, bt_i2f(bits))   # _NO_LATENCY is a NaN
+    r = bt_call1(<PyObject *>sh.refuse_py, name)      # the Overloaded (lazy message)
+    if r != NULL:
+        bt_set_object(bt_type_of(r), r)
+        bt_decref(r)
+    return -1
+
+
 cdef int _adm_enter_c(PyObject *o) noexcept:
     cdef Admission a = <Admission>o
-    cdef ShedBase sh = a.shedder
-    cdef int64_t lim, m, start
+    cdef ShedBase sh
+    cdef int64_t lim, m, start, n
     cdef long long v
     cdef PyObject *r
     cdef PyObject *prio
     cdef PyObject *et
     cdef PyObject *ev
     cdef PyObject *etb
-    if sh is None or sh.priorities is None:
+    if a.sh_p == NULL or (<ShedBase>a.sh_p).priorities is None:
         bt_not_initialised_what(o, b"get one from LoadShedder.admit()")
         return -1
+    sh = <ShedBase>a.sh_p
     if not bt_cas(&a.held, 0, 1):
         bt_err_string(<PyObject *>RuntimeError, b"this admission is already entered: use one shedder.admit() per call")
         return -1
@@ -1025,17 +1124,16 @@ cdef int _adm_enter_c(PyObject *o) noexcept:
         if lim > m:
             lim = m
         if lim >= 1 and permits_try_limit(sh.p, 1, lim):
-            bt_fetch_add(&sh.admitted[a.prio], 1)
+            n = bt_fetch_add(&sh.admitted[a.prio], 1)
             a.fast = 1
+            if n & _SAMPLE_MASK:        # not sampled: no clock read, at entry or exit
+                a.fast = 2
+                return 0
             a.in_flight = bt_load(&sh.p.in_use)
         else:
             bt_fetch_add(&sh.shed[a.prio], 1)
             bt_store(&a.held, 0)
-            r = bt_call1(<PyObject *>sh.refuse_py, prio)      # the Overloaded (lazy message)
-            if r != NULL:
-                bt_set_object(bt_type_of(r), r)
-                bt_decref(r)
-            return -1
+            return _shed_refused(sh, a.prio, prio)
     else:
         a.fast = 0
         r = bt_call1(<PyObject *>sh.enter_py, prio)           # Overloaded when shed
@@ -1062,6 +1160,32 @@ cdef int _adm_enter_c(PyObject *o) noexcept:
     return 0
 
 
+cdef int _adm_exit_c(PyObject *o, PyObject *exc_p) except -1:
+    cdef Admission a = <Admission>o
+    cdef ShedBase sh
+    cdef int64_t now
+    if a.sh_p == NULL or not bt_cas(&a.held, 1, 0):
+        return 0                        # not entered, or exited already: nothing of ours to free
+    sh = <ShedBase>a.sh_p
+    if a.fast == 2:
+        permits_release(sh.p, 1)        # not sampled: the slot goes back, nothing else
+        return 0
+    exc = <object>exc_p
+    if not a.fast:
+        sh.exit_py(a.start, a.in_flight, exc)
+        return 0
+    try:
+        now = monotonic_ns() if sh.clock_ns is None else sh.clock_ns()
+    finally:
+        permits_release(sh.p, 1)        # whatever the clock does, the slot goes back exactly once
+    if exc is not None and (not isinstance(exc, Exception) or type(exc) is UsageError):
+        return 0                        # no outcome (DESIGN §3c)
+    sh.record_latency(now - a.start)
+    if sh.sample_py is not None:
+        sh.sample_py(now - a.start, a.in_flight, exc)
+    return 0
+
+
 cdef int _stage_enter_c(PyObject *o) noexcept:
     cdef StageBase b = <StageBase>o
     cdef _Stage s = b._s
@@ -1073,20 +1197,6 @@ cdef int _stage_enter_c(PyObject *o) noexcept:
     if not bt_held_enter(s.id):
         bt_fetch_add(&s.floating, 1)
     return 0
-
-
-cdef PyObject *_raising_exc(exc) except NULL:
-    cdef PyObject *r = bt_aw_make(NULL, NULL, BT_AW_RAISE, NULL, <PyObject *>exc, 0, 0)
-    if r == NULL:
-        raise_pending()
-    return r
-
-
-cdef PyObject *_done_value(value) except NULL:
-    cdef PyObject *r = bt_aw_make(NULL, NULL, BT_AW_VALUE, NULL, <PyObject *>value, 0, 0)
-    if r == NULL:
-        raise_pending()
-    return r
 
 
 cdef extern from "buttress_attempt.h":
@@ -1155,7 +1265,13 @@ cdef class AttemptGuard:
 
 def _install():
     bt_aw_ready()
+    bt_done_ready()
     bt_set_enter(<PyTypeObject *>Admission, &bt_adm_enter_def, _adm_enter_c, &bt_adm_enter_impl)
+    global bt_adm_exit_impl
+    bt_adm_exit_impl = _adm_exit_c
+    bt_set_method(<PyTypeObject *>Admission, &bt_adm_exit_def)
+    bt_set_method(<PyTypeObject *>Admission, &bt_adm_aenter_def)
+    bt_set_method(<PyTypeObject *>Admission, &bt_adm_aexit_def)
     bt_set_enter(<PyTypeObject *>StageBase, &bt_stage_enter_def, _stage_enter_c, &bt_stage_enter_impl)
     bt_attempt_set_settle(<PyObject *>_attempt_settle)
     cdef StageGuard probe = StageGuard.__new__(StageGuard)

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from buttress import FakeClock, LoadShedder, Overloaded, Priority
+from buttress import FakeClock, LoadShedder, Overloaded, Priority, Rejected
 from buttress.adaptive import AIMDLimit
 from helpers import race
 
@@ -284,6 +284,8 @@ def test_a_failing_clock_gives_the_slot_back():
         adm.__enter__()
     assert shed.in_flight == 0
     clock.fail = False
+    shed = LoadShedder(max_in_flight=10, clock=clock)   # its first admission is timed (a sampled one)
+    adm = shed.admit()
     adm.__enter__()
     clock.fail = True
     with pytest.raises(OSError):
@@ -441,3 +443,161 @@ def test_a_shed_refusal_never_carries_a_negative_retry_after():
     assert info.value.retry_after == 0.0
     for adm in held:
         adm.__exit__(None, None, None)
+
+
+# -- the compiled admission's fast path (issue 16): sampled latency, refusals built in C --------------------
+
+class CountingClock:
+    """A FakeClock-like clock that counts its readings."""
+
+    def __init__(self):
+        self.t, self.reads = 0, 0
+
+    def monotonic_ns(self):
+        self.reads += 1
+        return self.t
+
+    def monotonic(self):
+        return self.t / 1e9
+
+    def sleep(self, s):
+        self.t += int(s * 1e9)
+
+    async def sleep_async(self, s):
+        self.t += int(s * 1e9)
+
+
+def test_only_one_admission_in_sample_every_per_priority_reads_the_clock():
+    from buttress._impl import core
+    every = core("guard").SAMPLE_EVERY
+    assert every == 16
+    clock = CountingClock()
+    shed = LoadShedder(max_in_flight=100, clock=clock)
+    reads = []
+    for _ in range(2 * every + 1):
+        before = clock.reads
+        with shed.admit(Priority.LOW):
+            clock.t += 1000
+        reads.append(clock.reads - before)
+    assert reads == ([2] + [0] * (every - 1)) * 2 + [2]       # the 1st, 17th and 33rd LOW admission
+    before = clock.reads
+    with shed.admit(Priority.HIGH):                           # per priority: HIGH's first is timed too
+        pass
+    assert clock.reads - before == 2
+    assert shed.in_flight == 0
+    assert shed.metrics().admitted[Priority.LOW] == 2 * every + 1
+
+
+def test_the_latency_estimate_comes_from_the_sampled_admissions():
+    clock = CountingClock()
+    shed = LoadShedder(max_in_flight=2, clock=clock)
+    with shed.admit(Priority.HIGH):
+        clock.t += 200_000_000                                # timed: 0.2 s
+    for _ in range(15):
+        with shed.admit(Priority.HIGH):
+            clock.t += 900_000_000                            # not timed: the estimate stays 0.2 s
+    with shed.admit(Priority.LOW):                            # LOW's first: timed, 0 s when it exits
+        with pytest.raises(Overloaded) as info:
+            shed.admit(Priority.LOW).__enter__()
+    assert info.value.retry_after == pytest.approx(0.2)
+    with shed.admit(Priority.HIGH):                           # the 17th HIGH: timed
+        clock.t += 1_000_000_000
+    with shed.admit(Priority.CRITICAL):
+        with pytest.raises(Overloaded) as info:
+            shed.admit(Priority.LOW).__enter__()
+    assert info.value.retry_after == pytest.approx(0.16 + 0.2 * (1.0 - 0.16))     # 0.2 * 0.8, then 1.0 s
+
+
+def test_a_limiter_still_gets_every_call_s_latency():
+    clock = CountingClock()
+    lim = AIMDLimit(initial_limit=10, min_limit=1, max_limit=100)
+    samples = []
+    orig = lim.on_sample
+    lim.on_sample = lambda latency, in_flight, dropped: (samples.append(latency), orig(latency, in_flight, dropped))
+    shed = LoadShedder(limiter=lim, clock=clock)
+    for i in range(20):
+        with shed.admit(Priority.HIGH):
+            clock.t += 1_000_000
+    assert samples == [0.001] * 20
+
+
+def test_the_fast_refusal_is_the_same_overloaded_as_the_python_one():
+    shed = LoadShedder(max_in_flight=2, name="api")
+    with shed.admit(Priority.HIGH):                           # a latency measured: retry_after is set
+        pass
+    with shed.admit(Priority.LOW):
+        with pytest.raises(Overloaded) as info:
+            with shed.admit(Priority.LOW):
+                pass
+        with pytest.raises(Overloaded) as called:
+            shed.call(lambda: None, priority=Priority.LOW)        # the Python path's refusal
+    fast, slow = info.value, called.value
+    assert type(fast) is Overloaded and isinstance(fast, Rejected)
+    assert str(fast) == str(slow) == "load shedder 'api' shed a LOW call (1 in flight, capacity 2)"
+    assert fast.args == slow.args and fast.retry_after == slow.retry_after is not None
+    assert repr(fast) == repr(slow)
+    fresh = LoadShedder(max_in_flight=1)
+    with fresh.admit(Priority.CRITICAL):
+        with pytest.raises(Overloaded) as info:
+            fresh.admit(Priority.MEDIUM).__enter__()
+    assert info.value.retry_after is None                     # nothing measured yet
+    assert str(info.value) == "load shedder shed a MEDIUM call (1 in flight, capacity 1)"
+    assert fresh.metrics().shed[Priority.MEDIUM] == 1 and fresh.in_flight == 0
+
+
+def test_untimed_admissions_exit_once_and_give_the_slot_back_when_dropped():
+    shed = LoadShedder(max_in_flight=100)
+    with shed.admit(Priority.LOW):
+        pass                                                  # the timed first one
+    adm = shed.admit(Priority.LOW)
+    adm.__enter__()                                           # not timed
+    assert shed.in_flight == 1
+    adm.__exit__(None, None, None)
+    adm.__exit__(None, None, None)                            # a second exit is a no-op
+    assert shed.in_flight == 0
+    held = shed.admit(Priority.LOW)
+    held.__enter__()
+    other = shed.admit(Priority.LOW)
+    other.__enter__()
+    del other                                                 # collected while entered: its slot goes back
+    import gc
+    gc.collect()
+    assert shed.in_flight == 1
+    held.__exit__(None, None, None)
+    assert shed.in_flight == 0
+
+
+def test_async_with_the_fast_path_many_times_and_under_200_tasks():
+    shed = LoadShedder(max_in_flight=400)                     # HIGH admitted while < 360
+
+    async def one(gate):
+        async with shed.admit(Priority.HIGH) as adm:
+            assert adm._priority is Priority.HIGH
+            await gate.wait()
+        return shed.in_flight
+
+    async def main():
+        for _ in range(100):
+            async with shed.admit(Priority.LOW):
+                pass
+        gate = asyncio.Event()
+        tasks = [asyncio.ensure_future(one(gate)) for _ in range(200)]
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert shed.in_flight == 200
+        gate.set()
+        await asyncio.gather(*tasks)
+        aexit = shed.admit(Priority.LOW).__aexit__(None, None, None)
+        assert await aexit is None and await aexit is None    # the shared completed awaitable
+        return shed.in_flight
+
+    assert asyncio.run(main()) == 0
+    assert shed.metrics().admitted[Priority.HIGH] == 200 and shed.metrics().admitted[Priority.LOW] == 100
+
+
+def test_exit_with_wrong_arguments_is_a_type_error():
+    adm = LoadShedder(max_in_flight=2).admit()
+    adm.__enter__()
+    with pytest.raises(TypeError):
+        adm.__exit__(None)
+    adm.__exit__(None, None, None)

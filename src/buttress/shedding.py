@@ -73,6 +73,7 @@ _UNBOUNDED = 1 << 40
 _SHARED_MAX = (1 << 22) - 1      # a shared permit counter's maximum (buttress._core.shared.MAX_PERMITS)
 _DRAINING = 4                    # the level word while draining: above CRITICAL, everything is refused
 _EWMA = 0.2                      # weight of the newest latency in the retry_after estimate
+_SHED_FORMAT = "%s shed a %s call (%d in flight, capacity %d)"
 
 
 @dataclass(frozen=True)
@@ -349,6 +350,10 @@ class LoadShedder(_ShedBase, Policy):
                          None if is_system_clock(self._clock) else self._clock.monotonic_ns, Priority,
                          self.default_priority, _priority, self._enter, self._exit, self._shed_error,
                          None if limiter is None else sample)
+        if limiter is None and self._max is not None:
+            # the compiled path's refusal, built in C: the same Overloaded as _shed_error (its capacity is
+            # _max without a limiter), no Python frame
+            self._shed_reject(Overloaded, _SHED_FORMAT, self._what, _NAMES, self._max)
 
     @staticmethod
     def _check_fractions(fractions: Mapping[Priority, float] | None) -> dict[Priority, float]:
@@ -398,7 +403,7 @@ class LoadShedder(_ShedBase, Policy):
     def _shed_error(self, priority: Priority) -> Overloaded:
         """The Overloaded of a priority over its bound (counted by the caller), built without __init__."""
         latency = self._latency_ns
-        return lazy_rejection(Overloaded, "%s shed a %s call (%d in flight, capacity %d)",
+        return lazy_rejection(Overloaded, _SHED_FORMAT,
                               (self._what, _NAMES[priority], self._flight.in_use,
                                self.capacity if self._max is None or self.limiter is not None else self._max),
                               None if latency is None else max(latency, 0.0) / NS)   # a clock stepped back: >= 0

@@ -18,6 +18,9 @@ __all__ = ["StageGuard", "StageBase", "AttemptGuard", "ShedBase", "Admission"]
 
 _ids = itertools.count(1)           # stage ids: never 0, never reused
 _HELD_SLOTS = 8                     # BT_HELD_SLOTS in include/buttress_guard.h
+# The latency EWMA (retry_after's estimate) is fed by one admission in SAMPLE_EVERY per priority (the first
+# included): the clock reads are most of an admission's cost. A limiter is fed by every call (Python path).
+SAMPLE_EVERY = 16
 _held = threading.local()
 
 
@@ -603,6 +606,33 @@ class ShedBase:
                       "fast": False, "limits": None}
         self._shed_limits(limits)
 
+    def _shed_reject(self, cls: Any, fmt: Any, what: Any, names: Any, capacity: Any) -> None:
+        """The fast path's refusal without calling `refuse`: cls.__new__(cls) with `_lazy = (fmt, (what,
+        names[priority], in_flight, capacity))` and `retry_after` = the latency EWMA in seconds (not set before
+        any latency). cls None: every refusal calls `refuse(priority)`."""
+        if cls is None:
+            self.__dict__["_shedreject"] = None
+            return
+        if not (isinstance(cls, type) and issubclass(cls, BaseException)) or type(fmt) is not str:
+            raise TypeError(f"_shed_reject needs an exception class and a str format, got {cls!r}, {fmt!r}")
+        if type(names) is not tuple or len(names) != 4 or type(capacity) is not int:
+            raise TypeError(f"_shed_reject needs 4 names and an int capacity, got {names!r}, {capacity!r}")
+        self.__dict__["_shedreject"] = (cls, fmt, what, names, capacity)
+
+    def _shed_refusal(self, prio: int) -> BaseException:
+        reject = self.__dict__.get("_shedreject")
+        sh = self.__dict__["_shedbase"]
+        if reject is None:
+            exc: BaseException = sh["refuse"](sh["priorities"][prio])
+            return exc
+        cls, fmt, what, names, capacity = reject
+        made = cls.__new__(cls)
+        made._lazy = (fmt, (what, names[prio], sh["flight"].in_use, capacity))
+        latency = self._latency_ns
+        if latency is not None:
+            made.retry_after = max(latency, 0.0) / 1e9     # a clock stepped back: >= 0
+        return made  # type: ignore[no-any-return]
+
     def _shed_limits(self, limits: Any) -> None:
         sh = self.__dict__.get("_shedbase")
         if sh is None:
@@ -641,7 +671,7 @@ class Admission:
     def _setup(self, shedder: ShedBase, prio: int) -> Admission:
         self._shedder, self._prio = shedder, prio
         self._start = self._in_flight = 0
-        self._fast = False
+        self._fast = 0                  # 0: the Python path; 1: the counter, timed; 2: not timed
         self._held: list[bool] = []     # [True] while entered; append / pop are atomic, also without the GIL
         return self
 
@@ -670,14 +700,17 @@ class Admission:
             if sh["fast"] and prio >= shedder._level:
                 flight = sh["flight"]
                 if flight.try_acquire_within(sh["limits"][prio]):
-                    next(sh["admitted"][prio])
-                    self._fast = True
+                    n = next(sh["admitted"][prio])
+                    if n % SAMPLE_EVERY:    # not sampled: no clock read, at entry or exit
+                        self._fast = 2
+                        return
+                    self._fast = 1
                     self._in_flight = flight.in_use
                 else:
                     next(sh["shed"][prio])
-                    raise sh["refuse"](priority)
+                    raise shedder._shed_refusal(prio)
             else:
-                self._fast = False
+                self._fast = 0
                 self._in_flight = sh["enter"](priority)
         except BaseException:
             held.pop()
@@ -696,6 +729,9 @@ class Admission:
             return                      # not entered, or exited already: nothing of ours to free
         shedder = self._shedder
         sh = shedder.__dict__["_shedbase"]
+        if self._fast == 2:
+            sh["flight"].release()      # not sampled: the slot goes back, nothing else
+            return
         if not self._fast:
             sh["exit"](self._start, self._in_flight, exc)
             return
@@ -736,7 +772,29 @@ class Admission:
 
     def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> Any:
         self._exit(exc)
-        return GuardedAwaitable(_VALUE, value=None)
+        return _DONE_NONE
+
+
+class _Done:
+    """The shared completed awaitable of Admission.__aexit__: awaiting it returns None at once; stateless,
+    so one object serves every await (it is never suspended: nothing can be thrown into it)."""
+
+    __slots__ = ()
+
+    def __await__(self) -> _Done:
+        return self
+
+    def __iter__(self) -> _Done:
+        return self
+
+    def __next__(self) -> Any:
+        raise StopIteration
+
+    def send(self, value: Any) -> Any:
+        raise StopIteration
+
+
+_DONE_NONE = _Done()
 
 
 class AttemptGuard:
