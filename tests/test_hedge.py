@@ -479,3 +479,102 @@ def test_sync_loser_result_goes_to_on_discard():
         threading.Event().wait(0.001)
     assert discarded == ["slow"]
     pool.shutdown()
+
+
+# -- the async registry: one timer per Hedge and loop, the primary interrupted through its Task -------------
+
+def test_async_many_waiting_primaries_share_one_timer_and_each_hedges_at_its_own_time():
+    clock, log = FakeClock(), []
+    h = Hedge(0.05, clock=clock)
+    n = 10
+    # primary i starts at i * 0.004 (all before the first hedge) and takes 1 s; its hedge takes 0.001 s
+    plan = [(1.0, f"p{i}") for i in range(n)] + [(0.001, f"h{i}") for i in range(n)]
+    fn = h(script(clock, plan, log))
+    seen = {}
+
+    async def one(i):
+        await clock.sleep_async(i * 0.004)
+        return await fn()
+
+    async def main():
+        tasks = [asyncio.ensure_future(one(i)) for i in range(n)]
+        while len([e for e in log if e[0] == "start"]) < n:
+            await asyncio.sleep(0)
+        # n primaries wait on the clock; the hedges' timer is one more sleeper, not one per call
+        seen["sleepers"] = clock.pending_sleepers
+        return await asyncio.gather(*tasks)
+    assert run(main()) == [f"h{i}" for i in range(n)]
+    assert seen["sleepers"] == n + 1
+    hedge_starts = sorted(e[4] for e in log if e[0] == "start" and e[1] > n)
+    assert hedge_starts == [pytest.approx(i * 0.004 + 0.05) for i in range(n)]
+    assert h.metrics()[:3] == (n, n, n)
+    assert clock.pending_sleepers == 0
+
+
+def test_async_primary_between_steps_is_cancelled_through_its_task_and_the_request_given_back():
+    clock = FakeClock()
+    h = Hedge(0.05, clock=clock)
+    calls = [0]
+    finished = []
+
+    async def fn():
+        calls[0] += 1
+        if calls[0] == 2:                   # the hedge
+            await clock.sleep_async(0.01)
+            return "hedge"
+        try:
+            while True:                     # never waits on a future: the Task's request is the only way in
+                await asyncio.sleep(0)
+                clock.advance(0.001)
+        finally:
+            finished.append(clock.monotonic())
+
+    async def main():
+        result = await fn_h()
+        task = asyncio.current_task()
+        return result, task.cancelling() if hasattr(task, "cancelling") else 0
+    fn_h = h(fn)
+    assert run(main()) == ("hedge", 0)      # our cancellation request was withdrawn (uncancel)
+    assert len(finished) == 1
+    assert h.metrics()[:3] == (1, 1, 1)
+
+
+def test_async_caller_cancelled_as_the_hedge_wins_still_sees_its_cancellation():
+    clock = FakeClock()
+    h = Hedge(0.05, clock=clock)
+    calls = [0]
+
+    @h
+    async def fn():
+        calls[0] += 1
+        if calls[0] == 2:
+            await clock.sleep_async(0.01)
+            return "hedge"
+        await clock.sleep_async(10.0)
+        return "primary"
+
+    async def main():
+        task = asyncio.ensure_future(fn())
+        while calls[0] < 2:
+            await asyncio.sleep(0)
+        clock.advance(0.01)                 # the hedge's sleep is due: it wins in this loop turn ...
+        task.cancel()                       # ... and the caller is cancelled in the same turn
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    run(main())
+
+
+def test_async_primary_answering_after_waiting_leaves_no_timer_on_a_test_clock():
+    clock = FakeClock()
+    h = Hedge(0.05, clock=clock)
+
+    @h
+    async def fn(x):
+        await clock.sleep_async(0.01)
+        return x
+
+    async def main():
+        out = [await fn(i) for i in range(3)]
+        return out, clock.pending_sleepers
+    assert run(main()) == ([0, 1, 2], 0)
+    assert h.metrics()[:3] == (0, 0, 0)

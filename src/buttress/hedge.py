@@ -37,6 +37,7 @@ import math
 import re
 import threading
 import types
+import weakref
 from typing import Any, Awaitable, Callable, NamedTuple, ParamSpec, TypeVar
 
 from ._base import Policy, is_async_callable
@@ -162,7 +163,7 @@ class Hedge(Policy):
 
     __slots__ = ("delay", "max_hedges", "budget", "initial_delay", "min_samples", "_delay_ns", "_hist",
                  "_key_fn", "_executor", "_clock", "_now_ns", "_started", "_won", "_cancelled", "_denied",
-                 "_on_discard")
+                 "_on_discard", "_last", "_regs", "_regs_lock")
 
     def __init__(self, delay: float | str = 0.05, max_hedges: int = 1, budget: RetryBudget | None = None, *,
                  initial_delay: float = 0.05, min_samples: int = 100,
@@ -191,6 +192,10 @@ class Hedge(Policy):
         self._now_ns = self._clock.monotonic_ns
         self._started, self._won = itertools.count(), itertools.count()
         self._cancelled, self._denied = itertools.count(), itertools.count()
+        # async primaries not answered yet, per event loop (see _Registry); _last: (thread, loop, registry)
+        self._regs: weakref.WeakKeyDictionary[Any, _Registry] = weakref.WeakKeyDictionary()
+        self._regs_lock = threading.Lock()
+        self._last: tuple[Any, Any, Any] = (None, None, None)
 
     # -- what every attempt sees -------------------------------------------------------------------------
 
@@ -255,7 +260,6 @@ class Hedge(Policy):
         try:
             if self.budget is not None:
                 self._deposit(outer)
-            ctx = contextvars.copy_context()
             t0 = self._now_ns() if self._hist is not None else None
             coro = fn(*args, **kwargs)
             if type(coro) is not CORO:
@@ -267,7 +271,7 @@ class Hedge(Policy):
                     self._hist.record(self._now_ns() - t0)  # type: ignore[union-attr]  # t0 is set only with a hist
                 value: T = stop.value
                 return value
-            result: T = await self._slow_async(coro, first, fn, args, kwargs, ctx, call, outer is None, t0)
+            result: T = await self._suspended(coro, first, fn, args, kwargs, call, outer is None, t0)
             return result
         finally:
             if token is not None:
@@ -275,8 +279,8 @@ class Hedge(Policy):
 
     # the wrapper repeats call_async() with everything bound: one frame fewer on the fast path
     def _async_wrapper(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        hedge, slow, now_ns, hist = self, self._slow_async, self._now_ns, self._hist
-        get_call, set_call, reset_call, copy_context = _CALL.get, _CALL.set, _CALL.reset, contextvars.copy_context
+        hedge, suspended, now_ns, hist = self, self._suspended, self._now_ns, self._hist
+        get_call, set_call, reset_call = _CALL.get, _CALL.set, _CALL.reset
         deposit = self._deposit if self.budget is not None else None
 
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -289,7 +293,6 @@ class Hedge(Policy):
             try:
                 if deposit is not None:
                     deposit(outer)
-                ctx = copy_context()
                 t0 = now_ns() if hist is not None else None
                 coro = fn(*args, **kwargs)
                 if type(coro) is not CORO:
@@ -300,7 +303,7 @@ class Hedge(Policy):
                     if t0 is not None:
                         hist.record(now_ns() - t0)  # type: ignore[union-attr]  # t0 is set only with a hist
                     return stop.value
-                return await slow(coro, first, fn, args, kwargs, ctx, call, outer is None, t0)
+                return await suspended(coro, first, fn, args, kwargs, call, outer is None, t0)
             finally:
                 if token is not None:
                     reset_call(token)
@@ -317,32 +320,103 @@ class Hedge(Policy):
 
     # -- async: the primary runs in the caller's task; hedges in their own tasks ----------------------------
 
-    async def _slow_async(self, coro: Any, first: Any, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                          ctx: contextvars.Context, call: list[Any], own: bool, t0: int | None) -> Any:
-        """The primary suspended at its first await: race it against hedges started by a timer."""
-        race = _AsyncRace(self, fn, args, kwargs, ctx, call, own, t0 if t0 is not None else self._now_ns())
-        task = asyncio.current_task()
-        cancelling = task.cancelling() if task is not None and hasattr(task, "cancelling") else 0
+    async def _suspended(self, coro: Any, first: Any, fn: Callable[..., Any], args: tuple[Any, ...],
+                         kwargs: dict[str, Any], call: list[Any], own: bool, t0: int | None) -> Any:
+        """The primary waits (its first step yielded `first`): register it so that the registry's timer
+        starts its first hedge when the delay passes, and await the rest of it directly (no Python code
+        per step: `_resume` yields `first` to the Task, then delegates with ``yield from``)."""
+        start = t0 if t0 is not None else call[_START] if own else self._now_ns()
+        ident = _get_ident()
+        last = self._last
+        if last[0] == ident and last[1]._thread_id == ident:
+            loop, reg = last[1], last[2]
+        else:
+            loop, reg = self._registry(ident)
+        rec = [start, contextvars.copy_context(), call, own, _task_of(loop), None, fn, args, kwargs]
+        pending = reg.pending
+        pending[coro] = rec
+        if not reg.state:
+            self._arm(reg, loop)
+        elif self._hist is not None:
+            self._sooner(reg, loop, start)
         try:
-            race.arm()
-            try:
-                result = await _drive(coro, first, race)
-            except asyncio.CancelledError:
-                if race.done and race.killed and not (
-                        task is not None and hasattr(task, "cancelling") and task.cancelling() > cancelling):
-                    return race.outcome()       # we cancelled the primary because a hedge won
+            result = await _resume(coro, first)
+        except BaseException as exc:
+            race = rec[_R_RACE]
+            if race is None:
+                del pending[coro]
+                if not pending and not self._linger:
+                    reg.disarm()
                 raise
-            except Exception as exc:
-                if race.done:
-                    return race.outcome()
-                return await race.primary_failed(exc)
-            if race.done:                        # a hedge won; the primary still returned
-                self._discard(result)
-                return race.outcome()
-            race.primary_won()
+            return await race.primary_raised(exc)
+        race = rec[_R_RACE]
+        if race is None:
+            del pending[coro]
+            if not pending and not self._linger:
+                reg.disarm()
+            if self._hist is not None:
+                self._hist.record(self._now_ns() - start)
             return result
-        finally:
-            race.close()
+        return race.primary_returned(result)
+
+    def _registry(self, ident: int) -> tuple[asyncio.AbstractEventLoop, _Registry]:
+        """(the running loop, the registry of this Hedge's unanswered primaries on it), made on first use.
+
+        asyncio.get_running_loop() costs a getpid() system call per call on Python < 3.12, more than the
+        rest of the fast path: the last (thread, loop, registry) is kept in one tuple, valid while that loop
+        runs in this thread (an asyncio loop's `_thread_id`; one loop runs per thread at a time)."""
+        loop = asyncio.get_running_loop()
+        with self._regs_lock:
+            reg = self._regs.get(loop)
+            if reg is None:
+                reg = _Registry()
+                try:
+                    self._regs[loop] = reg
+                except TypeError:       # a loop that cannot be weakly referenced: a registry per switch
+                    pass
+        if getattr(loop, "_thread_id", None) == ident:
+            self._last = (ident, loop, reg)     # one tuple: a racing thread never pairs one loop with another's registry
+        return loop, reg
+
+    @property
+    def _linger(self) -> bool:
+        """A registry timer on the system clock is left to fire when its primaries all answered (cheaper
+        than cancelling it per call); on any other clock (a task sleeping on it) it is cancelled, so a
+        test's clock has no sleeper left behind."""
+        return is_system_clock(self._clock)
+
+    def _sooner(self, reg: _Registry, loop: asyncio.AbstractEventLoop, start: int) -> None:
+        """A percentile delay that dropped since the timer was armed: a new primary may be due first."""
+        if reg.state == _ARMED and start + self._next_delay_ns() < reg.due:
+            reg.disarm()
+            self._arm(reg, loop)
+
+    def _arm(self, reg: _Registry, loop: asyncio.AbstractEventLoop) -> None:
+        for rec in reg.pending.values():        # the oldest first (insertion order is start order)
+            due = rec[_R_START] + self._next_delay_ns()
+            reg.state, reg.due = _ARMED, due
+            reg.timer = call_later(self._clock, max(0, due - self._now_ns()) / NS,
+                                   functools.partial(self._tick, reg, loop))
+            return
+
+    def _tick(self, reg: _Registry, loop: asyncio.AbstractEventLoop) -> None:
+        """The registry's timer: every primary whose delay has passed starts racing (its first hedge)."""
+        if reg.state != _ARMED:
+            return
+        reg.state, reg.timer = _IDLE, None
+        pending = reg.pending
+        now, delay = self._now_ns(), self._next_delay_ns()
+        due = []
+        for coro, rec in pending.items():
+            if rec[_R_START] + delay > now:
+                break
+            due.append((coro, rec))
+        for coro, rec in due:
+            del pending[coro]
+            race = rec[_R_RACE] = _AsyncRace(self, loop, rec)
+            race.fire()
+        if pending and reg.state == _IDLE:
+            self._arm(reg, loop)
 
     # -- sync: every attempt on the executor; the caller waits -------------------------------------------
 
@@ -377,13 +451,11 @@ def _as_coroutine(hedge: Hedge, fn: Any, aw: Any) -> Any:
 
 
 @types.coroutine
-def _drive(coro: Any, value: Any, race: _AsyncRace) -> Any:
-    """``yield from coro`` resumed after its first step yielded `value`, telling `race` what the primary
-    waits on (so a winning hedge can cancel exactly that) and throwing CancelledError into it once a
-    hedge has won."""
-    send, throw = coro.send, coro.throw
+def _resume(coro: Any, value: Any) -> Any:
+    """Go on awaiting a coroutine whose first step (run with send(None)) yielded `value`: hand `value` to
+    the Task, then delegate with ``yield from`` (an asyncio Task resumes with send(None), which is what
+    ``yield from`` sends first), so the rest runs without Python code per step."""
     while True:
-        race.waiting = value
         try:
             sent = yield value
         except GeneratorExit:
@@ -391,42 +463,87 @@ def _drive(coro: Any, value: Any, race: _AsyncRace) -> Any:
             raise
         except BaseException as exc:  # noqa: BLE001 - delivered to the primary, as a Task would
             try:
-                value = throw(exc)
+                value = coro.throw(exc)
             except StopIteration as stop:
                 return stop.value
             continue
-        try:
-            if race.kill_pending:
-                race.kill_pending = False
-                value = throw(asyncio.CancelledError())
-            else:
-                value = send(sent)
+        if sent is None:
+            break
+        try:                            # not an asyncio Task: pass the value on, as yield from would
+            value = coro.send(sent)
         except StopIteration as stop:
             return stop.value
+    return (yield from coro)
+
+
+def _current_task_getter() -> Callable[[asyncio.AbstractEventLoop], Any]:
+    """current_task(loop) at C speed: the builtin where asyncio has one (3.12+), else the dict the C
+    tasks of 3.10 / 3.11 keep (asyncio.current_task is a Python function there)."""
+    if isinstance(asyncio.current_task, types.BuiltinFunctionType):
+        return asyncio.current_task
+    current: dict[Any, Any] = asyncio.tasks._current_tasks  # type: ignore[attr-defined]
+    return current.get
+
+
+_get_ident = threading.get_ident
+_task_of = _current_task_getter()
+_CAN_UNCANCEL = hasattr(asyncio.Task, "uncancel")      # 3.11+
+# a primary's record in its registry: [start ns, context for hedges, attempt record, own record?, task,
+# race (None until its first hedge starts), fn, args, kwargs]
+_R_START, _R_CTX, _R_CALL, _R_OWN, _R_TASK, _R_RACE, _R_FN, _R_ARGS, _R_KWARGS = range(9)
+_IDLE, _ARMED = 0, 1
+
+
+class _Registry:
+    """The primaries of one Hedge on one event loop that are waiting and have not answered yet (keyed by
+    their coroutine, oldest first) and the one timer that starts their first hedge.
+
+    A waiting primary costs a dict insert and delete, no timer of its own: the timer is armed for the
+    oldest primary, and one already armed for an older primary serves the newer ones (it re-arms for the
+    next due when it fires, and finds nothing to do when they all answered). A primary that answers
+    without waiting is never registered."""
+
+    __slots__ = ("pending", "state", "due", "timer")
+
+    def __init__(self) -> None:
+        self.pending: dict[Any, list[Any]] = {}
+        self.state = _IDLE
+        self.due = 0
+        self.timer: Any = None
+
+    def disarm(self) -> None:
+        if self.state == _ARMED:
+            self.state = _IDLE
+            timer, self.timer = self.timer, None
+            if timer is not None:
+                timer.cancel()
 
 
 class _AsyncRace:
-    """One hedged async call after its primary suspended: the timer, the hedge tasks and the outcome."""
+    """One hedged async call whose primary did not answer within the delay: the hedge tasks, the timer
+    for the next hedge and the outcome. The primary keeps running in the caller's task; a winning hedge
+    interrupts it where it waits (cancelling the future its task waits on, as Task.cancel() would)."""
 
-    __slots__ = ("hedge", "fn", "args", "kwargs", "ctx", "call", "own", "start", "loop", "timer", "tasks",
-                 "inflight", "done", "result", "error", "errors", "waiter", "waiting", "killed", "kill_pending",
+    __slots__ = ("hedge", "fn", "args", "kwargs", "ctx", "call", "own", "start", "loop", "task", "timer", "tasks",
+                 "inflight", "done", "result", "error", "waiter", "killed", "by_task_cancel", "cancelling",
                  "primary_running", "counted")
 
-    def __init__(self, hedge: Hedge, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                 ctx: contextvars.Context, call: list[Any], own: bool, start: int) -> None:
-        self.hedge, self.fn, self.args, self.kwargs, self.ctx = hedge, fn, args, kwargs, ctx
-        self.call, self.own, self.start = call, own, start
-        self.loop = asyncio.get_running_loop()
+    def __init__(self, hedge: Hedge, loop: asyncio.AbstractEventLoop, rec: list[Any]) -> None:
+        self.hedge, self.loop = hedge, loop
+        self.fn, self.args, self.kwargs, self.ctx = rec[_R_FN], rec[_R_ARGS], rec[_R_KWARGS], rec[_R_CTX]
+        self.call, self.own, self.start, self.task = rec[_R_CALL], rec[_R_OWN], rec[_R_START], rec[_R_TASK]
         self.timer: Any = None
         self.tasks: list[asyncio.Task[Any]] = []
         self.inflight = 1                   # the primary
         self.done = False
         self.result: Any = None
         self.error: BaseException | None = None
-        self.errors = 0
         self.waiter: asyncio.Future[Any] | None = None
-        self.waiting: Any = None
-        self.killed = self.kill_pending = False
+        self.killed = self.by_task_cancel = False
+        task = self.task
+        # cancellation requests the caller's task had when racing began (3.11+): more at the end means
+        # someone else cancelled it too, and that cancellation is theirs to see
+        self.cancelling = task.cancelling() if task is not None and _CAN_UNCANCEL else 0
         self.primary_running = True
         self.counted: set[asyncio.Task[Any]] = set()           # tasks already counted as cancelled
 
@@ -435,9 +552,9 @@ class _AsyncRace:
         hedge = self.hedge
         k = len(self.tasks) + 1
         due = self.start + k * hedge._next_delay_ns()
-        self.timer = call_later(hedge._clock, max(0, due - hedge._now_ns()) / NS, self._fire)
+        self.timer = call_later(hedge._clock, max(0, due - hedge._now_ns()) / NS, self.fire)
 
-    def _fire(self) -> None:
+    def fire(self) -> None:
         self.timer = None
         if self.done or self.inflight == 0:
             return
@@ -467,9 +584,9 @@ class _AsyncRace:
     def _hedge_done(self, task: asyncio.Task[Any]) -> None:
         _BACKGROUND.discard(task)
         self.inflight -= 1
-        exc = None if task.cancelled() else task.exception()    # always retrieved: no "never retrieved" log
         if task.cancelled():
             return
+        exc = task.exception()              # always retrieved: no "never retrieved" log
         if self.done:
             if exc is None:
                 self.hedge._discard(task.result()[0])
@@ -483,12 +600,7 @@ class _AsyncRace:
             self._finish(result, None)
         elif not isinstance(exc, Exception):    # no outcome: propagate, stop everything
             self._finish(None, exc)
-        else:
-            self.errors += 1
-            self._note_failure(exc)
-
-    def _note_failure(self, exc: BaseException) -> None:
-        if self.inflight == 0:              # every started attempt failed: the last one is the answer
+        elif self.inflight == 0:            # every started attempt failed: the last one is the answer
             self._finish(None, exc)
 
     def _finish(self, result: Any, error: BaseException | None) -> None:
@@ -497,13 +609,24 @@ class _AsyncRace:
         self._stop_timer()
         self._cancel_tasks()
         if self.primary_running:            # stop the primary where it waits (it runs in the caller's task)
-            self.killed = self.kill_pending = True
-            next(self.hedge._cancelled)
-            fut = self.waiting
-            if isinstance(fut, asyncio.Future) and fut.cancel():
-                self.kill_pending = False   # the CancelledError arrives through the future
+            self._interrupt()
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
+
+    def _interrupt(self) -> None:
+        """Throw CancelledError into the primary at its current await, as Task.cancel() does."""
+        task = self.task
+        if task is None:                    # not run by a Task: it cannot be interrupted; it runs to its end
+            return
+        next(self.hedge._cancelled)
+        fut = getattr(task, "_fut_waiter", None)
+        if fut is not None and fut.cancel():
+            self.killed = True              # the CancelledError arrives through that future
+        elif getattr(task, "_must_cancel", False):
+            pass                            # someone else's cancellation is about to arrive: it is theirs
+        else:                               # the task is about to run (its future is done, or it yielded)
+            self.killed = self.by_task_cancel = True
+            task.cancel()
 
     def _stop_timer(self) -> None:
         if self.timer is not None:
@@ -527,28 +650,55 @@ class _AsyncRace:
                 err = None  # type: ignore[assignment]
         return self.result
 
-    def primary_won(self) -> None:
-        self.primary_running = False
-        self.done = True
-        self._stop_timer()
-        self._cancel_tasks()
-        hist = self.hedge._hist
-        if hist is not None:
-            hist.record(self.hedge._now_ns() - self.start)
+    def _ours(self) -> bool:
+        """After the primary saw our cancellation (or swallowed it): give back the request we made with
+        Task.cancel(), and say whether no one else asked to cancel the caller meanwhile."""
+        task = self.task
+        if self.by_task_cancel and _CAN_UNCANCEL:
+            self.by_task_cancel = False
+            task.uncancel()
+        return not (_CAN_UNCANCEL and task is not None and task.cancelling() > self.cancelling)
 
-    async def primary_failed(self, exc: Exception) -> Any:
-        self.primary_running = False
-        self.inflight -= 1
-        self.errors += 1
-        if self.inflight == 0:              # nothing else running: fail as an unhedged call would
+    def primary_returned(self, result: Any) -> Any:
+        try:
+            if self.done:                   # a hedge won; the primary still returned (it swallowed our cancel)
+                self.hedge._discard(result)
+                if self.killed:
+                    self._ours()
+                return self.outcome()
+            self.primary_running = False
             self.done = True
-            self._stop_timer()
-            if self.tasks:
-                _note(exc, len(self.tasks) + 1)
-            raise exc
-        self.waiter = self.loop.create_future()
-        await self.waiter
-        return self.outcome()
+            hist = self.hedge._hist
+            if hist is not None:
+                hist.record(self.hedge._now_ns() - self.start)
+            return result
+        finally:
+            self.close()
+
+    async def primary_raised(self, exc: BaseException) -> Any:
+        try:
+            if isinstance(exc, asyncio.CancelledError):
+                if self.done and self.killed and self._ours():
+                    return self.outcome()       # we cancelled the primary because a hedge won
+                raise exc
+            if not isinstance(exc, Exception):
+                raise exc
+            if self.done:
+                return self.outcome()
+            self.primary_running = False
+            self.inflight -= 1
+            if self.inflight == 0:          # nothing else running: fail as an unhedged call would
+                self.done = True
+                self._stop_timer()
+                if self.tasks:
+                    _note(exc, len(self.tasks) + 1)
+                raise exc
+            self.waiter = self.loop.create_future()
+            await self.waiter
+            return self.outcome()
+        finally:
+            exc = None  # type: ignore[assignment]
+            self.close()
 
     def close(self) -> None:
         """On the way out (also on cancellation or a BaseException): nothing keeps running."""
