@@ -90,82 +90,27 @@ cdef extern from "Python.h":
     ctypedef PyObject *(*vectorcallfunc)(PyObject *, PyObject *const *, size_t, PyObject *)
 
 cdef extern from "buttress_guard.h":
-    int bt_guard_install(PyTypeObject *tp, Py_ssize_t offset) except -1
-
-cdef extern from *:
-    """
-    /* The breaker's guard: buttress_guard.h's vectorcall entry plus one test of the result. A result of a
-       type with an await slot (a coroutine, a future, anything with __await__), a generator or an async
-       generator goes to settle(): an awaitable in a sync form is refused (the permit is returned), a
-       stream is handed back guarded over its whole iteration. Every other result costs two loads. */
-    typedef struct bt_breaker_ops {
-        int (*enter)(PyObject *owner, int64_t *token, int64_t *start);
-        int (*exit_ok)(PyObject *owner, int64_t token, int64_t start, PyObject *result);
-        void (*exit_err)(PyObject *owner, int64_t token, int64_t start, PyObject *exc);
-        PyObject *(*settle)(PyObject *owner, PyObject *fn, int64_t token, int64_t start, PyObject *result);
-    } bt_breaker_ops;
-
-    static inline int bt_lazy_type(PyTypeObject *tp) {
-        PyAsyncMethods *am = tp->tp_as_async;
-        return am != NULL && (am->am_await != NULL || tp == &PyGen_Type || tp == &PyAsyncGen_Type);
-    }
-
-    static PyObject *bt_breaker_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
-    {
-        bt_guard_head *g = (bt_guard_head *)self;
-        const bt_breaker_ops *ops = (const bt_breaker_ops *)g->ops;
-        PyObject *fn = g->fn, *res, *exc;
-        int64_t token, start;
-        Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-
-        if (g->owner == NULL || ops == NULL)
-            return bt_not_initialised(self);
-        if (fn == NULL) {   /* call(fn, *args, **kwargs) */
-            if (nargs < 1) {
-                PyErr_SetString(PyExc_TypeError, "call() needs the function to call as its first argument");
-                return NULL;
-            }
-            fn = args[0];
-            args += 1;
-            nargs -= 1;
-            nargsf = (size_t)nargs;   /* args[-1] is our caller's slot: not ours to lend */
-        }
-        if (ops->enter(g->owner, &token, &start) < 0)
-            return NULL;
-        Py_INCREF(fn);
-        res = PyObject_Vectorcall(fn, args, nargsf, kwnames);
-        if (res == NULL) {
-            Py_DECREF(fn);
-            BT_FETCH(exc);
-            if (exc == NULL) {
-                PyErr_SetString(PyExc_SystemError, "guarded callable returned NULL without an exception");
-                return NULL;
-            }
-            ops->exit_err(g->owner, token, start, exc);
-            BT_RESTORE(exc);
-            return NULL;
-        }
-        if (bt_lazy_type(Py_TYPE(res))) {
-            PyObject *out = ops->settle(g->owner, fn, token, start, res);
-            Py_DECREF(res);
-            Py_DECREF(fn);
-            return out;
-        }
-        Py_DECREF(fn);
-        if (ops->exit_ok(g->owner, token, start, res) < 0) {
-            Py_DECREF(res);
-            return NULL;
-        }
-        return res;
-    }
-    """
-    ctypedef struct bt_breaker_ops:
+    # the guard head's ops (include/buttress_guard.h): the sync entry (enter / exit_ok / exit_err / settle)
+    # and the async one (try_enter / refuse_async / settle_async: the compiled awaitable, bt_aw)
+    ctypedef struct bt_guard_ops:
         int (*enter)(PyObject *owner, int64_t *token, int64_t *start) except -1
         int (*exit_ok)(PyObject *owner, int64_t token, int64_t start, PyObject *result) except -1
         void (*exit_err)(PyObject *owner, int64_t token, int64_t start, PyObject *exc)
         object (*settle)(PyObject *owner, PyObject *fn, int64_t token, int64_t start, PyObject *result)
-    PyObject *bt_breaker_vectorcall(PyObject *, PyObject *const *, size_t, PyObject *)
-    bint bt_lazy_type(PyTypeObject *tp) noexcept
+        int (*try_enter)(PyObject *owner, int64_t *token, int64_t *start) noexcept
+        PyObject *(*refuse_async)(PyObject *owner, PyObject *fn, PyObject *const *args, size_t nargsf,
+                                  PyObject *kwnames) noexcept
+        object (*settle_async)(PyObject *owner, PyObject *fn, int64_t token, int64_t start, PyObject *result)
+    int bt_guard_install(PyTypeObject *tp, Py_ssize_t offset) except -1
+    int bt_guard_method_descriptor(PyTypeObject *tp) except -1
+    PyObject *bt_guard_vectorcall(PyObject *, PyObject *const *, size_t, PyObject *)
+    PyObject *bt_aguard_vectorcall(PyObject *, PyObject *const *, size_t, PyObject *)
+    bint bt_lazy_type "bt_guard_lazy"(PyTypeObject *tp) noexcept
+    PyObject *bt_aw_make(PyObject *owner, const bt_guard_ops *ops, int state, PyObject *it, PyObject *value,
+                         int64_t token, int64_t start) noexcept
+    PyObject *bt_aw_raising() noexcept
+    int bt_aw_ready() except -1
+    int BT_AW_VALUE
     PyTypeObject *Py_TYPE(object o) noexcept
 
 cdef extern from *:
@@ -247,7 +192,10 @@ BW_MAGIC_VALUE = 0x4254425245414B31
 assert sizeof(bwords_t) == 8 * BW_HEADER
 REMOTE = 1 << 62                 # a token issued by a store's shared breaker (Redis), not by these words
 cdef int64_t _REMOTE = 1 << 62
-cdef int64_t _NEVER = 0x7FFFFFFFFFFFFFFF    # an OPEN deadline past the int64 range: never reached
+cdef int64_t _NEVER = 0x7FFFFFFFFFFFFFFF
+cdef int64_t _next_id = 0           # breaker ids for the `with` records: never 0, never reused
+cdef enum:
+    _CLOSED_MARK = 2                 # ready_ after _close(): not 1, so the one readiness test catches it    # an OPEN deadline past the int64 range: never reached
 
 
 cdef inline int64_t _deadline(int64_t now, int64_t d) noexcept nogil:
@@ -323,6 +271,9 @@ cdef class BreakerCore:
     cdef bint time_window, timing_, classic_
     cdef int64_t fail_th, succ_th    # classic: failure_threshold, success_threshold
     cdef object record_t, record_fn, ignore_t, ignore_fn, record_result, clock_ns, record_rejected
+    cdef int64_t id_                 # key of this breaker in the per-thread `with` records
+    cdef dict err_template           # a refusal's attributes common to every refusal ({"name": name})
+    cdef object closed_msg           # _close(message): every decision and state read raises RuntimeError
 
     def __init__(self, name="default", failure_rate_threshold=_D_FR, slow_call_rate_threshold=_D_SR,
                  slow_call_duration=_D_SD, window=_D_W, window_size=_D_WS, minimum_calls=_D_MC,
@@ -348,6 +299,8 @@ cdef class BreakerCore:
         self.record_rejected = c.record_rejected
         self.classic_, self.fail_th, self.succ_th = c.classic, c.failure_threshold, c.success_threshold
         self.hook_retired = []
+        self.err_template = {"name": self.name_}
+        self.id_ = bt_fetch_add(&_next_id, 1) + 1
         cdef int64_t closed_n = self.window_size * TW_FIELDS if self.time_window else self.window_size
         cdef int64_t nw = _words_needed(self.window_size, self.time_window, self.half_calls)
         cdef int64_t *win
@@ -424,9 +377,17 @@ cdef class BreakerCore:
         self.remote_ = remote
 
     cdef inline int _ready(self) except -1:
-        if not bt_load(&self.ready_):
-            raise RuntimeError(_UNINIT.format(type(self).__name__))
+        if bt_load(&self.ready_) != 1:         # 0: __init__ never ran; _CLOSED_MARK: _close() was called
+            _not_ready(self)
         return 0
+
+    def _close(self, message):
+        """Its store closed in this process (stores/shm.py): every later decision, report and state read
+        raises RuntimeError(message); a permit or awaitable dropped after it gives nothing back (the words
+        are the store's no more). The first message stays; a breaker never initialised stays so."""
+        if bt_load(&self.ready_) == 1:
+            self.closed_msg = str(message)
+            bt_store(&self.ready_, _CLOSED_MARK)
 
     cdef inline int64_t _now(self) except? -1:
         if self.clock_ns is None:
@@ -741,6 +702,8 @@ cdef class BreakerCore:
         cdef int64_t gen = token >> 1, w, p, calls, failures, slows, duration = 0, epoch
         cdef bint failed, slow, counted
         cdef int s
+        if bt_load(&self.ready_) != 1:
+            return _not_ready(self)                    # closed (its store): no word is touched
         if token & _REMOTE:
             return self._remote_record(token, outcome, start, now, have_now, exc)
         if outcome >= O_IGNORED:
@@ -1003,6 +966,8 @@ cdef class BreakerCore:
     def __repr__(self):
         if not bt_load(&self.ready_):
             return f"<{type(self).__name__} (not initialised)>"
+        if bt_load(&self.ready_) == _CLOSED_MARK:
+            return f"<{type(self).__name__} {self.name_!r} (closed)>"
         return f"BreakerCore(name={self.name_!r}, state={st_state(bt_load(&self.w.st.word))})"
 
     # -- calling --------------------------------------------------------------------------------------
@@ -1038,17 +1003,49 @@ cdef class BreakerCore:
         p.core, p.token, p.start = self, token, (now if self.timing_ else 0)
         return p
 
-    def guard(self, fn):
-        """A callable running fn under the breaker (vectorcall; binds like a function)."""
+    def guard(self, fn, asynchronous=False):
+        """A callable running fn under the breaker (vectorcall; binds like a function). asynchronous=True:
+        fn is an async function; a call takes the permit and returns a compiled awaitable that drives fn's
+        coroutine and records its outcome when it finishes (a refusal is raised when it is awaited)."""
         self._ready()
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {fn!r}")
-        return _make_guard(self, fn)
+        if type(asynchronous) is not bool:
+            raise TypeError(f"asynchronous must be a bool, got {asynchronous!r}")
+        return _make_guard(self, fn, asynchronous)
 
-    def make_call(self):
-        """The `call(fn, *args, **kwargs)` entry."""
+    def make_call(self, asynchronous=False):
+        """The `call(fn, *args, **kwargs)` entry (asynchronous=True: `call_async(fn, *args, **kwargs)`)."""
         self._ready()
-        return _make_guard(self, None)
+        if type(asynchronous) is not bool:
+            raise TypeError(f"asynchronous must be a bool, got {asynchronous!r}")
+        return _make_guard(self, None, asynchronous)
+
+    # -- with / async with (records: see _with_enter_c) -------------------------------------------------
+    # __enter__ is a C method installed by _install() (returns self, or raises CircuitOpenError)
+    def __exit__(self, exc_type, exc, tb):
+        """Report the outcome of this context's latest `with` acquisition (exc: a failure per the
+        exception rules; None: a success); without one, a no-op. Never suppresses the exception."""
+        _with_exit(self, exc)
+        return False
+
+    def __aenter__(self):
+        """An awaitable: raises CircuitOpenError when refused, else returns the breaker holding a permit."""
+        cdef int64_t token, start
+        self._ready()
+        if _enter_raw(<PyObject *>self, &token, &start) < 0:
+            return _steal(bt_aw_raising())
+        return _aw_value(<PyObject *>self, &_AENTER_OPS, <PyObject *>self, token, start)
+
+    def __aexit__(self, exc_type, exc, tb):
+        _with_exit(self, exc)
+        return _aw_value(NULL, NULL, bt_false, 0, 0)
+
+    def _held(self):
+        """How many `with` / `async with` acquisitions of this breaker the current context holds (this
+        thread's records)."""
+        self._ready()
+        return bt_wcount(self.id_)
 
     def settle(self, token, start, fn, result, want_async=False):
         """A call of `fn` admitted with (token, start) returned `result`, which is not a plain value for
@@ -1084,17 +1081,162 @@ cdef class BreakerCore:
 
 
 # -- the vectorcall entry ---------------------------------------------------------------------------------
+# The ops of include/buttress_guard.h: bt_guard_vectorcall (sync forms) and bt_aguard_vectorcall (async forms:
+# the permit is taken in C and a compiled awaitable, bt_aw, drives fn's coroutine and records its outcome in
+# C when it finishes; no Python frame of its own). A refusal is raised with no Cython traceback frame: the
+# CircuitOpenError is built in C (_refuse) and set as the pending error; only errors that are not refusals
+# (a failing user clock, a listener) pass through Cython's error handling.
+
+cdef extern from *:
+    """
+    static PyObject *bt_open_error(PyObject *cls, PyObject *template, PyObject *state, PyObject *retry_after,
+                                   PyObject *lazy) {
+        /* cls.__new__(cls) (no __init__ chain) with its __dict__ filled from the breaker's template */
+        PyObject *empty = PyTuple_New(0), *exc, *d;
+        if (empty == NULL)
+            return NULL;
+        exc = ((PyTypeObject *)cls)->tp_new((PyTypeObject *)cls, empty, NULL);
+        Py_DECREF(empty);
+        if (exc == NULL)
+            return NULL;
+        d = PyObject_GenericGetDict(exc, NULL);
+        if (d == NULL || PyDict_Update(d, template) < 0
+                || PyDict_SetItemString(d, "state", state) < 0
+                || (retry_after != Py_None && PyDict_SetItemString(d, "retry_after", retry_after) < 0)
+                || PyDict_SetItemString(d, "_lazy", lazy) < 0) {
+            Py_XDECREF(d);
+            Py_DECREF(exc);
+            return NULL;
+        }
+        Py_DECREF(d);
+        return exc;
+    }
+    """
+    PyObject *bt_open_error(PyObject *cls, PyObject *template, PyObject *state, PyObject *retry_after,
+                            PyObject *lazy) noexcept
+
+cdef extern from "Python.h":
+    # raw forms: no Cython error handling (a refusal leaves without a Cython traceback frame)
+    PyObject *bt_call2 "PyObject_CallFunctionObjArgs"(PyObject *, PyObject *, PyObject *, void *)
+    PyObject *bt_ll "PyLong_FromLongLong"(long long)
+    PyObject *bt_float "PyFloat_FromDouble"(double)
+    PyObject *bt_pack2 "PyTuple_Pack"(Py_ssize_t, PyObject *, PyObject *)
+    PyObject *bt_pack3 "PyTuple_Pack"(Py_ssize_t, PyObject *, PyObject *, PyObject *)
+    void bt_set_object "PyErr_SetObject"(PyObject *, PyObject *)
+    void bt_decref "Py_DECREF"(PyObject *)
+    void bt_xdecref "Py_XDECREF"(PyObject *)
+    PyObject *bt_none "Py_None"
+    PyObject *bt_false "Py_False"
+
+cdef str _FMT_OPEN = "circuit breaker %r is %s"
+cdef str _FMT_OPEN_RA = "circuit breaker %r is %s; retry after %.6gs"
+cdef tuple _STATE_NAMES = tuple(s.name for s in State)
+
+
+def _remote_rejection(BreakerCore b, now):
+    return b._rejection(now)
+
+
+cdef int _refuse(BreakerCore b, int64_t now) noexcept:
+    """Set the refusal of a call refused at `now` as the pending error; returns -1. CircuitOpenError built as
+    cls.__new__(cls) with its attributes set and its message formatted when first read (errors.Rejected's
+    lazy message): what CircuitOpenError(name, state, retry_after) gives, without its Python __init__."""
+    cdef int64_t w, t = -1
+    cdef int s
+    cdef PyObject *e
+    cdef PyObject *o
+    cdef PyObject *ra
+    cdef PyObject *vals
+    cdef PyObject *lazy
+    if b.remote_ is not None:
+        o = bt_ll(now)
+        if o == NULL:
+            return -1
+        e = bt_call2(<PyObject *>_remote_rejection, <PyObject *>b, o, NULL)
+        bt_decref(o)
+        if e == NULL:
+            return -1
+        bt_set_object(<PyObject *>Py_TYPE(<object>e), e)
+        bt_decref(e)
+        return -1
+    while True:
+        w = bt_load(&b.w.st.word)
+        s = st_state(w)
+        if s != ST_OPEN:
+            break
+        if st_stamp_read(&b.w.until[st_gen(w) & 1], st_gen(w), &t):
+            t = bt_sat_sub(t, now)
+            if t < 0:
+                t = 0
+            break
+    if s == ST_OPEN:
+        ra = bt_float(<double>t / 1e9)
+        if ra == NULL:
+            return -1
+        vals = bt_pack3(3, <PyObject *>b.name_, <PyObject *>_STATE_NAMES[s], ra)
+        if vals != NULL:
+            lazy = bt_pack2(2, <PyObject *>_FMT_OPEN_RA, vals)
+            bt_decref(vals)
+        else:
+            lazy = NULL
+    else:
+        ra = bt_none
+        Py_XINCREF(ra)
+        vals = bt_pack2(2, <PyObject *>b.name_, <PyObject *>_STATE_NAMES[s])
+        if vals != NULL:
+            lazy = bt_pack2(2, <PyObject *>_FMT_OPEN, vals)
+            bt_decref(vals)
+        else:
+            lazy = NULL
+    if lazy == NULL:
+        bt_decref(ra)
+        return -1
+    e = bt_open_error(<PyObject *>CircuitOpenError, <PyObject *>b.err_template, <PyObject *>_STATES[s], ra, lazy)
+    bt_decref(ra)
+    bt_decref(lazy)
+    if e == NULL:
+        return -1
+    bt_set_object(<PyObject *>CircuitOpenError, e)
+    bt_decref(e)
+    return -1
+
+
+cdef int _not_ready(BreakerCore b) except -1:
+    if bt_load(&b.ready_) == _CLOSED_MARK:
+        raise RuntimeError(b.closed_msg)
+    raise RuntimeError(_UNINIT.format(type(b).__name__))
+
+
 cdef int _enter(PyObject *owner, int64_t *token, int64_t *start) except -1:
     cdef BreakerCore b = <BreakerCore>owner
-    cdef int64_t now = 0
+    cdef int64_t now = 0, t
     cdef bint timed = b.timing_
+    if bt_load(&b.ready_) != 1:
+        return _not_ready(b)
     if timed:
         now = b._now()
-    token[0] = b._acquire(now, timed)
-    if token[0] < 0:
-        raise b._rejection(now if timed else b._now())
+    t = b._acquire(now, timed)
+    if t < 0:
+        return _refuse(b, now if timed else b._now())      # the pending error; no frame
+    token[0] = t
     start[0] = now
     return 0
+
+
+ctypedef int (*_raw_enter_t)(PyObject *, int64_t *, int64_t *) noexcept
+cdef _raw_enter_t _enter_raw = <_raw_enter_t>_enter         # errors left pending for the C caller
+
+
+cdef int _try_enter(PyObject *owner, int64_t *token, int64_t *start) noexcept:
+    """The async entry's decision: 1 admitted; -1 refused or failed (the error, raised when awaited)."""
+    if _enter_raw(owner, token, start) < 0:
+        return -1
+    return 1
+
+
+cdef PyObject *_refuse_async(PyObject *owner, PyObject *fn, PyObject *const *args, size_t nargsf,
+                             PyObject *kwnames) noexcept:
+    return NULL         # never reached: _try_enter answers 1 or -1 (a breaker never waits)
 
 
 cdef int _exit_ok(PyObject *owner, int64_t token, int64_t start, PyObject *result) except -1:
@@ -1107,6 +1249,8 @@ cdef int _exit_ok(PyObject *owner, int64_t token, int64_t start, PyObject *resul
 
 cdef void _exit_err(PyObject *owner, int64_t token, int64_t start, PyObject *exc) noexcept:
     cdef BreakerCore b = <BreakerCore>owner
+    if bt_load(&b.ready_) != 1:
+        return                          # its store closed: nothing to record into
     try:
         b._record(token, b._classify(<object>exc), start, 0, False, <object>exc)
     except BaseException:
@@ -1117,21 +1261,31 @@ cdef object _settle_op(PyObject *owner, PyObject *fn, int64_t token, int64_t sta
     return (<BreakerCore>owner)._settle(<object>fn, token, start, <object>result, False)
 
 
-cdef bt_breaker_ops _OPS
+cdef object _settle_async_op(PyObject *owner, PyObject *fn, int64_t token, int64_t start, PyObject *result):
+    # fn returned no awaitable, permit held: an async generator guarded over its iteration, else UsageError
+    return (<BreakerCore>owner)._settle(<object>fn, token, start, <object>result, True)
+
+
+cdef bt_guard_ops _OPS
 _OPS.enter = _enter
 _OPS.exit_ok = _exit_ok
 _OPS.exit_err = _exit_err
 _OPS.settle = _settle_op
+_OPS.try_enter = _try_enter
+_OPS.refuse_async = _refuse_async
+_OPS.settle_async = _settle_async_op
 
 
 @cython.final
 @cython.auto_pickle(False)
 cdef class Guarded:
-    """fn under a breaker; with fn None it is `call(fn, *args, **kwargs)`. Binds like a function.
+    """fn under a breaker; with fn None it is `call(fn, *args, **kwargs)`. Binds like a function (and, as a
+    method descriptor, a method call passes the instance without building a bound method). An async one
+    (guard(fn, asynchronous=True), make_call(True)) returns the compiled awaitable of include/buttress_guard.h.
     Made only by CircuitBreaker.guard() / make_call() (calling the type is a TypeError), so it always
     has its core. Layout: the first fields must match bt_guard_head in include/buttress_guard.h."""
     cdef vectorcallfunc vectorcall
-    cdef const bt_breaker_ops *ops
+    cdef const bt_guard_ops *ops
     cdef PyObject *owner_ptr
     cdef PyObject *fn_ptr
     cdef object owner                 # the owning references (and what the GC sees)
@@ -1139,6 +1293,8 @@ cdef class Guarded:
     cdef dict __dict__                # __name__, __doc__, __wrapped__ ... set by functools.update_wrapper
 
     def __call__(self, *args, **kwargs):    # only reached by callers that bypass vectorcall
+        if self.vectorcall == bt_aguard_vectorcall:
+            return _acall(self, args, kwargs)
         fn = self.fn
         if fn is None:
             if not args:
@@ -1152,6 +1308,38 @@ cdef class Guarded:
     @property
     def __wrapped_core__(self):
         return self.owner
+
+
+cdef extern from "Python.h":
+    ctypedef struct PyTupleObject_items "PyTupleObject":
+        PyObject *ob_item[1]
+
+
+cdef object _acall(Guarded g, tuple args, dict kwargs):
+    """The async entry for a caller that bypassed vectorcall: the same C entry."""
+    cdef list items = list(args)
+    keys = tuple(kwargs)
+    items.extend(kwargs.values())
+    cdef tuple flat = tuple(items)
+    cdef PyObject *r = bt_aguard_vectorcall(<PyObject *>g, <PyObject *const *>&(<PyTupleObject_items *><PyObject *>flat).ob_item[0],
+                                           <size_t>len(args), NULL if not kwargs else <PyObject *>keys)
+    if r == NULL:
+        _raise_pending()
+    return _steal(r)
+
+
+cdef extern from *:
+    """
+    static void bt_raise_pending(void) {}
+    """
+    void _raise_pending "bt_raise_pending"() except *
+
+
+cdef inline object _steal(PyObject *p):
+    """A new reference as an object (the cast adds one: drop ours)."""
+    o = <object>p
+    bt_decref(p)
+    return o
 
 
 cdef object _slow_call(BreakerCore b, fn, tuple args, dict kwargs):
@@ -1168,9 +1356,9 @@ cdef object _slow_call(BreakerCore b, fn, tuple args, dict kwargs):
     return result
 
 
-cdef Guarded _make_guard(BreakerCore owner, fn):
+cdef Guarded _make_guard(BreakerCore owner, fn, bint asynchronous=False):
     cdef Guarded g = Guarded.__new__(Guarded)
-    g.vectorcall = bt_breaker_vectorcall
+    g.vectorcall = bt_aguard_vectorcall if asynchronous else bt_guard_vectorcall
     g.ops = &_OPS
     g.owner = owner
     g.fn = fn
@@ -1179,9 +1367,221 @@ cdef Guarded _make_guard(BreakerCore owner, fn):
     return g
 
 
+# -- `with cb:` / `async with cb:` -------------------------------------------------------------------------
+# One breaker serves many callers at once, so __exit__ cannot be told which acquisition it ends. Each
+# __enter__ records (breaker id, the current contextvars.Context, token, start) in a per-thread stack (no
+# lock; grown on the heap past 8 records); __exit__ takes the latest record of this breaker and this context
+# and reports the outcome with its token. The context is what a task runs in (each asyncio task has its own;
+# a thread has one), so nested and interleaved blocks across tasks and threads each report their own
+# acquisition; an exit that finds no record (a second exit of one acquisition, or no enter) is a no-op.
+# A record holds a reference to its context (its address cannot be reused while the record exists).
+# `async with`: __aenter__ takes the permit and returns a compiled awaitable holding it; awaiting it records
+# the acquisition in the awaiting task's context (an __aenter__ never awaited, thrown into or closed gives
+# its permit back with no outcome).
+
+cdef extern from *:
+    """
+    typedef struct { int64_t id; PyObject *ctx; int64_t token, start; } bt_wrec;
+    typedef struct { bt_wrec *r; Py_ssize_t n, cap; bt_wrec inl[8]; } bt_wtab;
+    #if defined(_MSC_VER) && !defined(__clang__)
+    static __declspec(thread) bt_wtab bt_wt;
+    #else
+    static __thread bt_wtab bt_wt;
+    #endif
+
+    /* the current context (borrowed); a thread that has none yet gets its own first */
+    static PyObject *bt_ctx_now(void) {
+        PyThreadState *ts = PyThreadState_Get();
+        PyObject *c = ts->context;
+        if (c == NULL) {
+            PyObject *copy = PyContext_CopyCurrent();
+            if (copy == NULL)
+                return NULL;
+            Py_DECREF(copy);
+            c = ts->context;
+            if (c == NULL)
+                PyErr_SetString(PyExc_SystemError, "buttress: no current contextvars.Context");
+        }
+        return c;
+    }
+
+    static int bt_wpush(int64_t id, int64_t token, int64_t start) {
+        bt_wtab *t = &bt_wt;
+        bt_wrec *r;
+        PyObject *ctx = bt_ctx_now();
+        if (ctx == NULL)
+            return -1;
+        if (t->r == NULL) {
+            t->r = t->inl;
+            t->cap = 8;
+        }
+        if (t->n == t->cap) {
+            Py_ssize_t cap = t->cap * 2;
+            bt_wrec *nr = (bt_wrec *)PyMem_RawMalloc((size_t)cap * sizeof(bt_wrec));
+            if (nr == NULL) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            memcpy(nr, t->r, (size_t)t->n * sizeof(bt_wrec));
+            if (t->r != t->inl)
+                PyMem_RawFree(t->r);
+            t->r = nr;
+            t->cap = cap;
+        }
+        Py_INCREF(ctx);
+        r = &t->r[t->n];
+        r->id = id;
+        r->ctx = ctx;
+        r->token = token;
+        r->start = start;
+        t->n++;
+        return 0;
+    }
+
+    /* 1: the latest record of (id, current context) taken (token / start set); 0: none */
+    static int bt_wpop(int64_t id, int64_t *token, int64_t *start) {
+        bt_wtab *t = &bt_wt;
+        PyObject *ctx = PyThreadState_Get()->context;
+        Py_ssize_t i;
+        for (i = t->n - 1; i >= 0; i--) {
+            bt_wrec *r = &t->r[i];
+            if (r->id == id && r->ctx == ctx) {
+                *token = r->token;
+                *start = r->start;
+                memmove(r, r + 1, (size_t)(t->n - i - 1) * sizeof(bt_wrec));
+                t->n--;
+                Py_DECREF(ctx);     /* the record's reference; the thread state still holds the context */
+                return 1;
+            }
+        }
+        return 0;
+    }
+
+    /* records of (id, current context) in this thread */
+    static Py_ssize_t bt_wcount(int64_t id) {
+        bt_wtab *t = &bt_wt;
+        PyObject *ctx = PyThreadState_Get()->context;
+        Py_ssize_t i, n = 0;
+        for (i = 0; i < t->n; i++)
+            n += t->r[i].id == id && t->r[i].ctx == ctx;
+        return n;
+    }
+
+    typedef int (*bt_with_impl)(PyObject *self);
+    static bt_with_impl bt_cb_enter_impl = NULL;
+    static PyObject *bt_cb_enter(PyObject *self, PyObject *unused) {
+        if (bt_cb_enter_impl(self) < 0)
+            return NULL;
+        Py_INCREF(self);
+        return self;
+    }
+    static PyMethodDef bt_cb_enter_def = {"__enter__", (PyCFunction)bt_cb_enter, METH_NOARGS,
+        "Take a permit (returns the breaker), or raise CircuitOpenError."};
+    static int bt_cb_set_enter(PyTypeObject *tp, bt_with_impl impl) {
+        PyObject *d = PyDescr_NewMethod(tp, &bt_cb_enter_def);
+        int rc;
+        if (d == NULL)
+            return -1;
+        bt_cb_enter_impl = impl;
+        rc = PyDict_SetItemString(tp->tp_dict, "__enter__", d);
+        Py_DECREF(d);
+        PyType_Modified(tp);
+        return rc;
+    }
+    """
+    int bt_wpush(int64_t id, int64_t token, int64_t start) noexcept
+    int bt_wpop(int64_t id, int64_t *token, int64_t *start) noexcept
+    Py_ssize_t bt_wcount(int64_t id) noexcept
+    ctypedef int (*bt_with_impl)(PyObject *self) noexcept
+    int bt_cb_set_enter(PyTypeObject *tp, bt_with_impl impl) except -1
+
+
+
+cdef int _with_enter_c(PyObject *o) noexcept:
+    """`with cb:`'s __enter__ (a C method: a refusal leaves with no traceback frame of ours)."""
+    cdef BreakerCore b = <BreakerCore>o
+    cdef int64_t token, start
+    cdef PyObject *et
+    cdef PyObject *ev
+    cdef PyObject *etb
+    if _enter_raw(o, &token, &start) < 0:
+        return -1
+    if bt_wpush(b.id_, token, start) < 0:      # no memory: the permit goes back, the error stands
+        bt_err_fetch(&et, &ev, &etb)
+        _record_raw(b, token, start)
+        bt_err_restore(et, ev, etb)
+        return -1
+    return 0
+
+
+cdef int _cancel(BreakerCore b, int64_t token, int64_t start) except -1:
+    return b._record(token, O_CANCELLED, start, 0, False, None)
+
+
+ctypedef int (*_raw_cancel_t)(BreakerCore, int64_t, int64_t) noexcept
+cdef _raw_cancel_t _cancel_raw = <_raw_cancel_t>_cancel
+
+
+cdef void _record_raw(BreakerCore b, int64_t token, int64_t start) noexcept:
+    """Give a permit back with no outcome, dropping any error of that (the caller's error stands)."""
+    if _cancel_raw(b, token, start) < 0:
+        bt_err_clear()
+
+
+cdef extern from "Python.h":
+    void bt_err_fetch "PyErr_Fetch"(PyObject **, PyObject **, PyObject **)
+    void bt_err_restore "PyErr_Restore"(PyObject *, PyObject *, PyObject *)
+    void bt_err_clear "PyErr_Clear"()
+
+
+cdef int _with_exit(BreakerCore b, exc) except -1:
+    cdef int64_t token, start
+    if bt_load(&b.ready_) != 1:
+        _not_ready(b)
+    if not bt_wpop(b.id_, &token, &start):
+        return 0                        # a second exit of one acquisition, or no enter: a no-op
+    if exc is None:
+        _exit_ok(<PyObject *>b, token, start, bt_none)
+    else:
+        b._record(token, b._classify(exc), start, 0, False, exc)
+    return 0
+
+
+cdef int _aenter_done(PyObject *owner, int64_t token, int64_t start, PyObject *result) except -1:
+    """An __aenter__ awaitable was awaited: the acquisition is recorded in the awaiting task's context."""
+    cdef BreakerCore b = <BreakerCore>owner
+    if bt_wpush(b.id_, token, start) < 0:
+        _record_raw(b, token, start)
+        _raise_pending()
+    return 0
+
+
+cdef void _aenter_undo(PyObject *owner, int64_t token, int64_t start, PyObject *exc) noexcept:
+    """An __aenter__ awaitable thrown into, closed or dropped before it completed: the body never runs and
+    __aexit__ never comes: its permit goes back with no outcome."""
+    cdef BreakerCore b = <BreakerCore>owner
+    if bt_load(&b.ready_) == 1:
+        _record_raw(b, token, start)
+
+
+cdef bt_guard_ops _AENTER_OPS
+_AENTER_OPS.exit_ok = _aenter_done
+_AENTER_OPS.exit_err = _aenter_undo
+
+
+cdef object _aw_value(PyObject *owner, const bt_guard_ops *ops, PyObject *value, int64_t token, int64_t start):
+    cdef PyObject *r = bt_aw_make(owner, ops, BT_AW_VALUE, NULL, value, token, start)
+    if r == NULL:
+        _raise_pending()
+    return _steal(r)
+
+
 def _install():
+    bt_aw_ready()
     cdef Guarded probe = Guarded.__new__(Guarded)
     bt_guard_install(<PyTypeObject *>Guarded, <Py_ssize_t>(<char *>&probe.vectorcall - <char *><PyObject *>probe))
+    bt_guard_method_descriptor(<PyTypeObject *>Guarded)
+    bt_cb_set_enter(<PyTypeObject *>BreakerCore, _with_enter_c)
 
 _install()
 
@@ -1228,7 +1628,8 @@ cdef class Permit:
 
     def __dealloc__(self):
         # never reported: return it (only a half-open permit holds anything; no Python runs here)
-        if self.core is not None and (self.token & 1) and not (self.token & _REMOTE) and self._once():
+        if (self.core is not None and (self.token & 1) and not (self.token & _REMOTE)
+                and bt_load(&self.core.ready_) == 1 and self._once()):
             st_return_flight(&self.core.w.st, self.token >> 1)
 
 

@@ -18,7 +18,6 @@ the local core decides while the store is down (on_error="local").
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import time
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from ._impl import IMPLEMENTATION, core
 from ._observe import check_listener
 from ._params import ASYNC
 from ._wrap import CORO, check_decoratable, wraps
+from .bulkhead import mark_async
 from .clock import is_system_clock, resolve_clock
 
 __all__ = ["CircuitBreaker", "State", "Permit", "BreakerEvent", "BreakerMetrics", "EVENTS"]
@@ -51,10 +51,6 @@ Y = TypeVar("Y")
 
 EVENTS = frozenset({"state_change", "success", "error", "ignored", "not_permitted", "failure_rate_exceeded",
                     "slow_call_rate_exceeded"})
-
-# permits held by `with breaker:` blocks, per thread / task: a tuple of (breaker, permit)
-_HELD: contextvars.ContextVar[tuple[tuple[CircuitBreaker, Any], ...]] = contextvars.ContextVar("buttress_breaker_permits", default=())
-
 
 @dataclass(frozen=True)
 class BreakerMetrics:
@@ -139,8 +135,12 @@ class CircuitBreaker(_BreakerCore, Policy):
         self._listeners: dict[str, list[Callable[[BreakerEvent], Any]]] = {}
         # one bound method for the life of the breaker: the core's hook only ever holds this or None
         self._dispatch_hook = self._dispatch
-        # an instance attribute, so `cb.call(fn, ...)` is the vectorcall guard, not a bound method
+        # an instance attribute, so `cb.call(fn, ...)` is the vectorcall guard, not a bound method; and
+        # `cb.call_async(fn, ...)` its async entry (the compiled awaitable), except for a Redis store's
+        # shared breaker, whose async forms await the store's round trips (the method below)
         self.call = self.make_call()  # type: ignore[method-assign]
+        if self._cluster is None:
+            self.call_async = self.make_call(True)  # type: ignore[method-assign]
 
     if TYPE_CHECKING:  # at run time the instance's `call` is the core's guard (set in __init__)
         def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
@@ -151,11 +151,15 @@ class CircuitBreaker(_BreakerCore, Policy):
         """Decorate a function, an async function, a method, or a generator / async generator function
         (guarded over its whole iteration). The wrapper pickles by reference."""
         if check_decoratable(self, fn, generators=True) == ASYNC:
-            enter, exit_ok, exit_err, settle = self.enter, self.exit_ok, self.exit_err, self.settle
             cluster = self._cluster
+            if cluster is None:
+                # the core's async guard: the permit in C, a compiled awaitable drives fn's coroutine and
+                # records its outcome when it finishes (no Python frame; a refusal raises when awaited)
+                return wraps(fn)(mark_async(self.guard(fn, True), fn))
+            enter, exit_ok, exit_err, settle = self.enter, self.exit_ok, self.exit_err, self.settle
 
             async def guarded(*args: Any, **kwargs: Any) -> Any:
-                token, start = enter() if cluster is None else await cluster.enter_async()
+                token, start = await cluster.enter_async()
                 try:
                     aw = fn(*args, **kwargs)
                     if type(aw) is not CORO and not isawaitable(aw):
@@ -180,7 +184,8 @@ class CircuitBreaker(_BreakerCore, Policy):
 
     async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Await fn(*args, **kwargs) under the breaker. For an async generator function, returns its
-        generator guarded over the whole iteration. A sync function is a TypeError (use call())."""
+        generator guarded over the whole iteration. A sync function is a TypeError (use call()).
+        (Replaced per instance by the core's compiled async entry, except on a Redis store.)"""
         token, start = self.enter() if self._cluster is None else await self._cluster.enter_async()
         try:
             aw = fn(*args, **kwargs)
@@ -194,35 +199,14 @@ class CircuitBreaker(_BreakerCore, Policy):
         self.exit_ok(token, start, result)
         return result
 
-    def __enter__(self) -> Any:
-        permit = self.try_acquire()
-        if permit is None:
-            raise self.rejection()
-        _HELD.set(_HELD.get() + ((self, permit),))
-        return permit
-
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> Literal[False]:
-        held = _HELD.get()
-        for i in range(len(held) - 1, -1, -1):
-            if held[i][0] is self:
-                permit = held[i][1]
-                _HELD.set(held[:i] + held[i + 1:])
-                break
-        else:
-            # a second exit of one acquisition (or an exit without an enter) is a no-op, as for Bulkhead
-            # (DESIGN §3c): it never reports another acquisition's outcome
-            return False
-        if exc is None:
-            permit.success()
-        else:
-            permit.failure(exc)
-        return False
-
-    async def __aenter__(self) -> Any:
-        return self.__enter__()
-
-    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> Literal[False]:
-        return self.__exit__(exc_type, exc, tb)
+    # `with cb:` / `async with cb:` are the core's (compiled: a C __enter__, the acquisition recorded per
+    # thread and contextvars.Context, so nested and interleaved blocks across tasks and threads each report
+    # their own outcome; a second exit of one acquisition is a no-op). Both return the breaker.
+    if TYPE_CHECKING:
+        def __enter__(self) -> CircuitBreaker: ...
+        def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> Literal[False]: ...
+        def __aenter__(self) -> Awaitable[CircuitBreaker]: ...
+        def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> Awaitable[Literal[False]]: ...
 
     # -- state ------------------------------------------------------------------------------------------
     @property
@@ -335,8 +319,9 @@ class CircuitBreaker(_BreakerCore, Policy):
         try:
             where = "" if self.store is None else f" in {self.store.url}"
             return f"<CircuitBreaker {self.name!r} {self.state.name}{where}>"
-        except RuntimeError:           # __init__ never ran (a subclass that forgot super().__init__())
-            return f"<{type(self).__name__} (not initialised)>"
+        except RuntimeError as e:       # __init__ never ran (a subclass that forgot super().__init__()),
+            what = "not initialised" if "not initialised" in str(e) else f"closed: {e}"   # or its store closed
+            return f"<{type(self).__name__} ({what})>"
 
 
 # -- stores (DESIGN §5) -------------------------------------------------------------------------------------

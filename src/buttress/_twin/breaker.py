@@ -12,13 +12,15 @@ consecutive failures in CLOSED and consecutive successes in HALF_OPEN instead of
 """
 from __future__ import annotations
 
+import asyncio
 import inspect
+import itertools
 import logging
 import sys
 import threading
 import time
 import types
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from .._breaker_conf import (COUNT_WINDOW_MAX, DEFAULTS, State, breaker_conf, guard_astream, guard_stream,
                              open_duration_ns)
@@ -27,6 +29,7 @@ from .._spec import UsageError
 from .._wrap import lazy_result, refuse_sync_result, sync_in_async
 from ..errors import CircuitOpenError, Rejected
 from .gcra import as_i64, words_view
+from .guard import _RUN, _VALUE, GuardedAwaitable, _raising
 from .state import Uninit
 
 __all__ = ["BreakerCore", "Permit", "Guarded", "SUCCESS", "FAILURE", "IGNORED", "CANCELLED", "HEADER_WORDS", "REMOTE"]
@@ -68,6 +71,43 @@ def _is_coroutine_gen(gen: Any) -> bool:
 
 def _zero() -> int:
     return 0
+
+
+# -- `with cb:` / `async with cb:` records (the compiled core's per-thread stack) ------------------------------
+# Each __enter__ records (breaker id, the caller's context, token, start) for this thread; __exit__ takes the
+# latest record of this breaker and context. The compiled core keys on the current contextvars.Context
+# object, which Python code cannot name: the twin uses what a context stands for here, the running asyncio
+# task (None outside a task).
+_ids = itertools.count(1)           # breaker ids: never 0, never reused
+_with = threading.local()
+
+
+def _with_records() -> list[tuple[int, Any, int, int]]:
+    try:
+        return _with.records  # type: ignore[no-any-return]
+    except AttributeError:
+        records: list[tuple[int, Any, int, int]] = []
+        _with.records = records
+        return records
+
+
+def _context_key() -> Any:
+    loop = asyncio._get_running_loop()
+    return None if loop is None else asyncio.current_task(loop)
+
+
+def _with_push(bid: int, token: int, start: int) -> None:
+    _with_records().append((bid, _context_key(), token, start))
+
+
+def _with_pop(bid: int) -> tuple[int, int] | None:
+    records, key = _with_records(), _context_key()
+    for i in range(len(records) - 1, -1, -1):
+        r = records[i]
+        if r[0] == bid and r[1] is key:
+            del records[i]
+            return r[2], r[3]
+    return None
 
 
 # -- the words (the compiled core's layout: see _core/breaker.pyx, bwords_t) ---------------------------------
@@ -295,6 +335,7 @@ class BreakerCore(Uninit):
         self._metrics_half = False   # metrics() reads the half-open window (after it tripped the breaker)
         self._not_permitted = 0
         self._hook: Callable[[str, Any, Any], None] | None = None
+        self._id = next(_ids)
         if self._wv is not None:
             wv, closed_n = self._wv, c.window_size * (_TW_FIELDS if c.time_window else 1)
             self._closed = (_WordTimeWindow(wv, HEADER_WORDS, c.window_size) if c.time_window else
@@ -387,6 +428,18 @@ class BreakerCore(Uninit):
         else:
             self._half.reset()
 
+    def _close(self, message: str) -> None:
+        """Its store closed in this process (stores/shm.py): every later decision, report and state read
+        raises RuntimeError(message); a permit or awaitable dropped after it gives nothing back (the words
+        are the store's no more). The first message stays; a breaker never initialised stays so."""
+        lock = self.__dict__.get("_lock")
+        if lock is None:
+            return
+        with lock:
+            if "_lock" in self.__dict__:
+                self.__dict__["_closed_msg"] = str(message)
+                del self.__dict__["_lock"]
+
     def _set_remote(self, remote: Any) -> None:
         """Let a store's shared breaker (Redis) decide: remote.acquire() -> token >= 0, -1 refused, -2 decide
         here; remote.record(token, failed, slow, ignored); remote.rejection(now) -> CircuitOpenError or None."""
@@ -418,6 +471,7 @@ class BreakerCore(Uninit):
     @property
     def hook(self) -> Callable[[str, Any, Any], None] | None:
         """callable(kind, a, b) or None: events are built only when set."""
+        self._lock
         return self._hook
 
     @hook.setter
@@ -429,15 +483,18 @@ class BreakerCore(Uninit):
 
     @property
     def conf(self) -> Any:
+        self._lock
         return self._conf
 
     @property
     def name(self) -> str:
+        self._lock
         return self._name
 
     @property
     def timing(self) -> bool:
         """True when results need a clock reading (slow-call timing or a time window)."""
+        self._lock
         return self._conf.slow_ns >= 0 or self._conf.time_window
 
     # -- transitions (caller holds the lock) ------------------------------------------------------------
@@ -524,6 +581,7 @@ class BreakerCore(Uninit):
         """SUCCESS, FAILURE, IGNORED or CANCELLED for an exception (ignore wins over record). Anything
         not an Exception, and a UsageError, is CANCELLED (no outcome); a Rejected (buttress's own refusal,
         from an inner stage) is IGNORED unless `record` names its class."""
+        self._lock
         c = self._conf
         if not isinstance(exc, Exception) or isinstance(exc, UsageError):
             return CANCELLED
@@ -541,6 +599,7 @@ class BreakerCore(Uninit):
 
     def classify_result(self, result: Any) -> int:
         """FAILURE when record_result matches the return value, else SUCCESS."""
+        self._lock
         pred = self._conf.record_result
         if pred is None:
             return SUCCESS
@@ -561,6 +620,7 @@ class BreakerCore(Uninit):
     def _record(self, token: int, outcome: int, start: int, now: Any, exc: Any) -> None:
         # the clock first (it may be any Python), then the record (under the lock, only if the token's
         # generation is current), then the hooks and the verdict
+        self._lock                  # not initialised, or closed (its store): raises before anything
         c = self._conf
         gen, half = token >> 1, token & 1
         timing = self.timing
@@ -755,6 +815,8 @@ class BreakerCore(Uninit):
                     slows / calls if ok else -1.0, self._not_permitted)
 
     def __repr__(self) -> str:
+        if "_closed_msg" in self.__dict__:
+            return f"<{type(self).__name__} {self._name!r} (closed)>"
         if "_lock" not in self.__dict__:
             return f"<{type(self).__name__} (not initialised)>"
         return f"BreakerCore(name={self._name!r}, state={self.load()[0]})"
@@ -793,17 +855,75 @@ class BreakerCore(Uninit):
             return None
         return Permit._make(self, token, now if self.timing else 0)
 
-    def guard(self, fn: Callable[..., Any]) -> "Guarded":
-        """A callable running fn under the breaker."""
+    def guard(self, fn: Callable[..., Any], asynchronous: bool = False) -> "Guarded":
+        """A callable running fn under the breaker (vectorcall; binds like a function). asynchronous=True:
+        fn is an async function; a call takes the permit and returns a compiled awaitable that drives fn's
+        coroutine and records its outcome when it finishes (a refusal is raised when it is awaited)."""
         self._lock
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {fn!r}")
-        return Guarded._make(self, fn)
+        if type(asynchronous) is not bool:
+            raise TypeError(f"asynchronous must be a bool, got {asynchronous!r}")
+        return Guarded._make(self, fn, asynchronous)
 
-    def make_call(self) -> "Guarded":
-        """The `call(fn, *args, **kwargs)` entry."""
+    def make_call(self, asynchronous: bool = False) -> "Guarded":
+        """The `call(fn, *args, **kwargs)` entry (asynchronous=True: `call_async(fn, *args, **kwargs)`)."""
         self._lock
-        return Guarded._make(self, None)
+        if type(asynchronous) is not bool:
+            raise TypeError(f"asynchronous must be a bool, got {asynchronous!r}")
+        return Guarded._make(self, None, asynchronous)
+
+    # -- with / async with ------------------------------------------------------------------------------
+    def __enter__(self) -> Any:
+        """Take a permit (returns the breaker), or raise CircuitOpenError."""
+        token, start = self.enter()
+        _with_push(self._id, token, start)
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> Literal[False]:
+        """Report the outcome of this context's latest `with` acquisition (exc: a failure per the
+        exception rules; None: a success); without one, a no-op. Never suppresses the exception."""
+        self._with_exit(exc)
+        return False
+
+    def _with_exit(self, exc: Any) -> None:
+        self._lock
+        held = _with_pop(self._id)
+        if held is None:
+            return                      # a second exit of one acquisition, or no enter: a no-op
+        token, start = held
+        if exc is None:
+            self._record(token, self.classify_result(None), start, None, None)
+        else:
+            self._record(token, self.classify(exc), start, None, exc)
+
+    def __aenter__(self) -> Any:
+        """An awaitable: raises CircuitOpenError when refused, else returns the breaker holding a permit."""
+        self._lock
+        try:
+            token, start = self.enter()
+        except BaseException as exc:
+            return _raising(exc)
+
+        def done(value: Any) -> None:
+            _with_push(self._id, token, start)
+
+        def undo(exc: Any) -> None:
+            if "_lock" in self.__dict__:
+                self._record(token, CANCELLED, start, None, None)
+
+        return GuardedAwaitable(_VALUE, value=self, ok=done, err=undo)
+
+    def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> Any:
+        self._with_exit(exc)
+        return GuardedAwaitable(_VALUE, value=False)
+
+    def _held(self) -> int:
+        """How many `with` / `async with` acquisitions of this breaker the current context holds (this
+        thread's records)."""
+        self._lock
+        key = _context_key()
+        return sum(1 for r in _with_records() if r[0] == self._id and r[1] is key)
 
     def settle(self, token: int, start: int, fn: Any, result: Any, want_async: bool = False) -> Any:
         """A call of `fn` admitted with (token, start) returned `result`, which is not a plain value for
@@ -900,10 +1020,10 @@ class Permit:
             token, core = self._token, self._core
         except AttributeError:       # never made by _make
             return
-        if token & 1 and not token & _remote and self._once():
+        if token & 1 and not token & _remote and "_lock" in core.__dict__ and self._once():
             try:
                 core._return_flight(token >> 1)
-            except (TypeError, AttributeError, NameError):
+            except (TypeError, AttributeError, NameError, RuntimeError):
                 if not _finalizing():
                     raise
 
@@ -913,9 +1033,10 @@ class Guarded:
     Made only by CircuitBreaker.guard() / make_call() (calling the type is a TypeError)."""
 
     # slots: functools.wraps copies the wrapped callable's __dict__ into ours; slots always win over it
-    __slots__ = ("_core", "_fn", "__dict__")
+    __slots__ = ("_core", "_fn", "_async", "__dict__")
     _core: BreakerCore
     _fn: Callable[..., Any] | None
+    _async: bool
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "Guarded":
         raise TypeError(_GUARDED_NEW)
@@ -924,18 +1045,21 @@ class Guarded:
         raise TypeError("type 'buttress._core.breaker.Guarded' is not an acceptable base type")
 
     @classmethod
-    def _make(cls, core: BreakerCore, fn: Callable[..., Any] | None) -> "Guarded":
+    def _make(cls, core: BreakerCore, fn: Callable[..., Any] | None, asynchronous: bool = False) -> "Guarded":
         g = object.__new__(cls)
-        g._core, g._fn = core, fn
+        g._core, g._fn, g._async = core, fn, asynchronous
         return g
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         fn = self._fn
         if fn is None:
             if not args:
-                raise TypeError("call() needs the function to call as its first argument")
+                raise TypeError(f"{'call_async' if self._async else 'call'}() needs the function to call as its "
+                                f"first argument")
             fn, args = args[0], args[1:]
         core = self._core
+        if self._async:
+            return _acall(core, fn, args, kwargs)
         token, start = core.enter()
         try:
             result = fn(*args, **kwargs)
@@ -949,3 +1073,44 @@ class Guarded:
 
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
         return self if obj is None else types.MethodType(self, obj)
+
+
+def _acall(core: BreakerCore, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The async form (the compiled bt_aguard_vectorcall): the permit now, then an awaitable that drives fn's
+    coroutine and records its outcome when it finishes; a refusal or an error now is raised when awaited."""
+    try:
+        token, start = core.enter()
+    except BaseException as exc:
+        return _raising(exc)
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException as exc:
+        _exit_err(core, token, start, exc)
+        return _raising(exc)
+    tp = type(result)
+    if tp is types.CoroutineType or (tp is types.GeneratorType and _is_coroutine_gen(result)):
+        it = result
+    elif hasattr(tp, "__await__"):
+        try:
+            it = result.__await__()
+        except BaseException as exc:
+            _exit_err(core, token, start, exc)
+            return _raising(exc)
+    else:
+        try:        # no await slot: an async generator guarded over its iteration, else UsageError
+            return GuardedAwaitable(_VALUE, value=core.settle(token, start, fn, result, True))
+        except BaseException as exc:
+            return _raising(exc)
+    return GuardedAwaitable(_RUN, it, ok=lambda value: core.exit_ok(token, start, value),
+                            err=lambda exc: _exit_err(core, token, start, exc))
+
+
+def _exit_err(core: BreakerCore, token: int, start: int, exc: BaseException) -> None:
+    """Record a failed or cancelled call; never raises (the call's own exception stands), as the compiled
+    exit_err op; nothing once the breaker's store closed."""
+    if "_lock" not in core.__dict__:
+        return
+    try:
+        core.exit_err(token, start, exc)
+    except BaseException:  # noqa: BLE001
+        log.exception("circuit breaker %r: recording a failure failed", core._name)

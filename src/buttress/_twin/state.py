@@ -19,12 +19,15 @@ class Uninit:
     RuntimeError (a subclass that forgot super().__init__() gets the same answer in both)."""
 
     def __getattr__(self, name: str) -> Any:
+        closed = self.__dict__.get("_closed_msg")
+        if closed is not None and name == "_lock":
+            raise RuntimeError(closed)      # _close(message) took the lock away: every later use raises
         if name.startswith("__") or "_lock" in self.__dict__:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         raise RuntimeError(_UNINIT.format(type(self).__name__))
 
     def _init_once(self) -> None:
-        if "_lock" in self.__dict__:
+        if "_lock" in self.__dict__ or "_closed_msg" in self.__dict__:
             raise RuntimeError(f"{type(self).__name__} is already initialised; create a new one instead")
 
 
