@@ -67,6 +67,26 @@ def test_protected_never_double_charges_and_has_the_lower_p99(short_demo):
     assert naive["double_charges"] > 0
 
 
+def test_the_signals_are_sampled_in_both_runs_and_shed_only_at_the_protected_door(short_demo):
+    """Both transports: the same three signals (thresholds per priority, LOW lowest) sampled in each run;
+    the protected door's refusals by reason add up to its shed counts; the naive shop has no door."""
+    _, data, _ = short_demo
+    naive, protected = data["runs"]["naive"], data["runs"]["protected"]
+    for run in (naive, protected):
+        assert set(run["signals"]) == {"loop_lag", "cpu", "queue_depth"}
+        line = run["signals"]["queue_depth"]
+        assert (line["low"], line["medium"], line["high"]) == (16.0, 32.0, 64.0)     # 64 workers: 1/4, 1/2, 1
+        for sig in run["signals"].values():
+            assert sig["peak"] >= 0 and sig["low"] <= sig["medium"]
+    assert naive["shedder"] is None
+    door = protected["shedder"]
+    assert door["max_in_flight"] == 4 * data["workers"] and door["sample_interval_s"] == 0.1
+    shed = sum(n for by in door["shed_by"].values() for n in by.values())
+    assert shed == sum(door["shed"].values()) and door["shed"]["CRITICAL"] == 0
+    assert protected["fast_refusals_by"].get("shedder", 0) <= shed
+    assert sum(door["admitted"].values()) >= data["arrivals"] - shed
+
+
 def test_the_http_table_says_which_rate_the_healthy_services_serve(short_demo):
     transport, data, _ = short_demo
     from buttress.demo.table import render
@@ -92,10 +112,12 @@ def test_the_table_has_a_row_and_an_explanation_for_each_number(capsys):
     assert header.startswith("of the ") and "checkouts users attempted" in header
     for label in ("completed", "failed after waiting", "rejected fast, with Retry-After",
                   "unfinished when the run stopped", "goodput (completed per second)", "latency of all answers  p50",
-                  "p95", "p99", "double charges"):
+                  "p95", "p99", "double charges", "longest line for a worker (sampled)",
+                  "worst event-loop lag (sampled)", "busiest CPU of this process (sampled)",
+                  "tries shed by those signals", "tries shed by the in-flight count"):
         assert any(line.strip().startswith(label) and len(line.split()) >= len(label.split()) + 2 for line in lines), label
     for word in ("completed", "failed after waiting", "rejected fast", "unfinished", "goodput", "latency",
-                 "double charges"):       # the explaining lines under the table
+                 "double charges", "signals"):       # the explaining lines under the table
         assert any(line.startswith(word + " ") for line in lines), word
     assert "transport: inprocess" in out
 

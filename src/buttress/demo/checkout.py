@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
 import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Protocol, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, TypeVar
 
 from .. import backoff
 from ..bulkhead import Bulkhead
@@ -24,7 +25,7 @@ from ..errors import BulkheadFullError, CircuitOpenError, Overloaded, RateLimitE
 from ..fallback import Fallback
 from ..pipeline import Pipeline
 from ..retry import Retry, RetryBudget
-from ..shedding import LoadShedder, Priority
+from ..shedding import CpuUsage, LoadShedder, LoopLag, OverloadSignal, Priority, QueueDepth
 from ..timeout import Timeout
 from .deps import POPULAR, ConnectionLost, Dependencies, DependencyError, Faults, Unavailable
 
@@ -140,6 +141,7 @@ class Tally:
     in_line: set[Any] = field(default_factory=set)       # orders waiting for a worker
     unfinished_in_line: int = 0     # unfinished checkouts that were still waiting for a worker at the end
     after_user_left: collections.Counter[str] = field(default_factory=collections.Counter)  # outcome -> count
+    shed_by: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)  # (why, priority)
 
     def popular(self, *_: Any) -> list[str]:
         """The fallback for recommendations (both runs serve it when the engine fails)."""
@@ -175,6 +177,10 @@ class Naive:
     def __init__(self, client: Client, tally: Tally) -> None:
         self.client, self.tally = client, tally
 
+    @contextlib.asynccontextmanager
+    async def door(self, a: Arrival, tries: int) -> AsyncIterator[None]:
+        yield                           # every checkout comes in
+
     async def checkout(self, a: Arrival) -> None:
         await asyncio.wait_for(self.client.stock(a.order, a.item), NAIVE_TIMEOUT)
         try:
@@ -209,13 +215,76 @@ class Guard:
         return inner if self.bulkhead is None else Pipeline(self.bulkhead, inner)
 
 
+def priority_of(seed: int, a: Arrival, tries: int) -> Priority:
+    """Who the protected shop sheds first: a guest's first try (LOW), a signed-in customer's first try
+    (MEDIUM; half of the users, drawn per order from the seed), then anyone told to come back who did
+    (HIGH: refusing them twice loses them). CRITICAL is left for the shop's own traffic."""
+    if tries > 1:
+        return Priority.HIGH
+    signed_in = random.Random(f"{seed}:customer:{a.order}").random() < 0.5
+    return Priority.MEDIUM if signed_in else Priority.LOW
+
+
+class _Peak:
+    """A signal that remembers the largest value its sampler read (for the table: measured, not set)."""
+    peak = 0.0
+
+    def read(self, now_ns: int) -> float:
+        v: float = super().read(now_ns)  # type: ignore[misc]
+        if v > self.peak:
+            self.peak = v
+        return v
+
+
+class PeakLoopLag(_Peak, LoopLag):
+    pass
+
+
+class PeakCpuUsage(_Peak, CpuUsage):
+    pass
+
+
+class PeakQueueDepth(_Peak, QueueDepth):
+    pass
+
+
+SAMPLE_INTERVAL = 0.1      # seconds between two samples of the shop's overload signals
+
+
+def overload_signals(line: Callable[[], float], workers: int) -> tuple[OverloadSignal, ...]:
+    """The shop's overload signals, thresholds per priority (LOW is shed first), sampled every 0.1 s on
+    the run's event loop. The protected shop sheds by them; the naive run samples them too, to show
+    what they saw there (it sheds nothing).
+
+    - The line: checkouts waiting for a worker, the shop's own work queue. The seed sheds at a queue of
+      10 000, which fits a service with thousands of workers; here `workers` (64) each hold a checkout for
+      up to 2 s (the deadline) when a dependency is sick, so a line of 64 is about one such round (~2 s)
+      of waiting: 40 % of a user's 5 s patience. LOW at a quarter of the workers (~0.5 s of waiting),
+      MEDIUM at half (~1 s: as long as the Retry-After a refused user is given), HIGH at one full round.
+    - Event-loop lag: every checkout, retry timer and (in process) every simulated service runs on this
+      loop; a healthy checkout answers in about 0.1 s, so a loop running 0.1 s late doubles it (LOW);
+      0.25 s (MEDIUM); 0.5 s, a quarter of the deadline (HIGH).
+    - CPU of this process: GIL-bound, so one core is all it has (cpus=1). The seed's "cpu > 90 %" sheds
+      LOW, 95 % MEDIUM; HIGH is never shed for CPU (a busy shop that keeps up still serves the users who
+      come back when told to).
+    """
+    q = float(workers)
+    return (PeakLoopLag(low=0.1, medium=0.25, high=0.5),
+            PeakCpuUsage(low=0.9, medium=0.95, high=None),
+            PeakQueueDepth(line, low=q / 4, medium=q / 2, high=q))
+
+
 class Policies:
     """The protected run's buttress objects (one set per run); docs/demo.md says why each is there.
 
     `retry_on`: what the Retry of a dependency call retries in this transport (in process: the
-    services' own errors and an attempt's timeout; over HTTP: `buttress.httpx.retryable`)."""
+    services' own errors and an attempt's timeout; over HTTP: `buttress.httpx.retryable`). `line()`: how
+    many checkouts wait for a worker now (the shop's own work queue); `workers`: the shop's workers."""
 
-    def __init__(self, seed: int, retry_on: Any, tally: Tally, elapsed: Callable[[], float]) -> None:
+    def __init__(self, seed: int, retry_on: Any, tally: Tally, elapsed: Callable[[], float], *,
+                 line: Callable[[], float] = lambda: 0, workers: int = 64) -> None:
+        self.seed = seed
+        self.tally = tally
         self.breaker = CircuitBreaker(name="payment", failure_rate_threshold=0.5, window_size=20,
                                       minimum_calls=10, open_duration=1.0, half_open_calls=3)
         self.breaker.on("state_change", lambda ev: tally.transitions.append(
@@ -236,24 +305,55 @@ class Policies:
         self.recommendations = Guard(None, Pipeline(Timeout(0.15)), None)     # one try, 150 ms in all
         self.fallback = Fallback(tally.popular, on=EXPECTED)
         self.deadline = Timeout(2.0)
-        self.shedder = LoadShedder(max_in_flight=40)
+        # The door: every try of a checkout is admitted (or refused at once, with Retry-After) before it
+        # waits in line for a worker, as an ASGI LoadSheddingMiddleware admits a request before the app.
+        # The signals and their thresholds: see `overload_signals`. The in-flight count (line + in progress)
+        # is the exact backstop between two samples: capacity 4 x workers puts LOW's bound (half of it) at
+        # a line of one full round of workers, past the line's own thresholds, and HIGH's at 0.9 x 256 = 230
+        # checkouts in the shop.
+        self.signals = overload_signals(line, workers)
+        self.shedder = LoadShedder(max_in_flight=4 * workers, name="shop", signals=self.signals,
+                                   sample_interval=SAMPLE_INTERVAL)
 
     def guards(self) -> dict[str, Guard]:
         return {"payment": self.payment, "inventory": self.inventory, "recommendations": self.recommendations}
 
+    def shed_reason(self, priority: Priority) -> str:
+        """Why the shedder refused a call at `priority` just now: the signals whose last sample sheds it,
+        else its in-flight count (measured from the shedder's own state, right after the refusal)."""
+        values = self.shedder.metrics().signals
+        why = [sig.name for sig in self.signals if sig.level(values.get(sig.name, 0.0)) > priority]
+        return "+".join(why) if why else "in_flight"
+
 
 class Protected:
-    """The same checkout through buttress: a load shedder admits it, a 2 s deadline bounds it, each
-    dependency call runs through its pipeline (`Policies`), and the order id is the payment's
-    idempotency key, so a retried charge is never charged twice."""
+    """The same checkout through buttress: a load shedder admits it at the door (before the line for a
+    worker), a 2 s deadline bounds it, each dependency call runs through its pipeline (`Policies`), and
+    the order id is the payment's idempotency key, so a retried charge is never charged twice."""
     name = "protected"
 
     def __init__(self, client: Client, policies: Policies) -> None:
         self.client, self.p = client, policies
 
+    @contextlib.asynccontextmanager
+    async def door(self, a: Arrival, tries: int) -> AsyncIterator[None]:
+        priority = priority_of(self.p.seed, a, tries)
+        try:
+            admission = self.p.shedder.admit(priority)
+            await admission.__aenter__()
+        except Overloaded:
+            self.p.tally.shed_by[(self.p.shed_reason(priority), priority.name)] += 1
+            raise
+        try:
+            yield
+        except BaseException as exc:
+            await admission.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        else:
+            await admission.__aexit__(None, None, None)
+
     async def checkout(self, a: Arrival) -> None:
-        async with self.p.shedder.admit(Priority.HIGH):
-            await self.p.deadline.call_async(self._flow, a)
+        await self.p.deadline.call_async(self._flow, a)
 
     async def _flow(self, a: Arrival) -> None:
         await self.client.stock(a.order, a.item)
@@ -327,9 +427,15 @@ async def run(kind: str, schedule: list[Arrival], backend: Any, faults: Faults, 
     tally = Tally()
     if kind == "naive":
         calls: Naive | Protected = Naive(session.client(None), tally)
+        # the same signals, sampled the same way, for the table: the naive shop sheds nothing by them
+        signals = overload_signals(lambda: tally.waiting, cfg.workers)
+        sampler = LoadShedder(name="naive-monitor", signals=signals, sample_interval=SAMPLE_INTERVAL)
     else:
-        policies = Policies(cfg.seed, session.retry_on, tally, lambda: time.monotonic() - t0)
+        policies = Policies(cfg.seed, session.retry_on, tally, lambda: time.monotonic() - t0,
+                            line=lambda: tally.waiting, workers=cfg.workers)
         calls = Protected(session.client(policies), policies)
+        signals, sampler = policies.signals, policies.shedder
+    sampler.start()         # sampling: a timer on this loop (LoopLag measures it), stopped below
     fatal: asyncio.Future[Any] = loop.create_future()
     slots = asyncio.Semaphore(cfg.workers)
     tasks: set[asyncio.Task[Any]] = set()
@@ -340,8 +446,16 @@ async def run(kind: str, schedule: list[Arrival], backend: Any, faults: Faults, 
         del waiting_user[a.order]
         tally.answers.append((a, a.at + cfg.patience, FAILED, "user gave up", None, 0))
 
-    async def attempt(a: Arrival) -> tuple[str, BaseException | None] | None:
-        """One try of a checkout: wait in line for a worker, run it; None after a fatal error."""
+    async def attempt(a: Arrival, tries: int) -> tuple[str, BaseException | None] | None:
+        """One try of a checkout: through the shop's door (the protected shop's shedder), then wait in line
+        for a worker and run it; None after a fatal error."""
+        try:
+            async with calls.door(a, tries):
+                return await served(a)
+        except Rejected as e:
+            return REJECTED, e
+
+    async def served(a: Arrival) -> tuple[str, BaseException | None] | None:
         tally.waiting += 1
         tally.in_line.add(a.order)
         entered = False
@@ -378,7 +492,7 @@ async def run(kind: str, schedule: list[Arrival], backend: Any, faults: Faults, 
         while True:
             tries += 1
             began = time.monotonic() - t0
-            result = await attempt(a)
+            result = await attempt(a, tries)
             if result is None:
                 return
             outcome, exc = result
@@ -435,6 +549,7 @@ async def run(kind: str, schedule: list[Arrival], backend: Any, faults: Faults, 
         for task in list(tasks):    # the shop's work still going on is stopped
             task.cancel()
         await asyncio.gather(dispatcher, *tasks, return_exceptions=True)
+        sampler.stop()
         stats = await session.end()
     if not dispatcher.cancelled() and dispatcher.exception() is not None:
         raise dispatcher.exception()    # type: ignore[misc]
@@ -444,7 +559,31 @@ async def run(kind: str, schedule: list[Arrival], backend: Any, faults: Faults, 
             exc.add_note(f"buttress demo: raised in the {kind} run by the checkout of order {a.order} "
                          f"(arrived at {a.at:.2f} s); the demo stopped")
         raise exc
-    return {"kind": kind, "tally": tally, "stats": stats, "ended": time.monotonic() - t0}
+    return {"kind": kind, "tally": tally, "stats": stats, "ended": time.monotonic() - t0,
+            "signals": signals_record(signals),
+            "shedder": None if kind == "naive" else shedder_record(policies)}
+
+
+def signals_record(signals: tuple[OverloadSignal, ...]) -> dict[str, Any]:
+    """Each overload signal's thresholds and the largest value its sampler read in the run."""
+    return {sig.name: {"low": sig.thresholds[0], "medium": sig.thresholds[1], "high": sig.thresholds[2],
+                       "peak": round(getattr(sig, "peak", 0.0), 4)} for sig in signals}
+
+
+def shedder_record(p: Policies) -> dict[str, Any]:
+    """What the protected shop's door did: tries admitted and shed per priority, and the shed ones by
+    reason (the signal whose last sample shed it, or in_flight) and priority."""
+    m = p.shedder.metrics()
+    by: dict[str, dict[str, int]] = {}
+    for (why, prio), n in sorted(p.tally.shed_by.items()):
+        by.setdefault(why, {})[prio] = n
+    return {
+        "sample_interval_s": p.shedder.sample_interval,
+        "max_in_flight": p.shedder.capacity,
+        "admitted": {prio.name: n for prio, n in m.admitted.items()},
+        "shed": {prio.name: n for prio, n in m.shed.items()},
+        "shed_by": by,
+    }
 
 
 # -- the numbers of a run ----------------------------------------------------------------------------------
@@ -526,6 +665,8 @@ def summarize(record: dict[str, Any], schedule: list[Arrival], cfg: RunConfig) -
         "retries": tally.retries,
         "fallbacks": tally.fallbacks,
         "breaker_transitions": [{"at": t, "old": o, "new": nw} for t, o, nw in tally.transitions],
+        "signals": record["signals"],
+        "shedder": record["shedder"],
         "ran_s": round(record["ended"], 2),
         "series": series,
     }

@@ -23,6 +23,42 @@ def _by(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])) or "none"
 
 
+_SIGNALS = ("queue_depth", "loop_lag", "cpu")
+_PRIORITIES = ("LOW", "MEDIUM", "HIGH", "CRITICAL")
+
+
+def _peak(run: dict[str, Any], name: str) -> str:
+    """The largest value a signal's sampler read in a run, in the signal's unit."""
+    sig = (run.get("signals") or {}).get(name)
+    if sig is None:
+        return "-"
+    v = sig["peak"]
+    return f"{v * 1e3:.0f} ms" if name == "loop_lag" else f"{v * 100:.0f} %" if name == "cpu" else f"{v:,.0f}"
+
+
+def _shed(run: dict[str, Any], signals: bool) -> Any:
+    by = (run.get("shedder") or {}).get("shed_by", {})
+    return sum(n for why, prios in by.items() if (why != "in_flight") == signals for n in prios.values())
+
+
+def _thresholds(sig: dict[str, Any], name: str) -> str:
+    def one(v: float | None) -> str:
+        if v is None:
+            return "never"
+        return f"{v * 1e3:g} ms" if name == "loop_lag" else f"{v * 100:g} %" if name == "cpu" else f"{v:g}"
+    return " / ".join(one(sig[k]) for k in ("low", "medium", "high"))
+
+
+def _shed_by(run: dict[str, Any]) -> str:
+    by = (run.get("shedder") or {}).get("shed_by", {})
+    parts = []
+    for why in (*_SIGNALS, "in_flight", *sorted(set(by) - {*_SIGNALS, "in_flight"})):
+        prios = by.get(why, {})
+        counts = ", ".join(f"{p} {prios[p]}" for p in _PRIORITIES if prios.get(p))
+        parts.append(f"{why} {counts or 'none'}")
+    return "; ".join(parts)
+
+
 def render(result: dict[str, Any]) -> str:
     runs = result["runs"]
     naive, prot = runs["naive"], runs["protected"]
@@ -59,6 +95,11 @@ def render(result: dict[str, Any]) -> str:
         ("                        p99", _secs(naive["latency_ms"]["p99"]), _secs(prot["latency_ms"]["p99"])),
         ("double charges", naive["double_charges"], prot["double_charges"]),
         ("charged, but no confirmation", naive["charged_without_confirmation"], prot["charged_without_confirmation"]),
+        ("longest line for a worker (sampled)", _peak(naive, "queue_depth"), _peak(prot, "queue_depth")),
+        ("worst event-loop lag (sampled)", _peak(naive, "loop_lag"), _peak(prot, "loop_lag")),
+        ("busiest CPU of this process (sampled)", _peak(naive, "cpu"), _peak(prot, "cpu")),
+        ("tries shed by those signals", "-", _shed(prot, signals=True)),
+        ("tries shed by the in-flight count", "-", _shed(prot, signals=False)),
     ]
     cells = [(label, a if isinstance(a, str) else _cell(a), b if isinstance(b, str) else _cell(b))
              for label, a, b in rows]
@@ -86,6 +127,7 @@ def render(result: dict[str, Any]) -> str:
                            "sends the order id"),
         ("", "as Idempotency-Key, and the gateway charges a key once"),
         ("no confirmation", "the card was charged, but the user saw an error or had given up"),
+        *_signal_lines(naive, prot),
     ]
     wl = max(len(k) for k, _ in explain)
     lines = head + table + [""] + [f"{k.ljust(wl)}  {v}" for k, v in explain] + [""]
@@ -99,3 +141,20 @@ def render(result: dict[str, Any]) -> str:
         lines.append("protected payment breaker (CLOSED at first): " + ", ".join(f"{m['new']} at {m['at']:g} s"
                                                                                for m in moves))
     return "\n".join(lines)
+
+
+
+def _signal_lines(naive: dict[str, Any], prot: dict[str, Any]) -> list[tuple[str, str]]:
+    sigs = prot.get("signals") or {}
+    if not sigs:
+        return []
+    interval = (prot.get("shedder") or {}).get("sample_interval_s", 0.1)
+    names = {"queue_depth": "line", "loop_lag": "loop lag", "cpu": "CPU"}
+    return [
+        ("signals", f"overload signals, sampled every {interval:g} s in both runs; the protected shop sheds by them "
+                    "at its door (before the line),"),
+        ("", "LOW / MEDIUM / HIGH from: " + ", ".join(f"{names.get(n, n)} {_thresholds(sig, n)}"
+                                                      for n, sig in sigs.items())),
+        ("", "priority: a guest's first try LOW, a signed-in customer's MEDIUM, a user back after Retry-After HIGH"),
+        ("", f"protected shed: {_shed_by(prot)}"),
+    ]
