@@ -18,7 +18,8 @@ from ._impl import core
 from ._params import NS, check_float, check_function, check_int, exception_matcher, seconds_to_ns
 from ._spec import UsageError
 from ._wrap import CORO, specialize
-from .bulkhead import COLLECTED, is_lazy, settle_async, settle_sync
+from ._wrap import lazy_result as is_lazy
+from .bulkhead import COLLECTED, settle_async, settle_sync
 from .clock import is_system_clock, resolve_clock
 from .errors import Overloaded
 

@@ -42,7 +42,6 @@ from ._params import ASYNC, ASYNC_GENERATOR, GENERATOR, SYNC, callable_kind, che
 from ._spec import UsageError
 from ._timers import call_later
 from ._wrap import CORO, lazy_result, refuse_sync_result, specialize, sync_in_async
-from ._wrap import lazy_result as is_lazy     # the name shedding.py / adaptive.py import
 from .clock import SYSTEM_CLOCK as _SYSTEM_CLOCK, resolve_clock
 from .errors import BulkheadFullError, TimeoutExceeded, rejection
 
@@ -501,7 +500,7 @@ class Bulkhead(_StageBase, Policy):
             if self._waiters:
                 self._drain()
             raise
-        if is_lazy(result):
+        if lazy_result(result):
             settled: T = self._settle_result(fn, result)     # a stream holds the permit; an awaitable is refused
             return settled
         self._release_permit()

@@ -30,7 +30,8 @@ from ._impl import core
 from ._params import NS, check_float, check_function, check_int, check_real, count_of, exception_matcher
 from ._spec import UsageError
 from ._wrap import CORO, specialize
-from .bulkhead import COLLECTED, is_lazy, settle_async, settle_sync
+from ._wrap import lazy_result as is_lazy
+from .bulkhead import COLLECTED, settle_async, settle_sync
 from ._timers import call_later
 from .clock import is_system_clock, resolve_clock
 from .errors import Overloaded, Rejected, lazy_rejection
