@@ -334,3 +334,26 @@ def test_an_app_with_its_own_lifespan_still_runs_it():
     # the app's startup sees the sampler running; its shutdown runs after the sampler stopped
     assert events == [("lifespan.startup", True), ("lifespan.shutdown", False)]
     assert (shed.starts, shed.stops) == (1, 1)
+
+
+def test_readiness_stays_200_but_says_degraded_while_signals_shed():
+    """The documented idiom: a non-critical readiness check on the shed level. A shedding replica stays in
+    rotation (200: taking it out would push its load onto the others), its report says "degraded";
+    draining is what turns readiness 503."""
+    clock = FakeClock(autojump=False)
+    jobs: list[int] = []
+    shed = CountingShedder(max_in_flight=100, clock=clock, signals=[QueueDepth(lambda: len(jobs), low=1)])
+    health = HealthRegistry()
+    health.add_readiness("load", lambda: shed.level == 0, critical=False)
+    stack = HealthEndpoints(LoadSheddingMiddleware(app, shed, priority=by_path), health, details=True)
+    with serve(stack) as (url, _), httpx.Client(timeout=TIMEOUT) as client:
+        assert client.get(url + "/readyz").json()["status"] == "up"
+        jobs.append(1)
+        sampled_after_advance(clock, shed, shed.sample_interval)
+        ready = client.get(url + "/readyz")
+        assert ready.status_code == 200 and ready.json()["status"] == "degraded"
+        assert client.get(url + "/low").status_code == 503
+        jobs.clear()
+        sampled_after_advance(clock, shed, shed.sample_interval)
+        assert client.get(url + "/readyz").json()["status"] == "up"
+    assert (shed.starts, shed.stops) == (1, 1)

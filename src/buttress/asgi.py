@@ -3,7 +3,8 @@ shutdown.
 
 Plain ASGI 3 callables (``await mw(scope, receive, send)``), so they wrap any ASGI app (Starlette,
 FastAPI, Django, Litestar, a bare function) without Starlette's BaseHTTPMiddleware and without any
-extra dependency. Only ``http`` scopes are acted on; ``websocket`` and ``lifespan`` pass through.
+extra dependency. Only ``http`` scopes are acted on; ``websocket`` passes through, and so does
+``lifespan``, which LoadSheddingMiddleware (its shedder's sampler) and ShutdownMiddleware (the drain) watch.
 
 Rate-limit headers follow draft-ietf-httpapi-ratelimit-headers-09/-10 (structured fields)::
 

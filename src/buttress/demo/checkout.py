@@ -309,8 +309,8 @@ class Policies:
         # waits in line for a worker, as an ASGI LoadSheddingMiddleware admits a request before the app.
         # The signals and their thresholds: see `overload_signals`. The in-flight count (line + in progress)
         # is the exact backstop between two samples: capacity 4 x workers puts LOW's bound (half of it) at
-        # a line of one full round of workers, past the line's own thresholds, and HIGH's at 0.9 x 256 = 230
-        # checkouts in the shop.
+        # a line of one full round of workers, past the line's own thresholds, and HIGH's at 0.9 x 4 x workers
+        # (230.4 for 64 workers) checkouts in the shop.
         self.signals = overload_signals(line, workers)
         self.shedder = LoadShedder(max_in_flight=4 * workers, name="shop", signals=self.signals,
                                    sample_interval=SAMPLE_INTERVAL)
