@@ -27,6 +27,7 @@ from bt_permits cimport permits_t, permits_try, permits_try_limit, permits_relea
 from cpython.time cimport monotonic_ns
 
 import logging
+import time as _time
 import types
 from contextvars import ContextVar
 
@@ -34,7 +35,7 @@ from buttress._params import describe
 from buttress._spec import UsageError
 from buttress._wrap import refuse_sync_result
 
-__all__ = ["StageGuard", "StageBase", "AttemptGuard", "ShedBase", "Admission"]
+__all__ = ["StageGuard", "StageBase", "AttemptGuard", "AttemptVar", "ShedBase", "Admission"]
 
 log = logging.getLogger("buttress.guard")
 
@@ -1200,15 +1201,69 @@ cdef int _stage_enter_c(PyObject *o) noexcept:
 
 
 cdef extern from "buttress_attempt.h":
+    ctypedef int64_t (*bt_now_fn)() noexcept
     PyObject *bt_attempt_vectorcall(PyObject *, PyObject *const *, size_t, PyObject *)
-    void bt_attempt_set_settle(PyObject *fn)
+    void bt_attempt_set_settle(PyObject *fn, PyObject *running_loop, bt_now_fn now)
+    int bt_attempt_materialize() except -1
+
+cdef extern from "Python.h":
+    int bt_cvar_get "PyContextVar_Get"(object var, PyObject *default_value, PyObject **value) except -1
+
+
+cdef int64_t _attempt_now() noexcept:
+    return monotonic_ns()
+
+
+cdef class AttemptVar:
+    """The ContextVar of a retried call's state, as the Python paths use it (get / set / reset). A first
+    attempt of a compiled AttemptGuard sets it lazily (include/buttress_attempt.h): get() and set()
+    materialise the pending attempts of the current context first, so what they see and the nesting
+    they build are as if every attempt had set it at its start; `materialize()` does only that (before
+    copying the context)."""
+    cdef object _v
+
+    @property
+    def var(self):
+        return self._var()
+
+    def __init__(self, var):
+        if type(var) is not ContextVar:
+            raise TypeError(f"var must be a contextvars.ContextVar, got {var!r}")
+        if self._v is not None:
+            raise RuntimeError(f"{type(self).__name__} is already initialised")
+        self._v = var
+
+    cdef inline object _var(self):
+        if self._v is None:
+            raise _not_initialised(self)
+        return self._v
+
+    def get(self):
+        cdef PyObject *value = NULL
+        var = self._var()
+        bt_attempt_materialize()
+        bt_cvar_get(var, NULL, &value)
+        return None if value == NULL else _steal(value)
+
+    def set(self, value):
+        var = self._var()
+        bt_attempt_materialize()
+        return var.set(value)
+
+    def reset(self, token):
+        self._var().reset(token)
+
+    def materialize(self):
+        self._var()
+        bt_attempt_materialize()
 
 
 @cython.no_gc_clear     # the *_p fields borrow the object fields: the GC must never clear them under a caller
 cdef class AttemptGuard:
-    """The first attempt of a retried call, compiled (see include/buttress_attempt.h): sets the state list
-    [1, None, clock_ns(), owner, None, None, None] in `var`, calls fn, advances `counter` on success; on
-    an Exception hands over to on_failure(state, fn, args, kwargs, exc, None). Binds like a function.
+    """The first attempt of a retried call, compiled (see include/buttress_attempt.h): the state list
+    [1, None, clock_ns(), owner, None, None, None] in `var` (set lazily outside an event loop: an
+    AttemptVar over `var` materialises it when read), calls fn, advances `counter` on success; on an
+    Exception hands over to on_failure(state, fn, args, kwargs, exc, None). Binds like a function.
     Layout: the first fields must match bt_attempt_head. Not initialised (fn_p NULL): every call raises
     RuntimeError. Initialised once."""
     cdef vectorcallfunc vectorcall
@@ -1218,6 +1273,7 @@ cdef class AttemptGuard:
     cdef PyObject *counter_p
     cdef PyObject *on_failure_p
     cdef PyObject *clock_p
+    cdef int sysclock           # clock_ns is time.monotonic_ns: the first attempt reads the clock in C
     cdef object fn, owner, var, counter, on_failure, clock_ns
     cdef dict __dict__
 
@@ -1238,6 +1294,7 @@ cdef class AttemptGuard:
             fn, owner, var, counter, on_failure, clock_ns)
         self.fn_p, self.owner_p, self.var_p = <PyObject *>fn, <PyObject *>owner, <PyObject *>var
         self.counter_p, self.on_failure_p, self.clock_p = <PyObject *>counter, <PyObject *>on_failure, <PyObject *>clock_ns
+        self.sysclock = clock_ns is _time.monotonic_ns
 
     def __call__(self, *args, **kwargs):     # only reached by callers that bypass vectorcall
         if self.fn_p == NULL:
@@ -1273,7 +1330,8 @@ def _install():
     bt_set_method(<PyTypeObject *>Admission, &bt_adm_aenter_def)
     bt_set_method(<PyTypeObject *>Admission, &bt_adm_aexit_def)
     bt_set_enter(<PyTypeObject *>StageBase, &bt_stage_enter_def, _stage_enter_c, &bt_stage_enter_impl)
-    bt_attempt_set_settle(<PyObject *>_attempt_settle)
+    from asyncio import _get_running_loop
+    bt_attempt_set_settle(<PyObject *>_attempt_settle, <PyObject *>_get_running_loop, _attempt_now)
     cdef StageGuard probe = StageGuard.__new__(StageGuard)
     bt_guard_install(<PyTypeObject *>StageGuard, <Py_ssize_t>(<char *>&probe.vectorcall - <char *><PyObject *>probe))
     bt_guard_method_descriptor(<PyTypeObject *>StageGuard)

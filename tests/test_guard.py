@@ -168,6 +168,7 @@ def test_stage_base_requires_setup(impl):
 
 # -- AttemptGuard: the first attempt of a retried call ------------------------------------------------
 
+import asyncio  # noqa: E402
 import contextvars  # noqa: E402
 import itertools  # noqa: E402
 
@@ -187,11 +188,53 @@ def _attempt(impl, fn, on_failure=None):
 
 
 def test_attempt_success_sets_state_and_counts(impl):
+    var = impl.guard.AttemptVar(_STATE)         # reads materialise a lazily set state (the compiled one)
     inside = []
-    g, counter, seen = _attempt(impl, lambda x, y=1: inside.append(list(_STATE.get())) or x + y)
+    g, counter, seen = _attempt(impl, lambda x, y=1: inside.append(list(var.get())) or x + y)
     assert g(1, y=2) == 3
     assert inside == [[1, None, 42, "owner", None, None, None]]
-    assert _STATE.get() is None and next(counter) == 1 and seen == []
+    assert _STATE.get() is None and var.get() is None and next(counter) == 1 and seen == []
+
+
+def test_attempt_state_is_set_lazily_outside_an_event_loop_and_at_once_inside_one(impl):
+    var = impl.guard.AttemptVar(_STATE)
+    inside = []
+
+    def body():
+        raw = _STATE.get()                      # the variable itself, before anyone asked
+        inside.append((raw if raw is None else list(raw), list(var.get()), list(_STATE.get())))
+        return "ok"
+
+    g, counter, seen = _attempt(impl, body)
+    assert g() == "ok"
+    state = [1, None, 42, "owner", None, None, None]
+    lazy = impl.kind == "cython"
+    assert inside == [(None if lazy else state, state, state)]      # var.get() materialised it
+    assert _STATE.get() is None
+
+    async def main():
+        return g()                              # a loop runs: a task made now would copy the context
+
+    inside.clear()
+    assert asyncio.run(main()) == "ok"
+    assert inside == [(state, state, state)] and _STATE.get() is None
+
+
+def test_attempt_var_checks_its_variable_and_materialize_is_harmless(impl):
+    with pytest.raises(TypeError, match="var must be a contextvars.ContextVar"):
+        impl.guard.AttemptVar("nope")
+    var = impl.guard.AttemptVar(_STATE)
+    with pytest.raises(RuntimeError, match="already initialised"):
+        var.__init__(_STATE)
+    assert var.var is _STATE and var.get() is None
+    var.materialize()
+    token = var.set([5])
+    assert var.get() == [5] and _STATE.get() == [5]
+    var.reset(token)
+    assert var.get() is None
+    blank = impl.guard.AttemptVar.__new__(impl.guard.AttemptVar)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        blank.get()
 
 
 def test_attempt_failure_hands_over_with_args_and_state_set(impl):

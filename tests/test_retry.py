@@ -1152,3 +1152,175 @@ def test_log_hooks_work_in_blocks_and_retry_call_and_check_their_arguments(caplo
         for make in (log_retries, log_give_up):
             with pytest.raises(exc, match=words):
                 make(**bad)
+
+
+# -- the first attempt's context is set lazily (issue 16): what every reader still sees -------------------
+
+def test_current_attempt_outside_any_retry_is_none_before_between_and_after_calls():
+    r = Retry(max_attempts=3, backoff=NO_WAIT)                  # the system clock: the C clock read
+    assert current_attempt() is None
+
+    @r
+    def quiet():
+        return "no one reads"
+
+    @r
+    def reads():
+        return current_attempt()
+
+    assert quiet() == "no one reads" and current_attempt() is None
+    a = reads()
+    assert a.number == 1 and isinstance(a.idempotency_key, str) and a.elapsed >= 0.0
+    assert current_attempt() is None
+    with pytest.raises(ConnectionError):
+        r(flaky(5))()
+    assert current_attempt() is None
+
+
+@pytest.mark.parametrize("clock", [None, FakeClock(start=5.0)], ids=["system", "fake"])
+def test_a_nested_retry_inside_a_retried_call_sees_its_own_attempts(clock):
+    outer = Retry(max_attempts=2, backoff=NO_WAIT, clock=clock)
+    inner = Retry(max_attempts=3, backoff=NO_WAIT, clock=clock)
+    seen, quiet_inner = [], inner(lambda: "quiet")               # nobody reads inside this one
+
+    @outer
+    def body():
+        assert quiet_inner() == "quiet"
+        before = current_attempt()                              # read after a lazy inner call ended
+        assert inner(flaky(2, log=seen))() == "ok"              # fails twice: materialised by the failure
+        after = current_attempt()
+        assert (after.number, after.idempotency_key) == (before.number, before.idempotency_key)
+
+        @inner
+        def leaf():
+            return current_attempt()
+        mine = leaf()
+        assert mine.idempotency_key not in (before.idempotency_key, seen[0][1].idempotency_key)
+        assert current_attempt().idempotency_key == before.idempotency_key
+        return before
+
+    first = body()
+    assert first.number == 1
+    assert [a.number for _, a in seen] == [1, 2, 3]
+    assert len({a.idempotency_key for _, a in seen}) == 1 and seen[0][1].idempotency_key != first.idempotency_key
+    if clock is not None:
+        assert first.elapsed == 0.0
+
+
+def test_the_key_read_in_a_first_attempt_is_the_key_of_the_retries():
+    r = Retry(max_attempts=3, backoff=NO_WAIT)
+    keys = []
+
+    @r
+    def pay():
+        a = current_attempt()
+        keys.append((a.number, a.idempotency_key))
+        if a.number < 3:
+            raise ConnectionError("again")
+        return "paid"
+
+    assert pay() == "paid"
+    assert [n for n, _ in keys] == [1, 2, 3] and len({k for _, k in keys}) == 1
+    assert pay() == "paid" and keys[3][1] != keys[0][1]          # a new logical call, a new key
+
+
+def test_a_task_spawned_inside_an_attempt_sees_the_right_attempt():
+    r = Retry(max_attempts=2, backoff=NO_WAIT)
+    spawned = []
+
+    async def child():
+        return current_attempt()
+
+    @r
+    def start_child():                                          # sync, called from a coroutine
+        spawned.append(asyncio.ensure_future(child()))
+        return current_attempt()
+
+    async def main():
+        mine = start_child()
+        theirs = await spawned[0]                               # it runs after the attempt ended
+        assert current_attempt() is None
+        return mine, theirs
+
+    mine, theirs = asyncio.run(main())
+    assert theirs is not None and (theirs.number, theirs.idempotency_key) == (mine.number, mine.idempotency_key)
+
+
+def test_a_thread_given_a_copied_context_and_a_timeout_worker_see_the_attempt():
+    import contextvars
+    import threading
+    r = Retry(max_attempts=3, backoff=NO_WAIT)
+    seen = []
+
+    @r
+    def handoff():
+        current_attempt()                                       # read first: the copy carries it
+        ctx = contextvars.copy_context()
+        t = threading.Thread(target=lambda: seen.append(ctx.run(current_attempt)))
+        t.start()
+        t.join()
+        return current_attempt()
+
+    mine = handoff()
+    assert seen[0].idempotency_key == mine.idempotency_key
+
+    timed_keys = []
+
+    def slow_part():
+        timed_keys.append((current_attempt().number, current_attempt().idempotency_key))
+        if len(timed_keys) < 2:
+            raise ConnectionError("worker failed")
+        return "done"
+
+    pipeline = buttress.Pipeline(r, buttress.Timeout(5.0))     # the worker thread gets a copied context
+    assert pipeline(slow_part)() == "done"
+    assert [n for n, _ in timed_keys] == [1, 2] and len({k for _, k in timed_keys}) == 1
+
+
+def test_a_context_copied_before_the_attempt_does_not_see_it():
+    import contextvars
+    r = Retry(max_attempts=2, backoff=NO_WAIT)
+    before = contextvars.copy_context()
+
+    @r
+    def body():
+        return before.run(current_attempt), current_attempt()
+
+    theirs, mine = body()
+    assert theirs is None and mine.number == 1
+
+
+def test_deep_nesting_past_the_per_thread_table_keeps_every_attempt():
+    r = Retry(max_attempts=2, backoff=NO_WAIT)
+    keys = []
+
+    def level(n):
+        if n == 0:
+            return current_attempt().idempotency_key
+        key = r(level)(n - 1)
+        keys.append((n, current_attempt().idempotency_key))
+        return key
+
+    deepest = r(level)(45)                                      # 46 nested first attempts (the table has 32)
+    assert len({k for _, k in keys}) == len(keys) == 45 and deepest not in {k for _, k in keys}
+    assert current_attempt() is None
+
+
+def test_threads_each_see_their_own_attempts(fast_switching):
+    r = Retry(max_attempts=3, backoff=NO_WAIT)
+
+    def body(i):
+        out = []
+        for j in range(200):
+            @r
+            def fn():
+                a = current_attempt()
+                out.append(a.idempotency_key)
+                if j % 3 == 0 and a.number == 1:
+                    raise ConnectionError("retry me")
+                return a.idempotency_key
+            key = fn()
+            assert out[-1] == key and current_attempt() is None
+        return len(set(out))
+
+    assert race(8, body) == [200] * 8

@@ -59,8 +59,13 @@ _KEY_LOCK = threading.Lock()
 # cheaper) so that work run with a copied context (asyncio tasks, to_thread, a Timeout's worker
 # thread) still sees its call's attempt and idempotency key.
 _Call = list[Any]          # [number, key, start_ns, retry, args, kwargs, previous delay]
-_CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("buttress_retry_call", default=None)
+_CALL_VAR: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("buttress_retry_call", default=None)
+# Every Python path goes through _CALL (get / set / reset): the compiled first attempt sets _CALL_VAR lazily
+# (outside an event loop, only when someone reads it: buttress_attempt.h), and _CALL materialises the
+# pending attempts of the current context before it reads or sets the variable.
+_CALL = core("guard").AttemptVar(_CALL_VAR)
 _AttemptGuard = core("guard").AttemptGuard
+_context._before_copy = _CALL.materialize       # a Timeout copies the context to its worker: attempts first
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,7 +304,7 @@ class Retry(Policy):
         if not setup and pred is None and not self._key_from_args:
             # the common case: the first attempt runs in the compiled guard (one vectorcall, the state
             # set in _CALL from C); a failure hands over to the same _loop_sync as below
-            return _AttemptGuard(fn, self, _CALL, ok_first, self._loop_sync, now_ns)  # type: ignore[no-any-return]
+            return _AttemptGuard(fn, self, _CALL_VAR, ok_first, self._loop_sync, now_ns)  # type: ignore[no-any-return]
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             call = [1, None, now_ns(), retry, args, kwargs, None]

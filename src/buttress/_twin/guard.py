@@ -6,7 +6,7 @@ import sys
 import threading
 import time
 import types
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import Any, Callable, Literal
 
 from .._params import describe
@@ -14,7 +14,7 @@ from .._spec import UsageError
 from .._wrap import LAZY_TYPES, refuse_sync_result
 from .permits import Permits as _Permits
 
-__all__ = ["StageGuard", "StageBase", "AttemptGuard", "ShedBase", "Admission"]
+__all__ = ["StageGuard", "StageBase", "AttemptGuard", "AttemptVar", "ShedBase", "Admission"]
 
 _ids = itertools.count(1)           # stage ids: never 0, never reused
 _HELD_SLOTS = 8                     # BT_HELD_SLOTS in include/buttress_guard.h
@@ -795,6 +795,43 @@ class _Done:
 
 
 _DONE_NONE = _Done()
+
+
+class AttemptVar:
+    """The ContextVar of a retried call's state, as the Python paths use it (get / set / reset). The twin's
+    AttemptGuard sets it at once, so there is nothing to materialise: get() and set() are the variable's
+    (the compiled one materialises the attempts it set lazily first; `materialize()` does only that)."""
+
+    __slots__ = ("_v",)
+
+    def __init__(self, var: ContextVar[Any]) -> None:
+        if type(var) is not ContextVar:
+            raise TypeError(f"var must be a contextvars.ContextVar, got {var!r}")
+        if hasattr(self, "_v"):
+            raise RuntimeError(f"{type(self).__name__} is already initialised")
+        self._v = var
+
+    def _var(self) -> ContextVar[Any]:
+        try:
+            return self._v
+        except AttributeError:
+            raise _not_initialised(self) from None
+
+    @property
+    def var(self) -> ContextVar[Any]:
+        return self._var()
+
+    def get(self) -> Any:
+        return self._var().get(None)
+
+    def set(self, value: Any) -> Token[Any]:
+        return self._var().set(value)
+
+    def reset(self, token: Token[Any]) -> None:
+        self._var().reset(token)
+
+    def materialize(self) -> None:
+        self._var()
 
 
 class AttemptGuard:
