@@ -24,6 +24,7 @@ cimport cython
 from libc.stdint cimport int64_t, INT64_MAX
 from cpython.time cimport monotonic_ns
 from cpython.long cimport PyLong_AsLongLongAndOverflow
+from cpython.mem cimport PyMem_Calloc, PyMem_Free
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_C_CONTIGUOUS
 from bt_gcra cimport (gcra_t, gcra_init, gcra_rel, gcra_claim, gcra_wait, gcra_available, gcra_refund,
                       bt_as_i64, _bt_show, REL_MIN, TAT_MAX)
@@ -66,7 +67,8 @@ cdef class GCRA:
     cdef int64_t *cp           # -> counts_ or words 4..5: admitted, rejected (atomic)
     cdef gcra_t own_
     cdef int64_t counts_[2]
-    cdef Py_buffer buf
+    cdef Py_buffer *buf        # a store's words (PyMem_Calloc'd: a Py_buffer member is traversed and cleared by
+                               # the GC while exported; the export keeps its owner alive until __dealloc__)
     cdef bint has_buf
     cdef int64_t capacity_     # 0 until __init__ ran
     cdef int64_t nmax_         # capacity_ while the object decides; 0 before __init__ and after _close
@@ -97,7 +99,11 @@ cdef class GCRA:
             raw = _twin_words_view(words, WORDS)
             mv = raw.cast("q")
             _check_words(mv[1], mv[2], interval, interval * cap)
-            PyObject_GetBuffer(raw, &self.buf, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS)
+            if self.buf == NULL:
+                self.buf = <Py_buffer *>PyMem_Calloc(1, sizeof(Py_buffer))
+                if self.buf == NULL:
+                    raise MemoryError()
+            PyObject_GetBuffer(raw, self.buf, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS)   # freed in __dealloc__ if it fails
             self.has_buf = True
             w = <int64_t *>self.buf.buf
             self.gp = <gcra_t *>w
@@ -113,7 +119,8 @@ cdef class GCRA:
 
     def __dealloc__(self):
         if self.has_buf:
-            PyBuffer_Release(&self.buf)
+            PyBuffer_Release(self.buf)
+        PyMem_Free(self.buf)
 
     @staticmethod
     def init_words(words, rate, capacity, base_ns=0):

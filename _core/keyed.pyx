@@ -199,7 +199,8 @@ cdef class KeyedGCRA:
     cdef int64_t *hdr         # HEADER_WORDS words: count, hand, ..., admitted, rejected (see the module doc)
     cdef kslot *slots         # NULL until __init__ ran
     cdef void *own            # the table's own words (process-local), else NULL
-    cdef Py_buffer buf
+    cdef Py_buffer *buf        # a store's words (PyMem_Calloc'd: a Py_buffer member is traversed and cleared by
+                               # the GC while exported; the export keeps its owner alive until __dealloc__)
     cdef bint has_buf
     cdef int64_t nslots_
     cdef int64_t max_keys_
@@ -244,7 +245,11 @@ cdef class KeyedGCRA:
                 raise ValueError("seed must be None when words are given: the table's seed lives in its words")
             raw = _twin_words_view(words, nwords, "this table")
             _check_header(raw.cast("q"), interval, interval * cap, idle, nslots, mk)
-            PyObject_GetBuffer(raw, &self.buf, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS)
+            if self.buf == NULL:
+                self.buf = <Py_buffer *>PyMem_Calloc(1, sizeof(Py_buffer))
+                if self.buf == NULL:
+                    raise MemoryError()
+            PyObject_GetBuffer(raw, self.buf, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS)   # freed in __dealloc__ if it fails
             self.has_buf = True
             w = <int64_t *>self.buf.buf
         self.hdr = w
@@ -270,7 +275,8 @@ cdef class KeyedGCRA:
     def __dealloc__(self):
         PyMem_Free(self.own)
         if self.has_buf:
-            PyBuffer_Release(&self.buf)
+            PyBuffer_Release(self.buf)
+        PyMem_Free(self.buf)
 
     @staticmethod
     def nwords(max_keys):

@@ -6,6 +6,7 @@ docs/stores.md). Every word goes through the atomics header; a process killed at
 either no op installed, or one op installed in G that the next process to meet it completes.
 """
 from libc.stdint cimport int64_t, uintptr_t
+from cpython.mem cimport PyMem_Calloc, PyMem_Free
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_C_CONTIGUOUS
 from bt_atomic cimport bt_load, bt_store, bt_cas, bt_fetch_add, bt_fence_seq_cst, bt_fence_after_rmw
 
@@ -245,7 +246,8 @@ cdef object _view(object words, object nslots):
 cdef class SharedPermits:
     """A crash-safe permit counter on int64 words in a store (see buttress._twin.shared)."""
     cdef int64_t *w
-    cdef Py_buffer buf
+    cdef Py_buffer *buf        # a store's words (PyMem_Calloc'd: a Py_buffer member is traversed and cleared by
+                               # the GC while exported; the export keeps its owner alive until __dealloc__)
     cdef int64_t ready          # 0 new, 1 initialising, 2 ready (atomic)
     cdef int64_t slot_
     cdef int64_t nslots_
@@ -267,7 +269,11 @@ cdef class SharedPermits:
         if not bt_cas(&self.ready, 0, 1):
             raise RuntimeError(f"{type(self).__name__} is already initialised")
         try:
-            PyObject_GetBuffer(raw, &self.buf, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS)
+            if self.buf == NULL:
+                self.buf = <Py_buffer *>PyMem_Calloc(1, sizeof(Py_buffer))
+                if self.buf == NULL:
+                    raise MemoryError()
+            PyObject_GetBuffer(raw, self.buf, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS)
         except BaseException:
             bt_store(&self.ready, 0)
             raise
@@ -281,7 +287,8 @@ cdef class SharedPermits:
 
     def __dealloc__(self):
         if bt_load(&self.ready) >= 2:
-            PyBuffer_Release(&self.buf)
+            PyBuffer_Release(self.buf)
+        PyMem_Free(self.buf)
 
     cdef inline int64_t *_words(self) except NULL:
         if bt_load(&self.ready) != 2:

@@ -10,6 +10,7 @@ cimport cython
 from libc.stdint cimport int64_t, uint64_t, INT64_MAX
 from cpython.time cimport monotonic_ns
 from cpython.long cimport PyLong_AsLongLongAndOverflow
+from cpython.mem cimport PyMem_Calloc, PyMem_Free
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_C_CONTIGUOUS
 from bt_atomic cimport bt_load, bt_store, bt_cas, bt_fetch_add
 from bt_gcra cimport bt_as_i64, _bt_show
@@ -101,7 +102,8 @@ cdef inline int64_t floor_div(int64_t a, int64_t b, int64_t *rem) noexcept nogil
 cdef class WindowCounter:
     cdef int64_t *w            # -> own_ or a store's words
     cdef int64_t own_[8]
-    cdef Py_buffer buf
+    cdef Py_buffer *buf        # a store's words (PyMem_Calloc'd: a Py_buffer member is traversed and cleared by
+                               # the GC while exported; the export keeps its owner alive until __dealloc__)
     cdef bint has_buf
     cdef int64_t limit_        # 0 until __init__ ran
     cdef int64_t nmax_         # limit_ while the object decides; 0 before __init__ and after _close
@@ -128,7 +130,11 @@ cdef class WindowCounter:
         else:
             raw = _words_view(words, WORDS, "a window counter")
             _check_words(raw.cast("q"), lim, width, sl)
-            PyObject_GetBuffer(raw, &self.buf, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS)
+            if self.buf == NULL:
+                self.buf = <Py_buffer *>PyMem_Calloc(1, sizeof(Py_buffer))
+                if self.buf == NULL:
+                    raise MemoryError()
+            PyObject_GetBuffer(raw, self.buf, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS)   # freed in __dealloc__ if it fails
             self.has_buf = True
             self.w = <int64_t *>self.buf.buf
         self.width = width
@@ -143,7 +149,8 @@ cdef class WindowCounter:
 
     def __dealloc__(self):
         if self.has_buf:
-            PyBuffer_Release(&self.buf)
+            PyBuffer_Release(self.buf)
+        PyMem_Free(self.buf)
 
     @staticmethod
     def init_words(words, limit, window_ns, sliding):

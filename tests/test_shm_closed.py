@@ -308,3 +308,99 @@ def aligned(nwords: int) -> memoryview:
     buf = bytearray(8 * nwords + 8)
     skip = -ctypes.addressof(ctypes.c_char.from_buffer(buf)) % 8
     return memoryview(buf)[skip:skip + 8 * nwords]
+
+
+_LATE_USER = r'''
+import atexit, sys
+got = []
+def late():                       # registered before buttress: runs after buttress's own exit hook
+    for use in (lambda: bh.try_acquire(), lambda: sh.admit(Priority.LOW).__enter__()):
+        try:
+            got.append(repr(use()))
+        except RuntimeError as exc:
+            got.append("closed")
+    print(" ".join(got), flush=True)
+atexit.register(late)
+from buttress import Bulkhead, LoadShedder, Priority
+from buttress.stores import SharedMemoryStore
+st = SharedMemoryStore(sys.argv[1], implementation=sys.argv[2])
+bh = Bulkhead(max_concurrent=2, name="b", store=st)
+sh = LoadShedder(max_in_flight=4, name="s", store=st)
+assert bh.try_acquire()           # held at exit: given back by the exit hook
+'''
+
+
+def test_permits_taken_after_the_exit_hook_gave_the_lease_back_never_leak(kind: str, tmp_path: Any) -> None:
+    """At interpreter exit buttress gives back the process's permits and its lease slot. A use after that
+    (a later atexit handler, a daemon thread) must not take a permit on the freed slot -- nobody would
+    ever give it back (the next process to take the slot does not reclaim a free slot): it refuses with
+    the closed error instead."""
+    import subprocess
+    import sys
+    name = f"{RUN}-{kind}-{next(_count)}"
+    script = tmp_path / "late_user.py"
+    script.write_text(_LATE_USER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    try:
+        out = subprocess.run([sys.executable, str(script), name, kind], env=env, capture_output=True,
+                             text=True, timeout=120)
+    finally:
+        st = SharedMemoryStore(name, implementation=kind)
+    try:
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["closed", "closed"], out.stdout + out.stderr
+        assert st.permits("bulkhead", "b", 2).in_use == 0
+        assert [s for s, _pid, alive in st.leases() if s != st.slot] == []
+    finally:
+        st.close()
+        st.unlink()
+
+
+def test_a_core_collected_in_a_cycle_releases_its_words_once(impl: Any) -> None:
+    """A core bound to words and caught in a reference cycle is collected by the GC. The compiled tp_clear
+    used to drop the exporter of its Py_buffer without releasing the export ("Exception ignored in
+    tp_clear: BufferError: memoryview has 1 exported buffer"), before __dealloc__ released a buffer whose
+    owner was gone. The cycle is built so the GC clears the core first: its callable (clock_ns /
+    on_refused) is a bound method of a dict that is untracked by one collection and tracked again (so
+    placed after the core) when the core is put in it."""
+    import gc
+    import sys
+    cases = [
+        ("GCRA", impl.gcra.WORDS, lambda w: _init(impl.gcra.GCRA, w, (1.0, 3)),
+         lambda w, c: impl.gcra.GCRA(1.0, 3, c, words=w)),
+        ("WindowCounter", impl.wlimit.WORDS, lambda w: _init(impl.wlimit.WindowCounter, w, (3, 10**9, True)),
+         lambda w, c: impl.wlimit.WindowCounter(3, 10**9, True, c, words=w)),
+        ("KeyedGCRA", impl.keyed.KeyedGCRA.nwords(4), lambda w: _init(impl.keyed.KeyedGCRA, w, (1.0, 3, 4)),
+         lambda w, c: impl.keyed.KeyedGCRA(1.0, 3, 4, 0, c, words=w)),
+        ("SharedPermits", impl.shared.HEADER_WORDS + impl.shared.SLOT_WORDS, lambda w: None,
+         lambda w, c: impl.shared.SharedPermits(w, 1, 1, 2, on_refused=c)),
+    ]
+    unraisable: list[Any] = []
+    old_hook = sys.unraisablehook
+    sys.unraisablehook = unraisable.append
+    try:
+        for what, nwords, init, make_core in cases:
+            buf, box, core = _cycle_parts(nwords, init, make_core)
+            gc.collect()                     # box (empty) is untracked; the core moves to the oldest gen
+            box["core"] = core               # box tracked again, after the core
+            del box, core
+            gc.collect()
+            buf.append(0)                    # BufferError while any export of buf is left
+            assert not unraisable, (what, [str(u.exc_value) for u in unraisable])
+    finally:
+        sys.unraisablehook = old_hook
+
+
+def _init(cls: Any, words: memoryview, args: tuple[Any, ...]) -> None:
+    cls.init_words(words, *args)
+
+
+def _cycle_parts(nwords: int, init: Callable[[memoryview], None],
+                 make_core: Callable[[memoryview, Callable[[], int]], Any]) -> tuple[bytearray, dict[str, Any], Any]:
+    import ctypes
+    buf = bytearray(8 * nwords + 8)
+    skip = -ctypes.addressof(ctypes.c_char.from_buffer(buf)) % 8
+    words = memoryview(buf)[skip:skip + 8 * nwords]
+    init(words)
+    box: dict[str, Any] = {}
+    return buf, box, make_core(words, box.__len__)

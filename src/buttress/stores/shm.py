@@ -171,6 +171,7 @@ class _Segment:
         self.tracker = _Tracker(self)
         self.last_scan = 0.0
         self.closing = False        # close() began: an object bound from here on is closed at once
+        self.exited = False         # the exit hook gave the lease back: so is a permit counter bound later
         self.closed = False
         self.lockfd = os.open(self.lockpath, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -493,17 +494,21 @@ class _Segment:
         """Remember `obj` (a core object deciding on this segment's words) for close(): it is closed
         with the segment (at once if the segment is closing or closed already)."""
         with self.tlock:
-            late = self.closing or self.closed
+            late = self.closing or self.closed or (self.exited and hasattr(obj, "_set_slot"))
             if not late:
                 self.bound.add(obj)
         if late:
             obj._close(str(self.closed_error()))
 
-    def _close_bound(self) -> None:
-        """Every object bound to the segment refuses from now on (one message: closed_error's)."""
+    def _close_bound(self, holders_only: bool = False) -> None:
+        """Every object bound to the segment refuses from now on (one message: closed_error's); with
+        `holders_only`, only those that hold permits on this process's lease slot (they have _set_slot)."""
         with self.tlock:
-            self.closing = True
-            objs = list(self.bound)
+            if holders_only:
+                self.exited = True  # a permit counter bound from here on is closed at once too
+            else:
+                self.closing = True
+            objs = [o for o in self.bound if not holders_only or hasattr(o, "_set_slot")]
         message = str(self.closed_error())
         for obj in objs:
             try:
@@ -628,7 +633,11 @@ def _after_fork_in_child() -> None:
 
 
 def _close_all() -> None:
+    """At interpreter exit: give back this process's permits and lease slots. The permit counters bound
+    to a segment are closed first (a later atexit handler or a daemon thread would otherwise take a permit
+    on the freed slot, which nobody ever gives back); limiters keep deciding (they hold no lease)."""
     for seg in list(_segments.values()):
+        seg._close_bound(holders_only=True)
         seg.release_lease()
 
 
