@@ -106,6 +106,9 @@ def wait_for(condition, what: str, seconds: float = 10.0) -> None:
 
 def sampled_after_advance(clock: FakeClock, shed: CountingShedder, seconds: float) -> None:
     """Advance the shedder's clock by `seconds` and wait until its sampler's tick has run once more."""
+    # the sampler's next tick is a task sleeping on the clock: advance only once it sleeps (a task
+    # created by the previous tick, or by the first request, registers its sleep when it first runs)
+    wait_for(lambda: clock.pending_sleepers > 0, "the sampler to sleep on the clock")
     before = shed.samples
     clock.advance(seconds)
     wait_for(lambda: shed.samples > before, "the sampler's tick")
@@ -357,3 +360,26 @@ def test_readiness_stays_200_but_says_degraded_while_signals_shed():
         sampled_after_advance(clock, shed, shed.sample_interval)
         assert client.get(url + "/readyz").json()["status"] == "up"
     assert (shed.starts, shed.stops) == (1, 1)
+
+
+@pytest.mark.parametrize("lifespan", ["on", "off"])
+def test_a_server_started_again_on_a_new_loop_gets_a_new_sampler_not_a_frozen_level(lifespan):
+    """The same app served twice (a test suite, a reloader): the first loop's sampler died with its loop.
+    Without lifespan the first request of the new loop starts a new one (once); the level is sampled
+    again instead of staying at the old loop's last value (LOW was shed for good)."""
+    clock = FakeClock(autojump=False)
+    jobs = [1, 2, 3]
+    shed = CountingShedder(max_in_flight=100, clock=clock, signals=[QueueDepth(lambda: len(jobs), low=2)])
+    asgi_app = LoadSheddingMiddleware(app, shed, priority=by_path)
+    with serve(asgi_app, lifespan=lifespan) as (url, _), httpx.Client(timeout=TIMEOUT) as client:
+        assert client.get(url + "/critical").status_code == 200
+        sampled_after_advance(clock, shed, shed.sample_interval)
+        assert client.get(url + "/low").status_code == 503
+    jobs.clear()
+    with serve(asgi_app, lifespan=lifespan) as (url, _), httpx.Client(timeout=TIMEOUT) as client:
+        assert client.get(url + "/critical").status_code == 200
+        assert client.get(url + "/critical").status_code == 200
+        sampled_after_advance(clock, shed, shed.sample_interval)
+        assert client.get(url + "/low").status_code == 200
+    assert shed.starts == 2 and len(shed.loops) == 2
+    shed.stop()

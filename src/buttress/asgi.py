@@ -19,6 +19,7 @@ and only as far as `trusted_proxies` entries from the right. See docs/asgi.md, "
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import ipaddress
@@ -455,7 +456,10 @@ class _Samplers:
                 return
             del self._users[id(shedder)]
         if entry[2]:
-            shedder.stop()
+            try:
+                shedder.stop()
+            except RuntimeError as exc:     # its timer's loop is closed already: nothing left to cancel
+                log.debug("buttress.asgi: stopping the shedder's sampler: %s", exc)
 
 
 _SAMPLERS = _Samplers()
@@ -520,23 +524,39 @@ class LoadSheddingMiddleware:
             self.priority = priority if priority is not None else (lambda scope: None)
         self.retry_after = check_int("retry_after", retry_after, minimum=1)
         self._once = _Once()
-        self._lazy = True           # no lifespan startup seen yet: the first request starts the sampler
+        # Without a lifespan startup (the server runs none) requests start the sampler: `_lazy` stays True and
+        # each request compares its loop with the one the sampler was started in (`_loop`), so a server
+        # started again on a new loop (the old loop closed: its timer is gone) gets a new sampler, never a
+        # level frozen at the old loop's last sample. A lifespan startup sets `_lazy` False: no per-request cost.
+        self._lazy = True
+        self._loop: Any = None
         self._sampling = False      # this middleware counts as one user of the shedder's sampler
+        self._sampling_lock = threading.Lock()
 
-    def _start_sampling(self, when: str) -> None:
-        self._lazy = False
-        if self._sampling:
-            return
-        try:
-            _SAMPLERS.acquire(self.shedder)
-        except Exception as exc:  # noqa: BLE001 - shedding by in-flight count still works without signals
-            self._once.warning("start", "buttress.asgi.LoadSheddingMiddleware: the shedder's sampler did not "
-                               "start on %s (%s: %s); overload signals are not sampled", when,
-                               type(exc).__name__, exc, exc_info=exc)
-            return
-        self._sampling = True
+    def _start_sampling(self, when: str, lazy: bool = False) -> None:
+        with self._sampling_lock:
+            loop = asyncio.get_running_loop()
+            if not lazy:
+                self._lazy = False
+            if self._sampling and loop is self._loop:
+                return                                      # started in this loop already
+            self._release()                                 # started in another loop, which has ended
+            self._loop = loop
+            try:
+                _SAMPLERS.acquire(self.shedder)
+            except Exception as exc:  # noqa: BLE001 - shedding by in-flight count still works without signals
+                self._once.warning("start", "buttress.asgi.LoadSheddingMiddleware: the shedder's sampler did not "
+                                   "start on %s (%s: %s); overload signals are not sampled", when,
+                                   type(exc).__name__, exc, exc_info=exc)
+                return
+            self._sampling = True
 
     def _stop_sampling(self) -> None:
+        with self._sampling_lock:
+            self._lazy, self._loop = True, None             # a later server without lifespan starts it again
+            self._release()
+
+    def _release(self) -> None:
         if self._sampling:
             self._sampling = False
             _SAMPLERS.release(self.shedder)
@@ -564,8 +584,8 @@ class LoadSheddingMiddleware:
             if kind == "lifespan":
                 return await self._lifespan(scope, receive, send)
             return await self.app(scope, receive, send)
-        if self._lazy:
-            self._start_sampling("the first request (no lifespan startup)")
+        if self._lazy and asyncio.get_running_loop() is not self._loop:
+            self._start_sampling("the first request (no lifespan startup)", lazy=True)
         admission = self._admission(scope)
         try:
             admission.__enter__()
