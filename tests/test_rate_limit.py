@@ -290,7 +290,7 @@ def test_leaky_bucket_sync_waits_for_its_slot_and_counts_waiters():
     clock.advance(0.25)                              # one waiter left: room in the queue again
     assert lb.call(lambda: 5) == 5
     assert clock.monotonic_ns() == S                 # its slot: 1.0 s
-    with pytest.raises(ValueError, match="n must be between 1 and capacity=1"):
+    with pytest.raises(ValueError, match=r"n must be 1: a LeakyBucket .*queue_size=2 .*got 2"):
         lb.acquire(2)
 
 
@@ -427,3 +427,160 @@ def test_threads_blocking_acquire_are_spaced():
 
     race(8, body)
     assert sorted(round(w * 100) for w in waits) == list(range(8))
+
+
+# ---------- n that can never be admitted: the message names what the user configured ----------
+
+_NAMES = iter(range(1 << 30))
+
+
+def _stored(store, kind):
+    """store= and a name no other test uses (a memory:// store is shared by the whole process)."""
+    return {"store": store, "name": f"n-check-{kind}-{next(_NAMES)}"} if store else {}
+
+
+def _n_cases():
+    """(id, limiter factory, n too big, the words the ValueError must say) for every limiter kind, process-
+    local and in a word store (memory://: the compiled or twin core deciding on store words)."""
+    def lb(store=None):
+        return LeakyBucket(10.0, queue_size=50, clock=FakeClock(), **_stored(store, "lb"))
+
+    def fw(store=None):
+        return FixedWindowLimiter(10, 1.0, clock=FakeClock(), **_stored(store, "fw"))
+
+    def sw(store=None):
+        return SlidingWindowLimiter(10, 1.0, clock=FakeClock(), **_stored(store, "sw"))
+
+    def ml(store=None):
+        c = FakeClock()
+        return MultiLimiter(TokenBucket(10.0, 5, clock=c), FixedWindowLimiter(3, 1.0, clock=c))
+
+    def tb(store=None):
+        return TokenBucket(10.0, 5, clock=FakeClock(), **_stored(store, "tb"))
+
+    lb_words = r"n must be 1: a LeakyBucket admits one call per slot.*queue_size=50.*, got 2$"
+    window_words = r"n must be between 1 and limit=10, got 11$"
+    ml_words = (r"n must be between 1 and 3 \(the most every one of its limiters can ever admit at once: "
+                r"TokenBucket\(capacity=5\), FixedWindowLimiter\(limit=3\)\), got 4$")
+    cases = []
+    for store in (None, "memory://"):
+        where = "local" if store is None else "memory-store"
+        cases += [(f"LeakyBucket-{where}", lambda s=store: lb(s), 2, lb_words),
+                  (f"FixedWindow-{where}", lambda s=store: fw(s), 11, window_words),
+                  (f"SlidingWindow-{where}", lambda s=store: sw(s), 11, window_words),
+                  (f"TokenBucket-{where}", lambda s=store: tb(s), 6, r"n must be between 1 and capacity=5, got 6$")]
+    cases.append(("MultiLimiter", ml, 4, ml_words))
+    return cases
+
+
+N_CASES = _n_cases()
+N_METHODS = ["try_acquire", "wait_time", "acquire", "acquire_async", "acquire_timeout_0", "acquire_async_timeout_0"]
+
+
+def _ask(lim, method, n):
+    if method == "try_acquire":
+        return lim.try_acquire(n)
+    if method == "wait_time":
+        return lim.wait_time(n)
+    if method == "acquire":
+        return lim.acquire(n)
+    if method == "acquire_timeout_0":
+        return lim.acquire(n, timeout=0)
+    if method == "acquire_async":
+        return asyncio.run(lim.acquire_async(n))
+    return asyncio.run(lim.acquire_async(n, timeout=0))
+
+
+@pytest.mark.parametrize("method", N_METHODS)
+@pytest.mark.parametrize("case", N_CASES, ids=[c[0] for c in N_CASES])
+def test_an_n_that_can_never_be_admitted_names_the_configured_bound(case, method):
+    _, make, n, words = case
+    lim = make()
+    with pytest.raises(ValueError, match=words):
+        _ask(lim, method, n)
+    assert lim.metrics().rejected == 0 and lim.metrics().admitted == 0     # nothing was decided or claimed
+    assert lim.try_acquire()                                               # and the limiter still admits
+
+
+@pytest.mark.parametrize("case", N_CASES, ids=[c[0] for c in N_CASES])
+def test_n_bad_types_and_zero_name_n(case):
+    _, make, _, _ = case
+    lim = make()
+    for bad, exc in ((True, TypeError), (1.0, TypeError), ("1", TypeError), (0, ValueError), (-1, ValueError)):
+        with pytest.raises(exc, match=r"^n must be"):
+            lim.try_acquire(bad)
+
+
+def test_keyed_limiter_n_names_its_capacity():
+    kl = buttress.KeyedLimiter(10.0, 5, max_keys=8, clock=FakeClock())
+    for ask in (lambda: kl.try_acquire("k", 6), lambda: kl.wait_time("k", 6)):
+        with pytest.raises(ValueError, match=r"n must be between 1 and capacity=5, got 6$"):
+            ask()
+
+
+def test_a_multilimiter_inside_a_multilimiter_names_the_inner_bounds():
+    c = FakeClock()
+    inner = MultiLimiter(TokenBucket(10.0, 4, clock=c), SlidingWindowLimiter(7, 1.0, clock=c))
+    outer = MultiLimiter(inner, FixedWindowLimiter(9, 1.0, clock=c))
+    with pytest.raises(ValueError, match=r"between 1 and 4 .*MultiLimiter\(TokenBucket\(capacity=4\), "
+                                         r"SlidingWindowLimiter\(limit=7\)\), FixedWindowLimiter\(limit=9\)\), got 5$"):
+        outer.try_acquire(5)
+    assert outer.try_acquire(4)
+
+
+# ---------- @limiter on an async def function: the compiled guard ----------
+
+@pytest.mark.parametrize("make", [
+    lambda c: TokenBucket(1e-3, 2, clock=c),
+    lambda c: FixedWindowLimiter(2, 1000.0, clock=c),
+    lambda c: SlidingWindowLimiter(2, 1000.0, clock=c),
+    lambda c: MultiLimiter(TokenBucket(1e-3, 5, clock=c), FixedWindowLimiter(2, 1000.0, clock=c)),
+    lambda c: FixedWindowLimiter(2, 1000.0, clock=c, store="memory://", name="guarded-window"),
+], ids=["TokenBucket", "FixedWindow", "SlidingWindow", "MultiLimiter", "FixedWindow-memory-store"])
+def test_decorated_async_def_takes_one_unit_per_call_and_refuses_when_awaited(make):
+    import inspect
+    import traceback
+    clock = FakeClock()
+    lim = make(clock)
+
+    class Boom(Exception):
+        pass
+
+    @lim
+    async def fn(x, fail=False):
+        if fail:
+            raise Boom(x)
+        return x * 2
+
+    assert inspect.iscoroutinefunction(fn) and fn.__name__ == "fn"
+
+    async def main():
+        assert await fn(1) == 2
+        with pytest.raises(Boom) as info:        # the second unit: the user's exception passes through
+            await fn(2, fail=True)
+        frames = [f.name for f in traceback.extract_tb(info.value.__traceback__)]
+        assert frames[-1] == "fn"
+        refused = fn(3)                          # refused: nothing raised until awaited
+        with pytest.raises(RateLimitExceeded) as info:
+            await refused
+        assert info.value.retry_after == lim.wait_time()
+    asyncio.run(main())
+    m = lim.metrics()
+    assert (m.admitted, m.rejected) == (2, 1)
+
+
+def test_decorated_async_method_binds_and_each_instance_shares_the_limiter():
+    tb = TokenBucket(1e-3, 2, clock=FakeClock())
+
+    class Client:
+        def __init__(self, name):
+            self.name = name
+
+        @tb
+        async def get(self, path):
+            return f"{self.name}{path}"
+
+    a, b = Client("a"), Client("b")
+    assert asyncio.run(a.get("/x")) == "a/x" and asyncio.run(b.get("/y")) == "b/y"
+    with pytest.raises(RateLimitExceeded):
+        asyncio.run(a.get("/z"))

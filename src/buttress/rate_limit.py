@@ -19,7 +19,9 @@ segment; the twin under the store's lock), `redis://...` (the fleet: the store's
 """
 from __future__ import annotations
 
+import inspect
 import math
+import numbers
 import threading
 import types
 from dataclasses import dataclass
@@ -31,8 +33,9 @@ from ._base import Named, Policy
 from ._context import _DEADLINE, remaining_ns
 from ._impl import core
 from ._params import (ASYNC, ASYNC_GENERATOR, GENERATOR, MAX_RATE, NS, check_float, check_int, check_n,
-                      check_seconds, describe, emission_interval_ns, seconds_to_ns)
+                      check_seconds, describe, emission_interval_ns, seconds_to_ns, show)
 from ._wrap import CORO, UsageError, check_decoratable, lazy_result as _lazy, wraps
+from .bulkhead import mark_async
 from .clock import check_one_clock, is_system_clock, resolve_clock
 from .errors import RateLimitExceeded
 
@@ -45,6 +48,8 @@ T = TypeVar("T")
 Y = TypeVar("Y")
 F = TypeVar("F", bound=Callable[..., Any])
 _NO_WINDOW = -(1 << 64) - 2      # below any int64 clock reading // window (negative readings included)
+_StageGuard = core("guard").StageGuard
+_CO_COROUTINE = inspect.CO_COROUTINE
 
 
 @dataclass(frozen=True)
@@ -182,6 +187,33 @@ def _sync_in_async(policy: Any, fn: Any, result: object) -> UsageError:
                       "or decorate it")
 
 
+def _await_it(policy: Any, fn: Any, result: object, give: Callable[[Any], None], receipt: Any) -> bool:
+    """call_async (or an async wrapper) took a unit and fn returned `result`, which is not a coroutine:
+    True: await it (another awaitable); False: return it as it is (an async generator: its unit was taken
+    by this call). Anything else is a sync function's result: the unit is given back, then TypeError."""
+    if type(result) is types.AsyncGeneratorType:
+        return False
+    if isawaitable(result):
+        return True
+    give(receipt)
+    raise _sync_in_async(policy, fn, result)
+
+
+def _check_count(n: object, maximum: int, allowed: Callable[[], str]) -> int:
+    """n for a limiter that can ever admit at most `maximum` at once: an int in [1, maximum]. The
+    ValueError says what the user configured (`allowed()`: e.g. "between 1 and limit=10"), not the
+    core's internal capacity."""
+    if type(n) is int and 1 <= n <= maximum:
+        return n
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        check_n(n, maximum)             # the TypeError naming n
+    v = int(n)  # type: ignore[call-overload]  # an Integral
+    if 1 <= v <= maximum:
+        assert isinstance(v, int)
+        return v
+    raise ValueError(f"n must be {allowed()}, got {show(n)}")
+
+
 async def _iterate_async(agen: Any) -> Any:
     """Re-yield an async generator (values sent in go on to it; it is closed with the wrapper)."""
     try:
@@ -208,6 +240,14 @@ class _Limiter(Policy):
     name: str | None
     _clock: Any
     _remote = False          # decisions go through a Redis store (async paths await its *_async calls)
+    _takes_now = True        # _take() never waits (a LeakyBucket's waits for its slot): async forms call it directly
+
+    def _bound(self) -> str:
+        """What this limiter can ever admit at once, as the user configured it (in n's error message)."""
+        return f"{type(self).__name__}(at most {self._max_n})"
+
+    def _n_allowed(self) -> str:
+        return f"between 1 and {self._max_n}"
 
     def try_acquire(self, n: int = 1) -> bool:
         raise NotImplementedError
@@ -259,18 +299,56 @@ class _Limiter(Policy):
 
             return wraps(fn)(agen_wrapper)
         if kind == ASYNC:
-            take_async, policy = self._take_async, self
+            guard = self._async_guard(fn)
+            if guard is not None:
+                return wraps(fn)(mark_async(guard, fn))
+            policy = self
+            if self._takes_now and not self._remote:
+                async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                    receipt = take()            # never waits: no coroutine of its own to await
+                    aw = fn(*args, **kwargs)
+                    if type(aw) is not CORO and not _await_it(policy, fn, aw, give, receipt):
+                        give(receipt)           # an async generator from an "async" callable: refused too
+                        raise _sync_in_async(policy, fn, aw)
+                    return await aw
+            else:
+                take_async = self._take_async
 
-            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                receipt = await take_async()
-                aw = fn(*args, **kwargs)
-                if type(aw) is not CORO and not isawaitable(aw):
-                    give(receipt)
-                    raise _sync_in_async(policy, fn, aw)
-                return await aw
+                async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                    receipt = await take_async()
+                    aw = fn(*args, **kwargs)
+                    if type(aw) is not CORO and not _await_it(policy, fn, aw, give, receipt):
+                        give(receipt)
+                        raise _sync_in_async(policy, fn, aw)
+                    return await aw
 
             return wraps(fn)(async_wrapper)
         return wraps(fn)(self._sync_wrapper(fn))
+
+    # -- the compiled async form -----------------------------------------------------------------------------
+    def _admit_one(self) -> Callable[[], bool]:
+        """One unit now -> bool, for the compiled guard (a core's bound method where there is one)."""
+        return self.try_acquire
+
+    def _refuse_one(self) -> None:
+        raise self._rejected(self._wait_ns(1))
+
+    def _unit_not_returned(self, fn: Any, result: Any) -> Any:
+        """The compiled guard's settle_async: unreachable for an `async def` function (it always returns a
+        coroutine); were its code replaced by a sync function's, the unit stays taken (the guard keeps no
+        receipt to give it back with)."""
+        raise _sync_in_async(self, fn, result)
+
+    def _async_guard(self, fn: Any) -> Any:
+        """`@limiter` on an `async def` function: the compiled guard (buttress._core.guard) takes the unit
+        and runs the coroutine in one vectorcall, no Python frame of ours. Only where a call always yields a
+        coroutine (a plain `async def` function: the wrong-use paths that give a unit back cannot happen)
+        and the unit is taken without waiting (not a LeakyBucket, not a Redis store)."""
+        if (not self._takes_now or self._remote or type(fn) is not types.FunctionType
+                or not fn.__code__.co_flags & _CO_COROUTINE):
+            return None
+        return _StageGuard(fn, self._admit_one(), self._refuse_one, settle_async=self._unit_not_returned,
+                           asynchronous=True)
 
     def _sync_wrapper(self, fn: Any) -> Callable[..., Any]:
         take, give, policy = self._take, self._give, self
@@ -308,14 +386,10 @@ class _Limiter(Policy):
     async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Await fn(*args, **kwargs) if one unit is available now. An async generator function's
         generator is returned (its unit was taken by this call); a sync function is a TypeError."""
-        receipt = await self._take_async()
+        receipt = self._take() if self._takes_now and not self._remote else await self._take_async()
         aw = fn(*args, **kwargs)
-        if type(aw) is not CORO:
-            if type(aw) is types.AsyncGeneratorType:
-                return aw
-            if not isawaitable(aw):
-                self._give(receipt)
-                raise _sync_in_async(self, fn, aw)
+        if type(aw) is not CORO and not _await_it(self, fn, aw, self._give, receipt):
+            return aw
         return await aw
 
     # -- blocks: wait for one unit (aiolimiter's `async with limiter:`) ----------------------------------------
@@ -406,6 +480,12 @@ class TokenBucket(_Limiter):
         """Take n tokens if they are available now."""
         ok: bool = self._core.try_acquire(n)
         return ok
+
+    def _bound(self) -> str:
+        return f"TokenBucket(capacity={self.capacity})"
+
+    def _admit_one(self) -> Callable[[], bool]:
+        return self._core.try_acquire      # type: ignore[no-any-return]  # the guard calls it through vectorcall
 
     def _take(self) -> Any:
         if self._remote:
@@ -503,7 +583,10 @@ class TokenBucket(_Limiter):
         """Like acquire, awaiting clock.sleep_async; a cancelled wait gives its tokens back when no later
         reservation has built on them (otherwise giving them back would let two waiters through where
         one fits)."""
-        wait, receipt = await self._claim_for_wait_async(n, timeout)
+        if self._remote:
+            wait, receipt = await self._claim_for_wait_async(n, timeout)
+        else:
+            wait, receipt = self._claim_for_wait(n, timeout)     # decided now: no coroutine of its own
         if wait:
             try:
                 await self._clock.sleep_async(_seconds_up(wait))
@@ -581,24 +664,36 @@ class LeakyBucket(_Limiter):
         self._max_n = 1
         self._queue_ns = min(self.queue_size * self._core.interval_ns, _INT64_MAX)
 
+    _takes_now = False       # as a decorator, call() or a block it waits for its slot
+
+    def _bound(self) -> str:
+        return "LeakyBucket(one call per slot)"
+
+    def _n_allowed(self) -> str:
+        return (f"1: a LeakyBucket admits one call per slot, 1/rate apart (queue_size={self.queue_size} is how "
+                f"many callers may wait for theirs)")
+
+    def _n(self, n: object) -> int:
+        return 1 if n == 1 and type(n) is int else _check_count(n, 1, self._n_allowed)
+
     def try_acquire(self, n: int = 1) -> bool:
-        """Admit now if this instant's slot is free (never waits)."""
-        ok: bool = self._core.try_acquire(n)
+        """Admit now if this instant's slot is free (never waits). n must be 1."""
+        ok: bool = self._core.try_acquire(self._n(n))
         return ok
 
     def _wait_ns(self, n: int) -> int:
-        ns: int = self._core.wait_ns(n)
+        ns: int = self._core.wait_ns(self._n(n))
         return ns
 
     async def _try_acquire_async(self, n: int) -> bool:
         if self._remote:
-            return bool(await self._core.try_acquire_async(n))
-        return bool(self._core.try_acquire(n))
+            return bool(await self._core.try_acquire_async(self._n(n)))
+        return bool(self._core.try_acquire(self._n(n)))
 
     async def _wait_ns_async(self, n: int) -> int:
         if self._remote:
-            return int(await self._core.wait_ns_async(n))
-        return int(self._core.wait_ns(n))
+            return int(await self._core.wait_ns_async(self._n(n)))
+        return int(self._core.wait_ns(self._n(n)))
 
     @property
     def waiting(self) -> int:
@@ -655,11 +750,11 @@ class LeakyBucket(_Limiter):
     def acquire(self, n: int = 1, timeout: float | None = None) -> None:
         """Wait for the next slot; RateLimitExceeded at once when the queue is full or the wait would
         exceed `timeout` (or the context deadline). n must be 1."""
-        check_n(n, 1)
+        self._n(n)
         self._wait_for_slot(timeout)
 
     async def acquire_async(self, n: int = 1, timeout: float | None = None) -> None:
-        check_n(n, 1)
+        self._n(n)
         await self._wait_for_slot_async(timeout)
 
     # as a decorator, call() and a block a leaky bucket waits for its slot (rejected when the queue is full)
@@ -722,7 +817,6 @@ class _WindowLimiter(_Limiter):
                                                                                    self._sliding))
                 self._r = mod.WindowCounter(self.limit, self._w, self._sliding, _clock_ns(clock), words=b.words,
                                             locker=st.locker(b.offset))
-                self.try_acquire = self._r.try_acquire  # type: ignore[method-assign]   # one C call
             else:
                 self._r = st.window(name, self.limit, self._w, self._sliding, kind=kind, clock_ns=_clock_ns(clock))
                 self._remote = True
@@ -752,11 +846,26 @@ class _WindowLimiter(_Limiter):
     def _fits(self, n: int, e: int) -> bool:
         raise NotImplementedError
 
+    def _bound(self) -> str:
+        return f"{type(self).__name__}(limit={self.limit})"
+
+    def _n_allowed(self) -> str:
+        return f"between 1 and limit={self.limit}"
+
+    def _n(self, n: object) -> int:
+        if type(n) is int and 1 <= n <= self.limit:
+            return n
+        return _check_count(n, self.limit, self._n_allowed)
+
+    def _admit_one(self) -> Callable[[], bool]:
+        admit: Callable[[], bool] = self._r.try_acquire if self._r is not None else self.try_acquire
+        return admit
+
     def _claim(self, n: int) -> Any:
+        if type(n) is not int or not 1 <= n <= self.limit:
+            n = self._n(n)
         if self._r is not None:
             return self._r.claim(n) or None
-        if type(n) is not int or not 1 <= n <= self.limit:
-            check_n(n, self.limit)
         with self._lock:
             idx, e = self._time()
             self._roll(idx)
@@ -777,12 +886,12 @@ class _WindowLimiter(_Limiter):
 
     async def _try_acquire_async(self, n: int) -> bool:
         if self._remote:
-            return (await self._r.claim_async(n)) is not None
+            return (await self._r.claim_async(self._n(n))) is not None
         return self._claim(n) is not None
 
     async def _wait_ns_async(self, n: int) -> int:
         if self._remote:
-            return int(await self._r.wait_ns_async(n))
+            return int(await self._r.wait_ns_async(self._n(n)))
         return self._wait_ns(n)
 
     def _unclaim(self, n: int, receipt: Any) -> None:
@@ -800,7 +909,7 @@ class _WindowLimiter(_Limiter):
 
     def _counts(self, n: int) -> tuple[int, int, int]:
         """(prev, curr, e) as the next decision would see them, without changing anything."""
-        check_n(n, self.limit)
+        self._n(n)
         with self._lock:
             idx, e = self._time()
             if idx == self._idx:
@@ -840,7 +949,7 @@ class FixedWindowLimiter(_WindowLimiter):
 
     def _wait_ns(self, n: int) -> int:
         if self._r is not None:
-            return int(self._r.wait_ns(n))
+            return int(self._r.wait_ns(self._n(n)))
         _, curr, e = self._counts(n)
         return 0 if curr + n <= self.limit else self._w - e
 
@@ -867,7 +976,7 @@ class SlidingWindowLimiter(_WindowLimiter):
 
     def _wait_ns(self, n: int) -> int:
         if self._r is not None:
-            return int(self._r.wait_ns(n))
+            return int(self._r.wait_ns(self._n(n)))
         prev, curr, e = self._counts(n)
         first = self._first_fit(prev, curr, n)
         if first is not None:
@@ -901,8 +1010,16 @@ class MultiLimiter(_Limiter):
         self._lock = threading.Lock()
         self._n_admitted = self._n_rejected = 0
 
+    def _bound(self) -> str:
+        return f"MultiLimiter({', '.join(lim._bound() for lim in self.limiters)})"
+
+    def _n_allowed(self) -> str:
+        return (f"between 1 and {self._max_n} (the most every one of its limiters can ever admit at once: "
+                f"{', '.join(lim._bound() for lim in self.limiters)})")
+
     def _claim(self, n: int) -> Any:
-        check_n(n, self._max_n)
+        if type(n) is not int or not 1 <= n <= self._max_n:
+            n = _check_count(n, self._max_n, self._n_allowed)
         taken: list[tuple[_Limiter, object]] = []
         for lim in self.limiters:
             receipt = lim._claim(n)
@@ -926,7 +1043,7 @@ class MultiLimiter(_Limiter):
         return self._claim(n) is not None
 
     def _wait_ns(self, n: int) -> int:
-        check_n(n, self._max_n)
+        n = _check_count(n, self._max_n, self._n_allowed)
         return max(lim._wait_ns(n) for lim in self.limiters)
 
     def metrics(self) -> RateLimitMetrics:
@@ -1063,12 +1180,8 @@ class KeyedLimiter(Named):     # Named: given a name, exported by the metrics co
         else:
             receipt = self._take(key)
         aw = fn(*args, **kwargs)
-        if type(aw) is not CORO:
-            if type(aw) is types.AsyncGeneratorType:
-                return aw
-            if not isawaitable(aw):
-                self._give(receipt)
-                raise _sync_in_async(self, fn, aw)
+        if type(aw) is not CORO and not _await_it(self, fn, aw, self._give, receipt):
+            return aw
         return await aw
 
     def __enter__(self) -> Any:
