@@ -1324,3 +1324,24 @@ def test_threads_each_see_their_own_attempts(fast_switching):
         return len(set(out))
 
     assert race(8, body) == [200] * 8
+
+
+def test_a_thread_pool_bulkhead_worker_sees_the_attempt_nobody_read_before():
+    pool = buttress.ThreadPoolBulkhead(max_workers=2)
+    r = Retry(max_attempts=3, backoff=NO_WAIT)
+    seen = []
+
+    def work():
+        a = current_attempt()
+        seen.append((a.number, a.idempotency_key))
+        if a.number == 1:
+            raise ConnectionError("worker failed")
+        return a.idempotency_key
+
+    @r
+    def hand_off():
+        return pool.call(work)          # the copy is the first to need the attempt
+
+    key = hand_off()
+    assert [n for n, _ in seen] == [1, 2] and {k for _, k in seen} == {key}
+    pool.shutdown()

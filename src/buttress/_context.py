@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from .clock import SYSTEM_CLOCK
 
-__all__ = ["current_deadline_ns", "push_deadline", "pop_deadline", "remaining", "remaining_ns"]
+__all__ = ["current_deadline_ns", "push_deadline", "pop_deadline", "remaining", "remaining_ns", "copy_context"]
 
 # (deadline_ns, clock) of the innermost active deadline, or None
 _DEADLINE: contextvars.ContextVar[tuple[int, Any] | None] = contextvars.ContextVar("buttress_deadline", default=None)
@@ -29,6 +29,13 @@ def _no_copy_hook() -> None:
 # buttress.retry sets it to materialise the lazily set attempt context (buttress_attempt.h), so the copy
 # carries the running attempt.
 _before_copy: Callable[[], None] = _no_copy_hook
+
+
+def copy_context() -> contextvars.Context:
+    """contextvars.copy_context() for a hand-off to another thread: the lazily set attempt context
+    (buttress_attempt.h) is materialised first, so the copy carries the running attempt."""
+    _before_copy()
+    return contextvars.copy_context()
 
 
 def push_deadline(deadline_ns: int, clock: Any = SYSTEM_CLOCK) -> contextvars.Token[tuple[int, Any] | None]:
