@@ -4,7 +4,7 @@ python -m pytest benchmarks/test_rate_limit_bench.py --benchmark-columns=median,
     --benchmark-json=/tmp/rate.json && python benchmarks/report.py /tmp/rate.json
 
 Floors: bare_call `f()`; bare_call_arg `f(key)` (the floor of keyed calls); bare_await (1000 awaits per
-round in one loop run, reported per await); loop_call (a Python loop calling `f(k)` over 1000 keys, per
+round in one loop run, reported per await); async_raise_catch (the floor of an async refusal); loop_call (a Python loop calling `f(k)` over 1000 keys, per
 key: the floor of the random-key case). Batch cases report ns per decision (extra_info ns_per_op) and
 decisions per second. Peers (limits, pyrate-limiter, token-bucket, throttled-py, aiolimiter) run when
 installed, each configured so that it never refuses during the run.
@@ -41,6 +41,15 @@ def test_floor_bare_call_arg(benchmark):
 
 def test_floor_bare_await(benchmark):
     awaiting(benchmark, bare_async)
+
+
+async def _raiser():
+    raise ValueError("floor")
+
+
+def test_floor_async_raise_catch(benchmark):
+    """The floor of the async refusal case: awaiting a coroutine that raises, caught."""
+    awaiting(benchmark, _raiser, catch=(ValueError,))
 
 
 def _per_op(benchmark, run, ops):
@@ -89,6 +98,37 @@ def test_token_bucket_acquire_async_no_wait(benchmark):
     tb = TokenBucket(**HUGE)
     awaiting(benchmark, tb.acquire_async)
     assert tb.metrics().rejected == 0
+
+
+def test_token_bucket_decorated_async(benchmark):
+    """@tb on an async def function: the compiled guard (one vectorcall, the coroutine driven in C)."""
+    tb = TokenBucket(**HUGE)
+    awaiting(benchmark, tb(bare_async))
+    assert tb.metrics().rejected == 0
+
+
+def test_token_bucket_call_async(benchmark):
+    tb = TokenBucket(**HUGE)
+    awaiting(benchmark, lambda: tb.call_async(bare_async))
+    assert tb.metrics().rejected == 0
+
+
+def test_token_bucket_decorated_async_refusing(benchmark):
+    """An empty bucket: the refusal (RateLimitExceeded with retry_after) raised when awaited, caught."""
+    tb = TokenBucket(rate=1e-6, capacity=1)
+    tb.try_acquire()
+    awaiting(benchmark, tb(bare_async), catch=(buttress.RateLimitExceeded,))
+
+
+def test_sliding_window_decorated_async(benchmark):
+    w = buttress.SlidingWindowLimiter(10**9, 1.0)
+    awaiting(benchmark, w(bare_async))
+    assert w.metrics().rejected == 0
+
+
+def test_multi_limiter_decorated_async(benchmark):
+    m = buttress.MultiLimiter(TokenBucket(**HUGE), TokenBucket(**HUGE))
+    awaiting(benchmark, m(bare_async))
 
 
 # -- shared state (issue 14): the same decision on words in a shared-memory segment --------------------------
