@@ -5,7 +5,8 @@ python -m pytest benchmarks/test_hedge_bench.py --benchmark-json=/tmp/hedge.json
 
 Async cases are per await inside one running loop (see conftest.awaiting). "answers at once" is a
 coroutine that returns without suspending (the hedge arms no timer); "answers after one loop turn"
-suspends once (asyncio.sleep(0)): the timer is armed and disarmed and the primary is driven step by step.
+suspends once (asyncio.sleep(0)): the primary is registered with the Hedge's timer (one per loop, armed
+once) and awaited directly after its first step.
 The tail case runs on FakeClock (simulated time, deterministic): its numbers are latencies in simulated
 ms, stored in extra_info (p50, p99 with and without hedging, and the share of calls that hedged).
 """
@@ -31,6 +32,11 @@ def test_floor_bare_await(benchmark):
 
 def test_floor_await_one_loop_turn(benchmark):
     awaiting(benchmark, one_turn)
+
+
+def test_floor_retry_alone(benchmark):
+    """The floor of the under-a-Retry case: the same Retry around the bare coroutine, no Hedge."""
+    awaiting(benchmark, Retry(max_attempts=3)(bare_async))
 
 
 # -- buttress --------------------------------------------------------------------------------------------
