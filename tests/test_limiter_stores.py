@@ -5,11 +5,8 @@ across the fleet (the store's scripts decide). Exactness across 4 spawned proces
 after a SIGKILL in the middle of 100 000 decisions."""
 from __future__ import annotations
 
-import glob
-import multiprocessing as mp
 import os
 import random
-import signal
 import uuid
 
 import pytest
@@ -17,50 +14,29 @@ import pytest
 from buttress import (FakeClock, FixedWindowLimiter, KeyedLimiter, LeakyBucket, MultiLimiter, RateLimitExceeded,
                       SlidingWindowLimiter, TokenBucket)
 from buttress.stores import SharedMemoryStore, store_from_url
-from buttress.stores import shm as shm_mod
 
-from conftest import NO_EXT, REQUIRE_EXT, _compiled_available
+from procs import JOIN, NPROC, barrier, kind, no_segments_left, run_all, sigkill_mid_run  # noqa: F401
+from procs import unlink_segment
 from redis_server import redis_server, redis_url  # noqa: F401 - fixtures
 
 RUN = f"bt-lim-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-CTX = mp.get_context("spawn")
-NPROC = 4
 TRIES = 5_000
 CAP = 100
 SLOW = 1e-6            # capacity 100, no refill during a test
 DAY = 86400.0
-JOIN = 120
 _count = iter(range(10**6))
 
 
 @pytest.fixture(scope="module", autouse=True)
 def no_leaked_segments():
-    yield
-    left = glob.glob(os.path.join(shm_mod.SHM_DIR, shm_mod.PREFIX + RUN + "*"))
-    for path in left:
-        os.unlink(path)
-    assert not left, f"segments left in /dev/shm: {left}"
-
-
-@pytest.fixture(params=["cython", "python"])
-def kind(request: pytest.FixtureRequest) -> str:
-    if request.param == "cython":
-        if NO_EXT:
-            pytest.skip("BUTTRESS_NO_EXTENSIONS is set")
-        if not _compiled_available():
-            if REQUIRE_EXT:
-                pytest.fail("BUTTRESS_REQUIRE_EXTENSIONS is set but the compiled core does not import")
-            pytest.skip("compiled core not built")
-    return request.param
+    yield from no_segments_left(RUN)
 
 
 @pytest.fixture
 def seg(kind: str):
     n = f"{RUN}-{kind}-{next(_count)}"
     yield n
-    for path in (shm_mod.segment_path(n), shm_mod.segment_path(n) + ".lock"):
-        if os.path.exists(path):
-            os.unlink(path)
+    unlink_segment(n)
 
 
 def make_limiter(which: str, store, name: str = "lim", slow: float = SLOW):
@@ -182,34 +158,14 @@ def _worker(seg: str, kind: str, which: str, name: str, tries: int, seed: int, b
         conn.send(exc)
 
 
-def run_all(target, args_for, n: int = NPROC) -> list:
-    pipes, procs = [], []
-    for i in range(n):
-        r, w = CTX.Pipe(duplex=False)
-        p = CTX.Process(target=target, args=(*args_for(i), w))
-        p.start()
-        pipes.append(r)
-        procs.append(p)
-    out = []
-    for r, p in zip(pipes, procs):
-        assert r.poll(JOIN), f"process {p.pid} did not report"
-        out.append(r.recv())
-        p.join(JOIN)
-        assert p.exitcode == 0, f"process {p.pid} exited with {p.exitcode}"
-    for x in out:
-        if isinstance(x, BaseException):
-            raise x
-    return out
-
-
 @pytest.mark.parametrize("which", list(EXPECTED))
 def test_four_processes_admit_exactly_the_capacity(seg: str, kind: str, which: str) -> None:
     tries = TRIES if kind == "cython" else 1_000
     seeds = (0, 1, 2) if kind == "cython" else (0,)
     for seed in seeds:
         name = f"{which}-{seed}"
-        barrier = CTX.Barrier(NPROC)
-        results = run_all(_worker, lambda i: (seg, kind, which, name, tries, seed * 10 + i, barrier))
+        b = barrier()
+        results = run_all(_worker, lambda i: (seg, kind, which, name, tries, seed * 10 + i, b))
         total: dict = {}
         for got in results:
             for k, v in got.items():
@@ -248,40 +204,9 @@ def _hammer(seg: str, kind: str, which: str, ops: int, barrier, conn) -> None:
 @pytest.mark.parametrize("which", ["token_bucket", "sliding", "keyed"])
 def test_sigkill_in_the_middle_of_100000_decisions_survivors_stay_exact(seg: str, kind: str, which: str) -> None:
     ops = 100_000 if kind == "cython" else 15_000
-    barrier = CTX.Barrier(NPROC)
-    pipes, procs, pids = [], [], []
-    for _ in range(NPROC):
-        r, w = CTX.Pipe(duplex=False)
-        pr = CTX.Process(target=_hammer, args=(seg, kind, which, ops, barrier, w))
-        pr.start()
-        pipes.append(r)
-        procs.append(pr)
-    for r in pipes:
-        assert r.poll(JOIN)
-        tag, pid = r.recv()
-        assert tag == "ready"
-        pids.append(pid)
-    victim = 1
-    while True:
-        assert pipes[victim].poll(JOIN)
-        msg = pipes[victim].recv()
-        assert msg[0] == "progress", msg
-        if msg[1] >= 5000:
-            os.kill(pids[victim], signal.SIGKILL)
-            break
-    survivors = 0
-    for i, (r, pr) in enumerate(zip(pipes, procs)):
-        pr.join(JOIN)
-        if i == victim:
-            assert pr.exitcode == -signal.SIGKILL
-            continue
-        while True:
-            assert r.poll(JOIN)
-            msg = r.recv()
-            if msg[0] != "progress":
-                break
-        assert msg[0] == "done", msg
-        survivors += msg[1]
+    b = barrier()
+    finals = sigkill_mid_run(_hammer, lambda i: (seg, kind, which, ops, b), victim=1, kill_at=5000)
+    survivors = sum(f[1] for f in finals if f is not None)
     # every word stayed valid: the limit, read afresh, holds exactly (nothing refills, nothing was lost)
     st = SharedMemoryStore(seg, implementation=kind)
     lim = make_limiter(which, st, "hammered")
@@ -317,8 +242,8 @@ def _redis_worker(url: str, which: str, tries: int, barrier, conn) -> None:
 @pytest.mark.parametrize("which", list(EXPECTED))
 def test_four_processes_through_redis_admit_exactly_the_capacity(redis_url: str, which: str) -> None:  # noqa: F811
     url = redis_url
-    barrier = CTX.Barrier(NPROC)
-    results = run_all(_redis_worker, lambda i: (url, which, 300, barrier))
+    b = barrier()
+    results = run_all(_redis_worker, lambda i: (url, which, 300, b))
     total: dict = {}
     for got, errors in results:
         assert errors == 0

@@ -7,7 +7,6 @@ words are untouched by another store's close."""
 from __future__ import annotations
 
 import asyncio
-import glob
 import json
 import os
 import uuid
@@ -20,9 +19,8 @@ import buttress
 from buttress import (Bulkhead, CircuitBreaker, FixedWindowLimiter, KeyedLimiter, LeakyBucket, LoadShedder,
                       Priority, SlidingWindowLimiter, TokenBucket)
 from buttress.stores import SharedMemoryStore
-from buttress.stores import shm as shm_mod
 
-from conftest import NO_EXT, REQUIRE_EXT, _compiled_available
+from procs import kind, no_segments_left  # noqa: F401 - the kind fixture
 
 RUN = f"bt-closed-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 _count = iter(range(10**6))
@@ -32,23 +30,7 @@ PATTERNS = ["TokenBucket", "LeakyBucket", "FixedWindowLimiter", "SlidingWindowLi
 
 @pytest.fixture(scope="module", autouse=True)
 def no_leaked_segments():
-    yield
-    left = glob.glob(os.path.join(shm_mod.SHM_DIR, shm_mod.PREFIX + RUN + "*"))
-    for path in left:
-        os.unlink(path)
-    assert not left, f"segments left in /dev/shm: {left}"
-
-
-@pytest.fixture(params=["cython", "python"])
-def kind(request: pytest.FixtureRequest) -> str:
-    if request.param == "cython":
-        if NO_EXT:
-            pytest.skip("BUTTRESS_NO_EXTENSIONS is set")
-        if not _compiled_available():
-            if REQUIRE_EXT:
-                pytest.fail("BUTTRESS_REQUIRE_EXTENSIONS is set but the compiled core does not import")
-            pytest.skip("compiled core not built")
-    return request.param
+    yield from no_segments_left(RUN)
 
 
 def _breaker_on(kind: str) -> None:
@@ -95,10 +77,12 @@ def uses(pattern: str, obj: Any, ran: list[int]) -> dict[str, Callable[[], objec
         out["call"] = lambda: obj.call(fn)
         out["call_async"] = lambda: asyncio.run(obj.call_async(afn))
     if pattern in ("TokenBucket", "LeakyBucket", "FixedWindowLimiter", "SlidingWindowLimiter"):
-        out.update(try_acquire=lambda: obj.try_acquire(), try_acquire_n=lambda: obj.try_acquire(2),
+        out.update(try_acquire=lambda: obj.try_acquire(),
                    acquire=lambda: obj.acquire(), acquire_timeout=lambda: obj.acquire(1, timeout=0.0),
                    acquire_async=lambda: asyncio.run(obj.acquire_async()),
                    wait_time=lambda: obj.wait_time(1), metrics=lambda: obj.metrics(), reset=lambda: obj.reset())
+    if pattern in ("TokenBucket", "FixedWindowLimiter", "SlidingWindowLimiter"):
+        out.update(try_acquire_n=lambda: obj.try_acquire(2))
     if pattern == "TokenBucket":
         out.update(available=lambda: obj.available(), reserve=lambda: obj.reserve(1))
     if pattern == "KeyedLimiter":

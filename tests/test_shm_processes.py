@@ -3,8 +3,6 @@ SharedPermits exact across 4 spawned processes, SIGKILL of a holder and of a pro
 100 000 operations -- for the compiled core (lock-free) and the twin (locked) alike."""
 from __future__ import annotations
 
-import glob
-import multiprocessing as mp
 import os
 import random
 import signal
@@ -16,66 +14,23 @@ import pytest
 from buttress.stores import SharedMemoryStore
 from buttress.stores import shm as shm_mod
 
-from conftest import NO_EXT, REQUIRE_EXT, _compiled_available
+from procs import CTX, JOIN, NPROC, barrier, kind, no_segments_left, run_all, sigkill_mid_run  # noqa: F401
+from procs import unlink_segment
 
 RUN = f"bt-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-CTX = mp.get_context("spawn")
-NPROC = 4
-JOIN = 120
+_count = iter(range(10**6))
 
 
 @pytest.fixture(scope="module", autouse=True)
 def no_leaked_segments():
-    yield
-    left = glob.glob(os.path.join(shm_mod.SHM_DIR, shm_mod.PREFIX + RUN + "*"))
-    for path in left:
-        os.unlink(path)
-    assert not left, f"segments left in /dev/shm: {left}"
-
-
-_count = iter(range(10**6))
-
-
-@pytest.fixture(params=["cython", "python"])
-def kind(request: pytest.FixtureRequest) -> str:
-    if request.param == "cython":
-        if NO_EXT:
-            pytest.skip("BUTTRESS_NO_EXTENSIONS is set")
-        if not _compiled_available():
-            if REQUIRE_EXT:
-                pytest.fail("BUTTRESS_REQUIRE_EXTENSIONS is set but the compiled core does not import")
-            pytest.skip("compiled core not built")
-    return request.param
+    yield from no_segments_left(RUN)
 
 
 @pytest.fixture
 def name(kind: str):
     n = f"{RUN}-{kind}-{next(_count)}"
     yield n
-    for path in (shm_mod.segment_path(n), shm_mod.segment_path(n) + ".lock"):
-        if os.path.exists(path):
-            os.unlink(path)
-
-
-def run_all(target, args_for, n: int = NPROC) -> list[object]:
-    """Start n spawned processes target(*args_for(i), conn), collect one result each."""
-    pipes, procs = [], []
-    for i in range(n):
-        r, w = CTX.Pipe(duplex=False)
-        p = CTX.Process(target=target, args=(*args_for(i), w))
-        p.start()
-        pipes.append(r)
-        procs.append(p)
-    out = []
-    for r, p in zip(pipes, procs):
-        assert r.poll(JOIN), f"process {p.pid} did not report"
-        out.append(r.recv())
-        p.join(JOIN)
-        assert p.exitcode == 0, f"process {p.pid} exited with {p.exitcode}"
-    for x in out:
-        if isinstance(x, BaseException):
-            raise x
-    return out
+    unlink_segment(n)
 
 
 # ---- the directory under concurrent creators -------------------------------------------------------------
@@ -99,8 +54,8 @@ def _binder(name: str, kind: str, i: int, barrier, conn) -> None:
 
 
 def test_concurrent_creators_agree_on_one_directory(name: str, kind: str) -> None:
-    barrier = CTX.Barrier(NPROC)
-    results = run_all(_binder, lambda i: (name, kind, i, barrier))
+    b = barrier()
+    results = run_all(_binder, lambda i: (name, kind, i, b))
     slots = [s for s, _ in results]
     assert len(set(slots)) == NPROC, "every process had a lease slot of its own"
     for j in range(12):
@@ -145,8 +100,8 @@ def test_permits_across_processes_never_exceed_the_limit(name: str, kind: str) -
     st = SharedMemoryStore(name, implementation=kind)
     try:
         p = st.permits("bulkhead", "db", 3)
-        barrier = CTX.Barrier(NPROC)
-        results = run_all(_cycler, lambda i: (name, kind, 3, rounds, i, barrier))
+        b = barrier()
+        results = run_all(_cycler, lambda i: (name, kind, 3, rounds, i, b))
         assert all(peak <= 3 for _, peak, _ in results), results
         assert all(admitted > 0 for admitted, _, _ in results)
         assert all(held == 0 for _, _, held in results)
@@ -173,8 +128,8 @@ def _grabber(name: str, kind: str, tries: int, barrier, conn) -> None:
 
 
 def test_exactly_the_limit_is_admitted_across_processes(name: str, kind: str) -> None:
-    barrier = CTX.Barrier(NPROC)
-    results = run_all(_grabber, lambda i: (name, kind, 2_000, barrier))
+    b = barrier()
+    results = run_all(_grabber, lambda i: (name, kind, 2_000, b))
     assert sum(got for got, _ in results) == 100
     assert all(got == held for got, held in results), "each process holds exactly what it was given"
     SharedMemoryStore(name, implementation=kind).unlink()
@@ -273,43 +228,15 @@ def test_sigkill_in_the_middle_of_100000_operations_survivors_stay_exact(name: s
     try:
         p = st.permits("shedder", "inflight", limit)
         for seed in range(2):
-            barrier = CTX.Barrier(NPROC)
-            pipes, procs, pids = [], [], []
-            for i in range(NPROC):
-                r, w = CTX.Pipe(duplex=False)
-                pr = CTX.Process(target=_hammer, args=(name, kind, limit, ops, seed * 10 + i, barrier, w))
-                pr.start()
-                pipes.append(r)
-                procs.append(pr)
-            for r in pipes:
-                assert r.poll(JOIN)
-                tag, pid = r.recv()
-                assert tag == "ready"
-                pids.append(pid)
+            b = barrier()
             victim = random.Random(seed).randrange(NPROC)
             kill_at = random.Random(seed + 100).choice([5000, 10000, 15000])
-            while True:         # kill the victim mid-run, after it reported some progress
-                assert pipes[victim].poll(JOIN)
-                msg = pipes[victim].recv()
-                assert msg[0] == "progress", msg
-                if msg[1] >= kill_at:
-                    os.kill(pids[victim], signal.SIGKILL)
-                    break
-            for i, (r, pr) in enumerate(zip(pipes, procs)):
-                pr.join(JOIN)
+            finals = sigkill_mid_run(_hammer, lambda i: (name, kind, limit, ops, seed * 10 + i, b), victim, kill_at)
+            for i, final in enumerate(finals):
                 if i == victim:
-                    assert pr.exitcode == -signal.SIGKILL
                     continue
-                msgs = []
-                while r.poll(0):
-                    try:
-                        msgs.append(r.recv())
-                    except EOFError:
-                        break
-                final = msgs[-1]
-                assert final[0] == "done", final
-                assert final[1] == 0, "in_use never exceeded the limit"
-                assert final[2] == 0
+                assert final is not None and final[1] == 0, f"in_use never exceeded the limit: {final}"
+                assert final[2] == 0, final
             # the survivors released all theirs; the victim's permits come back exactly, once
             st.reclaim()
             assert st.dead_slots() == []

@@ -3,8 +3,6 @@ settings, lease table, and SharedPermits in one process -- including a crash aft
 write of every op (the protocol's crash safety, step by step), for both implementations."""
 from __future__ import annotations
 
-import glob
-import multiprocessing as mp
 import os
 import struct
 import uuid
@@ -16,18 +14,15 @@ from buttress.stores import MemoryStore, SharedMemoryStore, store_from_url
 from buttress.stores import shm as shm_mod
 from buttress._twin import shared as twin_shared
 
-from conftest import NO_EXT, REQUIRE_EXT, _compiled_available
+from conftest import NO_EXT, _compiled_available
+from procs import CTX, kind, no_segments_left, run_one  # noqa: F401 - the kind fixture
 
 RUN = f"bt-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture(scope="module", autouse=True)
 def no_leaked_segments():
-    yield
-    left = glob.glob(os.path.join(shm_mod.SHM_DIR, shm_mod.PREFIX + RUN + "*"))
-    for path in left:
-        os.unlink(path)
-    assert not left, f"segments left in /dev/shm: {left}"
+    yield from no_segments_left(RUN)
 
 
 _count = iter(range(10**6))
@@ -35,18 +30,6 @@ _count = iter(range(10**6))
 
 def fresh(tag: str = "s") -> str:
     return f"{RUN}-{tag}-{next(_count)}"
-
-
-@pytest.fixture(params=["cython", "python"])
-def kind(request: pytest.FixtureRequest) -> str:
-    if request.param == "cython":
-        if NO_EXT:
-            pytest.skip("BUTTRESS_NO_EXTENSIONS is set")
-        if not _compiled_available():
-            if REQUIRE_EXT:
-                pytest.fail("BUTTRESS_REQUIRE_EXTENSIONS is set but the compiled core does not import")
-            pytest.skip("compiled core not built")
-    return request.param
 
 
 @pytest.fixture
@@ -308,13 +291,7 @@ def _child_open(name: str, kind: str, conn) -> None:
 
 def test_dead_lease_is_found_and_its_permits_taken_back(store: SharedMemoryStore, kind: str) -> None:
     p = store.permits("bulkhead", "db", 3)
-    ctx = mp.get_context("spawn")
-    r, w = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child_open, args=(store.name, kind, w))
-    child.start()
-    assert r.poll(60), "the child did not report"
-    slot = r.recv()
-    child.join(60)
+    slot = run_one(_child_open, store.name, kind)
     assert slot != store.slot and p.held_by(slot) == 2 and p.in_use == 2
     assert [s for s, _pid, alive in store.leases() if not alive] == [slot]
     assert store.dead_slots() == [slot]
@@ -358,8 +335,7 @@ def test_slots_run_out_with_a_clear_error(kind: str) -> None:
     name = fresh(kind)
     st = SharedMemoryStore(name, slots=1, implementation=kind)
     try:
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(1) as pool:
+        with CTX.Pool(1) as pool:
             r = pool.apply(_open_and_report, (name, kind))
         assert "all 1 lease slots" in r and "slots=2" in r
     finally:
@@ -410,9 +386,8 @@ def test_a_segment_refuses_the_other_implementation_while_in_use() -> None:
     if NO_EXT or not _compiled_available():
         pytest.skip("needs the compiled core")
     name = fresh("mix")
-    ctx = mp.get_context("spawn")
-    started, stop = ctx.Event(), ctx.Event()
-    child = ctx.Process(target=_hold_open, args=(name, "python", started, stop))
+    started, stop = CTX.Event(), CTX.Event()
+    child = CTX.Process(target=_hold_open, args=(name, "python", started, stop))
     child.start()
     try:
         assert started.wait(60)
