@@ -84,6 +84,9 @@ cdef inline bint _is_instance(object exc, tuple classes) noexcept:
             return True
     return False
 cdef tuple _STATES = tuple(State)
+cdef str _FMT_OPEN = "circuit breaker %r is %s"
+cdef str _FMT_OPEN_RA = "circuit breaker %r is %s; retry after %.6gs"
+cdef tuple _STATE_NAMES = tuple(s.name for s in State)
 cdef int _CO_ITERABLE_COROUTINE = inspect.CO_ITERABLE_COROUTINE
 
 cdef extern from "Python.h":
@@ -193,6 +196,8 @@ assert sizeof(bwords_t) == 8 * BW_HEADER
 REMOTE = 1 << 62                 # a token issued by a store's shared breaker (Redis), not by these words
 cdef int64_t _REMOTE = 1 << 62
 cdef int64_t _NEVER = 0x7FFFFFFFFFFFFFFF
+cdef enum:
+    _CLS_KEPT = 16                   # exception types a breaker keeps for its classification cache
 cdef int64_t _next_id = 0           # breaker ids for the `with` records: never 0, never reused
 cdef enum:
     _CLOSED_MARK = 2                 # ready_ after _close(): not 1, so the one readiness test catches it    # an OPEN deadline past the int64 range: never reached
@@ -272,7 +277,9 @@ cdef class BreakerCore:
     cdef int64_t fail_th, succ_th    # classic: failure_threshold, success_threshold
     cdef object record_t, record_fn, ignore_t, ignore_fn, record_result, clock_ns, record_rejected
     cdef int64_t id_                 # key of this breaker in the per-thread `with` records
-    cdef dict err_template           # a refusal's attributes common to every refusal ({"name": name})
+    cdef int64_t cls_cache           # _classify: the last exception type (pointer) | its outcome; 0: none
+    cdef list cls_kept               # the types cls_cache may name (kept alive: a pointer is never reused)
+    cdef tuple err_attrs             # per state: a refusal's attributes ({name, state, _lazy}), copied per refusal
     cdef object closed_msg           # _close(message): every decision and state read raises RuntimeError
 
     def __init__(self, name="default", failure_rate_threshold=_D_FR, slow_call_rate_threshold=_D_SR,
@@ -299,7 +306,9 @@ cdef class BreakerCore:
         self.record_rejected = c.record_rejected
         self.classic_, self.fail_th, self.succ_th = c.classic, c.failure_threshold, c.success_threshold
         self.hook_retired = []
-        self.err_template = {"name": self.name_}
+        self.cls_kept = []
+        self.err_attrs = tuple({"name": self.name_, "state": st, "retry_after": None,
+                                "_lazy": (_FMT_OPEN, (self.name_, st.name))} for st in _STATES)
         self.id_ = bt_fetch_add(&_next_id, 1) + 1
         cdef int64_t closed_n = self.window_size * TW_FIELDS if self.time_window else self.window_size
         cdef int64_t nw = _words_needed(self.window_size, self.time_window, self.half_calls)
@@ -643,7 +652,32 @@ cdef class BreakerCore:
         self._ready()
         return self._rejection(self._now_arg(now))
 
-    cdef int _classify(self, exc) except -1:
+    cdef inline int _classify(self, exc) except -1:
+        """The outcome of an exception. Without record / ignore predicates the outcome is a function of the
+        exception's type (every test is a PyObject_TypeCheck): the last type seen and its outcome are kept in
+        one word (type pointer | outcome), so a repeated failure type costs one load and one compare. A
+        cached type is kept alive by `cls_kept` (at most _CLS_KEPT types), so its address is never reused
+        while the word may hold it."""
+        cdef int64_t c = bt_load(&self.cls_cache)
+        cdef int r
+        if c != 0 and (c & ~<int64_t>3) == <int64_t><intptr_t>Py_TYPE(exc):
+            return <int>(c & 3)
+        r = self._classify_slow(exc)
+        if self.ignore_fn is None and self.record_fn is None:
+            self._cache_class(exc, r)
+        return r
+
+    cdef int _cache_class(self, exc, int r) except -1:
+        cdef object tp = type(exc)
+        cdef list kept = self.cls_kept
+        if tp not in kept:
+            if len(kept) >= _CLS_KEPT:
+                return 0
+            kept.append(tp)
+        bt_store(&self.cls_cache, <int64_t><intptr_t><PyObject *>tp | r)
+        return 0
+
+    cdef int _classify_slow(self, exc) except -1:
         # PyObject_TypeCheck, not isinstance(): a failed isinstance() also looks up exc.__class__
         if (not PyObject_TypeCheck(exc, <PyTypeObject *>Exception)
                 or PyObject_TypeCheck(exc, <PyTypeObject *>UsageError)):
@@ -1022,12 +1056,8 @@ cdef class BreakerCore:
         return _make_guard(self, None, asynchronous)
 
     # -- with / async with (records: see _with_enter_c) -------------------------------------------------
-    # __enter__ is a C method installed by _install() (returns self, or raises CircuitOpenError)
-    def __exit__(self, exc_type, exc, tb):
-        """Report the outcome of this context's latest `with` acquisition (exc: a failure per the
-        exception rules; None: a success); without one, a no-op. Never suppresses the exception."""
-        _with_exit(self, exc)
-        return False
+    # __enter__ / __exit__ are C methods installed by _install() (_with_enter_c, _with_exit_c): no argument
+    # parsing, and a refusal leaves with no traceback frame of ours
 
     def __aenter__(self):
         """An awaitable: raises CircuitOpenError when refused, else returns the breaker holding a permit."""
@@ -1089,22 +1119,41 @@ cdef class BreakerCore:
 
 cdef extern from *:
     """
-    static PyObject *bt_open_error(PyObject *cls, PyObject *template, PyObject *state, PyObject *retry_after,
-                                   PyObject *lazy) {
-        /* cls.__new__(cls) (no __init__ chain) with its __dict__ filled from the breaker's template */
-        PyObject *empty = PyTuple_New(0), *exc, *d;
-        if (empty == NULL)
+    /* cls.__new__(cls) (no __init__ chain) whose __dict__ is a copy of `attrs` (the breaker's cached
+       {name, state, _lazy} of a refusal in that state), plus retry_after / _lazy when given (OPEN: they
+       change with the time left). The copy goes straight into the exception's dict slot when the class
+       keeps its dict there (a Python subclass of Exception does); else through the generic __dict__. */
+    static PyObject *bt_k_retry_after = NULL, *bt_k_lazy = NULL, *bt_empty = NULL;
+    static int bt_exc_dict_slot = 0;
+    static int bt_open_error_ready(PyObject *cls) {
+        bt_k_retry_after = PyUnicode_InternFromString("retry_after");
+        bt_k_lazy = PyUnicode_InternFromString("_lazy");
+        bt_empty = PyTuple_New(0);
+        if (bt_k_retry_after == NULL || bt_k_lazy == NULL || bt_empty == NULL)
+            return -1;
+        bt_exc_dict_slot = ((PyTypeObject *)cls)->tp_dictoffset == (Py_ssize_t)offsetof(PyBaseExceptionObject, dict);
+        return 0;
+    }
+    static PyObject *bt_open_error(PyObject *cls, PyObject *attrs, PyObject *retry_after, PyObject *lazy) {
+        PyObject *exc, *d = PyDict_Copy(attrs);
+        if (d == NULL)
             return NULL;
-        exc = ((PyTypeObject *)cls)->tp_new((PyTypeObject *)cls, empty, NULL);
-        Py_DECREF(empty);
-        if (exc == NULL)
+        if ((retry_after != NULL && PyDict_SetItem(d, bt_k_retry_after, retry_after) < 0)
+                || (lazy != NULL && PyDict_SetItem(d, bt_k_lazy, lazy) < 0)) {
+            Py_DECREF(d);
             return NULL;
-        d = PyObject_GenericGetDict(exc, NULL);
-        if (d == NULL || PyDict_Update(d, template) < 0
-                || PyDict_SetItemString(d, "state", state) < 0
-                || (retry_after != Py_None && PyDict_SetItemString(d, "retry_after", retry_after) < 0)
-                || PyDict_SetItemString(d, "_lazy", lazy) < 0) {
-            Py_XDECREF(d);
+        }
+        exc = ((PyTypeObject *)cls)->tp_new((PyTypeObject *)cls, bt_empty, NULL);
+        if (exc == NULL) {
+            Py_DECREF(d);
+            return NULL;
+        }
+        if (bt_exc_dict_slot && ((PyBaseExceptionObject *)exc)->dict == NULL) {
+            ((PyBaseExceptionObject *)exc)->dict = d;        /* steals */
+            return exc;
+        }
+        if (PyObject_GenericSetDict(exc, d, NULL) < 0) {
+            Py_DECREF(d);
             Py_DECREF(exc);
             return NULL;
         }
@@ -1112,8 +1161,8 @@ cdef extern from *:
         return exc;
     }
     """
-    PyObject *bt_open_error(PyObject *cls, PyObject *template, PyObject *state, PyObject *retry_after,
-                            PyObject *lazy) noexcept
+    PyObject *bt_open_error(PyObject *cls, PyObject *attrs, PyObject *retry_after, PyObject *lazy) noexcept
+    int bt_open_error_ready(PyObject *cls) except -1
 
 cdef extern from "Python.h":
     # raw forms: no Cython error handling (a refusal leaves without a Cython traceback frame)
@@ -1128,9 +1177,6 @@ cdef extern from "Python.h":
     PyObject *bt_none "Py_None"
     PyObject *bt_false "Py_False"
 
-cdef str _FMT_OPEN = "circuit breaker %r is %s"
-cdef str _FMT_OPEN_RA = "circuit breaker %r is %s; retry after %.6gs"
-cdef tuple _STATE_NAMES = tuple(s.name for s in State)
 
 
 def _remote_rejection(BreakerCore b, now):
@@ -1140,7 +1186,8 @@ def _remote_rejection(BreakerCore b, now):
 cdef int _refuse(BreakerCore b, int64_t now) noexcept:
     """Set the refusal of a call refused at `now` as the pending error; returns -1. CircuitOpenError built as
     cls.__new__(cls) with its attributes set and its message formatted when first read (errors.Rejected's
-    lazy message): what CircuitOpenError(name, state, retry_after) gives, without its Python __init__."""
+    lazy message): what CircuitOpenError(name, state, retry_after) gives, without its Python __init__. A
+    state without retry_after copies the breaker's cached attributes of that state as they are."""
     cdef int64_t w, t = -1
     cdef int s
     cdef PyObject *e
@@ -1169,31 +1216,24 @@ cdef int _refuse(BreakerCore b, int64_t now) noexcept:
             if t < 0:
                 t = 0
             break
-    if s == ST_OPEN:
+    if s != ST_OPEN:
+        e = bt_open_error(<PyObject *>CircuitOpenError, <PyObject *>b.err_attrs[s], NULL, NULL)
+    else:
         ra = bt_float(<double>t / 1e9)
         if ra == NULL:
             return -1
         vals = bt_pack3(3, <PyObject *>b.name_, <PyObject *>_STATE_NAMES[s], ra)
-        if vals != NULL:
-            lazy = bt_pack2(2, <PyObject *>_FMT_OPEN_RA, vals)
-            bt_decref(vals)
-        else:
-            lazy = NULL
-    else:
-        ra = bt_none
-        Py_XINCREF(ra)
-        vals = bt_pack2(2, <PyObject *>b.name_, <PyObject *>_STATE_NAMES[s])
-        if vals != NULL:
-            lazy = bt_pack2(2, <PyObject *>_FMT_OPEN, vals)
-            bt_decref(vals)
-        else:
-            lazy = NULL
-    if lazy == NULL:
+        if vals == NULL:
+            bt_decref(ra)
+            return -1
+        lazy = bt_pack2(2, <PyObject *>_FMT_OPEN_RA, vals)
+        bt_decref(vals)
+        if lazy == NULL:
+            bt_decref(ra)
+            return -1
+        e = bt_open_error(<PyObject *>CircuitOpenError, <PyObject *>b.err_attrs[s], ra, lazy)
         bt_decref(ra)
-        return -1
-    e = bt_open_error(<PyObject *>CircuitOpenError, <PyObject *>b.err_template, <PyObject *>_STATES[s], ra, lazy)
-    bt_decref(ra)
-    bt_decref(lazy)
+        bt_decref(lazy)
     if e == NULL:
         return -1
     bt_set_object(<PyObject *>CircuitOpenError, e)
@@ -1476,24 +1516,44 @@ cdef extern from *:
         return self;
     }
     static PyMethodDef bt_cb_enter_def = {"__enter__", (PyCFunction)bt_cb_enter, METH_NOARGS,
-        "Take a permit (returns the breaker), or raise CircuitOpenError."};
-    static int bt_cb_set_enter(PyTypeObject *tp, bt_with_impl impl) {
-        PyObject *d = PyDescr_NewMethod(tp, &bt_cb_enter_def);
+        "__enter__($self, /)\\n--\\n\\nTake a permit (returns the breaker), or raise CircuitOpenError."};
+    typedef int (*bt_exit_impl)(PyObject *self, PyObject *exc);
+    static bt_exit_impl bt_cb_exit_impl = NULL;
+    static PyObject *bt_cb_exit(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+        if (nargs != 3) {
+            PyErr_Format(PyExc_TypeError, "__exit__ expected 3 arguments (exc_type, exc, tb), got %zd", nargs);
+            return NULL;
+        }
+        if (bt_cb_exit_impl(self, args[1]) < 0)
+            return NULL;
+        Py_RETURN_FALSE;
+    }
+    static PyMethodDef bt_cb_exit_def = {"__exit__", (PyCFunction)(void (*)(void))bt_cb_exit, METH_FASTCALL,
+        "__exit__($self, exc_type, exc, tb, /)\\n--\\n\\n"
+        "Report the outcome of this context's latest `with` acquisition (exc: a failure per the exception "
+        "rules; None: a success); without one, a no-op. Never suppresses the exception."};
+    static int bt_cb_set(PyTypeObject *tp, PyMethodDef *def) {
+        PyObject *d = PyDescr_NewMethod(tp, def);
         int rc;
         if (d == NULL)
             return -1;
-        bt_cb_enter_impl = impl;
-        rc = PyDict_SetItemString(tp->tp_dict, "__enter__", d);
+        rc = PyDict_SetItemString(tp->tp_dict, def->ml_name, d);
         Py_DECREF(d);
         PyType_Modified(tp);
         return rc;
+    }
+    static int bt_cb_set_with(PyTypeObject *tp, bt_with_impl enter, bt_exit_impl exit) {
+        bt_cb_enter_impl = enter;
+        bt_cb_exit_impl = exit;
+        return bt_cb_set(tp, &bt_cb_enter_def) < 0 || bt_cb_set(tp, &bt_cb_exit_def) < 0 ? -1 : 0;
     }
     """
     int bt_wpush(int64_t id, int64_t token, int64_t start) noexcept
     int bt_wpop(int64_t id, int64_t *token, int64_t *start) noexcept
     Py_ssize_t bt_wcount(int64_t id) noexcept
     ctypedef int (*bt_with_impl)(PyObject *self) noexcept
-    int bt_cb_set_enter(PyTypeObject *tp, bt_with_impl impl) except -1
+    ctypedef int (*bt_exit_impl)(PyObject *self, PyObject *exc) noexcept
+    int bt_cb_set_with(PyTypeObject *tp, bt_with_impl enter, bt_exit_impl exit) except -1
 
 
 
@@ -1547,6 +1607,14 @@ cdef int _with_exit(BreakerCore b, exc) except -1:
     return 0
 
 
+ctypedef int (*_raw_with_exit_t)(BreakerCore, object) noexcept
+cdef _raw_with_exit_t _with_exit_raw = <_raw_with_exit_t>_with_exit
+
+
+cdef int _with_exit_c(PyObject *o, PyObject *exc) noexcept:
+    return _with_exit_raw(<BreakerCore>o, <object>exc)
+
+
 cdef int _aenter_done(PyObject *owner, int64_t token, int64_t start, PyObject *result) except -1:
     """An __aenter__ awaitable was awaited: the acquisition is recorded in the awaiting task's context."""
     cdef BreakerCore b = <BreakerCore>owner
@@ -1578,10 +1646,11 @@ cdef object _aw_value(PyObject *owner, const bt_guard_ops *ops, PyObject *value,
 
 def _install():
     bt_aw_ready()
+    bt_open_error_ready(<PyObject *>CircuitOpenError)
     cdef Guarded probe = Guarded.__new__(Guarded)
     bt_guard_install(<PyTypeObject *>Guarded, <Py_ssize_t>(<char *>&probe.vectorcall - <char *><PyObject *>probe))
     bt_guard_method_descriptor(<PyTypeObject *>Guarded)
-    bt_cb_set_enter(<PyTypeObject *>BreakerCore, _with_enter_c)
+    bt_cb_set_with(<PyTypeObject *>BreakerCore, _with_enter_c, _with_exit_c)
 
 _install()
 

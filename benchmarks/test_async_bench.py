@@ -12,7 +12,7 @@ runs 1000 awaits per round inside one loop (conftest.awaiting) and reports ns pe
 """
 import asyncio
 
-from buttress import Bulkhead, BulkheadFullError, LoadShedder, Priority
+from buttress import Bulkhead, BulkheadFullError, CircuitBreaker, CircuitOpenError, LoadShedder, Priority
 from buttress._impl import core
 from conftest import awaiting, bare_async
 
@@ -128,3 +128,38 @@ def test_shedder_async_with_admit(benchmark):
 
     awaiting(benchmark, g)
     assert shed.in_flight == 0
+
+
+# -- circuit breaker (the core's async guard: the compiled awaitable) ---------------------------------------
+
+def test_breaker_decorated_async(benchmark):
+    cb = CircuitBreaker(slow_call_duration=None)
+    awaiting(benchmark, cb(bare_async))
+    assert cb.metrics().failures == 0
+
+
+def test_breaker_decorated_async_failure(benchmark):
+    cb = CircuitBreaker(slow_call_duration=None)
+    cb.metrics_only()           # records every failure, never opens
+    awaiting(benchmark, cb(raiser), catch=(ValueError,))
+
+
+def test_breaker_call_async(benchmark):
+    cb = CircuitBreaker(slow_call_duration=None)
+    awaiting(benchmark, lambda: cb.call_async(bare_async))
+
+
+def test_breaker_async_with_in_coroutine(benchmark):
+    cb = CircuitBreaker(slow_call_duration=None)
+
+    async def g():
+        async with cb:
+            return await bare_async()
+
+    awaiting(benchmark, g)
+
+
+def test_breaker_open_async_reject(benchmark):
+    cb = CircuitBreaker(slow_call_duration=None)
+    cb.force_open()
+    awaiting(benchmark, cb(bare_async), catch=(CircuitOpenError,))

@@ -78,6 +78,90 @@ def test_floor_async_raise_catch(benchmark):
     awaiting(benchmark, araise, catch=ValueError)
 
 
+# -- the core's async guard (the compiled awaitable) and with / async with (issue 16) ---------------------
+# floors: bare_await / async_raise_catch above; `with cb:` against the bare call (the with-block's function is
+# a Python call like bare); `async with` against test_floor_nested_await (its body awaits bare_async)
+def test_floor_nested_await(benchmark):
+    async def g():
+        return await bare_async()
+
+    awaiting(benchmark, g)
+
+
+def test_async_core_success(benchmark, core_kind):
+    awaiting(benchmark, breaker(core_kind, slow_call_duration=None).guard(bare_async, True))
+
+
+def test_async_core_failure(benchmark, core_kind):
+    cb = breaker(core_kind, slow_call_duration=None)
+    cb.transition_to(5)        # METRICS_ONLY: records every failure, never opens
+
+    async def araise():
+        raise ValueError
+
+    awaiting(benchmark, cb.guard(araise, True), catch=ValueError)
+
+
+def test_async_core_rejected_open(benchmark, core_kind):
+    cb = breaker(core_kind)
+    cb.transition_to(1)
+    awaiting(benchmark, cb.guard(bare_async, True), catch=Exception)
+
+
+def test_async_call_async(benchmark):
+    import buttress
+    cb = buttress.CircuitBreaker(slow_call_duration=None)
+    awaiting(benchmark, lambda: cb.call_async(bare_async))
+
+
+def test_with_success(benchmark, core_kind):
+    cb = breaker(core_kind, slow_call_duration=None)
+
+    def run():
+        with cb:
+            pass
+
+    benchmark(run)
+
+
+def test_with_failure(benchmark, core_kind):
+    cb = breaker(core_kind, slow_call_duration=None)
+    cb.transition_to(5)
+
+    def run():
+        try:
+            with cb:
+                raise ValueError("floor")
+        except ValueError:
+            pass
+
+    benchmark(run)
+
+
+def test_with_rejected_open(benchmark, core_kind):
+    cb = breaker(core_kind)
+    cb.transition_to(1)
+
+    def run():
+        try:
+            with cb:
+                pass
+        except Exception:
+            pass
+
+    benchmark(run)
+
+
+def test_async_with_success(benchmark, core_kind):
+    cb = breaker(core_kind, slow_call_duration=None)
+
+    async def g():
+        async with cb:
+            return await bare_async()
+
+    awaiting(benchmark, g)
+
+
 # -- peers (skipped when not installed: pip install ".[bench]") ----------------------------------------
 def test_peer_pybreaker(benchmark):
     pybreaker = pytest.importorskip("pybreaker")

@@ -56,8 +56,11 @@ typedef struct {
 #define BT_FETCH(exc) do { exc = PyErr_GetRaisedException(); } while (0)
 #define BT_RESTORE(exc) PyErr_SetRaisedException(exc)
 #else
+/* (before 3.12) only the value is kept (BT_RESTORE takes its type from it): a value that is an exception
+ * instance already -- anything raised by Python code -- needs no normalising (which costs a
+ * PyObject_IsSubclass per failure); a missing or non-instance value is normalised */
 #define BT_FETCH(exc) do { PyObject *_t, *_v, *_tb; PyErr_Fetch(&_t, &_v, &_tb); \
-    PyErr_NormalizeException(&_t, &_v, &_tb); \
+    if (_v == NULL || !PyExceptionInstance_Check(_v)) PyErr_NormalizeException(&_t, &_v, &_tb); \
     if (_tb != NULL && _v != NULL) PyException_SetTraceback(_v, _tb); \
     Py_XDECREF(_t); Py_XDECREF(_tb); exc = _v; } while (0)
 #define BT_RESTORE(exc) do { PyObject *_e = (exc); PyObject *_ty = (PyObject *)Py_TYPE(_e); \

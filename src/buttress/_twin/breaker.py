@@ -880,7 +880,7 @@ class BreakerCore(Uninit):
         _with_push(self._id, token, start)
         return self
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> Literal[False]:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any, /) -> Literal[False]:
         """Report the outcome of this context's latest `with` acquisition (exc: a failure per the
         exception rules; None: a success); without one, a no-op. Never suppresses the exception."""
         self._with_exit(exc)
