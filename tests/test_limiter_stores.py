@@ -124,6 +124,31 @@ def test_memory_store_shares_within_the_process_with_a_fake_clock() -> None:
     assert not m.try_acquire()                       # parts in a store work in a MultiLimiter
 
 
+@pytest.mark.parametrize("cls, args", [(TokenBucket, (10.0, 2)), (LeakyBucket, (10.0, 1)),
+                                        (FixedWindowLimiter, (2, 1.0)), (SlidingWindowLimiter, (2, 1.0))])
+def test_waiting_for_a_unit_another_object_holds_honours_the_timeout_exactly(cls, args) -> None:
+    """acquire() on a limiter whose units another object of the same store took waits on the store's
+    words, not by polling: a timeout 1 ns short of the wait fails at once (nothing slept, retry_after the
+    whole wait); a timeout equal to the wait sleeps exactly the wait on the clock and is admitted.
+    (memory:// with a FakeClock; shm:// uses the host's monotonic clock, which a test cannot step.)"""
+    clock = FakeClock(5.0)
+    url = f"memory://{RUN}-wait-{next(_count)}"
+    a = cls(*args, clock=clock, name="w", store=url)
+    b = cls(*args, clock=clock, name="w", store=url)
+    while a.try_acquire():
+        pass
+    wait_ns = round(b.wait_time(1) * 1e9)
+    assert wait_ns > 0
+    t0 = clock.monotonic_ns()
+    with pytest.raises(RateLimitExceeded) as info:
+        b.acquire(1, timeout=(wait_ns - 1) / 1e9)
+    assert clock.monotonic_ns() == t0, "refused without sleeping"
+    assert info.value.retry_after == wait_ns / 1e9
+    b.acquire(1, timeout=wait_ns / 1e9)
+    assert clock.monotonic_ns() - t0 == wait_ns, "slept exactly the wait"
+    assert a.metrics() == b.metrics(), "one state in the store"
+
+
 def test_a_keyed_table_in_a_store_is_seeded_per_store(seg: str, kind: str) -> None:
     st = SharedMemoryStore(seg, implementation=kind)
     try:
