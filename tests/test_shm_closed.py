@@ -388,3 +388,23 @@ def _cycle_parts(nwords: int, init: Callable[[memoryview], None],
     init(words)
     box: dict[str, Any] = {}
     return buf, box, make_core(words, box.__len__)
+
+
+def test_only_objects_that_can_be_closed_are_bound(kind: str) -> None:
+    """track() refuses, with a clear TypeError, an object the store could not close later: one without
+    _close(message), or one that cannot be weakly referenced (the store must not keep it alive)."""
+    class NoWeak:
+        __slots__ = ()
+
+        def _close(self, message: str) -> None:
+            pass
+
+    st = _store(kind)
+    try:
+        with pytest.raises(TypeError, match=r"^object cannot be bound to shm://.*: it has no _close\(message\)"):
+            st._seg.track(object())
+        with pytest.raises(TypeError, match=r"^NoWeak cannot be bound to shm://.*weak references"):
+            st._seg.track(NoWeak())
+    finally:
+        st.close()
+        st.unlink()

@@ -493,10 +493,17 @@ class _Segment:
     def track(self, obj: Any) -> None:
         """Remember `obj` (a core object deciding on this segment's words) for close(): it is closed
         with the segment (at once if the segment is closing or closed already)."""
+        if not callable(getattr(obj, "_close", None)):
+            raise TypeError(f"{type(obj).__name__} cannot be bound to {self.url}: it has no _close(message) "
+                            f"(every object deciding on a store's words must refuse once the store closes)")
         with self.tlock:
             late = self.closing or self.closed or (self.exited and hasattr(obj, "_set_slot"))
             if not late:
-                self.bound.add(obj)
+                try:
+                    self.bound.add(obj)
+                except TypeError:
+                    raise TypeError(f"{type(obj).__name__} cannot be bound to {self.url}: the store keeps weak "
+                                    f"references to the objects on its words (give the type __weakref__)") from None
         if late:
             obj._close(str(self.closed_error()))
 
