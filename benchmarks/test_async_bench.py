@@ -163,3 +163,39 @@ def test_breaker_open_async_reject(benchmark):
     cb = CircuitBreaker(slow_call_duration=None)
     cb.force_open()
     awaiting(benchmark, cb(bare_async), catch=(CircuitOpenError,))
+
+
+# -- rate limiters (@limiter on an async def function: the compiled guard; call_async: Python) --------------
+
+def test_token_bucket_decorated_async(benchmark):
+    from buttress import TokenBucket
+    tb = TokenBucket(rate=1e9, capacity=10**9)
+    awaiting(benchmark, tb(bare_async))
+    assert tb.metrics().rejected == 0
+
+
+def test_token_bucket_call_async(benchmark):
+    from buttress import TokenBucket
+    tb = TokenBucket(rate=1e9, capacity=10**9)
+    awaiting(benchmark, lambda: tb.call_async(bare_async))
+    assert tb.metrics().rejected == 0
+
+
+def test_token_bucket_acquire_async_no_wait(benchmark):
+    from buttress import TokenBucket
+    tb = TokenBucket(rate=1e9, capacity=10**9)
+    awaiting(benchmark, tb.acquire_async)
+
+
+def test_token_bucket_empty_async_reject(benchmark):
+    from buttress import RateLimitExceeded, TokenBucket
+    tb = TokenBucket(rate=1e-6, capacity=1)
+    tb.try_acquire()
+    awaiting(benchmark, tb(bare_async), catch=(RateLimitExceeded,))
+
+
+# -- hedge (the primary answers before the delay: no timer, no task) ----------------------------------------
+
+def test_hedge_decorated_async_answers_at_once(benchmark):
+    from buttress import Hedge
+    awaiting(benchmark, Hedge(0.05)(bare_async))
