@@ -164,11 +164,8 @@ class FakeClock:
             due = []
             while self._sleepers and self._sleepers[0][0] <= now:
                 due.append(heapq.heappop(self._sleepers))
-        running = asyncio._get_running_loop()
         for _, _, fut, loop in due:
-            if loop is running:         # advanced on the sleeper's own loop: no self-pipe write per sleeper
-                _wake(fut)
-            elif not loop.is_closed():
+            if not loop.is_closed():
                 loop.call_soon_threadsafe(_wake, fut)
 
     def sleep(self, seconds: float) -> None:
