@@ -584,3 +584,20 @@ def test_decorated_async_method_binds_and_each_instance_shares_the_limiter():
     assert asyncio.run(a.get("/x")) == "a/x" and asyncio.run(b.get("/y")) == "b/y"
     with pytest.raises(RateLimitExceeded):
         asyncio.run(a.get("/z"))
+
+
+def test_a_refusal_reads_as_one_built_by_the_constructor():
+    """Refusals are built lazily (the hot path under overload): message, args, retry_after, pickling."""
+    import pickle
+    clock = FakeClock()
+    tb = TokenBucket(0.5, 1, clock=clock, name="api")
+    kl = buttress.KeyedLimiter(0.5, 1, max_keys=8, clock=clock)
+    assert tb.try_acquire() and kl.try_acquire("a")
+    for fail, text in ((lambda: tb.call(lambda: 1), "rate limit 'api' exceeded; retry after 2s"),
+                       (lambda: kl.call("a", lambda: 1), "rate limit exceeded for key 'a'; retry after 2s")):
+        with pytest.raises(RateLimitExceeded) as info:
+            fail()
+        exc = info.value
+        assert str(exc) == text and exc.args == (text,) and exc.retry_after == 2.0
+        back = pickle.loads(pickle.dumps(exc))
+        assert type(back) is RateLimitExceeded and back.args == (text,) and back.retry_after == 2.0

@@ -37,7 +37,7 @@ from ._params import (ASYNC, ASYNC_GENERATOR, GENERATOR, MAX_RATE, NS, check_flo
 from ._wrap import CORO, UsageError, check_decoratable, lazy_result as _lazy, wraps
 from .bulkhead import mark_async
 from .clock import check_one_clock, is_system_clock, resolve_clock
-from .errors import RateLimitExceeded
+from .errors import RateLimitExceeded, lazy_rejection
 
 __all__ = ["TokenBucket", "LeakyBucket", "FixedWindowLimiter", "SlidingWindowLimiter", "MultiLimiter",
            "KeyedLimiter", "RateLimitMetrics", "KeyedMetrics"]
@@ -262,7 +262,9 @@ class _Limiter(Policy):
     def _rejected(self, wait_ns: int) -> RateLimitExceeded:
         retry_after = _seconds_up(max(wait_ns, 1))
         what = "rate limit" if self.name is None else f"rate limit {self.name!r}"
-        return RateLimitExceeded(f"{what} exceeded; retry after {retry_after:.6g}s", retry_after=retry_after)
+        # a refusal is the hot path under overload: built without the constructor's checks (retry_after is
+        # finite and >= 0 here), its message formatted only if someone reads it
+        return lazy_rejection(RateLimitExceeded, "%s exceeded; retry after %.6gs", (what, retry_after), retry_after)
 
     # -- one unit for one call ------------------------------------------------------------------------------
     def _take(self) -> Any:
@@ -1136,8 +1138,8 @@ class KeyedLimiter(Named):     # Named: given a name, exported by the metrics co
     def _rejected(self, key: object) -> RateLimitExceeded:
         retry_after = _seconds_up(max(self._core.wait_ns(key, 1), 1))
         what = "rate limit" if self.name is None else f"rate limit {self.name!r}"
-        return RateLimitExceeded(f"{what} exceeded for key {key!r}; retry after {retry_after:.6g}s",
-                                 retry_after=retry_after)
+        return lazy_rejection(RateLimitExceeded, "%s exceeded for key %r; retry after %.6gs",
+                              (what, key, retry_after), retry_after)
 
     def _take(self, key: object) -> Any:
         """One token of key's bucket now: a receipt (None from a Redis store: nothing to give back), or raise."""
