@@ -1414,7 +1414,10 @@ cdef Guarded _make_guard(BreakerCore owner, fn, bint asynchronous=False):
 # and reports the outcome with its token. The context is what a task runs in (each asyncio task has its own;
 # a thread has one), so nested and interleaved blocks across tasks and threads each report their own
 # acquisition; an exit that finds no record (a second exit of one acquisition, or no enter) is a no-op.
-# A record holds a reference to its context (its address cannot be reused while the record exists).
+# A record holds a reference to its context (its address cannot be reused while the record exists); a record
+# whose context nobody else holds can never be exited (a generator suspended inside `with cb:` collected from
+# another context): such records of a breaker give their permits back (no outcome) when an exit of it finds
+# no record of its own, or before the thread's stack grows.
 # `async with`: __aenter__ takes the permit and returns a compiled awaitable holding it; awaiting it records
 # the acquisition in the awaiting task's context (an __aenter__ never awaited, thrown into or closed gives
 # its permit back with no outcome).
@@ -1497,6 +1500,32 @@ cdef extern from *:
         return 0;
     }
 
+    /* the table is full: the next push grows it */
+    static int bt_wfull(void) {
+        return bt_wt.r != NULL && bt_wt.n == bt_wt.cap;
+    }
+
+    /* 1: a record of `id` whose context nobody else holds was taken out (token / start set): that context can
+       never be current again, so its block can never exit (a generator suspended inside `with cb:` and
+       collected elsewhere); 0: none. The context's last reference goes here. */
+    static int bt_wtake_dead(int64_t id, int64_t *token, int64_t *start) {
+        bt_wtab *t = &bt_wt;
+        Py_ssize_t i;
+        for (i = t->n - 1; i >= 0; i--) {
+            bt_wrec *r = &t->r[i];
+            if (r->id == id && Py_REFCNT(r->ctx) == 1) {
+                PyObject *ctx = r->ctx;
+                *token = r->token;
+                *start = r->start;
+                memmove(r, r + 1, (size_t)(t->n - i - 1) * sizeof(bt_wrec));
+                t->n--;
+                Py_DECREF(ctx);
+                return 1;
+            }
+        }
+        return 0;
+    }
+
     /* records of (id, current context) in this thread */
     static Py_ssize_t bt_wcount(int64_t id) {
         bt_wtab *t = &bt_wt;
@@ -1550,6 +1579,8 @@ cdef extern from *:
     """
     int bt_wpush(int64_t id, int64_t token, int64_t start) noexcept
     int bt_wpop(int64_t id, int64_t *token, int64_t *start) noexcept
+    bint bt_wfull() noexcept
+    int bt_wtake_dead(int64_t id, int64_t *token, int64_t *start) noexcept
     Py_ssize_t bt_wcount(int64_t id) noexcept
     ctypedef int (*bt_with_impl)(PyObject *self) noexcept
     ctypedef int (*bt_exit_impl)(PyObject *self, PyObject *exc) noexcept
@@ -1566,6 +1597,8 @@ cdef int _with_enter_c(PyObject *o) noexcept:
     cdef PyObject *etb
     if _enter_raw(o, &token, &start) < 0:
         return -1
+    if bt_wfull():
+        _sweep(b)                               # before growing: records that can never exit
     if bt_wpush(b.id_, token, start) < 0:      # no memory: the permit goes back, the error stands
         bt_err_fetch(&et, &ev, &etb)
         _record_raw(b, token, start)
@@ -1580,6 +1613,13 @@ cdef int _cancel(BreakerCore b, int64_t token, int64_t start) except -1:
 
 ctypedef int (*_raw_cancel_t)(BreakerCore, int64_t, int64_t) noexcept
 cdef _raw_cancel_t _cancel_raw = <_raw_cancel_t>_cancel
+
+
+cdef void _sweep(BreakerCore b) noexcept:
+    """Give back (no outcome) the permits of this thread's records of `b` whose context is gone."""
+    cdef int64_t token, start
+    while bt_wtake_dead(b.id_, &token, &start):
+        _record_raw(b, token, start)
 
 
 cdef void _record_raw(BreakerCore b, int64_t token, int64_t start) noexcept:
@@ -1599,6 +1639,7 @@ cdef int _with_exit(BreakerCore b, exc) except -1:
     if bt_load(&b.ready_) != 1:
         _not_ready(b)
     if not bt_wpop(b.id_, &token, &start):
+        _sweep(b)
         return 0                        # a second exit of one acquisition, or no enter: a no-op
     if exc is None:
         _exit_ok(<PyObject *>b, token, start, bt_none)

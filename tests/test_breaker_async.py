@@ -624,3 +624,83 @@ def test_facade_with_returns_the_breaker():
 
     run(main())
     assert cb.metrics().calls == 2
+
+
+# -- the classification of exceptions (cached per type when no predicate is given) ----------------------------
+
+class Ignored(Exception):
+    pass
+
+
+class Sub(Boom):
+    pass
+
+
+def test_outcomes_by_type_stay_exact_when_types_alternate(impl):
+    """The compiled core keeps the last exception type and its outcome in one word: alternating types of
+    different outcomes (recorded, ignored, a subclass, buttress's own rejection, a BaseException) must each
+    get their own answer every time."""
+    from buttress.errors import BulkheadFullError
+    b, _ = core(impl, window_size=1000, minimum_calls=1000, ignore=(Ignored,), record=(Boom,))
+    order = [Boom(), Ignored(), Sub(), ValueError(), BulkheadFullError("full"), KeyboardInterrupt(), Boom()] * 30
+    expect = {Boom: 1, Ignored: 2, Sub: 1, ValueError: 0, BulkheadFullError: 2, KeyboardInterrupt: 3}
+    for exc in order:
+        assert b.classify(exc) == expect[type(exc)]
+
+    def raiser(e):
+        raise e
+
+    g = b.guard(raiser)
+    for exc in order:
+        with pytest.raises(type(exc)):
+            g(exc)
+    # recorded: Boom and Sub (failures), ValueError (a success: matches no `record`)
+    assert calls_failures(b) == (30 * 4, 30 * 3)
+
+
+def test_predicates_are_asked_every_time(impl):
+    seen = []
+
+    def flaky(exc):
+        seen.append(exc)
+        return len(seen) % 2 == 0
+
+    b, _ = core(impl, window_size=100, minimum_calls=100, record=flaky)
+    for _ in range(6):
+        b.classify(Boom())
+    assert len(seen) == 6
+    assert [b.classify(Boom()) for _ in range(4)] == [0, 1, 0, 1]
+
+
+def test_many_exception_types_keep_their_outcomes(impl):
+    b, _ = core(impl, window_size=100, minimum_calls=100, ignore=(Ignored,))
+    kinds = [type(f"E{i}", (Ignored if i % 3 == 0 else Exception,), {}) for i in range(40)]
+    for _ in range(3):
+        for k in kinds:
+            assert b.classify(k()) == (2 if issubclass(k, Ignored) else 1)
+
+
+def test_a_block_that_can_never_exit_gives_its_half_open_permit_back(impl):
+    """A generator suspended inside `with b:` in a task, dropped after the task is gone: its GeneratorExit
+    runs __exit__ in another context, which finds no record of its own; the record whose task (context) is
+    gone can never be exited, so its half-open permit comes back (no outcome)."""
+    b, _ = half_open(impl, half_open_calls=3, minimum_calls=3)
+
+    def stream():
+        with b:
+            yield 1
+
+    async def main():
+        gen = stream()
+        next(gen)
+        return gen
+
+    gen = run(main())
+    gc.collect()
+    assert b.load()[2] == 1
+    del gen                                 # GeneratorExit: __exit__ here, in another context
+    gc.collect()
+    assert b.load()[2] == 0 and b.metrics()[1] == 0
+    with b:
+        pass
+    assert b.metrics()[1] == 1

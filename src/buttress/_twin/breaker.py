@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import types
+import weakref
 from typing import Any, Callable, Literal
 
 from .._breaker_conf import (COUNT_WINDOW_MAX, DEFAULTS, State, breaker_conf, guard_astream, guard_stream,
@@ -77,7 +78,9 @@ def _zero() -> int:
 # Each __enter__ records (breaker id, the caller's context, token, start) for this thread; __exit__ takes the
 # latest record of this breaker and context. The compiled core keys on the current contextvars.Context
 # object, which Python code cannot name: the twin uses what a context stands for here, the running asyncio
-# task (None outside a task).
+# task (None outside a task), held weakly: a record whose task is gone can never be exited, and gives its
+# permit back (no outcome) when an exit of its breaker finds no record, or when the stack reaches 8, 16, 32...
+# records (the compiled stack's growth points).
 _ids = itertools.count(1)           # breaker ids: never 0, never reused
 _with = threading.local()
 
@@ -96,18 +99,33 @@ def _context_key() -> Any:
     return None if loop is None else asyncio.current_task(loop)
 
 
-def _with_push(bid: int, token: int, start: int) -> None:
-    _with_records().append((bid, _context_key(), token, start))
+def _with_push(bid: int, token: int, start: int) -> list[tuple[int, int]]:
+    """Record an acquisition; returns (token, start) of this breaker's records that can never exit (taken
+    out), when the stack is at a growth point."""
+    records = _with_records()
+    n = len(records)
+    dead = _with_dead(bid) if n >= 8 and n & (n - 1) == 0 else []
+    task = _context_key()
+    records.append((bid, None if task is None else weakref.ref(task), token, start))
+    return dead
 
 
 def _with_pop(bid: int) -> tuple[int, int] | None:
-    records, key = _with_records(), _context_key()
+    records, task = _with_records(), _context_key()
     for i in range(len(records) - 1, -1, -1):
         r = records[i]
-        if r[0] == bid and r[1] is key:
+        if r[0] == bid and (r[1] is None if task is None else r[1] is not None and r[1]() is task):
             del records[i]
             return r[2], r[3]
     return None
+
+
+def _with_dead(bid: int) -> list[tuple[int, int]]:
+    records = _with_records()
+    dead = [r for r in records if r[0] == bid and r[1] is not None and r[1]() is None]
+    for r in dead:
+        records.remove(r)
+    return [(r[2], r[3]) for r in reversed(dead)]
 
 
 # -- the words (the compiled core's layout: see _core/breaker.pyx, bwords_t) ---------------------------------
@@ -877,7 +895,8 @@ class BreakerCore(Uninit):
     def __enter__(self) -> Any:
         """Take a permit (returns the breaker), or raise CircuitOpenError."""
         token, start = self.enter()
-        _with_push(self._id, token, start)
+        for t, s in _with_push(self._id, token, start):
+            self._record(t, CANCELLED, s, None, None)
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any, /) -> Literal[False]:
@@ -890,6 +909,8 @@ class BreakerCore(Uninit):
         self._lock
         held = _with_pop(self._id)
         if held is None:
+            for t, s in _with_dead(self._id):       # records whose task is gone: their permits go back
+                self._record(t, CANCELLED, s, None, None)
             return                      # a second exit of one acquisition, or no enter: a no-op
         token, start = held
         if exc is None:
@@ -906,7 +927,8 @@ class BreakerCore(Uninit):
             return _raising(exc)
 
         def done(value: Any) -> None:
-            _with_push(self._id, token, start)
+            for t, s in _with_push(self._id, token, start):
+                self._record(t, CANCELLED, s, None, None)
 
         def undo(exc: Any) -> None:
             if "_lock" in self.__dict__:
@@ -922,8 +944,9 @@ class BreakerCore(Uninit):
         """How many `with` / `async with` acquisitions of this breaker the current context holds (this
         thread's records)."""
         self._lock
-        key = _context_key()
-        return sum(1 for r in _with_records() if r[0] == self._id and r[1] is key)
+        task = _context_key()
+        return sum(1 for r in _with_records()
+                   if r[0] == self._id and (r[1] is None if task is None else r[1] is not None and r[1]() is task))
 
     def settle(self, token: int, start: int, fn: Any, result: Any, want_async: bool = False) -> Any:
         """A call of `fn` admitted with (token, start) returned `result`, which is not a plain value for
