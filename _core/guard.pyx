@@ -1203,7 +1203,10 @@ cdef int _stage_enter_c(PyObject *o) noexcept:
 cdef extern from "buttress_attempt.h":
     ctypedef int64_t (*bt_now_fn)() noexcept
     PyObject *bt_attempt_vectorcall(PyObject *, PyObject *const *, size_t, PyObject *)
-    void bt_attempt_set_settle(PyObject *fn, PyObject *running_loop, bt_now_fn now)
+    void bt_attempt_set_settle(PyObject *fn, bt_now_fn now)
+    int bt_attempt_probe_step(PyObject *ctx, int inside) noexcept
+    int bt_attempt_lazy_ok
+    PyObject *bt_current_context "bt_att_context"() noexcept
     int bt_attempt_materialize() except -1
 
 cdef extern from "Python.h":
@@ -1212,6 +1215,26 @@ cdef extern from "Python.h":
 
 cdef int64_t _attempt_now() noexcept:
     return monotonic_ns()
+
+
+def _probe_inside(ctx):
+    return bt_attempt_probe_step(<PyObject *>ctx, 1)
+
+
+cdef void _probe_context_layout():
+    """The lazy attempt context reads contextvars.Context's `entered` flag (buttress_attempt.h): verify the
+    layout on this interpreter, else every first attempt sets its ContextVar at once."""
+    global bt_attempt_lazy_ok
+    import contextvars
+    ctx = contextvars.Context()
+    ok = bt_attempt_probe_step(<PyObject *>ctx, 0) == 1 and ctx.run(_probe_inside, ctx) == 1
+    ok = ok and bt_attempt_probe_step(<PyObject *>ctx, 0) == 1
+    bt_attempt_lazy_ok = 1 if ok else 0
+
+
+def _attempt_lazy():
+    """Whether first attempts set their context lazily on this interpreter (the layout probe passed)."""
+    return bt_attempt_lazy_ok == 1
 
 
 cdef class AttemptVar:
@@ -1330,8 +1353,8 @@ def _install():
     bt_set_method(<PyTypeObject *>Admission, &bt_adm_aenter_def)
     bt_set_method(<PyTypeObject *>Admission, &bt_adm_aexit_def)
     bt_set_enter(<PyTypeObject *>StageBase, &bt_stage_enter_def, _stage_enter_c, &bt_stage_enter_impl)
-    from asyncio import _get_running_loop
-    bt_attempt_set_settle(<PyObject *>_attempt_settle, <PyObject *>_get_running_loop, _attempt_now)
+    bt_attempt_set_settle(<PyObject *>_attempt_settle, _attempt_now)
+    _probe_context_layout()
     cdef StageGuard probe = StageGuard.__new__(StageGuard)
     bt_guard_install(<PyTypeObject *>StageGuard, <Py_ssize_t>(<char *>&probe.vectorcall - <char *><PyObject *>probe))
     bt_guard_method_descriptor(<PyTypeObject *>StageGuard)

@@ -196,7 +196,7 @@ def test_attempt_success_sets_state_and_counts(impl):
     assert _STATE.get() is None and var.get() is None and next(counter) == 1 and seen == []
 
 
-def test_attempt_state_is_set_lazily_outside_an_event_loop_and_at_once_inside_one(impl):
+def test_attempt_state_is_set_lazily_in_a_thread_s_own_context_and_at_once_inside_context_run(impl):
     var = impl.guard.AttemptVar(_STATE)
     inside = []
 
@@ -208,7 +208,7 @@ def test_attempt_state_is_set_lazily_outside_an_event_loop_and_at_once_inside_on
     g, counter, seen = _attempt(impl, body)
     assert g() == "ok"
     state = [1, None, 42, "owner", None, None, None]
-    lazy = impl.kind == "cython"
+    lazy = impl.kind == "cython" and impl.guard._attempt_lazy()    # the context layout probe passed
     assert inside == [(None if lazy else state, state, state)]      # var.get() materialised it
     assert _STATE.get() is None
 
@@ -217,6 +217,9 @@ def test_attempt_state_is_set_lazily_outside_an_event_loop_and_at_once_inside_on
 
     inside.clear()
     assert asyncio.run(main()) == "ok"
+    assert inside == [(state, state, state)] and _STATE.get() is None
+    inside.clear()
+    assert contextvars.copy_context().run(g) == "ok"      # any entered context: set at once
     assert inside == [(state, state, state)] and _STATE.get() is None
 
 

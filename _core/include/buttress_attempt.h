@@ -11,16 +11,16 @@
  *
  * The attempt context is materialised lazily. Setting the ContextVar (a HAMT insert, a token, and a
  * second HAMT update to reset it) was most of the success path's cost, and almost no call reads it. So
- * when no asyncio loop runs in this thread (nothing can copy the context behind our back: a task created
- * now would copy it) the attempt only takes a slot in a small per-thread table: {sequence, the context it
+ * when the call runs in its thread's own context -- not inside Context.run(), which is where every asyncio
+ * task and callback runs (a task created now would copy the context) -- the attempt only takes a slot in a small per-thread table: {sequence, the context it
  * runs in (identity), the guard, the start}. Whoever needs the state -- current_attempt(), the Python
  * paths that set or read the variable (AttemptVar.get / set, a Hedge), a Timeout before it copies the
  * context to its worker (_context.push_deadline), a failure -- calls bt_attempt_materialize() first: every
  * pending slot of the current context, oldest first, gets its list set in the ContextVar (so nesting
  * and copies made from then on are exactly as if it had been set at the start); the attempt resets the
  * variable when it ends. A slot is visible only in the context it was taken in (a ctx.run() of another
- * context, a greenlet with its own context, does not see it). With an asyncio loop running in this
- * thread, or the table full, the ContextVar is set at once as before.
+ * context, a greenlet with its own context, does not see it). Inside an entered context, or with the
+ * table full, the ContextVar is set at once as before.
  * What is not covered: a context copied by user code with contextvars.copy_context() during a first
  * attempt outside an event loop, before anything materialised it, does not carry the attempt (read
  * current_attempt() before copying; buttress's own copies materialise first).
@@ -44,16 +44,43 @@ typedef struct {
 
 /* set once at import by buttress._core.guard (new references kept for the life of the process) */
 static PyObject *bt_attempt_settle = NULL;
-static PyObject *bt_attempt_running_loop = NULL;     /* asyncio._get_running_loop */
 static int64_t (*bt_attempt_now)(void) = NULL;       /* the C monotonic clock (time.monotonic_ns) */
+static int bt_attempt_lazy_ok = 0;                   /* the context layout probe passed (bt_attempt_probe) */
 
-static void bt_attempt_set_settle(PyObject *fn, PyObject *running_loop, int64_t (*now)(void))
+static void bt_attempt_set_settle(PyObject *fn, int64_t (*now)(void))
 {
     Py_XINCREF(fn);
     bt_attempt_settle = fn;
-    Py_XINCREF(running_loop);
-    bt_attempt_running_loop = running_loop;
     bt_attempt_now = now;
+}
+
+/* Whether the current context is entered (Context.run: an asyncio task or callback, a trio task, a user's
+ * ctx.run) or a thread's own base context (plain sync code). contextvars.Context's struct is not public
+ * (Include/internal/pycore_context.h); its layout has been the same from 3.7 to 3.14: the head, ctx_prev,
+ * ctx_vars, ctx_weakreflist, ctx_entered. It is read only after bt_attempt_probe() verified it on this
+ * interpreter (a fresh Context reads 0, and 1 while it runs); otherwise every attempt takes the eager path.
+ * One load -- asyncio._get_running_loop() calls getpid() whenever a loop runs (a system call per call). */
+typedef struct {
+    PyObject_HEAD
+    void *ctx_prev;
+    void *ctx_vars;
+    PyObject *ctx_weakreflist;
+    int ctx_entered;
+} bt_ctx_layout;
+
+static BT_GUARD_INLINE int bt_att_entered(PyObject *ctx)
+{
+    return ((bt_ctx_layout *)ctx)->ctx_entered != 0;
+}
+
+/* the probe's two steps: `outside` a fresh Context (not entered), then `inside` its run() (entered, current) */
+static int bt_attempt_probe_step(PyObject *ctx, int inside)
+{
+    if (ctx == NULL || !PyContext_CheckExact(ctx))
+        return 0;
+    if (inside)
+        return PyThreadState_GET()->context == ctx && ((bt_ctx_layout *)ctx)->ctx_entered == 1;
+    return ((bt_ctx_layout *)ctx)->ctx_entered == 0;
 }
 
 /* ---- the per-thread table of first attempts not materialised yet ---- */
@@ -274,8 +301,9 @@ static PyObject *bt_attempt_vectorcall(PyObject *self, PyObject *const *args, si
 {
     bt_attempt_head *g = (bt_attempt_head *)self;
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    PyObject *now, *state, *token, *res, *ctx, *loop;
+    PyObject *now, *state, *token, *res, *ctx;
     bt_att_slot *s = NULL;
+    bt_att_table *t = NULL;
     int64_t start = 0;
     int refused, have_start = 0;
 
@@ -284,12 +312,8 @@ static PyObject *bt_attempt_vectorcall(PyObject *self, PyObject *const *args, si
         return bt_not_initialised(self);      /* __init__ never ran: nothing to call */
     ctx = bt_att_context();
     now = NULL;
-    if (ctx != NULL && bt_attempt_now != NULL && bt_attempt_running_loop != NULL) {
-        loop = PyObject_CallNoArgs(bt_attempt_running_loop);
-        if (loop == NULL)
-            return NULL;
-        Py_DECREF(loop);
-        if (loop == Py_None) {             /* no event loop here: nothing copies the context behind our back */
+    if (ctx != NULL && bt_attempt_lazy_ok && bt_attempt_now != NULL && PyContext_CheckExact(ctx)) {
+        if (!bt_att_entered(ctx)) {        /* plain sync code in its thread's own context: no task runs here */
             if (g->sysclock) {
                 start = bt_attempt_now();
             }
@@ -305,7 +329,8 @@ static PyObject *bt_attempt_vectorcall(PyObject *self, PyObject *const *args, si
             }
             if (now == NULL) {
                 have_start = 1;
-                s = bt_att_take(bt_att_tls(), ctx, self, start);
+                t = bt_att_tls();
+                s = bt_att_take(t, ctx, self, start);
             }
         }
     }
@@ -339,14 +364,14 @@ static PyObject *bt_attempt_vectorcall(PyObject *self, PyObject *const *args, si
     lazy_done:
         token = s->token;
         state = s->state;
-        bt_att_free(bt_att_tls(), s);
+        bt_att_free(t, s);
         if (token != NULL)
             res = bt_attempt_reset(g, token, res);
         Py_XDECREF(state);
         return res;
     }
 
-    /* the eager path: an event loop runs in this thread (a task created now copies the context) */
+    /* the eager path: inside Context.run (a task created now copies the context), or the table is full */
     if (now == NULL && have_start) {       /* the table was full: the reading taken already */
         now = PyLong_FromLongLong(start);
         if (now == NULL)
