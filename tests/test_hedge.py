@@ -578,3 +578,25 @@ def test_async_primary_answering_after_waiting_leaves_no_timer_on_a_test_clock()
         return out, clock.pending_sleepers
     assert run(main()) == ([0, 1, 2], 0)
     assert h.metrics()[:3] == (0, 0, 0)
+
+
+def test_sync_hedge_under_a_retry_shares_the_retrys_key_even_when_its_attempt_is_set_lazily():
+    """A Retry's first attempt may be recorded lazily (compiled core, outside an event loop): the Hedge
+    still finds it, so its attempts carry the Retry's key, not one of its own."""
+    clock = FakeClock()
+    pool = ThreadPoolBulkhead(max_workers=2, queue_size=2)
+    h = Hedge(0.05, clock=clock, executor=pool)
+    seen = []
+
+    def inner():
+        seen.append(buttress.current_attempt().idempotency_key)
+        return "ok"
+
+    @Retry(max_attempts=2, clock=clock)
+    def outer():
+        result = h.call(inner)
+        return result, buttress.current_attempt().idempotency_key   # read after the Hedge ran
+
+    result, key = outer()
+    assert result == "ok" and seen == [key]
+    pool.shutdown()
