@@ -819,6 +819,8 @@ class _WindowLimiter(_Limiter):
                                                                                    self._sliding))
                 self._r = mod.WindowCounter(self.limit, self._w, self._sliding, _clock_ns(clock), words=b.words,
                                             locker=st.locker(b.offset))
+                # one Python frame before the core's CAS: the core's own n check would name `capacity`
+                self.try_acquire = self._word_try_acquire  # type: ignore[method-assign]
             else:
                 self._r = st.window(name, self.limit, self._w, self._sliding, kind=kind, clock_ns=_clock_ns(clock))
                 self._remote = True
@@ -858,6 +860,13 @@ class _WindowLimiter(_Limiter):
         if type(n) is int and 1 <= n <= self.limit:
             return n
         return _check_count(n, self.limit, self._n_allowed)
+
+    def _word_try_acquire(self, n: int = 1) -> bool:
+        """try_acquire on a word store's packed window (the core decides; n checked here first)."""
+        if type(n) is not int or not 0 < n <= self.limit:
+            n = self._n(n)
+        ok: bool = self._r.try_acquire(n)
+        return ok
 
     def _admit_one(self) -> Callable[[], bool]:
         admit: Callable[[], bool] = self._r.try_acquire if self._r is not None else self.try_acquire
