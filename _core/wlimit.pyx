@@ -7,7 +7,7 @@ Twin and spec: buttress._twin.wlimit (the word layout, the reading rules and the
 there). Every mutable word goes through the atomics header.
 """
 cimport cython
-from libc.stdint cimport int64_t, uint64_t, INT64_MAX
+from libc.stdint cimport int64_t, uint64_t, INT64_MAX, INT64_MIN
 from cpython.time cimport monotonic_ns
 from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.mem cimport PyMem_Calloc, PyMem_Free
@@ -21,11 +21,10 @@ from buttress._params import check_n
 from buttress._twin.gcra import words_view as _words_view, track_bound as _track_bound
 from buttress._twin.wlimit import _settings, _check_words, window_wait as _window_wait
 
-__all__ = ["WindowCounter", "WORDS", "MAX_LIMIT", "AHEAD"]
+__all__ = ["WindowCounter", "WORDS", "MAX_LIMIT"]
 
 WORDS = 8
 MAX_LIMIT = (1 << 20) - 1
-AHEAD = _AHEAD
 
 cdef extern from *:
     """
@@ -56,7 +55,7 @@ cdef enum:
     W_ADMITTED = 4
     W_REJECTED = 5
     W_GEN = 6
-    _AHEAD = 1024
+    W_LATEST = 7        # the latest window any decision used (see the twin's module doc)
 
 cdef str _UNINIT = "{} is not initialised: its __init__ never ran (a subclass must call super().__init__())"
 
@@ -65,28 +64,28 @@ cdef inline int64_t pack(int64_t idx, int64_t prev, int64_t curr) noexcept nogil
     return <int64_t>((<uint64_t>1 << 63) | (<uint64_t>(idx & M23) << 40) | (<uint64_t>prev << 20) | <uint64_t>curr)
 
 
-cdef inline bint view(int64_t word, int64_t cur, int64_t *idx, int64_t *prev, int64_t *curr) noexcept nogil:
-    """The word as a reader in window `cur` sees it (see the twin's view); returns `ahead`."""
-    cdef int64_t c = cur & M23, i, d
+cdef inline void view(int64_t word, int64_t cur, int64_t latest, int64_t *idx, int64_t *prev,
+                      int64_t *curr) noexcept nogil:
+    """The word as a decision in window `cur` sees it, given `latest` read after the word (the twin's
+    view: the word's window is the latest one <= latest that is idx modulo 2**23; cur >= latest)."""
+    cdef int64_t c = cur & M23, i
+    cdef uint64_t behind, d
+    idx[0] = c
+    prev[0] = 0
+    curr[0] = 0
     if word >= 0:                   # never counted into
-        idx[0] = c
-        prev[0] = 0
-        curr[0] = 0
-        return False
+        return
     i = (word >> 40) & M23
-    d = (c - i) & M23
-    if d == 0 or d > M23 - _AHEAD:
+    behind = <uint64_t>cur - <uint64_t>latest          # cur >= latest: exact, no overflow
+    if behind >= 2:
+        return
+    d = behind + ((<uint64_t>latest - <uint64_t>i) & <uint64_t>M23)
+    if d == 0:
         idx[0] = i
         prev[0] = (word >> 20) & M20
         curr[0] = word & M20
-        return d != 0
-    idx[0] = c
-    if d == 1:
+    elif d == 1:
         prev[0] = word & M20
-    else:
-        prev[0] = 0
-    curr[0] = 0
-    return False
 
 
 cdef inline int64_t floor_div(int64_t a, int64_t b, int64_t *rem) noexcept nogil:
@@ -96,6 +95,16 @@ cdef inline int64_t floor_div(int64_t a, int64_t b, int64_t *rem) noexcept nogil
         r += b
     rem[0] = r
     return q
+
+
+cdef inline int64_t moment(int64_t t, int64_t width, int64_t latest, int64_t *e) noexcept nogil:
+    """The window of a decision at reading t (and *e, ns into it): a reading older than latest's window
+    decides at the start of latest's window."""
+    cdef int64_t cur = floor_div(t, width, e)
+    if cur < latest:
+        e[0] = 0
+        return latest
+    return cur
 
 
 @cython.auto_pickle(False)
@@ -126,7 +135,7 @@ cdef class WindowCounter:
         if clock_ns is not None and not callable(clock_ns):
             raise TypeError(f"clock_ns must be a callable returning int ns or None, got {clock_ns!r}")
         if words is None:
-            self.own_[1], self.own_[2], self.own_[3] = width, lim, int(sl)
+            self.own_[1], self.own_[2], self.own_[3], self.own_[7] = width, lim, int(sl), INT64_MIN
         else:
             raw = _words_view(words, WORDS, "a window counter")
             _check_words(raw.cast("q"), lim, width, sl)
@@ -157,7 +166,7 @@ cdef class WindowCounter:
         """Write the words of a new shared counter (every window empty)."""
         lim, width, sl = _settings(limit, window_ns, sliding)
         mv = _words_view(words, WORDS, "a window counter").cast("q")
-        for i, v in enumerate((0, width, lim, int(sl), 0, 0, 0, 0)):
+        for i, v in enumerate((0, width, lim, int(sl), 0, 0, 0, -(1 << 63))):
             mv[i] = v
 
     cdef int _ready(self) except -1:
@@ -225,17 +234,19 @@ cdef class WindowCounter:
         """Count n in the current window if the limit allows it now: a receipt for unclaim() (an int > 0),
         or 0 when refused (nothing counted)."""
         cdef int64_t k = self._n(n)
-        cdef int64_t t, cur, e, old, idx, prev, curr
+        cdef int64_t t, cur, e, old, latest, idx, prev, curr
         cdef bint live = now is None and self._clock_ns is None
         if not live:
             t = self._now(now)
         while True:
             old = bt_load(self.w + W_WORD)
+            latest = bt_load(self.w + W_LATEST)     # after the word: a writer raised it before its CAS
             if live:
                 t = monotonic_ns()       # read inside the decision, after the word
-            cur = floor_div(t, self.width, &e)
-            if view(old, cur, &idx, &prev, &curr):
-                e = 0
+            cur = moment(t, self.width, latest, &e)
+            if cur > latest and not bt_cas(self.w + W_LATEST, latest, cur):
+                continue                 # another decision moved latest: look again
+            view(old, cur, latest, &idx, &prev, &curr)
             if not self._fits(prev, curr, k, e):
                 bt_fetch_add(self.w + W_REJECTED, 1)
                 return 0
@@ -284,9 +295,10 @@ cdef class WindowCounter:
         self._live()
         cdef int64_t k = self._n(n)
         cdef int64_t e, idx, prev, curr
-        cdef int64_t cur = floor_div(self._now(now), self.width, &e)
-        if view(bt_load(self.w + W_WORD), cur, &idx, &prev, &curr):
-            e = 0
+        cdef int64_t old = bt_load(self.w + W_WORD)
+        cdef int64_t latest = bt_load(self.w + W_LATEST)
+        cdef int64_t cur = moment(self._now(now), self.width, latest, &e)
+        view(old, cur, latest, &idx, &prev, &curr)
         return _window_wait(self.sliding_, self.limit_, self.width, prev, curr, k, e)
 
     def counts(self):

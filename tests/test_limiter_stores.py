@@ -306,3 +306,34 @@ def test_redis_backed_limiters_answer_through_the_facade(redis_url: str) -> None
         kl.call("a", lambda: 1)
     assert st.metrics().errors == 0
     st.close()
+
+
+@pytest.mark.parametrize("sliding", [False, True])
+@pytest.mark.parametrize("width", [1, 7, 1000])
+def test_a_packed_window_idle_just_under_2_23_windows_reads_as_empty(impl, sliding: bool, width: int) -> None:
+    """The packed word keeps its window modulo 2**23. It used to take a word up to 1024 windows "ahead"
+    modulo 2**23 for a stale reader's, so a counter idle 2**23 - j windows (j <= 1024: 8 ms of 1 ns
+    windows, 2.3 hours of 1 ms ones) refused with its old counts for up to j windows. The latest window
+    (w[7]) gives the word's full window number: it reads as empty, as the process-local limiter does."""
+    W = impl.wlimit.WindowCounter
+    for j in (1, 2, 1000, 1024, 1025, 1 << 22):
+        c = W(2, width, sliding)
+        assert c.try_acquire(2, 0) and not c.try_acquire(1, 0)
+        t = ((1 << 23) - j) * width
+        assert c.wait_ns(1, t) == 0, j
+        assert c.try_acquire(2, t), j
+        assert not c.try_acquire(1, t)
+        assert not c.try_acquire(1, 0), "a stale reading decides in the latest window"
+        assert c.counts() == (2, 3)
+
+
+def test_a_packed_window_idle_exactly_2_23_windows_reads_as_empty_too(impl) -> None:
+    """A word idle exactly k * 2**23 windows used to read as current (its old counts refused until the
+    window changed); with the latest window it reads as empty. (Only a decision in flight -- latest
+    raised, word not yet written -- can still show old counts as current: refusing more, never admitting
+    more, until it lands.)"""
+    for k in (1, 2, 1000):
+        c = impl.wlimit.WindowCounter(2, 1, False)
+        assert c.try_acquire(2, 0)
+        assert c.wait_ns(1, k << 23) == 0
+        assert c.try_acquire(2, k << 23) and not c.try_acquire(1, k << 23)

@@ -110,7 +110,8 @@ def test_other_layout_version_is_a_clear_error(kind: str) -> None:
     path = shm_mod.segment_path(name)
     poke(path, shm_mod.H_VERSION, struct.pack("q", shm_mod.LAYOUT_VERSION + 1))
     try:
-        with pytest.raises(ValueError, match=r"layout version 2, this buttress reads version 1.*unlink"):
+        v = shm_mod.LAYOUT_VERSION
+        with pytest.raises(ValueError, match=rf"layout version {v + 1}, this buttress reads version {v}.*unlink"):
             SharedMemoryStore(name, implementation=kind)
     finally:
         st.unlink()

@@ -1,11 +1,10 @@
 """Type stub for buttress._core.wlimit (twin: buttress._twin.wlimit)."""
 from typing import Any, Callable
 
-__all__ = ["WindowCounter", "WORDS", "MAX_LIMIT", "AHEAD"]
+__all__ = ["WindowCounter", "WORDS", "MAX_LIMIT"]
 
 WORDS: int
 MAX_LIMIT: int
-AHEAD: int
 
 class WindowCounter:
     def __init__(self, limit: int, window_ns: int, sliding: bool, clock_ns: Callable[[], int] | None = None,

@@ -8,16 +8,24 @@ shared-memory segment) where every process decides on it:
 
 idx is the window number (floor(now / window), windows aligned to the clock's multiples of the window,
 as the process-local window limiters and `limits`) modulo 2**23; prev and curr the counts of windows
-idx - 1 and idx; `used` is set by the first count (a fresh word reads as empty). A reader in window
-`cur` sees the word as current (cur == idx), one window on (cur == idx + 1: prev = curr, curr = 0), up
-to AHEAD windows later than its own reading (a stale clock reading in a slow process: it decides as if
-at the very start of the word's window, the most conservative choice), or older (0, 0), all modulo
-2**23. A word untouched for exactly k * 2**23 windows (97 days of 1 s windows) reads as current: its
-old counts can only refuse more, never admit more, and only until the window changes.
+idx - 1 and idx; `used` is set by the first count (a fresh word reads as empty).
+
+w[7], `latest`, is the latest window any decision used (a monotone maximum; int64 min before the
+first): time never runs backwards inside the counter, as in the process-local limiters. A decision
+reads the word, then latest, then the clock (a writer raises latest before its CAS, so the word's window
+is never after latest). A reading older than latest (a stale clock reading in a slow process, or an
+explicit `now`) decides at the very start of latest's window, the most conservative choice. The word's
+full window number is the latest one <= latest that is idx modulo 2**23, so a reader in window cur >=
+latest sees the word as current (cur == it), one window on (cur == it + 1: prev = curr, curr = 0), or
+older (0, 0) -- exactly, however long the word was idle. (It used to guess from idx alone: a word up to
+1024 windows "ahead" modulo 2**23 was taken for a stale reader's, so a word idle 2**23 - 1 windows
+refused with its old counts for up to 1024 windows.) Only when a decision raised latest by a multiple of
+2**23 windows and has not yet written the word does a reader see the old counts as current: they can
+only refuse more, never admit more, and only until that decision lands.
 
 Words of a counter (WORDS = 8): w[0] the packed word, w[1] window ns, w[2] limit, w[3] sliding,
-w[4] admitted, w[5] rejected, w[6] generation (reset()), w[7] 0. The compiled core CASes w[0]; this twin
-runs the same steps under a lock (a threading.Lock, or the store's locker).
+w[4] admitted, w[5] rejected, w[6] generation (reset()), w[7] latest. The compiled core CASes w[0] (and
+raises w[7] by CAS); this twin runs the same steps under a lock (a threading.Lock, or the store's locker).
 
 Fixed window: admit n when curr + n <= limit. Sliding window (as `limits`' sliding-window counter):
 admit n when prev * (window - elapsed) + (curr + n) * window <= limit * window, in exact integers.
@@ -32,7 +40,7 @@ from typing import Any, Callable
 from .._params import check_bool, check_int, check_n
 from .gcra import _show, _Uninit, as_i64, track_bound, words_view
 
-__all__ = ["WindowCounter", "WORDS", "MAX_LIMIT", "AHEAD"]
+__all__ = ["WindowCounter", "WORDS", "MAX_LIMIT"]
 
 WORDS = 8
 MAX_LIMIT = (1 << 20) - 1
@@ -40,8 +48,8 @@ MAX_WINDOW_NS = 1 << 62
 _M20 = MAX_LIMIT
 _M23 = (1 << 23) - 1
 _USED = 1 << 63
-AHEAD = 1024          # windows a word may be ahead of a reading (a stale one) and still count as current
-_W, _WIDTH, _LIMIT, _SLIDING, _ADMITTED, _REJECTED, _GEN = range(7)
+_W, _WIDTH, _LIMIT, _SLIDING, _ADMITTED, _REJECTED, _GEN, _LATEST = range(8)
+_NONE = -(1 << 63)    # latest before the first decision
 
 
 def _unpack(word: int) -> tuple[int, int, int]:
@@ -58,21 +66,31 @@ def _settings(limit: Any, window_ns: Any, sliding: Any) -> tuple[int, int, bool]
     return lim, w, check_bool("sliding", sliding)
 
 
-def view(word: int, cur: int) -> tuple[int, int, int, bool]:
-    """(idx, prev, curr, ahead) as a reader in window `cur` sees `word`: ahead when the word is from a
-    (slightly) later window than the reading (the reader then decides at that window's start)."""
+def view(word: int, cur: int, latest: int) -> tuple[int, int, int]:
+    """(idx, prev, curr) as a decision in window `cur` sees `word`, given `latest` (read after the word,
+    so the word's window is <= latest <= cur)."""
     c = cur & _M23
     if word >= 0:                   # never counted into
-        return c, 0, 0, False
+        return c, 0, 0
     idx, prev, curr = _unpack(word)
-    d = (c - idx) & _M23
+    behind = cur - latest
+    if behind >= 2:
+        return c, 0, 0
+    d = behind + ((latest - idx) & _M23)        # cur - the word's full window number
     if d == 0:
-        return idx, prev, curr, False
+        return idx, prev, curr
     if d == 1:
-        return c, curr, 0, False
-    if d > _M23 - AHEAD:
-        return idx, prev, curr, True
-    return c, 0, 0, False
+        return c, curr, 0
+    return c, 0, 0
+
+
+def moment(t: int, width: int, latest: int) -> tuple[int, int]:
+    """(window, ns into it) of a decision at reading t: a reading older than latest's window decides at
+    the start of latest's window."""
+    cur, e = divmod(t, width)
+    if cur < latest:
+        return latest, 0
+    return cur, e
 
 
 class WindowCounter(_Uninit):
@@ -87,7 +105,7 @@ class WindowCounter(_Uninit):
             raise TypeError(f"clock_ns must be a callable returning int ns or None, got {clock_ns!r}")
         if words is None:
             mv = memoryview(bytearray(8 * WORDS)).cast("q")
-            mv[_WIDTH], mv[_LIMIT], mv[_SLIDING] = w, lim, int(sl)
+            mv[_WIDTH], mv[_LIMIT], mv[_SLIDING], mv[_LATEST] = w, lim, int(sl), _NONE
         else:
             mv = words_view(words, WORDS, "a window counter").cast("q")
             _check_words(mv, lim, w, sl)
@@ -103,7 +121,7 @@ class WindowCounter(_Uninit):
         """Write the words of a new shared counter (every window empty)."""
         lim, w, sl = _settings(limit, window_ns, sliding)
         mv = words_view(words, WORDS, "a window counter").cast("q")
-        for i, v in enumerate((0, w, lim, int(sl), 0, 0, 0, 0)):
+        for i, v in enumerate((0, w, lim, int(sl), 0, 0, 0, _NONE)):
             mv[i] = v
 
     limit = property(lambda self: self._limit)
@@ -128,10 +146,11 @@ class WindowCounter(_Uninit):
         k = check_n(n, self._limit)
         w = self._w
         with self._lock:
-            cur, e = divmod(self._now(now), self._width)     # read inside the decision
-            idx, prev, curr, ahead = view(w[_W], cur)
-            if ahead:
-                e = 0
+            word, latest = w[_W], w[_LATEST]
+            cur, e = moment(self._now(now), self._width, latest)     # read inside the decision
+            if cur > latest:
+                w[_LATEST] = cur
+            idx, prev, curr = view(word, cur, latest)
             if not self._fits(prev, curr, k, e):
                 w[_REJECTED] += 1
                 return 0
@@ -175,10 +194,9 @@ class WindowCounter(_Uninit):
         """ns until n would be admitted (0 = now); claims nothing."""
         self._live()
         k = check_n(n, self._limit)
-        cur, e = divmod(self._now(now), self._width)
-        _, prev, curr, ahead = view(self._w[_W], cur)
-        if ahead:
-            e = 0
+        word, latest = self._w[_W], self._w[_LATEST]
+        cur, e = moment(self._now(now), self._width, latest)
+        _, prev, curr = view(word, cur, latest)
         return window_wait(self._sliding, self._limit, self._width, prev, curr, k, e)
 
     def counts(self) -> tuple[int, int]:

@@ -35,7 +35,7 @@ __all__ = ["SharedMemoryStore", "SHM_DIR", "PREFIX", "LAYOUT_VERSION", "segment_
 
 SHM_DIR = "/dev/shm"
 PREFIX = "buttress."
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2              # 2: window counters keep their latest window in w[7]
 MAGIC = int.from_bytes(b"BUTTRESS", "little")
 DEFAULT_SIZE = 1 << 20
 DEFAULT_SLOTS = 128
