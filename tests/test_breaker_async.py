@@ -365,17 +365,22 @@ def test_no_reference_or_memory_growth_over_many_awaited_calls(impl):
         try:
             loop.run_until_complete(batch(200))
             gc.collect()
-            before = tracemalloc.get_traced_memory()[0]
+            before, objects = tracemalloc.get_traced_memory()[0], len(gc.get_objects())
             loop.run_until_complete(batch(20000))
             gc.collect()
-            after = tracemalloc.get_traced_memory()[0]
+            after, objects_after = tracemalloc.get_traced_memory()[0], len(gc.get_objects())
         finally:
             tracemalloc.stop()
     finally:
         loop.close()
     gc.collect()
     assert (sys.getrefcount(result), sys.getrefcount(returns), sys.getrefcount(g_ok), sys.getrefcount(b)) == refs
-    assert after - before < 64 * 1024       # 100 000 awaited calls: nothing kept per call
+    assert objects_after - objects < 100    # 100 000 awaited calls: no object kept per call
+    # the free-threaded build frees some blocks late (after other threads pass a quiescent state), so
+    # tracemalloc there can count blocks of objects that are gone (the count above is exact): bytes are
+    # checked on the GIL build
+    if not __import__("sysconfig").get_config_var("Py_GIL_DISABLED"):
+        assert after - before < 64 * 1024
     assert b._held() == 0
 
 
