@@ -1059,17 +1059,8 @@ cdef class BreakerCore:
     # __enter__ / __exit__ are C methods installed by _install() (_with_enter_c, _with_exit_c): no argument
     # parsing, and a refusal leaves with no traceback frame of ours
 
-    def __aenter__(self):
-        """An awaitable: raises CircuitOpenError when refused, else returns the breaker holding a permit."""
-        cdef int64_t token, start
-        self._ready()
-        if _enter_raw(<PyObject *>self, &token, &start) < 0:
-            return _steal(bt_aw_raising())
-        return _aw_value(<PyObject *>self, &_AENTER_OPS, <PyObject *>self, token, start)
-
-    def __aexit__(self, exc_type, exc, tb):
-        _with_exit(self, exc)
-        return _aw_value(NULL, NULL, bt_false, 0, 0)
+    # __aenter__ / __aexit__ too (_aenter_c, _aexit_c): a Cython def would be bound per `async with` (Cython
+    # 3 methods are function objects: a bound method each lookup)
 
     def _held(self):
         """How many `with` / `async with` acquisitions of this breaker the current context holds (this
@@ -1571,10 +1562,34 @@ cdef extern from *:
         PyType_Modified(tp);
         return rc;
     }
-    static int bt_cb_set_with(PyTypeObject *tp, bt_with_impl enter, bt_exit_impl exit) {
+    typedef PyObject *(*bt_aenter_impl)(PyObject *self);
+    typedef PyObject *(*bt_aexit_impl)(PyObject *self, PyObject *exc);
+    static bt_aenter_impl bt_cb_aenter_impl = NULL;
+    static bt_aexit_impl bt_cb_aexit_impl = NULL;
+    static PyObject *bt_cb_aenter(PyObject *self, PyObject *unused) {
+        return bt_cb_aenter_impl(self);
+    }
+    static PyObject *bt_cb_aexit(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+        if (nargs != 3) {
+            PyErr_Format(PyExc_TypeError, "__aexit__ expected 3 arguments (exc_type, exc, tb), got %zd", nargs);
+            return NULL;
+        }
+        return bt_cb_aexit_impl(self, args[1]);
+    }
+    static PyMethodDef bt_cb_aenter_def = {"__aenter__", (PyCFunction)bt_cb_aenter, METH_NOARGS,
+        "__aenter__($self, /)\\n--\\n\\n"
+        "An awaitable: raises CircuitOpenError when refused, else returns the breaker holding a permit."};
+    static PyMethodDef bt_cb_aexit_def = {"__aexit__", (PyCFunction)(void (*)(void))bt_cb_aexit, METH_FASTCALL,
+        "__aexit__($self, exc_type, exc, tb, /)\\n--\\n\\n"
+        "Report the outcome of this context's latest `async with` acquisition (as __exit__); an awaitable of False."};
+    static int bt_cb_set_with(PyTypeObject *tp, bt_with_impl enter, bt_exit_impl exit, bt_aenter_impl aenter,
+                              bt_aexit_impl aexit) {
         bt_cb_enter_impl = enter;
         bt_cb_exit_impl = exit;
-        return bt_cb_set(tp, &bt_cb_enter_def) < 0 || bt_cb_set(tp, &bt_cb_exit_def) < 0 ? -1 : 0;
+        bt_cb_aenter_impl = aenter;
+        bt_cb_aexit_impl = aexit;
+        return bt_cb_set(tp, &bt_cb_enter_def) < 0 || bt_cb_set(tp, &bt_cb_exit_def) < 0
+            || bt_cb_set(tp, &bt_cb_aenter_def) < 0 || bt_cb_set(tp, &bt_cb_aexit_def) < 0 ? -1 : 0;
     }
     """
     int bt_wpush(int64_t id, int64_t token, int64_t start) noexcept
@@ -1584,7 +1599,10 @@ cdef extern from *:
     Py_ssize_t bt_wcount(int64_t id) noexcept
     ctypedef int (*bt_with_impl)(PyObject *self) noexcept
     ctypedef int (*bt_exit_impl)(PyObject *self, PyObject *exc) noexcept
-    int bt_cb_set_with(PyTypeObject *tp, bt_with_impl enter, bt_exit_impl exit) except -1
+    ctypedef PyObject *(*bt_aenter_impl)(PyObject *self) noexcept
+    ctypedef PyObject *(*bt_aexit_impl)(PyObject *self, PyObject *exc) noexcept
+    int bt_cb_set_with(PyTypeObject *tp, bt_with_impl enter, bt_exit_impl exit, bt_aenter_impl aenter,
+                       bt_aexit_impl aexit) except -1
 
 
 
@@ -1656,6 +1674,38 @@ cdef int _with_exit_c(PyObject *o, PyObject *exc) noexcept:
     return _with_exit_raw(<BreakerCore>o, <object>exc)
 
 
+ctypedef int (*_raw_not_ready_t)(BreakerCore) noexcept
+cdef _raw_not_ready_t _not_ready_raw = <_raw_not_ready_t>_not_ready
+
+
+cdef PyObject *_aenter_c(PyObject *o) noexcept:
+    """`async with cb:`'s __aenter__: an awaitable raising the refusal, or one holding the permit whose
+    await records the acquisition (_aenter_done) and returns the breaker."""
+    cdef BreakerCore b = <BreakerCore>o
+    cdef int64_t token, start
+    cdef PyObject *aw
+    cdef PyObject *et
+    cdef PyObject *ev
+    cdef PyObject *etb
+    if bt_load(&b.ready_) != 1:
+        _not_ready_raw(b)
+        return NULL
+    if _enter_raw(o, &token, &start) < 0:
+        return bt_aw_raising()
+    aw = bt_aw_make(o, &_AENTER_OPS, BT_AW_VALUE, NULL, o, token, start)
+    if aw == NULL:                      # no memory: the permit goes back, the error stands
+        bt_err_fetch(&et, &ev, &etb)
+        _record_raw(b, token, start)
+        bt_err_restore(et, ev, etb)
+    return aw
+
+
+cdef PyObject *_aexit_c(PyObject *o, PyObject *exc) noexcept:
+    if _with_exit_raw(<BreakerCore>o, <object>exc) < 0:
+        return NULL
+    return bt_aw_make(NULL, NULL, BT_AW_VALUE, NULL, bt_false, 0, 0)
+
+
 cdef int _aenter_done(PyObject *owner, int64_t token, int64_t start, PyObject *result) except -1:
     """An __aenter__ awaitable was awaited: the acquisition is recorded in the awaiting task's context."""
     cdef BreakerCore b = <BreakerCore>owner
@@ -1678,20 +1728,13 @@ _AENTER_OPS.exit_ok = _aenter_done
 _AENTER_OPS.exit_err = _aenter_undo
 
 
-cdef object _aw_value(PyObject *owner, const bt_guard_ops *ops, PyObject *value, int64_t token, int64_t start):
-    cdef PyObject *r = bt_aw_make(owner, ops, BT_AW_VALUE, NULL, value, token, start)
-    if r == NULL:
-        _raise_pending()
-    return _steal(r)
-
-
 def _install():
     bt_aw_ready()
     bt_open_error_ready(<PyObject *>CircuitOpenError)
     cdef Guarded probe = Guarded.__new__(Guarded)
     bt_guard_install(<PyTypeObject *>Guarded, <Py_ssize_t>(<char *>&probe.vectorcall - <char *><PyObject *>probe))
     bt_guard_method_descriptor(<PyTypeObject *>Guarded)
-    bt_cb_set_with(<PyTypeObject *>BreakerCore, _with_enter_c, _with_exit_c)
+    bt_cb_set_with(<PyTypeObject *>BreakerCore, _with_enter_c, _with_exit_c, _aenter_c, _aexit_c)
 
 _install()
 

@@ -936,7 +936,7 @@ class BreakerCore(Uninit):
 
         return GuardedAwaitable(_VALUE, value=self, ok=done, err=undo)
 
-    def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> Any:
+    def __aexit__(self, exc_type: Any, exc: Any, tb: Any, /) -> Any:
         self._with_exit(exc)
         return GuardedAwaitable(_VALUE, value=False)
 
