@@ -47,7 +47,7 @@ import types
 from buttress._breaker_conf import (COUNT_WINDOW_MAX, DEFAULTS, State, breaker_conf, guard_astream, guard_stream,
                                     open_duration_ns)
 from buttress._params import check_int
-from buttress._twin.gcra import words_view as _twin_words_view
+from buttress._twin.gcra import words_view as _twin_words_view, track_bound as _track_bound
 from buttress._params import describe
 from buttress._spec import UsageError
 from buttress._wrap import refuse_sync_result, sync_in_async
@@ -349,6 +349,8 @@ cdef class BreakerCore:
         self.tw_base, self.tw_bits = 0, tw_cbits(1000000000)
         self.w = bw
         bt_store(&self.ready_, 1)
+        if words is not None and locker is not None:
+            _track_bound(self, locker)          # the store can close it (_close); last: may close it at once
 
     def __dealloc__(self):
         free(self.own_win)
@@ -390,10 +392,16 @@ cdef class BreakerCore:
             _not_ready(self)
         return 0
 
+    cdef inline int _inited(self) except -1:
+        if bt_load(&self.ready_) == 0:         # settings: readable once closed too
+            raise RuntimeError(_UNINIT.format(type(self).__name__))
+        return 0
+
     def _close(self, message):
         """Its store closed in this process (stores/shm.py): every later decision, report and state read
         raises RuntimeError(message); a permit or awaitable dropped after it gives nothing back (the words
-        are the store's no more). The first message stays; a breaker never initialised stays so."""
+        are the store's no more); settings (name, conf, timing, hook, classify) still read. The first
+        message stays; a breaker never initialised stays so."""
         if bt_load(&self.ready_) == 1:
             self.closed_msg = str(message)
             bt_store(&self.ready_, _CLOSED_MARK)
@@ -418,7 +426,7 @@ cdef class BreakerCore:
     @property
     def hook(self):
         """callable(kind, a, b) or None: events are built only when set."""
-        self._ready()
+        self._inited()
         return self._hook()
 
     @hook.setter
@@ -433,20 +441,21 @@ cdef class BreakerCore:
             self.hook_owner = value
             bt_store(&self.hook_, 0 if value is None else <int64_t><intptr_t><PyObject *>value)
 
+    # settings still read once closed (as the other cores bound to a store's words)
     @property
     def conf(self):
-        self._ready()
+        self._inited()
         return self.conf_
 
     @property
     def name(self):
-        self._ready()
+        self._inited()
         return self.name_
 
     @property
     def timing(self):
         """True when results need a clock reading (slow-call timing or a time window)."""
-        self._ready()
+        self._inited()
         return self.timing_
 
     @property
@@ -699,7 +708,7 @@ cdef class BreakerCore:
 
     def classify(self, exc):
         """SUCCESS, FAILURE, IGNORED or CANCELLED for an exception (ignore wins over record)."""
-        self._ready()
+        self._inited()
         return self._classify(exc)
 
     cdef int _classify_result(self, result) except -1:
@@ -713,7 +722,7 @@ cdef class BreakerCore:
 
     def classify_result(self, result):
         """FAILURE when record_result matches the return value, else SUCCESS."""
-        self._ready()
+        self._inited()
         return self._classify_result(result)
 
     cdef bint _exceeded(self, int64_t calls, int64_t failures, int64_t slows) except -1:

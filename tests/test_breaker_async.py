@@ -558,11 +558,13 @@ def test_close_makes_every_decision_and_read_raise_the_message(impl):
                lambda: b.attempt, lambda: b.transition_to(OPEN), lambda: b.restart(0),
                lambda: b.record(0, 0, 0), lambda: b.exit_ok(0, 0, None), lambda: b.guard(ok),
                lambda: b.make_call(), lambda: b.__enter__(), lambda: b.__exit__(None, None, None),
-               lambda: b.__aenter__(), lambda: b.classify(Boom()), lambda: setattr(b, "hook", None),
-               lambda: p.success(), lambda: b._held()):
+               lambda: b.__aenter__(), lambda: setattr(b, "hook", None), lambda: p.success(),
+               lambda: b._held()):
         with pytest.raises(RuntimeError, match=msg):
             op()
     assert "closed" in repr(b)
+    # settings still read
+    assert (b.name, b.conf.half_open_calls, b.timing, b.hook, b.classify(Boom())) == ("dep", 3, False, None, 1)
     with pytest.raises(RuntimeError, match=msg):
         held.send(None)                     # the awaitable's outcome cannot be recorded
     held = None
@@ -709,3 +711,35 @@ def test_a_block_that_can_never_exit_gives_its_half_open_permit_back(impl):
     with b:
         pass
     assert b.metrics()[1] == 1
+
+
+def test_a_breaker_in_a_shm_store_is_closed_with_the_store(tmp_path):
+    """stores/shm.py closes every object bound to a segment's words when the store closes: the breaker
+    registers itself (track_bound) and then refuses everything with the store's message."""
+    import os
+    from buttress.stores import store_from_url
+    name = f"bt-cb-close-{os.getpid()}"
+    st = store_from_url(f"shm://{name}")
+    try:
+        cb = CircuitBreaker(name="dep", store=st, minimum_calls=2, window_size=2)
+        assert cb.call(lambda: 7) == 7
+        st.close()
+        with pytest.raises(RuntimeError) as info:
+            cb.call(lambda: 7)
+        message = str(info.value)
+        for op in (lambda: cb.state, cb.metrics, cb.try_acquire, lambda: cb.__enter__()):
+            with pytest.raises(RuntimeError) as again:
+                op()
+            assert str(again.value) == message
+        assert cb.name == "dep"
+    finally:
+        try:
+            st.close()
+        except Exception:  # noqa: BLE001
+            pass
+        unlink = getattr(st, "unlink", None)
+        if unlink is not None:
+            try:
+                unlink()
+            except Exception:  # noqa: BLE001
+                pass

@@ -29,7 +29,7 @@ from .._params import check_int, describe
 from .._spec import UsageError
 from .._wrap import lazy_result, refuse_sync_result, sync_in_async
 from ..errors import CircuitOpenError, Rejected
-from .gcra import as_i64, words_view
+from .gcra import as_i64, track_bound, words_view
 from .guard import _RUN, _VALUE, GuardedAwaitable, _raising
 from .state import Uninit
 
@@ -362,6 +362,8 @@ class BreakerCore(Uninit):
                                           c.half_open_calls)
             self._pushed = -1
             self._lock: Any = _SharedLock(self, threading.Lock() if locker is None else locker)
+            if locker is not None:
+                track_bound(self, locker)       # the store can close it (_close); last: may close it at once
         else:
             self._lock = threading.RLock()
 
@@ -449,7 +451,8 @@ class BreakerCore(Uninit):
     def _close(self, message: str) -> None:
         """Its store closed in this process (stores/shm.py): every later decision, report and state read
         raises RuntimeError(message); a permit or awaitable dropped after it gives nothing back (the words
-        are the store's no more). The first message stays; a breaker never initialised stays so."""
+        are the store's no more); settings (name, conf, timing, hook, classify) still read. The first
+        message stays; a breaker never initialised stays so."""
         lock = self.__dict__.get("_lock")
         if lock is None:
             return
@@ -489,7 +492,6 @@ class BreakerCore(Uninit):
     @property
     def hook(self) -> Callable[[str, Any, Any], None] | None:
         """callable(kind, a, b) or None: events are built only when set."""
-        self._lock
         return self._hook
 
     @hook.setter
@@ -499,20 +501,18 @@ class BreakerCore(Uninit):
             raise TypeError(f"hook must be a callable(kind, a, b) or None, got {value!r}")
         self._hook = value
 
+    # settings still read once closed (as the other cores bound to a store's words)
     @property
     def conf(self) -> Any:
-        self._lock
         return self._conf
 
     @property
     def name(self) -> str:
-        self._lock
         return self._name
 
     @property
     def timing(self) -> bool:
         """True when results need a clock reading (slow-call timing or a time window)."""
-        self._lock
         return self._conf.slow_ns >= 0 or self._conf.time_window
 
     # -- transitions (caller holds the lock) ------------------------------------------------------------
@@ -599,7 +599,6 @@ class BreakerCore(Uninit):
         """SUCCESS, FAILURE, IGNORED or CANCELLED for an exception (ignore wins over record). Anything
         not an Exception, and a UsageError, is CANCELLED (no outcome); a Rejected (buttress's own refusal,
         from an inner stage) is IGNORED unless `record` names its class."""
-        self._lock
         c = self._conf
         if not isinstance(exc, Exception) or isinstance(exc, UsageError):
             return CANCELLED
@@ -617,7 +616,6 @@ class BreakerCore(Uninit):
 
     def classify_result(self, result: Any) -> int:
         """FAILURE when record_result matches the return value, else SUCCESS."""
-        self._lock
         pred = self._conf.record_result
         if pred is None:
             return SUCCESS
