@@ -114,6 +114,19 @@ def test_async_call_async(benchmark):
     awaiting(benchmark, lambda: cb.call_async(bare_async))
 
 
+def test_floor_with_lock(benchmark):
+    """What a `with` block costs by itself, over the bare call: a C context manager doing little (an
+    uncontended threading.Lock); the `with cb:` cases read against it too."""
+    import threading
+    lock = threading.Lock()
+
+    def run():
+        with lock:
+            pass
+
+    benchmark(run)
+
+
 def test_with_success(benchmark, core_kind):
     cb = breaker(core_kind, slow_call_duration=None)
 
