@@ -17,9 +17,8 @@ from bt_gcra cimport bt_as_i64, _bt_show
 
 from operator import index as _index
 
-from buttress._params import check_n
 from buttress._twin.gcra import words_view as _words_view, track_bound as _track_bound
-from buttress._twin.wlimit import _settings, _check_words, window_wait as _window_wait
+from buttress._twin.wlimit import _settings, _check_words, check_count as _check_count, window_wait as _window_wait
 
 __all__ = ["WindowCounter", "WORDS", "MAX_LIMIT"]
 
@@ -213,7 +212,7 @@ cdef class WindowCounter:
             if overflow == 0 and 1 <= v <= bt_load(&self.nmax_):
                 return v
         self._live()
-        return check_n(n, self.limit_)
+        return _check_count(n, self.limit_)
 
     cdef inline int64_t _now(self, object now) except? -1:
         if now is None:

@@ -337,3 +337,19 @@ def test_a_packed_window_idle_exactly_2_23_windows_reads_as_empty_too(impl) -> N
         assert c.try_acquire(2, 0)
         assert c.wait_ns(1, k << 23) == 0
         assert c.try_acquire(2, k << 23) and not c.try_acquire(1, k << 23)
+
+
+def test_the_window_core_names_limit_as_the_window_limiters_do(impl) -> None:
+    """WindowCounter's n check names its own setting, `limit` (it named `capacity=`, so a window limiter
+    in a word store had to check n again in Python before the core's CAS to say limit=)."""
+    core = impl.wlimit.WindowCounter(10, 10**9, False)
+    lim = FixedWindowLimiter(10, 1.0, name="n", store=f"memory://{RUN}-n-{next(_count)}")
+    for bad in (11, 0, -1, 1 << 70, True, "1", 2.0):
+        got = []
+        for fn in (core.try_acquire, core.claim, core.wait_ns, lim.try_acquire):
+            with pytest.raises((ValueError, TypeError)) as info:
+                fn(bad)
+            got.append((type(info.value), str(info.value)))
+        assert len(set(got)) == 1, (bad, got)
+    with pytest.raises(ValueError, match=r"^n must be between 1 and limit=10, got 11$"):
+        core.try_acquire(11)

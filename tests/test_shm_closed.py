@@ -132,20 +132,7 @@ def _store(kind: str, **kw: Any) -> SharedMemoryStore:
     return SharedMemoryStore(f"{RUN}-{kind}-{next(_count)}", implementation=kind, **kw)
 
 
-def _params() -> list[Any]:
-    out = []
-    for p in PATTERNS:
-        marks = []
-        if p == "CircuitBreaker":
-            marks.append(pytest.mark.xfail(
-                buttress.IMPLEMENTATION == "cython", strict=False,
-                reason="breaker _close lands separately (BreakerCore._close and its registration through the "
-                       "store's locker: _twin.gcra.track_bound)"))
-        out.append(pytest.param(p, marks=marks))
-    return out
-
-
-@pytest.mark.parametrize("pattern", _params())
+@pytest.mark.parametrize("pattern", PATTERNS)
 def test_every_form_refuses_after_close(kind: str, pattern: str) -> None:
     if pattern == "CircuitBreaker":
         _breaker_on(kind)
@@ -169,7 +156,7 @@ def test_every_form_refuses_after_close(kind: str, pattern: str) -> None:
         SharedMemoryStore(name, implementation=kind).unlink()
 
 
-@pytest.mark.parametrize("pattern", _params())
+@pytest.mark.parametrize("pattern", PATTERNS)
 def test_forked_child_without_a_lease_refuses(kind: str, pattern: str) -> None:
     """slots=1: the parent holds the only lease slot, so a forked child cannot take one. Its objects must
     not decide on the parent's slot (nor on the words at all): every form raises the closed error that

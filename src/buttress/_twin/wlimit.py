@@ -32,12 +32,13 @@ admit n when prev * (window - elapsed) + (curr + n) * window <= limit * window, 
 """
 from __future__ import annotations
 
+import numbers
 import threading
 import time
 from operator import index as _index
 from typing import Any, Callable
 
-from .._params import check_bool, check_int, check_n
+from .._params import check_bool, check_int, check_n, show
 from .gcra import _show, _Uninit, as_i64, track_bound, words_view
 
 __all__ = ["WindowCounter", "WORDS", "MAX_LIMIT"]
@@ -58,6 +59,17 @@ def _unpack(word: int) -> tuple[int, int, int]:
 
 def _pack(idx: int, prev: int, curr: int) -> int:
     return (((idx & _M23) << 40) | (prev << 20) | curr) - _USED      # bit 63 set: a negative int64
+
+
+def check_count(n: object, limit: int) -> int:
+    """n: an int in [1, limit]; the ValueError names `limit` (this counter's setting, and the window
+    limiters'), so a facade can hand out the core's try_acquire as its own."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        check_n(n, limit)               # the TypeError naming n
+    v: int = int(n)  # type: ignore[call-overload]  # an Integral
+    if not 1 <= v <= limit:
+        raise ValueError(f"n must be between 1 and limit={limit}, got {show(n)}")
+    return v
 
 
 def _settings(limit: Any, window_ns: Any, sliding: Any) -> tuple[int, int, bool]:
@@ -143,7 +155,7 @@ class WindowCounter(_Uninit):
         """Count n in the current window if the limit allows it now: a receipt for unclaim() (an int > 0),
         or 0 when refused (nothing counted)."""
         self._live()
-        k = check_n(n, self._limit)
+        k = check_count(n, self._limit)
         w = self._w
         with self._lock:
             word, latest = w[_W], w[_LATEST]
@@ -166,7 +178,7 @@ class WindowCounter(_Uninit):
         """Take back the n counted by the claim that returned `receipt`, while its window is still the
         current or the previous one and no reset() came between; returns whether it was taken back."""
         self._live()
-        k = check_n(n, self._limit)
+        k = check_count(n, self._limit)
         if type(receipt) is not int:
             if isinstance(receipt, bool) or not hasattr(type(receipt), "__index__"):
                 raise TypeError(f"receipt must be an int, got {receipt!r} ({type(receipt).__name__})")
@@ -193,7 +205,7 @@ class WindowCounter(_Uninit):
     def wait_ns(self, n: int = 1, now: int | None = None) -> int:
         """ns until n would be admitted (0 = now); claims nothing."""
         self._live()
-        k = check_n(n, self._limit)
+        k = check_count(n, self._limit)
         word, latest = self._w[_W], self._w[_LATEST]
         cur, e = moment(self._now(now), self._width, latest)
         _, prev, curr = view(word, cur, latest)
