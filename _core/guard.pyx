@@ -35,7 +35,7 @@ from buttress._params import describe
 from buttress._spec import UsageError
 from buttress._wrap import refuse_sync_result
 
-__all__ = ["StageGuard", "StageBase", "AttemptGuard", "AttemptVar", "ShedBase", "Admission"]
+__all__ = ["StageGuard", "StageBase", "AttemptGuard", "AttemptVar", "AttemptCounter", "ShedBase", "Admission"]
 
 log = logging.getLogger("buttress.guard")
 
@@ -1204,6 +1204,8 @@ cdef extern from "buttress_attempt.h":
     ctypedef int64_t (*bt_now_fn)() noexcept
     PyObject *bt_attempt_vectorcall(PyObject *, PyObject *const *, size_t, PyObject *)
     void bt_attempt_set_settle(PyObject *fn, bt_now_fn now)
+    ctypedef void (*bt_bump_fn)(PyObject *) noexcept
+    void bt_attempt_set_counter(PyTypeObject *tp, bt_bump_fn bump)
     int bt_attempt_probe_step(PyObject *ctx, int inside) noexcept
     int bt_attempt_lazy_ok
     PyObject *bt_current_context "bt_att_context"() noexcept
@@ -1215,6 +1217,26 @@ cdef extern from "Python.h":
 
 cdef int64_t _attempt_now() noexcept:
     return monotonic_ns()
+
+
+cdef class AttemptCounter:
+    """A lock-free counter with the part of itertools.count's interface buttress uses: next() counts and
+    returns the count before it, repr() is "count(N)" (what _params.count_of reads back). A first attempt
+    of AttemptGuard bumps it in C with one atomic add (itertools.count made and freed an int per call)."""
+    cdef int64_t n
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return bt_fetch_add(&self.n, 1)
+
+    def __repr__(self):
+        return f"count({bt_load(&self.n)})"
+
+
+cdef void _counter_bump(PyObject *c) noexcept:
+    bt_fetch_add(&(<AttemptCounter>c).n, 1)
 
 
 def _probe_inside(ctx):
@@ -1354,6 +1376,7 @@ def _install():
     bt_set_method(<PyTypeObject *>Admission, &bt_adm_aexit_def)
     bt_set_enter(<PyTypeObject *>StageBase, &bt_stage_enter_def, _stage_enter_c, &bt_stage_enter_impl)
     bt_attempt_set_settle(<PyObject *>_attempt_settle, _attempt_now)
+    bt_attempt_set_counter(<PyTypeObject *>AttemptCounter, _counter_bump)
     _probe_context_layout()
     cdef StageGuard probe = StageGuard.__new__(StageGuard)
     bt_guard_install(<PyTypeObject *>StageGuard, <Py_ssize_t>(<char *>&probe.vectorcall - <char *><PyObject *>probe))

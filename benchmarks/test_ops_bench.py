@@ -21,6 +21,55 @@ def test_floor_bare_await(benchmark):
     awaiting(benchmark, bare_async)
 
 
+def test_floor_raise_catch(benchmark):
+    from conftest import bare_raise, catching
+    benchmark(catching(bare_raise, ValueError))
+
+
+def test_floor_with_c_lock(benchmark):
+    """`with lock: f()` on a threading.Lock: the `with` statement on a C context manager (two bound
+    methods, a three-argument __exit__) plus an uncontended lock: the floor of the shedder's sync case."""
+    import threading
+    lock = threading.Lock()
+
+    def run():
+        with lock:
+            return bare()
+    benchmark(run)
+
+
+# -- load shedder admission (issue 16): total, and a refusal caught ------------------------------------------
+def test_shedder_with_admit_low(benchmark):
+    from buttress.shedding import LoadShedder, Priority
+    shed = LoadShedder(max_in_flight=100)
+    admit, low = shed.admit, Priority.LOW
+
+    def run():
+        with admit(low):
+            return bare()
+    benchmark(run)
+    assert shed.in_flight == 0
+
+
+def test_shedder_refused_caught(benchmark):
+    """A shed LOW request, caught: floor raise_catch."""
+    from buttress.shedding import LoadShedder, Priority
+    shed = LoadShedder(max_in_flight=1)
+    held = shed.admit(Priority.CRITICAL)
+    held.__enter__()
+    admit, low = shed.admit, Priority.LOW
+
+    def run():
+        try:
+            with admit(low):
+                return bare()
+        except buttress.Overloaded:
+            return None
+    benchmark(run)
+    held.__exit__(None, None, None)
+    assert shed.in_flight == 0
+
+
 # -- a breaker with and without metrics collectors ------------------------------------------------------
 def _breaker(reg):
     return reg.circuit_breaker("bench", slow_call_duration=None)

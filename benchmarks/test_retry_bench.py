@@ -11,7 +11,8 @@ other call), so it holds one raise+catch and one bare call of user work. Peers r
 import pytest
 from conftest import awaiting, bare, bare_async, bare_raise, catching
 
-from buttress import FakeClock, Retry, RetryBudget, SystemClock
+from buttress import (Bulkhead, CircuitBreaker, FakeClock, Pipeline, Retry, RetryBudget, SystemClock, TokenBucket,
+                      current_attempt)
 from buttress import backoff as bo
 
 
@@ -77,6 +78,50 @@ def test_one_failure_then_success_nosleep(benchmark):
 
 def test_async_success_decorated(benchmark):
     awaiting(benchmark, Retry(max_attempts=3)(bare_async))
+
+
+# -- the first attempt's lazily set context (issue 16): what a reader pays, and the eager path --------------
+
+def _reads_attempt():
+    return current_attempt()
+
+
+def test_success_reading_current_attempt(benchmark):
+    """The body reads current_attempt() once: the lazily set context is materialised (one ContextVar
+    set/reset, the list and the Attempt). Floor: the bare call."""
+    assert benchmark(Retry(max_attempts=3)(_reads_attempt)).number == 1
+
+
+def test_success_decorated_inside_running_loop(benchmark):
+    """A sync first attempt called while an asyncio loop runs in the thread: the context is set at once
+    (a task created in the attempt copies it). Floor: the bare call (the loop's own cost is outside)."""
+    import asyncio
+
+    guarded = Retry(max_attempts=3)(bare)
+    loop = asyncio.new_event_loop()
+
+    async def inside():
+        benchmark(guarded)
+
+    try:
+        loop.run_until_complete(inside())
+    finally:
+        loop.close()
+
+
+# -- the four-stage pipeline: retry + breaker + bulkhead + limiter, success -----------------------------------
+
+def _pipeline():
+    return Pipeline(Retry(), CircuitBreaker(name="bench-pipeline", slow_call_duration=None),
+                    Bulkhead(max_concurrent=10), TokenBucket(rate=1e9, capacity=10**9))
+
+
+def test_pipeline_four_stages_success(benchmark):
+    benchmark(_pipeline()(bare))
+
+
+def test_pipeline_four_stages_async_success(benchmark):
+    awaiting(benchmark, _pipeline()(bare_async))
 
 
 # -- peers (success path; tenacity also with one failure, sleeping through a no-op) ----------------------

@@ -493,3 +493,26 @@ def test_get_with_neither_instance_nor_owner_is_refused_alike(impl):
         with pytest.raises(TypeError, match=r"^__get__\(None, None\) is invalid$"):
             g.__get__(None)
         assert g.__get__(None, type(g)) is g
+
+
+def test_attempt_counter_counts_like_itertools_count_and_in_the_guard(impl):
+    c = impl.guard.AttemptCounter()
+    assert repr(c) == "count(0)" and iter(c) is c
+    assert next(c) == 0 and next(c) == 1 and repr(c) == "count(2)"
+    g = impl.guard.AttemptGuard(lambda x: x * 2, "owner", _STATE, c, lambda *a: "recovered", lambda: 42)
+    assert [g(i) for i in range(5)] == [0, 2, 4, 6, 8]
+    assert repr(c) == "count(7)"                        # one per success, in C for the compiled guard
+
+
+def test_attempt_counter_is_exact_under_racing_threads(impl, fast_switching):
+    c = impl.guard.AttemptCounter()
+    g = impl.guard.AttemptGuard(lambda: None, "owner", _STATE, c, lambda *a: None, lambda: 42)
+
+    def body(i):
+        for _ in range(5000):
+            g()
+            next(c)
+        return 0
+
+    race(8, body)
+    assert repr(c) == f"count({8 * 5000 * 2})"

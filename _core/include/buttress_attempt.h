@@ -47,6 +47,27 @@ static PyObject *bt_attempt_settle = NULL;
 static int64_t (*bt_attempt_now)(void) = NULL;       /* the C monotonic clock (time.monotonic_ns) */
 static int bt_attempt_lazy_ok = 0;                   /* the context layout probe passed (bt_attempt_probe) */
 
+static PyTypeObject *bt_attempt_counter_type = NULL;    /* AttemptCounter: bumped in C */
+static void (*bt_attempt_counter_bump)(PyObject *) = NULL;
+
+static void bt_attempt_set_counter(PyTypeObject *tp, void (*bump)(PyObject *))
+{
+    bt_attempt_counter_type = tp;
+    bt_attempt_counter_bump = bump;
+}
+
+/* one success of a first attempt: an AttemptCounter's atomic add, else next(counter) */
+static BT_GUARD_INLINE void bt_attempt_count(bt_attempt_head *g)
+{
+    PyObject *tmp;
+    if (Py_TYPE(g->counter) == bt_attempt_counter_type) {
+        bt_attempt_counter_bump(g->counter);
+        return;
+    }
+    tmp = PyIter_Next(g->counter);
+    Py_XDECREF(tmp);
+}
+
 static void bt_attempt_set_settle(PyObject *fn, int64_t (*now)(void))
 {
     Py_XINCREF(fn);
@@ -233,10 +254,9 @@ static PyObject *bt_attempt_args(PyObject *const *args, Py_ssize_t nargs, PyObje
 static PyObject *bt_attempt_outcome(bt_attempt_head *g, PyObject *res, PyObject *state, PyObject *const *args,
                                     Py_ssize_t nargs, PyObject *kwnames)
 {
-    PyObject *exc, *targs, *tkwargs = NULL, *tmp;
+    PyObject *exc, *targs, *tkwargs = NULL;
     if (res != NULL) {
-        tmp = PyIter_Next(g->counter);
-        Py_XDECREF(tmp);
+        bt_attempt_count(g);
         return res;
     }
     BT_FETCH(exc);
@@ -357,10 +377,8 @@ static PyObject *bt_attempt_vectorcall(PyObject *self, PyObject *const *args, si
             }
             goto lazy_done;                /* a BaseException: passes through */
         }
-        if (res != NULL) {
-            PyObject *tmp = PyIter_Next(g->counter);
-            Py_XDECREF(tmp);
-        }
+        if (res != NULL)
+            bt_attempt_count(g);
     lazy_done:
         token = s->token;
         state = s->state;

@@ -199,10 +199,41 @@ def buttress_cases() -> list[Case]:
                 _bare()
         return run
 
+    def shedder_refused() -> Callable[[], Any]:
+        from buttress.shedding import LoadShedder, Priority
+        shed = LoadShedder(max_in_flight=1)
+        admit, low = shed.admit, Priority.LOW
+        holder = [admit(Priority.CRITICAL)]         # held while the case lives (collected, it gives the slot back)
+        holder[0].__enter__()
+
+        def run() -> None:
+            try:
+                with admit(low):
+                    _bare()
+            except buttress.Overloaded:
+                pass
+        run.holder = holder  # type: ignore[attr-defined]
+        return run
+
+    def shedder_async() -> Callable[[], Any]:
+        from buttress.shedding import LoadShedder, Priority
+        shed = LoadShedder(max_in_flight=100)
+        admit, high = shed.admit, Priority.HIGH
+
+        async def run() -> None:
+            async with admit(high):
+                return await _abare()
+        return run
+
     def pipeline() -> Callable[[], Any]:
         p = buttress.Pipeline(buttress.Retry(), buttress.CircuitBreaker(name="p", slow_call_duration=None),
                               buttress.Bulkhead(max_concurrent=10), buttress.TokenBucket(rate=1e9, capacity=10**9))
         return p(_bare)
+
+    def pipeline_async() -> Callable[[], Any]:
+        p = buttress.Pipeline(buttress.Retry(), buttress.CircuitBreaker(name="p", slow_call_duration=None),
+                              buttress.Bulkhead(max_concurrent=10), buttress.TokenBucket(rate=1e9, capacity=10**9))
+        return p(_abare)
 
     from buttress._impl import core
 
@@ -245,7 +276,11 @@ def buttress_cases() -> list[Case]:
         Case("rate limiter: async acquire, no wait", "buttress", "await", token_async, True),
         Case("keyed limiter: try_acquire, 50k live keys", "buttress", "call", keyed),
         Case("load shedder: admit LOW", "buttress", "call", shedder),
+        Case("load shedder: shed LOW, caught", "buttress", "raise", shedder_refused),
+        Case("load shedder: async with admit", "buttress", "await", shedder_async, True),
+        Case("retry: async success", "buttress", "await", lambda: buttress.Retry(max_attempts=3)(_abare), True),
         Case("pipeline: retry+breaker+bulkhead+limiter", "buttress", "call", pipeline),
+        Case("pipeline: retry+breaker+bulkhead+limiter, async", "buttress", "await", pipeline_async, True),
     ]
 
 

@@ -65,6 +65,7 @@ _CALL_VAR: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("buttre
 # pending attempts of the current context before it reads or sets the variable.
 _CALL = core("guard").AttemptVar(_CALL_VAR)
 _AttemptGuard = core("guard").AttemptGuard
+_AttemptCounter = core("guard").AttemptCounter
 _context._before_copy = _CALL.materialize       # a Timeout copies the context to its worker: attempts first
 
 
@@ -235,7 +236,8 @@ class Retry(Policy):
         self._clock = resolve_clock(clock)
         self._now_ns = self._clock.monotonic_ns
         # itertools.count: next() is one C call, atomic under the GIL (no lock on the success path)
-        self._ok_first, self._ok_retried = itertools.count(), itertools.count()
+        # _ok_first: bumped by every first-attempt success; the compiled AttemptGuard adds to it in C
+        self._ok_first, self._ok_retried = _AttemptCounter(), itertools.count()
         self._failed_first, self._failed_retried = itertools.count(), itertools.count()
 
     # -- the two entry points: the success path inline, the rest in _loop_* and _after_failure ---------

@@ -14,7 +14,7 @@ from .._spec import UsageError
 from .._wrap import LAZY_TYPES, refuse_sync_result
 from .permits import Permits as _Permits
 
-__all__ = ["StageGuard", "StageBase", "AttemptGuard", "AttemptVar", "ShedBase", "Admission"]
+__all__ = ["StageGuard", "StageBase", "AttemptGuard", "AttemptVar", "AttemptCounter", "ShedBase", "Admission"]
 
 _ids = itertools.count(1)           # stage ids: never 0, never reused
 _HELD_SLOTS = 8                     # BT_HELD_SLOTS in include/buttress_guard.h
@@ -795,6 +795,25 @@ class _Done:
 
 
 _DONE_NONE = _Done()
+
+
+class AttemptCounter:
+    """A lock-free counter with the part of itertools.count's interface buttress uses: next() counts and
+    returns the count before it, repr() is "count(N)". (The compiled one is bumped in C by AttemptGuard.)"""
+
+    __slots__ = ("_c",)
+
+    def __init__(self) -> None:
+        self._c = itertools.count()
+
+    def __iter__(self) -> AttemptCounter:
+        return self
+
+    def __next__(self) -> int:
+        return next(self._c)
+
+    def __repr__(self) -> str:
+        return repr(self._c)
 
 
 class AttemptVar:
