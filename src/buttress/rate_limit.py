@@ -819,8 +819,539 @@ class _WindowLimiter(_Limiter):
                                                                                    self._sliding))
                 self._r = mod.WindowCounter(self.limit, self._w, self._sliding, _clock_ns(clock), words=b.words,
                                             locker=st.locker(b.offset))
-                # one Python frame before the core's CAS: the core's own n check would name `capacity`
-                self.try_acquire = self._word_try_acquire  # type: ignore[method-assign]
+                self.try_acquire = self._r.try_acquire  # type: ignore[method-assign]  # the core's n check names limit=
+            else:
+                self._r = st.window(name, self.limit, self._w, self._sliding, kind=kind, clock_ns=_clock_ns(clock))
+                self._remote = True
+        self._lock = threading.Lock()
+        self._last: int | None = None   # latest clock reading used (monotone max)
+        self._gen = 0            # bumped by reset(): receipts of older claims are void
+        self._idx = _NO_WINDOW   # current window number (now // window); below any real one at first
+        self._prev = 0           # count in window _idx - 1
+        self._curr = 0           # count in window _idx
+        self._n_admitted = self._n_rejected = 0
+
+    def _time(self) -> tuple[int, int]:
+        """(window number, ns into it) for now; call with the lock held."""
+        t: int = self._clock.monotonic_ns()
+        if self._last is not None and t < self._last:
+            t = self._last
+        else:
+            self._last = t
+        return divmod(t, self._w)
+
+    def _roll(self, idx: int) -> None:
+        if idx > self._idx:
+            self._prev = self._curr if idx == self._idx + 1 else 0
+            self._curr = 0
+            self._idx = idx
+
+    def _fits(self, n: int, e: int) -> bool:
+        raise NotImplementedError
+
+    def _bound(self) -> str:
+        return f"{type(self).__name__}(limit={self.limit})"
+
+    def _n_allowed(self) -> str:
+        return f"between 1 and limit={self.limit}"
+
+    def _n(self, n: object) -> int:
+        if type(n) is int and 1 <= n <= self.limit:
+            return n
+        return _check_count(n, self.limit, self._n_allowed)
+
+    def _admit_one(self) -> Callable[[], bool]:
+        """One unit now -> bool, for the compiled guard (a core's bound method where there is one)."""
+        return self.try_acquire
+
+    def _refuse_one(self) -> None:
+        raise self._rejected(self._wait_ns(1))
+
+    def _unit_not_returned(self, fn: Any, result: Any) -> Any:
+        """The compiled guard's settle_async: unreachable for an `async def` function (it always returns a
+        coroutine); were its code replaced by a sync function's, the unit stays taken (the guard keeps no
+        receipt to give it back with)."""
+        raise _sync_in_async(self, fn, result)
+
+    def _async_guard(self, fn: Any) -> Any:
+        """`@limiter` on an `async def` function: the compiled guard (buttress._core.guard) takes the unit
+        and runs the coroutine in one vectorcall, no Python frame of ours. Only where a call always yields a
+        coroutine (a plain `async def` function: the wrong-use paths that give a unit back cannot happen)
+        and the unit is taken without waiting (not a LeakyBucket, not a Redis store)."""
+        if (not self._takes_now or self._remote or type(fn) is not types.FunctionType
+                or not fn.__code__.co_flags & _CO_COROUTINE):
+            return None
+        return _StageGuard(fn, self._admit_one(), self._refuse_one, settle_async=self._unit_not_returned,
+                           asynchronous=True)
+
+    def _sync_wrapper(self, fn: Any) -> Callable[..., Any]:
+        take, give, policy = self._take, self._give, self
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            receipt = take()
+            result = fn(*args, **kwargs)
+            if _lazy(result):
+                policy._check_sync_result(fn, result, receipt)
+            return result
+
+        return wrapper
+
+    def _check_sync_result(self, fn: Any, result: object, receipt: Any) -> None:
+        """A sync form's result that may be an awaitable: give the unit back and refuse it."""
+        if isawaitable(result):
+            self._give(receipt)
+            raise _awaitable_in_sync(self, fn, result)
+
+    def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Call fn if one unit is available now, else raise RateLimitExceeded. A generator function's
+        generator is returned (its unit was taken by this call)."""
+        receipt = self._take()
+        result = fn(*args, **kwargs)
+        if _lazy(result):
+            self._check_sync_result(fn, result, receipt)
+        return result
+
+    @overload
+    async def call_async(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
+    @overload
+    async def call_async(self, fn: Callable[P, AsyncIterator[Y]], /, *args: P.args,
+                         **kwargs: P.kwargs) -> AsyncIterator[Y]: ...
+
+    async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Await fn(*args, **kwargs) if one unit is available now. An async generator function's
+        generator is returned (its unit was taken by this call); a sync function is a TypeError."""
+        receipt = self._take() if self._takes_now and not self._remote else await self._take_async()
+        aw = fn(*args, **kwargs)
+        if type(aw) is not CORO and not _await_it(self, fn, aw, self._give, receipt):
+            return aw
+        return await aw
+
+    # -- blocks: wait for one unit (aiolimiter's `async with limiter:`) ----------------------------------------
+    def __enter__(self) -> Any:
+        self.acquire(1)
+        return self
+
+    def __exit__(self, *exc: object) -> Literal[False]:
+        return False
+
+    async def __aenter__(self) -> Any:
+        await self.acquire_async(1)
+        return self
+
+    async def __aexit__(self, *exc: object) -> Literal[False]:
+        return False
+
+    def acquire(self, n: int = 1, timeout: float | None = None) -> None:
+        """Wait until n are admitted; RateLimitExceeded at once when the wait would exceed `timeout`
+        (or the context deadline); its retry_after is the time until n would be admitted."""
+        budget = _budget_ns(timeout)
+        start = self._clock.monotonic_ns()
+        while not self.try_acquire(n):
+            wait = self._wait_ns(n)
+            spent = self._clock.monotonic_ns() - start
+            if spent + wait > budget:
+                raise self._rejected(wait)
+            self._clock.sleep(_seconds_up(wait))
+
+    async def acquire_async(self, n: int = 1, timeout: float | None = None) -> None:
+        budget = _budget_ns(timeout)
+        start = self._clock.monotonic_ns()
+        while not await self._try_acquire_async(n):
+            wait = await self._wait_ns_async(n)
+            spent = self._clock.monotonic_ns() - start
+            if spent + wait > budget:
+                raise self._rejected(wait)
+            await self._clock.sleep_async(_seconds_up(wait))
+
+    async def _try_acquire_async(self, n: int) -> bool:
+        return self.try_acquire(n)
+
+    async def _wait_ns_async(self, n: int) -> int:
+        return self._wait_ns(n)
+
+    # MultiLimiter protocol: claim now (a receipt or None), give a claim back
+    def _claim(self, n: int) -> Any:
+        raise NotImplementedError
+
+    def _unclaim(self, n: int, receipt: Any) -> None:
+        raise NotImplementedError
+
+    _max_n: int
+
+
+class TokenBucket(_Limiter):
+    """GCRA token bucket: `capacity` tokens (the burst), refilled at `rate` per second.
+
+    At one instant at most `capacity` are admitted; over any interval D at most
+    capacity + floor(D * rate). `capacity` defaults to max(1, ceil(rate)). With `store=` and `name=`,
+    every TokenBucket of that name in the store shares one bucket (DESIGN §5).
+    """
+
+    def __init__(self, rate: float, capacity: int | None = None, clock: Any = None, name: str | None = None,
+                 store: Any = None) -> None:
+        capacity = _default_capacity(rate, capacity)
+        self._clock = resolve_clock(clock)
+        self.name = _check_name(name)
+        opened = _open_store(store, self.name, clock, "TokenBucket")
+        self.store = None if opened is None else opened[0]
+        if opened is None:
+            self._core = core("gcra").GCRA(rate, capacity, _clock_ns(clock))
+        else:
+            r, cap, _ = emission_interval_ns(rate, capacity)
+            st, words = opened
+            if words:
+                self._core = _bound_gcra("token_bucket", name, st, r, cap, clock, {})  # type: ignore[arg-type]
+            else:
+                self._core = st.gcra(name, r, cap, kind="token_bucket", clock_ns=_clock_ns(clock))
+                self._remote = True
+        self.rate: float = self._core.rate
+        self.capacity: int = self._core.capacity
+        self._max_n = self.capacity
+        # the hot path is the core's own method: no Python frame between the caller and the CAS
+        self.try_acquire = self._core.try_acquire  # type: ignore[method-assign]
+
+    def try_acquire(self, n: int = 1) -> bool:  # replaced per instance by the core's bound method
+        """Take n tokens if they are available now."""
+        ok: bool = self._core.try_acquire(n)
+        return ok
+
+    def _bound(self) -> str:
+        return f"TokenBucket(capacity={self.capacity})"
+
+    def _admit_one(self) -> Callable[[], bool]:
+        return self._core.try_acquire      # type: ignore[no-any-return]  # the guard calls it through vectorcall
+
+    def _take(self) -> Any:
+        if self._remote:
+            wait, receipt, need = self._core.claim_ex(1, None, 0)
+            if wait < 0:
+                raise self._rejected(need)
+            return receipt
+        end = self._core.take()
+        if end is None:
+            raise self._rejected(self._core.wait_ns(1))
+        return end
+
+    async def _take_async(self) -> Any:
+        if not self._remote:
+            return self._take()
+        wait, receipt, need = await self._core.claim_ex_async(1, None, 0)
+        if wait < 0:
+            raise self._rejected(need)
+        return receipt
+
+    def _give(self, receipt: Any) -> None:
+        if self._remote:
+            self._core.refund(receipt)
+        else:
+            self._core.untake(receipt)      # only if no later claim built on it
+
+    def _sync_wrapper(self, fn: Any) -> Callable[..., Any]:
+        if self._remote:
+            return super()._sync_wrapper(fn)
+        take, wait_ns, rejected, policy = self._core.take, self._core.wait_ns, self._rejected, self
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            end = take()
+            if end is None:
+                raise rejected(wait_ns(1))
+            result = fn(*args, **kwargs)
+            if _lazy(result):
+                policy._check_sync_result(fn, result, end)
+            return result
+
+        return wrapper
+
+    async def _try_acquire_async(self, n: int) -> bool:
+        if self._remote:
+            return bool(await self._core.try_acquire_async(n))
+        return bool(self._core.try_acquire(n))
+
+    async def _wait_ns_async(self, n: int) -> int:
+        if self._remote:
+            return int(await self._core.wait_ns_async(n))
+        return int(self._core.wait_ns(n))
+
+    def _wait_ns(self, n: int) -> int:
+        ns: int = self._core.wait_ns(n)
+        return ns
+
+    def _claim_for_wait(self, n: int, timeout: float | None) -> tuple[int, Any]:
+        """Claim n tokens for a caller that may wait: (wait ns, receipt), or raise RateLimitExceeded at
+        once (nothing claimed) when the wait would exceed the budget or cannot be represented."""
+        c = self._core
+        budget = _INT64_MAX if timeout is None and _DEADLINE.get() is None else _budget_ns(timeout)
+        if self._remote:
+            wait, receipt, need = c.claim_ex(n, None, budget)
+        else:
+            wait, receipt = c.claim(n, None, budget)
+            need = c.wait_ns(n) if wait < 0 else 0
+        return self._claimed(wait, receipt, need, budget)
+
+    async def _claim_for_wait_async(self, n: int, timeout: float | None) -> tuple[int, Any]:
+        if not self._remote:
+            return self._claim_for_wait(n, timeout)
+        budget = _INT64_MAX if timeout is None and _DEADLINE.get() is None else _budget_ns(timeout)
+        wait, receipt, need = await self._core.claim_ex_async(n, None, budget)
+        return self._claimed(wait, receipt, need, budget)
+
+    def _claimed(self, wait: int, receipt: Any, need: int, budget: int) -> tuple[int, Any]:
+        if wait < 0:
+            if need <= budget:             # refused although within budget: past the core's time horizon
+                raise _beyond_horizon(self.name, need)
+            raise self._rejected(need)     # the time until admission, never "wait minus timeout"
+        return wait, receipt
+
+    def acquire(self, n: int = 1, timeout: float | None = None) -> None:
+        """Take n tokens, sleeping (clock.sleep) until they are usable; RateLimitExceeded at once,
+        without sleeping, when the wait would exceed `timeout` (None = no limit) or the context deadline."""
+        wait, receipt = self._claim_for_wait(n, timeout)
+        if wait:
+            try:
+                self._clock.sleep(_seconds_up(wait))
+            except BaseException:
+                self._core.refund(receipt)   # interrupted: given back unless a later claim built on it
+                raise
+
+    async def acquire_async(self, n: int = 1, timeout: float | None = None) -> None:
+        """Like acquire, awaiting clock.sleep_async; a cancelled wait gives its tokens back when no later
+        reservation has built on them (otherwise giving them back would let two waiters through where
+        one fits)."""
+        if self._remote:
+            wait, receipt = await self._claim_for_wait_async(n, timeout)
+        else:
+            wait, receipt = self._claim_for_wait(n, timeout)     # decided now: no coroutine of its own
+        if wait:
+            try:
+                await self._clock.sleep_async(_seconds_up(wait))
+            except BaseException:
+                if self._remote:
+                    await self._core.refund_async(receipt)
+                else:
+                    self._core.refund(receipt)
+                raise
+
+    def reserve(self, n: int = 1) -> float:
+        """Claim n tokens now; returns the seconds to wait before using them (0.0 = now).
+        RateLimitExceeded (nothing claimed) when that wait is past what the limiter can represent."""
+        wait = self._core.reserve(n)
+        if wait < 0:
+            raise _beyond_horizon(self.name, self._core.wait_ns(n))
+        return _seconds_up(wait)
+
+    @property
+    def available(self) -> int:
+        """Whole tokens available now."""
+        tokens: int = self._core.available()
+        return tokens
+
+    def metrics(self) -> RateLimitMetrics:
+        return RateLimitMetrics(*self._core.counts())
+
+    def reset(self) -> None:
+        """Full bucket; metrics back to zero."""
+        self._core.reset()
+
+    def _claim(self, n: int) -> Any:
+        wait, receipt = self._core.claim(n, None, 0)
+        return receipt if wait == 0 else None
+
+    def _unclaim(self, n: int, receipt: Any) -> None:
+        self._core.refund(receipt)          # only if no later claim built on it
+
+    def __repr__(self) -> str:
+        name = "" if self.name is None else f", name={self.name!r}"
+        store = "" if self.store is None else f", store={self.store.url!r}"
+        return f"TokenBucket(rate={self.rate!r}, capacity={self.capacity!r}{name}{store})"
+
+
+class LeakyBucket(_Limiter):
+    """Admissions spaced evenly at `rate` per second: each caller waits for its own slot.
+
+    A capacity-1 GCRA whose slots are claimed with reserve(): the k-th caller in line waits
+    about k / rate. When `queue_size` callers are already waiting, the next is rejected at once
+    with RateLimitExceeded (the wait it would get is > queue_size / rate: one CAS decides it, no
+    queue object). A cancelled or interrupted waiter gives its slot back only when it is the last in
+    line (no later caller has queued behind it); otherwise the slot stays unused, so two admissions are
+    never closer than 1 / rate.
+    """
+
+    def __init__(self, rate: float, queue_size: int, clock: Any = None, name: str | None = None,
+                 store: Any = None) -> None:
+        self._clock = resolve_clock(clock)
+        self.name = _check_name(name)
+        opened = _open_store(store, self.name, clock, "LeakyBucket")
+        self.store = None if opened is None else opened[0]
+        if opened is None:
+            self._core = core("gcra").GCRA(rate, 1, _clock_ns(clock))
+        self.queue_size = check_int("queue_size", queue_size, minimum=0, maximum=1 << 40)
+        if opened is not None:
+            r, _, _ = emission_interval_ns(rate, 1)
+            st, words = opened
+            if words:
+                self._core = _bound_gcra("leaky_bucket", name, st, r, 1, clock,  # type: ignore[arg-type]
+                                         {"queue_size": self.queue_size})
+            else:
+                self._core = st.gcra(name, r, 1, kind="leaky_bucket", clock_ns=_clock_ns(clock))
+                self._remote = True
+        self.rate: float = self._core.rate
+        self._max_n = 1
+        self._queue_ns = min(self.queue_size * self._core.interval_ns, _INT64_MAX)
+
+    _takes_now = False       # as a decorator, call() or a block it waits for its slot
+
+    def _bound(self) -> str:
+        return "LeakyBucket(one call per slot)"
+
+    def _n_allowed(self) -> str:
+        return (f"1: a LeakyBucket admits one call per slot, 1/rate apart (queue_size={self.queue_size} is how "
+                f"many callers may wait for theirs)")
+
+    def _n(self, n: object) -> int:
+        return 1 if n == 1 and type(n) is int else _check_count(n, 1, self._n_allowed)
+
+    def try_acquire(self, n: int = 1) -> bool:
+        """Admit now if this instant's slot is free (never waits). n must be 1."""
+        ok: bool = self._core.try_acquire(self._n(n))
+        return ok
+
+    def _wait_ns(self, n: int) -> int:
+        ns: int = self._core.wait_ns(self._n(n))
+        return ns
+
+    async def _try_acquire_async(self, n: int) -> bool:
+        if self._remote:
+            return bool(await self._core.try_acquire_async(self._n(n)))
+        return bool(self._core.try_acquire(self._n(n)))
+
+    async def _wait_ns_async(self, n: int) -> int:
+        if self._remote:
+            return int(await self._core.wait_ns_async(self._n(n)))
+        return int(self._core.wait_ns(self._n(n)))
+
+    @property
+    def waiting(self) -> int:
+        """Callers holding a future slot now."""
+        w: int = self._core.wait_ns(1)
+        interval: int = self._core.interval_ns
+        return max(0, -(-w // interval) - 1)
+
+    def _reserved(self, wait: int, receipt: Any, need: int, budget: int) -> tuple[int, Any]:
+        if wait < 0:
+            if need <= budget:
+                raise _beyond_horizon(self.name, need)
+            raise self._rejected(need)      # the time until its slot, never "wait minus budget"
+        return wait, receipt
+
+    def _reserve(self, timeout: float | None) -> tuple[int, Any]:
+        budget = min(self._queue_ns, _budget_ns(timeout))
+        if self._remote:
+            wait, receipt, need = self._core.claim_ex(1, None, budget)
+            return self._reserved(wait, receipt, need, budget)
+        wait, receipt = self._core.claim(1, None, budget)
+        return self._reserved(wait, receipt, self._core.wait_ns(1) if wait < 0 else 0, budget)
+
+    async def _reserve_async(self, timeout: float | None) -> tuple[int, Any]:
+        if not self._remote:
+            return self._reserve(timeout)
+        budget = min(self._queue_ns, _budget_ns(timeout))
+        wait, receipt, need = await self._core.claim_ex_async(1, None, budget)
+        return self._reserved(wait, receipt, need, budget)
+
+    def _wait_for_slot(self, timeout: float | None) -> Any:
+        wait, receipt = self._reserve(timeout)
+        if wait:
+            try:
+                self._clock.sleep(_seconds_up(wait))
+            except BaseException:
+                self._core.refund(receipt)   # only the last slot in line is given back
+                raise
+        return receipt
+
+    async def _wait_for_slot_async(self, timeout: float | None) -> Any:
+        wait, receipt = await self._reserve_async(timeout)
+        if wait:
+            try:
+                await self._clock.sleep_async(_seconds_up(wait))
+            except BaseException:
+                if self._remote:
+                    await self._core.refund_async(receipt)
+                else:
+                    self._core.refund(receipt)
+                raise
+        return receipt
+
+    def acquire(self, n: int = 1, timeout: float | None = None) -> None:
+        """Wait for the next slot; RateLimitExceeded at once when the queue is full or the wait would
+        exceed `timeout` (or the context deadline). n must be 1."""
+        self._n(n)
+        self._wait_for_slot(timeout)
+
+    async def acquire_async(self, n: int = 1, timeout: float | None = None) -> None:
+        self._n(n)
+        await self._wait_for_slot_async(timeout)
+
+    # as a decorator, call() and a block a leaky bucket waits for its slot (rejected when the queue is full)
+    def _take(self) -> Any:
+        return self._wait_for_slot(None)
+
+    async def _take_async(self) -> Any:
+        return await self._wait_for_slot_async(None)
+
+    def _give(self, receipt: Any) -> None:
+        self._core.refund(receipt)
+
+    def metrics(self) -> RateLimitMetrics:
+        return RateLimitMetrics(*self._core.counts())
+
+    def reset(self) -> None:
+        self._core.reset()
+
+    def __repr__(self) -> str:
+        name = "" if self.name is None else f", name={self.name!r}"
+        store = "" if self.store is None else f", store={self.store.url!r}"
+        return f"LeakyBucket(rate={self.rate!r}, queue_size={self.queue_size!r}{name}{store})"
+
+
+class _WindowLimiter(_Limiter):
+    """At most `limit` per window of `window` seconds; windows are aligned to the clock's multiples
+    of `window` (like `limits`). Exact under threads: one lock per limiter (not a hot path).
+
+    The clock is read inside the lock, and time never runs backwards inside the limiter (the latest
+    reading wins), so a thread that read the clock and was pre-empted cannot decide with a stale time
+    after another thread decided with a later one.
+
+    With `store=` the counts live in the store: in a word store (memory://, shm://) one packed word
+    (window index, previous count, current count: buttress._core.wlimit) decided by one CAS, so
+    `limit` is at most 2**20 - 1 there; in Redis the store's window script decides."""
+
+    _sliding = False
+
+    def __init__(self, limit: int, window: float, clock: Any = None, name: str | None = None,
+                 store: Any = None) -> None:
+        self.limit = check_int("limit", limit, minimum=1, maximum=1 << 40)
+        self._w = seconds_to_ns("window", window, allow_zero=False)
+        self.window: float = self._w / NS
+        self._clock = resolve_clock(clock)
+        self.name = _check_name(name)
+        self._max_n = self.limit
+        self._r: Any = None      # the store's decider (a wlimit.WindowCounter or a RedisWindow), or None
+        opened = _open_store(store, self.name, clock, type(self).__name__)
+        self.store = None if opened is None else opened[0]
+        if opened is not None:
+            st, words = opened
+            kind = "sliding_window" if self._sliding else "fixed_window"
+            if words:
+                mod = _core_of(st, "wlimit")
+                if self.limit > mod.MAX_LIMIT:
+                    raise ValueError(f"limit must be <= {mod.MAX_LIMIT} for a window limiter in a "
+                                     f"{st.scheme}:// store (its counts share one 64-bit word), got {self.limit}")
+                b = st.bind(kind, name, {"limit": self.limit, "window_ns": self._w},
+                            mod.WORDS, init=lambda w: mod.WindowCounter.init_words(w, self.limit, self._w,
+                                                                                   self._sliding))
+                self._r = mod.WindowCounter(self.limit, self._w, self._sliding, _clock_ns(clock), words=b.words,
+                                            locker=st.locker(b.offset))
+                self.try_acquire = self._r.try_acquire  # type: ignore[method-assign]  # the core's n check names limit=
             else:
                 self._r = st.window(name, self.limit, self._w, self._sliding, kind=kind, clock_ns=_clock_ns(clock))
                 self._remote = True
