@@ -277,6 +277,7 @@ cdef class BreakerCore:
     cdef int64_t fail_th, succ_th    # classic: failure_threshold, success_threshold
     cdef object record_t, record_fn, ignore_t, ignore_fn, record_result, clock_ns, record_rejected
     cdef int64_t id_                 # key of this breaker in the per-thread `with` records
+    cdef int64_t eval_gen            # count window: the generation whose minimum a success has judged
     cdef int64_t cls_cache           # _classify: the last exception type (pointer) | its outcome; 0: none
     cdef list cls_kept               # the types cls_cache may name (kept alive: a pointer is never reused)
     cdef tuple err_attrs             # per state: a refusal's attributes ({name, state, _lazy}), copied per refusal
@@ -310,6 +311,7 @@ cdef class BreakerCore:
         self.err_attrs = tuple({"name": self.name_, "state": st, "retry_after": None,
                                 "_lazy": (_FMT_OPEN, (self.name_, st.name))} for st in _STATES)
         self.id_ = bt_fetch_add(&_next_id, 1) + 1
+        self.eval_gen = -1
         cdef int64_t closed_n = self.window_size * TW_FIELDS if self.time_window else self.window_size
         cdef int64_t nw = _words_needed(self.window_size, self.time_window, self.half_calls)
         cdef int64_t *win
@@ -809,9 +811,15 @@ cdef class BreakerCore:
         else:
             calls, failures, slows = cw_field(p, 0), cw_field(p, 16), cw_field(p, 32)
         # a fast success can only lower the rates, unless it is the call that reaches the minimum
-        # (a time window's minimum can be reached again as buckets expire: it was summed above)
+        # (a time window's minimum can be reached again as buckets expire: it was summed above). A full
+        # count window of exactly minimum_calls (the default) reads calls == minimum for every later call:
+        # the first success of the generation seen there judges, the later ones cannot change the verdict
+        # (eval_gen, this process's; another process judging once more is harmless)
         if calls >= self.minimum_calls and (failed or slow or s == ST_CLOSED and
-                                             (self.time_window or calls == self.minimum_calls)):
+                                             (self.time_window or calls == self.minimum_calls
+                                              and bt_load(&self.eval_gen) != gen)):
+            if not (failed or slow or self.time_window):
+                bt_store(&self.eval_gen, gen)
             if self._exceeded(calls, failures, slows) and s == ST_CLOSED:
                 if not have_now:
                     now = self._now()
