@@ -269,3 +269,28 @@ def test_a_shedder_through_redis(redis_url):  # noqa: F811
         with pytest.raises(Overloaded):
             shed.call(lambda: 1, priority=Priority.LOW)
     assert shed.in_flight == 0
+
+
+@pytest.mark.parametrize("start_ns", [0, -5 * 10**9, 1_700_000_000 * 10**9 + 123, 2**63 - 10**10 - 7])
+def test_a_polling_wait_for_a_shared_permit_ends_exactly_at_its_timeout(start_ns):
+    """The cross-process wait's deadline is int ns: float seconds overshot by 1 ns at 0 and by ~100 ns on an
+    epoch-sized clock (a refusal at 0.3000001 s for timeout=0.3)."""
+    from buttress import FakeClock
+
+    clock = FakeClock()
+    if start_ns >= 0:
+        clock.advance_ns(start_ns)
+    else:
+        clock = FakeClock(start_ns / 10**9)
+    name = "poll-" + uuid.uuid4().hex[:8]
+    holder = Bulkhead(1, name=name, store="memory://", clock=clock)
+    waiter = Bulkhead(1, name=name, store="memory://", clock=clock)
+    assert holder.try_acquire()
+
+    async def main() -> int:
+        t0 = clock.monotonic_ns()
+        with pytest.raises(BulkheadFullError):
+            await waiter.acquire_async(timeout=0.3)
+        return clock.monotonic_ns() - t0
+
+    assert asyncio.run(main()) == 300_000_000

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, NamedTuple, ParamSpe
 from ._base import Policy
 from ._context import copy_context, remaining
 from ._impl import core
-from ._params import ASYNC, ASYNC_GENERATOR, GENERATOR, SYNC, callable_kind, check_float, check_int, count_of, describe
+from ._params import ASYNC, ASYNC_GENERATOR, GENERATOR, SYNC, callable_kind, check_float, check_int, count_of, describe, NS
 from ._spec import UsageError
 from ._timers import call_later
 from ._wrap import CORO, lazy_result, refuse_sync_result, specialize, sync_in_async
@@ -637,7 +637,8 @@ class Bulkhead(_StageBase, Policy):
     async def _poll_async(self, timeout: float | None) -> None:
         timeout = _wait_budget(timeout)
         clock = self._clock
-        deadline = None if timeout is None else clock.monotonic() + timeout
+        # the deadline in int ns: float seconds lose ns at once and ~0.2 us on an epoch-sized clock
+        deadline = None if timeout is None else clock.monotonic_ns() + math.ceil(timeout * NS)
         delay = _POLL_FIRST
         try_async = getattr(self._permits, "try_acquire_async", None)
         while True:
@@ -645,10 +646,10 @@ class Bulkhead(_StageBase, Policy):
                 raise self._reject()
             if await try_async() if try_async is not None else self._permits.try_acquire():
                 return
-            left = None if deadline is None else deadline - clock.monotonic()
+            left = None if deadline is None else deadline - clock.monotonic_ns()
             if left is not None and left <= 0:
                 raise self._reject()
-            await clock.sleep_async(delay if left is None else min(delay, left))
+            await clock.sleep_async(delay if left is None else min(delay, left / NS))
             delay = min(delay * 2, _POLL_MAX)
 
     def _enqueue(self, w: _Waiter) -> None:
