@@ -222,6 +222,10 @@ def test_throw_before_the_first_send_and_close_return_the_permit_once(impl):
     with pytest.raises(asyncio.CancelledError):
         aw.throw(asyncio.CancelledError)    # the class form, before the coroutine started
     assert b.load()[2] == 0
+    aw = b.guard(waits, True)()
+    with pytest.raises(Boom):
+        aw.throw(Boom("never ran"))         # the call never ran: not its outcome (a Python coroutine
+    assert b.load()[2] == 0 and b.metrics()[1] == 0     # around it would not have started either)
     ran = []
 
     async def body():

@@ -168,6 +168,7 @@ typedef struct {
     const bt_guard_ops *ops;
     int64_t token, start;
     int state;
+    int started;         /* RUN: the iterator was sent to (0: a throw() now reaches a call that never ran) */
 } bt_aw;
 
 static PyTypeObject bt_aw_type;
@@ -207,6 +208,7 @@ static PyObject *bt_aw_make(PyObject *owner, const bt_guard_ops *ops, int state,
     a->token = token;
     a->start = start;
     a->state = state;
+    a->started = 0;
     PyObject_GC_Track(a);
     return (PyObject *)a;
 }
@@ -265,6 +267,7 @@ static PySendResult bt_aw_am_send(PyObject *self, PyObject *arg, PyObject **pres
     PySendResult r;
     switch (a->state) {
     case BT_AW_RUN:
+        a->started = 1;
         r = PyIter_Send(a->it, arg, presult);
         if (r == PYGEN_NEXT)
             return r;
@@ -351,6 +354,15 @@ static PyObject *bt_aw_send(PyObject *self, PyObject *arg)
     return NULL;
 }
 
+static void bt_aw_release_closed(bt_aw *a)
+{
+    PyObject *ge = PyObject_CallNoArgs(PyExc_GeneratorExit);
+    if (ge == NULL)
+        PyErr_Clear();
+    bt_aw_exit_err(a, ge);
+    Py_XDECREF(ge);
+}
+
 /* throw(exc) / throw(type[, value[, tb]]): into the coroutine when it runs (its outcome is recorded as usual);
  * before the first send it is raised at once, giving back a permit the awaitable holds. */
 static PyObject *bt_aw_throw(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -376,6 +388,13 @@ static PyObject *bt_aw_throw(PyObject *self, PyObject *const *args, Py_ssize_t n
         BT_FETCH(exc);
         if (exc == NULL)
             return NULL;
+        if (!a->started) {
+            /* thrown in before the call ever ran: the exception comes straight back (a coroutine that never
+             * started cannot catch it) and is not the call's outcome: the permit goes back as on close() */
+            bt_aw_release_closed(a);
+            BT_RESTORE(exc);
+            return NULL;
+        }
         if (PyErr_GivenExceptionMatches(exc, PyExc_StopIteration)) {     /* it caught it and returned */
             PyObject *v = PyObject_GetAttrString(exc, "value");
             int rc;
@@ -419,15 +438,6 @@ static PyObject *bt_aw_throw(PyObject *self, PyObject *const *args, Py_ssize_t n
     bt_aw_exit_err(a, exc);
     BT_RESTORE(exc);
     return NULL;
-}
-
-static void bt_aw_release_closed(bt_aw *a)
-{
-    PyObject *ge = PyObject_CallNoArgs(PyExc_GeneratorExit);
-    if (ge == NULL)
-        PyErr_Clear();
-    bt_aw_exit_err(a, ge);
-    Py_XDECREF(ge);
 }
 
 static PyObject *bt_aw_close(PyObject *self, PyObject *unused)

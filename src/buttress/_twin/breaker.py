@@ -1122,8 +1122,28 @@ def _acall(core: BreakerCore, fn: Any, args: tuple[Any, ...], kwargs: dict[str, 
             return GuardedAwaitable(_VALUE, value=core.settle(token, start, fn, result, True))
         except BaseException as exc:
             return _raising(exc)
-    return GuardedAwaitable(_RUN, it, ok=lambda value: core.exit_ok(token, start, value),
-                            err=lambda exc: _exit_err(core, token, start, exc))
+    return _CallAwaitable(_RUN, it, ok=lambda value: core.exit_ok(token, start, value),
+                          err=lambda exc: _exit_err(core, token, start, exc))
+
+
+class _CallAwaitable(GuardedAwaitable):
+    """The twin guard's awaitable, as the compiled bt_aw: an exception thrown in before the call was ever
+    sent to is not its outcome (the call never ran): the permit goes back as on close()."""
+
+    __slots__ = ("_started",)
+
+    def send(self, arg: Any) -> Any:
+        self._started = True
+        return super().send(arg)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        if self._state == _RUN and not getattr(self, "_started", False):
+            try:
+                return self._it.throw(typ, val, tb) if val is not None or tb is not None else self._it.throw(typ)
+            except BaseException:
+                self._fail(GeneratorExit())
+                raise
+        return super().throw(typ, val, tb)
 
 
 def _exit_err(core: BreakerCore, token: int, start: int, exc: BaseException) -> None:
