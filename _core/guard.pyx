@@ -1213,6 +1213,8 @@ cdef extern from "buttress_attempt.h":
 
 cdef extern from "Python.h":
     int bt_cvar_get "PyContextVar_Get"(object var, PyObject *default_value, PyObject **value) except -1
+    object bt_cvar_set "PyContextVar_Set"(object var, object value)
+    int bt_cvar_reset "PyContextVar_Reset"(object var, object token) except -1
 
 
 cdef int64_t _attempt_now() noexcept:
@@ -1283,24 +1285,74 @@ cdef class AttemptVar:
             raise _not_initialised(self)
         return self._v
 
-    def get(self):
-        cdef PyObject *value = NULL
-        var = self._var()
-        bt_attempt_materialize()
-        bt_cvar_get(var, NULL, &value)
-        return None if value == NULL else _steal(value)
-
-    def set(self, value):
-        var = self._var()
-        bt_attempt_materialize()
-        return var.set(value)
-
-    def reset(self, token):
-        self._var().reset(token)
+    # get / set / reset are C methods (installed by _install: one METH_NOARGS / METH_O call, as the
+    # ContextVar's own): the Python paths of Retry and Hedge call them on every call
 
     def materialize(self):
         self._var()
         bt_attempt_materialize()
+
+
+cdef extern from *:
+    """
+    typedef PyObject *(*bt_av_impl)(PyObject *self, PyObject *arg);
+    static bt_av_impl bt_av_get_impl = NULL, bt_av_set_impl = NULL, bt_av_reset_impl = NULL;
+    static PyObject *bt_av_get(PyObject *self, PyObject *unused) { return bt_av_get_impl(self, NULL); }
+    static PyObject *bt_av_set(PyObject *self, PyObject *arg) { return bt_av_set_impl(self, arg); }
+    static PyObject *bt_av_reset(PyObject *self, PyObject *arg) { return bt_av_reset_impl(self, arg); }
+    static PyMethodDef bt_av_get_def = {"get", (PyCFunction)bt_av_get, METH_NOARGS,
+        "get($self, /)\\n--\\n\\nThe state of the innermost retried call here (pending attempts materialised first), or None."};
+    static PyMethodDef bt_av_set_def = {"set", (PyCFunction)bt_av_set, METH_O,
+        "set($self, value, /)\\n--\\n\\nSet the variable (pending attempts materialised first); returns its token."};
+    static PyMethodDef bt_av_reset_def = {"reset", (PyCFunction)bt_av_reset, METH_O,
+        "reset($self, token, /)\\n--\\n\\nReset the variable to before `token`."};
+    """
+    ctypedef PyObject *(*bt_av_impl)(PyObject *self, PyObject *arg) noexcept
+    bt_av_impl bt_av_get_impl, bt_av_set_impl, bt_av_reset_impl
+    PyMethodDef bt_av_get_def, bt_av_set_def, bt_av_reset_def
+
+cdef extern from "buttress_attempt.h":
+    int bt_materialize_raw "bt_attempt_materialize"() noexcept
+
+cdef extern from "Python.h":
+    PyObject *bt_cvar_set_raw "PyContextVar_Set"(PyObject *var, PyObject *value) noexcept
+    int bt_cvar_reset_raw "PyContextVar_Reset"(PyObject *var, PyObject *token) noexcept
+    int bt_cvar_get_raw "PyContextVar_Get"(PyObject *var, PyObject *default_value, PyObject **value) noexcept
+    PyObject *bt_none "Py_None"
+
+
+cdef inline PyObject *_av_var(PyObject *o) noexcept:
+    cdef object v = (<AttemptVar>o)._v
+    if v is None:
+        bt_not_initialised_what(o, b"its __init__ was not called")
+        return NULL
+    return <PyObject *>v         # borrowed: the AttemptVar holds it
+
+
+cdef PyObject *_av_get(PyObject *o, PyObject *unused) noexcept:
+    cdef PyObject *var = _av_var(o)
+    cdef PyObject *value = NULL
+    if var == NULL or bt_materialize_raw() < 0 or bt_cvar_get_raw(var, NULL, &value) < 0:
+        return NULL
+    if value == NULL:
+        bt_incref(bt_none)
+        return bt_none
+    return value
+
+
+cdef PyObject *_av_set(PyObject *o, PyObject *value) noexcept:
+    cdef PyObject *var = _av_var(o)
+    if var == NULL or bt_materialize_raw() < 0:
+        return NULL
+    return bt_cvar_set_raw(var, value)
+
+
+cdef PyObject *_av_reset(PyObject *o, PyObject *token) noexcept:
+    cdef PyObject *var = _av_var(o)
+    if var == NULL or bt_cvar_reset_raw(var, token) < 0:
+        return NULL
+    bt_incref(bt_none)
+    return bt_none
 
 
 @cython.no_gc_clear     # the *_p fields borrow the object fields: the GC must never clear them under a caller
@@ -1377,6 +1429,11 @@ def _install():
     bt_set_enter(<PyTypeObject *>StageBase, &bt_stage_enter_def, _stage_enter_c, &bt_stage_enter_impl)
     bt_attempt_set_settle(<PyObject *>_attempt_settle, _attempt_now)
     bt_attempt_set_counter(<PyTypeObject *>AttemptCounter, _counter_bump)
+    global bt_av_get_impl, bt_av_set_impl, bt_av_reset_impl
+    bt_av_get_impl, bt_av_set_impl, bt_av_reset_impl = _av_get, _av_set, _av_reset
+    bt_set_method(<PyTypeObject *>AttemptVar, &bt_av_get_def)
+    bt_set_method(<PyTypeObject *>AttemptVar, &bt_av_set_def)
+    bt_set_method(<PyTypeObject *>AttemptVar, &bt_av_reset_def)
     _probe_context_layout()
     cdef StageGuard probe = StageGuard.__new__(StageGuard)
     bt_guard_install(<PyTypeObject *>StageGuard, <Py_ssize_t>(<char *>&probe.vectorcall - <char *><PyObject *>probe))

@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, ParamSpec, TypeVar, 
 from ._base import Policy, is_async_callable
 from ._params import ASYNC, ASYNC_GENERATOR, GENERATOR, callable_kind, describe
 from ._spec import UsageError
-from ._wrap import ASYNC_KINDS, CORO, LAZY_TYPES, by_reference, refuse_sync_result, sync_in_async
+from ._wrap import ASYNC_KINDS, CORO, by_reference, lazy_result, refuse_sync_result, sync_in_async
 from ._breaker_conf import State
 from .clock import check_one_clock
 from .errors import BulkheadFullError, CircuitOpenError, Overloaded, RateLimitExceeded
@@ -140,7 +140,7 @@ class Pipeline(Policy):
 
             def checked(*args: Any, **kwargs: Any) -> Any:
                 result = fn(*args, **kwargs)
-                if type(result) in LAZY_TYPES or hasattr(type(result), "__await__"):
+                if lazy_result(result):
                     refuse_sync_result(pipeline, fn, result, generators=False)
                 return result
             return checked

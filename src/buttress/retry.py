@@ -36,7 +36,7 @@ from ._base import NoCopy, Policy, is_async_callable
 from ._params import (MAX_SECONDS, NS, check_bool as check_bool_arg, check_float, check_function, check_int, check_real, check_seconds, count_of,
                       describe, show)
 from ._spec import UsageError, parse_exceptions
-from ._wrap import CORO, LAZY_TYPES, check_decoratable, refuse_sync_result, specialize, sync_in_async
+from ._wrap import CORO, check_decoratable, lazy_result, refuse_sync_result, specialize, sync_in_async
 from .backoff import Backoff, constant, exponential
 from . import clock as _clock_module
 from .clock import SYSTEM_CLOCK, resolve_clock
@@ -256,7 +256,7 @@ class Retry(Policy):
                 exc: BaseException | None = e
                 result = None  # type: ignore[assignment]  # no result: _loop_sync reads exc
             else:
-                if type(result) in LAZY_TYPES or hasattr(type(result), "__await__"):
+                if lazy_result(result):
                     refuse_sync_result(self, fn, result)
                 if self._result_pred is None or not self._result_pred(result):
                     next(self._ok_first)
@@ -320,7 +320,7 @@ class Retry(Policy):
                     exc: BaseException | None = e
                     result = None
                 else:
-                    if type(result) in LAZY_TYPES or hasattr(type(result), "__await__"):
+                    if lazy_result(result):
                         refuse_sync_result(retry, fn, result)
                     if pred is None or not pred(result):
                         next(ok_first)
@@ -417,7 +417,7 @@ class Retry(Policy):
                         raise _not_callable(self, fn) from None
                     exc = e
                     continue
-                if type(result) in LAZY_TYPES or hasattr(type(result), "__await__"):
+                if lazy_result(result):
                     refuse_sync_result(self, fn, result)
                 if pred is None or not pred(result):
                     next(self._ok_first if call[_NUMBER] == 1 else self._ok_retried)
@@ -954,7 +954,7 @@ def _not_callable(retry: Retry, fn: object) -> TypeError:
 def _hook_result(retry: Retry, hook: Any, result: object) -> None:
     """A hook that returned an awaitable was an async function in disguise (a lambda returning a
     coroutine): it would never run. Close it and say so."""
-    if result is not None and (type(result) in LAZY_TYPES or hasattr(type(result), "__await__")):
+    if result is not None and lazy_result(result):
         refuse_sync_result(retry, hook, result, generators=False)
 
 

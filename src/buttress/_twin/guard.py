@@ -11,7 +11,7 @@ from typing import Any, Callable, Literal
 
 from .._params import describe
 from .._spec import UsageError
-from .._wrap import LAZY_TYPES, refuse_sync_result
+from .._wrap import lazy_result, refuse_sync_result
 from .permits import Permits as _Permits
 
 __all__ = ["StageGuard", "StageBase", "AttemptGuard", "AttemptVar", "AttemptCounter", "ShedBase", "Admission"]
@@ -205,7 +205,7 @@ class StageGuard:
         except BaseException:
             stage.after()
             raise
-        if type(result) in LAZY_TYPES or hasattr(type(result), "__await__"):
+        if lazy_result(result):
             return stage.settle_result(fn, result)
         stage.after()
         return result
@@ -840,13 +840,13 @@ class AttemptVar:
     def var(self) -> ContextVar[Any]:
         return self._var()
 
-    def get(self) -> Any:
+    def get(self, /) -> Any:
         return self._var().get(None)
 
-    def set(self, value: Any) -> Token[Any]:
+    def set(self, value: Any, /) -> Token[Any]:
         return self._var().set(value)
 
-    def reset(self, token: Token[Any]) -> None:
+    def reset(self, token: Token[Any], /) -> None:
         self._var().reset(token)
 
     def materialize(self) -> None:
@@ -899,7 +899,7 @@ class AttemptGuard:
             except Exception as e:
                 exc = e
             else:
-                if type(result) in LAZY_TYPES or hasattr(type(result), "__await__"):
+                if lazy_result(result):
                     result = _attempt_settle(self._owner, fn, result)
                 next(self._counter)
                 return result
