@@ -72,6 +72,54 @@ def test_a_queue_depth_sheds_low_first_then_medium_then_high_never_critical():
     assert m.level == 1 and m.signals["queue_depth"] == 50.0 and m.shed[P.LOW] >= 1
 
 
+def test_a_signal_refusal_names_its_signals_as_data_and_other_refusals_name_none():
+    depth, cpu = [0], [0.0]
+    q = QueueDepth(lambda: depth[0], low=10, medium=100)
+    shed = LoadShedder(max_in_flight=1, signals=[q], sample_interval=0.25, clock=FakeClock())
+    depth[0] = 50
+    shed.sample()
+    with pytest.raises(Overloaded) as info:
+        shed.call(lambda: 1, priority=P.LOW)
+    assert info.value.signals == ("queue_depth",)
+    depth[0] = 0
+    shed.sample()
+    with shed.admit(P.HIGH):                        # the one slot taken: refused by the in-flight count
+        with pytest.raises(Overloaded) as info:
+            shed.call(lambda: 1, priority=P.LOW)
+    assert info.value.signals == ()
+    import pickle
+    e = pickle.loads(pickle.dumps(Overloaded("x", retry_after=1.0, signals=("cpu", "loop_lag"))))
+    assert e.signals == ("cpu", "loop_lag") and e.retry_after == 1.0 and str(e) == "x"
+    with pytest.raises(TypeError, match="signals must be a tuple of signal names"):
+        Overloaded("x", signals="cpu")  # type: ignore[arg-type]
+
+
+def test_is_sampling_follows_start_stop_and_a_closed_loop_and_start_rearms_on_a_new_loop():
+    clock = FakeClock(autojump=False)
+    depth = [0]
+    shed = LoadShedder(signals=[QueueDepth(lambda: depth[0], low=10)], sample_interval=0.1, clock=clock)
+    assert shed.is_sampling is False
+
+    async def run_once(expect_level: int) -> None:
+        shed.start()
+        assert shed.is_sampling is True
+        for _ in range(5):
+            await asyncio.sleep(0)
+        clock.advance(0.1)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert shed.level == expect_level
+
+    depth[0] = 50
+    asyncio.run(run_once(1))            # the loop closes with the sampler still started
+    assert shed.is_sampling is False    # its loop is gone
+    depth[0] = 0
+    asyncio.run(run_once(0))            # start() on a new loop arms a new timer (the level moves again)
+    shed.stop()
+    shed.stop()                         # idempotent, and safe after the loop closed
+    assert shed.is_sampling is False
+
+
 def test_admission_never_reads_a_signal():
     reads = []
     shed = LoadShedder(max_in_flight=100, signals=[QueueDepth(lambda: reads.append(1) or 0, low=10)],

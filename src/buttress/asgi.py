@@ -458,33 +458,24 @@ class _Samplers:
         if entry[2]:
             try:
                 shedder.stop()
-            except RuntimeError as exc:     # its timer's loop is closed already: nothing left to cancel
+            except RuntimeError as exc:     # a custom shedder whose timer's loop is closed already
                 log.debug("buttress.asgi: stopping the shedder's sampler: %s", exc)
 
 
 _SAMPLERS = _Samplers()
-_NO_ATTRIBUTE = object()
 
 
 def _is_sampling(shedder: Any) -> bool | None:
-    """Whether the shedder's sampler runs now (None: it does not say). LoadShedder has no public
-    property for it yet: its `_sampler` (the loop timer or the thread's stop event) is read."""
-    if isinstance(getattr(type(shedder), "is_sampling", None), property):
-        return bool(shedder.is_sampling)
-    sampler = getattr(shedder, "_sampler", _NO_ATTRIBUTE)
-    return None if sampler is _NO_ATTRIBUTE else sampler is not None
+    """Whether the shedder's sampler runs now (None: a custom shedder that does not say)."""
+    sampling = getattr(shedder, "is_sampling", None)
+    return sampling if isinstance(sampling, bool) else None
 
 
 def _signal_reason(exc: BaseException) -> bytes | None:
-    """The signals that shed a request, from a LoadShedder's refusal text ('... overloaded (loop_lag
-    0.31s, cpu 0.97)'): their names only (b'loop_lag, cpu'); None for a refusal by in-flight count or a
-    drain. The measured values stay in the logs and metrics, not in a response a client reads."""
-    text = str(exc)
-    i = text.rfind(": overloaded (")
-    if i < 0 or not text.endswith(")"):
-        return None
-    names = [part.strip().split(" ", 1)[0] for part in text[i + 14:-1].split(",")]
-    names = [n for n in names if n and n.replace("_", "").isalnum() and n.isascii()]
+    """The names of the signals that shed a request (b'loop_lag, cpu', from `Overloaded.signals`); None
+    for a refusal by in-flight count or a drain. The measured values stay in the logs and metrics, not in
+    a response a client reads."""
+    names = [n for n in getattr(exc, "signals", ()) if isinstance(n, str) and n.isascii() and n.isprintable()]
     return ", ".join(names).encode() if names else None
 
 

@@ -136,7 +136,19 @@ class BulkheadFullError(Rejected):
 
 
 class Overloaded(Rejected):
-    """A load shedder shed the call."""
+    """A load shedder shed the call. `signals`: the names of the overload signals that shed it (e.g.
+    ``("loop_lag",)``: `buttress.shedding.LoopLag`, `CpuUsage`, `QueueDepth`); empty when it was shed by
+    the in-flight count or a drain."""
+
+    signals: tuple[str, ...] = ()       # class default: the fast refusals (lazy_rejection) have none
+
+    def __init__(self, message: str | None = None, *, retry_after: float | None = None,
+                 signals: tuple[str, ...] | list[str] = ()) -> None:
+        if not isinstance(signals, (tuple, list)) or not all(isinstance(s, str) for s in signals):
+            raise TypeError(f"signals must be a tuple of signal names (str), got {signals!r}")
+        super().__init__(message, retry_after=retry_after)
+        if signals:
+            self.signals = tuple(signals)
 
     def _default_message(self) -> str:
         return "overloaded" + ("" if self.retry_after is None else f"; retry after {self.retry_after:.6g}s")

@@ -414,9 +414,10 @@ class LoadShedder(_ShedBase, Policy):
         what = "load shedder" if self.name is None else f"load shedder {self.name!r}"
         if self._draining:              # closed until resume(): when it admits again is unknown (DESIGN §3c)
             return Overloaded(f"{what} is draining (shutting down): it admits no new calls")
-        why = ", ".join(f"{sig.name} {self._values.get(sig.name, 0.0):.6g}{sig.unit}" for sig in self._signals
-                        if sig.level(self._values.get(sig.name, 0.0)) > priority)
-        return Overloaded(f"{what} shed a {priority.name} call: overloaded ({why})", retry_after=self.sample_interval)
+        shed_by = [sig for sig in self._signals if sig.level(self._values.get(sig.name, 0.0)) > priority]
+        why = ", ".join(f"{sig.name} {self._values.get(sig.name, 0.0):.6g}{sig.unit}" for sig in shed_by)
+        return Overloaded(f"{what} shed a {priority.name} call: overloaded ({why})", retry_after=self.sample_interval,
+                          signals=tuple(dict.fromkeys(sig.name for sig in shed_by)))
 
     # -- sampling the overload signals (never on the per-call path) ------------------------------------
 
@@ -445,6 +446,8 @@ class LoadShedder(_ShedBase, Policy):
         """Start sampling the signals every `sample_interval`: inside a running event loop, a periodic
         timer on that loop (which also measures its lag: `LoopLag` needs this); outside one, a daemon
         thread (system clock only). Idempotent; `stop()` ends it."""
+        if self._sampler is not None and not self.is_sampling:
+            self.stop()                 # its timer's loop was closed: a new loop gets a new timer
         if self._sampler is not None or not self._signals:
             return
         now = self._clock.monotonic_ns()
@@ -464,7 +467,7 @@ class LoadShedder(_ShedBase, Policy):
             threading.Thread(target=self._sample_thread, args=(stop,), name="buttress-shedder-sampler",
                              daemon=True).start()
             return
-        self._sampler = [None]
+        self._sampler = [None, asyncio.get_running_loop()]     # [the timer, its loop]
         self._arm(self._sampler)
 
     def _arm(self, box: list[Any]) -> None:
@@ -488,12 +491,22 @@ class LoadShedder(_ShedBase, Policy):
             self.sample()
 
     def stop(self) -> None:
-        """Stop sampling (the level word keeps its last value)."""
+        """Stop sampling (the level word keeps its last value). Idempotent; safe after the sampler's
+        event loop was closed."""
         sampler, self._sampler = self._sampler, None
         if isinstance(sampler, threading.Event):
             sampler.set()
-        elif isinstance(sampler, list) and sampler[0] is not None:
+        elif isinstance(sampler, list) and sampler[0] is not None and not sampler[1].is_closed():
             sampler[0].cancel()
+
+    @property
+    def is_sampling(self) -> bool:
+        """Whether the signals are being sampled now: `start()` ran, `stop()` did not, and the sampler's
+        event loop (when it runs on one) is not closed."""
+        sampler = self._sampler
+        if isinstance(sampler, list):
+            return not sampler[1].is_closed()
+        return sampler is not None
 
     @property
     def level(self) -> int:

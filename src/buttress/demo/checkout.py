@@ -318,12 +318,11 @@ class Policies:
     def guards(self) -> dict[str, Guard]:
         return {"payment": self.payment, "inventory": self.inventory, "recommendations": self.recommendations}
 
-    def shed_reason(self, priority: Priority) -> str:
-        """Why the shedder refused a call at `priority` just now: the signals whose last sample sheds it,
-        else its in-flight count (measured from the shedder's own state, right after the refusal)."""
-        values = self.shedder.metrics().signals
-        why = [sig.name for sig in self.signals if sig.level(values.get(sig.name, 0.0)) > priority]
-        return "+".join(why) if why else "in_flight"
+    @staticmethod
+    def shed_reason(exc: Overloaded) -> str:
+        """Why the shedder refused a call: the signals that shed it (`Overloaded.signals`), else its
+        in-flight count."""
+        return "+".join(exc.signals) if exc.signals else "in_flight"
 
 
 class Protected:
@@ -341,8 +340,8 @@ class Protected:
         try:
             admission = self.p.shedder.admit(priority)
             await admission.__aenter__()
-        except Overloaded:
-            self.p.tally.shed_by[(self.p.shed_reason(priority), priority.name)] += 1
+        except Overloaded as exc:
+            self.p.tally.shed_by[(self.p.shed_reason(exc), priority.name)] += 1
             raise
         try:
             yield
