@@ -235,6 +235,75 @@ def buttress_cases() -> list[Case]:
                               buttress.Bulkhead(max_concurrent=10), buttress.TokenBucket(rate=1e9, capacity=10**9))
         return p(_abare)
 
+    def breaker_open() -> Any:
+        cb = buttress.CircuitBreaker(name="bench-open", slow_call_duration=None)
+        cb.force_open()
+        return cb
+
+    def breaker_refused() -> Callable[[], Any]:
+        guarded = breaker_open()(_bare)
+
+        def run() -> None:
+            try:
+                guarded()
+            except buttress.CircuitOpenError:
+                pass
+        return run
+
+    def breaker_async_refused() -> Callable[[], Any]:
+        guarded = breaker_open()(_abare)
+
+        async def run() -> None:
+            try:
+                await guarded()
+            except buttress.CircuitOpenError:
+                pass
+        return run
+
+    def breaker_method() -> Callable[[], Any]:
+        cb = buttress.CircuitBreaker(name="bench", slow_call_duration=None)
+
+        class Client:
+            @cb
+            def get(self) -> None:
+                return None
+        return Client().get
+
+    def breaker_with() -> Callable[[], Any]:
+        cb = buttress.CircuitBreaker(name="bench", slow_call_duration=None)
+
+        def run() -> None:
+            with cb:
+                _bare()
+        return run
+
+    def bulkhead_full() -> Callable[[], Any]:
+        bh = buttress.Bulkhead(max_concurrent=1)
+        bh.try_acquire()                            # held for the life of the case: every call is refused
+        guarded = bh(_bare)
+
+        def run() -> None:
+            try:
+                guarded()
+            except buttress.BulkheadFullError:
+                pass
+        return run
+
+    def bucket_empty() -> Callable[[], Any]:
+        tb = buttress.TokenBucket(rate=1e-3, capacity=1)
+        tb.try_acquire()                            # empty for the next ~1000 s
+        guarded = tb(_bare)
+
+        def run() -> None:
+            try:
+                guarded()
+            except buttress.RateLimitExceeded:
+                pass
+        return run
+
+    def hedge_at_once() -> Callable[[], Any]:
+        return buttress.Hedge(0.05)(_abare)
+
     from buttress._impl import core
 
     def permits_pair() -> Callable[[], Any]:
@@ -265,15 +334,25 @@ def buttress_cases() -> list[Case]:
         Case("circuit breaker: async success", "buttress", "await",
              lambda: buttress.CircuitBreaker(name="bench", slow_call_duration=None)(_abare), True),
         Case("circuit breaker: async failure", "buttress", "araise", breaker_async_failure, True),
+        Case("circuit breaker: refusal (open), caught", "buttress", "raise", breaker_refused),
+        Case("circuit breaker: async refusal (open), caught", "buttress", "araise", breaker_async_refused, True),
+        Case("circuit breaker: @cb on a method", "buttress", "call", breaker_method),
+        Case("circuit breaker: with cb around a call", "buttress", "call", breaker_with),
         Case("retry: success", "buttress", "call", lambda: buttress.Retry(max_attempts=3)(_bare)),
         Case("retry: one failed attempt, then success", "buttress", "raise", retry_one_failure),
         Case("bulkhead: try_acquire + release", "buttress", "call", bulkhead_pair),
         Case("bulkhead: with around a call", "buttress", "call", bulkhead_with),
         Case("bulkhead: async with", "buttress", "await", bulkhead_async, True),
+        Case("bulkhead: @bh on an async def", "buttress", "await",
+             lambda: buttress.Bulkhead(max_concurrent=10)(_abare), True),
+        Case("bulkhead: full, refused, caught", "buttress", "raise", bulkhead_full),
         Case("fallback: success path", "buttress", "call", lambda: buttress.Fallback("x")(_bare)),
         Case("rate limiter: try_acquire", "buttress", "call",
              lambda: buttress.TokenBucket(rate=1e9, capacity=10**9).try_acquire),
         Case("rate limiter: async acquire, no wait", "buttress", "await", token_async, True),
+        Case("rate limiter: @tb on an async def", "buttress", "await",
+             lambda: buttress.TokenBucket(rate=1e9, capacity=10**9)(_abare), True),
+        Case("rate limiter: empty bucket, refused, caught", "buttress", "raise", bucket_empty),
         Case("keyed limiter: try_acquire, 50k live keys", "buttress", "call", keyed),
         Case("load shedder: admit LOW", "buttress", "call", shedder),
         Case("load shedder: shed LOW, caught", "buttress", "raise", shedder_refused),
@@ -281,6 +360,7 @@ def buttress_cases() -> list[Case]:
         Case("retry: async success", "buttress", "await", lambda: buttress.Retry(max_attempts=3)(_abare), True),
         Case("pipeline: retry+breaker+bulkhead+limiter", "buttress", "call", pipeline),
         Case("pipeline: retry+breaker+bulkhead+limiter, async", "buttress", "await", pipeline_async, True),
+        Case("hedge: primary answers at once", "buttress", "await", hedge_at_once, True),
     ]
 
 
@@ -349,6 +429,15 @@ def peer_cases() -> list[Case]:
                 await _abare()
         return run
 
+    def semaphore_() -> Any:
+        sem = asyncio.Semaphore(10)
+
+        async def run() -> None:
+            async with sem:
+                await _abare()
+        return run
+
+    add("bulkhead: async with", "asyncio.Semaphore", "await", semaphore_, True)
     add("circuit breaker: success", "pybreaker", "call", pybreaker_)
     add("circuit breaker: success", "circuitbreaker", "call", circuitbreaker_)
     add("circuit breaker: async success", "purgatory", "await", purgatory_, True)
