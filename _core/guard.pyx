@@ -1203,13 +1203,13 @@ cdef int _stage_enter_c(PyObject *o) noexcept:
 cdef extern from "buttress_attempt.h":
     ctypedef int64_t (*bt_now_fn)() noexcept
     PyObject *bt_attempt_vectorcall(PyObject *, PyObject *const *, size_t, PyObject *)
-    void bt_attempt_set_settle(PyObject *fn, bt_now_fn now)
+    int bt_attempt_set_settle(PyObject *fn, bt_now_fn now) except -1
     ctypedef void (*bt_bump_fn)(PyObject *) noexcept
     void bt_attempt_set_counter(PyTypeObject *tp, bt_bump_fn bump)
-    int bt_attempt_probe_step(PyObject *ctx, int inside) noexcept
-    int bt_attempt_lazy_ok
-    PyObject *bt_current_context "bt_att_context"() noexcept
-    int bt_attempt_materialize() except -1
+    void bt_attempt_drop_spare(PyObject *self) noexcept
+    ctypedef struct bt_attempt_head:
+        pass
+    Py_ssize_t bt_attempt_spare_offset "offsetof(bt_attempt_head, spare)"
 
 cdef extern from "Python.h":
     int bt_cvar_get "PyContextVar_Get"(object var, PyObject *default_value, PyObject **value) except -1
@@ -1241,32 +1241,10 @@ cdef void _counter_bump(PyObject *c) noexcept:
     bt_fetch_add(&(<AttemptCounter>c).n, 1)
 
 
-def _probe_inside(ctx):
-    return bt_attempt_probe_step(<PyObject *>ctx, 1)
-
-
-cdef void _probe_context_layout():
-    """The lazy attempt context reads contextvars.Context's `entered` flag (buttress_attempt.h): verify the
-    layout on this interpreter, else every first attempt sets its ContextVar at once."""
-    global bt_attempt_lazy_ok
-    import contextvars
-    ctx = contextvars.Context()
-    ok = bt_attempt_probe_step(<PyObject *>ctx, 0) == 1 and ctx.run(_probe_inside, ctx) == 1
-    ok = ok and bt_attempt_probe_step(<PyObject *>ctx, 0) == 1
-    bt_attempt_lazy_ok = 1 if ok else 0
-
-
-def _attempt_lazy():
-    """Whether first attempts set their context lazily on this interpreter (the layout probe passed)."""
-    return bt_attempt_lazy_ok == 1
-
-
 cdef class AttemptVar:
-    """The ContextVar of a retried call's state, as the Python paths use it (get / set / reset). A first
-    attempt of a compiled AttemptGuard sets it lazily (include/buttress_attempt.h): get() and set()
-    materialise the pending attempts of the current context first, so what they see and the nesting
-    they build are as if every attempt had set it at its start; `materialize()` does only that (before
-    copying the context)."""
+    """The ContextVar of a retried call's state, as the Python paths use it (get / set / reset), as C
+    methods: get() is var.get(None). Every first attempt sets the variable eagerly
+    (include/buttress_attempt.h), so this is the variable and nothing more."""
     cdef object _v
 
     @property
@@ -1288,10 +1266,6 @@ cdef class AttemptVar:
     # get / set / reset are C methods (installed by _install: one METH_NOARGS / METH_O call, as the
     # ContextVar's own): the Python paths of Retry and Hedge call them on every call
 
-    def materialize(self):
-        self._var()
-        bt_attempt_materialize()
-
 
 cdef extern from *:
     """
@@ -1301,18 +1275,15 @@ cdef extern from *:
     static PyObject *bt_av_set(PyObject *self, PyObject *arg) { return bt_av_set_impl(self, arg); }
     static PyObject *bt_av_reset(PyObject *self, PyObject *arg) { return bt_av_reset_impl(self, arg); }
     static PyMethodDef bt_av_get_def = {"get", (PyCFunction)bt_av_get, METH_NOARGS,
-        "get($self, /)\\n--\\n\\nThe state of the innermost retried call here (pending attempts materialised first), or None."};
+        "get($self, /)\\n--\\n\\nThe state of the innermost retried call here, or None."};
     static PyMethodDef bt_av_set_def = {"set", (PyCFunction)bt_av_set, METH_O,
-        "set($self, value, /)\\n--\\n\\nSet the variable (pending attempts materialised first); returns its token."};
+        "set($self, value, /)\\n--\\n\\nSet the variable; returns its token."};
     static PyMethodDef bt_av_reset_def = {"reset", (PyCFunction)bt_av_reset, METH_O,
         "reset($self, token, /)\\n--\\n\\nReset the variable to before `token`."};
     """
     ctypedef PyObject *(*bt_av_impl)(PyObject *self, PyObject *arg) noexcept
     bt_av_impl bt_av_get_impl, bt_av_set_impl, bt_av_reset_impl
     PyMethodDef bt_av_get_def, bt_av_set_def, bt_av_reset_def
-
-cdef extern from "buttress_attempt.h":
-    int bt_materialize_raw "bt_attempt_materialize"() noexcept
 
 cdef extern from "Python.h":
     PyObject *bt_cvar_set_raw "PyContextVar_Set"(PyObject *var, PyObject *value) noexcept
@@ -1332,7 +1303,7 @@ cdef inline PyObject *_av_var(PyObject *o) noexcept:
 cdef PyObject *_av_get(PyObject *o, PyObject *unused) noexcept:
     cdef PyObject *var = _av_var(o)
     cdef PyObject *value = NULL
-    if var == NULL or bt_materialize_raw() < 0 or bt_cvar_get_raw(var, NULL, &value) < 0:
+    if var == NULL or bt_cvar_get_raw(var, NULL, &value) < 0:
         return NULL
     if value == NULL:
         bt_incref(bt_none)
@@ -1342,7 +1313,7 @@ cdef PyObject *_av_get(PyObject *o, PyObject *unused) noexcept:
 
 cdef PyObject *_av_set(PyObject *o, PyObject *value) noexcept:
     cdef PyObject *var = _av_var(o)
-    if var == NULL or bt_materialize_raw() < 0:
+    if var == NULL:
         return NULL
     return bt_cvar_set_raw(var, value)
 
@@ -1357,9 +1328,9 @@ cdef PyObject *_av_reset(PyObject *o, PyObject *token) noexcept:
 
 @cython.no_gc_clear     # the *_p fields borrow the object fields: the GC must never clear them under a caller
 cdef class AttemptGuard:
-    """The first attempt of a retried call, compiled (see include/buttress_attempt.h): the state list
-    [1, None, clock_ns(), owner, None, None, None] in `var` (set lazily outside an event loop: an
-    AttemptVar over `var` materialises it when read), calls fn, advances `counter` on success; on an
+    """The first attempt of a retried call, compiled (see include/buttress_attempt.h): sets the state list
+    [1, None, clock_ns(), owner, None, None, None] in `var` (eagerly, reset when the attempt ends; a
+    success's unshared list is kept as the next call's), calls fn, advances `counter` on success; on an
     Exception hands over to on_failure(state, fn, args, kwargs, exc, None). Binds like a function.
     Layout: the first fields must match bt_attempt_head. Not initialised (fn_p NULL): every call raises
     RuntimeError. Initialised once."""
@@ -1371,11 +1342,15 @@ cdef class AttemptGuard:
     cdef PyObject *on_failure_p
     cdef PyObject *clock_p
     cdef int sysclock           # clock_ns is time.monotonic_ns: the first attempt reads the clock in C
+    cdef int64_t spare          # a parked state list (owned; bt_exchange only), or 0
     cdef object fn, owner, var, counter, on_failure, clock_ns
     cdef dict __dict__
 
     def __cinit__(self):
         self.vectorcall = bt_attempt_vectorcall   # checks the fields: an uninitialised guard says so
+
+    def __dealloc__(self):
+        bt_attempt_drop_spare(<PyObject *>self)
 
     def __init__(self, fn, owner, var, counter, on_failure, clock_ns):
         for name, value in (("fn", fn), ("on_failure", on_failure), ("clock_ns", clock_ns)):
@@ -1434,11 +1409,12 @@ def _install():
     bt_set_method(<PyTypeObject *>AttemptVar, &bt_av_get_def)
     bt_set_method(<PyTypeObject *>AttemptVar, &bt_av_set_def)
     bt_set_method(<PyTypeObject *>AttemptVar, &bt_av_reset_def)
-    _probe_context_layout()
     cdef StageGuard probe = StageGuard.__new__(StageGuard)
     bt_guard_install(<PyTypeObject *>StageGuard, <Py_ssize_t>(<char *>&probe.vectorcall - <char *><PyObject *>probe))
     bt_guard_method_descriptor(<PyTypeObject *>StageGuard)
     cdef AttemptGuard probe2 = AttemptGuard.__new__(AttemptGuard)
+    if <Py_ssize_t>(<char *>&probe2.spare - <char *><PyObject *>probe2) != bt_attempt_spare_offset:
+        raise SystemError("AttemptGuard's fields do not match bt_attempt_head (buttress_attempt.h)")
     bt_guard_install(<PyTypeObject *>AttemptGuard, <Py_ssize_t>(<char *>&probe2.vectorcall - <char *><PyObject *>probe2))
     bt_guard_method_descriptor(<PyTypeObject *>AttemptGuard)
 

@@ -188,7 +188,7 @@ def _attempt(impl, fn, on_failure=None):
 
 
 def test_attempt_success_sets_state_and_counts(impl):
-    var = impl.guard.AttemptVar(_STATE)         # reads materialise a lazily set state (the compiled one)
+    var = impl.guard.AttemptVar(_STATE)
     inside = []
     g, counter, seen = _attempt(impl, lambda x, y=1: inside.append(list(var.get())) or x + y)
     assert g(1, y=2) == 3
@@ -196,41 +196,92 @@ def test_attempt_success_sets_state_and_counts(impl):
     assert _STATE.get() is None and var.get() is None and next(counter) == 1 and seen == []
 
 
-def test_attempt_state_is_set_lazily_in_a_thread_s_own_context_and_at_once_inside_context_run(impl):
-    var = impl.guard.AttemptVar(_STATE)
-    inside = []
+def test_attempt_state_is_set_eagerly_so_every_copy_made_during_the_attempt_carries_it(impl):
+    # issue 16: a lazily set state (materialised on first read) was missing from copies made before any
+    # read -- attempt 1 sent no idempotency key, attempt 2 did. The variable itself is set in every case.
+    import threading
+    inside, tasks = [], []
+
+    async def task_reads():
+        return _STATE.get()
 
     def body():
-        raw = _STATE.get()                      # the variable itself, before anyone asked
-        inside.append((raw if raw is None else list(raw), list(var.get()), list(_STATE.get())))
+        raw = _STATE.get()                                      # the variable itself, nobody asked before
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            in_task = asyncio.run(task_reads())                 # the task copies the context at creation
+        else:
+            tasks.append(loop.create_task(task_reads()))        # (awaited by main after the attempt)
+            in_task = raw
+        in_copy = contextvars.copy_context().run(_STATE.get)
+        ctx, box = contextvars.copy_context(), []
+        t = threading.Thread(target=lambda: box.append(ctx.run(_STATE.get)))
+        t.start()
+        t.join()
+        inside.append([x if x is None else list(x) for x in (raw, in_task, in_copy, box[0])])
         return "ok"
 
     g, counter, seen = _attempt(impl, body)
-    assert g() == "ok"
     state = [1, None, 42, "owner", None, None, None]
-    lazy = impl.kind == "cython" and impl.guard._attempt_lazy()    # the context layout probe passed
-    assert inside == [(None if lazy else state, state, state)]      # var.get() materialised it
-    assert _STATE.get() is None
+    assert g() == "ok" and inside == [[state] * 4] and _STATE.get() is None
 
     async def main():
-        return g()                              # a loop runs: a task made now would copy the context
+        return g(), await tasks[0]                              # inside Context.run: the same
 
     inside.clear()
-    assert asyncio.run(main()) == "ok"
-    assert inside == [(state, state, state)] and _STATE.get() is None
+    ok, in_task = asyncio.run(main())
+    assert ok == "ok" and inside == [[state] * 4] and list(in_task) == state
     inside.clear()
-    assert contextvars.copy_context().run(g) == "ok"      # any entered context: set at once
-    assert inside == [(state, state, state)] and _STATE.get() is None
+    assert contextvars.copy_context().run(g) == "ok" and inside == [[state] * 4]
+    assert _STATE.get() is None and next(counter) == 3
 
 
-def test_attempt_var_checks_its_variable_and_materialize_is_harmless(impl):
+def test_attempt_state_is_fresh_per_call_and_a_kept_state_is_never_reused(impl):
+    # the compiled guard reuses a success's state list that nothing else holds: a key written by one call
+    # (current_attempt() stores the key it makes at index 1) never leaks into the next, and a list someone
+    # kept (a copied context that outlives the call, a reference) is never refilled under them
+    kept, ctxs = [], []
+
+    def body(keep):
+        st = _STATE.get()
+        assert st[1] is None and st[2] == 42                   # a new logical call: no key yet
+        st[1] = f"key-{len(kept)}"                             # as _make_key does
+        if keep == "list":
+            kept.append(st)
+        elif keep == "context":
+            ctxs.append(contextvars.copy_context())
+            kept.append(None)
+        else:
+            kept.append(None)
+        return st[1]
+
+    g, counter, seen = _attempt(impl, body)
+    assert [g(k) for k in ("none", "none", "list", "none", "context", "none", "none")] == [
+        f"key-{i}" for i in range(7)]
+    assert kept[2] == [1, "key-2", 42, "owner", None, None, None]          # untouched by later calls
+    assert ctxs[0].run(_STATE.get) == [1, "key-4", 42, "owner", None, None, None]
+    assert _STATE.get() is None and next(counter) == 7 and seen == []
+
+    def recurse(n):
+        st = _STATE.get()
+        assert st[1] is None
+        st[1] = n
+        inner = g2(n - 1) if n else []
+        return inner + [list(st)]
+
+    g2, counter2, _ = _attempt(impl, recurse)
+    for _ in range(3):                          # nested calls of one guard: each its own list
+        assert g2(3) == [[1, n, 42, "owner", None, None, None] for n in range(4)]
+
+
+def test_attempt_var_checks_its_variable(impl):
     with pytest.raises(TypeError, match="var must be a contextvars.ContextVar"):
         impl.guard.AttemptVar("nope")
     var = impl.guard.AttemptVar(_STATE)
     with pytest.raises(RuntimeError, match="already initialised"):
         var.__init__(_STATE)
-    assert var.var is _STATE and var.get() is None
-    var.materialize()
+    assert var.var is _STATE and var.get() is None and not hasattr(var, "materialize")
     token = var.set([5])
     assert var.get() == [5] and _STATE.get() == [5]
     var.reset(token)

@@ -1154,7 +1154,7 @@ def test_log_hooks_work_in_blocks_and_retry_call_and_check_their_arguments(caplo
                 make(**bad)
 
 
-# -- the first attempt's context is set lazily (issue 16): what every reader still sees -------------------
+# -- the first attempt's context is set eagerly (issue 16): every copy made during an attempt carries it --
 
 def test_current_attempt_outside_any_retry_is_none_before_between_and_after_calls():
     r = Retry(max_attempts=3, backoff=NO_WAIT)                  # the system clock: the C clock read
@@ -1186,8 +1186,8 @@ def test_a_nested_retry_inside_a_retried_call_sees_its_own_attempts(clock):
     @outer
     def body():
         assert quiet_inner() == "quiet"
-        before = current_attempt()                              # read after a lazy inner call ended
-        assert inner(flaky(2, log=seen))() == "ok"              # fails twice: materialised by the failure
+        before = current_attempt()                              # read after an inner call ended
+        assert inner(flaky(2, log=seen))() == "ok"              # fails twice
         after = current_attempt()
         assert (after.number, after.idempotency_key) == (before.number, before.idempotency_key)
 
@@ -1254,8 +1254,7 @@ def test_a_thread_given_a_copied_context_and_a_timeout_worker_see_the_attempt():
 
     @r
     def handoff():
-        current_attempt()                                       # read first: the copy carries it
-        ctx = contextvars.copy_context()
+        ctx = contextvars.copy_context()                        # nobody read the attempt before
         t = threading.Thread(target=lambda: seen.append(ctx.run(current_attempt)))
         t.start()
         t.join()
@@ -1277,6 +1276,66 @@ def test_a_thread_given_a_copied_context_and_a_timeout_worker_see_the_attempt():
     assert [n for n, _ in timed_keys] == [1, 2] and len({k for _, k in timed_keys}) == 1
 
 
+def test_work_handed_to_a_copied_context_sees_attempt_1_and_its_key_before_anyone_read_it():
+    # issue 16: with the lazily set context, a sync function that ran asyncio.run(charge(order)), or handed
+    # work to copy_context() / a thread, showed that work current_attempt() None in attempt 1 -- no
+    # idempotency key -- and the key only from attempt 2 on: a possible double charge. Nobody reads the
+    # attempt in the retried function itself here.
+    import contextvars
+    import threading
+    r = Retry(max_attempts=3, backoff=NO_WAIT)
+    sent = []
+
+    async def charge(order):
+        a = current_attempt()
+        sent.append(("task", order, a and (a.number, a.idempotency_key)))
+
+    def in_thread(ctx):
+        box = []
+        t = threading.Thread(target=lambda: box.append(ctx.run(current_attempt)))
+        t.start()
+        t.join()
+        return box[0]
+
+    @r
+    def pay(order):
+        asyncio.run(charge(order))
+        a = contextvars.copy_context().run(current_attempt)
+        sent.append(("copy", order, a and (a.number, a.idempotency_key)))
+        a = in_thread(contextvars.copy_context())
+        sent.append(("thread", order, a and (a.number, a.idempotency_key)))
+        if len(sent) <= 3:
+            raise ConnectionError("lost reply")
+        return "paid"
+
+    assert pay("o-17") == "paid"
+    assert [(where, n) for where, _, (n, _) in sent] == [
+        ("task", 1), ("copy", 1), ("thread", 1), ("task", 2), ("copy", 2), ("thread", 2)]
+    keys = {key for _, _, (_, key) in sent}
+    assert len(keys) == 1 and isinstance(keys.pop(), str)
+    assert current_attempt() is None
+
+
+def test_work_handed_to_a_copy_carries_a_derived_key_in_every_attempt():
+    import contextvars
+    r = Retry(max_attempts=2, backoff=NO_WAIT, idempotency_key=lambda order: f"charge-{order}")
+    seen = []
+
+    async def charge():
+        return current_attempt()
+
+    @r
+    def pay(order):
+        seen.append(asyncio.run(charge()))
+        seen.append(contextvars.copy_context().run(current_attempt))
+        if len(seen) == 2:
+            raise ConnectionError("lost reply")
+        return "paid"
+
+    assert pay("o-9") == "paid"
+    assert [(a.number, a.idempotency_key) for a in seen] == [(1, "charge-o-9")] * 2 + [(2, "charge-o-9")] * 2
+
+
 def test_a_context_copied_before_the_attempt_does_not_see_it():
     import contextvars
     r = Retry(max_attempts=2, backoff=NO_WAIT)
@@ -1290,7 +1349,7 @@ def test_a_context_copied_before_the_attempt_does_not_see_it():
     assert theirs is None and mine.number == 1
 
 
-def test_deep_nesting_past_the_per_thread_table_keeps_every_attempt():
+def test_deep_nesting_keeps_every_attempt():
     r = Retry(max_attempts=2, backoff=NO_WAIT)
     keys = []
 
@@ -1301,7 +1360,7 @@ def test_deep_nesting_past_the_per_thread_table_keeps_every_attempt():
         keys.append((n, current_attempt().idempotency_key))
         return key
 
-    deepest = r(level)(45)                                      # 46 nested first attempts (the table has 32)
+    deepest = r(level)(45)                                      # 46 nested first attempts
     assert len({k for _, k in keys}) == len(keys) == 45 and deepest not in {k for _, k in keys}
     assert current_attempt() is None
 

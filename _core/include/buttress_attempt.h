@@ -3,31 +3,35 @@
  * The first attempt of a logical call is the hot path: it calls fn with the caller's arguments unchanged,
  * and on success bumps a counter and returns. Only when fn raises an Exception does it build the args
  * tuple / kwargs dict and hand over to `on_failure(state, fn, args, kwargs, exc, None)` (the Python retry
- * loop), with the per-call state (a list [1, None, start_ns, owner, None, None, None]) set in the
- * ContextVar. BaseExceptions (cancellation, KeyboardInterrupt, ...) pass through untouched.
+ * loop). BaseExceptions (cancellation, KeyboardInterrupt, ...) pass through untouched.
  * A successful result of a lazy type (bt_guard_lazy: an awaitable, a generator) is shown to
  * bt_attempt_settle(owner, fn, result) first, which raises the sync-form TypeError for an awaitable
  * (DESIGN §3c: the function was async) and returns the result otherwise; every other result costs two loads.
  *
- * The attempt context is materialised lazily. Setting the ContextVar (a HAMT insert, a token, and a
- * second HAMT update to reset it) was most of the success path's cost, and almost no call reads it. So
- * when the call runs in its thread's own context -- not inside Context.run(), which is where every asyncio
- * task and callback runs (a task created now would copy the context) -- the attempt only takes a slot in a small per-thread table: {sequence, the context it
- * runs in (identity), the guard, the start}. Whoever needs the state -- current_attempt(), the Python
- * paths that set or read the variable (AttemptVar.get / set, a Hedge), a Timeout before it copies the
- * context to its worker (_context.push_deadline), a failure -- calls bt_attempt_materialize() first: every
- * pending slot of the current context, oldest first, gets its list set in the ContextVar (so nesting
- * and copies made from then on are exactly as if it had been set at the start); the attempt resets the
- * variable when it ends. A slot is visible only in the context it was taken in (a ctx.run() of another
- * context, a greenlet with its own context, does not see it). Inside an entered context, or with the
- * table full, the ContextVar is set at once as before.
- * What is not covered: a context copied by user code with contextvars.copy_context() during a first
- * attempt outside an event loop, before anything materialised it, does not carry the attempt (read
- * current_attempt() before copying; buttress's own copies materialise first).
+ * The attempt context is set eagerly. Every first attempt puts its state list
+ * [1, None, start_ns, owner, None, None, None] in the ContextVar (PyContextVar_Set: a HAMT insert and a
+ * token) before fn runs, and resets it (PyContextVar_Reset) when the attempt ends. So every context copied
+ * during the attempt -- the task of an asyncio.run() inside the retried function, a user's
+ * contextvars.copy_context(), a thread started with a copied or inherited context, a Timeout's or a
+ * ThreadPoolBulkhead's worker -- carries the attempt and its idempotency key from attempt 1 on.
+ * (A lazily set context, materialised only on the first read, was tried and removed: a copy made before
+ * anyone read it carried no attempt, so attempt 1 could go out without the key attempt 2 sends -- a
+ * possible double charge. Correct keys beat the ~25 ns it saved.)
+ * The success path, all in C: one clock read (in C for time.monotonic_ns) and its int, the state list (the
+ * guard's spare one when it has one, see below), the set and the reset (two HAMT updates and a token: what
+ * any ContextVar set/reset costs), the call, one atomic add.
+ *
+ * The spare list: a success whose state list nothing else references after the reset (refcount 1: no
+ * reader kept it, no copied context outlived the call) parks it in the guard with an atomic exchange, and
+ * the guard's next first attempt takes it back with an atomic exchange and refills the key and the start
+ * instead of allocating a list (a GC-tracked object and its item array). A list anything else still holds
+ * is never reused; a failure never parks; racing threads and recursion find no spare and allocate. The
+ * guard releases its spare when it is freed.
  */
 #ifndef BUTTRESS_ATTEMPT_H
 #define BUTTRESS_ATTEMPT_H
 #include <Python.h>
+#include "buttress_atomic.h"
 #include "buttress_guard.h"   /* BT_FETCH / BT_RESTORE, bt_not_initialised */
 
 typedef struct {
@@ -36,16 +40,17 @@ typedef struct {
     PyObject *fn;
     PyObject *owner;        /* stored in the state list at index 3 */
     PyObject *var;          /* the ContextVar holding the state */
-    PyObject *counter;      /* an iterator advanced once per first-attempt success (itertools.count) */
+    PyObject *counter;      /* an iterator advanced once per first-attempt success (AttemptCounter: in C) */
     PyObject *on_failure;   /* callable(state, fn, args, kwargs, exc, None) -> result */
     PyObject *clock_ns;     /* callable() -> int ns */
     int sysclock;           /* clock_ns is time.monotonic_ns: read it in C (bt_attempt_now) */
+    int64_t spare;          /* (intptr_t) a parked state list (owned), or 0: only through bt_exchange */
 } bt_attempt_head;
 
 /* set once at import by buttress._core.guard (new references kept for the life of the process) */
 static PyObject *bt_attempt_settle = NULL;
 static int64_t (*bt_attempt_now)(void) = NULL;       /* the C monotonic clock (time.monotonic_ns) */
-static int bt_attempt_lazy_ok = 0;                   /* the context layout probe passed (bt_attempt_probe) */
+static PyObject *bt_attempt_one = NULL;              /* the int 1 (item 0 of a fresh state) */
 
 static PyTypeObject *bt_attempt_counter_type = NULL;    /* AttemptCounter: bumped in C */
 static void (*bt_attempt_counter_bump)(PyObject *) = NULL;
@@ -68,158 +73,71 @@ static BT_GUARD_INLINE void bt_attempt_count(bt_attempt_head *g)
     Py_XDECREF(tmp);
 }
 
-static void bt_attempt_set_settle(PyObject *fn, int64_t (*now)(void))
+static int bt_attempt_set_settle(PyObject *fn, int64_t (*now)(void))
 {
+    bt_attempt_one = PyLong_FromLong(1);
+    if (bt_attempt_one == NULL)
+        return -1;
     Py_XINCREF(fn);
     bt_attempt_settle = fn;
     bt_attempt_now = now;
+    return 0;
 }
 
-/* Whether the current context is entered (Context.run: an asyncio task or callback, a trio task, a user's
- * ctx.run) or a thread's own base context (plain sync code). contextvars.Context's struct is not public
- * (Include/internal/pycore_context.h); its layout has been the same from 3.7 to 3.14: the head, ctx_prev,
- * ctx_vars, ctx_weakreflist, ctx_entered. It is read only after bt_attempt_probe() verified it on this
- * interpreter (a fresh Context reads 0, and 1 while it runs); otherwise every attempt takes the eager path.
- * One load -- asyncio._get_running_loop() calls getpid() whenever a loop runs (a system call per call). */
-typedef struct {
-    PyObject_HEAD
-    void *ctx_prev;
-    void *ctx_vars;
-    PyObject *ctx_weakreflist;
-    int ctx_entered;
-} bt_ctx_layout;
-
-static BT_GUARD_INLINE int bt_att_entered(PyObject *ctx)
+/* The guard is being freed: release its spare list. */
+static void bt_attempt_drop_spare(PyObject *self)
 {
-    return ((bt_ctx_layout *)ctx)->ctx_entered != 0;
+    PyObject *spare = (PyObject *)(intptr_t)bt_exchange(&((bt_attempt_head *)self)->spare, 0);
+    Py_XDECREF(spare);
 }
 
-/* the probe's two steps: `outside` a fresh Context (not entered), then `inside` its run() (entered, current) */
-static int bt_attempt_probe_step(PyObject *ctx, int inside)
+/* Item i of a list held by no one else: replaced by `v` (stolen), the old item released after the store. */
+static BT_GUARD_INLINE void bt_att_put(PyObject *list, Py_ssize_t i, PyObject *v)
 {
-    if (ctx == NULL || !PyContext_CheckExact(ctx))
-        return 0;
-    if (inside)
-        return PyThreadState_GET()->context == ctx && ((bt_ctx_layout *)ctx)->ctx_entered == 1;
-    return ((bt_ctx_layout *)ctx)->ctx_entered == 0;
+    PyObject *old = PyList_GET_ITEM(list, i);
+    PyList_SET_ITEM(list, i, v);
+    Py_DECREF(old);
 }
 
-/* ---- the per-thread table of first attempts not materialised yet ---- */
-#define BT_ATT_SLOTS 32
-typedef struct {
-    int64_t seq;            /* 0: free; else the order the attempts started in (this thread) */
-    PyObject *ctx;          /* the context the attempt runs in: compared by identity only */
-    PyObject *guard;        /* the AttemptGuard (borrowed: its caller holds it for the call) */
-    PyObject *state;        /* materialised: the state list (owned), else NULL */
-    PyObject *token;        /* materialised: the ContextVar token (owned), else NULL */
-    int64_t start;
-} bt_att_slot;
-
-typedef struct {
-    int64_t seq;
-    int used;               /* slots [0, used) may be taken */
-    bt_att_slot slot[BT_ATT_SLOTS];
-} bt_att_table;
-
-static BT_GUARD_INLINE bt_att_table *bt_att_tls(void)
+/* The state [1, None, now, owner, None, None, None] (`now` stolen), or NULL with an exception. */
+static BT_GUARD_INLINE PyObject *bt_attempt_state(bt_attempt_head *g, PyObject *now)
 {
-#if defined(_MSC_VER) && !defined(__clang__)
-    static __declspec(thread) bt_att_table table;
-#else
-    static __thread bt_att_table table;
-#endif
-    return &table;
-}
-
-static BT_GUARD_INLINE PyObject *bt_att_context(void)
-{
-    return PyThreadState_GET()->context;    /* the current context (NULL before the thread made one) */
-}
-
-/* Set the state of slot s in its guard's ContextVar: 0, or -1 with an exception. */
-static int bt_att_materialise_slot(bt_att_slot *s)
-{
-    bt_attempt_head *g = (bt_attempt_head *)s->guard;
-    PyObject *state = PyList_New(7), *now, *token;
-    if (state == NULL)
-        return -1;
-    now = PyLong_FromLongLong(s->start);
-    if (now == NULL) {
-        Py_DECREF(state);
-        return -1;
+    PyObject *state = (PyObject *)(intptr_t)bt_exchange(&g->spare, 0);
+    if (state != NULL) {               /* ours alone: items 0 and 3-6 are as bt_attempt_park checked them */
+        Py_INCREF(Py_None);
+        bt_att_put(state, 1, Py_None); /* a key the last call read: this is a new logical call */
+        bt_att_put(state, 2, now);
+        return state;
     }
-    PyList_SET_ITEM(state, 0, PyLong_FromLong(1));     /* a small int: cached, never NULL */
+    state = PyList_New(7);
+    if (state == NULL) {
+        Py_DECREF(now);
+        return NULL;
+    }
+    Py_INCREF(bt_attempt_one); PyList_SET_ITEM(state, 0, bt_attempt_one);
     Py_INCREF(Py_None); PyList_SET_ITEM(state, 1, Py_None);
     PyList_SET_ITEM(state, 2, now);
     Py_INCREF(g->owner); PyList_SET_ITEM(state, 3, g->owner);
     Py_INCREF(Py_None); PyList_SET_ITEM(state, 4, Py_None);
     Py_INCREF(Py_None); PyList_SET_ITEM(state, 5, Py_None);
     Py_INCREF(Py_None); PyList_SET_ITEM(state, 6, Py_None);
-    token = PyContextVar_Set(g->var, state);
-    if (token == NULL) {
-        Py_DECREF(state);
-        return -1;
-    }
-    s->state = state;
-    s->token = token;
-    return 0;
+    return state;
 }
 
-/* Materialise every pending attempt of the current context, oldest first: 0, or -1 with an exception. */
-static int bt_attempt_materialize(void)
+/* The attempt is over and the ContextVar reset: park `state` (owned) as the spare when `ok` (the first
+ * attempt succeeded), nothing else references it and its other items are as a fresh state's; else
+ * release it. */
+static BT_GUARD_INLINE void bt_attempt_park(bt_attempt_head *g, PyObject *state, int ok)
 {
-    bt_att_table *t = bt_att_tls();
-    PyObject *ctx;
-    int i;
-    if (t->used == 0)
-        return 0;
-    ctx = bt_att_context();
-    for (;;) {
-        bt_att_slot *oldest = NULL;
-        for (i = 0; i < t->used; i++) {
-            bt_att_slot *s = &t->slot[i];
-            if (s->seq != 0 && s->state == NULL && s->ctx == ctx && (oldest == NULL || s->seq < oldest->seq))
-                oldest = s;
-        }
-        if (oldest == NULL)
-            return 0;
-        if (bt_att_materialise_slot(oldest) < 0)
-            return -1;
+    PyObject *old;
+    if (ok && Py_REFCNT(state) == 1 && PyList_GET_SIZE(state) == 7 && PyList_GET_ITEM(state, 0) == bt_attempt_one
+            && PyList_GET_ITEM(state, 3) == g->owner && PyList_GET_ITEM(state, 4) == Py_None
+            && PyList_GET_ITEM(state, 5) == Py_None && PyList_GET_ITEM(state, 6) == Py_None) {
+        old = (PyObject *)(intptr_t)bt_exchange(&g->spare, (int64_t)(intptr_t)state);
+        Py_XDECREF(old);               /* a racing or nested call of the same guard parked one meanwhile */
+        return;
     }
-}
-
-/* A free slot for an attempt in `ctx`, or NULL (table full: the caller sets the ContextVar at once). */
-static BT_GUARD_INLINE bt_att_slot *bt_att_take(bt_att_table *t, PyObject *ctx, PyObject *guard, int64_t start)
-{
-    bt_att_slot *s = NULL;
-    int i;
-    for (i = 0; i < t->used; i++) {
-        if (t->slot[i].seq == 0) {
-            s = &t->slot[i];
-            break;
-        }
-    }
-    if (s == NULL) {
-        if (t->used == BT_ATT_SLOTS)
-            return NULL;
-        s = &t->slot[t->used++];
-    }
-    s->seq = ++t->seq;
-    s->ctx = ctx;
-    s->guard = guard;
-    s->state = NULL;
-    s->token = NULL;
-    s->start = start;
-    return s;
-}
-
-static BT_GUARD_INLINE void bt_att_free(bt_att_table *t, bt_att_slot *s)
-{
-    s->seq = 0;
-    s->ctx = s->guard = NULL;
-    s->state = s->token = NULL;
-    while (t->used > 0 && t->slot[t->used - 1].seq == 0)
-        t->used--;
+    Py_DECREF(state);
 }
 
 static PyObject *bt_attempt_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, PyObject **kwargs)
@@ -321,110 +239,32 @@ static PyObject *bt_attempt_vectorcall(PyObject *self, PyObject *const *args, si
 {
     bt_attempt_head *g = (bt_attempt_head *)self;
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    PyObject *now, *state, *token, *res, *ctx;
-    bt_att_slot *s = NULL;
-    bt_att_table *t = NULL;
-    int64_t start = 0;
-    int refused, have_start = 0;
+    PyObject *now, *state, *token, *res;
+    int refused, ok;
 
     if (g->fn == NULL || g->owner == NULL || g->var == NULL || g->counter == NULL || g->on_failure == NULL
             || g->clock_ns == NULL)
         return bt_not_initialised(self);      /* __init__ never ran: nothing to call */
-    ctx = bt_att_context();
-    now = NULL;
-    if (ctx != NULL && bt_attempt_lazy_ok && bt_attempt_now != NULL && PyContext_CheckExact(ctx)) {
-        if (!bt_att_entered(ctx)) {        /* plain sync code in its thread's own context: no task runs here */
-            if (g->sysclock) {
-                start = bt_attempt_now();
-            }
-            else {                         /* a clock= object: its reading as int64 ns (else: the eager path) */
-                now = PyObject_CallNoArgs(g->clock_ns);
-                if (now == NULL)
-                    return NULL;
-                start = PyLong_AsLongLong(now);
-                if (start == -1 && PyErr_Occurred())
-                    PyErr_Clear();
-                else
-                    Py_CLEAR(now);
-            }
-            if (now == NULL) {
-                have_start = 1;
-                t = bt_att_tls();
-                s = bt_att_take(t, ctx, self, start);
-            }
-        }
-    }
-    if (s != NULL) {                       /* the lazy path: a slot, materialised only if someone asks */
-        res = bt_attempt_run(g, args, nargsf, kwnames, &refused);
-        if (res == NULL && !refused) {
-            PyObject *exc;
-            BT_FETCH(exc);
-            if (exc != NULL && PyObject_TypeCheck(exc, (PyTypeObject *)PyExc_Exception)) {
-                /* a failure: the retry loop runs with the state set (this attempt's and every older one) */
-                int rc = bt_attempt_materialize();
-                if (rc < 0 || s->state == NULL) {
-                    if (rc == 0)
-                        PyErr_SetString(PyExc_SystemError, "buttress: the attempt's slot was not materialised");
-                    Py_DECREF(exc);       /* the failure to set the state wins: nothing can be retried */
-                    goto lazy_done;
-                }
-            }
-            if (exc != NULL)
-                BT_RESTORE(exc);
-            if (s->state != NULL) {
-                res = bt_attempt_outcome(g, NULL, s->state, args, nargs, kwnames);
-                goto lazy_done;
-            }
-            goto lazy_done;                /* a BaseException: passes through */
-        }
-        if (res != NULL)
-            bt_attempt_count(g);
-    lazy_done:
-        token = s->token;
-        state = s->state;
-        bt_att_free(t, s);
-        if (token != NULL)
-            res = bt_attempt_reset(g, token, res);
-        Py_XDECREF(state);
-        return res;
-    }
-
-    /* the eager path: inside Context.run (a task created now copies the context), or the table is full */
-    if (now == NULL && have_start) {       /* the table was full: the reading taken already */
-        now = PyLong_FromLongLong(start);
-        if (now == NULL)
-            return NULL;
-    }
-    if (now == NULL)
+    if (g->sysclock && bt_attempt_now != NULL)
+        now = PyLong_FromLongLong(bt_attempt_now());   /* the one clock read, in C */
+    else
         now = PyObject_CallNoArgs(g->clock_ns);
     if (now == NULL)
         return NULL;
-    state = PyList_New(7);
-    if (state == NULL) {
-        Py_DECREF(now);
+    state = bt_attempt_state(g, now);
+    if (state == NULL)
         return NULL;
-    }
-    PyList_SET_ITEM(state, 0, PyLong_FromLong(1));
-    Py_INCREF(Py_None); PyList_SET_ITEM(state, 1, Py_None);
-    PyList_SET_ITEM(state, 2, now);
-    Py_INCREF(g->owner); PyList_SET_ITEM(state, 3, g->owner);
-    Py_INCREF(Py_None); PyList_SET_ITEM(state, 4, Py_None);
-    Py_INCREF(Py_None); PyList_SET_ITEM(state, 5, Py_None);
-    Py_INCREF(Py_None); PyList_SET_ITEM(state, 6, Py_None);
-    if (bt_attempt_materialize() < 0) {    /* older lazy attempts of this context first: nesting order */
-        Py_DECREF(state);
-        return NULL;
-    }
     token = PyContextVar_Set(g->var, state);
     if (token == NULL) {
         Py_DECREF(state);
         return NULL;
     }
     res = bt_attempt_run(g, args, nargsf, kwnames, &refused);
+    ok = res != NULL;
     if (!refused)
         res = bt_attempt_outcome(g, res, state, args, nargs, kwnames);
     res = bt_attempt_reset(g, token, res);
-    Py_DECREF(state);
+    bt_attempt_park(g, state, ok && res != NULL);
     return res;
 }
 #endif /* BUTTRESS_ATTEMPT_H */

@@ -6,11 +6,11 @@ retry waits and limiter waits never exceed what remains. ContextVars make it per
 from __future__ import annotations
 
 import contextvars
-from typing import Any, Callable
+from typing import Any
 
 from .clock import SYSTEM_CLOCK
 
-__all__ = ["current_deadline_ns", "push_deadline", "pop_deadline", "remaining", "remaining_ns", "copy_context"]
+__all__ = ["current_deadline_ns", "push_deadline", "pop_deadline", "remaining", "remaining_ns"]
 
 # (deadline_ns, clock) of the innermost active deadline, or None
 _DEADLINE: contextvars.ContextVar[tuple[int, Any] | None] = contextvars.ContextVar("buttress_deadline", default=None)
@@ -21,26 +21,8 @@ def current_deadline_ns() -> int | None:
     return None if d is None else d[0]
 
 
-def _no_copy_hook() -> None:
-    pass
-
-
-# Called before a deadline is pushed: a Timeout pushes one, then copies the context to its worker thread.
-# buttress.retry sets it to materialise the lazily set attempt context (buttress_attempt.h), so the copy
-# carries the running attempt.
-_before_copy: Callable[[], None] = _no_copy_hook
-
-
-def copy_context() -> contextvars.Context:
-    """contextvars.copy_context() for a hand-off to another thread: the lazily set attempt context
-    (buttress_attempt.h) is materialised first, so the copy carries the running attempt."""
-    _before_copy()
-    return contextvars.copy_context()
-
-
 def push_deadline(deadline_ns: int, clock: Any = SYSTEM_CLOCK) -> contextvars.Token[tuple[int, Any] | None]:
     """Set the deadline to min(current, deadline_ns); returns a token for pop_deadline."""
-    _before_copy()
     cur = _DEADLINE.get()
     if cur is not None and cur[0] <= deadline_ns:
         return _DEADLINE.set(cur)

@@ -36,7 +36,7 @@ from inspect import isawaitable
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, NamedTuple, ParamSpec, Protocol, TypeVar
 
 from ._base import Policy
-from ._context import copy_context, remaining
+from ._context import remaining
 from ._impl import core
 from ._params import ASYNC, ASYNC_GENERATOR, GENERATOR, SYNC, callable_kind, check_float, check_int, count_of, describe, NS
 from ._spec import UsageError
@@ -926,7 +926,7 @@ class ThreadPoolBulkhead(Policy):
             raise rejection(BulkheadFullError, self._full_message)
         slot = _Slot(self._accepted)
         try:
-            fut = self._pool.submit(self._run, slot, copy_context(), fn, args, kwargs)
+            fut = self._pool.submit(self._run, slot, contextvars.copy_context(), fn, args, kwargs)
         except RuntimeError as exc:     # shut down (the executor checks under its lock, as it starts workers)
             slot.free()
             raise RuntimeError(f"{self!r} is shut down: {exc}") from None

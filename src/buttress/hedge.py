@@ -29,6 +29,7 @@ Generator functions are refused with TypeError (a half-consumed stream cannot be
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import itertools
@@ -40,7 +41,6 @@ import weakref
 from typing import Any, Awaitable, Callable, NamedTuple, ParamSpec, TypeVar
 
 from ._base import Policy, is_async_callable
-from ._context import copy_context as _copy_context
 from ._params import NS, SYNC, check_function, check_int, check_seconds, count_of, show
 from ._spec import UsageError
 from ._timers import call_later
@@ -332,8 +332,7 @@ class Hedge(Policy):
             loop, reg = last[1], last[2]
         else:
             loop, reg = self._registry(ident)
-        # the hedges' context: _context.copy_context() materialises a lazily set Retry attempt first
-        rec = [start, _copy_context(), call, own, _task_of(loop), None, fn, args, kwargs]
+        rec = [start, contextvars.copy_context(), call, own, _task_of(loop), None, fn, args, kwargs]
         pending = reg.pending
         pending[coro] = rec
         if not reg.state:

@@ -60,13 +60,12 @@ _KEY_LOCK = threading.Lock()
 # thread) still sees its call's attempt and idempotency key.
 _Call = list[Any]          # [number, key, start_ns, retry, args, kwargs, previous delay]
 _CALL_VAR: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("buttress_retry_call", default=None)
-# Every Python path goes through _CALL (get / set / reset): the compiled first attempt sets _CALL_VAR lazily
-# (outside an event loop, only when someone reads it: buttress_attempt.h), and _CALL materialises the
-# pending attempts of the current context before it reads or sets the variable.
+# The Python paths use _CALL (get / set / reset, C methods of the compiled AttemptVar); every first attempt,
+# compiled or not, sets _CALL_VAR eagerly and resets it when it ends (buttress_attempt.h), so every context
+# copied during an attempt (a task, copy_context(), a worker thread) carries it.
 _CALL = core("guard").AttemptVar(_CALL_VAR)
 _AttemptGuard = core("guard").AttemptGuard
 _AttemptCounter = core("guard").AttemptCounter
-_context._before_copy = _CALL.materialize       # a Timeout copies the context to its worker: attempts first
 
 
 @dataclass(frozen=True, slots=True)

@@ -817,9 +817,9 @@ class AttemptCounter:
 
 
 class AttemptVar:
-    """The ContextVar of a retried call's state, as the Python paths use it (get / set / reset). The twin's
-    AttemptGuard sets it at once, so there is nothing to materialise: get() and set() are the variable's
-    (the compiled one materialises the attempts it set lazily first; `materialize()` does only that)."""
+    """The ContextVar of a retried call's state, as the Python paths use it (get / set / reset): get() is
+    var.get(None). Every first attempt sets the variable eagerly, so this is the variable and nothing more
+    (the compiled one has them as C methods)."""
 
     __slots__ = ("_v",)
 
@@ -849,13 +849,10 @@ class AttemptVar:
     def reset(self, token: Token[Any], /) -> None:
         self._var().reset(token)
 
-    def materialize(self) -> None:
-        self._var()
-
 
 class AttemptGuard:
     """The first attempt of a retried call: sets the state list [1, None, clock_ns(), owner, None, None,
-    None] in `var`, calls fn, advances `counter` on success; on an Exception hands over to
+    None] in `var` (eagerly; reset when the attempt ends), calls fn, advances `counter` on success; on an Exception hands over to
     on_failure(state, fn, args, kwargs, exc, None). Binds like a function.
     Not initialised: every call raises RuntimeError. Initialised once."""
 
