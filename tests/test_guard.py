@@ -275,6 +275,28 @@ def test_attempt_state_is_fresh_per_call_and_a_kept_state_is_never_reused(impl):
         assert g2(3) == [[1, n, 42, "owner", None, None, None] for n in range(4)]
 
 
+def test_a_guard_whose_first_attempts_succeeded_is_collected_with_its_owner_in_a_cycle(impl):
+    # the compiled guard keeps a success's state list for its next call, through a reference the GC does
+    # not see: the parked list must hold no owner (nor key), or an owner <-> guard cycle would never be freed
+    import gc
+    import weakref
+
+    class Owner:
+        pass
+
+    def make():
+        owner = Owner()
+        g = impl.guard.AttemptGuard(lambda: _STATE.get()[3] is owner, owner, _STATE, itertools.count(),
+                                    print, lambda: 42)
+        owner.guard = g                         # owner -> guard -> owner (the guard's owner field)
+        assert g() is True and g() is True      # the second call ran on the parked list: owner refilled
+        return weakref.ref(owner)
+
+    ref = make()
+    gc.collect()
+    assert ref() is None
+
+
 def test_attempt_var_checks_its_variable(impl):
     with pytest.raises(TypeError, match="var must be a contextvars.ContextVar"):
         impl.guard.AttemptVar("nope")
@@ -567,3 +589,28 @@ def test_attempt_counter_is_exact_under_racing_threads(impl, fast_switching):
 
     race(8, body)
     assert repr(c) == f"count({8 * 5000 * 2})"
+
+
+def test_one_guard_in_racing_threads_never_shares_a_state_list(impl, fast_switching):
+    # the compiled guard's parked state list is taken and parked by atomic exchanges: two calls racing on
+    # one guard never run on the same list, and a key one call wrote never shows in another call
+    lists = {}
+
+    def body_of_call(tag):
+        st = _STATE.get()
+        assert st[1] is None and st[3] == "owner" and st[2] == 42
+        st[1] = tag
+        for _ in range(3):
+            assert _STATE.get()[1] == tag       # a racing call refilling this list would change it
+        return st[1]
+
+    c = impl.guard.AttemptCounter()
+    g = impl.guard.AttemptGuard(body_of_call, "owner", _STATE, c, lambda *a: "failed over", lambda: 42)
+
+    def body(i):
+        out = [g((i, j)) for j in range(2000)]
+        lists[i] = out
+        return sum(1 for j, tag in enumerate(out) if tag == (i, j))
+
+    assert race(8, body) == [2000] * 8
+    assert repr(c) == f"count({8 * 2000})" and _STATE.get() is None

@@ -25,8 +25,9 @@
  * reader kept it, no copied context outlived the call) parks it in the guard with an atomic exchange, and
  * the guard's next first attempt takes it back with an atomic exchange and refills the key and the start
  * instead of allocating a list (a GC-tracked object and its item array). A list anything else still holds
- * is never reused; a failure never parks; racing threads and recursion find no spare and allocate. The
- * guard releases its spare when it is freed.
+ * is never reused; a failure never parks; racing threads and recursion find no spare and allocate. A
+ * parked list holds only ints and None (key and owner cleared), so the guard's reference to it, which the
+ * GC does not traverse, keeps nothing else alive. The guard releases its spare when it is freed.
  */
 #ifndef BUTTRESS_ATTEMPT_H
 #define BUTTRESS_ATTEMPT_H
@@ -103,10 +104,10 @@ static BT_GUARD_INLINE void bt_att_put(PyObject *list, Py_ssize_t i, PyObject *v
 static BT_GUARD_INLINE PyObject *bt_attempt_state(bt_attempt_head *g, PyObject *now)
 {
     PyObject *state = (PyObject *)(intptr_t)bt_exchange(&g->spare, 0);
-    if (state != NULL) {               /* ours alone: items 0 and 3-6 are as bt_attempt_park checked them */
-        Py_INCREF(Py_None);
-        bt_att_put(state, 1, Py_None); /* a key the last call read: this is a new logical call */
+    if (state != NULL) {               /* ours alone: [1, None, old start, None, None, None, None] */
         bt_att_put(state, 2, now);
+        Py_INCREF(g->owner);
+        bt_att_put(state, 3, g->owner);
         return state;
     }
     state = PyList_New(7);
@@ -126,13 +127,19 @@ static BT_GUARD_INLINE PyObject *bt_attempt_state(bt_attempt_head *g, PyObject *
 
 /* The attempt is over and the ContextVar reset: park `state` (owned) as the spare when `ok` (the first
  * attempt succeeded), nothing else references it and its other items are as a fresh state's; else
- * release it. */
+ * release it. A parked list holds no key (the last call's, maybe read: the next call is a new logical
+ * call) and no owner: only ints and None, so the guard's untraversed reference to it can never keep a
+ * cycle through the Retry alive. */
 static BT_GUARD_INLINE void bt_attempt_park(bt_attempt_head *g, PyObject *state, int ok)
 {
     PyObject *old;
     if (ok && Py_REFCNT(state) == 1 && PyList_GET_SIZE(state) == 7 && PyList_GET_ITEM(state, 0) == bt_attempt_one
             && PyList_GET_ITEM(state, 3) == g->owner && PyList_GET_ITEM(state, 4) == Py_None
             && PyList_GET_ITEM(state, 5) == Py_None && PyList_GET_ITEM(state, 6) == Py_None) {
+        Py_INCREF(Py_None);
+        bt_att_put(state, 1, Py_None);
+        Py_INCREF(Py_None);
+        bt_att_put(state, 3, Py_None); /* the guard holds the owner anyway: this is never its last reference */
         old = (PyObject *)(intptr_t)bt_exchange(&g->spare, (int64_t)(intptr_t)state);
         Py_XDECREF(old);               /* a racing or nested call of the same guard parked one meanwhile */
         return;
