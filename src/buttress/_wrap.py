@@ -22,10 +22,10 @@ T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
 from ._base import is_async_callable
-from ._params import ASYNC, ASYNC_GENERATOR, GENERATOR, callable_kind, describe
+from ._params import ASYNC, ASYNC_GENERATOR, GENERATOR, callable_kind, describe, show
 from ._spec import UsageError
 
-__all__ = ["specialize", "wraps", "by_reference", "lazy_result", "refuse_sync_result", "sync_in_async",
+__all__ = ["specialize", "wraps", "by_reference", "lazy_result", "refuse_sync_result", "sync_in_async", "not_callable",
            "refuse_generator", "check_decoratable", "UsageError", "CORO", "LAZY_TYPES"]
 
 CORO = types.CoroutineType
@@ -163,3 +163,10 @@ def check_decoratable(policy: Any, fn: Any, *, generators: bool = False) -> str:
 
 
 ASYNC_KINDS = (ASYNC, ASYNC_GENERATOR)
+
+
+def not_callable(policy: Any, form: str, fn: object) -> TypeError:
+    """`policy.call(fn)` / `call_async(fn)` with a fn that is not callable: a TypeError naming fn, raised
+    before anything is admitted or recorded (a user's programming error is never a dependency's failure,
+    never spends a unit, and a Fallback never replaces it)."""
+    return TypeError(f"{type(policy).__name__}.{form}: fn must be callable, got {show(fn)} ({type(fn).__name__})")

@@ -17,7 +17,7 @@ from ._base import Policy
 from ._impl import core
 from ._params import NS, check_float, check_function, check_int, exception_matcher, seconds_to_ns
 from ._spec import UsageError
-from ._wrap import CORO, specialize
+from ._wrap import CORO, not_callable, specialize
 from ._wrap import lazy_result as is_lazy
 from .bulkhead import COLLECTED, settle_async, settle_sync
 from .clock import is_system_clock, resolve_clock
@@ -223,6 +223,8 @@ class AdaptiveThrottle(Policy):
             self._outcome(exc if exc is None or isinstance(exc, BaseException) else GeneratorExit())
 
     def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        if not callable(fn):
+            raise not_callable(self, "call", fn)
         self._admit()
         try:
             result = fn(*args, **kwargs)
@@ -235,6 +237,8 @@ class AdaptiveThrottle(Policy):
         return result
 
     async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        if not callable(fn):
+            raise not_callable(self, "call_async", fn)
         self._admit()
         try:
             aw = fn(*args, **kwargs)

@@ -41,7 +41,7 @@ from ._impl import core
 from ._params import ASYNC, ASYNC_GENERATOR, GENERATOR, SYNC, callable_kind, check_float, check_int, count_of, describe, NS
 from ._spec import UsageError
 from ._timers import call_later
-from ._wrap import CORO, lazy_result, refuse_sync_result, specialize, sync_in_async
+from ._wrap import CORO, not_callable, lazy_result, refuse_sync_result, specialize, sync_in_async
 from .clock import SYSTEM_CLOCK as _SYSTEM_CLOCK, resolve_clock
 from .errors import BulkheadFullError, TimeoutExceeded, rejection
 
@@ -491,6 +491,8 @@ class Bulkhead(_StageBase, Policy):
     def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run fn(*args, **kwargs) holding a permit (replaced per instance by the compiled stage's call
         entry, which does exactly this)."""
+        if not callable(fn):
+            raise not_callable(self, "call", fn)
         if not self.try_acquire():
             self._acquire_slow(self._max_wait)
         try:
@@ -511,6 +513,8 @@ class Bulkhead(_StageBase, Policy):
     async def call_async(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Await fn(*args, **kwargs) holding a permit (replaced per instance by the compiled stage's async
         entry, except on a Redis store)."""
+        if not callable(fn):
+            raise not_callable(self, "call_async", fn)
         if self._remote:
             remote: T = await self._remote_call_async(fn, args, kwargs)
             return remote
@@ -973,6 +977,8 @@ class ThreadPoolBulkhead(Policy):
     def call(self, fn: Callable[..., T], /, *args: Any, timeout: float | None = None, **kwargs: Any) -> T:
         """Run `fn` on the pool and wait for its result up to `timeout` seconds (capped by the innermost
         deadline), else raise TimeoutExceeded; the call itself runs on in its worker."""
+        if not callable(fn):
+            raise not_callable(self, "call", fn)
         limit = _wait_budget(check_float("timeout", timeout, minimum=0.0, maximum=1e9, allow_none=True))
         fut = self.submit(fn, *args, **kwargs)
         done, _ = concurrent.futures.wait((fut,), limit)
@@ -984,6 +990,8 @@ class ThreadPoolBulkhead(Policy):
     async def call_async(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run the sync `fn` on the pool and await its result without blocking the event loop (the one
         pattern whose call_async takes a sync function: that is its purpose)."""
+        if not callable(fn):
+            raise not_callable(self, "call_async", fn)
         return self._checked(fn, await asyncio.wrap_future(self.submit(fn, *args, **kwargs)))
 
     def _begin_drain(self, timeout: object) -> float | None:

@@ -20,7 +20,7 @@ from typing import Any, Awaitable, Callable, NamedTuple, ParamSpec, TypeVar
 from ._base import Policy
 from ._params import ASYNC, NS, SYNC, check_function, check_int, check_seconds
 from ._spec import parse_exceptions
-from ._wrap import CORO, PLAIN, check_decoratable, lazy_result, refuse_sync_result, specialize, sync_in_async
+from ._wrap import CORO, not_callable, PLAIN, check_decoratable, lazy_result, refuse_sync_result, specialize, sync_in_async
 from .clock import resolve_clock
 
 __all__ = ["Fallback", "StaleCacheFallback", "Stale", "served_stale"]
@@ -66,6 +66,8 @@ class Fallback(Policy):
     def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """fn(*args, **kwargs), or the fallback's value when it raises a matching exception (typed as fn's
         result: a type checker cannot see the fallback's own type)."""
+        if not callable(fn):
+            raise not_callable(self, "call", fn)
         try:
             result = fn(*args, **kwargs)
         except Exception as exc:
@@ -109,6 +111,8 @@ class Fallback(Policy):
         return specialize(self, fn, make_sync, make_async)
 
     async def call_async(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        if not callable(fn):
+            raise not_callable(self, "call_async", fn)
         try:
             aw = fn(*args, **kwargs)
             if type(aw) is not CORO and not isawaitable(aw):
@@ -248,6 +252,8 @@ class StaleCacheFallback(Policy):
         return entry[0]
 
     def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        if not callable(fn):
+            raise not_callable(self, "call", fn)
         k = self._key_of(args, kwargs)
         try:
             result = fn(*args, **kwargs)
@@ -262,6 +268,8 @@ class StaleCacheFallback(Policy):
         return result
 
     async def call_async(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        if not callable(fn):
+            raise not_callable(self, "call_async", fn)
         k = self._key_of(args, kwargs)
         try:
             aw = fn(*args, **kwargs)

@@ -44,7 +44,7 @@ from ._base import Policy, is_async_callable
 from ._params import NS, SYNC, check_function, check_int, check_seconds, count_of, show
 from ._spec import UsageError
 from ._timers import call_later
-from ._wrap import CORO, check_decoratable, lazy_result, refuse_sync_result, sync_in_async, wraps
+from ._wrap import CORO, not_callable, check_decoratable, lazy_result, refuse_sync_result, sync_in_async, wraps
 from .bulkhead import ThreadPoolBulkhead
 from .clock import is_system_clock, resolve_clock
 from .errors import BulkheadFullError
@@ -246,11 +246,15 @@ class Hedge(Policy):
 
     def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run the sync `fn(*args, **kwargs)` hedged; its attempts run on the executor."""
+        if not callable(fn):
+            raise not_callable(self, "call", fn)
         result: T = self._run_sync(fn, args, kwargs)
         return result
 
     async def call_async(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Await the async `fn(*args, **kwargs)` hedged."""
+        if not callable(fn):
+            raise not_callable(self, "call_async", fn)
         outer = _CALL.get()
         if outer is None:
             call = [1, None, self._now_ns(), self, args, kwargs, None]

@@ -34,7 +34,7 @@ from ._context import _DEADLINE, remaining_ns
 from ._impl import core
 from ._params import (ASYNC, ASYNC_GENERATOR, GENERATOR, MAX_RATE, NS, check_float, check_int, check_n,
                       check_seconds, describe, emission_interval_ns, seconds_to_ns, show)
-from ._wrap import CORO, UsageError, check_decoratable, lazy_result as _lazy, wraps
+from ._wrap import CORO, not_callable, UsageError, check_decoratable, lazy_result as _lazy, wraps
 from .bulkhead import mark_async
 from .clock import check_one_clock, is_system_clock, resolve_clock
 from .errors import RateLimitExceeded, lazy_rejection
@@ -373,6 +373,8 @@ class _Limiter(Policy):
     def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Call fn if one unit is available now, else raise RateLimitExceeded. A generator function's
         generator is returned (its unit was taken by this call)."""
+        if not callable(fn):
+            raise not_callable(self, "call", fn)
         receipt = self._take()
         result = fn(*args, **kwargs)
         if _lazy(result):
@@ -388,6 +390,8 @@ class _Limiter(Policy):
     async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Await fn(*args, **kwargs) if one unit is available now. An async generator function's
         generator is returned (its unit was taken by this call); a sync function is a TypeError."""
+        if not callable(fn):
+            raise not_callable(self, "call_async", fn)
         receipt = self._take() if self._takes_now and not self._remote else await self._take_async()
         aw = fn(*args, **kwargs)
         if type(aw) is not CORO and not _await_it(self, fn, aw, self._give, receipt):
@@ -1160,6 +1164,8 @@ class KeyedLimiter(Named):     # Named: given a name, exported by the metrics co
     def call(self, key: int | str | bytes, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Call fn if key has a token now, else raise RateLimitExceeded. An async function is a
         TypeError (the coroutine is closed and the token given back): use call_async."""
+        if not callable(fn):
+            raise not_callable(self, "call", fn)
         receipt = self._take(key)
         result = fn(*args, **kwargs)
         if _lazy(result) and isawaitable(result):
@@ -1176,6 +1182,8 @@ class KeyedLimiter(Named):     # Named: given a name, exported by the metrics co
 
     async def call_async(self, key: int | str | bytes, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Await fn(*args, **kwargs) if key has a token now; a sync function is a TypeError."""
+        if not callable(fn):
+            raise not_callable(self, "call_async", fn)
         if self._remote:
             if not await self._core.try_acquire_async(key):
                 raise self._rejected(key)

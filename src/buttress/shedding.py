@@ -29,7 +29,7 @@ from ._base import Policy
 from ._impl import core
 from ._params import NS, check_float, check_function, check_int, check_real, count_of, exception_matcher
 from ._spec import UsageError
-from ._wrap import CORO, specialize
+from ._wrap import CORO, not_callable, specialize
 from ._wrap import lazy_result as is_lazy
 from .bulkhead import COLLECTED, settle_async, settle_sync
 from ._timers import call_later
@@ -602,6 +602,8 @@ class LoadShedder(_ShedBase, Policy):
         """Run fn(*args, **kwargs) if admitted at `priority` (not passed to fn). A generator (or async
         generator) returned holds its slot until it finishes or is closed; an awaitable is refused
         (TypeError: use call_async)."""
+        if not callable(fn):
+            raise not_callable(self, "call", fn)
         start, in_flight = self._begin(priority)
         try:
             result = fn(*args, **kwargs)
@@ -618,6 +620,8 @@ class LoadShedder(_ShedBase, Policy):
                          **kwargs: Any) -> T:
         """Await fn(*args, **kwargs) if admitted; a sync function is a TypeError (use call); an async
         generator holds its slot over its whole iteration."""
+        if not callable(fn):
+            raise not_callable(self, "call_async", fn)
         start, in_flight = self._begin(priority)
         try:
             aw = fn(*args, **kwargs)

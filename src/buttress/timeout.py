@@ -25,7 +25,7 @@ from ._context import pop_deadline, push_deadline, remaining, remaining_ns
 from ._params import ASYNC, ASYNC_GENERATOR, GENERATOR, NS, callable_kind, check_seconds, describe
 from ._spec import UsageError
 from ._timers import call_later
-from ._wrap import ASYNC_KINDS, CORO, check_decoratable, lazy_result, refuse_sync_result, sync_in_async, wraps
+from ._wrap import ASYNC_KINDS, CORO, not_callable, check_decoratable, lazy_result, refuse_sync_result, sync_in_async, wraps
 from .bulkhead import ThreadPoolBulkhead
 from .clock import resolve_clock
 from .errors import TimeoutExceeded
@@ -91,6 +91,8 @@ class Timeout(Policy):
     def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run the sync `fn` on the executor; raise TimeoutExceeded at the deadline (the thread runs on).
         For a generator function, return its generator guarded over the whole iteration (`iterate`)."""
+        if not callable(fn):
+            raise not_callable(self, "call", fn)
         kind = callable_kind(fn)
         if kind in ASYNC_KINDS:
             raise UsageError(f"Timeout.call: {describe(fn)} is {'an async def' if kind == ASYNC else 'an async generator'} "
@@ -128,6 +130,8 @@ class Timeout(Policy):
     async def call_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Await `fn(*args, **kwargs)` in the caller's task, cancelling it at the deadline. For an async
         generator function, return its generator guarded over the whole iteration (`iterate_async`)."""
+        if not callable(fn):
+            raise not_callable(self, "call_async", fn)
         aw = fn(*args, **kwargs)
         if type(aw) is not CORO:
             if type(aw) is types.AsyncGeneratorType:
