@@ -343,3 +343,15 @@ def test_drain_timeouts_are_checked_and_named():
             obj.drain(timeout=-1)
         with pytest.raises(TypeError, match="timeout"):
             obj.drain(timeout="5")
+
+
+def test_a_defaulted_threshold_below_a_raised_one_is_explained():
+    """LoopLag(low=0.5): medium's default (0.25) is below it; the message says it is the default and what
+    to pass (the reviewer read "got medium=0.25" for a medium never passed)."""
+    with pytest.raises(ValueError, match=r"medium=0.25 below 0.5 \(LoopLag's defaults are low=0.1, medium=0.25, "
+                                         r"high=0.5: .*pass the higher priorities' thresholds too"):
+        LoopLag(low=0.5)
+    with pytest.raises(ValueError) as info:
+        QueueDepth(lambda: 0, low=10, medium=5)     # passed explicitly: no hint about defaults
+    assert "defaults" not in str(info.value)
+    assert LoopLag(low=0.5, medium=0.6, high=None).thresholds == (0.5, 0.6, None)

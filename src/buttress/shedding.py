@@ -170,9 +170,26 @@ class OverloadSignal:
                                  f"is never shed before the ones below it")
             if v is not None and out and v < out[-1]:  # type: ignore[operator]
                 raise ValueError(f"thresholds must not decrease with priority (low <= medium <= high), got "
-                                 f"{pname}={value!r} below {out[-1]!r}")
+                                 f"{pname}={value!r} below {out[-1]!r}{self._defaults_hint(pname, value)}")
             out.append(v)
         self.thresholds: tuple[float | None, float | None, float | None] = (out[0], out[1], out[2])
+
+    def _defaults_hint(self, pname: str, value: object) -> str:
+        """When `value` is the subclass's default for `pname` (the user may not have passed it): its
+        defaults, and what to pass instead."""
+        import inspect
+        try:
+            params = inspect.signature(type(self).__init__).parameters
+        except (TypeError, ValueError):
+            return ""
+        if pname not in params or params[pname].default != value:
+            return ""
+        shown = [f"{n}={params[n].default!r}" for n in ("low", "medium", "high")
+                 if n in params and params[n].default is not inspect.Parameter.empty]
+        if not shown:
+            return ""
+        return (f" ({type(self).__name__}'s defaults are {', '.join(shown)}: when raising one threshold above "
+                f"them, pass the higher priorities' thresholds too, or None to never shed them)")
 
     def level(self, value: float) -> int:
         """How many priorities, from LOW up, `value` sheds (0..3)."""
