@@ -16,6 +16,18 @@ def _kinds():
     return kinds
 
 
+@pytest.fixture
+def shm_store():
+    """A SharedMemoryStore of its own (/dev/shm/buttress.bench-PID-RANDOM), closed and unlinked after."""
+    import os
+    import uuid
+    from buttress.stores import SharedMemoryStore
+    store = SharedMemoryStore(f"bench-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    yield store
+    store.close()
+    store.unlink()
+
+
 @pytest.fixture(params=_kinds())
 def core_kind(request):
     """'cython' or 'python': benchmark both implementations of the core side by side."""

@@ -228,17 +228,6 @@ def test_asyncio_wait_for_async(benchmark):
 
 # -- bulkhead on a host-wide store (shm://), and the load shedder, for scale --------------------------------
 
-@pytest.fixture
-def shm_store():
-    import os
-    import uuid
-    from buttress.stores import SharedMemoryStore
-    store = SharedMemoryStore(f"bench-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-    yield store
-    store.close()
-    store.unlink()
-
-
 def test_bulkhead_with_in_fn_shm(benchmark, shm_store):
     bh = Bulkhead(10, name="bench", store=shm_store)
 

@@ -133,16 +133,6 @@ def test_multi_limiter_decorated_async(benchmark):
 
 # -- shared state (issue 14): the same decision on words in a shared-memory segment --------------------------
 
-@pytest.fixture(scope="module")
-def shm_store():
-    import os
-    from buttress.stores import SharedMemoryStore
-    st = SharedMemoryStore(f"bt-bench-{os.getpid()}")
-    yield st
-    st.close()
-    st.unlink()
-
-
 def test_token_bucket_try_acquire_shm(benchmark, shm_store):
     """ratio to test_token_bucket_try_acquire: what deciding on words in /dev/shm costs (the same CAS)."""
     tb = TokenBucket(**HUGE, name="bench", store=shm_store)

@@ -17,6 +17,8 @@ import uuid
 
 import pytest
 
+from conftest import bare, bare_pair
+
 PROCS = 4
 DURATION = 0.5
 RESULTS: dict[str, float] = {}
@@ -74,6 +76,57 @@ def _record(benchmark, case: str, target, args, start="spawn") -> None:
     RESULTS[case] = rate
     benchmark.extra_info["decisions_per_s"] = rate
 
+
+# -- one process: the cost per decision on shared words, next to the process-local object and the floors ------
+
+def test_floor_bare_call(benchmark):
+    benchmark(bare)
+
+
+def test_floor_bare_pair(benchmark):
+    benchmark(bare_pair)
+
+
+def test_token_bucket_try_acquire_local(benchmark):
+    from buttress import TokenBucket
+    benchmark(TokenBucket(rate=1e9, capacity=10**9).try_acquire)
+
+
+def test_token_bucket_try_acquire_shm(benchmark, shm_store):
+    from buttress import TokenBucket
+    benchmark(TokenBucket(rate=1e9, capacity=10**9, name="tb", store=shm_store).try_acquire)
+
+
+def test_breaker_success_local(benchmark):
+    from buttress import CircuitBreaker
+    benchmark(CircuitBreaker(name="cb", window="time", slow_call_duration=None)(bare))
+
+
+def test_breaker_success_shm(benchmark, shm_store):
+    from buttress import CircuitBreaker
+    benchmark(CircuitBreaker(name="cb", window="time", slow_call_duration=None, store=shm_store)(bare))
+
+
+def _pair(bh):
+    acquire, release = bh.try_acquire, bh.release
+
+    def pair():
+        acquire()
+        release()
+    return pair
+
+
+def test_bulkhead_pair_local(benchmark):
+    from buttress import Bulkhead
+    benchmark(_pair(Bulkhead(10)))
+
+
+def test_bulkhead_pair_shm(benchmark, shm_store):
+    from buttress import Bulkhead
+    benchmark(_pair(Bulkhead(10, name="bh", store=shm_store)))
+
+
+# -- 4 processes at once ------------------------------------------------------------------------------------
 
 def test_four_processes_local_buckets(benchmark):
     _record(benchmark, "4 processes, process-local TokenBucket each (no sharing)", _buttress_worker, ("local", ""))
