@@ -16,14 +16,14 @@
  * ThreadPoolBulkhead's worker -- carries the attempt and its idempotency key from attempt 1 on.
  * (A lazily set context, materialised only on the first read, was tried and removed: a copy made before
  * anyone read it carried no attempt, so attempt 1 could go out without the key attempt 2 sends -- a
- * possible double charge. Correct keys beat the ~25 ns it saved.)
+ * possible double charge. Correct keys beat the ~150 ns it saved: +34 over a bare call against +189.)
  * The success path, all in C: one clock read (in C for time.monotonic_ns) and its int, the state list (the
  * guard's spare one when it has one, see below), the set and the reset (two HAMT updates and a token: what
  * any ContextVar set/reset costs), the call, one atomic add.
  *
  * The spare list: a success whose state list nothing else references after the reset (refcount 1: no
  * reader kept it, no copied context outlived the call) parks it in the guard with an atomic exchange, and
- * the guard's next first attempt takes it back with an atomic exchange and refills the key and the start
+ * the guard's next first attempt takes it back with an atomic exchange and refills the start and the owner
  * instead of allocating a list (a GC-tracked object and its item array). A list anything else still holds
  * is never reused; a failure never parks; racing threads and recursion find no spare and allocate. A
  * parked list holds only ints and None (key and owner cleared), so the guard's reference to it, which the
