@@ -220,11 +220,14 @@ cdef class GCRA:
 
     def untake(self, end):
         """Give back the token of the take() that returned `end`, only if no later claim has built on it
-        (one CAS, as refund); returns whether it was given back."""
-        self._live()
+        (one CAS, as refund); returns whether it was given back. False once the store closed in this
+        process (a call admitted before the close keeps its own result or exception)."""
+        self._ready()
         cdef int64_t e = bt_as_i64(end, "end")
         if not REL_MIN + self.gp.interval <= e <= TAT_MAX:
             raise ValueError(f"end must be a value returned by take(), got {_bt_show(end)}")
+        if bt_load(&self.nmax_) == 0:
+            return False
         return gcra_refund(self.gp, 1, e)
 
     def reserve(self, n=1, now=None, max_wait_ns=None):
@@ -258,13 +261,16 @@ cdef class GCRA:
     def refund(self, receipt):
         """Give back the tokens of the claim that returned `receipt`, only if no later claim has built on
         it (one CAS); returns whether they were given back. Never more than that claim took; use each
-        receipt once."""
-        self._live()
+        receipt once. False once the store closed in this process (a call admitted before the close
+        keeps its own result or exception: nothing is given back after the close)."""
+        self._ready()
         r = bt_as_receipt(receipt)
         k = r & _N_MASK
         rel = (r >> 63) - <object>self.gp.base
         if not (1 <= k <= self.capacity_ and REL_MIN + k * self.gp.interval <= rel <= TAT_MAX):
             raise ValueError(f"receipt must be a receipt returned by claim(), got {_bt_show(receipt)}")
+        if bt_load(&self.nmax_) == 0:
+            return False
         return gcra_refund(self.gp, <int64_t>k, <int64_t>rel)
 
     def counts(self):

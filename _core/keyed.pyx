@@ -557,8 +557,9 @@ cdef class KeyedGCRA:
 
     def refund(self, receipt):
         """Give back the tokens of the claim that returned `receipt`, only if its key is still in that
-        slot and no later claim has charged it (one CAS); returns whether they were given back."""
-        self._live()
+        slot and no later claim has charged it (one CAS); returns whether they were given back. False once the store closed in this process (a call admitted before
+        the close keeps its own result or exception: nothing is given back after the close)."""
+        self._ready()
         r = _as_receipt(receipt)
         slot1, k, word = r >> 96, (r >> 64) & 0xFFFFFFFF, r & 0xFFFFFFFFFFFFFFFF
         if r >> 128 or not (1 <= k <= self.capacity_ and 0 <= slot1 <= self.nslots_):
@@ -569,6 +570,8 @@ cdef class KeyedGCRA:
         cdef int64_t i = slot1 - 1
         if w == LOCKED or (w >> 4) - k * self.interval < K_REL_MIN:
             raise ValueError(f"receipt must be a receipt returned by claim(), got {_bt_show(receipt)}")
+        if bt_load(&self.nmax_) == 0:
+            return False
         return bt_cas(&self.slots[i].word, w, pack((w >> 4) - k * self.interval, w))
 
     def counts(self):

@@ -344,16 +344,23 @@ cdef class SharedPermits:
         return self._try(k, min(limit, MAX_PERMITS))
 
     def release(self, n=1):
-        """Return n permits this process holds; ValueError (nothing changed) if it holds fewer."""
+        """Return n permits this process holds; ValueError (nothing changed) if it holds fewer. Once the
+        store closed in this process, nothing (the permits of a call admitted before the close: closing
+        gave every permit of this process back through the lease table, so the call's own result or
+        exception passes through its guard unchanged)."""
         cdef int64_t k
         if type(n) is int and 1 <= n <= MAX_PERMITS:
             k = n
         else:
             k = check_int("n", n, minimum=1, maximum=MAX_PERMITS)
+        if bt_load(&self.ready) == 3:
+            return
         cdef int64_t *w = self._words()
         cdef int r = sp_release(w, self.nslots_, bt_load(&self.slot_), k)
         if r == SP_YES:
             return
+        if bt_load(&self.ready) == 3:
+            return              # closed meanwhile: the lease table took this process's permits back
         if r == SP_CORRUPT:
             raise _corrupt("an op could not be completed")
         raise ValueError(f"n={n} permits released but this process holds only "

@@ -259,9 +259,10 @@ cdef class WindowCounter:
 
     def unclaim(self, n, receipt):
         """Take back the n counted by the claim that returned `receipt`, while its window is still the
-        current or the previous one and no reset() came between; returns whether it was taken back."""
-        self._live()
-        cdef int64_t k = self._n(n)
+        current or the previous one and no reset() came between; returns whether it was taken back. False once the store closed in this process (a call admitted before
+        the close keeps its own result or exception: nothing is given back after the close)."""
+        self._ready()
+        cdef int64_t k = _check_count(n, self.limit_)
         if type(receipt) is not int:
             if isinstance(receipt, bool) or not hasattr(type(receipt), "__index__"):
                 raise TypeError(f"receipt must be an int, got {receipt!r} ({type(receipt).__name__})")
@@ -271,6 +272,8 @@ cdef class WindowCounter:
         cdef int64_t r = receipt
         cdef int64_t ridx = (r >> 1) & M23, gen = r >> 24
         cdef int64_t old, idx, prev, curr, new
+        if bt_load(&self.nmax_) == 0:
+            return False
         while True:
             if gen != (bt_load(self.w + W_GEN) & M38):
                 return False

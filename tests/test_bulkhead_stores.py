@@ -121,6 +121,126 @@ def test_a_shared_shedder_counts_in_flight_over_every_object_of_its_name(shm_url
     assert a.in_flight == 0
 
 
+
+# -- a call in flight when its store closes (compiled and twin alike) --------------------------------------
+# A decision after the close raises the closed error; the release of a call admitted before it is dropped
+# (closing gave this process's permits back through the lease table) and the call's own result or exception
+# passes through unchanged.
+
+def _bh_with(bh, f):
+    with bh:
+        return f()
+
+
+async def _bh_async_with(bh, f):
+    async with bh:
+        return await f()
+
+
+def _shed_admit(sh, f):
+    with sh.admit(Priority.HIGH):
+        return f()
+
+
+SYNC_FORMS = {
+    "bulkhead call": (Bulkhead, lambda o, f: o.call(f)),
+    "bulkhead decorator": (Bulkhead, lambda o, f: o(f)()),
+    "bulkhead with": (Bulkhead, _bh_with),
+    "shedder admit": (LoadShedder, _shed_admit),
+    "shedder call": (LoadShedder, lambda o, f: o.call(f, priority=Priority.HIGH)),
+    "shedder decorator": (LoadShedder, lambda o, f: o(f)()),
+}
+ASYNC_FORMS = {
+    "bulkhead call_async": (Bulkhead, lambda o, f: o.call_async(f)),
+    "bulkhead async decorator": (Bulkhead, lambda o, f: o(f)()),
+    "bulkhead async with": (Bulkhead, _bh_async_with),
+    "shedder call_async": (LoadShedder, lambda o, f: o.call_async(f, priority=Priority.HIGH)),
+    "shedder async decorator": (LoadShedder, lambda o, f: o(f)()),
+}
+
+
+def _guard(cls, st):
+    if cls is Bulkhead:
+        return Bulkhead(max_concurrent=2, name="g", store=st)
+    return LoadShedder(max_in_flight=4, name="g", store=st)
+
+
+def _nothing_held_after(name, cls):
+    from buttress.stores import SharedMemoryStore
+    st = SharedMemoryStore(name)        # a new handle: the closed one gave its lease (and permits) back
+    try:
+        kind = "bulkhead" if cls is Bulkhead else "load_shedder"
+        assert st.permits(kind, "g", 2 if cls is Bulkhead else (1 << 22) - 1).in_use == 0
+    finally:
+        st.close()
+
+
+@pytest.mark.parametrize("form", sorted(SYNC_FORMS))
+@pytest.mark.parametrize("outcome", ["returns", "raises"])
+def test_a_sync_call_in_flight_when_its_store_closes_keeps_its_outcome(shm_url, form, outcome):
+    from buttress.stores import SharedMemoryStore
+    name = shm_url[len("shm://"):]
+    st = SharedMemoryStore(name)
+    cls, use = SYNC_FORMS[form]
+    g = _guard(cls, st)
+    ran = []
+
+    def fn():
+        ran.append(1)
+        st.close()                      # stands for a shutdown hook on another thread
+        if outcome == "raises":
+            raise KeyError("the call's own error")
+        return "charged"
+
+    if outcome == "returns":
+        assert use(g, fn) == "charged"
+    else:
+        with pytest.raises(KeyError, match="the call's own error"):
+            use(g, fn)
+    assert ran == [1]
+    with pytest.raises(RuntimeError, match="is closed in this process"):
+        use(g, lambda: ran.append(2))
+    assert ran == [1]
+    _nothing_held_after(name, cls)
+
+
+@pytest.mark.parametrize("form", sorted(ASYNC_FORMS))
+@pytest.mark.parametrize("outcome", ["returns", "raises"])
+def test_an_async_call_in_flight_when_its_store_closes_keeps_its_outcome(shm_url, form, outcome):
+    from buttress.stores import SharedMemoryStore
+    name = shm_url[len("shm://"):]
+    st = SharedMemoryStore(name)
+    cls, use = ASYNC_FORMS[form]
+    g = _guard(cls, st)
+    ran = []
+
+    async def afn():
+        ran.append(1)
+        await asyncio.sleep(0)
+        st.close()
+        await asyncio.sleep(0)
+        if outcome == "raises":
+            raise KeyError("the call's own error")
+        return "charged"
+
+    async def late():
+        ran.append(2)
+
+    async def main():
+        task = asyncio.ensure_future(use(g, afn))
+        try:
+            return await task
+        except KeyError as exc:
+            return f"KeyError {exc}"
+
+    got = asyncio.run(main())
+    assert got == ("charged" if outcome == "returns" else "KeyError \"the call's own error\"")
+    assert ran == [1]
+    with pytest.raises(RuntimeError, match="is closed in this process"):
+        asyncio.run(use(g, late))
+    assert ran == [1]
+    _nothing_held_after(name, cls)
+
 # -- across processes (shm) ------------------------------------------------------------------------------
 
 def _peak_worker(url, barrier, now, peak, out, rounds):

@@ -353,3 +353,67 @@ def test_the_window_core_names_limit_as_the_window_limiters_do(impl) -> None:
         assert len(set(got)) == 1, (bad, got)
     with pytest.raises(ValueError, match=r"^n must be between 1 and limit=10, got 11$"):
         core.try_acquire(11)
+
+
+# ---- a call admitted before its store closes: the give-back is dropped, the call's own outcome passes ------
+
+class _Awaitable:
+    """What a sync function must not return to a sync form (the unit is given back, then TypeError)."""
+
+    def __await__(self):
+        yield from ()
+        return 1
+
+
+@pytest.mark.parametrize("which", ["token_bucket", "leaky_bucket", "fixed", "sliding", "keyed"])
+def test_a_give_back_after_the_close_keeps_the_calls_own_error(seg: str, kind: str, which: str) -> None:
+    """A sync form whose function closes the store (a shutdown hook on another thread) and returns an
+    awaitable: the unit is given back after the close -- dropped, so the caller gets the TypeError about
+    the awaitable, not the store's RuntimeError. A decision after the close raises the closed error."""
+    st = SharedMemoryStore(seg, implementation=kind)
+    lim = make_limiter(which, st)
+    ran: list[int] = []
+
+    def fn() -> object:
+        ran.append(1)
+        st.close()
+        return _Awaitable()
+
+    call = (lambda f: lim.call("alpha", f)) if which == "keyed" else lim.call
+    with pytest.raises(TypeError, match="awaitable"):
+        call(fn)
+    assert ran == [1]
+    with pytest.raises(RuntimeError, match="is closed in this process"):
+        call(lambda: ran.append(2))
+    assert ran == [1]
+
+
+@pytest.mark.parametrize("which", ["token_bucket", "leaky_bucket"])
+def test_a_cancelled_wait_after_the_close_is_cancelled_not_a_store_error(seg: str, kind: str, which: str) -> None:
+    """acquire_async reserved a future slot and sleeps; the store closes, the task is cancelled: the refund
+    of its reservation is dropped and the task ends cancelled (never RuntimeError)."""
+    import asyncio
+
+    st = SharedMemoryStore(seg, implementation=kind)
+    lim = (TokenBucket(SLOW, 1, name="w", store=st) if which == "token_bucket"
+           else LeakyBucket(SLOW, queue_size=4, name="w", store=st))
+    assert lim.try_acquire()                   # the next unit is ~1/SLOW s away: the wait below sleeps
+
+    async def main() -> str:
+        task = asyncio.ensure_future(lim.acquire_async())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not task.done()
+        st.close()
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            return "cancelled"
+        except BaseException as exc:  # noqa: BLE001 - the defect under test
+            return f"{type(exc).__name__}: {exc}"
+        return "admitted"
+
+    assert asyncio.run(main()) == "cancelled"
+    with pytest.raises(RuntimeError, match="is closed in this process"):
+        lim.try_acquire()

@@ -214,16 +214,29 @@ class GCRA(_Uninit):
 
     def untake(self, end: int) -> bool:
         """Give back the token of the take() that returned `end`, only if no later claim has built on it
-        (one CAS, as refund); returns whether it was given back."""
-        self._live()
+        (one CAS, as refund); returns whether it was given back. False once the store closed in this
+        process (a call admitted before the close keeps its own result or exception)."""
+        self._lock
         e = as_i64(end, "end")
         if not REL_MIN + self._interval <= e <= TAT_MAX:
             raise ValueError(f"end must be a value returned by take(), got {_show(end)}")
-        with self._lock:
-            if self._w[_TAT] != e:
+        return self._give_back(e, self._interval)
+
+    def _give_back(self, end: int, amount: int) -> bool:
+        """The CAS of refund/untake: nothing once closed (also when the store's lock refuses: it closed
+        between the check and the lock, and the object was closed first)."""
+        if self._closed is not None:
+            return False
+        try:
+            with self._lock:
+                if self._w[_TAT] != end:
+                    return False
+                self._w[_TAT] = end - amount
+                return True
+        except RuntimeError:
+            if self._closed is not None:
                 return False
-            self._w[_TAT] = e - self._interval
-            return True
+            raise
 
     def reserve(self, n: int = 1, now: int | None = None, max_wait_ns: int | None = None) -> int:
         """Claim n tokens now if the wait is <= max_wait_ns (None: any representable wait); return that
@@ -259,8 +272,9 @@ class GCRA(_Uninit):
     def refund(self, receipt: int) -> bool:
         """Give back the tokens of the claim that returned `receipt`, only if no later claim has built on
         it (one CAS); returns whether they were given back. Never more than that claim took; use each
-        receipt once."""
-        self._live()
+        receipt once. False once the store closed in this process (a call admitted before the close
+        keeps its own result or exception: nothing is given back after the close)."""
+        self._lock
         if type(receipt) is not int:
             if isinstance(receipt, bool) or not hasattr(type(receipt), "__index__"):
                 raise TypeError(f"receipt must be an int, got {receipt!r} ({type(receipt).__name__})")
@@ -269,11 +283,7 @@ class GCRA(_Uninit):
         end = (receipt >> 63) - self._base
         if not (1 <= k <= self._capacity and REL_MIN + k * self._interval <= end <= TAT_MAX):
             raise ValueError(f"receipt must be a receipt returned by claim(), got {_show(receipt)}")
-        with self._lock:
-            if self._w[_TAT] != end:
-                return False
-            self._w[_TAT] = end - k * self._interval
-            return True
+        return self._give_back(end, k * self._interval)
 
     def counts(self) -> tuple[int, int]:
         """(admitted, rejected) decisions since creation or reset()."""

@@ -308,8 +308,9 @@ class KeyedGCRA(_Uninit):
 
     def refund(self, receipt: int) -> bool:
         """Give back the tokens of the claim that returned `receipt`, only if its key is still in that
-        slot and no later claim has charged it (one CAS); returns whether they were given back."""
-        self._live()
+        slot and no later claim has charged it (one CAS); returns whether they were given back. False once the store closed in this process (a call admitted before
+        the close keeps its own result or exception: nothing is given back after the close)."""
+        self._lock
         if type(receipt) is not int:
             if isinstance(receipt, bool) or not hasattr(type(receipt), "__index__"):
                 raise TypeError(f"receipt must be an int, got {receipt!r} ({type(receipt).__name__})")
@@ -324,11 +325,18 @@ class KeyedGCRA(_Uninit):
         w = word - (1 << 64) if word >> 63 else word
         if w == -(1 << 63) or (w >> 4) - k * self._interval < _K_REL_MIN:
             raise ValueError(f"receipt must be a receipt returned by claim(), got {_show(receipt)}")
-        with self._lock:
-            if self._words[slot1 - 1] != w:
-                return False
-            self._words[slot1 - 1] = (((w >> 4) - k * self._interval) << 4) | (w & _GEN)
-            return True
+        if self._closed is not None:
+            return False
+        try:
+            with self._lock:
+                if self._words[slot1 - 1] != w:
+                    return False
+                self._words[slot1 - 1] = (((w >> 4) - k * self._interval) << 4) | (w & _GEN)
+                return True
+        except RuntimeError:
+            if self._closed is not None:
+                return False    # the store refused its lock: it closed after the check (this object first)
+            raise
 
     def counts(self) -> tuple[int, int]:
         """(admitted, rejected) decisions since creation or reset() (try_acquire_many counts each key)."""

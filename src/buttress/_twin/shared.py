@@ -305,14 +305,26 @@ class SharedPermits:
         return self._try(n, min(limit, MAX_PERMITS))
 
     def release(self, n: int = 1) -> None:
-        """Return n permits this process holds; ValueError (nothing changed) if it holds fewer."""
+        """Return n permits this process holds; ValueError (nothing changed) if it holds fewer. Once the
+        store closed in this process, nothing (the permits of a call admitted before the close: closing
+        gave every permit of this process back through the lease table, so the call's own result or
+        exception passes through its guard unchanged)."""
         n = check_int("n", n, minimum=1, maximum=MAX_PERMITS)
+        if self._closed is not None:
+            return
         self._words()
-        with self._lock, self._locker:
-            w = self._words()
-            if _release(w, self._nslots, self._slot, n):
-                return
-            held = w[HEADER_WORDS + SLOT_WORDS * (self._slot - 1)] & _CNT
+        try:
+            with self._lock, self._locker:
+                w = self._w
+                if w is None:
+                    return      # closed meanwhile (_close takes these locks)
+                if _release(w, self._nslots, self._slot, n):
+                    return
+                held = w[HEADER_WORDS + SLOT_WORDS * (self._slot - 1)] & _CNT
+        except RuntimeError:
+            if self._closed is not None:
+                return          # the segment refused its lock: it closed after the check above
+            raise
         raise ValueError(f"n={n} permits released but this process holds only {held}")
 
     def reclaim(self, slot: int, dead: bool = True) -> int:

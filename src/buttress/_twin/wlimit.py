@@ -176,8 +176,9 @@ class WindowCounter(_Uninit):
 
     def unclaim(self, n: int, receipt: int) -> bool:
         """Take back the n counted by the claim that returned `receipt`, while its window is still the
-        current or the previous one and no reset() came between; returns whether it was taken back."""
-        self._live()
+        current or the previous one and no reset() came between; returns whether it was taken back. False once the store closed in this process (a call admitted before
+        the close keeps its own result or exception: nothing is given back after the close)."""
+        self._lock
         k = check_count(n, self._limit)
         if type(receipt) is not int:
             if isinstance(receipt, bool) or not hasattr(type(receipt), "__index__"):
@@ -187,20 +188,27 @@ class WindowCounter(_Uninit):
             raise ValueError(f"receipt must be a receipt returned by claim(), got {_show(receipt)}")
         ridx, gen = (receipt >> 1) & _M23, receipt >> 24
         w = self._w
-        with self._lock:
-            if gen != w[_GEN] & ((1 << 38) - 1):
-                return False                    # counted before reset(): nothing of it is left
-            word = w[_W]
-            if word >= 0:
-                return False
-            idx, prev, curr = _unpack(word)
-            if idx == ridx and curr >= k:
-                w[_W] = _pack(idx, prev, curr - k)
-            elif (idx - ridx) & _M23 == 1 and prev >= k:
-                w[_W] = _pack(idx, prev - k, curr)
-            else:
-                return False
-            return True
+        if self._closed is not None:
+            return False
+        try:
+            with self._lock:
+                if gen != w[_GEN] & ((1 << 38) - 1):
+                    return False                # counted before reset(): nothing of it is left
+                word = w[_W]
+                if word >= 0:
+                    return False
+                idx, prev, curr = _unpack(word)
+                if idx == ridx and curr >= k:
+                    w[_W] = _pack(idx, prev, curr - k)
+                elif (idx - ridx) & _M23 == 1 and prev >= k:
+                    w[_W] = _pack(idx, prev - k, curr)
+                else:
+                    return False
+                return True
+        except RuntimeError:
+            if self._closed is not None:
+                return False    # the store refused its lock: it closed after the check (this object first)
+            raise
 
     def wait_ns(self, n: int = 1, now: int | None = None) -> int:
         """ns until n would be admitted (0 = now); claims nothing."""

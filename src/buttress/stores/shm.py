@@ -21,6 +21,8 @@ import fcntl
 import json
 import mmap
 import os
+import struct
+import sys
 import threading
 import time
 import uuid
@@ -97,6 +99,50 @@ def _alive(pid: int, start: int) -> bool:
     return now is not None and now == start
 
 
+# Byte locks on the lock file. Linux open-file-description (OFD) locks belong to the segment's lock-file
+# descriptor, not to the process: classic POSIX record locks (lockf) belong to the process, so the
+# kernel's deadlock detector sees one process as one owner and fails a wait with EDEADLK on a false cycle
+# (process A: thread 1 holds X, thread 2 waits for Y; process B: holds Y, waits for X), an error no caller
+# should ever see. Both kinds exclude each other. Threads of one process never share a wait: every byte
+# lock is taken under a threading lock of its own first (OFD locks do not exclude one descriptor's users).
+# Where OFD locks are missing (not Linux, old kernels) lockf is used and a false EDEADLK is waited out:
+# no thread ever waits for a byte lock while holding another except the directory lock's holder, which
+# waits for object locks in that one order, so the cycle the kernel reports is one of threads, not real.
+_LINUX = sys.platform.startswith("linux")
+_F_OFD_SETLK: int = getattr(fcntl, "F_OFD_SETLK", -1) if _LINUX else -1
+_F_OFD_SETLKW: int = getattr(fcntl, "F_OFD_SETLKW", -1) if _LINUX else -1
+_FLOCK = struct.Struct("hhqqi4x")      # struct flock of 64-bit Linux (l_pid 0: required for OFD locks)
+_ofd = [_F_OFD_SETLKW >= 0 and _F_OFD_SETLK >= 0 and _FLOCK.size == 32 and struct.calcsize("P") == 8]
+
+
+def _byte_lock(fd: int, offset: int) -> None:
+    if _ofd[0]:
+        try:
+            fcntl.fcntl(fd, _F_OFD_SETLKW, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
+            return
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            _ofd[0] = False     # a kernel without OFD locks (before 3.15): record locks from here on
+    delay = 1e-5
+    while True:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX, 1, offset)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EDEADLK:
+                raise
+        time.sleep(delay)       # a false cycle between threads: the holder is running, not waiting
+        delay = min(2 * delay, 1e-3)
+
+
+def _byte_unlock(fd: int, offset: int) -> None:
+    if _ofd[0]:
+        fcntl.fcntl(fd, _F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset, 1, 0))
+    else:
+        fcntl.lockf(fd, fcntl.LOCK_UN, 1, offset)
+
+
 class _ObjLock:
     """The locked twin's lock for one object: a threading.Lock (fcntl locks do not exclude the threads of
     one process) and an fcntl lock on one byte of the lock file (the object's offset)."""
@@ -111,14 +157,14 @@ class _ObjLock:
         try:
             if self.seg.closed:     # every twin object bound to the segment decides under this lock
                 raise self.seg.closed_error()
-            fcntl.lockf(self.seg.lockfd, fcntl.LOCK_EX, 1, self.offset)
+            _byte_lock(self.seg.lockfd, self.offset)
         except BaseException:
             self.tlock.release()
             raise
 
     def __exit__(self, *exc: object) -> None:
         try:
-            fcntl.lockf(self.seg.lockfd, fcntl.LOCK_UN, 1, self.offset)
+            _byte_unlock(self.seg.lockfd, self.offset)
         finally:
             self.tlock.release()
 
@@ -574,6 +620,18 @@ class _Segment:
         self.last_scan = 0.0
         if self.closed:
             return
+        if _ofd[0] and self.lockfd >= 0:
+            # the inherited lock-file descriptor shares its open file description, and so the owner of its
+            # OFD locks, with the parent: a lock of the parent would not exclude this process. A description
+            # of its own, of the same file (through /proc: the name may be unlinked already, and must never
+            # be created again here)
+            old = self.lockfd
+            try:
+                fd = os.open(f"/proc/self/fd/{old}", os.O_RDWR | os.O_CLOEXEC)
+            except OSError:
+                fd = os.open(self.lockpath, os.O_RDWR | os.O_CLOEXEC)
+            self.lockfd = fd
+            os.close(old)       # never releases the parent's locks: its descriptor still refers to them
         with self.dir_lock():
             self.slot = self._register()
         for obj in list(self.bound):
@@ -596,7 +654,7 @@ class _DirLock:
         seg.tlock.acquire()
         if seg.dir_depth == 0:
             try:
-                fcntl.lockf(seg.lockfd, fcntl.LOCK_EX, 1, 0)
+                _byte_lock(seg.lockfd, 0)
             except BaseException:
                 seg.tlock.release()
                 raise
@@ -607,7 +665,7 @@ class _DirLock:
         seg.dir_depth -= 1
         try:
             if seg.dir_depth == 0:
-                fcntl.lockf(seg.lockfd, fcntl.LOCK_UN, 1, 0)
+                _byte_unlock(seg.lockfd, 0)
         finally:
             seg.tlock.release()
 
