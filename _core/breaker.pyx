@@ -118,6 +118,28 @@ cdef extern from "buttress_guard.h":
 
 cdef extern from *:
     """
+    /* call(fn, ...) / call_async(fn, ...): a non-callable fn is the caller's error, a TypeError naming `fn`
+       before any permit is taken (never a dependency failure); then the shared entries. */
+    static PyObject *bt_cb_not_callable(PyObject *fn) {
+        PyErr_Format(PyExc_TypeError, "fn must be callable, got %R", fn);
+        return NULL;
+    }
+    static PyObject *bt_cb_call_vc(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+        if (PyVectorcall_NARGS(nargsf) >= 1 && !PyCallable_Check(args[0]))
+            return bt_cb_not_callable(args[0]);
+        return bt_guard_vectorcall(self, args, nargsf, kwnames);
+    }
+    static PyObject *bt_cb_acall_vc(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+        if (PyVectorcall_NARGS(nargsf) >= 1 && !PyCallable_Check(args[0]))
+            return bt_cb_not_callable(args[0]);
+        return bt_aguard_vectorcall(self, args, nargsf, kwnames);
+    }
+    """
+    PyObject *bt_cb_call_vc(PyObject *, PyObject *const *, size_t, PyObject *)
+    PyObject *bt_cb_acall_vc(PyObject *, PyObject *const *, size_t, PyObject *)
+
+cdef extern from *:
+    """
     /* Permit and Guarded are made by the breaker only: calling the type (or T.__new__(T)) is a TypeError.
        The module makes its own instances through the static tp_new function, which this does not touch. */
     static PyObject *bt_permit_refuse(PyTypeObject *tp, PyObject *a, PyObject *k) {
@@ -198,7 +220,6 @@ cdef int64_t _REMOTE = 1 << 62
 cdef int64_t _NEVER = 0x7FFFFFFFFFFFFFFF
 cdef enum:
     _CLS_KEPT = 16                   # exception types a breaker keeps for its classification cache
-cdef int64_t _next_id = 0           # breaker ids for the `with` records: never 0, never reused
 cdef enum:
     _CLOSED_MARK = 2                 # ready_ after _close(): not 1, so the one readiness test catches it    # an OPEN deadline past the int64 range: never reached
 
@@ -276,7 +297,8 @@ cdef class BreakerCore:
     cdef bint time_window, timing_, classic_
     cdef int64_t fail_th, succ_th    # classic: failure_threshold, success_threshold
     cdef object record_t, record_fn, ignore_t, ignore_fn, record_result, clock_ns, record_rejected
-    cdef int64_t id_                 # key of this breaker in the per-thread `with` records
+    cdef dict held_                  # `with` / `async with` records: frame -> latest record (see below)
+    cdef int64_t wseq, sweep_at      # records' order; the dict size that triggers the next sweep
     cdef int64_t eval_gen            # count window: the generation whose minimum a success has judged
     cdef int64_t cls_cache           # _classify: the last exception type (pointer) | its outcome; 0: none
     cdef list cls_kept               # the types cls_cache may name (kept alive: a pointer is never reused)
@@ -310,7 +332,8 @@ cdef class BreakerCore:
         self.cls_kept = []
         self.err_attrs = tuple({"name": self.name_, "state": st, "retry_after": None,
                                 "_lazy": (_FMT_OPEN, (self.name_, st.name))} for st in _STATES)
-        self.id_ = bt_fetch_add(&_next_id, 1) + 1
+        self.held_ = {}
+        self.sweep_at = 8
         self.eval_gen = -1
         cdef int64_t closed_n = self.window_size * TW_FIELDS if self.time_window else self.window_size
         cdef int64_t nw = _words_needed(self.window_size, self.time_window, self.half_calls)
@@ -393,6 +416,18 @@ cdef class BreakerCore:
         if bt_load(&self.ready_) != 1:         # 0: __init__ never ran; _CLOSED_MARK: _close() was called
             _not_ready(self)
         return 0
+
+    cdef bint _reporting(self) except -1:
+        """An outcome report may proceed: False once its store closed (the report of a call admitted before
+        the close is dropped: the call's result or exception passes through unchanged); not initialised:
+        raises."""
+        cdef int64_t r = bt_load(&self.ready_)
+        if r == 1:
+            return True
+        if r == _CLOSED_MARK:
+            return False
+        _not_ready(self)
+        return False
 
     cdef inline int _inited(self) except -1:
         if bt_load(&self.ready_) == 0:         # settings: readable once closed too
@@ -748,7 +783,9 @@ cdef class BreakerCore:
         cdef bint failed, slow, counted
         cdef int s
         if bt_load(&self.ready_) != 1:
-            return _not_ready(self)                    # closed (its store): no word is touched
+            if bt_load(&self.ready_) == _CLOSED_MARK:
+                return 0        # its store closed: the outcome of a call admitted before is dropped
+            return _not_ready(self)
         if token & _REMOTE:
             return self._remote_record(token, outcome, start, now, have_now, exc)
         if outcome >= O_IGNORED:
@@ -917,7 +954,8 @@ cdef class BreakerCore:
 
     def record(self, token, outcome, start, now=None, exc=None):
         """Apply the outcome of a call admitted with `token` at `start` (ns)."""
-        self._ready()
+        if not self._reporting():
+            return
         cdef int64_t tok = bt_as_i64(token, "token"), st = bt_as_i64(start, "start")
         if type(outcome) is not int or not 0 <= outcome <= 3:
             raise ValueError(f"outcome must be SUCCESS, FAILURE, IGNORED or CANCELLED (0-3), got {outcome!r}")
@@ -1035,12 +1073,14 @@ cdef class BreakerCore:
         return token, start
 
     def exit_ok(self, token, start, result):
-        self._ready()
+        if not self._reporting():
+            return
         self._record(bt_as_i64(token, "token"), self._classify_result(result), bt_as_i64(start, "start"), 0,
                      False, None)
 
     def exit_err(self, token, start, exc):
-        self._ready()
+        if not self._reporting():
+            return
         self._record(bt_as_i64(token, "token"), self._classify(exc), bt_as_i64(start, "start"), 0, False, exc)
 
     def try_acquire(self):
@@ -1080,10 +1120,10 @@ cdef class BreakerCore:
     # 3 methods are function objects: a bound method each lookup)
 
     def _held(self):
-        """How many `with` / `async with` acquisitions of this breaker the current context holds (this
-        thread's records)."""
+        """How many `with` / `async with` acquisitions of this breaker this thread and the current context
+        hold (records not yet exited)."""
         self._ready()
-        return bt_wcount(self.id_)
+        return _wcount(self)
 
     def settle(self, token, start, fn, result, want_async=False):
         """A call of `fn` admitted with (token, start) returned `result`, which is not a plain value for
@@ -1341,13 +1381,17 @@ cdef class Guarded:
     cdef dict __dict__                # __name__, __doc__, __wrapped__ ... set by functools.update_wrapper
 
     def __call__(self, *args, **kwargs):    # only reached by callers that bypass vectorcall
-        if self.vectorcall == bt_aguard_vectorcall:
+        if self.vectorcall == bt_aguard_vectorcall or self.vectorcall == bt_cb_acall_vc:
+            if self.fn is None and args and not callable(args[0]):
+                raise TypeError(f"fn must be callable, got {args[0]!r}")
             return _acall(self, args, kwargs)
         fn = self.fn
         if fn is None:
             if not args:
                 raise TypeError("call() needs the function to call as its first argument")
             fn, args = args[0], args[1:]
+            if not callable(fn):
+                raise TypeError(f"fn must be callable, got {fn!r}")
         return _slow_call(<BreakerCore>self.owner, fn, args, kwargs)
 
     def __get__(self, obj, objtype):
@@ -1406,7 +1450,10 @@ cdef object _slow_call(BreakerCore b, fn, tuple args, dict kwargs):
 
 cdef Guarded _make_guard(BreakerCore owner, fn, bint asynchronous=False):
     cdef Guarded g = Guarded.__new__(Guarded)
-    g.vectorcall = bt_aguard_vectorcall if asynchronous else bt_guard_vectorcall
+    if fn is None:
+        g.vectorcall = bt_cb_acall_vc if asynchronous else bt_cb_call_vc
+    else:
+        g.vectorcall = bt_aguard_vectorcall if asynchronous else bt_guard_vectorcall
     g.ops = &_OPS
     g.owner = owner
     g.fn = fn
@@ -1417,29 +1464,26 @@ cdef Guarded _make_guard(BreakerCore owner, fn, bint asynchronous=False):
 
 # -- `with cb:` / `async with cb:` -------------------------------------------------------------------------
 # One breaker serves many callers at once, so __exit__ cannot be told which acquisition it ends. Each
-# __enter__ records (breaker id, the current contextvars.Context, token, start) in a per-thread stack (no
-# lock; grown on the heap past 8 records); __exit__ takes the latest record of this breaker and this context
-# and reports the outcome with its token. The context is what a task runs in (each asyncio task has its own;
-# a thread has one), so nested and interleaved blocks across tasks and threads each report their own
-# acquisition; an exit that finds no record (a second exit of one acquisition, or no enter) is a no-op.
-# A record holds a reference to its context (its address cannot be reused while the record exists); a record
-# whose context nobody else holds can never be exited (a generator suspended inside `with cb:` collected from
-# another context): such records of a breaker give their permits back (no outcome) when an exit of it finds
-# no record of its own, or before the thread's stack grows.
-# `async with`: __aenter__ takes the permit and returns a compiled awaitable holding it; awaiting it records
-# the acquisition in the awaiting task's context (an __aenter__ never awaited, thrown into or closed gives
-# its permit back with no outcome).
+# __enter__ records the acquisition in the breaker's `held_` dict under the caller's frame (frame -> the
+# latest record of that frame, a tuple (token, start, thread id, context, seq, previous record of the frame)).
+# __exit__ takes first the latest record of its own frame (O(1)): a generator or coroutine keeps its frame
+# whichever thread or task resumes or finalises it (Starlette's iterate_in_threadpool, asyncio's aclose() of
+# an abandoned async generator in a new task), and interleaved generators each end their own. With no record
+# of its frame (contextlib.ExitStack enters and exits from frames of its own) it takes the latest record of
+# this thread and the current contextvars.Context (each asyncio task and each loop callback runs in its own);
+# with none, it is a no-op (a second exit of one acquisition, or no enter).
+# A record holds its frame and context (their addresses cannot be reused while it exists); a record whose
+# frame finished and whose context only this breaker's records hold can never be exited: it gives its permit
+# back (no outcome) when an exit finds no record, or when the dict reaches `sweep_at` frames (then doubled).
+# The dict is guarded by its critical section (free-threaded: Py_BEGIN_CRITICAL_SECTION; else the GIL).
+# StageBase (_core/guard.pyx) keys its `async with` records by frame the same way; the two record mechanisms
+# should become one.
+# `async with`: __aenter__ takes the permit and returns a compiled awaitable holding it (its owner: the pair
+# (breaker, calling frame)); awaiting it records the acquisition under that frame, in the awaiting task's
+# context (an __aenter__ never awaited, thrown into or closed gives its permit back with no outcome).
 
 cdef extern from *:
     """
-    typedef struct { int64_t id; PyObject *ctx; int64_t token, start; } bt_wrec;
-    typedef struct { bt_wrec *r; Py_ssize_t n, cap; bt_wrec inl[8]; } bt_wtab;
-    #if defined(_MSC_VER) && !defined(__clang__)
-    static __declspec(thread) bt_wtab bt_wt;
-    #else
-    static __thread bt_wtab bt_wt;
-    #endif
-
     /* the current context (borrowed); a thread that has none yet gets its own first */
     static PyObject *bt_ctx_now(void) {
         PyThreadState *ts = PyThreadState_Get();
@@ -1455,94 +1499,18 @@ cdef extern from *:
         }
         return c;
     }
-
-    static int bt_wpush(int64_t id, int64_t token, int64_t start) {
-        bt_wtab *t = &bt_wt;
-        bt_wrec *r;
-        PyObject *ctx = bt_ctx_now();
-        if (ctx == NULL)
-            return -1;
-        if (t->r == NULL) {
-            t->r = t->inl;
-            t->cap = 8;
-        }
-        if (t->n == t->cap) {
-            Py_ssize_t cap = t->cap * 2;
-            bt_wrec *nr = (bt_wrec *)PyMem_RawMalloc((size_t)cap * sizeof(bt_wrec));
-            if (nr == NULL) {
-                PyErr_NoMemory();
-                return -1;
-            }
-            memcpy(nr, t->r, (size_t)t->n * sizeof(bt_wrec));
-            if (t->r != t->inl)
-                PyMem_RawFree(t->r);
-            t->r = nr;
-            t->cap = cap;
-        }
-        Py_INCREF(ctx);
-        r = &t->r[t->n];
-        r->id = id;
-        r->ctx = ctx;
-        r->token = token;
-        r->start = start;
-        t->n++;
-        return 0;
+    /* the current context or NULL (none yet), borrowed */
+    static inline PyObject *bt_ctx_peek(void) { return PyThreadState_Get()->context; }
+    /* the calling Python frame (borrowed), None without one */
+    static inline PyObject *bt_cb_frame(void) {
+        PyObject *f = (PyObject *)PyEval_GetFrame();
+        return f != NULL ? f : Py_None;
     }
-
-    /* 1: the latest record of (id, current context) taken (token / start set); 0: none */
-    static int bt_wpop(int64_t id, int64_t *token, int64_t *start) {
-        bt_wtab *t = &bt_wt;
-        PyObject *ctx = PyThreadState_Get()->context;
-        Py_ssize_t i;
-        for (i = t->n - 1; i >= 0; i--) {
-            bt_wrec *r = &t->r[i];
-            if (r->id == id && r->ctx == ctx) {
-                *token = r->token;
-                *start = r->start;
-                memmove(r, r + 1, (size_t)(t->n - i - 1) * sizeof(bt_wrec));
-                t->n--;
-                Py_DECREF(ctx);     /* the record's reference; the thread state still holds the context */
-                return 1;
-            }
-        }
-        return 0;
+    static inline PyObject *bt_cb_frame_gen(PyObject *f) {
+        return f == Py_None ? NULL : PyFrame_GetGenerator((PyFrameObject *)f);
     }
-
-    /* the table is full: the next push grows it */
-    static int bt_wfull(void) {
-        return bt_wt.r != NULL && bt_wt.n == bt_wt.cap;
-    }
-
-    /* 1: a record of `id` whose context nobody else holds was taken out (token / start set): that context can
-       never be current again, so its block can never exit (a generator suspended inside `with cb:` and
-       collected elsewhere); 0: none. The context's last reference goes here. */
-    static int bt_wtake_dead(int64_t id, int64_t *token, int64_t *start) {
-        bt_wtab *t = &bt_wt;
-        Py_ssize_t i;
-        for (i = t->n - 1; i >= 0; i--) {
-            bt_wrec *r = &t->r[i];
-            if (r->id == id && Py_REFCNT(r->ctx) == 1) {
-                PyObject *ctx = r->ctx;
-                *token = r->token;
-                *start = r->start;
-                memmove(r, r + 1, (size_t)(t->n - i - 1) * sizeof(bt_wrec));
-                t->n--;
-                Py_DECREF(ctx);
-                return 1;
-            }
-        }
-        return 0;
-    }
-
-    /* records of (id, current context) in this thread */
-    static Py_ssize_t bt_wcount(int64_t id) {
-        bt_wtab *t = &bt_wt;
-        PyObject *ctx = PyThreadState_Get()->context;
-        Py_ssize_t i, n = 0;
-        for (i = 0; i < t->n; i++)
-            n += t->r[i].id == id && t->r[i].ctx == ctx;
-        return n;
-    }
+    static inline Py_ssize_t bt_cb_refcnt(PyObject *o) { return Py_REFCNT(o); }
+    static inline int64_t bt_cb_tid(void) { return (int64_t)PyThread_get_thread_ident(); }
 
     typedef int (*bt_with_impl)(PyObject *self);
     static bt_with_impl bt_cb_enter_impl = NULL;
@@ -1609,11 +1577,12 @@ cdef extern from *:
             || bt_cb_set(tp, &bt_cb_aenter_def) < 0 || bt_cb_set(tp, &bt_cb_aexit_def) < 0 ? -1 : 0;
     }
     """
-    int bt_wpush(int64_t id, int64_t token, int64_t start) noexcept
-    int bt_wpop(int64_t id, int64_t *token, int64_t *start) noexcept
-    bint bt_wfull() noexcept
-    int bt_wtake_dead(int64_t id, int64_t *token, int64_t *start) noexcept
-    Py_ssize_t bt_wcount(int64_t id) noexcept
+    PyObject *bt_ctx_now() noexcept
+    PyObject *bt_ctx_peek() noexcept
+    PyObject *bt_cb_frame() noexcept
+    PyObject *bt_cb_frame_gen(PyObject *f) noexcept
+    Py_ssize_t bt_cb_refcnt(PyObject *o) noexcept
+    int64_t bt_cb_tid() noexcept
     ctypedef int (*bt_with_impl)(PyObject *self) noexcept
     ctypedef int (*bt_exit_impl)(PyObject *self, PyObject *exc) noexcept
     ctypedef PyObject *(*bt_aenter_impl)(PyObject *self) noexcept
@@ -1621,6 +1590,147 @@ cdef extern from *:
     int bt_cb_set_with(PyTypeObject *tp, bt_with_impl enter, bt_exit_impl exit, bt_aenter_impl aenter,
                        bt_aexit_impl aexit) except -1
 
+
+
+cdef enum:
+    R_TOKEN = 0
+    R_START = 1
+    R_TID = 2
+    R_CTX = 3
+    R_SEQ = 4
+    R_PREV = 5
+
+
+cdef int _wpush(BreakerCore b, frame, int64_t token, int64_t start) except -1:
+    """Record an acquisition under `frame` (this thread, the current context)."""
+    cdef PyObject *c = bt_ctx_now()
+    cdef dict held = b.held_
+    cdef bint sweep
+    if c == NULL:
+        _raise_pending()
+    ctx = <object>c
+    with cython.critical_section(held):
+        sweep = len(held) >= bt_load(&b.sweep_at) and frame not in held
+    if sweep:
+        _sweep(b)
+    rec = (token, start, bt_cb_tid(), ctx, bt_fetch_add(&b.wseq, 1), None)
+    with cython.critical_section(held):
+        top = held.get(frame)
+        if top is not None:
+            rec = (token, start, rec[R_TID], ctx, rec[R_SEQ], top)
+        held[frame] = rec
+    return 0
+
+
+cdef inline bint _mine(tuple rec, int64_t tid, PyObject *ctx):
+    return <int64_t>rec[R_TID] == tid and PyTuple_GET_ITEM(rec, R_CTX) == ctx
+
+
+cdef void _without(dict held, frame, tuple rec):
+    """Take `rec` out of `frame`'s records (inside the dict's critical section)."""
+    cdef list recs = []
+    top = held[frame]
+    while top is not None:
+        if top is not rec:
+            recs.append(top)
+        top = (<tuple>top)[R_PREV]
+    top = None
+    for r in reversed(recs):
+        top = (r[R_TOKEN], r[R_START], r[R_TID], r[R_CTX], r[R_SEQ], top)
+    if top is None:
+        del held[frame]
+    else:
+        held[frame] = top
+
+
+cdef tuple _wpop(BreakerCore b, frame):
+    """The record an exit from `frame` ends, taken out: the latest of that frame, else the latest of this
+    thread and the current context; None without one."""
+    cdef dict held = b.held_
+    cdef tuple rec, best = None
+    cdef PyObject *ctx
+    cdef int64_t tid
+    with cython.critical_section(held):
+        top = held.get(frame)
+        if top is not None:
+            rec = <tuple>top
+            if rec[R_PREV] is None:
+                del held[frame]
+            else:
+                held[frame] = rec[R_PREV]
+            return rec
+        ctx = bt_ctx_peek()
+        if not held or ctx == NULL:
+            return None
+        tid = bt_cb_tid()
+        best_frame = None
+        for f, top in held.items():
+            while top is not None:
+                rec = <tuple>top
+                if _mine(rec, tid, ctx) and (best is None or <int64_t>rec[R_SEQ] > <int64_t>best[R_SEQ]):
+                    best, best_frame = rec, f
+                top = rec[R_PREV]
+        if best is not None:
+            _without(held, best_frame, best)
+    return best
+
+
+cdef Py_ssize_t _wcount(BreakerCore b):
+    cdef dict held = b.held_
+    cdef PyObject *ctx = bt_ctx_peek()
+    cdef int64_t tid = bt_cb_tid()
+    cdef Py_ssize_t n = 0
+    with cython.critical_section(held):
+        for top in held.values():
+            while top is not None:
+                n += _mine(<tuple>top, tid, ctx)
+                top = (<tuple>top)[R_PREV]
+    return n
+
+
+cdef bint _finished(frame):
+    """A frame that no longer runs: its generator / coroutine finished, or a plain frame (it cannot be
+    suspended: a record of it outlived it). The same test as StageBase's (_core/guard.pyx)."""
+    cdef PyObject *g = bt_cb_frame_gen(<PyObject *>frame)
+    if g == NULL:
+        return True
+    gen = <object>g
+    bt_decref(g)
+    for name in ("cr_frame", "gi_frame", "ag_frame"):
+        f = getattr(gen, name, frame)
+        if f is not frame:
+            return f is None
+    return False
+
+
+cdef list _wtake_dead(BreakerCore b):
+    """Take out the records that can never exit: frame finished, context held by nothing but this breaker's
+    records. Returns them."""
+    cdef dict held = b.held_
+    cdef dict refs = {}
+    cdef list dead = []
+    cdef tuple rec
+    cdef PyObject *c
+    with cython.critical_section(held):
+        for top in held.values():
+            while top is not None:
+                k = <intptr_t>PyTuple_GET_ITEM(<tuple>top, R_CTX)
+                refs[k] = refs.get(k, 0) + 1
+                top = (<tuple>top)[R_PREV]
+        for f in list(held):
+            if not _finished(f):
+                continue
+            top = held[f]
+            while top is not None:
+                rec = <tuple>top
+                c = PyTuple_GET_ITEM(rec, R_CTX)
+                if bt_cb_refcnt(c) <= <Py_ssize_t>refs[<intptr_t>c]:
+                    dead.append((f, rec))
+                top = rec[R_PREV]
+        for f, rec in dead:
+            _without(held, f, rec)
+        bt_store(&b.sweep_at, max(8, 2 * len(held)))
+    return dead
 
 
 cdef int _with_enter_c(PyObject *o) noexcept:
@@ -1632,14 +1742,16 @@ cdef int _with_enter_c(PyObject *o) noexcept:
     cdef PyObject *etb
     if _enter_raw(o, &token, &start) < 0:
         return -1
-    if bt_wfull():
-        _sweep(b)                               # before growing: records that can never exit
-    if bt_wpush(b.id_, token, start) < 0:      # no memory: the permit goes back, the error stands
+    if _wpush_raw(b, <object>bt_cb_frame(), token, start) < 0:   # no memory: the permit goes back
         bt_err_fetch(&et, &ev, &etb)
         _record_raw(b, token, start)
         bt_err_restore(et, ev, etb)
         return -1
     return 0
+
+
+ctypedef int (*_raw_wpush_t)(BreakerCore, object, int64_t, int64_t) noexcept
+cdef _raw_wpush_t _wpush_raw = <_raw_wpush_t>_wpush
 
 
 cdef int _cancel(BreakerCore b, int64_t token, int64_t start) except -1:
@@ -1651,10 +1763,15 @@ cdef _raw_cancel_t _cancel_raw = <_raw_cancel_t>_cancel
 
 
 cdef void _sweep(BreakerCore b) noexcept:
-    """Give back (no outcome) the permits of this thread's records of `b` whose context is gone."""
-    cdef int64_t token, start
-    while bt_wtake_dead(b.id_, &token, &start):
-        _record_raw(b, token, start)
+    """Give back (no outcome) the permits of `b`'s records that can never exit."""
+    cdef list dead
+    try:
+        dead = _wtake_dead(b)
+    except BaseException:
+        bt_err_clear()
+        return
+    for f, rec in dead:
+        _record_raw(b, rec[R_TOKEN], rec[R_START])
 
 
 cdef void _record_raw(BreakerCore b, int64_t token, int64_t start) noexcept:
@@ -1667,15 +1784,21 @@ cdef extern from "Python.h":
     void bt_err_fetch "PyErr_Fetch"(PyObject **, PyObject **, PyObject **)
     void bt_err_restore "PyErr_Restore"(PyObject *, PyObject *, PyObject *)
     void bt_err_clear "PyErr_Clear"()
+    PyObject *PyTuple_GET_ITEM(object, Py_ssize_t)
 
 
-cdef int _with_exit(BreakerCore b, exc) except -1:
+cdef int _with_exit(BreakerCore b, frame, exc) except -1:
     cdef int64_t token, start
-    if bt_load(&b.ready_) != 1:
+    cdef int64_t r = bt_load(&b.ready_)
+    if r != 1 and r != _CLOSED_MARK:
         _not_ready(b)
-    if not bt_wpop(b.id_, &token, &start):
+    rec = _wpop(b, frame)
+    if r != 1:
+        return 0                        # its store closed: the outcome of a call admitted before is dropped
+    if rec is None:
         _sweep(b)
         return 0                        # a second exit of one acquisition, or no enter: a no-op
+    token, start = rec[R_TOKEN], rec[R_START]
     if exc is None:
         _exit_ok(<PyObject *>b, token, start, bt_none)
     else:
@@ -1683,12 +1806,12 @@ cdef int _with_exit(BreakerCore b, exc) except -1:
     return 0
 
 
-ctypedef int (*_raw_with_exit_t)(BreakerCore, object) noexcept
+ctypedef int (*_raw_with_exit_t)(BreakerCore, object, object) noexcept
 cdef _raw_with_exit_t _with_exit_raw = <_raw_with_exit_t>_with_exit
 
 
 cdef int _with_exit_c(PyObject *o, PyObject *exc) noexcept:
-    return _with_exit_raw(<BreakerCore>o, <object>exc)
+    return _with_exit_raw(<BreakerCore>o, <object>bt_cb_frame(), <object>exc)
 
 
 ctypedef int (*_raw_not_ready_t)(BreakerCore) noexcept
@@ -1697,10 +1820,12 @@ cdef _raw_not_ready_t _not_ready_raw = <_raw_not_ready_t>_not_ready
 
 cdef PyObject *_aenter_c(PyObject *o) noexcept:
     """`async with cb:`'s __aenter__: an awaitable raising the refusal, or one holding the permit whose
-    await records the acquisition (_aenter_done) and returns the breaker."""
+    await records the acquisition (_aenter_done) and returns the breaker. Its owner is the pair
+    (breaker, calling frame): the frame the record is kept under."""
     cdef BreakerCore b = <BreakerCore>o
     cdef int64_t token, start
-    cdef PyObject *aw
+    cdef PyObject *aw = NULL
+    cdef PyObject *pair
     cdef PyObject *et
     cdef PyObject *ev
     cdef PyObject *etb
@@ -1709,7 +1834,10 @@ cdef PyObject *_aenter_c(PyObject *o) noexcept:
         return NULL
     if _enter_raw(o, &token, &start) < 0:
         return bt_aw_raising()
-    aw = bt_aw_make(o, &_AENTER_OPS, BT_AW_VALUE, NULL, o, token, start)
+    pair = _pair_raw(b, <object>bt_cb_frame())
+    if pair != NULL:
+        aw = bt_aw_make(pair, &_AENTER_OPS, BT_AW_VALUE, NULL, o, token, start)
+        bt_decref(pair)
     if aw == NULL:                      # no memory: the permit goes back, the error stands
         bt_err_fetch(&et, &ev, &etb)
         _record_raw(b, token, start)
@@ -1717,25 +1845,39 @@ cdef PyObject *_aenter_c(PyObject *o) noexcept:
     return aw
 
 
+cdef object _pair(BreakerCore b, frame):
+    return (b, frame)
+
+
+ctypedef PyObject *(*_raw_pair_t)(BreakerCore, object) noexcept
+cdef _raw_pair_t _pair_raw = <_raw_pair_t>_pair
+
+
 cdef PyObject *_aexit_c(PyObject *o, PyObject *exc) noexcept:
-    if _with_exit_raw(<BreakerCore>o, <object>exc) < 0:
+    if _with_exit_raw(<BreakerCore>o, <object>bt_cb_frame(), <object>exc) < 0:
         return NULL
     return bt_aw_make(NULL, NULL, BT_AW_VALUE, NULL, bt_false, 0, 0)
 
 
 cdef int _aenter_done(PyObject *owner, int64_t token, int64_t start, PyObject *result) except -1:
-    """An __aenter__ awaitable was awaited: the acquisition is recorded in the awaiting task's context."""
-    cdef BreakerCore b = <BreakerCore>owner
-    if bt_wpush(b.id_, token, start) < 0:
+    """An __aenter__ awaitable was awaited: the acquisition is recorded under the frame that called
+    __aenter__, in the awaiting task's context."""
+    cdef tuple pair = <tuple>owner
+    cdef BreakerCore b = <BreakerCore>pair[0]
+    if bt_load(&b.ready_) != 1:
+        return _not_ready(b)            # its store closed before the await: the permit is the store's no more
+    try:
+        _wpush(b, pair[1], token, start)
+    except BaseException:
         _record_raw(b, token, start)
-        _raise_pending()
+        raise
     return 0
 
 
 cdef void _aenter_undo(PyObject *owner, int64_t token, int64_t start, PyObject *exc) noexcept:
     """An __aenter__ awaitable thrown into, closed or dropped before it completed: the body never runs and
     __aexit__ never comes: its permit goes back with no outcome."""
-    cdef BreakerCore b = <BreakerCore>owner
+    cdef BreakerCore b = <BreakerCore>(<tuple>owner)[0]
     if bt_load(&b.ready_) == 1:
         _record_raw(b, token, start)
 

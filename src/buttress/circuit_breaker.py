@@ -186,6 +186,8 @@ class CircuitBreaker(_BreakerCore, Policy):
         """Await fn(*args, **kwargs) under the breaker. For an async generator function, returns its
         generator guarded over the whole iteration. A sync function is a TypeError (use call()).
         (Replaced per instance by the core's compiled async entry, except on a Redis store.)"""
+        if not callable(fn):            # the caller's error: before any permit (never a dependency failure)
+            raise TypeError(f"fn must be callable, got {fn!r}")
         token, start = self.enter() if self._cluster is None else await self._cluster.enter_async()
         try:
             aw = fn(*args, **kwargs)
@@ -199,9 +201,10 @@ class CircuitBreaker(_BreakerCore, Policy):
         self.exit_ok(token, start, result)
         return result
 
-    # `with cb:` / `async with cb:` are the core's (compiled: a C __enter__, the acquisition recorded per
-    # thread and contextvars.Context, so nested and interleaved blocks across tasks and threads each report
-    # their own outcome; a second exit of one acquisition is a no-op). Both return the breaker.
+    # `with cb:` / `async with cb:` are the core's (compiled: a C __enter__, the acquisition recorded under
+    # the caller's frame -- else, for an exit stack, the thread and contextvars.Context -- so nested and
+    # interleaved blocks across tasks, threads and generators each report their own outcome; a second exit
+    # of one acquisition is a no-op). Both return the breaker.
     if TYPE_CHECKING:
         def __enter__(self) -> CircuitBreaker: ...
         def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> Literal[False]: ...

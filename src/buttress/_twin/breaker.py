@@ -74,59 +74,49 @@ def _zero() -> int:
     return 0
 
 
-# -- `with cb:` / `async with cb:` records (the compiled core's per-thread stack) ------------------------------
-# Each __enter__ records (breaker id, the caller's context, token, start) for this thread; __exit__ takes the
-# latest record of this breaker and context. The compiled core keys on the current contextvars.Context
-# object, which Python code cannot name: the twin uses what a context stands for here, the running asyncio
-# task (None outside a task), held weakly: a record whose task is gone can never be exited, and gives its
-# permit back (no outcome) when an exit of its breaker finds no record, or when the stack reaches 8, 16, 32...
-# records (the compiled stack's growth points).
+# -- `with cb:` / `async with cb:` records (the compiled core's per-breaker frame dict) --------------------------
+# Each __enter__ records [token, start, thread id, context key, seq] in the breaker's `_wheld` dict under the
+# caller's frame (frame -> that frame's records, latest last); __exit__ takes the latest record of its own
+# frame (a generator / coroutine keeps its frame whichever thread or task resumes or finalises it), else the
+# latest record of this thread and the current context (contextlib.ExitStack enters and exits from frames of
+# its own), else nothing (a no-op). The compiled core keys the fallback on the current contextvars.Context
+# object, which Python code cannot name: the twin uses what a context stands for here: the running asyncio
+# task (held weakly); in a loop callback outside a task (each runs in a context copy of its own), a marker of
+# that one acquisition (no other exit matches it); else the thread (None). A record whose frame finished and
+# whose context is gone (the task collected, the callback over, the thread ended) can never be exited: it
+# gives its permit back (no outcome) when an exit finds no record, or when the dict reaches `_sweep_at`
+# frames (then set to twice what is left, at least 8), as the compiled core does.
 _ids = itertools.count(1)           # breaker ids: never 0, never reused
-_with = threading.local()
 
 
-def _with_records() -> list[tuple[int, Any, int, int]]:
-    try:
-        return _with.records  # type: ignore[no-any-return]
-    except AttributeError:
-        records: list[tuple[int, Any, int, int]] = []
-        _with.records = records
-        return records
+class _Callback:
+    """The context key of an acquisition in a loop callback (no task): matches nothing else."""
+    __slots__ = ()
 
 
 def _context_key() -> Any:
     loop = asyncio._get_running_loop()
-    return None if loop is None else asyncio.current_task(loop)
+    if loop is None:
+        return None
+    task = asyncio.current_task(loop)
+    return _Callback() if task is None else weakref.ref(task)
 
 
-def _with_push(bid: int, token: int, start: int) -> list[tuple[int, int]]:
-    """Record an acquisition; returns (token, start) of this breaker's records that can never exit (taken
-    out), when the stack is at a growth point."""
-    records = _with_records()
-    n = len(records)
-    dead = _with_dead(bid) if n >= 8 and n & (n - 1) == 0 else []
-    task = _context_key()
-    records.append((bid, None if task is None else weakref.ref(task), token, start))
-    return dead
+def _key_matches(key: Any, now: Any) -> bool:
+    if key is None or now is None:
+        return key is now
+    return type(key) is weakref.ref and type(now) is weakref.ref and key() is not None and key() is now()
 
 
-def _with_pop(bid: int) -> tuple[int, int] | None:
-    records, task = _with_records(), _context_key()
-    for i in range(len(records) - 1, -1, -1):
-        r = records[i]
-        if r[0] == bid and (r[1] is None if task is None else r[1] is not None and r[1]() is task):
-            del records[i]
-            return r[2], r[3]
-    return None
+def _key_dead(key: Any, tid: int) -> bool:
+    if key is None:
+        return not any(t.ident == tid for t in threading.enumerate())
+    return type(key) is _Callback or key() is None
 
 
-def _with_dead(bid: int) -> list[tuple[int, int]]:
-    records = _with_records()
-    dead = [r for r in records if r[0] == bid and r[1] is not None and r[1]() is None]
-    for r in dead:
-        records.remove(r)
-    return [(r[2], r[3]) for r in reversed(dead)]
-
+def _frame_finished(frame: Any) -> bool:
+    from .guard import _frame_finished as finished     # StageBase's test (a frame that no longer runs)
+    return frame is None or finished(frame)
 
 # -- the words (the compiled core's layout: see _core/breaker.pyx, bwords_t) ---------------------------------
 HEADER_WORDS = 24
@@ -354,6 +344,10 @@ class BreakerCore(Uninit):
         self._not_permitted = 0
         self._hook: Callable[[str, Any, Any], None] | None = None
         self._id = next(_ids)
+        self._wheld: dict[Any, list[list[Any]]] = {}    # `with` records: frame -> records, latest last
+        self._held_lock = threading.Lock()
+        self._sweep_at = 8
+        self._seq = itertools.count()
         if self._wv is not None:
             wv, closed_n = self._wv, c.window_size * (_TW_FIELDS if c.time_window else 1)
             self._closed = (_WordTimeWindow(wv, HEADER_WORDS, c.window_size) if c.time_window else
@@ -460,6 +454,15 @@ class BreakerCore(Uninit):
             if "_lock" in self.__dict__:
                 self.__dict__["_closed_msg"] = str(message)
                 del self.__dict__["_lock"]
+
+    def _reporting(self) -> bool:
+        """An outcome report may proceed: False once its store closed (the report of a call admitted before
+        the close is dropped: the call's result or exception passes through unchanged); not initialised:
+        raises."""
+        if "_closed_msg" in self.__dict__:
+            return False
+        self._lock
+        return True
 
     def _set_remote(self, remote: Any) -> None:
         """Let a store's shared breaker (Redis) decide: remote.acquire() -> token >= 0, -1 refused, -2 decide
@@ -627,7 +630,8 @@ class BreakerCore(Uninit):
 
     def record(self, token: int, outcome: int, start: int, now: int | None = None, exc: Any = None) -> None:
         """Apply the outcome of a call admitted with `token` at `start` (ns)."""
-        self._lock
+        if not self._reporting():
+            return
         token, start = as_i64(token, "token"), as_i64(start, "start")
         if type(outcome) is not int or not 0 <= outcome <= 3:
             raise ValueError(f"outcome must be SUCCESS, FAILURE, IGNORED or CANCELLED (0-3), got {outcome!r}")
@@ -636,7 +640,9 @@ class BreakerCore(Uninit):
     def _record(self, token: int, outcome: int, start: int, now: Any, exc: Any) -> None:
         # the clock first (it may be any Python), then the record (under the lock, only if the token's
         # generation is current), then the hooks and the verdict
-        self._lock                  # not initialised, or closed (its store): raises before anything
+        if "_closed_msg" in self.__dict__:
+            return                      # its store closed: the outcome of a call admitted before is dropped
+        self._lock                  # not initialised: raises before anything
         c = self._conf
         gen, half = token >> 1, token & 1
         timing = self.timing
@@ -853,12 +859,14 @@ class BreakerCore(Uninit):
         return token, (now if self.timing else 0)
 
     def exit_ok(self, token: int, start: int, result: Any) -> None:
-        self._lock
+        if not self._reporting():
+            return
         token, start = as_i64(token, "token"), as_i64(start, "start")
         self._record(token, self.classify_result(result), start, None, None)
 
     def exit_err(self, token: int, start: int, exc: BaseException) -> None:
-        self._lock
+        if not self._reporting():
+            return
         token, start = as_i64(token, "token"), as_i64(start, "start")
         self._record(token, self.classify(exc), start, None, exc)
 
@@ -889,28 +897,82 @@ class BreakerCore(Uninit):
             raise TypeError(f"asynchronous must be a bool, got {asynchronous!r}")
         return Guarded._make(self, None, asynchronous)
 
-    # -- with / async with ------------------------------------------------------------------------------
+    # -- with / async with (records: see _context_key) -----------------------------------------------------
     def __enter__(self) -> Any:
         """Take a permit (returns the breaker), or raise CircuitOpenError."""
         token, start = self.enter()
-        for t, s in _with_push(self._id, token, start):
-            self._record(t, CANCELLED, s, None, None)
+        self._with_push(sys._getframe(1), token, start)
         return self
 
+    def _with_push(self, frame: Any, token: int, start: int) -> None:
+        with self._held_lock:
+            sweep = len(self._wheld) >= self._sweep_at and frame not in self._wheld
+        if sweep:
+            self._sweep()
+        rec = [token, start, threading.get_ident(), _context_key(), next(self._seq)]
+        with self._held_lock:
+            self._wheld.setdefault(frame, []).append(rec)
+
+    def _with_pop(self, frame: Any) -> list[Any] | None:
+        with self._held_lock:
+            recs = self._wheld.get(frame)
+            if recs is not None:
+                rec = recs.pop()
+                if not recs:
+                    del self._wheld[frame]
+                return rec
+            tid, key = threading.get_ident(), _context_key()
+            best = best_frame = None
+            for f, recs in self._wheld.items():
+                for r in recs:
+                    if r[2] == tid and _key_matches(r[3], key) and (best is None or r[4] > best[4]):
+                        best, best_frame = r, f
+            if best is not None:
+                recs = self._wheld[best_frame]
+                recs.remove(best)
+                if not recs:
+                    del self._wheld[best_frame]
+            return best
+
+    def _sweep(self) -> None:
+        """Give back (no outcome) the permits of records that can never exit."""
+        dead = []
+        with self._held_lock:
+            for f in list(self._wheld):
+                if not _frame_finished(f):
+                    continue
+                recs = self._wheld[f]
+                gone = [r for r in recs if _key_dead(r[3], r[2])]
+                if gone:
+                    dead.extend(gone)
+                    recs[:] = [r for r in recs if not any(r is g for g in gone)]
+                    if not recs:
+                        del self._wheld[f]
+            self._sweep_at = max(8, 2 * len(self._wheld))
+        for r in dead:
+            try:
+                self._record(r[0], CANCELLED, r[1], None, None)
+            except Exception:
+                pass
+
     def __exit__(self, exc_type: Any, exc: Any, tb: Any, /) -> Literal[False]:
-        """Report the outcome of this context's latest `with` acquisition (exc: a failure per the
-        exception rules; None: a success); without one, a no-op. Never suppresses the exception."""
-        self._with_exit(exc)
+        """Report the outcome of this frame's latest `with` acquisition (else: this context's latest; exc:
+        a failure per the exception rules; None: a success); without one, a no-op. Never suppresses the
+        exception."""
+        self._with_exit(sys._getframe(1), exc)
         return False
 
-    def _with_exit(self, exc: Any) -> None:
-        self._lock
-        held = _with_pop(self._id)
+    def _with_exit(self, frame: Any, exc: Any) -> None:
+        closed = "_closed_msg" in self.__dict__
+        if not closed:
+            self._lock
+        held = self._with_pop(frame)
+        if closed:
+            return                      # its store closed: the outcome of a call admitted before is dropped
         if held is None:
-            for t, s in _with_dead(self._id):       # records whose task is gone: their permits go back
-                self._record(t, CANCELLED, s, None, None)
+            self._sweep()               # records that can never exit: their permits go back
             return                      # a second exit of one acquisition, or no enter: a no-op
-        token, start = held
+        token, start = held[0], held[1]
         if exc is None:
             self._record(token, self.classify_result(None), start, None, None)
         else:
@@ -919,14 +981,15 @@ class BreakerCore(Uninit):
     def __aenter__(self) -> Any:
         """An awaitable: raises CircuitOpenError when refused, else returns the breaker holding a permit."""
         self._lock
+        frame = sys._getframe(1)
         try:
             token, start = self.enter()
         except BaseException as exc:
             return _raising(exc)
 
         def done(value: Any) -> None:
-            for t, s in _with_push(self._id, token, start):
-                self._record(t, CANCELLED, s, None, None)
+            self._lock                  # its store closed before the await: refused
+            self._with_push(frame, token, start)
 
         def undo(exc: Any) -> None:
             if "_lock" in self.__dict__:
@@ -935,16 +998,17 @@ class BreakerCore(Uninit):
         return GuardedAwaitable(_VALUE, value=self, ok=done, err=undo)
 
     def __aexit__(self, exc_type: Any, exc: Any, tb: Any, /) -> Any:
-        self._with_exit(exc)
+        self._with_exit(sys._getframe(1), exc)
         return GuardedAwaitable(_VALUE, value=False)
 
     def _held(self) -> int:
-        """How many `with` / `async with` acquisitions of this breaker the current context holds (this
-        thread's records)."""
+        """How many `with` / `async with` acquisitions of this breaker this thread and the current context
+        hold (records not yet exited)."""
         self._lock
-        task = _context_key()
-        return sum(1 for r in _with_records()
-                   if r[0] == self._id and (r[1] is None if task is None else r[1] is not None and r[1]() is task))
+        tid, key = threading.get_ident(), _context_key()
+        with self._held_lock:
+            return sum(1 for recs in self._wheld.values() for r in recs
+                       if r[2] == tid and _key_matches(r[3], key))
 
     def settle(self, token: int, start: int, fn: Any, result: Any, want_async: bool = False) -> Any:
         """A call of `fn` admitted with (token, start) returned `result`, which is not a plain value for
@@ -1078,6 +1142,8 @@ class Guarded:
                 raise TypeError(f"{'call_async' if self._async else 'call'}() needs the function to call as its "
                                 f"first argument")
             fn, args = args[0], args[1:]
+            if not callable(fn):
+                raise TypeError(f"fn must be callable, got {fn!r}")
         core = self._core
         if self._async:
             return _acall(core, fn, args, kwargs)
