@@ -120,3 +120,42 @@ def test_a_forked_child_locks_on_its_own_descriptor(name: str) -> None:
         os.waitpid(pid, 0)
     st.close()
     assert got == bytes([2]), "the parent's lock excludes the forked child"
+
+
+def test_threads_deciding_while_the_store_closes_get_only_the_closed_error(name: str) -> None:
+    """close() on one thread while others decide on twin objects: each decision either decides or raises
+    the closed error -- never an OSError (EBADF) or ValueError from a byte lock taken on the descriptor
+    close() just dropped (nor a lock on whatever file reuses its number)."""
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for rnd in range(40):
+            st = SharedMemoryStore(f"{name}-{rnd}", implementation="python")
+            objs = [buttress.TokenBucket(rate=1e6, capacity=10**6, name="t", store=st),
+                    buttress.FixedWindowLimiter(10**6, 1e5, name="f", store=st),
+                    buttress.Bulkhead(max_concurrent=10**6, name="b", store=st)]
+            start = threading.Barrier(len(objs) + 1)
+            bad: list[str] = []
+
+            def work(o: object) -> None:
+                start.wait()
+                try:
+                    while True:
+                        o.try_acquire()         # type: ignore[attr-defined]
+                except RuntimeError as exc:
+                    if "is closed in this process" not in str(exc):
+                        bad.append(repr(exc))
+                except BaseException as exc:  # noqa: BLE001 - the defect under test
+                    bad.append(repr(exc))
+
+            ts = [threading.Thread(target=work, args=(o,)) for o in objs]
+            for t in ts:
+                t.start()
+            start.wait()
+            st.close()
+            for t in ts:
+                t.join()
+            unlink_segment(f"{name}-{rnd}")
+            assert bad == [], f"round {rnd}: {bad}"
+    finally:
+        sys.setswitchinterval(old_interval)

@@ -600,7 +600,16 @@ class _Segment:
         self._close_bound()
         self.release_lease()
         self.closed = True
-        self._drop()
+        # no thread may be between its closed check and its fcntl call when the descriptor goes (EBADF,
+        # -1, or a lock on whatever file reuses the number): every byte lock is taken and given back under
+        # its threading lock, so passing each of them once waits for the holders; new ones see `closed`
+        with self.tlock:
+            lockers = list(self.lockers.values())
+        for lk in lockers:
+            with lk.tlock:
+                pass
+        with self.tlock:            # the directory lock's holder (it holds tlock) too
+            self._drop()
 
     def _drop(self) -> None:
         self._unmap()
@@ -654,6 +663,8 @@ class _DirLock:
         seg.tlock.acquire()
         if seg.dir_depth == 0:
             try:
+                if seg.lockfd < 0:      # close() dropped it (after marking the segment closed)
+                    raise seg.closed_error()
                 _byte_lock(seg.lockfd, 0)
             except BaseException:
                 seg.tlock.release()
