@@ -298,7 +298,7 @@ cdef class BreakerCore:
     cdef int64_t fail_th, succ_th    # classic: failure_threshold, success_threshold
     cdef object record_t, record_fn, ignore_t, ignore_fn, record_result, clock_ns, record_rejected
     cdef dict held_                  # `with` / `async with` records: frame -> latest record (see below)
-    cdef int64_t wseq, sweep_at      # records' order; the dict size that triggers the next sweep
+    cdef int64_t sweep_at            # the `with` records' dict size that triggers the next sweep
     cdef int64_t eval_gen            # count window: the generation whose minimum a success has judged
     cdef int64_t cls_cache           # _classify: the last exception type (pointer) | its outcome; 0: none
     cdef list cls_kept               # the types cls_cache may name (kept alive: a pointer is never reused)
@@ -1465,12 +1465,12 @@ cdef Guarded _make_guard(BreakerCore owner, fn, bint asynchronous=False):
 # -- `with cb:` / `async with cb:` -------------------------------------------------------------------------
 # One breaker serves many callers at once, so __exit__ cannot be told which acquisition it ends. Each
 # __enter__ records the acquisition in the breaker's `held_` dict under the caller's frame (frame -> the
-# latest record of that frame, a tuple (token, start, thread id, context, seq, previous record of the frame)).
+# latest record of that frame, a tuple (token, start, context, previous record of the frame)).
 # __exit__ takes first the latest record of its own frame (O(1)): a generator or coroutine keeps its frame
 # whichever thread or task resumes or finalises it (Starlette's iterate_in_threadpool, asyncio's aclose() of
 # an abandoned async generator in a new task), and interleaved generators each end their own. With no record
 # of its frame (contextlib.ExitStack enters and exits from frames of its own) it takes the latest record of
-# this thread and the current contextvars.Context (each asyncio task and each loop callback runs in its own);
+# the current contextvars.Context (each asyncio task, each loop callback and each thread runs in its own);
 # with none, it is a no-op (a second exit of one acquisition, or no enter).
 # A record holds its frame and context (their addresses cannot be reused while it exists); a record whose
 # frame finished and whose context only this breaker's records hold can never be exited: it gives its permit
@@ -1510,7 +1510,6 @@ cdef extern from *:
         return f == Py_None ? NULL : PyFrame_GetGenerator((PyFrameObject *)f);
     }
     static inline Py_ssize_t bt_cb_refcnt(PyObject *o) { return Py_REFCNT(o); }
-    static inline int64_t bt_cb_tid(void) { return (int64_t)PyThread_get_thread_ident(); }
 
     typedef int (*bt_with_impl)(PyObject *self);
     static bt_with_impl bt_cb_enter_impl = NULL;
@@ -1582,7 +1581,6 @@ cdef extern from *:
     PyObject *bt_cb_frame() noexcept
     PyObject *bt_cb_frame_gen(PyObject *f) noexcept
     Py_ssize_t bt_cb_refcnt(PyObject *o) noexcept
-    int64_t bt_cb_tid() noexcept
     ctypedef int (*bt_with_impl)(PyObject *self) noexcept
     ctypedef int (*bt_exit_impl)(PyObject *self, PyObject *exc) noexcept
     ctypedef PyObject *(*bt_aenter_impl)(PyObject *self) noexcept
@@ -1595,14 +1593,12 @@ cdef extern from *:
 cdef enum:
     R_TOKEN = 0
     R_START = 1
-    R_TID = 2
-    R_CTX = 3
-    R_SEQ = 4
-    R_PREV = 5
+    R_CTX = 2
+    R_PREV = 3
 
 
 cdef int _wpush(BreakerCore b, frame, int64_t token, int64_t start) except -1:
-    """Record an acquisition under `frame` (this thread, the current context)."""
+    """Record an acquisition under `frame` (and the current context)."""
     cdef PyObject *c = bt_ctx_now()
     cdef dict held = b.held_
     cdef bint sweep
@@ -1610,20 +1606,19 @@ cdef int _wpush(BreakerCore b, frame, int64_t token, int64_t start) except -1:
         _raise_pending()
     ctx = <object>c
     with cython.critical_section(held):
-        sweep = len(held) >= bt_load(&b.sweep_at) and frame not in held
-    if sweep:
-        _sweep(b)
-    rec = (token, start, bt_cb_tid(), ctx, bt_fetch_add(&b.wseq, 1), None)
-    with cython.critical_section(held):
         top = held.get(frame)
-        if top is not None:
-            rec = (token, start, rec[R_TID], ctx, rec[R_SEQ], top)
-        held[frame] = rec
+        sweep = top is None and len(held) >= bt_load(&b.sweep_at)
+        if not sweep:
+            held[frame] = (token, start, ctx, top)
+            return 0
+    _sweep(b)
+    with cython.critical_section(held):
+        held[frame] = (token, start, ctx, held.get(frame))
     return 0
 
 
-cdef inline bint _mine(tuple rec, int64_t tid, PyObject *ctx):
-    return <int64_t>rec[R_TID] == tid and PyTuple_GET_ITEM(rec, R_CTX) == ctx
+cdef inline bint _mine(tuple rec, PyObject *ctx):
+    return PyTuple_GET_ITEM(rec, R_CTX) == ctx
 
 
 cdef void _without(dict held, frame, tuple rec):
@@ -1636,7 +1631,7 @@ cdef void _without(dict held, frame, tuple rec):
         top = (<tuple>top)[R_PREV]
     top = None
     for r in reversed(recs):
-        top = (r[R_TOKEN], r[R_START], r[R_TID], r[R_CTX], r[R_SEQ], top)
+        top = (r[R_TOKEN], r[R_START], r[R_CTX], top)
     if top is None:
         del held[frame]
     else:
@@ -1644,12 +1639,12 @@ cdef void _without(dict held, frame, tuple rec):
 
 
 cdef tuple _wpop(BreakerCore b, frame):
-    """The record an exit from `frame` ends, taken out: the latest of that frame, else the latest of this
-    thread and the current context; None without one."""
+    """The record an exit from `frame` ends, taken out: the latest of that frame, else the latest of the
+    current context (frames in the order their first record came, the last first; a context is current in
+    one thread at a time); None without one."""
     cdef dict held = b.held_
     cdef tuple rec, best = None
     cdef PyObject *ctx
-    cdef int64_t tid
     with cython.critical_section(held):
         top = held.get(frame)
         if top is not None:
@@ -1662,14 +1657,17 @@ cdef tuple _wpop(BreakerCore b, frame):
         ctx = bt_ctx_peek()
         if not held or ctx == NULL:
             return None
-        tid = bt_cb_tid()
         best_frame = None
-        for f, top in held.items():
+        for f in reversed(held):
+            top = held[f]
             while top is not None:
                 rec = <tuple>top
-                if _mine(rec, tid, ctx) and (best is None or <int64_t>rec[R_SEQ] > <int64_t>best[R_SEQ]):
+                if _mine(rec, ctx):
                     best, best_frame = rec, f
+                    break
                 top = rec[R_PREV]
+            if best is not None:
+                break
         if best is not None:
             _without(held, best_frame, best)
     return best
@@ -1678,12 +1676,11 @@ cdef tuple _wpop(BreakerCore b, frame):
 cdef Py_ssize_t _wcount(BreakerCore b):
     cdef dict held = b.held_
     cdef PyObject *ctx = bt_ctx_peek()
-    cdef int64_t tid = bt_cb_tid()
     cdef Py_ssize_t n = 0
     with cython.critical_section(held):
         for top in held.values():
             while top is not None:
-                n += _mine(<tuple>top, tid, ctx)
+                n += _mine(<tuple>top, ctx)
                 top = (<tuple>top)[R_PREV]
     return n
 

@@ -75,10 +75,10 @@ def _zero() -> int:
 
 
 # -- `with cb:` / `async with cb:` records (the compiled core's per-breaker frame dict) --------------------------
-# Each __enter__ records [token, start, thread id, context key, seq] in the breaker's `_wheld` dict under the
+# Each __enter__ records [token, start, thread id, context key] in the breaker's `_wheld` dict under the
 # caller's frame (frame -> that frame's records, latest last); __exit__ takes the latest record of its own
 # frame (a generator / coroutine keeps its frame whichever thread or task resumes or finalises it), else the
-# latest record of this thread and the current context (contextlib.ExitStack enters and exits from frames of
+# latest record of this thread and the current context (frames in the order their first record came) (contextlib.ExitStack enters and exits from frames of
 # its own), else nothing (a no-op). The compiled core keys the fallback on the current contextvars.Context
 # object, which Python code cannot name: the twin uses what a context stands for here: the running asyncio
 # task (held weakly); in a loop callback outside a task (each runs in a context copy of its own), a marker of
@@ -347,7 +347,6 @@ class BreakerCore(Uninit):
         self._wheld: dict[Any, list[list[Any]]] = {}    # `with` records: frame -> records, latest last
         self._held_lock = threading.Lock()
         self._sweep_at = 8
-        self._seq = itertools.count()
         if self._wv is not None:
             wv, closed_n = self._wv, c.window_size * (_TW_FIELDS if c.time_window else 1)
             self._closed = (_WordTimeWindow(wv, HEADER_WORDS, c.window_size) if c.time_window else
@@ -909,7 +908,7 @@ class BreakerCore(Uninit):
             sweep = len(self._wheld) >= self._sweep_at and frame not in self._wheld
         if sweep:
             self._sweep()
-        rec = [token, start, threading.get_ident(), _context_key(), next(self._seq)]
+        rec = [token, start, threading.get_ident(), _context_key()]
         with self._held_lock:
             self._wheld.setdefault(frame, []).append(rec)
 
@@ -923,10 +922,13 @@ class BreakerCore(Uninit):
                 return rec
             tid, key = threading.get_ident(), _context_key()
             best = best_frame = None
-            for f, recs in self._wheld.items():
-                for r in recs:
-                    if r[2] == tid and _key_matches(r[3], key) and (best is None or r[4] > best[4]):
+            for f in reversed(self._wheld):     # frames in the order their first record came, the last first
+                for r in reversed(self._wheld[f]):
+                    if r[2] == tid and _key_matches(r[3], key):
                         best, best_frame = r, f
+                        break
+                if best is not None:
+                    break
             if best is not None:
                 recs = self._wheld[best_frame]
                 recs.remove(best)
