@@ -111,19 +111,30 @@ def _alive(pid: int, start: int) -> bool:
 _LINUX = sys.platform.startswith("linux")
 _F_OFD_SETLK: int = getattr(fcntl, "F_OFD_SETLK", -1) if _LINUX else -1
 _F_OFD_SETLKW: int = getattr(fcntl, "F_OFD_SETLKW", -1) if _LINUX else -1
+_F_OFD_GETLK: int = getattr(fcntl, "F_OFD_GETLK", -1) if _LINUX else -1
 _FLOCK = struct.Struct("hhqqi4x")      # struct flock of 64-bit Linux (l_pid 0: required for OFD locks)
-_ofd = [_F_OFD_SETLKW >= 0 and _F_OFD_SETLK >= 0 and _FLOCK.size == 32 and struct.calcsize("P") == 8]
+_ofd = [min(_F_OFD_SETLKW, _F_OFD_SETLK, _F_OFD_GETLK) >= 0 and _FLOCK.size == 32 and struct.calcsize("P") == 8]
+_ofd_probed = [False]
+
+
+def _probe_ofd(fd: int) -> None:
+    """Once, before this process takes its first byte lock: does the kernel have OFD locks (3.15+)? The
+    kind never changes afterwards (a lock must be given back by the kind that took it)."""
+    if _ofd_probed[0]:
+        return
+    if _ofd[0]:
+        try:
+            fcntl.fcntl(fd, _F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0))
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                _ofd[0] = False
+    _ofd_probed[0] = True
 
 
 def _byte_lock(fd: int, offset: int) -> None:
     if _ofd[0]:
-        try:
-            fcntl.fcntl(fd, _F_OFD_SETLKW, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
-            return
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            _ofd[0] = False     # a kernel without OFD locks (before 3.15): record locks from here on
+        fcntl.fcntl(fd, _F_OFD_SETLKW, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
+        return
     delay = 1e-5
     while True:
         try:
@@ -221,6 +232,7 @@ class _Segment:
         self.closed = False
         self.lockfd = os.open(self.lockpath, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
+            _probe_ofd(self.lockfd)
             with self.dir_lock():
                 self._open(size, slots)
                 self.slot = self._register()
