@@ -1132,7 +1132,7 @@ cdef class BreakerCore:
         whole iteration (the permit is held until it finishes or is closed), or a plain value (recorded
         as a success). Raises UsageError after returning the permit (and closing a coroutine) when a sync
         form got an awaitable or an async form got a sync result."""
-        self._ready()
+        self._reporting()       # its store closed mid-call: the result passes through, its report dropped
         return self._settle(fn, bt_as_i64(token, "token"), bt_as_i64(start, "start"), result, bool(want_async))
 
     cdef object _settle(self, fn, int64_t token, int64_t start, result, bint want_async):
@@ -1330,6 +1330,8 @@ cdef PyObject *_refuse_async(PyObject *owner, PyObject *fn, PyObject *const *arg
 cdef int _exit_ok(PyObject *owner, int64_t token, int64_t start, PyObject *result) except -1:
     cdef BreakerCore b = <BreakerCore>owner
     cdef int outcome = O_SUCCESS
+    if bt_load(&b.ready_) == _CLOSED_MARK:
+        return 0                        # its store closed mid-call: the result passes through
     if b.record_result is not None:
         outcome = b._classify_result(<object>result)
     return b._record(token, outcome, start, 0, False, None)

@@ -371,3 +371,64 @@ def test_call_with_a_non_callable_is_a_type_error_before_any_permit(impl, fn):
     with pytest.raises(TypeError, match="fn must be callable"):
         b.guard(fn)
     assert call(lambda: 5) == 5 and b.state_now() == CLOSED
+
+
+def test_generators_handed_between_racing_threads_report_exactly(impl):
+    # each thread enters `with` in a generator and hands it to the next thread, which finishes it
+    b, _ = core(impl, window_size=3000, minimum_calls=3000)
+    n, k_max = 4, 300
+    handed = [[] for _ in range(n)]
+    lock = threading.Lock()
+
+    def work(i):
+        for k in range(k_max):
+            def gen(k=k):
+                with b:
+                    yield
+                    if k % 3 == 0:
+                        raise Boom()
+            g = gen()
+            next(g)
+            with lock:
+                handed[(i + 1) % n].append(g)
+            while True:
+                with lock:
+                    if not handed[i]:
+                        break
+                    mine = handed[i].pop()
+                with pytest.raises((StopIteration, Boom)):
+                    next(mine)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        race(n, work)
+    finally:
+        sys.setswitchinterval(old)
+    for lst in handed:
+        for g in lst:
+            with pytest.raises((StopIteration, Boom)):
+                next(g)
+    assert calls_failures(b) == (n * k_max, n * k_max // 3) and out(b) == 0
+
+
+def test_a_stream_returned_by_a_call_running_when_the_store_closes_passes_through(impl):
+    b, _ = core(impl, record_result=lambda r: seen.append(r))
+    seen = []
+
+    def numbers():
+        yield 1
+        yield 2
+
+    def make():
+        b._close("gone")
+        return numbers()
+
+    assert list(b.guard(make)()) == [1, 2]
+
+    def value():
+        b2._close("gone")
+        return "v"
+
+    b2, _ = core(impl, record_result=lambda r: seen.append(r))
+    assert b2.guard(value)() == "v" and seen == []      # no predicate runs for a dropped report

@@ -1019,7 +1019,7 @@ class BreakerCore(Uninit):
         whole iteration (the permit is held until it finishes or is closed), or a plain value (recorded
         as a success). Raises UsageError after returning the permit (and closing a coroutine) when a sync
         form got an awaitable or an async form got a sync result."""
-        self._lock
+        self._reporting()           # its store closed mid-call: the result passes through, its report dropped
         token, start = as_i64(token, "token"), as_i64(start, "start")
         kind = type(result)
         if kind is types.AsyncGeneratorType or (kind is types.GeneratorType and not want_async
