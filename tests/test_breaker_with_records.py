@@ -432,3 +432,26 @@ def test_a_stream_returned_by_a_call_running_when_the_store_closes_passes_throug
 
     b2, _ = core(impl, record_result=lambda r: seen.append(r))
     assert b2.guard(value)() == "v" and seen == []      # no predicate runs for a dropped report
+
+
+def test_an_exit_stack_inside_one_loop_callback_reports_its_outcome(impl):
+    # the fallback inside one callback: its own context (compiled) / its own Handle (twin)
+    b, _ = core(impl, window_size=1, minimum_calls=1)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def callback():
+            try:
+                with contextlib.ExitStack() as st:
+                    st.enter_context(b)
+                    raise Boom()
+            except Boom:
+                pass
+            done.set_result(b.state_now())
+
+        loop.call_soon(callback)
+        return await done
+
+    assert asyncio.run(main()) == OPEN

@@ -81,8 +81,8 @@ def _zero() -> int:
 # latest record of this thread and the current context (frames in the order their first record came) (contextlib.ExitStack enters and exits from frames of
 # its own), else nothing (a no-op). The compiled core keys the fallback on the current contextvars.Context
 # object, which Python code cannot name: the twin uses what a context stands for here: the running asyncio
-# task (held weakly); in a loop callback outside a task (each runs in a context copy of its own), a marker of
-# that one acquisition (no other exit matches it); else the thread (None). A record whose frame finished and
+# task (held weakly); in a loop callback outside a task (each runs in a context copy of its own), the Handle
+# running it (held weakly; found on the stack); else the thread (None). A record whose frame finished and
 # whose context is gone (the task collected, the callback over, the thread ended) can never be exited: it
 # gives its permit back (no outcome) when an exit finds no record, or when the dict reaches `_sweep_at`
 # frames (then set to twice what is left, at least 8), as the compiled core does.
@@ -90,8 +90,24 @@ _ids = itertools.count(1)           # breaker ids: never 0, never reused
 
 
 class _Callback:
-    """The context key of an acquisition in a loop callback (no task): matches nothing else."""
-    __slots__ = ()
+    """The context key of an acquisition in a loop callback (no task): the asyncio Handle running it, held
+    weakly (its context is the callback's); none found (another loop): matches nothing else."""
+    __slots__ = ("handle",)
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = None if handle is None else weakref.ref(handle)
+
+
+_HANDLE_RUN = asyncio.events.Handle._run.__code__
+
+
+def _running_handle() -> Any:
+    f = sys._getframe(2)
+    while f is not None:
+        if f.f_code is _HANDLE_RUN:
+            return f.f_locals.get("self")
+        f = f.f_back
+    return None
 
 
 def _context_key() -> Any:
@@ -99,19 +115,27 @@ def _context_key() -> Any:
     if loop is None:
         return None
     task = asyncio.current_task(loop)
-    return _Callback() if task is None else weakref.ref(task)
+    return _Callback(_running_handle()) if task is None else weakref.ref(task)
 
 
 def _key_matches(key: Any, now: Any) -> bool:
     if key is None or now is None:
         return key is now
+    if type(key) is _Callback:
+        return (type(now) is _Callback and key.handle is not None and now.handle is not None
+                and key.handle() is not None and key.handle() is now.handle())
     return type(key) is weakref.ref and type(now) is weakref.ref and key() is not None and key() is now()
 
 
 def _key_dead(key: Any, tid: int) -> bool:
     if key is None:
         return not any(t.ident == tid for t in threading.enumerate())
-    return type(key) is _Callback or key() is None
+    if type(key) is _Callback:
+        # gone, or over: a callback no longer running in this thread is never current again (its record's
+        # frame, Handle._run's, keeps the Handle itself alive)
+        h = None if key.handle is None else key.handle()
+        return h is None or (tid == threading.get_ident() and h is not _running_handle())
+    return key() is None
 
 
 def _frame_finished(frame: Any) -> bool:
