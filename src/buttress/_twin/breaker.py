@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import itertools
 import logging
 import sys
 import threading
@@ -86,7 +85,6 @@ def _zero() -> int:
 # whose context is gone (the task collected, the callback over, the thread ended) can never be exited: it
 # gives its permit back (no outcome) when an exit finds no record, or when the dict reaches `_sweep_at`
 # frames (then set to twice what is left, at least 8), as the compiled core does.
-_ids = itertools.count(1)           # breaker ids: never 0, never reused
 
 
 class _Callback:
@@ -102,7 +100,7 @@ _HANDLE_RUN = asyncio.events.Handle._run.__code__
 
 
 def _running_handle() -> Any:
-    f = sys._getframe(2)
+    f: Any = sys._getframe(2)
     while f is not None:
         if f.f_code is _HANDLE_RUN:
             return f.f_locals.get("self")
@@ -367,7 +365,6 @@ class BreakerCore(Uninit):
         self._metrics_half = False   # metrics() reads the half-open window (after it tripped the breaker)
         self._not_permitted = 0
         self._hook: Callable[[str, Any, Any], None] | None = None
-        self._id = next(_ids)
         self._wheld: dict[Any, list[list[Any]]] = {}    # `with` records: frame -> records, latest last
         self._held_lock = threading.Lock()
         self._sweep_at = 8
