@@ -1527,7 +1527,7 @@ cdef extern from *:
     static bt_exit_impl bt_cb_exit_impl = NULL;
     static PyObject *bt_cb_exit(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         if (nargs != 3) {
-            PyErr_Format(PyExc_TypeError, "__exit__ expected 3 arguments (exc_type, exc, tb), got %zd", nargs);
+            PyErr_Format(PyExc_TypeError, "__exit__() takes exactly 3 positional arguments (exc_type, exc, tb), got %zd", nargs);
             return NULL;
         }
         if (bt_cb_exit_impl(self, args[1]) < 0)
@@ -1557,7 +1557,7 @@ cdef extern from *:
     }
     static PyObject *bt_cb_aexit(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         if (nargs != 3) {
-            PyErr_Format(PyExc_TypeError, "__aexit__ expected 3 arguments (exc_type, exc, tb), got %zd", nargs);
+            PyErr_Format(PyExc_TypeError, "__aexit__() takes exactly 3 positional arguments (exc_type, exc, tb), got %zd", nargs);
             return NULL;
         }
         return bt_cb_aexit_impl(self, args[1]);

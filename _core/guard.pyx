@@ -914,7 +914,7 @@ cdef extern from *:
     static int bt_exit_nargs(const char *name, Py_ssize_t nargs) {
         if (nargs == 3)
             return 0;
-        PyErr_Format(PyExc_TypeError, "%s() takes exactly 3 positional arguments (%zd given)", name, nargs);
+        PyErr_Format(PyExc_TypeError, "%s() takes exactly 3 positional arguments (exc_type, exc, tb), got %zd", name, nargs);
         return -1;
     }
     static PyObject *bt_adm_exit(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {

@@ -112,6 +112,10 @@ static PyObject *bt_guard_vectorcall(PyObject *self, PyObject *const *args, size
             return NULL;
         }
         fn = args[0];
+        if (!PyCallable_Check(fn)) {   /* before the permit: a programming error is never an outcome */
+            PyErr_Format(PyExc_TypeError, "fn must be callable, got %R", fn);
+            return NULL;
+        }
         args += 1;
         nargs -= 1;
         nargsf = (size_t)nargs;   /* args[-1] is our caller's slot: not ours to lend */
@@ -660,6 +664,10 @@ static PyObject *bt_aguard_vectorcall(PyObject *self, PyObject *const *args, siz
             return NULL;
         }
         fn = args[0];
+        if (!PyCallable_Check(fn)) {   /* before the permit: a programming error is never an outcome */
+            PyErr_Format(PyExc_TypeError, "fn must be callable, got %R", fn);
+            return NULL;
+        }
         args += 1;
         nargs -= 1;
         nargsf = (size_t)nargs;

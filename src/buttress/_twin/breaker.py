@@ -29,7 +29,7 @@ from .._spec import UsageError
 from .._wrap import lazy_result, refuse_sync_result, sync_in_async
 from ..errors import CircuitOpenError, Rejected
 from .gcra import as_i64, track_bound, words_view
-from .guard import _RUN, _VALUE, GuardedAwaitable, _raising
+from .guard import _RUN, _VALUE, GuardedAwaitable, _raising, exit_args, exit_signature
 from .state import Uninit
 
 __all__ = ["BreakerCore", "Permit", "Guarded", "SUCCESS", "FAILURE", "IGNORED", "CANCELLED", "HEADER_WORDS", "REMOTE"]
@@ -978,11 +978,12 @@ class BreakerCore(Uninit):
             except Exception:
                 pass
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any, /) -> Literal[False]:
+    @exit_signature
+    def __exit__(self, *args: Any, **kwargs: Any) -> Literal[False]:
         """Report the outcome of this frame's latest `with` acquisition (else: this context's latest; exc:
         a failure per the exception rules; None: a success); without one, a no-op. Never suppresses the
         exception."""
-        self._with_exit(sys._getframe(1), exc)
+        self._with_exit(sys._getframe(1), exit_args("BreakerCore", "__exit__", args, kwargs))
         return False
 
     def _with_exit(self, frame: Any, exc: Any) -> None:
@@ -1020,8 +1021,9 @@ class BreakerCore(Uninit):
 
         return GuardedAwaitable(_VALUE, value=self, ok=done, err=undo)
 
-    def __aexit__(self, exc_type: Any, exc: Any, tb: Any, /) -> Any:
-        self._with_exit(sys._getframe(1), exc)
+    @exit_signature
+    def __aexit__(self, *args: Any, **kwargs: Any) -> Any:
+        self._with_exit(sys._getframe(1), exit_args("BreakerCore", "__aexit__", args, kwargs))
         return GuardedAwaitable(_VALUE, value=False)
 
     def _held(self) -> int:

@@ -1,18 +1,21 @@
 """Pure-Python twin of buttress._core.guard: the spec and the fallback."""
 from __future__ import annotations
 
+import inspect
 import itertools
 import sys
 import threading
 import time
 import types
 from contextvars import ContextVar, Token
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, TypeVar
 
 from .._params import describe
 from .._spec import UsageError
 from .._wrap import lazy_result, refuse_sync_result
 from .permits import Permits as _Permits
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 __all__ = ["StageGuard", "StageBase", "AttemptGuard", "AttemptVar", "AttemptCounter", "ShedBase", "Admission"]
 
@@ -194,11 +197,15 @@ class StageGuard:
                 if not args:
                     raise TypeError("call_async() needs the function to call as its first argument")
                 fn, args = args[0], args[1:]
+                if not callable(fn):        # before the permit: a programming error is never an outcome
+                    raise TypeError(f"fn must be callable, got {fn!r}")
             return _acall(stage, fn, args, kwargs)
         if fn is None:                      # the call(fn, *args, **kwargs) entry
             if not args:
                 raise TypeError("call() needs the function to call as its first argument")
             fn, args = args[0], args[1:]
+            if not callable(fn):            # before the permit: a programming error is never an outcome
+                raise TypeError(f"fn must be callable, got {fn!r}")
         stage.enter()
         try:
             result = fn(*args, **kwargs)
@@ -661,6 +668,26 @@ class ShedBase:
         return Admission.__new__(Admission)._setup(self, prio)     # made only here, as the compiled one
 
 
+def exit_signature(fn: _F) -> _F:
+    """An `__exit__` / `__aexit__` taking (*args, **kwargs) to raise the compiled method's own messages
+    (see exit_args) shows the compiled signature, (self, exc_type, exc, tb, /), to inspect and the stub
+    checks."""
+    P = inspect.Parameter
+    fn.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [P(n, P.POSITIONAL_ONLY) for n in ("self", "exc_type", "exc", "tb")])
+    return fn
+
+
+def exit_args(owner: str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The compiled C `__exit__` / `__aexit__` argument rules (exactly 3 positional, no keywords), same
+    messages: returns the exception (args[1])."""
+    if kwargs:
+        raise TypeError(f"{owner}.{name}() takes no keyword arguments")
+    if len(args) != 3:
+        raise TypeError(f"{name}() takes exactly 3 positional arguments (exc_type, exc, tb), got {len(args)}")
+    return args[1]
+
+
 class Admission:
     """One admitted call: `with` / `async with`; leaving frees its slot and reports its latency. Entering
     one that is held raises RuntimeError; a second exit is a no-op; entered again after its exit, it admits
@@ -760,8 +787,9 @@ class Admission:
         self._enter()
         return self
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self._exit(exc)
+    @exit_signature
+    def __exit__(self, *args: Any, **kwargs: Any) -> None:
+        self._exit(exit_args("Admission", "__exit__", args, kwargs))
 
     def __aenter__(self) -> Any:
         try:
@@ -770,8 +798,9 @@ class Admission:
             return _raising(exc)
         return GuardedAwaitable(_VALUE, value=self)
 
-    def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> Any:
-        self._exit(exc)
+    @exit_signature
+    def __aexit__(self, *args: Any, **kwargs: Any) -> Any:
+        self._exit(exit_args("Admission", "__aexit__", args, kwargs))
         return _DONE_NONE
 
 
