@@ -1538,16 +1538,6 @@ cdef extern from *:
         "__exit__($self, exc_type, exc, tb, /)\\n--\\n\\n"
         "Report the outcome of this context's latest `with` acquisition (exc: a failure per the exception "
         "rules; None: a success); without one, a no-op. Never suppresses the exception."};
-    static int bt_cb_set(PyTypeObject *tp, PyMethodDef *def) {
-        PyObject *d = PyDescr_NewMethod(tp, def);
-        int rc;
-        if (d == NULL)
-            return -1;
-        rc = PyDict_SetItemString(tp->tp_dict, def->ml_name, d);
-        Py_DECREF(d);
-        PyType_Modified(tp);
-        return rc;
-    }
     typedef PyObject *(*bt_aenter_impl)(PyObject *self);
     typedef PyObject *(*bt_aexit_impl)(PyObject *self, PyObject *exc);
     static bt_aenter_impl bt_cb_aenter_impl = NULL;
@@ -1574,8 +1564,8 @@ cdef extern from *:
         bt_cb_exit_impl = exit;
         bt_cb_aenter_impl = aenter;
         bt_cb_aexit_impl = aexit;
-        return bt_cb_set(tp, &bt_cb_enter_def) < 0 || bt_cb_set(tp, &bt_cb_exit_def) < 0
-            || bt_cb_set(tp, &bt_cb_aenter_def) < 0 || bt_cb_set(tp, &bt_cb_aexit_def) < 0 ? -1 : 0;
+        return bt_set_method(tp, &bt_cb_enter_def) < 0 || bt_set_method(tp, &bt_cb_exit_def) < 0
+            || bt_set_method(tp, &bt_cb_aenter_def) < 0 || bt_set_method(tp, &bt_cb_aexit_def) < 0 ? -1 : 0;
     }
     """
     PyObject *bt_ctx_now() noexcept

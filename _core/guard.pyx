@@ -943,16 +943,6 @@ cdef extern from *:
         "__aexit__($self, exc_type, exc, tb, /)\\n--\\n\\nFree the slot; returns a completed awaitable."};
     static PyMethodDef bt_stage_enter_def = {"__enter__", (PyCFunction)bt_stage_enter, METH_NOARGS,
         "Take a permit (waiting up to max_wait), or raise the refusal; returns self."};
-    static int bt_set_method(PyTypeObject *tp, PyMethodDef *def) {
-        PyObject *d = PyDescr_NewMethod(tp, def);
-        int rc;
-        if (d == NULL)
-            return -1;
-        rc = PyDict_SetItemString(tp->tp_dict, def->ml_name, d);
-        Py_DECREF(d);
-        PyType_Modified(tp);
-        return rc;
-    }
     static int bt_set_enter(PyTypeObject *tp, PyMethodDef *def, bt_enter_impl impl, bt_enter_impl *slot) {
         *slot = impl;
         return bt_set_method(tp, def);

@@ -773,4 +773,18 @@ static int bt_guard_install(PyTypeObject *tp, Py_ssize_t vectorcall_offset)
     PyType_Modified(tp);
     return 0;
 }
+/* Install a C method (METH_FASTCALL / METH_NOARGS) on a type after it is made: the compiled `with` /
+ * `async with` methods of the breaker, the stages and the shedder's admission (no Cython frame of ours). */
+static int bt_set_method(PyTypeObject *tp, PyMethodDef *def)
+{
+    PyObject *d = PyDescr_NewMethod(tp, def);
+    int rc;
+    if (d == NULL)
+        return -1;
+    rc = PyDict_SetItemString(tp->tp_dict, def->ml_name, d);
+    Py_DECREF(d);
+    PyType_Modified(tp);
+    return rc;
+}
+
 #endif /* BUTTRESS_GUARD_H */
